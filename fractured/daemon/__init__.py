@@ -1,0 +1,1 @@
+"""The node: DICOM networking and the durable study queue."""

@@ -1,0 +1,1 @@
+"""Pure inference: DICOM/pixels in, Findings out. No network, no database."""

@@ -1,0 +1,1 @@
+"""DICOM result objects (SR, Secondary Capture) made from Findings. No network."""

@@ -1,0 +1,1 @@
+"""ML staff's tools: training, evaluation and building engine bundles."""

@@ -3,12 +3,18 @@
 `display_pixels` applies the same chain a viewer does (Modality LUT, first VOI window or
 VOI LUT, MONOCHROME1 inversion), so the model sees bone bright whatever the vendor wrote,
 and overlays show the X-ray as the radiologist is used to seeing it.
+
+`letterbox` fits such an image into the model's square input, and the `Letterbox` it
+returns maps heatmaps and points from the model input back onto the source pixels.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
@@ -95,8 +101,122 @@ def _value_range(values: np.ndarray, ds: Dataset, *, windowed: bool) -> tuple[fl
     elif int(ds.get("PixelRepresentation", 0)) == 0:
         low, high = 0.0, float(2 ** int(ds.BitsStored) - 1)
     else:
-        low, high = float(-(2 ** (int(ds.BitsStored) - 1))), float(2 ** (int(ds.BitsStored) - 1) - 1)
+        half = 2 ** (int(ds.BitsStored) - 1)
+        low, high = float(-half), float(half - 1)
     if not ds.get("ModalityLUTSequence") and "RescaleSlope" in ds and "RescaleIntercept" in ds:
         slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
         low, high = sorted((low * slope + intercept, high * slope + intercept))
     return low, high
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """How a source image was fitted into the square model input, and its exact inverse.
+
+    The image is scaled by `scale` (aspect ratio kept) and centred with `pad_top` /
+    `pad_left` pixels of black padding. Coordinates are continuous pixel coordinates:
+    pixel (row r, column c) covers [c, c + 1) x [r, r + 1), so its centre is c + 0.5.
+    That is the convention cv2.resize samples with, which makes the point mapping below
+    agree with where the pixels actually went.
+    """
+
+    src_rows: int
+    src_cols: int
+    size: int
+    scale: float
+    pad_top: int
+    pad_left: int
+
+    @property
+    def content_rows(self) -> int:
+        """Rows the scaled image occupies in the model input (the rest is padding)."""
+        return _scaled_length(self.src_rows, self.scale, self.size)
+
+    @property
+    def content_cols(self) -> int:
+        """Columns the scaled image occupies in the model input."""
+        return _scaled_length(self.src_cols, self.scale, self.size)
+
+    def point_to_model(self, x: float, y: float) -> tuple[float, float]:
+        """Source pixel coordinates (x = column, y = row) to model-input coordinates."""
+        return (self.pad_left + x * self.content_cols / self.src_cols,
+                self.pad_top + y * self.content_rows / self.src_rows)
+
+    def point_to_source(self, x: float, y: float) -> tuple[float, float]:
+        """Model-input coordinates (x = column, y = row) to source pixel coordinates.
+
+        Uses each axis's actual scale (the scaled lengths are rounded to whole pixels),
+        so it is the exact inverse of `point_to_model`. Points in the padding map outside
+        the source image; callers clip boxes as they need.
+        """
+        return ((x - self.pad_left) * self.src_cols / self.content_cols,
+                (y - self.pad_top) * self.src_rows / self.content_rows)
+
+    def heatmap_to_source(self, heatmap: np.ndarray) -> np.ndarray:
+        """Resample a map over the whole model input (any resolution) to the source grid.
+
+        The map is brought to model-input resolution, the padding is cropped away, and
+        the rest is resized to src_rows x src_cols: the same geometry `letterbox` used,
+        run backwards, so a hot spot lands on the source pixels that produced it.
+        """
+        if heatmap.ndim != 2:
+            raise ValueError(f"heatmap must be 2-D, got shape {heatmap.shape}")
+        full = cv2.resize(heatmap.astype(np.float32), (self.size, self.size),
+                          interpolation=_interpolation(heatmap.shape, (self.size, self.size)))
+        content = full[self.pad_top:self.pad_top + self.content_rows,
+                       self.pad_left:self.pad_left + self.content_cols]
+        target = (self.src_rows, self.src_cols)
+        return cv2.resize(content, (self.src_cols, self.src_rows),
+                          interpolation=_interpolation(content.shape, target))
+
+
+def letterbox(image: np.ndarray, size: int) -> tuple[np.ndarray, Letterbox]:
+    """Fit a 2-D image into size x size, keeping its aspect ratio, centred on black.
+
+    Padding rather than stretching keeps bone shapes (and so fracture lines) undistorted;
+    black is what the air around a limb looks like, so padding reads as background.
+    """
+    if image.ndim != 2 or min(image.shape) < 1:
+        raise ValueError(f"expected a non-empty 2-D image, got shape {image.shape}")
+    if size < 1:
+        raise ValueError(f"size must be positive, got {size}")
+    rows, cols = image.shape
+    scale = size / max(rows, cols)
+    box = Letterbox(src_rows=rows, src_cols=cols, size=size, scale=scale,
+                    pad_top=(size - _scaled_length(rows, scale, size)) // 2,
+                    pad_left=(size - _scaled_length(cols, scale, size)) // 2)
+    target = (box.content_rows, box.content_cols)
+    resized = image if target == image.shape else cv2.resize(
+        image, (box.content_cols, box.content_rows),
+        interpolation=_interpolation(image.shape, target))
+    out = np.zeros((size, size), dtype=image.dtype)
+    out[box.pad_top:box.pad_top + box.content_rows,
+        box.pad_left:box.pad_left + box.content_cols] = resized
+    return out, box
+
+
+def to_model_input(images: Sequence[np.ndarray], mean: Sequence[float],
+                   std: Sequence[float]) -> np.ndarray:
+    """Stack letterboxed greyscale images into a normalised (B, 3, size, size) batch.
+
+    The grey image is replicated into three channels because the backbones are
+    three-channel networks (and ImageNet-style normalisation stays usable if pretrained
+    weights are ever allowed).
+    """
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"mean and std need 3 values each, got {list(mean)}, {list(std)}")
+    grey = np.stack([np.asarray(image, dtype=np.float32) for image in images])
+    batch = np.repeat(grey[:, np.newaxis], 3, axis=1)
+    batch -= np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1)
+    batch /= np.asarray(std, dtype=np.float32).reshape(1, 3, 1, 1)
+    return batch
+
+
+def _scaled_length(length: int, scale: float, size: int) -> int:
+    return min(max(round(length * scale), 1), size)
+
+
+def _interpolation(src_shape: tuple[int, ...], dst_shape: tuple[int, int]) -> int:
+    """Area averaging when shrinking (no aliasing), bilinear when enlarging."""
+    shrinking = dst_shape[0] * dst_shape[1] < src_shape[0] * src_shape[1]
+    return cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR

@@ -1,0 +1,3 @@
+from fractured.cli import main
+
+main()

@@ -1,0 +1,97 @@
+"""The `fractured` command: serve the node, inspect its queue, build engine bundles."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+
+from fractured import __version__, config, log
+
+CONFIG_ENV = "FRACTURED_CONFIG"
+
+
+def _settings(path: Path | None) -> config.Settings:
+    """Load the config named by --config, $FRACTURED_CONFIG, or the shipped default."""
+    chosen = path or Path(os.environ.get(CONFIG_ENV) or config.DEFAULT_CONFIG)
+    try:
+        return config.load(chosen)
+    except config.ConfigError as exc:
+        raise click.ClickException(f"configuration error: {exc}") from None
+
+
+config_option = click.option(
+    "--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
+    help=f"config.toml to use (default: ${CONFIG_ENV}, else the shipped config.toml).")
+
+
+@click.group()
+@click.version_option(__version__, prog_name="fractured")
+def main() -> None:
+    """Fracture-detection node for a hospital PACS (AI decision support, not a diagnosis)."""
+
+
+@main.command()
+@config_option
+def serve(config_path: Path | None) -> None:
+    """Run the node: receive studies, analyse them, send results back to the PACS."""
+    settings = _settings(config_path)
+    log.configure(settings.log.level, settings.log.format)
+    from fractured.daemon.service import Node  # heavy imports only for the node
+    from fractured.engine.bundle import BundleError
+
+    try:
+        node = Node(settings)
+    except (BundleError, FileNotFoundError) as exc:
+        raise click.ClickException(f"cannot load engine bundle: {exc}") from None
+    node.run_until_signalled()
+
+
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def status(config_path: Path | None, as_json: bool) -> None:
+    """Studies and deliveries by state (UIDs only: no patient data)."""
+    settings = _settings(config_path)
+    from fractured.daemon.queue import Queue, make_engine
+
+    queue = Queue(make_engine(settings.database.url))
+    report = {**queue.counts(), "study_list": queue.studies()}
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    for kind in ("studies", "deliveries"):
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(report[kind].items())) or "none"
+        click.echo(f"{kind}: {counts}")
+    for row in report["study_list"]:
+        click.echo(f"  {row['study_instance_uid']:<64} {row['state']:<10} "
+                   f"images {row['instances']:<4} runs {row['runs']:<3} "
+                   f"delivered {row['delivered']}" + (f"  ({row['reason']})"
+                                                      if row["reason"] else ""))
+
+
+@main.command("build-engine")
+@click.option("--untrained", is_flag=True, required=True,
+              help="Build a bundle with random weights (for tests and first installs); its "
+                   "results are marked UNTRAINED MODEL. Required in this version.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
+              required=True, help="Bundle directory to create (must not exist).")
+@click.option("--variant", type=click.Choice(["b0", "b1", "b2", "b3", "b4"]), default="b0",
+              show_default=True, help="EfficientNet variant.")
+@click.option("--input-size", type=click.IntRange(64, 1024), default=224, show_default=True)
+@click.option("--name", default="fractured-untrained", show_default=True)
+@click.option("--version", "bundle_version", default="0.0.0", show_default=True)
+def build_engine(untrained: bool, out_dir: Path, variant: str, input_size: int, name: str,
+                 bundle_version: str) -> None:
+    """Export a classifier to an engine bundle (manifest.json + classifier.onnx)."""
+    from fractured.engine.bundle import BundleError
+    from fractured.training.build import build_untrained_bundle
+
+    try:
+        path = build_untrained_bundle(out_dir, name=name, version=bundle_version,
+                                      variant=variant, input_size=input_size)
+    except BundleError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"built {path} (UNTRAINED: random weights, results mean nothing)")

@@ -1,0 +1,243 @@
+"""config.toml -> typed, validated settings.
+
+Every mistake an administrator can make in the file is reported with the key it concerns
+(`[node].port: expected an integer, got "11112x"`), because a node that starts with a
+silently ignored typo is worse than one that refuses to start.
+"""
+
+from __future__ import annotations
+
+import tomllib
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config.toml"
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """The DICOM listener and where received instances are spooled."""
+
+    ae_title: str = "FRACTURED"
+    host: str = "0.0.0.0"
+    port: int = 11112
+    spool_dir: Path = Path("var/spool")
+    network_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    url: str = "sqlite:///var/fractured.db"
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    """When a study counts as complete, and which images in it are analysed."""
+
+    quiet_period_s: float = 10.0
+    modalities: list[str] = field(default_factory=lambda: ["CR", "DX"])
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    bundle: Path = Path("engines/default")
+    backend: Literal["auto", "onnxruntime"] = "auto"
+    max_batch: int = 8
+    threads: int = 0
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """How studies are claimed; a lease outlives a crashed node by at most lease_s."""
+
+    poll_interval_s: float = 1.0
+    lease_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class ResultsSettings:
+    overlay_max_size: int = 1024
+
+
+@dataclass(frozen=True)
+class DeliverySettings:
+    retry_interval_s: float = 30.0
+    max_attempts: int = 5
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A DICOM peer (usually the PACS) that receives every result object."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+@dataclass(frozen=True)
+class Settings:
+    node: NodeSettings = field(default_factory=NodeSettings)
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    study: StudySettings = field(default_factory=StudySettings)
+    engine: EngineSettings = field(default_factory=EngineSettings)
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
+    results: ResultsSettings = field(default_factory=ResultsSettings)
+    delivery: DeliverySettings = field(default_factory=DeliverySettings)
+    destinations: list[Destination] = field(default_factory=list)
+    log: LogSettings = field(default_factory=LogSettings)
+    source: Path | None = None
+
+
+def load(path: str | Path) -> Settings:
+    """Read and validate a config file; relative paths resolve against its folder."""
+    path = Path(path).resolve()
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: file not found") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    try:
+        return from_dict(raw, base=path.parent, source=path)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def from_dict(raw: dict[str, Any], *, base: Path, source: Path | None = None) -> Settings:
+    """Build Settings from parsed TOML; `base` anchors relative paths."""
+    sections: dict[str, Any] = {}
+    for f in fields(Settings):
+        if f.name == "source" or (f.name == "destinations" and f.name not in raw):
+            continue
+        value = raw.get(f.name, {})
+        if f.name == "destinations":
+            if not isinstance(value, list):
+                raise ConfigError("[[destinations]]: expected an array of tables")
+            sections[f.name] = [
+                _build(Destination, item, f"[[destinations]][{i}]", base)
+                for i, item in enumerate(value)
+            ]
+        else:
+            sections[f.name] = _build(_section_type(f), value, f"[{f.name}]", base)
+    known = {f.name for f in fields(Settings)} - {"source"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown section or key "
+                          f"(known: {', '.join(sorted(known))})")
+    sections["database"] = DatabaseSettings(url=_anchor_sqlite(sections["database"].url, base))
+    settings = Settings(**sections, source=source)
+    _check(settings)
+    return settings
+
+
+def _anchor_sqlite(url: str, base: Path) -> str:
+    """Resolve a relative SQLite file path (sqlite:///var/x.db) against the config folder."""
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith(prefix + "/") and url != prefix:
+        return prefix + str((base / url[len(prefix):]).resolve())
+    return url
+
+
+def _section_type(f: Any) -> type:
+    return typing.get_type_hints(Settings)[f.name]
+
+
+def _build(cls: type, raw: Any, where: str, base: Path) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a table")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(sorted(known))})")
+    values = {}
+    for f in fields(cls):
+        if f.name in raw:
+            values[f.name] = _coerce(raw[f.name], hints[f.name], f"{where}.{f.name}", base)
+        elif hints[f.name] is Path:
+            values[f.name] = (base / f.default).resolve()
+        elif f.default is MISSING and f.default_factory is MISSING:
+            raise ConfigError(f"{where}.{f.name}: required key is missing")
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, where: str, base: Path) -> Any:
+    origin = typing.get_origin(hint)
+    if hint is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{where}: expected a path (string), got {value!r}")
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else (base / path).resolve()
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{where}: expected one of {', '.join(map(repr, choices))}, "
+                              f"got {value!r}")
+        return value
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{where}[{i}]", base) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"unsupported settings type at {where}")
+    # bool is an int in Python: refuse it where a number is wanted.
+    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint in (str, bool) and type(value) is hint:
+        return value
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    raise ConfigError(f"{where}: expected {names[hint]}, got {value!r}")
+
+
+def _check(s: Settings) -> None:
+    """Rules across or within keys that types alone cannot express."""
+    for where, title in [("[node].ae_title", s.node.ae_title)] + [
+        (f"[[destinations]][{i}].ae_title", d.ae_title) for i, d in enumerate(s.destinations)
+    ]:
+        if not 0 < len(title.strip()) <= 16 or "\\" in title:
+            raise ConfigError(f"{where}: an AE title is 1-16 characters without '\\', "
+                              f"got {title!r}")
+    ports = [("[node].port", s.node.port)] + [
+        (f"[[destinations]][{i}].port", d.port) for i, d in enumerate(s.destinations)
+    ]
+    for where, port in ports:
+        if not 0 < port < 65536:
+            raise ConfigError(f"{where}: a TCP port is 1-65535, got {port}")
+    positive = {
+        "[study].quiet_period_s": s.study.quiet_period_s,
+        "[engine].max_batch": s.engine.max_batch,
+        "[worker].poll_interval_s": s.worker.poll_interval_s,
+        "[worker].lease_s": s.worker.lease_s,
+        "[results].overlay_max_size": s.results.overlay_max_size,
+        "[delivery].max_attempts": s.delivery.max_attempts,
+        "[node].network_timeout_s": s.node.network_timeout_s,
+    }
+    for where, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{where}: must be greater than 0, got {value}")
+    if s.engine.threads < 0:
+        raise ConfigError(f"[engine].threads: 0 (automatic) or more, got {s.engine.threads}")
+    names = [d.name for d in s.destinations]
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError(f"[[destinations]].name: {name!r} is used twice")
+    if not s.database.url.startswith(("sqlite:", "postgresql")):
+        raise ConfigError(f"[database].url: expected sqlite:///... or postgresql://..., "
+                          f"got {s.database.url!r}")

@@ -1,0 +1,367 @@
+"""The durable study queue: SQLAlchemy models and the study/delivery state machine.
+
+Every step of a study's path that must survive a crash is a row here:
+
+    RECEIVING --quiet period--> READY --claim (lease)--> PROCESSING
+    PROCESSING --results written--> DELIVERING --all delivered--> DONE
+    PROCESSING --no image to analyse--> SKIPPED      PROCESSING --error--> FAILED
+    DELIVERING --a delivery gave up--> FAILED
+
+A new instance re-opens a finished study (back to RECEIVING), so late images are
+analysed with the rest. Claims are compare-and-set updates guarded by state and lease
+expiry, which is safe with several workers on SQLite and PostgreSQL alike.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import (
+    DateTime,
+    Enum,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+    func,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+
+def utcnow() -> datetime:
+    """Naive UTC: SQLite keeps no time zone, so every stored time is UTC by convention."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class StudyState(enum.StrEnum):
+    RECEIVING = "receiving"
+    READY = "ready"
+    PROCESSING = "processing"
+    DELIVERING = "delivering"
+    DONE = "done"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+
+
+class DeliveryState(enum.StrEnum):
+    PENDING = "pending"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Study(Base):
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    state: Mapped[StudyState] = mapped_column(
+        Enum(StudyState, native_enum=False, length=16), index=True)
+    first_received_at: Mapped[datetime] = mapped_column(DateTime)
+    last_received_at: Mapped[datetime] = mapped_column(DateTime)
+    claimed_by: Mapped[str | None] = mapped_column(String(128))
+    claimed_at: Mapped[datetime | None] = mapped_column(DateTime)
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime)
+    runs: Mapped[int] = mapped_column(Integer, default=0)
+    processed_at: Mapped[datetime | None] = mapped_column(DateTime)
+    reason: Mapped[str | None] = mapped_column(Text)
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    modality: Mapped[str] = mapped_column(String(16))
+    path: Mapped[str] = mapped_column(Text)
+    size: Mapped[int] = mapped_column(Integer)
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    received_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class Delivery(Base):
+    __tablename__ = "deliveries"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    run: Mapped[int] = mapped_column(Integer)
+    destination: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(Text)
+    state: Mapped[DeliveryState] = mapped_column(
+        Enum(DeliveryState, native_enum=False, length=16), index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime)
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    done_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+@dataclass(frozen=True)
+class ReceivedInstance:
+    """What the listener knows of an instance once its file is durably spooled."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    modality: str
+    path: Path
+    size: int
+    calling_ae: str
+
+
+@dataclass(frozen=True)
+class ClaimedStudy:
+    id: int
+    study_instance_uid: str
+    run: int
+    claimed_at: datetime
+    instances: tuple[tuple[str, str, Path], ...]  # (sop_instance_uid, modality, path)
+
+
+@dataclass(frozen=True)
+class ResultObject:
+    """A result file written for one processing run, to be sent to every destination."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    path: Path
+
+
+@dataclass(frozen=True)
+class PendingDelivery:
+    id: int
+    study_id: int
+    destination: str
+    sop_class_uid: str
+    path: Path
+    attempts: int
+
+
+def make_engine(url: str) -> Engine:
+    """An engine with SQLite set up for a multi-threaded server: WAL, busy timeout, fsync."""
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"timeout": 30} if url.startswith("sqlite") else {})
+    if engine.dialect.name == "sqlite":
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=FULL")  # a commit is on disk when it returns
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+    return engine
+
+
+class Queue:
+    """All reads and writes of the study state machine; one short transaction each."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        Base.metadata.create_all(engine)
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+
+    @contextmanager
+    def _tx(self) -> Iterator[Session]:
+        with self._sessions.begin() as session:
+            yield session
+
+    def record_instance(self, item: ReceivedInstance) -> str:
+        """Record a spooled instance and (re)open its study; returns 'new' or 'replaced'."""
+        now = utcnow()
+        with self._tx() as s:
+            study = s.scalar(select(Study).where(
+                Study.study_instance_uid == item.study_instance_uid))
+            if study is None:
+                study = Study(study_instance_uid=item.study_instance_uid,
+                              state=StudyState.RECEIVING, first_received_at=now,
+                              last_received_at=now, runs=0)
+                s.add(study)
+                s.flush()
+            else:
+                study.last_received_at = now
+                if study.state != StudyState.PROCESSING:
+                    # A late image re-opens the study; a running worker sees
+                    # last_received_at > claimed_at and re-opens it when it finishes.
+                    study.state = StudyState.RECEIVING
+            held = s.scalar(select(Instance).where(
+                Instance.sop_instance_uid == item.sop_instance_uid))
+            outcome = "replaced" if held is not None else "new"
+            row = held or Instance(sop_instance_uid=item.sop_instance_uid)
+            row.study_id = study.id
+            row.sop_class_uid = item.sop_class_uid
+            row.series_instance_uid = item.series_instance_uid
+            row.modality = item.modality
+            row.path = str(item.path)
+            row.size = item.size
+            row.calling_ae = item.calling_ae
+            row.received_at = now
+            s.add(row)
+        return outcome
+
+    def mark_ready(self, quiet_period_s: float) -> list[str]:
+        """Studies with no new instance for the quiet period become READY."""
+        cutoff = utcnow() - timedelta(seconds=quiet_period_s)
+        with self._tx() as s:
+            uids = list(s.scalars(select(Study.study_instance_uid).where(
+                Study.state == StudyState.RECEIVING, Study.last_received_at <= cutoff)))
+            if uids:
+                s.execute(update(Study)
+                          .where(Study.study_instance_uid.in_(uids),
+                                 Study.state == StudyState.RECEIVING)
+                          .values(state=StudyState.READY))
+        return uids
+
+    def claim(self, worker: str, lease_s: float) -> ClaimedStudy | None:
+        """Take the oldest READY study (or one whose worker's lease ran out)."""
+        now = utcnow()
+        claimable = or_(Study.state == StudyState.READY,
+                        (Study.state == StudyState.PROCESSING) & (Study.lease_until < now))
+        with self._tx() as s:
+            for study_id in s.scalars(select(Study.id).where(claimable)
+                                      .order_by(Study.last_received_at).limit(5)):
+                won = s.execute(update(Study).where(Study.id == study_id, claimable).values(
+                    state=StudyState.PROCESSING, claimed_by=worker, claimed_at=now,
+                    lease_until=now + timedelta(seconds=lease_s), runs=Study.runs + 1,
+                )).rowcount
+                if won:
+                    study = s.get(Study, study_id)
+                    assert study is not None
+                    rows = s.execute(select(Instance.sop_instance_uid, Instance.modality,
+                                            Instance.path)
+                                     .where(Instance.study_id == study_id)
+                                     .order_by(Instance.received_at, Instance.id)).all()
+                    return ClaimedStudy(study.id, study.study_instance_uid, study.runs, now,
+                                        tuple((u, m, Path(p)) for u, m, p in rows))
+        return None
+
+    def release_leases(self, worker: str) -> int:
+        """Give back the studies this worker held when it stopped (or crashed)."""
+        with self._tx() as s:
+            return s.execute(update(Study).where(
+                Study.state == StudyState.PROCESSING, Study.claimed_by == worker,
+            ).values(state=StudyState.READY, claimed_by=None, lease_until=None)).rowcount
+
+    def finish(self, claim: ClaimedStudy, worker: str, results: Sequence[ResultObject],
+               destinations: Sequence[str], *, skipped: str | None = None) -> StudyState:
+        """Commit a run's results and queue their deliveries, in one transaction.
+
+        Returns the study's new state. A lost lease (another worker took over) leaves the
+        study alone: that worker's run is the one that counts.
+        """
+        now = utcnow()
+        with self._tx() as s:
+            study = s.get(Study, claim.id)
+            if study is None or study.claimed_by != worker or study.runs != claim.run:
+                return StudyState(study.state) if study else StudyState.FAILED
+            for result in results:
+                for name in destinations:
+                    s.add(Delivery(study_id=study.id, run=claim.run, destination=name,
+                                   sop_instance_uid=result.sop_instance_uid,
+                                   sop_class_uid=result.sop_class_uid, path=str(result.path),
+                                   state=DeliveryState.PENDING, attempts=0,
+                                   next_attempt_at=now))
+            if skipped is not None:
+                study.state, study.reason = StudyState.SKIPPED, skipped
+            elif results and destinations:
+                study.state, study.reason = StudyState.DELIVERING, None
+            else:
+                study.state, study.reason = StudyState.DONE, None
+            if study.last_received_at > claim.claimed_at:
+                study.state = StudyState.RECEIVING  # images arrived while we worked
+            study.processed_at = now
+            study.claimed_by = study.lease_until = None
+            return StudyState(study.state)
+
+    def fail(self, claim: ClaimedStudy, worker: str, reason: str) -> None:
+        with self._tx() as s:
+            s.execute(update(Study).where(Study.id == claim.id, Study.claimed_by == worker)
+                      .values(state=StudyState.FAILED, reason=reason, claimed_by=None,
+                              lease_until=None, processed_at=utcnow()))
+
+    def due_deliveries(self, limit: int = 100) -> list[PendingDelivery]:
+        with self._tx() as s:
+            rows = s.scalars(select(Delivery).where(
+                Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= utcnow(),
+            ).order_by(Delivery.id).limit(limit))
+            return [PendingDelivery(d.id, d.study_id, d.destination, d.sop_class_uid,
+                                    Path(d.path), d.attempts) for d in rows]
+
+    def record_attempt(self, delivery_id: int, *, status: int | None, error: str | None,
+                       retry_in_s: float, max_attempts: int) -> DeliveryState:
+        """Record one C-STORE attempt; success closes the delivery, else retry or give up."""
+        now = utcnow()
+        with self._tx() as s:
+            d = s.get(Delivery, delivery_id)
+            assert d is not None
+            d.attempts += 1
+            d.last_status, d.last_error = status, error
+            if error is None:
+                d.state, d.done_at = DeliveryState.DONE, now
+            elif d.attempts >= max_attempts:
+                d.state = DeliveryState.FAILED
+            else:
+                d.next_attempt_at = now + timedelta(seconds=retry_in_s)
+            self._settle(s, d.study_id)
+            return DeliveryState(d.state)
+
+    @staticmethod
+    def _settle(s: Session, study_id: int) -> None:
+        """A DELIVERING study is DONE once every delivery of its latest run is."""
+        study = s.get(Study, study_id)
+        if study is None or study.state != StudyState.DELIVERING:
+            return
+        s.flush()
+        states = set(s.scalars(select(Delivery.state).where(
+            Delivery.study_id == study_id, Delivery.run == study.runs)))
+        if states == {DeliveryState.DONE}:
+            study.state = StudyState.DONE
+        elif DeliveryState.PENDING not in states:
+            study.state = StudyState.FAILED
+            study.reason = "delivery failed after all attempts"
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Studies and deliveries by state, for `fractured status`."""
+        with self._tx() as s:
+            studies = dict(s.execute(select(Study.state, func.count()).group_by(Study.state)
+                                     ).all())
+            deliveries = dict(s.execute(select(Delivery.state, func.count())
+                                        .group_by(Delivery.state)).all())
+        return {"studies": {str(k): v for k, v in studies.items()},
+                "deliveries": {str(k): v for k, v in deliveries.items()}}
+
+    def studies(self) -> list[dict[str, object]]:
+        """One row per study (no patient data: UIDs and states only)."""
+        with self._tx() as s:
+            rows = s.execute(
+                select(Study, func.count(Instance.id)).outerjoin(Instance)
+                .group_by(Study.id).order_by(Study.id)).all()
+            out = []
+            for study, n in rows:
+                sent = s.scalar(select(func.count()).where(
+                    Delivery.study_id == study.id, Delivery.state == DeliveryState.DONE))
+                out.append({"study_instance_uid": study.study_instance_uid,
+                            "state": str(study.state), "instances": n, "runs": study.runs,
+                            "delivered": sent, "reason": study.reason,
+                            "last_received_at": study.last_received_at.isoformat()})
+            return out

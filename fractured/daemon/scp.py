@@ -1,0 +1,135 @@
+"""The DICOM listener: C-ECHO and C-STORE service class provider (pynetdicom).
+
+A C-STORE is answered with success only once the object is durably in the spool and
+its row is committed: an acknowledged image is never lost. Everything else gets a
+specific status and a log event that says why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
+from pynetdicom.events import Event
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    SecondaryCaptureImageStorage,
+    Verification,
+)
+
+from fractured import log
+from fractured.config import Settings
+from fractured.daemon.queue import Queue, ReceivedInstance
+from fractured.daemon.spool import is_uid, write_durably
+
+# C-STORE response statuses (PS3.4 Annex B.2.3, PS3.7 Annex C).
+SUCCESS = 0x0000
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+OUT_OF_RESOURCES = 0xA700
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+
+#: Projection X-ray storage classes the node analyses. Secondary Capture is accepted
+#: because digitised and exported radiographs arrive as SC with Modality CR/DX; which
+#: images are analysed is decided by [study].modalities, not by the SOP class.
+ACCEPTED_SOP_CLASSES: frozenset[str] = frozenset({
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    SecondaryCaptureImageStorage,
+})
+
+_log = log.get("fractured.scp")
+
+
+def build_ae(settings: Settings) -> AE:
+    """An AE that negotiates every storage SOP class and every transfer syntax.
+
+    Offering all storage classes lets us answer an unwanted one with a clear C-STORE
+    status (0x0122) instead of a bare presentation-context rejection; offering every
+    transfer syntax matters because some PACS cannot transcode (Orthanc without GDCM
+    cannot decompress JPEG 2000) and send nothing if we are picky.
+    """
+    ae = AE(ae_title=settings.node.ae_title)
+    ae.network_timeout = settings.node.network_timeout_s
+    ae.acse_timeout = settings.node.network_timeout_s
+    ae.dimse_timeout = settings.node.network_timeout_s
+    ae.maximum_pdu_size = 0  # no limit: large radiographs arrive in fewer PDUs
+    ae.add_supported_context(Verification)
+    for context in StoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    return ae
+
+
+def handlers(spool_dir: Path, queue: Queue) -> list[tuple[evt.InterventionEvent, Callable]]:
+    return [
+        (evt.EVT_C_ECHO, _handle_echo),
+        (evt.EVT_C_STORE, _handle_store, [spool_dir, queue]),
+    ]
+
+
+def _handle_echo(event: Event) -> int:
+    _log.debug("echo", calling_ae=event.assoc.requestor.ae_title)
+    return SUCCESS
+
+
+def _handle_store(event: Event, spool_dir: Path, queue: Queue) -> int:
+    calling_ae = event.assoc.requestor.ae_title
+    sop_class = str(event.request.AffectedSOPClassUID)
+    sop_instance = str(event.request.AffectedSOPInstanceUID)
+    ctx = {"calling_ae": calling_ae, "sop_instance_uid": sop_instance}
+    if sop_class not in ACCEPTED_SOP_CLASSES:
+        _log.warning("store.rejected", reason="sop_class_not_supported", sop_class_uid=sop_class,
+                     **ctx)
+        return SOP_CLASS_NOT_SUPPORTED
+    try:
+        ds: Dataset = event.dataset
+        study_uid = str(ds.get("StudyInstanceUID", ""))
+        series_uid = str(ds.get("SeriesInstanceUID", ""))
+        modality = str(ds.get("Modality", ""))
+        dataset_uid = str(ds.get("SOPInstanceUID", ""))
+    except Exception as exc:
+        _log.warning("store.rejected", reason="dataset_unreadable", error=str(exc), **ctx)
+        return CANNOT_UNDERSTAND
+    problem = _identity_problem(study_uid, series_uid, dataset_uid, sop_instance)
+    if problem:
+        _log.warning("store.rejected", reason=problem, **ctx)
+        return DATASET_DOES_NOT_MATCH_SOP_CLASS
+
+    path = spool_dir / "incoming" / study_uid / f"{sop_instance}.dcm"
+    try:
+        data = event.encoded_dataset()  # as received: preamble, file meta, original syntax
+        write_durably(path, data)
+    except OSError as exc:
+        _log.error("store.failed", reason="spool_unwritable", error=str(exc), **ctx)
+        return OUT_OF_RESOURCES
+    try:
+        outcome = queue.record_instance(ReceivedInstance(
+            study_instance_uid=study_uid, series_instance_uid=series_uid,
+            sop_instance_uid=sop_instance, sop_class_uid=sop_class, modality=modality,
+            path=path, size=len(data), calling_ae=calling_ae))
+    except Exception as exc:
+        # The file stays (a resend replaces it); without its row it is not acknowledged.
+        _log.error("store.failed", reason="database_error", error=str(exc), **ctx)
+        return OUT_OF_RESOURCES
+    _log.info("store.accepted", study_instance_uid=study_uid, modality=modality,
+              bytes=len(data), outcome=outcome, **ctx)
+    return SUCCESS
+
+
+def _identity_problem(study: str, series: str, dataset_uid: str, request_uid: str) -> str:
+    """Why the UIDs cannot identify this object (they also name files), or ''."""
+    if not is_uid(study):
+        return "study_instance_uid_invalid"
+    if not is_uid(series):
+        return "series_instance_uid_invalid"
+    if not is_uid(request_uid):
+        return "sop_instance_uid_invalid"
+    if dataset_uid != request_uid:
+        return "sop_instance_uid_mismatch"
+    return ""
+

@@ -1,0 +1,122 @@
+"""Claims READY studies, runs the engine, writes the result objects, queues deliveries.
+
+Results are written durably before the run is committed, and the commit that records
+them also queues their deliveries: a crash at any point either repeats the whole run or
+leaves a complete one, never half a set of results on the PACS.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from fractured import log
+from fractured.config import Settings
+from fractured.daemon.queue import ClaimedStudy, Queue, ResultObject
+from fractured.daemon.spool import write_durably
+from fractured.engine.findings import ImageRef
+from fractured.engine.pipeline import Pipeline
+from fractured.engine.preprocess import DecodeError, display_pixels, read_dataset
+from fractured.results.overlay import make_overlay
+from fractured.results.sr import make_sr
+
+#: Series numbers of our result series, high enough not to collide with a modality's.
+SR_SERIES_NUMBER = 9901
+OVERLAY_SERIES_NUMBER = 9902
+
+_log = log.get("fractured.worker")
+
+
+def node_identity(settings: Settings) -> tuple[str, str]:
+    """(worker id, device UID): stable across restarts of one node, distinct between nodes.
+
+    A stable worker id lets a restarted node take back its own leases at once instead of
+    waiting for them to expire; the device UID names this node in every SR.
+    """
+    worker = f"{socket.gethostname()}:{settings.node.ae_title}:{settings.node.port}"
+    return worker, generate_uid(entropy_srcs=["fractured-device", worker])
+
+
+class Worker:
+    def __init__(self, settings: Settings, queue: Queue, pipeline: Pipeline) -> None:
+        self.settings = settings
+        self.queue = queue
+        self.pipeline = pipeline
+        self.id, self.device_uid = node_identity(settings)
+
+    def run_once(self) -> bool:
+        """Process one study if one is ready; returns whether one was claimed."""
+        claim = self.queue.claim(self.id, self.settings.worker.lease_s)
+        if claim is None:
+            return False
+        log_ctx = {"study_instance_uid": claim.study_instance_uid, "run": claim.run}
+        _log.info("study.claimed", instances=len(claim.instances), **log_ctx)
+        try:
+            self._process(claim, log_ctx)
+        except Exception as exc:
+            _log.exception("study.failed", error=str(exc), **log_ctx)
+            self.queue.fail(claim, self.id, f"processing error: {exc}")
+        return True
+
+    def _process(self, claim: ClaimedStudy, log_ctx: dict[str, object]) -> None:
+        started = time.monotonic()
+        sources: list[tuple[Dataset, np.ndarray]] = []
+        for sop_uid, modality, path in claim.instances:
+            if modality not in self.settings.study.modalities:
+                _log.info("image.skipped", reason="modality_not_analysed", modality=modality,
+                          sop_instance_uid=sop_uid, **log_ctx)
+                continue
+            try:
+                ds = read_dataset(path)
+                sources.append((ds, display_pixels(ds, path.name)))
+            except DecodeError as exc:
+                _log.warning("image.skipped", reason="undecodable", error=str(exc),
+                             sop_instance_uid=sop_uid, **log_ctx)
+        if not sources:
+            state = self.queue.finish(claim, self.id, [], [],
+                                      skipped="no image of an analysed modality could be read")
+            _log.info("study.skipped", state=str(state), **log_ctx)
+            return
+
+        findings = self.pipeline.run([(_ref(ds), pixels) for ds, pixels in sources])
+        datasets = [ds for ds, _ in sources]
+        sr = make_sr(findings, datasets, series_instance_uid=generate_uid(),
+                     series_number=SR_SERIES_NUMBER, device_uid=self.device_uid)
+        overlay_series = generate_uid()
+        overlays = [
+            make_overlay(finding, ds, series_instance_uid=overlay_series,
+                         series_number=OVERLAY_SERIES_NUMBER, instance_number=i,
+                         max_size=self.settings.results.overlay_max_size)
+            for i, (finding, ds) in enumerate(zip(findings, datasets, strict=True), start=1)
+        ]
+        run_dir = (self.settings.node.spool_dir / "results" / claim.study_instance_uid
+                   / str(claim.run))
+        results = [_write(run_dir, obj) for obj in (sr, *overlays)]
+        state = self.queue.finish(claim, self.id, results,
+                                  [d.name for d in self.settings.destinations])
+        _log.info("study.processed", state=str(state), images=len(findings),
+                  fractures=sum(f.fracture for f in findings), model=findings[0].model.label,
+                  backend=self.pipeline.backend_name, objects=len(results),
+                  seconds=round(time.monotonic() - started, 3), **log_ctx)
+
+
+def _ref(ds: Dataset) -> ImageRef:
+    return ImageRef(study_instance_uid=str(ds.StudyInstanceUID),
+                    series_instance_uid=str(ds.SeriesInstanceUID),
+                    sop_instance_uid=str(ds.SOPInstanceUID),
+                    sop_class_uid=str(ds.SOPClassUID))
+
+
+def _write(folder: Path, ds: Dataset) -> ResultObject:
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    path = folder / f"{ds.SOPInstanceUID}.dcm"
+    write_durably(path, buffer.getvalue())
+    return ResultObject(str(ds.SOPInstanceUID), str(ds.SOPClassUID), path)

@@ -1,0 +1,110 @@
+"""Every coded concept and identity string the result objects carry, in one place.
+
+A PACS, a viewer or a registry reads our SR by its codes, not by its words, so a code
+written twice with a different meaning or scheme would be two different concepts. The
+constants are pydicom `Code`s (plain values, safe to share); highdicom turns each into a
+fresh `CodedConcept` item wherever it is used.
+
+Choices, and why:
+- Finding: SNOMED CT 125605004 "Fracture of bone" (a disorder). 72704001 "Fracture" is
+  the *morphologic abnormality*: in SNOMED CT it is the value of the "associated
+  morphology" attribute of 125605004, not a concept meant to record that a patient has
+  a fracture. The classifier answers "is there a fracture of bone in this image", which
+  is 125605004.
+- Present/Absent: SNOMED CT 52101004 "Present" and 272519000 "Absent", the members of
+  DICOM CID 241 "Present-Absent Only". The older 2667000 "Absent" is an inactive SNOMED
+  concept that DICOM replaced by 272519000.
+- Probability: no standard code names "probability of fracture" (DCM 111047 is
+  "Probability of cancer", a mammography CAD concept). As DICOM and IHE AIR allow, the
+  algorithm's own concept lives in our private coding scheme "99FRACTURED" (a "99"
+  prefix marks a private scheme), declared in each SR's Coding Scheme Identification
+  Sequence. Its unit is UCUM "1" ("no units"), the dimensionless unit listed in DICOM
+  CID 7181, rather than the annotation "{probability}", which UCUM reads as the same
+  unit but which viewers do not know.
+- Free text in a measurement group (the UNTRAINED warning): DCM 121106 "Comment";
+  TID 1501 row 12 allows coded-name/text-value pairs in a group.
+- Contributing Equipment purpose: DCM 109102 "Processing Equipment" (CID 7005). The
+  model processes the X-ray into results; 109103 is "Modifying Equipment", for
+  equipment that altered the instance itself.
+- Source image of the overlay: DCM 121322 "Source image for image processing
+  operation" (CID 7202).
+"""
+
+from __future__ import annotations
+
+import highdicom as hd
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from pydicom.sr.coding import Code
+
+import fractured
+from fractured.engine.findings import ModelInfo
+
+PRIVATE_SCHEME = "99FRACTURED"
+
+# -- the finding and its evaluation ----------------------------------------------------
+FRACTURE = Code("125605004", "SCT", "Fracture of bone")
+PRESENT = Code("52101004", "SCT", "Present")
+ABSENT = Code("272519000", "SCT", "Absent")
+FRACTURE_PROBABILITY = Code("FRACTURE-PROB", PRIVATE_SCHEME, "Fracture probability")
+NO_UNITS = Code("1", "UCUM", "no units")
+COMMENT = Code("121106", "DCM", "Comment")
+
+# -- the report as a whole (TID 1500) --------------------------------------------------
+REPORT_TITLE = Code("126000", "DCM", "Imaging Measurement Report")
+PROCEDURE_REPORTED = Code("43468-8", "LN", "XR unspecified body region")
+
+# -- references between objects --------------------------------------------------------
+PROCESSING_EQUIPMENT = Code("109102", "DCM", "Processing Equipment")
+SOURCE_IMAGE_FOR_PROCESSING = Code("121322", "DCM", "Source image for image processing operation")
+
+# -- who made the objects (General Equipment, device observer) -------------------------
+MANUFACTURER = "fractured"
+MANUFACTURER_MODEL_NAME = "fractured fracture detection"
+SOFTWARE_VERSION = fractured.__version__
+
+# -- the words every result object shows ------------------------------------------------
+DISCLAIMER = "AI decision support - not a diagnosis"
+UNTRAINED_MARKER = "UNTRAINED MODEL"
+UNTRAINED_WARNING = f"{UNTRAINED_MARKER} - output is meaningless"
+
+_LONG_STRING_MAX = 64  # VR LO, the VR of Series Description
+
+
+def coding_scheme() -> CodingSchemeIdentificationItem:
+    """Declare the private scheme, as an SR must for every scheme not in PS3.16 8-1.
+
+    (highdicom's documentation names `highdicom.sr.CodingSchemeIdentificationItem`, but
+    0.28 exports it only from `highdicom.coding_schemes`.)
+    """
+    return CodingSchemeIdentificationItem(
+        designator=PRIVATE_SCHEME,
+        name="fractured algorithm concepts",
+        responsible_organization=MANUFACTURER,
+    )
+
+
+def model_equipment(model: ModelInfo) -> hd.ContributingEquipment:
+    """The engine bundle as Contributing Equipment, so a viewer can tell which model ran."""
+    return hd.ContributingEquipment(
+        manufacturer=MANUFACTURER,
+        purpose_of_reference=PROCESSING_EQUIPMENT,
+        manufacturer_model_name=model.name,
+        software_versions=model.version,
+        contribution_description=(
+            "Fracture classifier" if model.trained else f"Fracture classifier, {UNTRAINED_MARKER}"
+        ),
+    )
+
+
+def series_description(what: str, model: ModelInfo) -> str:
+    """`what name version`, plus the UNTRAINED marker, cut to fit VR LO (64 characters).
+
+    The PACS study list often shows nothing but the series description, so the marker
+    is kept whole and the model label is what gets shortened.
+    """
+    suffix = "" if model.trained else f" - {UNTRAINED_MARKER}"
+    label = f"{model.name} {model.version}"
+    room = _LONG_STRING_MAX - len(what) - 1 - len(suffix)
+    if len(label) > room:
+        label = label[: room - 3] + "..."
+    return f"{what} {label}{suffix}"

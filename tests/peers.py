@@ -1,0 +1,252 @@
+"""Real DICOM peers for the tests: DCMTK tools, Orthanc, dciodvfy, and the node itself.
+
+Everything runs on loopback with free ports and is stopped by PID. A tool that is not
+installed skips the test with the reason (CI installs them all: see .ci/run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# Debian's DCMTK keeps Nagle's algorithm on: ~40 ms lost per object without this.
+PEER_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def need(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        pytest.skip(f"{tool} is not installed (apt-get install dcmtk orthanc dicom3tools)")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0,
+             every: float = 0.2) -> Any:
+    """Poll `check` until it returns something truthy; fail naming `what` on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(every)
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def echoscu(port: int, called: str = "FRACTURED", calling: str = "ECHOSCU"
+            ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([need("echoscu"), "-aec", called, "-aet", calling, "127.0.0.1",
+                           str(port)], capture_output=True, text=True, env=PEER_ENV,
+                          timeout=60)
+
+
+def storescu(port: int, files: Sequence[Path], called: str = "FRACTURED",
+             calling: str = "STORESCU", extra: Sequence[str] = ()
+             ) -> subprocess.CompletedProcess[str]:
+    """Send files, proposing each file's own transfer syntax (-xs: as stored, no transcode)."""
+    return subprocess.run([need("storescu"), "-v", "-aec", called, "-aet", calling, *extra,
+                           "127.0.0.1", str(port), *map(str, files)],
+                          capture_output=True, text=True, env=PEER_ENV, timeout=300)
+
+
+def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
+    """(errors, warnings) that dicom3tools' dciodvfy reports for a file."""
+    proc = subprocess.run([need("dciodvfy"), str(path)], capture_output=True, text=True,
+                          timeout=120)
+    lines = (proc.stdout + proc.stderr).splitlines()
+    return ([ln for ln in lines if ln.startswith("Error")],
+            [ln for ln in lines if ln.startswith("Warning")])
+
+
+@dataclass
+class Storescp:
+    """DCMTK storescp as a destination: every object it accepts lands in `folder`."""
+
+    folder: Path
+    ae_title: str = "DEST"
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Storescp:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        # +xa: accept every transfer syntax; -uf: name files by SOP instance UID.
+        self.proc = subprocess.Popen(
+            [need("storescp"), "-aet", self.ae_title, "+xa", "-uf", "-od", str(self.folder),
+             str(self.port)], env=PEER_ENV, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
+        wait_for("storescp to listen", lambda: port_open(self.port), 10)
+        return self
+
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.folder.iterdir() if p.is_file())
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@dataclass
+class Orthanc:
+    """Orthanc as the test PACS, with its own config in `folder` (see shared/examples)."""
+
+    folder: Path
+    modalities: dict[str, dict[str, Any]]
+    lua: str | None = None
+    ae_title: str = "ORTHANC"
+    dicom_port: int = field(default_factory=free_port)
+    http_port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Orthanc:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        cfg: dict[str, Any] = {
+            "Name": "test-pacs", "StorageDirectory": str(self.folder / "db"),
+            "IndexDirectory": str(self.folder / "db"), "StorageCompression": False,
+            "Plugins": [], "HttpServerEnabled": True, "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+            "DicomServerEnabled": True, "DicomAet": self.ae_title,
+            "DicomPort": self.dicom_port, "DicomCheckCalledAet": False,
+            "DicomAlwaysAllowEcho": True, "DicomAlwaysAllowStore": True,
+            "DicomModalities": self.modalities, "UserMetadata": {"FracturedSent": 1024},
+            "StableAge": 1, "OverwriteInstances": False, "ExecuteLuaEnabled": False,
+        }
+        if self.lua:
+            (self.folder / "route.lua").write_text(self.lua)
+            cfg["LuaScripts"] = [str(self.folder / "route.lua")]
+        (self.folder / "orthanc.json").write_text(json.dumps(cfg, indent=2))
+        self.log = open(self.folder / "orthanc.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen([need("Orthanc"), str(self.folder / "orthanc.json")],
+                                     stdout=self.log, stderr=subprocess.STDOUT,
+                                     cwd=self.folder)
+        wait_for("Orthanc to answer HTTP", self._alive, 30)
+        return self
+
+    def _alive(self) -> bool:
+        try:
+            self.get("/system")
+            return True
+        except OSError:
+            return False
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.http_port}{path}"
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(self.url(path), timeout=30) as rsp:
+            body = rsp.read()
+        return json.loads(body) if body[:1] in (b"{", b"[") else body
+
+    def post(self, path: str, data: bytes) -> Any:
+        req = urllib.request.Request(self.url(path), data=data, method="POST")
+        with urllib.request.urlopen(req, timeout=60) as rsp:
+            return json.loads(rsp.read())
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(30)
+        self.log.close()
+
+
+@dataclass
+class NodeProcess:
+    """`fractured serve` as a real process, configured by a config.toml in `folder`."""
+
+    folder: Path
+    bundle: Path
+    destinations: list[dict[str, Any]]
+    quiet_period_s: float = 1.0
+    port: int = field(default_factory=free_port)
+    ae_title: str = "FRACTURED"
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def config(self) -> Path:
+        return self.folder / "config.toml"
+
+    def write_config(self) -> None:
+        dests = "".join(
+            f'\n[[destinations]]\nname = "{d["name"]}"\nae_title = "{d["ae_title"]}"\n'
+            f'host = "127.0.0.1"\nport = {d["port"]}\n' for d in self.destinations)
+        self.config.write_text(
+            f'[node]\nae_title = "{self.ae_title}"\nhost = "127.0.0.1"\nport = {self.port}\n'
+            f'spool_dir = "spool"\n\n[database]\nurl = "sqlite:///fractured.db"\n\n'
+            f"[study]\nquiet_period_s = {self.quiet_period_s}\n\n"
+            f'[engine]\nbundle = "{self.bundle}"\n\n[worker]\npoll_interval_s = 0.2\n\n'
+            f"[delivery]\nretry_interval_s = 1.0\nmax_attempts = 3\n\n"
+            f'[log]\nlevel = "info"\nformat = "json"\n{dests}')
+
+    def start(self) -> NodeProcess:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.write_config()
+        self.log = open(self.folder / "node.log", "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fractured", "serve", "--config", str(self.config)],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        wait_for("the node to listen", self._listening, 60)
+        return self
+
+    def _listening(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            pytest.fail(f"node exited with {self.proc.returncode}:\n{self.log_text()}")
+        return port_open(self.port)
+
+    def log_text(self) -> str:
+        return (self.folder / "node.log").read_text(errors="replace")
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        """The node's JSON log events called `name`."""
+        out = []
+        for line in self.log_text().splitlines():
+            if line.startswith("{"):
+                event = json.loads(line)
+                if event.get("event") == name:
+                    out.append(event)
+        return out
+
+    def status(self) -> dict[str, Any]:
+        proc = subprocess.run([sys.executable, "-m", "fractured", "status", "--json",
+                               "--config", str(self.config)], capture_output=True, text=True,
+                              check=True, timeout=60)
+        return json.loads(proc.stdout)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(60)
+        self.log.close()
+        return self.proc.returncode
+
+
+def c_store_statuses(output: str) -> list[int]:
+    """The C-STORE response statuses storescu -v printed."""
+    return [int(s, 16) for s in re.findall(r"Received Store Response \(.*?0x([0-9A-Fa-f]{4})",
+                                            output)]

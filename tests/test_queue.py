@@ -1,0 +1,131 @@
+"""The study/delivery state machine on a real SQLite file."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from fractured.daemon.queue import (
+    DeliveryState,
+    Queue,
+    ReceivedInstance,
+    ResultObject,
+    StudyState,
+    make_engine,
+)
+
+STUDY = "1.2.3.4"
+
+
+@pytest.fixture
+def queue(tmp_path: Path) -> Queue:
+    return Queue(make_engine(f"sqlite:///{tmp_path / 'q.db'}"))
+
+
+def received(sop: str, study: str = STUDY) -> ReceivedInstance:
+    return ReceivedInstance(study_instance_uid=study, series_instance_uid="1.2.3.4.1",
+                            sop_instance_uid=sop, sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+                            modality="CR", path=Path(f"/spool/{sop}.dcm"), size=10,
+                            calling_ae="MOD")
+
+
+def state(queue: Queue, study: str = STUDY) -> str:
+    return next(r["state"] for r in queue.studies() if r["study_instance_uid"] == study)
+
+
+def test_quiet_period_then_claim_then_deliver_then_done(queue: Queue) -> None:
+    assert queue.record_instance(received("1.1")) == "new"
+    assert queue.record_instance(received("1.2")) == "new"
+    assert queue.mark_ready(quiet_period_s=60) == []  # images still arriving
+    assert queue.mark_ready(quiet_period_s=0) == [STUDY]
+    claim = queue.claim("w1", lease_s=60)
+    assert claim is not None and claim.run == 1
+    assert [uid for uid, _, _ in claim.instances] == ["1.1", "1.2"]
+    assert queue.claim("w2", lease_s=60) is None  # nobody else gets it
+
+    results = [ResultObject("9.1", "1.2.840.10008.5.1.4.1.1.88.34", Path("/r/9.1.dcm")),
+               ResultObject("9.2", "1.2.840.10008.5.1.4.1.1.7", Path("/r/9.2.dcm"))]
+    assert queue.finish(claim, "w1", results, ["pacs"]) == StudyState.DELIVERING
+    due = queue.due_deliveries()
+    assert sorted(d.path.name for d in due) == ["9.1.dcm", "9.2.dcm"]
+    assert queue.record_attempt(due[0].id, status=0, error=None, retry_in_s=0,
+                                max_attempts=3) == DeliveryState.DONE
+    assert state(queue) == "delivering"
+    assert queue.record_attempt(due[1].id, status=0, error=None, retry_in_s=0,
+                                max_attempts=3) == DeliveryState.DONE
+    assert state(queue) == "done"
+    assert queue.counts()["deliveries"] == {"done": 2}
+
+
+def test_failed_delivery_is_retried_then_given_up(queue: Queue) -> None:
+    queue.record_instance(received("1.1"))
+    queue.mark_ready(0)
+    claim = queue.claim("w1", 60)
+    assert claim is not None
+    queue.finish(claim, "w1", [ResultObject("9.1", "1.2", Path("/r/9.1.dcm"))], ["pacs"])
+    (item,) = queue.due_deliveries()
+    assert queue.record_attempt(item.id, status=None, error="no association",
+                                retry_in_s=3600, max_attempts=2) == DeliveryState.PENDING
+    assert queue.due_deliveries() == []  # not due again for an hour
+    assert queue.record_attempt(item.id, status=0xA700, error="refused", retry_in_s=0,
+                                max_attempts=2) == DeliveryState.FAILED
+    assert state(queue) == "failed"
+
+
+def test_late_image_reopens_a_done_study(queue: Queue) -> None:
+    queue.record_instance(received("1.1"))
+    queue.mark_ready(0)
+    claim = queue.claim("w1", 60)
+    assert claim is not None
+    assert queue.finish(claim, "w1", [], []) == StudyState.DONE
+    queue.record_instance(received("1.2"))
+    assert state(queue) == "receiving"
+    queue.mark_ready(0)
+    again = queue.claim("w1", 60)
+    assert again is not None and again.run == 2 and len(again.instances) == 2
+
+
+def test_image_arriving_during_processing_reopens_after_the_run(queue: Queue) -> None:
+    queue.record_instance(received("1.1"))
+    queue.mark_ready(0)
+    claim = queue.claim("w1", 60)
+    assert claim is not None
+    time.sleep(0.01)
+    queue.record_instance(received("1.2"))
+    assert state(queue) == "processing"  # the running worker is not disturbed
+    assert queue.finish(claim, "w1", [], []) == StudyState.RECEIVING
+
+
+def test_expired_lease_is_taken_over_and_the_old_run_is_ignored(queue: Queue) -> None:
+    queue.record_instance(received("1.1"))
+    queue.mark_ready(0)
+    first = queue.claim("w1", lease_s=0.001)
+    assert first is not None
+    time.sleep(0.01)
+    second = queue.claim("w2", lease_s=60)
+    assert second is not None and second.run == 2
+    # The first worker comes back late: its results are not recorded.
+    result = [ResultObject("9.1", "1.2", Path("/r/9.1.dcm"))]
+    assert queue.finish(first, "w1", result, ["pacs"]) == StudyState.PROCESSING
+    assert queue.due_deliveries() == []
+    assert queue.finish(second, "w2", result, ["pacs"]) == StudyState.DELIVERING
+    assert len(queue.due_deliveries()) == 1
+
+
+def test_restarted_worker_releases_its_own_leases(queue: Queue) -> None:
+    queue.record_instance(received("1.1"))
+    queue.record_instance(received("2.1", study="1.2.3.5"))
+    queue.mark_ready(0)
+    assert queue.claim("w1", 600) is not None
+    assert queue.claim("w2", 600) is not None
+    assert queue.release_leases("w1") == 1
+    states = sorted(r["state"] for r in queue.studies())
+    assert states == ["processing", "ready"]
+
+
+def test_same_instance_twice_is_one_row(queue: Queue) -> None:
+    assert queue.record_instance(received("1.1")) == "new"
+    assert queue.record_instance(received("1.1")) == "replaced"
+    assert queue.studies()[0]["instances"] == 1

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Install what the node and its tests need on a fresh Debian machine, idempotently:
+# the DICOM peers the tests talk to (DCMTK, Orthanc, dicom3tools) and a venv in .venv
+# with the package, its training extra (torch) and its test extra.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+for tool in storescu:dcmtk Orthanc:orthanc dciodvfy:dicom3tools; do
+  command -v "${tool%%:*}" >/dev/null || need_apt+=("${tool#*:}")
+done
+if ((${#need_apt[@]})); then
+  sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends \
+    "${need_apt[@]}" >/dev/null
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+# torch first and pinned: other versions download gigabytes or break torchvision.
+.venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+.venv/bin/python -m pip install -q -e '.[train,test]'
+
+# The node's default engine bundle: until a trained model ships, an untrained one
+# (every result it makes says UNTRAINED MODEL).
+[ -f engines/default/manifest.json ] || \
+  .venv/bin/fractured build-engine --untrained --out engines/default

@@ -68,8 +68,8 @@ def echoscu(port: int, called: str = "FRACTURED", calling: str = "ECHOSCU"
 def storescu(port: int, files: Sequence[Path], called: str = "FRACTURED",
              calling: str = "STORESCU", extra: Sequence[str] = ()
              ) -> subprocess.CompletedProcess[str]:
-    """Send files, proposing each file's own transfer syntax (-xs: as stored, no transcode)."""
-    return subprocess.run([need("storescu"), "-v", "-aec", called, "-aet", calling, *extra,
+    """Send files with storescu; -d prints each response's status (see c_store_statuses)."""
+    return subprocess.run([need("storescu"), "-d", "-aec", called, "-aet", calling, *extra,
                            "127.0.0.1", str(port), *map(str, files)],
                           capture_output=True, text=True, env=PEER_ENV, timeout=300)
 
@@ -247,6 +247,5 @@ class NodeProcess:
 
 
 def c_store_statuses(output: str) -> list[int]:
-    """The C-STORE response statuses storescu -v printed."""
-    return [int(s, 16) for s in re.findall(r"Received Store Response \(.*?0x([0-9A-Fa-f]{4})",
-                                            output)]
+    """The C-STORE response statuses that `storescu -d` printed, in order."""
+    return [int(s, 16) for s in re.findall(r"DIMSE Status\s*:\s*0x([0-9A-Fa-f]{4})", output)]

@@ -80,18 +80,20 @@ def status(config_path: Path | None, as_json: bool) -> None:
               required=True, help="Bundle directory to create (must not exist).")
 @click.option("--variant", type=click.Choice(["b0", "b1", "b2", "b3", "b4"]), default="b0",
               show_default=True, help="EfficientNet variant.")
-@click.option("--input-size", type=click.IntRange(64, 1024), default=224, show_default=True)
+@click.option("--input-size", type=click.IntRange(64, 1024), default=None,
+              help="Model input size in pixels [default: the variant's native size].")
 @click.option("--name", default="fractured-untrained", show_default=True)
 @click.option("--version", "bundle_version", default="0.0.0", show_default=True)
-def build_engine(untrained: bool, out_dir: Path, variant: str, input_size: int, name: str,
+def build_engine(untrained: bool, out_dir: Path, variant: str, input_size: int | None,
+                 name: str,
                  bundle_version: str) -> None:
     """Export a classifier to an engine bundle (manifest.json + classifier.onnx)."""
     from fractured.engine.bundle import BundleError
-    from fractured.training.build import build_untrained_bundle
+    from fractured.training.build import BuildError, build_untrained_bundle
 
     try:
         path = build_untrained_bundle(out_dir, name=name, version=bundle_version,
                                       variant=variant, input_size=input_size)
-    except BundleError as exc:
+    except (BundleError, BuildError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"built {path} (UNTRAINED: random weights, results mean nothing)")

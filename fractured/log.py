@@ -37,10 +37,15 @@ def configure(level: str = "info", fmt: Literal["auto", "json", "console"] = "au
     ))
     root = logging.getLogger()
     root.handlers[:] = [handler]
+    logging.captureWarnings(True)  # library warnings become log lines, not stray stderr
     root.setLevel(level.upper())
-    # pynetdicom logs every PDU at INFO, with patient details in its dataset dumps.
-    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))
-    logging.getLogger("apscheduler").setLevel(max(logging.WARNING, root.level))
+    # Libraries that are chatty at INFO: pynetdicom logs every PDU (with patient details
+    # in its dataset dumps), highdicom every module it copies, APScheduler every skipped
+    # tick of a job still running (by design: max_instances=1). Our own events say
+    # what matters.
+    for name, floor in (("pynetdicom", logging.WARNING), ("highdicom", logging.WARNING),
+                        ("apscheduler", logging.ERROR)):
+        logging.getLogger(name).setLevel(max(floor, root.level))
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
 
 # Debian's DCMTK keeps Nagle's algorithm on: ~40 ms lost per object without this.
@@ -65,13 +66,36 @@ def echoscu(port: int, called: str = "FRACTURED", calling: str = "ECHOSCU"
                           timeout=60)
 
 
+#: storescu's option to propose a compressed transfer syntax (it proposes uncompressed
+#: ones only by default and cannot transcode to them from JPEG 2000, JPEG-LS or RLE).
+STORESCU_PROPOSE = {
+    "1.2.840.10008.1.2.4.50": "-xy", "1.2.840.10008.1.2.4.51": "-xx",
+    "1.2.840.10008.1.2.4.57": "-xs", "1.2.840.10008.1.2.4.70": "-xs",
+    "1.2.840.10008.1.2.4.80": "-xt", "1.2.840.10008.1.2.4.81": "-xu",
+    "1.2.840.10008.1.2.4.90": "-xv", "1.2.840.10008.1.2.4.91": "-xw",
+    "1.2.840.10008.1.2.5": "-xr", "1.2.840.10008.1.2.1.99": "-xd",
+}
+
+
 def storescu(port: int, files: Sequence[Path], called: str = "FRACTURED",
              calling: str = "STORESCU", extra: Sequence[str] = ()
              ) -> subprocess.CompletedProcess[str]:
-    """Send files with storescu; -d prints each response's status (see c_store_statuses)."""
-    return subprocess.run([need("storescu"), "-d", "-aec", called, "-aet", calling, *extra,
-                           "127.0.0.1", str(port), *map(str, files)],
-                          capture_output=True, text=True, env=PEER_ENV, timeout=300)
+    """Send files as stored, one storescu run per transfer syntax; outputs concatenated.
+
+    -d makes storescu print each response's status (see c_store_statuses).
+    """
+    groups: dict[str, list[Path]] = {}
+    for path in files:
+        syntax = str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+        groups.setdefault(STORESCU_PROPOSE.get(syntax, ""), []).append(path)
+    runs = [subprocess.run([need("storescu"), "-d", *([option] if option else []), "-aec",
+                            called, "-aet", calling, *extra, "127.0.0.1", str(port),
+                            *map(str, group)],
+                           capture_output=True, text=True, env=PEER_ENV, timeout=300)
+            for option, group in groups.items()]
+    return subprocess.CompletedProcess(
+        [r.args for r in runs], max(r.returncode for r in runs),
+        "".join(r.stdout for r in runs), "".join(r.stderr for r in runs))
 
 
 def dciodvfy(path: Path) -> tuple[list[str], list[str]]:

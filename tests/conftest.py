@@ -1,0 +1,19 @@
+"""Fixtures shared by the test modules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fractured.training.build import build_untrained_bundle
+
+
+@pytest.fixture(scope="session")
+def untrained_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight engine bundle at 128 px (built once: ~1 s), for pipeline tests.
+
+    Tests must not modify it; copy it to tamper with it.
+    """
+    return build_untrained_bundle(
+        tmp_path_factory.mktemp("engines") / "fractured-untrained-0.0.0", input_size=128)

@@ -17,8 +17,8 @@ from pydicom.sr.codedict import codes as dicom_codes
 
 from fractured.engine.findings import Finding, ModelInfo
 from fractured.results import codes
+from fractured.results.header import study_header
 
-PROBABILITY_DECIMALS = 4
 
 def make_sr(
     findings: Sequence[Finding],
@@ -50,7 +50,8 @@ def make_sr(
         raise ValueError(f"findings about images that are not among the sources: {missing}")
     models = {f.model for f in findings}
     if len(models) != 1:
-        raise ValueError(f"findings from several models in one SR: {sorted(m.label for m in models)}")
+        labels = sorted(m.label for m in models)
+        raise ValueError(f"findings from several models in one SR: {labels}")
     model = findings[0].model
 
     observer = hd.sr.ObserverContext(
@@ -72,7 +73,8 @@ def make_sr(
         title=codes.REPORT_TITLE,
     )
     return hd.sr.Comprehensive3DSR(
-        evidence=sources,
+        # highdicom copies patient and study from the first piece of evidence.
+        evidence=[study_header(sources[0]), *sources[1:]],
         content=report[0],
         series_instance_uid=series_instance_uid,
         series_number=series_number,
@@ -103,9 +105,9 @@ def _measurement_group(
         measurements=[
             hd.sr.Measurement(
                 name=codes.FRACTURE_PROBABILITY,
-                # A calibrated probability means nothing past the fourth decimal, and
-                # highdicom accepts only Python numbers (the engine may hand numpy ones).
-                value=round(float(finding.probability), PROBABILITY_DECIMALS),
+                # Not rounded: a rounded value next to the threshold could contradict the
+                # Present/Absent decision. float(): highdicom takes only Python numbers.
+                value=float(finding.probability),
                 unit=codes.NO_UNITS,
             )
         ],
@@ -135,5 +137,5 @@ def _algorithm(model: ModelInfo, threshold: float) -> hd.sr.AlgorithmIdentificat
         name=model.name,
         version=model.version,
         manufacturer=codes.MANUFACTURER,
-        parameters=[f"operating threshold {float(threshold):.4f}"],
+        parameters=[f"operating threshold {float(threshold):.6g}"],
     )

@@ -1,90 +1,117 @@
-"""Small, valid projection X-ray DICOM files made on the fly (no patient is real)."""
+"""Test images: small valid X-ray DICOM made on the fly, and the real files beside the
+checkout (../shared/data/dicom, absent in a user's clone: tests using it skip, saying so).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
+import pydicom
+import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+SHARED_DICOM = Path(__file__).resolve().parents[2] / "shared" / "data" / "dicom"
 
 CR = "1.2.840.10008.5.1.4.1.1.1"
 DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
 
 
-def bone_phantom(rows: int, cols: int, seed: int = 0) -> np.ndarray:
-    """A soft-tissue background with a dense 'bone' bar: high values = more attenuation."""
+def real_file(name: str) -> Dataset:
+    """A real vendor file from ../shared/data/dicom, or a skip that says why."""
+    path = SHARED_DICOM / name
+    if not path.exists():
+        print(f"skipping: {path} is absent (../shared sits beside the development checkout)")
+        pytest.skip(f"{path} is absent")
+    return pydicom.dcmread(path)
+
+
+def phantom(rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Soft tissue with a dense vertical 'bone' band in the left third and a dense marker
+    in the top-left corner (high values = more attenuation), so a flip or an inverted
+    grey scale shows in whatever is made from it."""
     rng = np.random.default_rng(seed)
-    img = 800 + rng.normal(0, 20, (rows, cols))
-    img[rows // 4: 3 * rows // 4, cols // 2 - cols // 10: cols // 2 + cols // 10] = 3000
-    return np.clip(img, 0, 4095).astype(np.uint16)
+    pixels = rng.integers(300, 500, size=(rows, cols)).astype(np.uint16)
+    pixels[:, cols // 8: cols // 3] += 3000
+    pixels[: rows // 10, : cols // 10] = 4000
+    return pixels
 
 
 def xray(study_uid: str, *, patient_id: str = "TEST-0001", modality: str = "DX",
-         rows: int = 320, cols: int = 256, monochrome1: bool = False, seed: int = 0,
+         rows: int = 300, cols: int = 240, monochrome1: bool = False, seed: int = 0,
          series_uid: str | None = None, instance_number: int = 1) -> Dataset:
     """A DX (For Presentation) or CR image with the modules a PACS expects."""
     sop_class = DX_PRESENTATION if modality == "DX" else CR
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = sop_class
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    # Patient, General Study
     ds.PatientName = "Test^Phantom"
     ds.PatientID = patient_id
     ds.PatientBirthDate = "19700101"
     ds.PatientSex = "O"
     ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_uid or generate_uid()
     ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20261124"
-    ds.StudyTime = ds.SeriesTime = ds.ContentTime = "101500"
-    ds.AccessionNumber = "ACC0001"
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = "103000"
     ds.ReferringPhysicianName = ""
-    ds.StudyID = "1"
-    ds.Modality = modality
+    ds.StudyID = "S1"
+    ds.AccessionNumber = "ACC0001"
+    # General Series, General Equipment, General Image
+    ds.SeriesInstanceUID = series_uid or generate_uid()
     ds.SeriesNumber = 1
+    ds.Modality = modality
+    ds.Manufacturer = "Synthetic"
     ds.InstanceNumber = instance_number
-    ds.Manufacturer = "fractured-tests"
-    ds.BodyPartExamined = "HAND"
-    ds.PatientOrientation = ["L", "F"]
+    ds.PatientOrientation = ["P", "F"]
     ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.ImageLaterality = "R"
+    ds.BodyPartExamined = "LEG"
+    ds.AnatomicRegionSequence = [hd.sr.CodedConcept.from_code(codes.SCT.LowerLeg)]
+    ds.BurnedInAnnotation = "NO"
+    # Image Pixel
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME1" if monochrome1 else "MONOCHROME2"
     ds.Rows, ds.Columns = rows, cols
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
     ds.PixelRepresentation = 0
-    ds.WindowCenter, ds.WindowWidth = 2048, 4096
     ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "US"
-    pixels = bone_phantom(rows, cols, seed)
+    ds.WindowCenter, ds.WindowWidth = 2048, 4096
+    pixels = phantom(rows, cols, seed)
     if monochrome1:
         pixels = (4095 - pixels).astype(np.uint16)  # same anatomy, stored inverted
     ds.PixelData = pixels.tobytes()
-    if modality == "DX":
+    if modality == "DX":  # DX Series, DX Image, DX Detector, DX Anatomy Imaged
         ds.PresentationIntentType = "FOR PRESENTATION"
-        ds.ImagerPixelSpacing = [0.15, 0.15]
-        ds.DetectorType = "DIRECT"
-        ds.PixelIntensityRelationship = "LOG"
+        ds.PixelIntensityRelationship = "LIN"
         ds.PixelIntensityRelationshipSign = 1
-        ds.BurnedInAnnotation = "NO"
+        ds.PresentationLUTShape = "INVERSE" if monochrome1 else "IDENTITY"
         ds.LossyImageCompression = "00"
-        ds.AcquisitionDeviceProcessingDescription = ""
-        ds.ViewPosition = "AP"
-        ds.ImageLaterality = "L"
-        ds.PatientOrientation = ["L", "F"]
-        ds.KVP = ""
+        ds.DetectorType = "DIRECT"
+        ds.ImagerPixelSpacing = [0.15, 0.15]
+        ds.AcquisitionContextSequence = []
     return ds
+
+
+def dx_study(n: int, **kwargs: object) -> list[Dataset]:
+    """`n` images of one patient, study and series."""
+    study, series = generate_uid(), generate_uid()
+    return [xray(study, series_uid=series, instance_number=i + 1, seed=i, **kwargs)  # type: ignore[arg-type]
+            for i in range(n)]
 
 
 def write_study(folder: Path, n: int, **kwargs: object) -> list[Path]:
     """Write an n-image study (one series) and return the file paths."""
     folder.mkdir(parents=True, exist_ok=True)
-    study, series = generate_uid(), generate_uid()
     paths = []
-    for i in range(n):
-        ds = xray(study, series_uid=series, instance_number=i + 1, seed=i, **kwargs)  # type: ignore[arg-type]
-        path = folder / f"img{i + 1}.dcm"
+    for i, ds in enumerate(dx_study(n, **kwargs), start=1):
+        path = folder / f"img{i}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths

@@ -100,8 +100,9 @@ def storescu(port: int, files: Sequence[Path], called: str = "FRACTURED",
 
 def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
     """(errors, warnings) that dicom3tools' dciodvfy reports for a file."""
+    # errors="replace": dciodvfy echoes values in whatever bytes the file holds.
     proc = subprocess.run([need("dciodvfy"), str(path)], capture_output=True, text=True,
-                          timeout=120)
+                          errors="replace", timeout=120)
     lines = (proc.stdout + proc.stderr).splitlines()
     return ([ln for ln in lines if ln.startswith("Error")],
             [ln for ln in lines if ln.startswith("Warning")])

@@ -27,9 +27,9 @@ from fractured.engine.models import INPUT_SIZES, FractureClassifier
 from fractured.engine.pipeline import Pipeline, _heatmap
 from fractured.engine.preprocess import display_pixels, letterbox, to_model_input
 from fractured.training.build import BuildError, calibrate_batchnorm, check_parity
+from tests.factory import SHARED_DICOM
 
-# real vendor files sit beside the checkout (as in test_real_files.py)
-DICOM_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "dicom"
+DICOM_DIR = SHARED_DICOM
 DICOM_FILES = sorted(DICOM_DIR.rglob("*.dcm")) if DICOM_DIR.is_dir() else []
 NO_DICOM = pytest.mark.skipif(not DICOM_DIR.is_dir(), reason=f"{DICOM_DIR} is absent")
 EACH_DICOM_FILE = pytest.mark.parametrize(

@@ -10,11 +10,11 @@ import numpy as np
 import pydicom
 import pytest
 
+from tests.factory import SHARED_DICOM
 from tests.peers import NodeProcess, Storescp, c_store_statuses, storescu, wait_for
 
 pytestmark = [pytest.mark.peers, pytest.mark.slow]
 
-SHARED_DICOM = Path(__file__).resolve().parents[2] / "shared" / "data" / "dicom"
 WG04 = ["RG1_UNCR.dcm", "RG1_J2KR.dcm", "RG3_UNCR.dcm", "RG3_J2KR.dcm"]
 
 

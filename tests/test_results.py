@@ -3,16 +3,12 @@
 Each SR and Secondary Capture is written to a file, validated by dicom3tools' `dciodvfy`
 (zero errors; warnings are printed) and read back with pydicom and highdicom, then
 checked against the Findings it was made from. Sources are a synthetic DX study made
-here and real vendor files from $FRACTURED_TEST_DATA/dicom (default /work/shared/data;
-MONOCHROME1 among them), skipped with the reason when absent.
+here and real vendor files from ../shared/data/dicom (MONOCHROME1 among them),
+skipped with the reason when absent.
 """
 
 from __future__ import annotations
 
-import datetime
-import os
-import shutil
-import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,9 +17,8 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as dicom_codes
-from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian
 
 import fractured
 from fractured.engine.findings import Finding, ImageRef, ModelInfo
@@ -31,95 +26,18 @@ from fractured.engine.preprocess import display_pixels
 from fractured.results import codes
 from fractured.results.overlay import _probability_text, make_overlay
 from fractured.results.sr import make_sr
+from tests.factory import dx_study, real_file
+from tests.peers import dciodvfy
 
-REAL_DICOM = Path(os.environ.get("FRACTURED_TEST_DATA", "/work/shared/data")) / "dicom"
 MONOCHROME1_FILES = ["highdicom/dx_image.dcm", "derived_transcoded/RG3_RLE_derived.dcm"]
 TRAINED = ModelInfo("resnet18-fracture", "2.1.0", trained=True)
 UNTRAINED = ModelInfo("resnet18-fracture", "0.0.1", trained=False)
 THRESHOLD = 0.5
-LOWER_LEG = dicom_codes.SCT.LowerLeg
 # Around the threshold on purpose: 0.5 itself is a fracture (probability >= threshold).
 PROBABILITIES = [0.91234567, 0.1, 0.5, 0.49999]
 
 
 # -- sources ---------------------------------------------------------------------------
-
-
-def make_dx_study(n: int, rows: int = 300, columns: int = 240) -> list[Dataset]:
-    """`n` valid DX For Presentation images (MONOCHROME2, 16-bit) of one patient and study.
-
-    Each image has a bright vertical "bone" band in its left third and a bright marker in
-    its top-left corner, so a flip or a grey-scale inversion in the overlay shows.
-    """
-    study_uid, series_uid = hd.UID(), hd.UID()
-    now = datetime.datetime(2024, 5, 17, 10, 30)
-    images = []
-    for index in range(n):
-        rng = np.random.default_rng(index)
-        pixels = rng.integers(300, 500, size=(rows, columns)).astype(np.uint16)
-        pixels[:, columns // 8 : columns // 3] += 3000  # bone, bright in MONOCHROME2
-        pixels[: rows // 10, : columns // 10] = 4000  # marker
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
-        ds.SOPClassUID = DigitalXRayImageStorageForPresentation
-        ds.SOPInstanceUID = hd.UID()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.SpecificCharacterSet = "ISO_IR 100"
-        # Patient, General Study
-        ds.PatientName = "Test^Fracture"
-        ds.PatientID = "FRX-0001"
-        ds.PatientBirthDate = "19700101"
-        ds.PatientSex = "O"
-        ds.StudyInstanceUID = study_uid
-        ds.StudyDate = ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
-        ds.StudyTime = ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
-        ds.ReferringPhysicianName = ""
-        ds.StudyID = "S1"
-        ds.AccessionNumber = "ACC0001"
-        # General Series, DX Series, General Equipment
-        ds.SeriesInstanceUID = series_uid
-        ds.SeriesNumber = 1
-        ds.Modality = "DX"
-        ds.PresentationIntentType = "FOR PRESENTATION"
-        ds.Manufacturer = "Synthetic"
-        # General Image, DX Anatomy Imaged, DX Positioning
-        ds.InstanceNumber = index + 1
-        ds.PatientOrientation = ["P", "F"]
-        ds.ImageType = ["ORIGINAL", "PRIMARY"]
-        ds.ImageLaterality = "R"
-        ds.BodyPartExamined = "LEG"
-        ds.AnatomicRegionSequence = [hd.sr.CodedConcept.from_code(LOWER_LEG)]
-        ds.BurnedInAnnotation = "NO"
-        # Image Pixel, DX Image
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows, ds.Columns = rows, columns
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
-        ds.PixelRepresentation = 0
-        ds.PixelIntensityRelationship = "LIN"
-        ds.PixelIntensityRelationshipSign = 1
-        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "US"
-        ds.PresentationLUTShape = "IDENTITY"
-        ds.LossyImageCompression = "00"
-        ds.WindowCenter, ds.WindowWidth = 2048, 4096
-        ds.PixelData = pixels.tobytes()
-        # DX Detector, Acquisition Context
-        ds.DetectorType = "DIRECT"
-        ds.ImagerPixelSpacing = [0.15, 0.15]
-        ds.AcquisitionContextSequence = []
-        images.append(ds)
-    return images
-
-
-def real_file(name: str) -> Dataset:
-    """A real vendor file, or a skip that says why when the shared data is not here."""
-    path = REAL_DICOM / name
-    if not path.exists():
-        print(f"skipping: {path} is absent (shared test data not mounted)")
-        pytest.skip(f"{path} is absent (shared test data not mounted)")
-    return pydicom.dcmread(path)
 
 
 def finding_for(
@@ -143,17 +61,10 @@ def finding_for(
 
 def validate(dataset: Dataset, path: Path) -> Dataset:
     """Write `dataset`, assert dciodvfy finds no error, print its warnings, read it back."""
-    if shutil.which("dciodvfy") is None:
-        pytest.fail("dciodvfy (dicom3tools) is not on PATH: apt-get install dicom3tools")
     dataset.save_as(path, enforce_file_format=True)
-    # errors="replace": dciodvfy echoes values in whatever bytes the source had.
-    result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True,
-                            errors="replace", check=False)
-    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
-    errors = [line for line in lines if "Error" in line]
-    for line in lines:
-        if line.startswith("Warning"):
-            print(f"dciodvfy {path.name}: {line}")
+    errors, warnings = dciodvfy(path)
+    for line in warnings:
+        print(f"dciodvfy {path.name}: {line}")
     assert not errors, f"dciodvfy errors in {path.name}:\n" + "\n".join(errors)
     return pydicom.dcmread(path)
 
@@ -241,7 +152,7 @@ def check_sr(
 
 def test_synthetic_dx_source_is_valid(tmp_path: Path) -> None:
     """The test's own sources must be valid DX, or the checks below prove little."""
-    (source,) = make_dx_study(1)
+    (source,) = dx_study(1)
     back = validate(source, tmp_path / "dx.dcm")
     assert back.pixel_array.shape == (300, 240)
 
@@ -249,7 +160,7 @@ def test_synthetic_dx_source_is_valid(tmp_path: Path) -> None:
 @pytest.mark.parametrize("model", [UNTRAINED, TRAINED], ids=["untrained", "trained"])
 @pytest.mark.parametrize("n", [1, 2, 4])
 def test_sr_for_synthetic_study(tmp_path: Path, n: int, model: ModelInfo) -> None:
-    sources = make_dx_study(n)
+    sources = dx_study(n)
     findings = [finding_for(ds, p, model) for ds, p in zip(sources, PROBABILITIES, strict=False)]
     assert {f.fracture for f in findings} == ({True} if n == 1 else {True, False})
     device_uid = hd.UID()
@@ -272,8 +183,8 @@ def test_sr_for_real_file(tmp_path: Path, name: str, model: ModelInfo) -> None:
 
 
 def test_sr_refuses_what_it_cannot_report() -> None:
-    sources = make_dx_study(2)
-    other_study = make_dx_study(1)
+    sources = dx_study(2)
+    other_study = dx_study(1)
     kwargs = {"series_instance_uid": hd.UID(), "series_number": 901, "device_uid": hd.UID()}
     with pytest.raises(ValueError, match="at least one"):
         make_sr([], sources, **kwargs)
@@ -289,7 +200,7 @@ def test_sr_refuses_what_it_cannot_report() -> None:
 def test_results_for_source_with_missing_and_unparsable_patient_data(tmp_path: Path) -> None:
     """Real exports lack Type 2 attributes or hold hashes in dates (see shared/data/dicom):
     highdicom would raise on both; the results are made with those left empty."""
-    (source,) = make_dx_study(1)
+    (source,) = dx_study(1)
     del source.PatientBirthDate
     with pytest.warns(UserWarning, match="Invalid value for VR DA"):
         source.StudyDate = "d14a028c2a3a2bc9"  # a de-identification hash, as in 966_fixed
@@ -363,7 +274,7 @@ def check_banner(banner: np.ndarray, trained: bool) -> None:
 
 @pytest.mark.parametrize("model", [UNTRAINED, TRAINED], ids=["untrained", "trained"])
 def test_overlay_of_synthetic_image(tmp_path: Path, model: ModelInfo) -> None:
-    (source,) = make_dx_study(1)
+    (source,) = dx_study(1)
     finding = finding_for(source, 0.8, model)
     overlay = make_overlay(finding, source, series_instance_uid=hd.UID(), series_number=902,
                            instance_number=1)
@@ -407,7 +318,7 @@ def test_overlay_of_monochrome1_file_shows_bone_bright(tmp_path: Path, name: str
 
 
 def test_overlay_downscales_only(tmp_path: Path) -> None:
-    (source,) = make_dx_study(1, rows=600, columns=400)
+    (source,) = dx_study(1, rows=600, cols=400)
     finding = finding_for(source, 0.8, TRAINED)
     small = make_overlay(finding, source, series_instance_uid=hd.UID(), series_number=902,
                          instance_number=1, max_size=300)
@@ -422,7 +333,7 @@ def test_overlay_downscales_only(tmp_path: Path) -> None:
 
 def test_overlay_keeps_an_oblique_orientation(tmp_path: Path) -> None:
     """highdicom's enums know only single letters; the source's value is kept verbatim."""
-    (source,) = make_dx_study(1)
+    (source,) = dx_study(1)
     source.PatientOrientation = ["PL", "F"]
     overlay = make_overlay(finding_for(source, 0.8, TRAINED), source,
                            series_instance_uid=hd.UID(), series_number=902, instance_number=1)
@@ -430,7 +341,7 @@ def test_overlay_keeps_an_oblique_orientation(tmp_path: Path) -> None:
 
 
 def test_banner_never_shows_a_miss_as_equal_to_the_threshold() -> None:
-    (source,) = make_dx_study(1)
+    (source,) = dx_study(1)
     below = _probability_text(finding_for(source, 0.49999, TRAINED))
     assert below == "Fracture probability 0.49999 (threshold 0.50000)"
     at = _probability_text(finding_for(source, 0.5, TRAINED))
@@ -440,7 +351,7 @@ def test_banner_never_shows_a_miss_as_equal_to_the_threshold() -> None:
 
 
 def test_overlay_refuses_a_mismatched_finding() -> None:
-    first, second = make_dx_study(2)
+    first, second = dx_study(2)
     kwargs = {"series_instance_uid": hd.UID(), "series_number": 902, "instance_number": 1}
     with pytest.raises(ValueError, match="finding is about"):
         make_overlay(finding_for(first, 0.8, TRAINED), second, **kwargs)

@@ -93,8 +93,9 @@ class Worker:
         overlays = [
             make_overlay(finding, ds, series_instance_uid=overlay_series,
                          series_number=OVERLAY_SERIES_NUMBER, instance_number=i,
-                         max_size=self.settings.results.overlay_max_size)
-            for i, (finding, ds) in enumerate(zip(findings, datasets, strict=True), start=1)
+                         max_size=self.settings.results.overlay_max_size, display=pixels)
+            for i, (finding, (ds, pixels)) in enumerate(zip(findings, sources, strict=True),
+                                                        start=1)
         ]
         run_dir = (self.settings.node.spool_dir / "results" / claim.study_instance_uid
                    / str(claim.run))

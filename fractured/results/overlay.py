@@ -39,11 +39,14 @@ def make_overlay(
     series_number: int,
     instance_number: int,
     max_size: int = 1024,
+    display: np.ndarray | None = None,
 ) -> hd.sc.SCImage:
     """Build the RGB Secondary Capture for one finding, in the source's study and patient.
 
     The X-ray is downscaled (never enlarged) so its long side is at most `max_size`; the
     heatmap, which is on the source's pixel grid, is resampled to the same size.
+    `display` is the source's `display_pixels`, when the caller already has it (decoding
+    a large compressed radiograph twice costs more than the whole overlay).
 
     Raises ValueError when the finding is about another image or its heatmap does not
     match the source's rows x columns; DecodeError (from `display_pixels`) when the
@@ -54,7 +57,7 @@ def make_overlay(
             f"finding is about {finding.image.sop_instance_uid}, "
             f"source is {source.SOPInstanceUID}"
         )
-    grey = display_pixels(source)
+    grey = display_pixels(source) if display is None else display
     if finding.heatmap.shape != grey.shape:
         raise ValueError(
             f"heatmap shape {finding.heatmap.shape} is not the source's {grey.shape}"

@@ -143,3 +143,47 @@ def test_restart_after_ack_processes_and_delivers_once(
         assert len(node.events("delivery.sent")) == 4
     finally:
         node.stop()
+
+
+def test_undecodable_image_is_kept_out_of_the_analysis_with_the_reason(
+        node: NodeProcess, destination: Storescp, tmp_path: Path) -> None:
+    good, bad = factory.dx_study(2)
+    bad.PixelData = bad.PixelData[: len(bad.PixelData) // 2]  # truncated pixel data
+    files = []
+    for name, ds in (("good.dcm", good), ("bad.dcm", bad)):
+        ds.save_as(tmp_path / name, enforce_file_format=True)
+        files.append(tmp_path / name)
+    proc = storescu(node.port, files)
+    # Stored as received: judging pixel data is the analysis' job, not the listener's.
+    assert c_store_statuses(proc.stdout + proc.stderr) == [0, 0]
+    study = str(good.StudyInstanceUID)
+    wait_for("the study to be done", lambda: study_states(node).get(study) == "done", 60)
+    (skipped,) = node.events("image.skipped")
+    assert skipped["reason"] == "undecodable"
+    assert skipped["sop_instance_uid"] == str(bad.SOPInstanceUID)
+    assert "bad.dcm" not in skipped["error"] and str(bad.SOPInstanceUID) in skipped["error"]
+    received = [pydicom.dcmread(p) for p in destination.files()]
+    assert len(received) == 2  # the SR and the good image's overlay
+    (overlay,) = [ds for ds in received if ds.Modality != "SR"]
+    assert overlay.SourceImageSequence[0].ReferencedSOPInstanceUID == good.SOPInstanceUID
+
+
+def test_study_with_nothing_to_analyse_is_skipped_with_the_reason(
+        node: NodeProcess, destination: Storescp, tmp_path: Path) -> None:
+    (ds,) = factory.dx_study(1)
+    del ds.PixelData
+    ds.save_as(tmp_path / "nopixels.dcm", enforce_file_format=True)
+    proc = storescu(node.port, [tmp_path / "nopixels.dcm"])
+    assert c_store_statuses(proc.stdout + proc.stderr) == [0], proc.stderr[-2000:]
+    study = str(ds.StudyInstanceUID)
+    wait_for("the study to be skipped",
+             lambda: study_states(node).get(study) == "skipped", 60)
+    (row,) = node.status()["study_list"]
+    assert "no image" in row["reason"]
+    assert "no pixel data" in node.events("image.skipped")[0]["error"]
+    assert destination.files() == []
+
+
+def test_sigterm_stops_the_node_cleanly(node: NodeProcess) -> None:
+    assert node.stop(signal.SIGTERM) == 0
+    assert node.events("node.stopped")

@@ -1,0 +1,63 @@
+"""The `fractured` command line: errors name the problem, builds say they are untrained."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from fractured.cli import main
+from fractured.engine.bundle import Bundle
+
+
+def config_with_bundle(tmp_path: Path, bundle: Path) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(f'[node]\nport = 11199\nspool_dir = "spool"\n'
+                    f'[database]\nurl = "sqlite:///q.db"\n[engine]\nbundle = "{bundle}"\n')
+    return path
+
+
+def test_build_engine_untrained_writes_a_bundle_marked_untrained(tmp_path: Path) -> None:
+    out = tmp_path / "engines" / "x"
+    result = CliRunner().invoke(main, ["build-engine", "--untrained", "--out", str(out),
+                                       "--input-size", "96", "--version", "0.0.1"])
+    assert result.exit_code == 0, result.output
+    assert "UNTRAINED" in result.output
+    bundle = Bundle.load(out)
+    assert bundle.manifest.trained is False and bundle.manifest.input_size == 96
+    assert json.loads((out / "manifest.json").read_text())["version"] == "0.0.1"
+
+    again = CliRunner().invoke(main, ["build-engine", "--untrained", "--out", str(out)])
+    assert again.exit_code == 1 and str(out) in again.output  # a bundle is immutable
+
+
+def test_build_engine_requires_untrained_in_this_version(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["build-engine", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "--untrained" in result.output
+
+
+def test_serve_refuses_a_missing_bundle_naming_it(tmp_path: Path) -> None:
+    config = config_with_bundle(tmp_path, tmp_path / "no-such-bundle")
+    result = CliRunner().invoke(main, ["serve", "--config", str(config)])
+    assert result.exit_code == 1
+    assert "cannot load engine bundle" in result.output
+    assert "no-such-bundle" in result.output
+
+
+def test_serve_refuses_a_tampered_bundle(tmp_path: Path, untrained_bundle: Path) -> None:
+    bundle = Path(shutil.copytree(untrained_bundle, tmp_path / "bundle"))
+    with open(bundle / "classifier.onnx", "ab") as fh:
+        fh.write(b"\0")
+    result = CliRunner().invoke(main, ["serve", "--config",
+                                       str(config_with_bundle(tmp_path, bundle))])
+    assert result.exit_code == 1
+    assert "classifier.onnx" in result.output and "sha256" in result.output
+
+
+def test_status_on_an_empty_node(tmp_path: Path, untrained_bundle: Path) -> None:
+    config = config_with_bundle(tmp_path, untrained_bundle)
+    result = CliRunner().invoke(main, ["status", "--config", str(config), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output) == {"studies": {}, "deliveries": {}, "study_list": []}

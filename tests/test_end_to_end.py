@@ -55,7 +55,6 @@ def test_orthanc_routes_a_study_and_gets_sr_and_overlays_back(
         return series if counts == [("DX", 2), ("OT", 2), ("SR", 1)] else None
 
     series = wait_for("the SR and overlay series in Orthanc", result_series, 90, 0.5)
-    print(node.log_text()[-3000:])
     assert len(orthanc.get("/patients")) == 1, "results must land on the same patient"
     assert len(orthanc.get("/studies")) == 1, "results must land in the same study"
     by_desc = {s["MainDicomTags"].get("SeriesDescription", ""): s for s in series}
@@ -79,6 +78,11 @@ def test_orthanc_routes_a_study_and_gets_sr_and_overlays_back(
                          if e.name == codes.FRACTURE]
         assert evaluation.value in (codes.PRESENT, codes.ABSENT)
     assert referenced == source_uids, "one finding per source image, naming it exactly"
+    (processed,) = node.events("study.processed")
+    present = [g for g in groups for e in g.get_qualitative_evaluations()
+               if e.name == codes.FRACTURE and e.value == codes.PRESENT]
+    assert len(present) == processed["fractures"], "the SR says what the engine found"
+    assert "UNTRAINED" in sr_series["MainDicomTags"]["SeriesDescription"]
     for item in orthanc.get(f"/series/{overlay_series['ID']}/instances"):
         assert orthanc.get(f"/instances/{item['ID']}/preview")[:8] == b"\x89PNG\r\n\x1a\n"
     # Every object the PACS received is valid DICOM.

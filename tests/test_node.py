@@ -187,3 +187,15 @@ def test_study_with_nothing_to_analyse_is_skipped_with_the_reason(
 def test_sigterm_stops_the_node_cleanly(node: NodeProcess) -> None:
     assert node.stop(signal.SIGTERM) == 0
     assert node.events("node.stopped")
+
+
+def test_unwritable_spool_answers_a700_and_records_nothing(node: NodeProcess,
+                                                           tmp_path: Path) -> None:
+    incoming = node.folder / "spool" / "incoming"
+    incoming.write_bytes(b"")  # a file where the folder should be: every write fails
+    files = factory.write_study(tmp_path / "study", 1)
+    proc = storescu(node.port, files)
+    assert c_store_statuses(proc.stdout + proc.stderr) == [0xA700]
+    wait_for("the failure to be logged", lambda: node.events("store.failed"), 10)
+    assert node.events("store.failed")[0]["reason"] == "spool_unwritable"
+    assert node.status()["study_list"] == []

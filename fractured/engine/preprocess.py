@@ -57,21 +57,44 @@ def display_pixels(ds: Dataset, source: str = "") -> np.ndarray:
     if frame.ndim != 2:
         raise DecodeError(f"{where}: expected one greyscale frame, got shape {frame.shape}")
 
-    values = apply_modality_lut(frame, ds).astype(np.float64)
+    modality = apply_modality_lut(frame, ds)
+    if modality.dtype.kind == "f" and np.array_equal(modality, np.round(modality)):
+        modality = modality.astype(np.int64)  # a VOI LUT is indexed by integer values
+    values = modality.astype(np.float64)
+    padding = _padding_mask(frame, ds)
+    image = values[~padding] if padding.any() else values  # what the range is taken from
+    if image.size == 0:
+        raise DecodeError(f"{where}: every pixel is pixel padding")
     scaled = None
     if "VOILUTSequence" in ds or "WindowCenter" in ds:
-        windowed = apply_voi_lut(values, ds, index=0).astype(np.float64)
+        windowed = apply_voi_lut(modality, ds, index=0).astype(np.float64)
         scaled = _stretch(windowed, *_value_range(windowed, ds, windowed=True))
-        if _is_flat(scaled):
+        if _is_flat(scaled[~padding]):
             # A window that misses the data (seen in real files: a 16-bit DX whose
             # window covers 68-5380 while its pixels span 32744-65535) would give a
             # blank image; fall back to the data's own range, as viewers do.
             scaled = None
     if scaled is None:
-        scaled = _stretch(values, *_value_range(values, ds, windowed=False))
+        scaled = _stretch(values, *_value_range(image, ds, windowed=False))
     if photometric == "MONOCHROME1":
         scaled = 1.0 - scaled
+    scaled[padding] = 0.0  # padding is "no image": black whatever the photometric
     return scaled.astype(np.float32)
+
+
+def _padding_mask(frame: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Pixels marked as padding (PS3.3 C.7.5.1.1.2), e.g. outside the collimated field.
+
+    Pixel Padding Value, with Pixel Padding Range Limit when present, names stored
+    values (before the Modality LUT); they carry no anatomy, so they are left out of the
+    grey-scale range and shown black.
+    """
+    if "PixelPaddingValue" not in ds:
+        return np.zeros(frame.shape, dtype=bool)
+    first = int(ds.PixelPaddingValue)
+    limit = int(ds.get("PixelPaddingRangeLimit", first))
+    low, high = min(first, limit), max(first, limit)
+    return (frame >= low) & (frame <= high)
 
 
 def _stretch(values: np.ndarray, low: float, high: float) -> np.ndarray:

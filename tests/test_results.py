@@ -9,6 +9,10 @@ skipped with the reason when absent.
 
 from __future__ import annotations
 
+import json
+import re
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,16 +21,22 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from pydicom import config
+from pydicom.data import get_charset_files, get_testdata_file
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as dicom_codes
+from pydicom.tag import Tag
 
 import fractured
 from fractured.engine.findings import Finding, ImageRef, ModelInfo
 from fractured.engine.preprocess import display_pixels
 from fractured.results import codes
+from fractured.results.header import header_repairs
 from fractured.results.overlay import _probability_text, make_overlay
 from fractured.results.sr import make_sr
-from tests.factory import dx_study, real_file
+from tests.factory import SHARED_DICOM, dx_study, real_file
 from tests.peers import dciodvfy
 
 MONOCHROME1_FILES = ["highdicom/dx_image.dcm", "derived_transcoded/RG3_RLE_derived.dcm"]
@@ -213,6 +223,8 @@ def test_results_for_source_with_missing_and_unparsable_patient_data(tmp_path: P
         back = validate(result, tmp_path / name)
         assert back.PatientBirthDate == "" and back.StudyDate == ""
         assert back.PatientID == source.PatientID and back.StudyTime == source.StudyTime
+    # The absent Type 2 attribute is added empty (it changes no value): not a repair.
+    assert header_repairs(source) == [("StudyDate", "emptied: invalid for VR DA")]
     assert "PatientBirthDate" not in source and source.StudyDate == "d14a028c2a3a2bc9"
     assert "PixelData" in source
 
@@ -358,3 +370,241 @@ def test_overlay_refuses_a_mismatched_finding() -> None:
     wrong_grid = np.zeros((10, 10), np.float32)
     with pytest.raises(ValueError, match="heatmap shape"):
         make_overlay(finding_for(first, 0.8, TRAINED, heatmap=wrong_grid), first, **kwargs)
+
+
+# -- the header we copy: real sources break their VRs, our objects must not -------------
+
+REAL_FILES = [
+    "derived_transcoded/RG2_ImplicitVRLE_derived.dcm",
+    "derived_transcoded/RG3_RLE_derived.dcm",
+    "highdicom/dx_image.dcm",
+    "nhsx-nccid/NIH_CXR14_nih.dcm",
+    "pylibjpeg-data/966_fixed.dcm",
+    "pylibjpeg-data/JPEG2KLossless_1s_1f_u_16_16.dcm",
+    "pylibjpeg-data/RG2_JLSL.dcm",
+    "pylibjpeg-data/RG2_JPLL.dcm",
+]
+WG04_FILES = ["RG1_UNCR.dcm", "RG3_J2KR.dcm"]  # from pydicom-data
+# What the odd files must report, as (attribute, action up to its colon); others none.
+EXPECTED_REPAIRS = {
+    "nhsx-nccid/NIH_CXR14_nih.dcm": [("PatientAge", "removed")],  # "81"
+    # A 56-character hash as Accession Number, another in the birth date.
+    "pylibjpeg-data/966_fixed.dcm": [("AccessionNumber", "emptied"),
+                                     ("PatientBirthDate", "emptied")],
+    # Cyrillic (Windows-1251) bytes, no Specific Character Set.
+    "pylibjpeg-data/JPEG2KLossless_1s_1f_u_16_16.dcm": [
+        ("SpecificCharacterSet", "set to ISO_IR 100")],
+}
+# Patient and study attributes that both results copy: byte-identical unless repaired.
+COPIED = ["PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge",
+          "PatientSize", "PatientWeight", "StudyInstanceUID", "AccessionNumber", "StudyID",
+          "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyDescription"]
+LATIN_1_SET = "set to ISO_IR 100"
+
+
+def summary(repairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Repairs with each action cut at its colon (the reason after it is for people)."""
+    return [(name, action.split(":")[0]) for name, action in repairs]
+
+
+def real_source(name: str) -> tuple[Dataset, Path]:
+    """A real file and its path (../shared or pydicom-data), or a skip that says why."""
+    if name in WG04_FILES:
+        found = get_testdata_file(name, download=False)
+        if found is None:
+            print(f"skipping: {name} needs pydicom-data (pip install pydicom-data)")
+            pytest.skip(f"{name} is absent: pydicom-data is not installed")
+        return pydicom.dcmread(found), Path(found)
+    return real_file(name), SHARED_DICOM / name
+
+
+def raw_values(path: Path) -> dict[str, bytes]:
+    """The COPIED attributes' bytes as the file holds them, without padding."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    return {keyword: (ds.get_item(keyword).value or b"").rstrip(b" \x00")
+            for keyword in COPIED if keyword in ds}
+
+
+def results_for(source: Dataset, tmp_path: Path) -> list[Dataset]:
+    """SR and SC made from `source`, each validated by dciodvfy and read back."""
+    finding = finding_for(source, 0.7, TRAINED)
+    sr = make_sr([finding], [source], series_instance_uid=hd.UID(), series_number=901,
+                 device_uid=hd.UID())
+    overlay = make_overlay(finding, source, series_instance_uid=hd.UID(), series_number=902,
+                           instance_number=1)
+    return [validate(sr, tmp_path / "sr.dcm"), validate(overlay, tmp_path / "sc.dcm")]
+
+
+def put(ds: Dataset, keyword: str, value: object) -> None:
+    """Give `ds` a value as a received file may hold it: pydicom's check (which warns,
+    quoting the value) is skipped, as it is when pydicom reads a file."""
+    tag = Tag(keyword)
+    ds[tag] = DataElement(tag, dictionary_VR(tag), value, validation_mode=config.IGNORE)
+
+
+def test_every_shared_file_is_covered() -> None:
+    if not SHARED_DICOM.is_dir():
+        print(f"skipping: {SHARED_DICOM} is absent (it sits beside the development checkout)")
+        pytest.skip(f"{SHARED_DICOM} is absent")
+    found = {path.relative_to(SHARED_DICOM).as_posix() for path in SHARED_DICOM.rglob("*.dcm")}
+    assert found <= set(REAL_FILES), f"add to REAL_FILES: {sorted(found - set(REAL_FILES))}"
+
+
+@pytest.mark.parametrize("name", REAL_FILES + WG04_FILES)
+def test_results_for_real_files_are_valid_and_keep_valid_values(tmp_path: Path,
+                                                                name: str) -> None:
+    """Zero dciodvfy errors in our SR and SC for every real source; the odd sources'
+    repairs are reported and every other patient/study value is copied byte for byte
+    (the Cyrillic file's names included: declared Latin-1, their bytes are kept)."""
+    source, path = real_source(name)
+    repairs = header_repairs(source)
+    print(f"{name}: {repairs}")
+    assert summary(repairs) == EXPECTED_REPAIRS.get(name, [])
+    repaired = {attribute for attribute, _ in repairs}
+    declared = source.get("SpecificCharacterSet")
+    before = raw_values(path)
+    for back in results_for(source, tmp_path):
+        expected_charset = "ISO_IR 100" if "SpecificCharacterSet" in repaired else declared
+        assert back.get("SpecificCharacterSet") == expected_charset
+        after = raw_values(Path(back.filename))
+        for keyword in COPIED:
+            if keyword in repaired or keyword not in before:
+                assert after.get(keyword, b"") == b"", keyword
+            else:
+                assert after.get(keyword) == before[keyword], keyword
+
+
+@pytest.mark.parametrize(("keyword", "value", "action"), [
+    ("PatientAge", "81", "removed: invalid for VR AS"),
+    ("AccessionNumber", "d14a028c2a3a2bc9476102bb288234c4", "emptied: invalid for VR SH"),
+    ("StudyDate", "20230231", "emptied: invalid for VR DA"),  # highdicom would raise
+    ("PatientSex", "U", "emptied: not M, F or O"),  # valid CS, but highdicom would raise
+    ("PatientName", "A" * 65 + "^B", "emptied: invalid for VR PN"),
+    ("ImageLaterality", "r", "removed: invalid for VR CS"),  # the overlay copies it
+])
+def test_invalid_values_are_emptied_or_removed_and_reported(
+        tmp_path: Path, keyword: str, value: str, action: str) -> None:
+    (source,) = dx_study(1)
+    put(source, keyword, value)
+    assert header_repairs(source) == [(keyword, action)]
+    for back in results_for(source, tmp_path):
+        assert back.get(keyword, "") == ""
+        assert back.PatientID == source.PatientID
+        assert back.StudyInstanceUID == source.StudyInstanceUID
+        assert back.AccessionNumber == ("" if keyword == "AccessionNumber" else "ACC0001")
+    assert source[keyword].value == value  # the source itself is left as it was
+
+
+Charset = str | list[str] | None
+
+
+def charset_case(file_name: str) -> tuple[Charset, bytes, list[tuple[str, str]], Charset, bytes]:
+    """One of pydicom's character set files as a case: its character set and name are
+    carried as they are (as pydicom keeps them: it drops a trailing empty name group and
+    a trailing escape to ASCII when it reads, which changes no character)."""
+    ds = pydicom.dcmread(get_charset_files(file_name)[0])
+    raw = ds.get_item("PatientName").value
+    declared = ds.SpecificCharacterSet
+    declared = declared if isinstance(declared, str) else list(declared)
+    return declared, raw, [], declared, ds.PatientName.original_string
+
+
+@pytest.mark.filterwarnings("ignore:Unknown encoding 'ISO_IR100':UserWarning")
+@pytest.mark.parametrize(("declared", "name", "repairs", "written_charset", "written_name"), [
+    pytest.param(None, b"M\xfcller^J\xfcrgen", [("SpecificCharacterSet", LATIN_1_SET)],
+                 "ISO_IR 100", b"M\xfcller^J\xfcrgen", id="latin-1 bytes, none declared"),
+    pytest.param(None, b"M\x9aller^J\xfcrgen",
+                 [("PatientName", "replaced 1 byte with '?'"),
+                  ("SpecificCharacterSet", LATIN_1_SET)],
+                 "ISO_IR 100", b"M?ller^J\xfcrgen", id="byte 0x9A, none declared"),
+    pytest.param(None, b"M\x80ller^J\x9frgen", [("PatientName", "replaced 2 bytes with '?'")],
+                 None, b"M?ller^J?rgen", id="bytes 0x80-0x9F only: stays ASCII"),
+    pytest.param("ISO_IR100", b"M\xfcller^J\xfcrgen",
+                 [("SpecificCharacterSet", "removed"), ("SpecificCharacterSet", LATIN_1_SET)],
+                 "ISO_IR 100", b"M\xfcller^J\xfcrgen", id="misspelt character set"),
+    pytest.param("ISO_IR 100", b"M\x9aller^J\xfcrgen",
+                 [("PatientName", "replaced 1 byte with '?'")],
+                 "ISO_IR 100", b"M?ller^J\xfcrgen", id="declared Latin-1, byte 0x9A"),
+    *[pytest.param(*charset_case(file_name), id=file_name)
+      for file_name in ("chrH31.dcm", "chrX1.dcm", "chrKoreanMulti.dcm")],
+])
+def test_character_sets(tmp_path: Path, declared: Charset, name: bytes,
+                        repairs: list[tuple[str, str]], written_charset: Charset,
+                        written_name: bytes) -> None:
+    """A declared character set is carried (highdicom's own copy raises on the Japanese
+    and Korean ones); bytes with none declared are kept and declared Latin-1 where they
+    are valid there, made "?" where not, and the results hold exactly those bytes."""
+    (source,) = dx_study(1)
+    if declared is None:
+        del source.SpecificCharacterSet
+    else:
+        source.SpecificCharacterSet = declared
+    source.PatientName = name
+    source.save_as(tmp_path / "source.dcm", enforce_file_format=True)
+    source = pydicom.dcmread(tmp_path / "source.dcm")  # decoded as a received file is
+    assert summary(header_repairs(source)) == repairs
+    for back in results_for(source, tmp_path):
+        assert back.get("SpecificCharacterSet") == written_charset
+        assert back.get_item("PatientName").value.rstrip(b" ") == written_name
+    assert source.get("SpecificCharacterSet") == declared
+
+
+# The node logs Python warnings (logging.captureWarnings). Run in a fresh interpreter as
+# the node runs: pytest resets warning filters that modules set while it collects tests.
+LOG_SCRIPT = """
+import json, sys
+import numpy as np, pydicom
+from highdicom.valuerep import check_person_name
+from pydicom import config
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement
+from pydicom.tag import Tag
+from fractured import log
+from fractured.engine.findings import Finding, ImageRef, ModelInfo
+from fractured.results.overlay import make_overlay
+from fractured.results.sr import make_sr
+from tests.factory import dx_study
+
+log.configure("info", "json")
+(synthetic,) = dx_study(1)
+for keyword, value in (("PatientName", "Zebedee0042"), ("ReferringPhysicianName", "Quentin0043"),
+                       ("PatientAge", "eighty-one"), ("AccessionNumber", "ACC-0044-0044-0044")):
+    tag = Tag(keyword)
+    synthetic[tag] = DataElement(tag, dictionary_VR(tag), value, validation_mode=config.IGNORE)
+values = []
+for source in [synthetic] + [pydicom.dcmread(path) for path in sys.argv[1:]]:
+    image = ImageRef(str(source.StudyInstanceUID), str(source.SeriesInstanceUID),
+                     str(source.SOPInstanceUID), str(source.SOPClassUID))
+    finding = Finding(image, np.float32(0.7), 0.5,
+                      np.zeros((source.Rows, source.Columns), np.float32),
+                      ModelInfo("m", "1", trained=True))
+    make_sr([finding], [source], series_instance_uid="1.2.3", series_number=901,
+            device_uid="1.2.4")
+    make_overlay(finding, source, series_instance_uid="1.2.5", series_number=902,
+                 instance_number=1)
+    values += [str(source.get(keyword) or "") for keyword in
+               ("PatientName", "PatientID", "ReferringPhysicianName", "AccessionNumber",
+                "PatientAge")]
+check_person_name("Controlname0045")  # a warning not from highdicom: must be logged
+print(json.dumps(values))
+"""
+
+
+def test_no_log_line_carries_a_patient_value() -> None:
+    """highdicom quotes single-component names in a warning: the node's log must not
+    (synthetic values, and the odd real files' where present)."""
+    paths = [str(SHARED_DICOM / name) for name in EXPECTED_REPAIRS
+             if (SHARED_DICOM / name).exists()]
+    if not paths:
+        print(f"{SHARED_DICOM} absent: checking the synthetic source only")
+    proc = subprocess.run([sys.executable, "-c", LOG_SCRIPT, *paths], capture_output=True,
+                          text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    log_text = proc.stderr
+    print(log_text)
+    assert proc.returncode == 0
+    assert "Controlname0045" in log_text, "warnings do not reach the log: the check is void"
+    parts = {part for value in json.loads(proc.stdout) for part in re.split(r"[\^=]", value)
+             if len(part) >= 5}
+    leaked = [part for part in parts
+              if part in log_text or json.dumps(part)[1:-1] in log_text]
+    assert not leaked, f"patient values in the log: {leaked}"

@@ -19,7 +19,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from fractured.engine.findings import Finding
 from fractured.engine.preprocess import display_pixels
 from fractured.results import codes
-from fractured.results.header import study_header
+from fractured.results.header import carry_character_set, study_header
 
 MAX_HEAT_ALPHA = 0.6
 """Opacity of the colour map where heat is 1; opacity is proportional to heat."""
@@ -91,22 +91,25 @@ def make_overlay(
         series_description=codes.series_description("AI fracture overlay", model),
         manufacturer_model_name=codes.MANUFACTURER_MODEL_NAME,
         software_versions=codes.SOFTWARE_VERSION,
+        specific_character_set=None,  # see carry_character_set
     )
+    carry_character_set(overlay, header)
     # from_ref_dataset copies nine patient/study attributes; the whole Patient and Study
     # modules (Issuer of Patient ID, Other Patient IDs, Study Description...) are what the
     # PACS and its viewer use to file and show the overlay with its study.
     overlay.copy_patient_and_study_information(header)
     # The overlay has the source's row and column directions, so its orientation is the
-    # source's, verbatim (empty where the source has none: Type 2 allows it).
-    overlay.PatientOrientation = source.get("PatientOrientation") or ""
-    if source.get("AnatomicalOrientationType"):
-        overlay.AnatomicalOrientationType = source.AnatomicalOrientationType
+    # source's, verbatim (empty where the source has none or an invalid one: Type 2
+    # allows it). Taken from the header, like everything else copied from the source.
+    overlay.PatientOrientation = header.get("PatientOrientation") or ""
+    if header.get("AnatomicalOrientationType"):
+        overlay.AnatomicalOrientationType = header.AnatomicalOrientationType
     # Which side, as the source says it: General Series Laterality is Type 2C (empty
     # when unknown) and must be absent when the image carries Image Laterality.
-    if source.get("ImageLaterality"):
-        overlay.ImageLaterality = source.ImageLaterality
+    if header.get("ImageLaterality"):
+        overlay.ImageLaterality = header.ImageLaterality
     else:
-        overlay.Laterality = source.get("Laterality") or ""
+        overlay.Laterality = header.get("Laterality") or ""
     overlay.SourceImageSequence = [_source_reference(source)]
     overlay.DerivationDescription = (
         f"{codes.DISCLAIMER}. Windowed source resampled by {scale:.3f}, fracture class "

@@ -17,7 +17,7 @@ from pydicom.sr.codedict import codes as dicom_codes
 
 from fractured.engine.findings import Finding, ModelInfo
 from fractured.results import codes
-from fractured.results.header import study_header
+from fractured.results.header import carry_character_set, study_header
 
 
 def make_sr(
@@ -72,9 +72,10 @@ def make_sr(
         imaging_measurements=groups,
         title=codes.REPORT_TITLE,
     )
-    return hd.sr.Comprehensive3DSR(
+    header = study_header(sources[0])
+    sr = hd.sr.Comprehensive3DSR(
         # highdicom copies patient and study from the first piece of evidence.
-        evidence=[study_header(sources[0]), *sources[1:]],
+        evidence=[header, *sources[1:]],
         content=report[0],
         series_instance_uid=series_instance_uid,
         series_number=series_number,
@@ -89,7 +90,10 @@ def make_sr(
         is_complete=True,
         coding_schemes=[codes.coding_scheme()],
         contributing_equipment=[codes.model_equipment(model)],
+        specific_character_set=None,  # see carry_character_set
     )
+    carry_character_set(sr, header)
+    return sr
 
 
 def _measurement_group(

@@ -11,7 +11,14 @@ import pydicom
 import pytest
 
 from tests.factory import SHARED_DICOM
-from tests.peers import NodeProcess, Storescp, c_store_statuses, storescu, wait_for
+from tests.peers import (
+    NodeProcess,
+    Storescp,
+    c_store_statuses,
+    dciodvfy,
+    storescu,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.peers, pytest.mark.slow]
 
@@ -55,6 +62,19 @@ def test_real_files_are_received_analysed_and_shown_bone_bright(
             return len(rows) == len(studies) and all(r["state"] == "done" for r in rows)
 
         wait_for("every real study to be done", all_done, 240, 1.0)
+        log = node.log_text()
+        for path in files:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            for value in (str(ds.get("PatientName", "")), str(ds.get("PatientID", ""))):
+                assert len(value) < 3 or value not in log, "patient data in the node's log"
+        repaired = {e["sop_instance_uid"]: e["attributes"] for e in node.events("source.repaired")}
+        nih = str(pydicom.dcmread(SHARED_DICOM / "nhsx-nccid" / "NIH_CXR14_nih.dcm",
+                                  stop_before_pixels=True).SOPInstanceUID)
+        if nih in sources:
+            assert "PatientAge" in repaired[nih]
+        for path in destination.files():
+            errors, _ = dciodvfy(path)
+            assert errors == [], f"{path.name}: {errors}"
         overlays = [pydicom.dcmread(p) for p in destination.files()
                     if pydicom.dcmread(p, stop_before_pixels=True).Modality != "SR"]
         assert len(overlays) == len(files)

@@ -24,6 +24,7 @@ from fractured.daemon.spool import write_durably
 from fractured.engine.findings import ImageRef
 from fractured.engine.pipeline import Pipeline
 from fractured.engine.preprocess import DecodeError, display_pixels, read_dataset
+from fractured.results.header import header_repairs
 from fractured.results.overlay import make_overlay
 from fractured.results.sr import make_sr
 
@@ -79,6 +80,12 @@ class Worker:
             except DecodeError as exc:
                 _log.warning("image.skipped", reason="undecodable", error=str(exc),
                              sop_instance_uid=sop_uid, **log_ctx)
+                continue
+            if repairs := header_repairs(ds):
+                # Attribute names and actions only: the values may be patient data.
+                _log.info("source.repaired", sop_instance_uid=sop_uid,
+                          attributes=[name for name, _ in repairs],
+                          actions=[action for _, action in repairs], **log_ctx)
         if not sources:
             state = self.queue.finish(claim, self.id, [], [],
                                       skipped="no image of an analysed modality could be read")

@@ -30,6 +30,7 @@ class NodeSettings:
     port: int = 11112
     spool_dir: Path = Path("var/spool")
     network_timeout_s: float = 60.0
+    shutdown_grace_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -228,6 +229,7 @@ def _check(s: Settings) -> None:
         "[results].overlay_max_size": s.results.overlay_max_size,
         "[delivery].max_attempts": s.delivery.max_attempts,
         "[node].network_timeout_s": s.node.network_timeout_s,
+        "[node].shutdown_grace_s": s.node.shutdown_grace_s,
     }
     for where, value in positive.items():
         if value <= 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -16,6 +17,9 @@ from fractured.daemon.spool import ensure_dir
 from fractured.daemon.worker import Worker
 from fractured.engine.bundle import Bundle
 from fractured.engine.pipeline import Pipeline
+
+#: How often the main thread wakes to notice a stop signal, in seconds.
+SIGNAL_POLL_S = 0.5
 
 _log = log.get("fractured.service")
 
@@ -56,10 +60,24 @@ class Node:
                          detail="results are marked UNTRAINED MODEL and mean nothing")
 
     def stop(self) -> None:
-        """Close the listener first (no new objects), then let running jobs finish."""
+        """Close the listener (no new associations), let established associations finish
+        within the grace period and abort the rest, then let running jobs finish.
+
+        An association that never got past its request (a port probe, a half-open
+        connection) would otherwise keep the process alive for the network timeout.
+        """
         self._stop.set()
         if self._server is not None:
             self._server.shutdown()
+        deadline = time.monotonic() + self.settings.node.shutdown_grace_s
+        while time.monotonic() < deadline and any(
+                a.is_established for a in self.ae.active_associations):
+            time.sleep(0.1)
+        for assoc in self.ae.active_associations:
+            _log.warning("association.aborted", reason="shutdown",
+                         calling_ae=assoc.requestor.ae_title,
+                         established=assoc.is_established)
+            assoc.abort()
         self.scheduler.shutdown(wait=True)
         self.queue.engine.dispose()
         _log.info("node.stopped")
@@ -68,5 +86,9 @@ class Node:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stop.set())
         self.start()
-        self._stop.wait()
+        # Poll rather than wait for good: a process signal may be delivered to any thread
+        # (ONNX Runtime's, pynetdicom's), and the main thread only runs the Python handler
+        # once it wakes up.
+        while not self._stop.wait(SIGNAL_POLL_S):
+            pass
         self.stop()

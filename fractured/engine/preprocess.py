@@ -175,6 +175,18 @@ class Letterbox:
         return ((x - self.pad_left) * self.src_cols / self.content_cols,
                 (y - self.pad_top) * self.src_rows / self.content_rows)
 
+    def box_to_source(self, x0: float, y0: float, x1: float,
+                      y1: float) -> tuple[float, float, float, float]:
+        """A model-input box (x0, y0, x1, y1) in source pixel coordinates, clipped to the image.
+
+        A detector may put part of a box on the letterbox padding; clipping keeps every
+        box that reaches a result on pixels the source image actually has.
+        """
+        left, top = self.point_to_source(x0, y0)
+        right, bottom = self.point_to_source(x1, y1)
+        return (_clip(left, self.src_cols), _clip(top, self.src_rows),
+                _clip(right, self.src_cols), _clip(bottom, self.src_rows))
+
     def heatmap_to_source(self, heatmap: np.ndarray) -> np.ndarray:
         """Resample a map over the whole model input (any resolution) to the source grid.
 
@@ -233,6 +245,10 @@ def to_model_input(images: Sequence[np.ndarray], mean: Sequence[float],
     batch -= np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1)
     batch /= np.asarray(std, dtype=np.float32).reshape(1, 3, 1, 1)
     return batch
+
+
+def _clip(value: float, high: int) -> float:
+    return min(max(float(value), 0.0), float(high))
 
 
 def _scaled_length(length: int, scale: float, size: int) -> int:

@@ -1,4 +1,4 @@
-"""The one interface every inference backend offers the pipeline."""
+"""The interfaces every inference backend offers the pipeline: classifier and detector."""
 
 from __future__ import annotations
 
@@ -18,3 +18,18 @@ class ClassifierBackend(Protocol):
     name: str
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class DetectorBackend(Protocol):
+    """Runs the exported fracture-box detector on the same normalised batch.
+
+    `run` takes a float32 (B, 3, size, size) batch and returns `(boxes, scores, labels)`:
+    float32 (B, K, 4) boxes (x0, y0, x1, y1) in model-input pixels, float32 (B, K) scores
+    (best first) and int64 (B, K) labels, K being the detections per image fixed at
+    export. Empty slots hold score 0 and label 0 (background); label i >= 1 is the
+    bundle's i-th label.
+    """
+
+    name: str
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...

@@ -10,6 +10,9 @@ import click
 
 from fractured import __version__, config, log
 
+# Mirrors fractured.engine.models.DETECTOR_BACKBONES without importing torch for --help.
+DETECTOR_BACKBONES = ("mobilenet_v3_large_fpn", "resnet50_fpn_v2")
+
 CONFIG_ENV = "FRACTURED_CONFIG"
 
 
@@ -82,18 +85,91 @@ def status(config_path: Path | None, as_json: bool) -> None:
               show_default=True, help="EfficientNet variant.")
 @click.option("--input-size", type=click.IntRange(64, 1024), default=None,
               help="Model input size in pixels [default: the variant's native size].")
+@click.option("--detector", type=click.Choice(["none", *DETECTOR_BACKBONES]), default="none",
+              show_default=True, help="Faster R-CNN backbone of a fracture-box detector.")
+@click.option("--detector-input-size", type=click.IntRange(64, 2048), default=512,
+              show_default=True)
 @click.option("--name", default="fractured-untrained", show_default=True)
 @click.option("--version", "bundle_version", default="0.0.0", show_default=True)
 def build_engine(untrained: bool, out_dir: Path, variant: str, input_size: int | None,
-                 name: str,
+                 detector: str, detector_input_size: int, name: str,
                  bundle_version: str) -> None:
-    """Export a classifier to an engine bundle (manifest.json + classifier.onnx)."""
+    """Export the classifier (and a detector) to an engine bundle: manifest.json, ONNX
+    graphs and their torch weights."""
     from fractured.engine.bundle import BundleError
     from fractured.training.build import BuildError, build_untrained_bundle
 
     try:
         path = build_untrained_bundle(out_dir, name=name, version=bundle_version,
-                                      variant=variant, input_size=input_size)
+                                      variant=variant, input_size=input_size,
+                                      detector=None if detector == "none" else detector,
+                                      detector_input_size=detector_input_size)
     except (BundleError, BuildError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"built {path} (UNTRAINED: random weights, results mean nothing)")
+
+
+@main.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--bundle", "bundle_path", type=click.Path(path_type=Path, file_okay=False),
+              help="Engine bundle to run [default: the config's [engine].bundle].")
+@config_option
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "torch"]),
+              default="auto", show_default=True, help="Inference backend.")
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object per input file and line, instead of a table.")
+@click.option("--overlay", "overlay_dir", type=click.Path(path_type=Path, file_okay=False),
+              help="Write each readable file's overlay (heatmap, boxes, banner) here as "
+                   "<input stem>.png.")
+@click.option("--tta", is_flag=True,
+              help="Test-time augmentation: slower, and reports the probability's spread.")
+@click.pass_context
+def predict(ctx: click.Context, files: tuple[Path, ...], bundle_path: Path | None,
+            config_path: Path | None, backend: str, as_json: bool, overlay_dir: Path | None,
+            tta: bool) -> None:
+    """Run the engine on DICOM, PNG or JPEG FILES and print what it finds, in input order.
+
+    A file that cannot be read is reported in its place and the others still run; the
+    exit status is then 1.
+    """
+    from fractured.engine.bundle import Bundle, BundleError
+    from fractured.engine.pipeline import Pipeline
+    from fractured.predict import (
+        Prediction,
+        overlay_paths,
+        table_header,
+        table_row,
+        to_json,
+        write_overlay,
+    )
+    from fractured.predict import predict as run_predict
+
+    targets: dict[Path, Path] = {}
+    if overlay_dir is not None:
+        try:
+            targets = overlay_paths(files, overlay_dir)
+        except ValueError as exc:
+            raise click.UsageError(f"--overlay: {exc}") from None
+        overlay_dir.mkdir(parents=True, exist_ok=True)
+    if bundle_path is None:
+        bundle_path = _settings(config_path).engine.bundle
+    try:
+        pipeline = Pipeline(Bundle.load(bundle_path), backend=backend, tta=tta)
+    except (BundleError, FileNotFoundError) as exc:
+        raise click.ClickException(f"cannot load engine bundle: {exc}") from None
+    if not pipeline.model.trained:
+        click.echo("UNTRAINED MODEL: these results mean nothing", err=True)
+
+    file_width = max(len(str(path)) for path in files)
+    if not as_json:
+        click.echo(table_header(file_width))
+    failed = 0
+    for outcome in run_predict(files, pipeline):
+        if not isinstance(outcome, Prediction):
+            failed += 1
+        elif overlay_dir is not None:
+            write_overlay(outcome, targets[outcome.path])
+        click.echo(json.dumps(to_json(outcome)) if as_json else table_row(outcome, file_width))
+    if failed:
+        click.echo(f"{failed} of {len(files)} files could not be read", err=True)
+        ctx.exit(1)

@@ -49,7 +49,8 @@ class StudySettings:
 @dataclass(frozen=True)
 class EngineSettings:
     bundle: Path = Path("engines/default")
-    backend: Literal["auto", "onnxruntime"] = "auto"
+    backend: Literal["auto", "onnxruntime", "torch", "tensorrt"] = "auto"
+    tta: bool = False
     max_batch: int = 8
     threads: int = 0
 

@@ -17,3 +17,16 @@ def untrained_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """
     return build_untrained_bundle(
         tmp_path_factory.mktemp("engines") / "fractured-untrained-0.0.0", input_size=128)
+
+
+#: The detector in `untrained_bundle_with_detector`: small, to keep the suite fast.
+DETECTOR_SIZE = 256
+
+
+@pytest.fixture(scope="session")
+def untrained_bundle_with_detector(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight bundle with a MobileNetV3-FPN detector at 256 px (built once:
+    ~25 s, mostly the detector's ONNX export). Tests must not modify it."""
+    return build_untrained_bundle(
+        tmp_path_factory.mktemp("engines") / "fractured-untrained-det-0.0.0",
+        input_size=128, detector="mobilenet_v3_large_fpn", detector_input_size=DETECTOR_SIZE)

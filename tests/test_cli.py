@@ -26,7 +26,8 @@ def test_build_engine_untrained_writes_a_bundle_marked_untrained(tmp_path: Path)
     assert result.exit_code == 0, result.output
     assert "UNTRAINED" in result.output
     bundle = Bundle.load(out)
-    assert bundle.manifest.trained is False and bundle.manifest.input_size == 96
+    assert bundle.manifest.trained is False
+    assert bundle.manifest.classifier.input_size == 96 and bundle.manifest.detector is None
     assert json.loads((out / "manifest.json").read_text())["version"] == "0.0.1"
 
     again = CliRunner().invoke(main, ["build-engine", "--untrained", "--out", str(out)])
@@ -61,3 +62,10 @@ def test_status_on_an_empty_node(tmp_path: Path, untrained_bundle: Path) -> None
     result = CliRunner().invoke(main, ["status", "--config", str(config), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output) == {"studies": {}, "deliveries": {}, "study_list": []}
+
+
+def test_cli_lists_the_detector_backbones_the_models_have() -> None:
+    from fractured import cli
+    from fractured.engine.models import DETECTOR_BACKBONES
+
+    assert cli.DETECTOR_BACKBONES == DETECTOR_BACKBONES

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 
 from fractured.engine.backends.onnxruntime import OnnxRuntimeDetector
-from fractured.engine.bundle import CLASSIFIER_FILE, BundleError
+from fractured.engine.bundle import CLASSIFIER_FILE, DETECTOR_FILE, BundleError
 from fractured.engine.models import FractureDetector
 from fractured.engine.preprocess import letterbox, to_model_input
 from fractured.training.build import (
@@ -23,25 +23,20 @@ from fractured.training.build import (
     BuildError,
     build_untrained_detector,
     check_detector_parity,
-    export_untrained_detector,
     synthetic_images,
 )
+from tests.conftest import DETECTOR_SIZE
 
-SIZE = 256  # small enough to keep the export and runs quick, large enough for 3 FPN levels
+SIZE = DETECTOR_SIZE
 
 
 @pytest.fixture(scope="session")
-def exported_detector(tmp_path_factory: pytest.TempPathFactory,
-                      ) -> tuple[FractureDetector, Path]:
-    """An untrained MobileNetV3-FPN detector at 256 px and its parity-checked ONNX graph.
-
-    Exported once (~25 s on 2 cores); the torch module is built again from the same seed,
-    which is deterministic, so it is the model the graph came from. Tests must not
-    modify either.
-    """
-    path = export_untrained_detector(tmp_path_factory.mktemp("detector") / "detector.onnx",
-                                     input_size=SIZE, seed=0)
-    return build_untrained_detector(input_size=SIZE, seed=0), path
+def exported_detector(untrained_bundle_with_detector: Path) -> tuple[FractureDetector, Path]:
+    """The session bundle's untrained MobileNetV3-FPN detector and its parity-checked ONNX
+    graph; the torch module is built again from the same seed, which is deterministic,
+    so it is the model the graph came from. Tests must not modify either."""
+    return (build_untrained_detector(input_size=SIZE, seed=0),
+            untrained_bundle_with_detector / DETECTOR_FILE)
 
 
 def model_input(images: list[np.ndarray]) -> np.ndarray:

@@ -14,15 +14,16 @@ import pydicom
 import pytest
 import torch
 
-from fractured.engine.backends import open_classifier
+from fractured.engine.backends import open_engines
 from fractured.engine.bundle import (
     CLASSIFIER_FILE,
+    CLASSIFIER_WEIGHTS,
     MANIFEST_FILE,
     Bundle,
     BundleError,
     write_bundle,
 )
-from fractured.engine.findings import ImageRef
+from fractured.engine.findings import ImageRef, OperatingPoints
 from fractured.engine.models import INPUT_SIZES, FractureClassifier
 from fractured.engine.pipeline import Pipeline, _heatmap
 from fractured.engine.preprocess import display_pixels, letterbox, to_model_input
@@ -178,11 +179,13 @@ def test_untrained_bundle_loads(untrained_bundle: Path) -> None:
     bundle = Bundle.load(untrained_bundle)
     manifest = bundle.manifest
     assert manifest.trained is False
-    assert manifest.labels == ("fracture",)
-    assert manifest.input_size == 128
-    assert manifest.architecture == "efficientnet_b0+attention"
+    assert manifest.classifier.labels == ("fracture",)
+    assert manifest.classifier.input_size == 128
+    assert manifest.classifier.architecture == "efficientnet_b0+attention"
+    assert manifest.detector is None
     assert manifest.training["note"] == "random weights, never trained"
-    assert set(manifest.files) == {CLASSIFIER_FILE}
+    assert set(manifest.files) == {CLASSIFIER_FILE, CLASSIFIER_WEIGHTS}
+    assert manifest.backends == ("onnxruntime", "torch")
     assert bundle.file(CLASSIFIER_FILE).is_file()
     assert "UNTRAINED MODEL" in bundle.model_info.label
     assert manifest.to_dict() == json.loads((untrained_bundle / MANIFEST_FILE).read_text())
@@ -211,12 +214,20 @@ def test_missing_model_file_is_refused_naming_it(bundle_copy: Path) -> None:
 
 @pytest.mark.parametrize(("change", "key"), [
     (lambda m: m.update(colour="blue"), "colour"),
-    (lambda m: m.pop("threshold"), "threshold"),
-    (lambda m: m.update(input_size="224"), "input_size"),
+    (lambda m: m["classifier"].update(colour="blue"), "classifier.colour"),
+    (lambda m: m["classifier"].pop("operating_points"), "classifier.operating_points"),
+    (lambda m: m["classifier"].update(input_size="224"), "classifier.input_size"),
     (lambda m: m.update(trained="no"), "trained"),
     (lambda m: m.update(mean=[0.5, 0.5]), "mean"),
-    (lambda m: m.update(threshold=1.5), "threshold"),
-    (lambda m: m.update(schema_version=2), "schema_version"),
+    (lambda m: m["classifier"]["operating_points"].update(high_sensitivity=0.9),
+     "classifier.operating_points"),
+    (lambda m: m["classifier"]["operating_points"].update(high_specificity=1.5),
+     "classifier.operating_points"),
+    (lambda m: m["classifier"].update(temperature=0), "classifier.temperature"),
+    (lambda m: m.update(schema_version=1), "schema_version"),
+    (lambda m: m.update(backends=["onnxruntime", "tensorflow"]), "backends"),
+    (lambda m: m["files"].pop(CLASSIFIER_WEIGHTS), "files"),  # needed by "torch"
+    (lambda m: m.update(detector={"architecture": "x"}), "detector.backbone"),
     (lambda m: m["files"].update({"../escape.onnx": "0" * 64}), "files"),
 ])
 def test_bad_manifest_is_refused_naming_the_key_and_file(bundle_copy: Path,
@@ -231,6 +242,7 @@ def test_bad_manifest_is_refused_naming_the_key_and_file(bundle_copy: Path,
 def test_existing_bundle_is_never_overwritten(untrained_bundle: Path, tmp_path: Path) -> None:
     manifest = Bundle.load(untrained_bundle).manifest.to_dict()
     del manifest["files"]
+    manifest["backends"] = ["onnxruntime"]  # no torch weights in these bundles
     spare = tmp_path / "other.onnx"
     spare.write_bytes(b"not the same model")
     with pytest.raises(BundleError, match="already exists"):
@@ -244,8 +256,8 @@ def test_existing_bundle_is_never_overwritten(untrained_bundle: Path, tmp_path: 
 
 
 def test_unknown_backend_names_the_choices(untrained_bundle: Path) -> None:
-    with pytest.raises(ValueError, match="auto, onnxruntime"):
-        open_classifier(Bundle.load(untrained_bundle), "tensorflow")
+    with pytest.raises(ValueError, match="auto, onnxruntime, torch, tensorrt"):
+        open_engines(Bundle.load(untrained_bundle), "tensorflow")
 
 
 def test_parity_check_catches_a_graph_that_differs_from_the_model(
@@ -279,9 +291,10 @@ def test_pipeline_gives_one_finding_per_image_in_order(pipeline: Pipeline) -> No
         assert finding.heatmap.dtype == np.float32
         assert finding.heatmap.min() >= 0.0
         assert finding.heatmap.max() in (0.0, 1.0)
-        assert finding.threshold == 0.5
+        assert finding.operating_points == OperatingPoints(0.4, 0.6)
         assert finding.model == pipeline.model
-        assert finding.fracture == (finding.probability >= 0.5)
+        assert finding.fracture == (finding.probability >= 0.4)
+        assert finding.boxes == () and finding.spread is None
     # batching (2 + 1 here) does not change any result: each image alone gives the same
     for finding, image in zip(findings, images, strict=True):
         (alone,) = pipeline.run([image])
@@ -289,15 +302,19 @@ def test_pipeline_gives_one_finding_per_image_in_order(pipeline: Pipeline) -> No
         np.testing.assert_allclose(alone.heatmap, finding.heatmap, atol=1e-4)
 
 
-def test_pipeline_applies_the_manifest_temperature_and_threshold(pipeline: Pipeline,
+def test_pipeline_applies_the_manifest_temperature_and_points(pipeline: Pipeline,
                                                                  bundle_copy: Path) -> None:
     image = (ref(0), radiograph_like(200, 150, seed=3))
     (plain,) = pipeline.run([image])
-    edit_manifest(bundle_copy, lambda m: m.update(temperature=2.0, threshold=0.25))
+    def change(m: dict[str, Any]) -> None:
+        m["classifier"].update(temperature=2.0, operating_points={
+            "high_sensitivity": 0.25, "high_specificity": 0.75})
+
+    edit_manifest(bundle_copy, change)
     (scaled,) = Pipeline(Bundle.load(bundle_copy)).run([image])
     logit = math.log(plain.probability / (1 - plain.probability))
     assert scaled.probability == pytest.approx(1 / (1 + math.exp(-logit / 2)), abs=1e-6)
-    assert scaled.threshold == 0.25
+    assert scaled.operating_points == OperatingPoints(0.25, 0.75)
     np.testing.assert_array_equal(scaled.heatmap, plain.heatmap)
 
 

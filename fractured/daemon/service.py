@@ -35,7 +35,8 @@ class Node:
         bundle = Bundle.load(settings.engine.bundle)
         self.pipeline = Pipeline(bundle, backend=settings.engine.backend,
                                  max_batch=settings.engine.max_batch,
-                                 threads=settings.engine.threads or None)
+                                 threads=settings.engine.threads or None,
+                                 tta=settings.engine.tta)
         self.worker = Worker(settings, self.queue, self.pipeline)
         self._stop = threading.Event()
         self.scheduler = build_scheduler(settings, self.queue, self.worker, self._stop)

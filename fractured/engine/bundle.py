@@ -16,22 +16,49 @@ import shutil
 import tempfile
 import types
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, is_dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fractured.engine.findings import ModelInfo
+from fractured.engine.findings import ModelInfo, OperatingPoints
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST_FILE = "manifest.json"
 CLASSIFIER_FILE = "classifier.onnx"
-TASK_CLASSIFICATION = "fracture-classification"
+CLASSIFIER_WEIGHTS = "classifier.pt"  # state dict, for the torch backend
+DETECTOR_FILE = "detector.onnx"
+DETECTOR_WEIGHTS = "detector.pt"
 FRACTURE_LABEL = "fracture"
+BACKENDS = ("onnxruntime", "torch", "tensorrt")
 
 
 class BundleError(Exception):
     """A bundle that cannot be used; the message names the file and the key or reason."""
+
+
+@dataclass(frozen=True)
+class ClassifierSpec:
+    """The image-level classifier: what it is, what it outputs and how to read it."""
+
+    architecture: str
+    variant: str  # EfficientNet b0-b4
+    labels: tuple[str, ...]
+    input_size: int
+    temperature: float  # calibration: probability = sigmoid(logit / temperature)
+    operating_points: OperatingPoints  # on the calibrated fracture probability
+
+
+@dataclass(frozen=True)
+class DetectorSpec:
+    """The fracture-box detector; its operating points apply to box scores."""
+
+    architecture: str
+    backbone: str
+    labels: tuple[str, ...]
+    input_size: int
+    detections_per_image: int
+    operating_points: OperatingPoints
 
 
 @dataclass(frozen=True)
@@ -43,14 +70,10 @@ class Manifest:
     version: str
     created: str  # ISO 8601, UTC
     trained: bool
-    task: str
-    labels: tuple[str, ...]
-    input_size: int
-    mean: tuple[float, float, float]
+    mean: tuple[float, float, float]  # input normalisation, shared by both models
     std: tuple[float, float, float]
-    temperature: float  # calibration: probability = sigmoid(logit / temperature)
-    threshold: float  # operating point of the fracture decision
-    architecture: str
+    classifier: ClassifierSpec
+    detector: DetectorSpec | None
     files: Mapping[str, str]  # file name -> sha256 hex digest
     backends: tuple[str, ...]
     training: Mapping[str, Any]  # free-form summary: data, epochs, metrics
@@ -58,85 +81,178 @@ class Manifest:
     @classmethod
     def from_dict(cls, data: Any, source: str | Path = MANIFEST_FILE) -> Manifest:
         """Validate a parsed manifest; BundleError names `source` and the offending key."""
-        if not isinstance(data, dict):
-            raise BundleError(f"{source}: expected a JSON object, got {type(data).__name__}")
-        expected = [f.name for f in fields(cls)]
-        unknown = sorted(set(data) - set(expected))
-        if unknown:
-            raise BundleError(f"{source}: unknown key(s) {', '.join(map(repr, unknown))}")
-        missing = [key for key in expected if key not in data]
-        if missing:
-            raise BundleError(f"{source}: missing key(s) {', '.join(map(repr, missing))}")
-
-        def fail(key: str, why: str) -> BundleError:
-            return BundleError(f"{source}: key {key!r} {why} (got {data[key]!r})")
-
-        values: dict[str, Any] = {}
-        for key in ("name", "version", "created", "task", "architecture"):
-            if not isinstance(data[key], str) or not data[key]:
-                raise fail(key, "must be a non-empty string")
-            values[key] = data[key]
-        for key in ("schema_version", "input_size"):
-            if not _is_int(data[key]) or data[key] < 1:
-                raise fail(key, "must be a positive integer")
-            values[key] = data[key]
-        if not isinstance(data["trained"], bool):
-            raise fail("trained", "must be true or false")
-        values["trained"] = data["trained"]
-        for key in ("labels", "backends"):
-            items = data[key]
-            if not (isinstance(items, list) and items
-                    and all(isinstance(item, str) and item for item in items)):
-                raise fail(key, "must be a non-empty list of strings")
-            values[key] = tuple(items)
-        for key in ("mean", "std"):
-            items = data[key]
-            if not (isinstance(items, list) and len(items) == 3 and all(map(_is_number, items))):
-                raise fail(key, "must be a list of 3 numbers")
-            values[key] = tuple(float(item) for item in items)
-        for key in ("temperature", "threshold"):
-            if not _is_number(data[key]):
-                raise fail(key, "must be a number")
-            values[key] = float(data[key])
-        if not isinstance(data["training"], dict):
-            raise fail("training", "must be an object")
-        values["training"] = types.MappingProxyType(dict(data["training"]))
-        files = data["files"]
-        if not (isinstance(files, dict) and files
-                and all(_is_plain_name(name) and _is_sha256(digest)
-                        for name, digest in files.items())):
-            raise fail("files", "must map plain file names to sha256 hex digests")
-        values["files"] = types.MappingProxyType(dict(files))
-
-        if values["schema_version"] != SCHEMA_VERSION:
-            raise fail("schema_version", f"is not supported (this node reads {SCHEMA_VERSION})")
-        try:
-            datetime.fromisoformat(values["created"])
-        except ValueError:
-            raise fail("created", "must be an ISO 8601 date and time") from None
-        if values["task"] != TASK_CLASSIFICATION:
-            raise fail("task", f"must be {TASK_CLASSIFICATION!r}")
-        if FRACTURE_LABEL not in values["labels"]:
-            raise fail("labels", f"must include {FRACTURE_LABEL!r}")
-        if not (values["temperature"] > 0 and values["temperature"] < float("inf")):
-            raise fail("temperature", "must be a positive finite number")
-        if not 0.0 <= values["threshold"] <= 1.0:
-            raise fail("threshold", "must be a probability in [0, 1]")
-        if CLASSIFIER_FILE not in values["files"]:
-            raise fail("files", f"must include {CLASSIFIER_FILE!r}")
-        return cls(**values)
+        top = _Reader(data, str(source), "")
+        version = top.integer("schema_version")
+        if version != SCHEMA_VERSION:
+            raise top.fail("schema_version", f"is not supported (this node reads "
+                           f"{SCHEMA_VERSION}; rebuild the bundle with this version)")
+        detector = top.table_or_null("detector")
+        manifest = cls(
+            schema_version=version,
+            name=top.text("name"),
+            version=top.text("version"),
+            created=top.timestamp("created"),
+            trained=top.boolean("trained"),
+            mean=top.triple("mean"),
+            std=top.triple("std"),
+            classifier=_classifier(top.table("classifier")),
+            detector=_detector(detector) if detector is not None else None,
+            files=top.digests("files"),
+            backends=top.choices("backends", BACKENDS),
+            training=types.MappingProxyType(dict(top.table("training").data)),
+        )
+        top.done()
+        required = [CLASSIFIER_FILE] + ([DETECTOR_FILE] if manifest.detector else [])
+        for name in required:
+            if name not in manifest.files:
+                raise top.fail("files", f"must include {name!r}")
+        if "torch" in manifest.backends:
+            for name in [CLASSIFIER_WEIGHTS] + ([DETECTOR_WEIGHTS] if manifest.detector else []):
+                if name not in manifest.files:
+                    raise top.fail("files", f"must include {name!r} for the torch backend")
+        return manifest
 
     def to_dict(self) -> dict[str, Any]:
         """The manifest as plain JSON-ready data (lists and dicts), keys in field order."""
-        data: dict[str, Any] = {}
-        for field in fields(self):
-            value = getattr(self, field.name)
-            if isinstance(value, tuple):
-                value = list(value)
-            elif isinstance(value, Mapping):
-                value = dict(value)
-            data[field.name] = value
-        return data
+        return _plain(self)
+
+
+def _classifier(r: _Reader) -> ClassifierSpec:
+    spec = ClassifierSpec(
+        architecture=r.text("architecture"), variant=r.text("variant"),
+        labels=r.labels("labels"), input_size=r.integer("input_size"),
+        temperature=r.positive("temperature"), operating_points=r.points("operating_points"))
+    r.done()
+    return spec
+
+
+def _detector(r: _Reader) -> DetectorSpec:
+    spec = DetectorSpec(
+        architecture=r.text("architecture"), backbone=r.text("backbone"),
+        labels=r.labels("labels"), input_size=r.integer("input_size"),
+        detections_per_image=r.integer("detections_per_image"),
+        operating_points=r.points("operating_points"))
+    r.done()
+    return spec
+
+
+class _Reader:
+    """Reads one JSON object of the manifest, naming `prefix.key` in every error."""
+
+    def __init__(self, data: Any, source: str, prefix: str) -> None:
+        if not isinstance(data, dict):
+            raise BundleError(f"{source}: {prefix or 'the manifest'} must be a JSON object, "
+                              f"got {type(data).__name__}")
+        self.data, self.source, self.prefix = data, source, prefix
+        self._seen: set[str] = set()
+
+    def fail(self, key: str, why: str) -> BundleError:
+        got = f" (got {self.data[key]!r})" if key in self.data else ""
+        return BundleError(f"{self.source}: key '{self.prefix}{key}' {why}{got}")
+
+    def _get(self, key: str) -> Any:
+        if key not in self.data:
+            raise BundleError(f"{self.source}: missing key '{self.prefix}{key}'")
+        self._seen.add(key)
+        return self.data[key]
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self._seen)
+        if unknown:
+            names = ", ".join(f"'{self.prefix}{k}'" for k in unknown)
+            raise BundleError(f"{self.source}: unknown key(s) {names}")
+
+    def text(self, key: str) -> str:
+        value = self._get(key)
+        if not isinstance(value, str) or not value:
+            raise self.fail(key, "must be a non-empty string")
+        return value
+
+    def integer(self, key: str) -> int:
+        value = self._get(key)
+        if not _is_int(value) or value < 1:
+            raise self.fail(key, "must be a positive integer")
+        return value
+
+    def boolean(self, key: str) -> bool:
+        value = self._get(key)
+        if not isinstance(value, bool):
+            raise self.fail(key, "must be true or false")
+        return value
+
+    def positive(self, key: str) -> float:
+        value = self._get(key)
+        if not _is_number(value) or not 0 < value < float("inf"):
+            raise self.fail(key, "must be a positive finite number")
+        return float(value)
+
+    def timestamp(self, key: str) -> str:
+        value = self.text(key)
+        try:
+            datetime.fromisoformat(value)
+        except ValueError:
+            raise self.fail(key, "must be an ISO 8601 date and time") from None
+        return value
+
+    def triple(self, key: str) -> tuple[float, float, float]:
+        value = self._get(key)
+        if not (isinstance(value, list) and len(value) == 3 and all(map(_is_number, value))):
+            raise self.fail(key, "must be a list of 3 numbers")
+        return (float(value[0]), float(value[1]), float(value[2]))
+
+    def labels(self, key: str) -> tuple[str, ...]:
+        value = self._get(key)
+        if not (isinstance(value, list) and value
+                and all(isinstance(item, str) and item for item in value)):
+            raise self.fail(key, "must be a non-empty list of strings")
+        if FRACTURE_LABEL not in value:
+            raise self.fail(key, f"must include {FRACTURE_LABEL!r}")
+        return tuple(value)
+
+    def choices(self, key: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
+        value = self._get(key)
+        if not (isinstance(value, list) and value and all(item in allowed for item in value)):
+            raise self.fail(key, f"must be a non-empty list of {', '.join(allowed)}")
+        return tuple(value)
+
+    def points(self, key: str) -> OperatingPoints:
+        r = self.table(key)
+        values = [r._get(name) for name in ("high_sensitivity", "high_specificity")]
+        r.done()
+        if not all(_is_number(v) for v in values):
+            raise self.fail(key, "must hold two numbers")
+        try:
+            return OperatingPoints(float(values[0]), float(values[1]))
+        except ValueError as exc:
+            raise self.fail(key, str(exc)) from None
+
+    def table(self, key: str) -> _Reader:
+        value = self._get(key)
+        if not isinstance(value, dict):
+            raise self.fail(key, "must be an object")
+        return _Reader(value, self.source, f"{self.prefix}{key}.")
+
+    def table_or_null(self, key: str) -> _Reader | None:
+        return None if self._get(key) is None else self.table(key)
+
+    def digests(self, key: str) -> Mapping[str, str]:
+        value = self._get(key)
+        if not (isinstance(value, dict) and value
+                and all(_is_plain_name(name) and _is_sha256(digest)
+                        for name, digest in value.items())):
+            raise self.fail(key, "must map plain file names to sha256 hex digests")
+        return types.MappingProxyType(dict(value))
+
+
+def _plain(value: Any) -> Any:
+    """Dataclasses, tuples and mappings as JSON-ready dicts and lists."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, tuple | list):
+        return [_plain(item) for item in value]
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
 
 
 @dataclass(frozen=True)

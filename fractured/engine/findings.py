@@ -6,6 +6,7 @@ they never disagree about what the model said.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,9 +27,40 @@ class ModelInfo:
         return text if self.trained else f"{text} (UNTRAINED MODEL)"
 
 
+class DecisionLevel(enum.StrEnum):
+    """How strongly a score calls a fracture, as fracture products show it: a possible
+    fracture (dotted box, "doubt") passed only the high-sensitivity threshold, a likely
+    one (solid box) passed the high-specificity threshold too."""
+
+    NEGATIVE = "negative"
+    POSSIBLE = "possible"
+    LIKELY = "likely"
+
+
+@dataclass(frozen=True)
+class OperatingPoints:
+    """Two thresholds on a calibrated score, chosen on validation data by ML staff."""
+
+    high_sensitivity: float
+    high_specificity: float
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.high_sensitivity <= self.high_specificity <= 1.0:
+            raise ValueError("operating points need 0 <= high_sensitivity <= "
+                             f"high_specificity <= 1, got {self.high_sensitivity}, "
+                             f"{self.high_specificity}")
+
+    def level(self, score: float) -> DecisionLevel:
+        if score >= self.high_specificity:
+            return DecisionLevel.LIKELY
+        if score >= self.high_sensitivity:
+            return DecisionLevel.POSSIBLE
+        return DecisionLevel.NEGATIVE
+
+
 @dataclass(frozen=True)
 class ImageRef:
-    """The DICOM instance a finding is about."""
+    """The DICOM instance a finding is about (UIDs are empty for a PNG or JPEG input)."""
 
     study_instance_uid: str
     series_instance_uid: str
@@ -37,21 +69,43 @@ class ImageRef:
 
 
 @dataclass(frozen=True)
-class Finding:
-    """The classifier's verdict on one source image.
+class Box:
+    """A detected fracture in source-image pixels: columns x0..x1, rows y0..y1."""
 
-    `probability` is the calibrated fracture probability; `fracture` is the decision at
-    the bundle's operating threshold. `heatmap` is the class activation map resampled to
-    the source image's pixel grid (rows x columns, float32 in [0, 1]), so an overlay or a
-    measurement can use it without knowing the model's input size.
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+    score: float
+    level: DecisionLevel
+    label: str = "fracture"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """The engine's verdict on one source image.
+
+    `probability` is the calibrated fracture probability and `level` its decision at
+    the bundle's two operating points; `fracture` is the high-sensitivity decision (a
+    possible fracture is worth a look). `heatmap` is the class activation map on the
+    source's pixel grid (rows x columns, float32 in [0, 1]). `boxes` come from the
+    detector, when the bundle has one, at or above its high-sensitivity point. `spread`
+    is the standard deviation of the probability over test-time augmentations, when
+    they were run.
     """
 
     image: ImageRef
     probability: float
-    threshold: float
+    operating_points: OperatingPoints
     heatmap: np.ndarray = field(repr=False)
     model: ModelInfo
+    boxes: tuple[Box, ...] = ()
+    spread: float | None = None
+
+    @property
+    def level(self) -> DecisionLevel:
+        return self.operating_points.level(self.probability)
 
     @property
     def fracture(self) -> bool:
-        return self.probability >= self.threshold
+        return self.level is not DecisionLevel.NEGATIVE

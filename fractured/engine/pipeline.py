@@ -1,8 +1,8 @@
-"""A study's images to Findings: letterbox, batch, run the classifier, map back.
+"""A study's images to Findings: letterbox, batch, classify and detect, map back.
 
 The pipeline is the only place that knows how model outputs become clinical numbers
-(temperature-scaled probability, the manifest's threshold, a heatmap on the source
-pixel grid), so every consumer of a Finding sees the same interpretation.
+(temperature-scaled probability, the manifest's operating points, a heatmap and boxes
+on the source pixel grid), so every consumer of a Finding sees the same interpretation.
 """
 
 from __future__ import annotations
@@ -12,31 +12,38 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fractured.engine.backends import open_classifier
+from fractured.engine.backends import Engines, open_engines
 from fractured.engine.bundle import FRACTURE_LABEL, Bundle
-from fractured.engine.findings import Finding, ImageRef, ModelInfo
+from fractured.engine.findings import Box, Finding, ImageRef, ModelInfo
 from fractured.engine.preprocess import Letterbox, letterbox, to_model_input
+
+#: Test-time augmentations: (horizontal flip, zoom) — the image as it is, mirrored, and
+#: shrunk to 90 % inside the letterbox. Small on purpose: a radiograph's anatomy is not
+#: rotation- or scale-free, and each variant costs a full classifier pass.
+TTA_VARIANTS: tuple[tuple[bool, float], ...] = ((False, 1.0), (True, 1.0), (False, 0.9))
 
 
 class Pipeline:
-    """Runs one bundle's classifier over display images (from `display_pixels`).
+    """Runs one bundle's models over display images (from `display_pixels`).
 
-    `max_batch` bounds the images sent to the backend at once, which bounds memory
-    whatever the size of the study; `threads` is passed on to the backend.
+    `max_batch` bounds the images sent to a backend at once, which bounds memory
+    whatever the size of the study; `tta` adds the TTA_VARIANTS and reports the spread
+    of the probability over them.
     """
 
     def __init__(self, bundle: Bundle, backend: str = "auto", max_batch: int = 8,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, *, tta: bool = False) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.bundle = bundle
         self.max_batch = max_batch
-        self._classifier = open_classifier(bundle, backend, threads=threads)
-        self._fracture_index = bundle.manifest.labels.index(FRACTURE_LABEL)
+        self.tta = tta
+        self.engines: Engines = open_engines(bundle, backend, threads=threads)
+        self._fracture = bundle.manifest.classifier.labels.index(FRACTURE_LABEL)
 
     @property
     def backend_name(self) -> str:
-        return self._classifier.name
+        return self.engines.backend
 
     @property
     def model(self) -> ModelInfo:
@@ -46,26 +53,79 @@ class Pipeline:
         """One Finding per image, in input order.
 
         Each array is a 2-D float32 display image in [0, 1] of any size; the heatmap of
-        its finding has the same shape.
+        its finding has the same shape and its boxes are in its pixel coordinates.
         """
-        manifest = self.bundle.manifest
         findings: list[Finding] = []
         for start in range(0, len(images), self.max_batch):
             chunk = images[start:start + self.max_batch]
-            boxed = [letterbox(pixels, manifest.input_size) for _, pixels in chunk]
-            batch = to_model_input([image for image, _ in boxed], manifest.mean, manifest.std)
-            logits, cam = self._classifier.run(batch)
-            for (ref, _), (_, box), logit, cam_one in zip(chunk, boxed, logits, cam,
-                                                          strict=True):
+            pixels = [image for _, image in chunk]
+            probabilities, heatmaps = self._classify(pixels)
+            boxes = self._detect(pixels)
+            for i, (ref, _) in enumerate(chunk):
+                spread = float(np.std(probabilities[i])) if self.tta else None
                 findings.append(Finding(
-                    image=ref,
-                    probability=_sigmoid(float(logit[self._fracture_index])
-                                         / manifest.temperature),
-                    threshold=manifest.threshold,
-                    heatmap=_heatmap(cam_one[self._fracture_index], box),
-                    model=self.model,
-                ))
+                    image=ref, probability=float(np.mean(probabilities[i])),
+                    operating_points=self.bundle.manifest.classifier.operating_points,
+                    heatmap=heatmaps[i], model=self.model, boxes=boxes[i], spread=spread))
         return findings
+
+    def _classify(self, images: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """(probabilities (n, variants), heatmaps from the unaugmented pass)."""
+        spec = self.bundle.manifest.classifier
+        variants = TTA_VARIANTS if self.tta else TTA_VARIANTS[:1]
+        probabilities = np.empty((len(images), len(variants)))
+        heatmaps: list[np.ndarray] = []
+        for v, (flip, zoom) in enumerate(variants):
+            boxed = [_letterbox(np.fliplr(image) if flip else image, spec.input_size, zoom)
+                     for image in images]
+            batch = to_model_input([b for b, _ in boxed], self.bundle.manifest.mean,
+                                   self.bundle.manifest.std)
+            logits, cam = self.engines.classifier.run(batch)
+            probabilities[:, v] = [_sigmoid(float(row[self._fracture]) / spec.temperature)
+                                   for row in logits]
+            if v == 0:
+                heatmaps = [_heatmap(one[self._fracture], box)
+                            for one, (_, box) in zip(cam, boxed, strict=True)]
+        return probabilities, heatmaps
+
+    def _detect(self, images: list[np.ndarray]) -> list[tuple[Box, ...]]:
+        """Boxes at or above the detector's high-sensitivity point, in source pixels."""
+        spec = self.bundle.manifest.detector
+        detector = self.engines.detector
+        if spec is None or detector is None:
+            return [() for _ in images]
+        boxed = [letterbox(image, spec.input_size) for image in images]
+        batch = to_model_input([b for b, _ in boxed], self.bundle.manifest.mean,
+                               self.bundle.manifest.std)
+        all_boxes, all_scores, all_labels = detector.run(batch)
+        points = spec.operating_points
+        found: list[tuple[Box, ...]] = []
+        for (_, box), rows, scores, labels in zip(boxed, all_boxes, all_scores, all_labels,
+                                                  strict=True):
+            kept = []
+            for (x0, y0, x1, y1), score, label in zip(rows, scores, labels, strict=True):
+                if score < points.high_sensitivity or label < 1:
+                    continue  # below the operating point, or an empty (padding) slot
+                sx0, sy0, sx1, sy1 = box.box_to_source(float(x0), float(y0), float(x1),
+                                                       float(y1))
+                if sx1 <= sx0 or sy1 <= sy0:
+                    continue  # entirely on the letterbox padding
+                kept.append(Box(sx0, sy0, sx1, sy1, float(score), points.level(float(score)),
+                                spec.labels[int(label) - 1]))
+            found.append(tuple(kept))
+        return found
+
+
+def _letterbox(image: np.ndarray, size: int, zoom: float) -> tuple[np.ndarray, Letterbox]:
+    """Letterbox, optionally shrunk to `zoom` of the square and centred in it."""
+    if zoom == 1.0:
+        return letterbox(image, size)
+    inner = max(1, round(size * zoom))
+    small, box = letterbox(image, inner)
+    out = np.zeros((size, size), dtype=small.dtype)
+    top = left = (size - inner) // 2
+    out[top:top + inner, left:left + inner] = small
+    return out, box
 
 
 def _sigmoid(value: float) -> float:

@@ -1,8 +1,9 @@
 """One Comprehensive 3D SR per study (TID 1500 Measurement Report) from the Findings.
 
 The SR is the machine-readable result: a PACS, a worklist or a registry can read, per
-source image, the decision (Fracture of bone = Present/Absent at the operating
-threshold) and the calibrated probability, with the model that said so. Each image gets
+source image, the decision (Fracture of bone = Present/Absent at the high-sensitivity
+operating point; per-point evaluations and boxes are to come) and the calibrated
+probability, with the model that said so. Each image gets
 its own measurement group that references the exact SOP instance, so a result can never
 be attached to the wrong image of the study.
 """
@@ -15,7 +16,7 @@ import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as dicom_codes
 
-from fractured.engine.findings import Finding, ModelInfo
+from fractured.engine.findings import Finding, ModelInfo, OperatingPoints
 from fractured.results import codes
 from fractured.results.header import carry_character_set, study_header
 
@@ -105,7 +106,7 @@ def _measurement_group(
             uid=hd.UID(), identifier=f"Fracture classification, image {number} of {total}"
         ),
         finding_type=codes.FRACTURE,
-        algorithm_id=_algorithm(finding.model, finding.threshold),
+        algorithm_id=_algorithm(finding.model, finding.operating_points),
         measurements=[
             hd.sr.Measurement(
                 name=codes.FRACTURE_PROBABILITY,
@@ -135,11 +136,12 @@ def _measurement_group(
     return group
 
 
-def _algorithm(model: ModelInfo, threshold: float) -> hd.sr.AlgorithmIdentification:
-    """TID 4019 with the threshold as a parameter: the decision depends on it."""
+def _algorithm(model: ModelInfo, points: OperatingPoints) -> hd.sr.AlgorithmIdentification:
+    """TID 4019 with the operating points as parameters: the decisions depend on them."""
     return hd.sr.AlgorithmIdentification(
         name=model.name,
         version=model.version,
         manufacturer=codes.MANUFACTURER,
-        parameters=[f"operating threshold {float(threshold):.6g}"],
+        parameters=[f"high-sensitivity threshold {points.high_sensitivity:.6g}",
+                    f"high-specificity threshold {points.high_specificity:.6g}"],
     )

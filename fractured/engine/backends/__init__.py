@@ -1,29 +1,95 @@
 """Inference backends behind one interface, chosen by name or automatically.
 
-Only ONNX Runtime exists so far; torch and TensorRT join the table below when they do.
+"auto" takes the fastest backend this machine and the bundle both have: TensorRT (a GPU,
+the tensorrt package and plans built for them), then ONNX Runtime, then PyTorch. The
+choice is made once per bundle and reported (`Engines.backend`), so logs and results
+can say what ran.
 """
 
 from __future__ import annotations
 
-from fractured.engine.backends.base import ClassifierBackend
-from fractured.engine.backends.onnxruntime import OnnxRuntimeClassifier
-from fractured.engine.bundle import CLASSIFIER_FILE, Bundle, BundleError
+from dataclasses import dataclass
+from typing import Literal
 
-BACKENDS = ("auto", "onnxruntime")
+from fractured.engine.backends.base import ClassifierBackend, DetectorBackend
+from fractured.engine.bundle import (
+    CLASSIFIER_FILE,
+    CLASSIFIER_WEIGHTS,
+    DETECTOR_FILE,
+    DETECTOR_WEIGHTS,
+    Bundle,
+    BundleError,
+)
 
-__all__ = ["BACKENDS", "ClassifierBackend", "OnnxRuntimeClassifier", "open_classifier"]
+BackendName = Literal["auto", "onnxruntime", "torch", "tensorrt"]
+BACKENDS: tuple[str, ...] = ("auto", "onnxruntime", "torch", "tensorrt")
+CLASSIFIER_PLAN = "classifier.plan"
+DETECTOR_PLAN = "detector.plan"
+
+__all__ = ["BACKENDS", "ClassifierBackend", "DetectorBackend", "Engines", "choose_backend",
+           "open_engines"]
 
 
-def open_classifier(bundle: Bundle, backend: str = "auto",
-                    threads: int | None = None) -> ClassifierBackend:
-    """Open the bundle's classifier with the named backend ("auto": the best one it holds).
+@dataclass(frozen=True)
+class Engines:
+    """The bundle's models, opened on one backend (the detector only if it has one)."""
 
-    Raises ValueError for a backend name that does not exist (naming the valid ones) and
-    BundleError when the bundle was not built for the requested backend.
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if "onnxruntime" not in bundle.manifest.backends:
-        raise BundleError(f"{bundle.path}: built for {', '.join(bundle.manifest.backends)}, "
-                          f"not for onnxruntime")
-    return OnnxRuntimeClassifier(bundle.file(CLASSIFIER_FILE), threads=threads)
+    backend: str
+    classifier: ClassifierBackend
+    detector: DetectorBackend | None
+
+
+def choose_backend(bundle: Bundle, requested: str = "auto") -> str:
+    """The backend to run `bundle` with; BundleError says why a requested one cannot."""
+    if requested not in BACKENDS:
+        raise ValueError(f"unknown backend {requested!r}; choose one of {', '.join(BACKENDS)}")
+    held = bundle.manifest.backends
+    if requested != "auto":
+        if requested not in held:
+            raise BundleError(f"{bundle.path}: built for {', '.join(held)}, not {requested}")
+        if requested == "tensorrt":
+            from fractured.engine.backends.tensorrt import unavailable_reason
+
+            if reason := unavailable_reason():
+                raise BundleError(f"tensorrt backend unavailable: {reason}")
+        return requested
+    if "tensorrt" in held:
+        from fractured.engine.backends.tensorrt import unavailable_reason
+
+        if unavailable_reason() is None:
+            return "tensorrt"
+    for name in ("onnxruntime", "torch"):
+        if name in held:
+            return name
+    raise BundleError(f"{bundle.path}: no backend this node can run ({', '.join(held)})")
+
+
+def open_engines(bundle: Bundle, backend: str = "auto", threads: int | None = None,
+                 device: Literal["auto", "cpu", "cuda"] = "auto") -> Engines:
+    """Open the classifier (and detector) of `bundle` on the chosen backend."""
+    name = choose_backend(bundle, backend)
+    spec = bundle.manifest.detector
+    if name == "onnxruntime":
+        from fractured.engine.backends.onnxruntime import (
+            OnnxRuntimeClassifier,
+            OnnxRuntimeDetector,
+        )
+
+        return Engines(name, OnnxRuntimeClassifier(bundle.file(CLASSIFIER_FILE), threads),
+                       OnnxRuntimeDetector(bundle.file(DETECTOR_FILE), threads)
+                       if spec else None)
+    if name == "torch":
+        from fractured.engine.backends.torch import TorchClassifier, TorchDetector
+
+        c = bundle.manifest.classifier
+        return Engines(name, TorchClassifier(bundle.file(CLASSIFIER_WEIGHTS), variant=c.variant,
+                                             num_labels=len(c.labels), device=device,
+                                             threads=threads),
+                       TorchDetector(bundle.file(DETECTOR_WEIGHTS), backbone=spec.backbone,
+                                     num_labels=len(spec.labels), input_size=spec.input_size,
+                                     detections_per_image=spec.detections_per_image,
+                                     device=device, threads=threads) if spec else None)
+    from fractured.engine.backends.tensorrt import TensorRTClassifier, TensorRTDetector
+
+    return Engines(name, TensorRTClassifier(bundle.file(CLASSIFIER_PLAN)),
+                   TensorRTDetector(bundle.file(DETECTOR_PLAN)) if spec else None)

@@ -37,22 +37,14 @@ class TorchClassifier:
         torch = _torch()
         from fractured.engine.models import FractureClassifier
 
-        if device == "cuda" and not torch.cuda.is_available():
-            raise BundleError("the torch backend was asked for CUDA, but no GPU is visible")
-        use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+        self.device = _device(torch, device)
         if threads is not None:
             torch.set_num_threads(threads)
         model = FractureClassifier(variant=variant, num_labels=num_labels)
-        try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-            model.load_state_dict(state)
-        except (OSError, RuntimeError, KeyError) as exc:
-            raise BundleError(f"{weights}: not weights for {model.architecture} with "
-                              f"{num_labels} label(s) ({exc})") from exc
+        _load(torch, model, weights, f"{model.architecture} with {num_labels} label(s)")
         model.eval()
-        self.device = torch.device("cuda" if use_cuda else "cpu")
-        self.dtype = torch.float16 if use_cuda else torch.float32
-        if use_cuda:
+        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        if self.device.type == "cuda":
             model = model.to(self.device, dtype=self.dtype, memory_format=torch.channels_last)
         self._model = model
         self._torch = torch
@@ -66,3 +58,47 @@ class TorchClassifier:
                 x = x.contiguous(memory_format=torch.channels_last)
             logits, cam = self._model(x)
             return (logits.float().cpu().numpy(), cam.float().cpu().numpy())
+
+
+class TorchDetector:
+    """FractureDetector weights run by PyTorch eager, FP32 on CPU and CUDA alike (box
+    regression and NMS are where FP16 would move boxes; the classifier takes FP16)."""
+
+    name = "torch"
+
+    def __init__(self, weights: str | Path, *, backbone: str, num_labels: int, input_size: int,
+                 detections_per_image: int, device: Device = "auto",
+                 threads: int | None = None) -> None:
+        torch = _torch()
+        from fractured.engine.models import FractureDetector
+
+        self.device = _device(torch, device)
+        if threads is not None:
+            torch.set_num_threads(threads)
+        model = FractureDetector(backbone, num_labels=num_labels, input_size=input_size,
+                                 detections_per_image=detections_per_image)
+        _load(torch, model, weights, f"{model.architecture} with {num_labels} label(s)")
+        self._model = model.eval().to(self.device)
+        self._torch = torch
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        torch = self._torch
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
+            boxes, scores, labels = self._model(x)
+            return (boxes.float().cpu().numpy(), scores.float().cpu().numpy(),
+                    labels.cpu().numpy())
+
+
+def _device(torch, requested: Device):  # type: ignore[no-untyped-def]
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise BundleError("the torch backend was asked for CUDA, but no GPU is visible")
+    use_cuda = requested == "cuda" or (requested == "auto" and torch.cuda.is_available())
+    return torch.device("cuda" if use_cuda else "cpu")
+
+
+def _load(torch, model, weights: str | Path, what: str) -> None:  # type: ignore[no-untyped-def]
+    try:
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    except (OSError, RuntimeError, KeyError) as exc:
+        raise BundleError(f"{weights}: not weights for {what} ({exc})") from exc

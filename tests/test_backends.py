@@ -1,0 +1,77 @@
+"""Backends agree, the pipeline combines classifier and detector, and TTA reports spread."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fractured.engine.backends import choose_backend
+from fractured.engine.bundle import Bundle, BundleError
+from fractured.engine.findings import DecisionLevel, ImageRef
+from fractured.engine.pipeline import Pipeline
+from fractured.training.build import synthetic_images
+
+REF = ImageRef("1.2", "1.2.3", "1.2.3.4", "1.2.840.10008.5.1.4.1.1.1")
+
+
+def radiographs(shapes: list[tuple[int, int]]) -> list[tuple[ImageRef, np.ndarray]]:
+    """Structured images (bright rectangles on noise) cut to several aspect ratios."""
+    out = []
+    for i, (rows, cols) in enumerate(shapes):
+        (square,) = synthetic_images(max(rows, cols), count=1, seed=i)
+        out.append((REF, np.ascontiguousarray(square[:rows, :cols], dtype=np.float32)))
+    return out
+
+
+def test_auto_picks_onnxruntime_without_tensorrt(untrained_bundle: Path) -> None:
+    assert choose_backend(Bundle.load(untrained_bundle)) == "onnxruntime"
+
+
+def test_a_backend_the_bundle_lacks_is_refused(untrained_bundle: Path) -> None:
+    with pytest.raises(BundleError, match="not tensorrt"):
+        choose_backend(Bundle.load(untrained_bundle), "tensorrt")
+
+
+def test_torch_and_onnxruntime_give_the_same_findings(
+        untrained_bundle_with_detector: Path) -> None:
+    bundle = Bundle.load(untrained_bundle_with_detector)
+    images = radiographs([(300, 220), (256, 256), (180, 400)])
+    ort = Pipeline(bundle, "onnxruntime").run(images)
+    ref = Pipeline(bundle, "torch").run(images)
+    for a, b in zip(ort, ref, strict=True):
+        assert a.probability == pytest.approx(b.probability, abs=1e-3)
+        np.testing.assert_allclose(a.heatmap, b.heatmap, atol=1e-3)
+        assert len(a.boxes) == len(b.boxes)
+        for box_a, box_b in zip(sorted(a.boxes, key=lambda x: x.score),
+                                sorted(b.boxes, key=lambda x: x.score), strict=True):
+            coords_a = np.array([box_a.x0, box_a.y0, box_a.x1, box_a.y1])
+            coords_b = np.array([box_b.x0, box_b.y0, box_b.x1, box_b.y1])
+            assert np.abs(coords_a - coords_b).max() <= 1.0  # source pixels
+            assert box_a.level == box_b.level
+
+
+def test_detector_boxes_are_in_source_pixels_at_the_operating_points(
+        untrained_bundle_with_detector: Path) -> None:
+    bundle = Bundle.load(untrained_bundle_with_detector)
+    points = bundle.manifest.detector.operating_points
+    findings = Pipeline(bundle).run(radiographs([(300, 220), (180, 400)]))
+    assert any(f.boxes for f in findings), "the calibrated untrained detector finds boxes"
+    for finding, (rows, cols) in zip(findings, [(300, 220), (180, 400)], strict=True):
+        for box in finding.boxes:
+            assert 0 <= box.x0 < box.x1 <= cols and 0 <= box.y0 < box.y1 <= rows
+            assert box.score >= points.high_sensitivity
+            assert box.level == points.level(box.score) != DecisionLevel.NEGATIVE
+            assert box.label == "fracture"
+
+
+def test_tta_reports_a_spread_and_keeps_the_plain_heatmap(untrained_bundle: Path) -> None:
+    bundle = Bundle.load(untrained_bundle)
+    images = radiographs([(300, 220)])
+    (plain,) = Pipeline(bundle).run(images)
+    (tta,) = Pipeline(bundle, tta=True).run(images)
+    assert plain.spread is None
+    assert tta.spread is not None and tta.spread > 0.0
+    np.testing.assert_array_equal(tta.heatmap, plain.heatmap)
+    assert tta.probability != plain.probability  # the mean over three passes

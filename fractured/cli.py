@@ -1,4 +1,5 @@
-"""The `fractured` command: serve the node, inspect its queue, build engine bundles."""
+"""The `fractured` command: serve the node, inspect its queue, build engine bundles, run
+an engine on image files."""
 
 from __future__ import annotations
 
@@ -114,7 +115,7 @@ def build_engine(untrained: bool, out_dir: Path, variant: str, input_size: int |
 @click.option("--bundle", "bundle_path", type=click.Path(path_type=Path, file_okay=False),
               help="Engine bundle to run [default: the config's [engine].bundle].")
 @config_option
-@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "torch"]),
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "torch", "tensorrt"]),
               default="auto", show_default=True, help="Inference backend.")
 @click.option("--json", "as_json", is_flag=True,
               help="One JSON object per input file and line, instead of a table.")
@@ -150,7 +151,6 @@ def predict(ctx: click.Context, files: tuple[Path, ...], bundle_path: Path | Non
             targets = overlay_paths(files, overlay_dir)
         except ValueError as exc:
             raise click.UsageError(f"--overlay: {exc}") from None
-        overlay_dir.mkdir(parents=True, exist_ok=True)
     if bundle_path is None:
         bundle_path = _settings(config_path).engine.bundle
     try:
@@ -159,6 +159,8 @@ def predict(ctx: click.Context, files: tuple[Path, ...], bundle_path: Path | Non
         raise click.ClickException(f"cannot load engine bundle: {exc}") from None
     if not pipeline.model.trained:
         click.echo("UNTRAINED MODEL: these results mean nothing", err=True)
+    if overlay_dir is not None:
+        overlay_dir.mkdir(parents=True, exist_ok=True)
 
     file_width = max(len(str(path)) for path in files)
     if not as_json:

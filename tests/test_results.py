@@ -30,11 +30,18 @@ from pydicom.sr.codedict import codes as dicom_codes
 from pydicom.tag import Tag
 
 import fractured
-from fractured.engine.findings import Finding, ImageRef, ModelInfo
+from fractured.engine.findings import (
+    Box,
+    DecisionLevel,
+    Finding,
+    ImageRef,
+    ModelInfo,
+    OperatingPoints,
+)
 from fractured.engine.preprocess import display_pixels
 from fractured.results import codes
 from fractured.results.header import header_repairs
-from fractured.results.overlay import _probability_text, make_overlay
+from fractured.results.overlay import _verdict_text, make_overlay, render_overlay
 from fractured.results.sr import make_sr
 from tests.factory import SHARED_DICOM, dx_study, real_file
 from tests.peers import dciodvfy
@@ -42,8 +49,9 @@ from tests.peers import dciodvfy
 MONOCHROME1_FILES = ["highdicom/dx_image.dcm", "derived_transcoded/RG3_RLE_derived.dcm"]
 TRAINED = ModelInfo("resnet18-fracture", "2.1.0", trained=True)
 UNTRAINED = ModelInfo("resnet18-fracture", "0.0.1", trained=False)
-THRESHOLD = 0.5
-# Around the threshold on purpose: 0.5 itself is a fracture (probability >= threshold).
+# One threshold for both operating points: the SR says present/absent at it. Around the
+# threshold on purpose: 0.5 itself is a fracture (probability >= threshold).
+ONE_THRESHOLD = OperatingPoints(0.5, 0.5)
 PROBABILITIES = [0.91234567, 0.1, 0.5, 0.49999]
 
 
@@ -51,9 +59,12 @@ PROBABILITIES = [0.91234567, 0.1, 0.5, 0.49999]
 
 
 def finding_for(
-    source: Dataset, probability: float, model: ModelInfo, heatmap: np.ndarray | None = None
+    source: Dataset, probability: float, model: ModelInfo, heatmap: np.ndarray | None = None,
+    *, points: OperatingPoints = ONE_THRESHOLD, boxes: tuple[Box, ...] = (),
+    spread: float | None = None,
 ) -> Finding:
-    """A Finding as the engine makes one: the left half of the image hot, the right cold."""
+    """A Finding as the engine makes one: the left half of the image hot, the right cold
+    unless `heatmap` says otherwise."""
     if heatmap is None:
         heatmap = np.zeros((source.Rows, source.Columns), np.float32)
         heatmap[:, : source.Columns // 2] = 1.0
@@ -63,7 +74,7 @@ def finding_for(
         sop_instance_uid=str(source.SOPInstanceUID),
         sop_class_uid=str(source.SOPClassUID),
     )
-    return Finding(image, np.float32(probability), THRESHOLD, heatmap, model)
+    return Finding(image, np.float32(probability), points, heatmap, model, boxes, spread)
 
 
 # -- tools -----------------------------------------------------------------------------
@@ -352,14 +363,26 @@ def test_overlay_keeps_an_oblique_orientation(tmp_path: Path) -> None:
     assert validate(overlay, tmp_path / "sc.dcm").PatientOrientation == ["PL", "F"]
 
 
-def test_banner_never_shows_a_miss_as_equal_to_the_threshold() -> None:
+TWO_POINTS = OperatingPoints(0.3, 0.7)
+
+
+@pytest.mark.parametrize(("probability", "spread", "expected"), [
+    (0.1, None, "No fracture: probability 0.10 (possible from 0.30, likely from 0.70)"),
+    (0.3, None, "Possible fracture: probability 0.30 (possible from 0.30, likely from 0.70)"),
+    (0.5, 0.0412, "Possible fracture: probability 0.50 \u00b1 0.04 "
+                  "(possible from 0.30, likely from 0.70)"),
+    (0.91234567, None, "Likely fracture: probability 0.91 (possible from 0.30, likely from 0.70)"),
+    # Never a miss shown equal to the point it missed, whichever point that is.
+    (0.29999, None, "No fracture: probability 0.29999 "
+                    "(possible from 0.30000, likely from 0.70000)"),
+    (0.69999, 0.01, "Possible fracture: probability 0.69999 \u00b1 0.01000 "
+                    "(possible from 0.30000, likely from 0.70000)"),
+])
+def test_verdict_states_the_level_probability_and_both_points(
+        probability: float, spread: float | None, expected: str) -> None:
     (source,) = dx_study(1)
-    below = _probability_text(finding_for(source, 0.49999, TRAINED))
-    assert below == "Fracture probability 0.49999 (threshold 0.50000)"
-    at = _probability_text(finding_for(source, 0.5, TRAINED))
-    assert at == "Fracture probability 0.50 (threshold 0.50)"
-    above = _probability_text(finding_for(source, 0.91234567, TRAINED))
-    assert above == "Fracture probability 0.91 (threshold 0.50)"
+    finding = finding_for(source, probability, TRAINED, points=TWO_POINTS, spread=spread)
+    assert _verdict_text(finding) == expected
 
 
 def test_overlay_refuses_a_mismatched_finding() -> None:
@@ -370,6 +393,115 @@ def test_overlay_refuses_a_mismatched_finding() -> None:
     wrong_grid = np.zeros((10, 10), np.float32)
     with pytest.raises(ValueError, match="heatmap shape"):
         make_overlay(finding_for(first, 0.8, TRAINED, heatmap=wrong_grid), first, **kwargs)
+
+
+def magenta(pixels: np.ndarray) -> np.ndarray:
+    """Where the box colour is: strong red and blue, no green (in neither grey nor JET)."""
+    return (pixels[..., 0] > 180) & (pixels[..., 1] < 80) & (pixels[..., 2] > 180)
+
+
+def rendered(source: Dataset, boxes: tuple[Box, ...], *, hot: bool = False,
+             max_size: int = 300) -> tuple[np.ndarray, np.ndarray]:
+    """Banner and X-ray of `render_overlay` for a trained finding with `boxes` (heatmap
+    everywhere hot, or everywhere cold)."""
+    heat = np.full((source.Rows, source.Columns), 1.0 if hot else 0.0, np.float32)
+    finding = finding_for(source, 0.8, TRAINED, heat, points=TWO_POINTS, boxes=boxes)
+    image = render_overlay(finding, display_pixels(source), max_size=max_size)
+    assert image.dtype == np.uint8 and image.shape[2] == 3
+    return split_overlay(image, source, max_size)
+
+
+def longest_gap(edge: np.ndarray) -> int:
+    """The longest run of False in a 1-D mask."""
+    runs = [len(run) for run in "".join("x" if v else "." for v in edge).split("x")]
+    return max(runs)
+
+
+# 600 x 400 source, max_size 300: everything on the overlay is at half scale.
+SOURCE_BOX = (100.0, 200.0, 180.0, 400.0)  # x0, y0, x1, y1 in source pixels
+SCALED_EDGES = (50, 100, 89, 199)  # the first and last scaled column and row inside it
+
+
+@pytest.mark.parametrize("hot", [False, True], ids=["on grey", "on heatmap"])
+def test_likely_box_is_a_continuous_outline_where_the_box_is(hot: bool) -> None:
+    (source,) = dx_study(1, rows=600, cols=400)
+    box = Box(*SOURCE_BOX, score=0.83, level=DecisionLevel.LIKELY)
+    banner, xray = rendered(source, (box,), hot=hot)
+    assert not magenta(rendered(source, (), hot=hot)[1]).any()  # the colour is the boxes'
+    x0, y0, x1, y1 = SCALED_EDGES
+    mask = magenta(xray)
+    for edge in (mask[y0, x0:x1 + 1], mask[y1, x0:x1 + 1],
+                 mask[y0:y1 + 1, x0], mask[y0:y1 + 1, x1]):
+        assert edge.all(), "solid outline has a gap"
+    # Only the outline (and none of the inside or the outside far from it) is coloured.
+    assert not mask[y0 + 6 : y1 - 5, x0 + 6 : x1 - 5].any()
+    outside = mask.copy()
+    outside[y0 - 20 : y1 + 5, x0 - 5 : x1 + 5] = False  # the score label sits above
+    assert not outside.any()
+    # The score is labelled just above the box (white text on a black patch).
+    label = xray[y0 - 20 : y0 - 2, x0 : x0 + 40]
+    assert (label.min(axis=2) > 200).sum() > 10 and (label.max(axis=2) < 30).mean() > 0.3
+    assert magenta(banner).sum() > 20, "no legend although boxes are shown"
+
+
+def test_possible_box_is_a_dashed_outline() -> None:
+    (source,) = dx_study(1, rows=600, cols=400)
+    box = Box(*SOURCE_BOX, score=0.41, level=DecisionLevel.POSSIBLE)
+    banner, xray = rendered(source, (box,))
+    x0, y0, x1, y1 = SCALED_EDGES
+    mask = magenta(xray)
+    for edge in (mask[y0, x0:x1 + 1], mask[y1, x0:x1 + 1],
+                 mask[y0:y1 + 1, x0], mask[y0:y1 + 1, x1]):
+        assert edge[0] and edge[-1], "a corner is unmarked"
+        assert edge.mean() > 0.3, "too little of the edge is drawn"
+        assert longest_gap(edge) >= 3, "no visible gap in a dashed edge"
+    long_edge = mask[y0:y1 + 1, x0]
+    assert np.count_nonzero(np.diff(long_edge.astype(int)) == -1) >= 4  # several dashes
+    assert magenta(banner).sum() > 20
+
+
+def test_boxes_land_on_the_anatomy_after_downscaling() -> None:
+    """A box around the phantom's bone band (its columns cols//8 to cols//3) sits on the
+    band's edges in the downscaled image, found from the image itself."""
+    rows, cols = 900, 600
+    (source,) = dx_study(1, rows=rows, cols=cols)
+    box = Box(cols // 8, rows // 4, cols // 3, 3 * rows // 4, score=0.9,
+              level=DecisionLevel.LIKELY)
+    _, plain = rendered(source, (), max_size=256)
+    _, boxed = rendered(source, (box,), max_size=256)
+    bright = np.flatnonzero(plain[plain.shape[0] // 2, :, 0] > 128)
+    band_left, band_right = int(bright.min()), int(bright.max())
+    middle = boxed.shape[0] // 2
+    drawn = np.flatnonzero(magenta(boxed)[middle])
+    assert len(drawn) >= 2
+    assert abs(int(drawn.min()) - band_left) <= 2 and abs(int(drawn.max()) - band_right) <= 2
+    # Rows: from a quarter to three quarters of the height.
+    column = np.flatnonzero(magenta(boxed)[:, band_left])
+    assert abs(int(column.min()) - boxed.shape[0] // 4) <= 2
+    assert abs(int(column.max()) - 3 * boxed.shape[0] // 4) <= 3
+
+
+def test_no_legend_and_no_box_without_a_possible_or_likely_box() -> None:
+    (source,) = dx_study(1, rows=600, cols=400)
+    weak = Box(*SOURCE_BOX, score=0.1, level=DecisionLevel.NEGATIVE)
+    for boxes in ((), (weak,)):
+        banner, xray = rendered(source, boxes)
+        assert not magenta(banner).any() and not magenta(xray).any()
+
+
+def test_overlay_with_boxes_is_valid(tmp_path: Path) -> None:
+    (source,) = dx_study(1)
+    boxes = (Box(30, 40, 80, 200, score=0.9, level=DecisionLevel.LIKELY),
+             Box(0, 0, 240, 300, score=0.35, level=DecisionLevel.POSSIBLE))  # whole image
+    finding = finding_for(source, 0.8, UNTRAINED, points=TWO_POINTS, boxes=boxes, spread=0.02)
+    overlay = make_overlay(finding, source, series_instance_uid=hd.UID(), series_number=902,
+                           instance_number=1)
+    back = validate(overlay, tmp_path / "sc.dcm")
+    check_overlay_file(tmp_path / "sc.dcm", source, finding)
+    assert "boxes drawn" in back.DerivationDescription
+    banner, xray = split_overlay(back.pixel_array, source, 1024)
+    check_banner(banner, trained=False)
+    assert magenta(xray).any()
 
 
 # -- the header we copy: real sources break their VRs, our objects must not -------------
@@ -560,7 +692,7 @@ from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement
 from pydicom.tag import Tag
 from fractured import log
-from fractured.engine.findings import Finding, ImageRef, ModelInfo
+from fractured.engine.findings import Finding, ImageRef, ModelInfo, OperatingPoints
 from fractured.results.overlay import make_overlay
 from fractured.results.sr import make_sr
 from tests.factory import dx_study
@@ -575,7 +707,7 @@ values = []
 for source in [synthetic] + [pydicom.dcmread(path) for path in sys.argv[1:]]:
     image = ImageRef(str(source.StudyInstanceUID), str(source.SeriesInstanceUID),
                      str(source.SOPInstanceUID), str(source.SOPClassUID))
-    finding = Finding(image, np.float32(0.7), 0.5,
+    finding = Finding(image, np.float32(0.7), OperatingPoints(0.5, 0.5),
                       np.zeros((source.Rows, source.Columns), np.float32),
                       ModelInfo("m", "1", trained=True))
     make_sr([finding], [source], series_instance_uid="1.2.3", series_number=901,

@@ -22,7 +22,12 @@ fi
 .venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
 .venv/bin/python -m pip install -q -e '.[train,test]'
 
-# The node's default engine bundle: until a trained model ships, an untrained one
-# (every result it makes says UNTRAINED MODEL).
-[ -f engines/default/manifest.json ] || \
-  .venv/bin/fractured build-engine --untrained --out engines/default
+# The node's default engine bundle: until a trained model ships, an untrained one with
+# the classifier and the box detector (every result it makes says UNTRAINED MODEL).
+# A bundle of an older schema is rebuilt; a bundle is never changed in place.
+if ! .venv/bin/python -c 'import sys; from fractured.engine.bundle import Bundle
+Bundle.load(sys.argv[1])' engines/default 2>/dev/null; then
+  rm -rf engines/default
+  .venv/bin/fractured build-engine --untrained --out engines/default \
+    --detector mobilenet_v3_large_fpn
+fi

@@ -58,7 +58,10 @@ def load_image(path: str | Path) -> LoadedImage:
 
 def _read_picture(path: Path) -> np.ndarray:
     """A PNG/JPEG as grey in [0, 1]: colour is averaged, 16-bit PNGs keep their depth."""
-    data = np.fromfile(path, dtype=np.uint8)
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as exc:
+        raise DecodeError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
     image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if image is None:
         raise DecodeError(f"{path}: not a readable DICOM, PNG or JPEG image")

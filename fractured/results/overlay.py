@@ -1,11 +1,15 @@
-"""Secondary Capture overlay: the X-ray with the class activation map and a banner.
+"""Secondary Capture overlay: the X-ray with the class activation map, boxes and a banner.
 
 The SR is for machines; this image is for the radiologist in a viewer that shows no SR.
 It is the X-ray as the viewer shows it (windowed, bone bright), with the heatmap tinted
-over it only where the model looked (cold areas stay plain grey), under a black banner
-that says what this is: decision support, which model, what it concluded, and, loudly,
-when the model was never trained. The banner sits above the image rather than on it, so
-no anatomy is hidden; the X-ray keeps the source's orientation (no flips).
+over it only where the model looked (cold areas stay plain grey), the detector's boxes
+drawn as fracture products draw them (solid: likely, dashed: possible), under a black
+banner that says what this is: decision support, which model, what it concluded, and,
+loudly, when the model was never trained. The banner sits above the image rather than on
+it, so no anatomy is hidden; the X-ray keeps the source's orientation (no flips).
+
+`render_overlay` makes the picture alone (also written as PNG by `fractured predict`);
+`make_overlay` wraps it into a DICOM Secondary Capture in the source's study.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from fractured.engine.findings import Finding
+from fractured.engine.findings import Box, DecisionLevel, Finding
 from fractured.engine.preprocess import display_pixels
 from fractured.results import codes
 from fractured.results.header import carry_character_set, study_header
@@ -29,6 +33,39 @@ _WHITE = (255, 255, 255)
 _BLACK = (0, 0, 0)
 _YELLOW = (255, 255, 0)
 _RED = (200, 0, 0)
+# Magenta is in neither the grey scale nor the JET map (blue-cyan-green-yellow-red), and
+# a black halo under it keeps it apart from bright bone and from the map's hot reds.
+BOX_COLOUR = (255, 0, 255)
+_VERDICTS = {
+    DecisionLevel.LIKELY: "Likely fracture",
+    DecisionLevel.POSSIBLE: "Possible fracture",
+    DecisionLevel.NEGATIVE: "No fracture",
+}
+BOX_LEGEND = "solid: likely fracture, dashed: possible fracture"
+
+
+def render_overlay(finding: Finding, display: np.ndarray, *, max_size: int = 1024) -> np.ndarray:
+    """The overlay picture: banner above the X-ray with heatmap and boxes, RGB uint8.
+
+    `display` is the source's display image (`display_pixels` or `load_image`: float in
+    [0, 1], bone bright, on the source's pixel grid). It is downscaled (never enlarged)
+    so its long side is at most `max_size`; the heatmap and the boxes, which are on the
+    source's grid, are scaled the same way. Raises ValueError when the heatmap does not
+    match the display's rows x columns.
+    """
+    if finding.heatmap.shape != display.shape:
+        raise ValueError(
+            f"heatmap shape {finding.heatmap.shape} is not the source's {display.shape}"
+        )
+    _, size = _scaled_size(display.shape, max_size)
+    # INTER_AREA averages the pixels a downscale drops, so thin fracture lines and hot
+    # spots fade rather than alias away.
+    grey = cv2.resize(display, size, interpolation=cv2.INTER_AREA)
+    heat = cv2.resize(finding.heatmap.astype(np.float32), size, interpolation=cv2.INTER_AREA)
+    xray = _blend(grey, heat)
+    shown = _shown_boxes(finding)
+    _draw_boxes(xray, shown, (size[0] / display.shape[1], size[1] / display.shape[0]))
+    return np.vstack([_banner(finding, size[0], legend=bool(shown)), xray])
 
 
 def make_overlay(
@@ -43,10 +80,9 @@ def make_overlay(
 ) -> hd.sc.SCImage:
     """Build the RGB Secondary Capture for one finding, in the source's study and patient.
 
-    The X-ray is downscaled (never enlarged) so its long side is at most `max_size`; the
-    heatmap, which is on the source's pixel grid, is resampled to the same size.
-    `display` is the source's `display_pixels`, when the caller already has it (decoding
-    a large compressed radiograph twice costs more than the whole overlay).
+    The picture is `render_overlay`'s. `display` is the source's `display_pixels`, when
+    the caller already has it (decoding a large compressed radiograph twice costs more
+    than the whole overlay).
 
     Raises ValueError when the finding is about another image or its heatmap does not
     match the source's rows x columns; DecodeError (from `display_pixels`) when the
@@ -58,18 +94,8 @@ def make_overlay(
             f"source is {source.SOPInstanceUID}"
         )
     grey = display_pixels(source) if display is None else display
-    if finding.heatmap.shape != grey.shape:
-        raise ValueError(
-            f"heatmap shape {finding.heatmap.shape} is not the source's {grey.shape}"
-        )
-    scale = min(1.0, max_size / max(grey.shape))
-    size = (max(1, round(grey.shape[1] * scale)), max(1, round(grey.shape[0] * scale)))
-    # INTER_AREA averages the pixels a downscale drops, so thin fracture lines and hot
-    # spots fade rather than alias away.
-    grey = cv2.resize(grey, size, interpolation=cv2.INTER_AREA)
-    heat = cv2.resize(finding.heatmap.astype(np.float32), size, interpolation=cv2.INTER_AREA)
-
-    image = np.vstack([_banner(finding, size[0]), _blend(grey, heat)])
+    image = render_overlay(finding, grey, max_size=max_size)
+    scale, _ = _scaled_size(grey.shape, max_size)
     model = finding.model
     header = study_header(source)
     overlay = hd.sc.SCImage.from_ref_dataset(
@@ -113,7 +139,9 @@ def make_overlay(
     overlay.SourceImageSequence = [_source_reference(source)]
     overlay.DerivationDescription = (
         f"{codes.DISCLAIMER}. Windowed source resampled by {scale:.3f}, fracture class "
-        f"activation map of {model.name} {model.version} blended in colour, text banner added."
+        f"activation map of {model.name} {model.version} blended in colour, "
+        + ("detected fracture boxes drawn, " if _shown_boxes(finding) else "")
+        + "text banner added."
     )
     # The banner names the model and its verdict, never the patient or the date.
     overlay.BurnedInAnnotation = "NO"
@@ -130,20 +158,94 @@ def _blend(grey: np.ndarray, heat: np.ndarray) -> np.ndarray:
     return np.round(grey_rgb * (1.0 - alpha) + colour * alpha).astype(np.uint8)
 
 
-def _banner(finding: Finding, width: int) -> np.ndarray:
-    """Black strip with white text (and a red/yellow line when untrained), `width` wide.
+def _scaled_size(shape: tuple[int, ...], max_size: int) -> tuple[float, tuple[int, int]]:
+    """The downscale factor (at most 1) and the (width, height) it gives `shape`."""
+    scale = min(1.0, max_size / max(shape))
+    return scale, (max(1, round(shape[1] * scale)), max(1, round(shape[0] * scale)))
+
+
+def _shown_boxes(finding: Finding) -> list[Box]:
+    """The boxes worth drawing: a box below the high-sensitivity point (which the engine
+    does not report) would be drawn as no fracture product draws one, so it is left out."""
+    return [box for box in finding.boxes if box.level is not DecisionLevel.NEGATIVE]
+
+
+def _draw_boxes(xray: np.ndarray, boxes: list[Box], scale: tuple[float, float]) -> None:
+    """Draw `boxes` (source pixels) on the downscaled `xray` in place, `scale` = (x, y).
+
+    Each outline is magenta over a wider black halo, solid for a likely fracture and
+    dashed for a possible one, with the box's score in a small label above it (inside
+    its top edge when the box touches the top of the image).
+    """
+    height, width = xray.shape[:2]
+    thickness = max(2, round(max(height, width) / 400))
+    font_scale = float(np.clip(max(height, width) / 2000, 0.35, 0.8))
+    for box in boxes:
+        # Box edges are pixel boundaries (x1 is the right side of the last column), so
+        # the outline runs along the first and last scaled pixel rows and columns inside.
+        x0 = int(np.clip(round(box.x0 * scale[0]), 0, width - 1))
+        y0 = int(np.clip(round(box.y0 * scale[1]), 0, height - 1))
+        x1 = int(np.clip(round(box.x1 * scale[0]) - 1, x0, width - 1))
+        y1 = int(np.clip(round(box.y1 * scale[1]) - 1, y0, height - 1))
+        corners = [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]
+        edges = list(zip(corners, corners[1:] + corners[:1], strict=True))
+        if box.level is DecisionLevel.POSSIBLE:
+            edges = [dash for start, end in edges for dash in _dashes(start, end, 4 * thickness)]
+        for colour, width_px in ((_BLACK, thickness + 2), (BOX_COLOUR, thickness)):
+            for start, end in edges:
+                cv2.line(xray, start, end, colour, width_px, cv2.LINE_8)
+        _label(xray, f"{box.score:.2f}", x0, y0, thickness + 2, font_scale)
+
+
+def _dashes(start: tuple[int, int], end: tuple[int, int],
+            length: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """Dashes `length` long with equal gaps from `start` to `end` (an axis-aligned edge).
+
+    Every edge starts with a dash and ends with one, so each corner is marked and a
+    short box still shows its extent.
+    """
+    span = max(abs(end[0] - start[0]), abs(end[1] - start[1]))
+    count = max(1, round((span + length) / (2 * length)))  # dashes, each with a gap after
+    step = span / max(1, 2 * count - 1)
+    points = [
+        (round(start[0] + (end[0] - start[0]) * k * step / max(span, 1)),
+         round(start[1] + (end[1] - start[1]) * k * step / max(span, 1)))
+        for k in range(2 * count)
+    ]
+    return [(points[2 * k], points[2 * k + 1]) for k in range(count)]
+
+
+def _label(xray: np.ndarray, text: str, left: int, top_row: int, clearance: int,
+           font_scale: float) -> None:
+    """White `text` on a black patch above a box whose top outline runs along `top_row`,
+    or just inside it where there is no room above; `clearance` keeps it off the line."""
+    (text_width, text_height), baseline = cv2.getTextSize(text, _FONT, font_scale, 1)
+    pad = 2
+    width, height = text_width + 2 * pad, text_height + baseline + 2 * pad
+    left = min(left, max(0, xray.shape[1] - 1 - width))
+    above = top_row - clearance - height
+    top = above if above >= 0 else top_row + clearance
+    cv2.rectangle(xray, (left, top), (left + width, top + height), _BLACK, cv2.FILLED)
+    cv2.putText(xray, text, (left + pad, top + pad + text_height), _FONT, font_scale,
+                _WHITE, 1, cv2.LINE_AA)
+
+
+def _banner(finding: Finding, width: int, *, legend: bool) -> np.ndarray:
+    """Black strip with white text (and a red/yellow line when untrained), `width` wide;
+    the box legend, in the boxes' colour, when `legend`.
 
     The text size follows the image width, so it reads the same in a viewer that fits
     the image to the screen; lines that do not fit are wrapped at spaces.
     """
-    verdict = "FRACTURE" if finding.fracture else "no fracture"
     lines = [(codes.DISCLAIMER, _WHITE, _BLACK)]
     if not finding.model.trained:
         lines.append((codes.UNTRAINED_WARNING, _YELLOW, _RED))
     lines += [
         (f"Model: {finding.model.name} {finding.model.version}", _WHITE, _BLACK),
-        (f"{_probability_text(finding)}: {verdict}", _WHITE, _BLACK),
+        (_verdict_text(finding), _WHITE, _BLACK),
     ]
+    if legend:
+        lines.append((BOX_LEGEND, BOX_COLOUR, _BLACK))
     font_scale = float(np.clip(width / 1100, 0.4, 1.0))
     thickness = max(1, round(font_scale * 2))
     margin = max(4, round(10 * font_scale))
@@ -166,15 +268,36 @@ def _banner(finding: Finding, width: int) -> np.ndarray:
     return banner
 
 
-def _probability_text(finding: Finding) -> str:
-    """Probability and threshold to two decimals, or more where two would show a value
-    just below the threshold as equal to it, next to a "no fracture" verdict."""
-    probability, threshold = float(finding.probability), float(finding.threshold)
-    for decimals in range(2, 7):
-        shown, limit = f"{probability:.{decimals}f}", f"{threshold:.{decimals}f}"
-        if shown != limit or probability == threshold:
-            break
-    return f"Fracture probability {shown} (threshold {limit})"
+def _verdict_text(finding: Finding) -> str:
+    """The banner's verdict line: level, probability (with its TTA spread) and both
+    operating points, e.g. "Possible fracture: probability 0.53 ± 0.04 (possible from
+    0.30, likely from 0.70)".
+
+    Numbers have two decimals, or more where two would show the probability equal to
+    a threshold it is below (`distinct_decimals`).
+    """
+    points = finding.operating_points
+    probability = float(finding.probability)
+    decimals = distinct_decimals(probability, (points.high_sensitivity,
+                                               points.high_specificity))
+    shown = f"{probability:.{decimals}f}"
+    if finding.spread is not None:
+        shown += f" \u00b1 {float(finding.spread):.{decimals}f}"
+    return (f"{_VERDICTS[finding.level]}: probability {shown} (possible from "
+            f"{points.high_sensitivity:.{decimals}f}, likely from "
+            f"{points.high_specificity:.{decimals}f})")
+
+
+def distinct_decimals(value: float, limits: tuple[float, ...], least: int = 2) -> int:
+    """Decimals (from `least`, at most 6) to show `value` so that it never looks equal to
+    a limit it is below: rounding 0.49999 to "0.50" next to a 0.50 threshold would make a
+    miss look like a hit. A value at or above a limit may round to it (float32's 0.3 is
+    0.30000001: "0.30" is what the reader expects)."""
+    for decimals in range(least, 6):
+        if all(value >= limit or f"{value:.{decimals}f}" != f"{limit:.{decimals}f}"
+               for limit in limits):
+            return decimals
+    return 6
 
 
 def _wrap(text: str, room: int, font_scale: float, thickness: int) -> list[str]:

@@ -1,0 +1,416 @@
+"""Inference engines: torch eager against ONNX Runtime, per model, per study and in memory.
+
+The node defaults to ONNX Runtime and keeps torch as the reference (and the GPU path
+where TensorRT is absent); this says what that choice is worth on the node's own
+hardware. For each classifier variant at its native input size and each detector
+backbone at 512 px, an untrained bundle is built (BatchNorm calibrated, so outputs and
+the work done on them are realistic) and both backends time the same inputs in the same
+process, interleaved so load from other processes hits both alike. Then:
+
+- the end-to-end `Pipeline.run` over a 4-image study of ~2000x1700 display images
+  (synthetic radiograph-like pixels), classifier and detector, on each backend;
+- the node's peak memory (ru_maxrss) with both models loaded and one study run, each
+  backend in a fresh subprocess so that imports and allocator arenas are counted;
+- on a CUDA machine, the torch backend on the GPU: its FP16 channels-last classifier
+  against the same weights in FP32 eager.
+
+Times go through the backends' own `.run` (what the node calls), so they include the
+numpy <-> tensor conversions the node pays for.
+
+    .venv/bin/python -m bench.engine [--variants b0,b3] [--detectors mobilenet_v3_large_fpn]
+        [--threads 2] [--repeat 10] [--batch 1,4]
+
+The ResNet50-FPN v2 detector (~1.3 s per image on 2 cores) runs only when named:
+`--detectors mobilenet_v3_large_fpn,resnet50_fpn_v2`. `--detectors none` skips detectors.
+"""
+
+# torch (and fractured.training.build, which imports it) is imported inside the
+# functions that need it, never here: the memory probe runs this module in a subprocess
+# for the ONNX Runtime node, which must not be charged for a torch it never loads.
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fractured.engine.backends import Engines, open_engines
+from fractured.engine.bundle import (
+    CLASSIFIER_FILE,
+    CLASSIFIER_WEIGHTS,
+    DETECTOR_FILE,
+    DETECTOR_WEIGHTS,
+    Bundle,
+    write_bundle,
+)
+from fractured.engine.findings import ImageRef
+from fractured.engine.pipeline import Pipeline
+from fractured.engine.preprocess import letterbox, to_model_input
+
+DETECTOR_SIZE = 512
+WARMUP = 2  # first runs allocate arenas and pick kernels; never timed
+# Source sizes of the synthetic study: portrait and landscape, so both letterbox axes pad.
+STUDY_SHAPES = ((2000, 1700), (1700, 2000), (2048, 1680), (1950, 1750))
+DEFAULT_VARIANTS = "b0,b3"
+DEFAULT_DETECTORS = "mobilenet_v3_large_fpn"
+BACKENDS = ("torch", "onnxruntime")
+_REF = ImageRef("", "", "", "")
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per call of one contender, and how many images each call handled."""
+
+    seconds: list[float]
+    images: int
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.seconds) * 1e3
+
+    @property
+    def p90_ms(self) -> float:
+        return float(np.percentile(self.seconds, 90)) * 1e3
+
+    def row(self) -> str:
+        per_image = self.median_ms / self.images
+        return (f"{self.median_ms:9.1f} {self.p90_ms:8.1f} {per_image:9.1f} "
+                f"{1e3 / per_image:9.1f}")
+
+
+HEADER = (f"  {'model':<34} {'input':>5} {'batch':>5}  {'backend':<18} {'median ms':>9} "
+          f"{'p90 ms':>8} {'ms/image':>9} {'images/s':>9}")
+
+
+def race(runs: dict[str, Callable[[Any], object]], argument: Any, repeat: int,
+         images: int) -> dict[str, Timing]:
+    """Time each contender on the same `argument`, `repeat` times after WARMUP untimed
+    runs, interleaved: one run of each per round, so a burst of load from elsewhere lands
+    on all of them."""
+    for run in runs.values():
+        for _ in range(WARMUP):
+            run(argument)
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeat):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run(argument)
+            seconds[name].append(time.perf_counter() - start)
+    return {name: Timing(values, images) for name, values in seconds.items()}
+
+
+def print_race(model: str, size: int, batch: int, timings: dict[str, Timing],
+               note: str = "") -> None:
+    """One table row per contender, then the first's time over the second's."""
+    for index, (name, timing) in enumerate(timings.items()):
+        label = f"{model:<34} {size:>5} {batch:>5}" if index == 0 else " " * 46
+        print(f"  {label}  {name:<18} {timing.row()}")
+    (first, a), (second, b) = list(timings.items())[:2]
+    print(f"  {'':<46}  {first} / {second}: {a.median_ms / b.median_ms:.2f}x the time"
+          f"{'; ' + note if note else ''}")
+
+
+# --- inputs ------------------------------------------------------------------------------
+
+def synthetic_study(seed: int = 0) -> list[np.ndarray]:
+    """Display images (float32 [0, 1], bone bright) shaped like a limb radiograph.
+
+    Air, a soft-tissue column, two long bones with brighter cortex, one with a dark
+    fracture line, a burnt-in side marker and quantum noise: enough edges and texture
+    that the detector's proposals and the letterbox resampling do their usual work.
+    """
+    rng = np.random.default_rng(seed)
+    images = []
+    for rows, cols in STUDY_SHAPES:
+        y, x = np.mgrid[0:rows, 0:cols].astype(np.float32)
+        image = np.full((rows, cols), 0.05, np.float32)
+        centre = cols * rng.uniform(0.45, 0.55)
+        tissue = np.abs(x - centre) < cols * 0.3
+        image[tissue] = 0.3
+        for offset, width in ((-0.1, 0.07), (0.08, 0.05)):
+            axis = centre + cols * offset + (y - rows / 2) * rng.uniform(-0.05, 0.05)
+            distance = np.abs(x - axis) / (cols * width)
+            image = np.where(distance < 1, 0.55 + 0.3 * distance ** 4, image)
+        line = np.abs(y - rows * rng.uniform(0.4, 0.6) - (x - centre) * 0.3) < 4
+        image[line & (image > 0.5)] = 0.35
+        image[40:160, 40:140] = 0.95  # side marker
+        image += rng.normal(0.0, 0.02, image.shape).astype(np.float32)
+        images.append(np.clip(image, 0.0, 1.0))
+    return images
+
+
+def model_batch(images: Sequence[np.ndarray], size: int, batch: int,
+                bundle: Bundle) -> np.ndarray:
+    """The first `batch` study images (cycled) as the pipeline would feed them."""
+    boxed = [letterbox(images[i % len(images)], size)[0] for i in range(batch)]
+    return to_model_input(boxed, bundle.manifest.mean, bundle.manifest.std)
+
+
+# --- bundles -----------------------------------------------------------------------------
+
+def build_bundles(variants: list[str], detectors: list[str], work: Path) -> tuple[
+        dict[str, Bundle], dict[str, Bundle], dict[tuple[str, str], Bundle]]:
+    """Classifier-only bundles per variant, one bundle per detector, and every
+    (variant, detector) pair combined into a node bundle for the pipeline.
+
+    Each model is built and exported once: a pair reuses both models' files. The
+    detector bundles' own classifier is a throwaway (b0 at 64 px, the cheapest).
+    """
+    from fractured.training.build import build_untrained_bundle
+
+    classifiers, boxers = {}, {}
+    for variant in variants:
+        start = time.perf_counter()
+        classifiers[variant] = Bundle.load(build_untrained_bundle(
+            work / f"classifier-{variant}", variant=variant))
+        print(f"  classifier {variant}: built in {time.perf_counter() - start:.1f} s")
+    for backbone in detectors:
+        start = time.perf_counter()
+        boxers[backbone] = Bundle.load(build_untrained_bundle(
+            work / f"detector-{backbone}", variant="b0", input_size=64, detector=backbone,
+            detector_input_size=DETECTOR_SIZE))
+        print(f"  detector {backbone}: built in {time.perf_counter() - start:.1f} s")
+    pairs = {(variant, backbone): combine(classifiers[variant], boxers[backbone],
+                                          work / f"node-{variant}-{backbone}")
+             for variant in variants for backbone in detectors}
+    return classifiers, boxers, pairs
+
+
+def combine(classifier: Bundle, detector: Bundle, out_dir: Path) -> Bundle:
+    """A bundle holding one bundle's classifier and another's detector (files and
+    manifest sections copied; checksums recomputed by write_bundle)."""
+    fields = classifier.manifest.to_dict()
+    del fields["files"]
+    fields["detector"] = detector.manifest.to_dict()["detector"]
+    files = {name: classifier.file(name) for name in (CLASSIFIER_FILE, CLASSIFIER_WEIGHTS)}
+    files |= {name: detector.file(name) for name in (DETECTOR_FILE, DETECTOR_WEIGHTS)}
+    return write_bundle(out_dir, fields, files)
+
+
+def engines(bundle: Bundle, threads: int) -> dict[str, Engines]:
+    """The bundle on each backend, torch pinned to the CPU (the GPU has its own section)."""
+    return {name: open_engines(bundle, name, threads=threads, device="cpu")
+            for name in BACKENDS}
+
+
+# --- sections ----------------------------------------------------------------------------
+
+def bench_classifiers(bundles: dict[str, Bundle], study: list[np.ndarray], batches: list[int],
+                      threads: int, repeat: int) -> None:
+    for bundle in bundles.values():
+        spec = bundle.manifest.classifier
+        opened = engines(bundle, threads)
+        for batch_size in batches:
+            batch = model_batch(study, spec.input_size, batch_size, bundle)
+            runs = {name: e.classifier.run for name, e in opened.items()}
+            timings = race(runs, batch, repeat, batch_size)
+            (logits, cam), (other_logits, other_cam) = (runs[name](batch) for name in BACKENDS)
+            gap = max(np.abs(logits - other_logits).max(), np.abs(cam - other_cam).max())
+            print_race(spec.architecture, spec.input_size, batch_size, timings,
+                       f"outputs differ by <= {gap:.1g}")
+
+
+def bench_detectors(bundles: dict[str, Bundle], study: list[np.ndarray], threads: int,
+                    repeat: int) -> None:
+    for bundle in bundles.values():
+        spec = bundle.manifest.detector
+        assert spec is not None
+        opened = engines(bundle, threads)
+        batch = model_batch(study, spec.input_size, 1, bundle)
+        runs = {name: e.detector.run for name, e in opened.items() if e.detector is not None}
+        timings = race(runs, batch, repeat, 1)
+        # Sorted, because near-tied scores may swap places between backends.
+        scores = [np.sort(runs[name](batch)[1][0]) for name in BACKENDS]
+        print_race(spec.architecture, spec.input_size, 1, timings,
+                   f"sorted scores differ by <= {np.abs(scores[0] - scores[1]).max():.1g}")
+
+
+def bench_pipelines(pairs: dict[tuple[str, str], Bundle], study: list[np.ndarray],
+                    threads: int, repeat: int) -> None:
+    images = [(_REF, image) for image in study]
+    shape = "/".join(f"{rows}x{cols}" for rows, cols in STUDY_SHAPES)
+    print(f"  one study: {len(study)} images of {shape} px, max_batch 8, no TTA")
+    for (variant, backbone), bundle in pairs.items():
+        pipelines = {name: Pipeline(bundle, name, threads=threads) for name in BACKENDS}
+        runs = {_label(p.engines): p.run for p in pipelines.values()}
+        timings = race(runs, images, max(3, repeat // 2), len(study))
+        print_race(f"{variant} + {backbone}", bundle.manifest.classifier.input_size,
+                   len(study), timings, "times are per study; ms/image is the node's rate")
+
+
+def bench_memory(pairs: dict[tuple[str, str], Bundle], study: list[np.ndarray], threads: int,
+                 work: Path) -> None:
+    """Peak resident memory of a fresh node process per backend (see `probe_memory`)."""
+    study_file = work / "study.npz"
+    np.savez(study_file, *study)
+    print(f"  {'bundle':<34} {'backend':<12} {'imports':>8} {'+ models':>9} {'+ study':>8}"
+          "  torch imported")
+    for (variant, backbone), bundle in pairs.items():
+        for backend in BACKENDS:
+            command = [sys.executable, "-m", "bench.engine", "--probe-memory", str(bundle.path),
+                       backend, str(study_file), str(threads)]
+            done = subprocess.run(command, capture_output=True, text=True, check=False,
+                                  cwd=Path(__file__).resolve().parent.parent)
+            if done.returncode != 0:
+                raise SystemExit(f"memory probe failed ({backend}):\n{done.stderr}")
+            peaks = json.loads(done.stdout.strip().splitlines()[-1])
+            print(f"  {variant + ' + ' + backbone:<34} {peaks['backend']:<12} "
+                  f"{peaks['imports']:6.0f} MB {peaks['models']:6.0f} MB "
+                  f"{peaks['study']:5.0f} MB  {'yes' if peaks['torch'] else 'no'}")
+    print("  (ru_maxrss, the process's peak so far, after each step; MB = 2^20 bytes)")
+
+
+def probe_memory(bundle_path: str, backend: str, study_file: str, threads: int) -> None:
+    """Run in a fresh process: load a node's Pipeline, run one study, print peak RSS.
+
+    Only what a node imports has been imported when this runs (this module keeps torch
+    out of its top level), so the figures are a node's, interpreter included.
+    """
+    peaks = {"imports": _peak_mb()}
+    pipeline = Pipeline(Bundle.load(bundle_path), backend, threads=threads)
+    peaks["models"] = _peak_mb()
+    with np.load(study_file) as data:
+        study = [data[name] for name in data.files]
+    findings = pipeline.run([(_REF, image) for image in study])
+    assert len(findings) == len(study)
+    peaks["study"] = _peak_mb()
+    print(json.dumps({**peaks, "backend": _label(pipeline.engines),
+                      "torch": "torch" in sys.modules}))
+
+
+def bench_cuda(bundles: dict[str, Bundle], detectors: dict[str, Bundle],
+               study: list[np.ndarray], batches: list[int], repeat: int) -> None:
+    """The torch backend on the GPU: its FP16 channels-last classifier against the same
+    weights in FP32 eager, and its (FP32) detector. Each run copies to the GPU and back,
+    as the backend does, which also synchronises the timings."""
+    import torch
+
+    from fractured.engine.models import FractureClassifier
+
+    if not torch.cuda.is_available():
+        print("  skipped: torch.cuda.is_available() is False (no CUDA GPU visible to "
+              f"torch {torch.__version__})")
+        return
+    print(f"  {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+          f"CUDA {torch.version.cuda}")
+    for bundle in bundles.values():
+        spec = bundle.manifest.classifier
+        fp16 = open_engines(bundle, "torch", device="cuda").classifier
+        model = FractureClassifier(variant=spec.variant, num_labels=len(spec.labels))
+        model.load_state_dict(torch.load(bundle.file(CLASSIFIER_WEIGHTS), map_location="cpu",
+                                         weights_only=True))
+        model = model.eval().cuda()
+
+        def fp32(batch: np.ndarray, model: Any = model) -> np.ndarray:
+            with torch.inference_mode():
+                return model(torch.from_numpy(batch).cuda())[0].cpu().numpy()
+
+        for batch_size in batches:
+            batch = model_batch(study, spec.input_size, batch_size, bundle)
+            timings = race({"torch cuda fp16 cl": fp16.run, "torch cuda fp32": fp32}, batch,
+                           repeat, batch_size)
+            gap = np.abs(fp16.run(batch)[0] - fp32(batch)).max()
+            print_race(spec.architecture, spec.input_size, batch_size, timings,
+                       f"logits differ by <= {gap:.2g}")
+    for bundle in detectors.values():
+        spec = bundle.manifest.detector
+        assert spec is not None
+        on_gpu = open_engines(bundle, "torch", device="cuda").detector
+        on_cpu = open_engines(bundle, "torch", device="cpu").detector
+        assert on_gpu is not None and on_cpu is not None
+        batch = model_batch(study, spec.input_size, 1, bundle)
+        timings = race({"torch cuda fp32": on_gpu.run, "torch cpu fp32": on_cpu.run}, batch,
+                       repeat, 1)
+        print_race(spec.architecture, spec.input_size, 1, timings)
+
+
+def _label(opened: Engines) -> str:
+    """Backend and where it runs, as the tables show it."""
+    engine: Any = opened.classifier
+    if opened.backend == "torch":
+        return f"torch ({engine.device.type})"
+    if opened.backend == "onnxruntime":
+        return "onnxruntime" + (" (cuda)" if engine.provider.startswith("CUDA") else "")
+    return opened.backend
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _names(text: str) -> list[str]:
+    return [] if text.strip().lower() == "none" else [n.strip() for n in text.split(",")
+                                                     if n.strip()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS,
+                        help="EfficientNet variants, comma-separated, each at its native size")
+    parser.add_argument("--detectors", default=DEFAULT_DETECTORS,
+                        help="Faster R-CNN backbones at 512 px, comma-separated, or 'none'")
+    parser.add_argument("--threads", type=int, default=2, help="torch and ORT intra-op threads")
+    parser.add_argument("--repeat", type=int, default=10,
+                        help="timed runs per contender (half as many, at least 3, per study)")
+    parser.add_argument("--batch", default="1,4", help="classifier batch sizes")
+    parser.add_argument("--probe-memory", nargs=4, help=argparse.SUPPRESS,
+                        metavar=("BUNDLE", "BACKEND", "STUDY", "THREADS"))
+    args = parser.parse_args()
+    if args.probe_memory:
+        bundle_path, backend, study_file, threads = args.probe_memory
+        probe_memory(bundle_path, backend, study_file, int(threads))
+        return
+
+    import onnxruntime as ort
+    import torch
+
+    from fractured.engine.models import DETECTOR_BACKBONES, INPUT_SIZES
+
+    variants, detectors = _names(args.variants), _names(args.detectors)
+    for name in variants:
+        if name not in INPUT_SIZES:
+            parser.error(f"unknown variant {name!r}; choose from {', '.join(INPUT_SIZES)}")
+    for name in detectors:
+        if name not in DETECTOR_BACKBONES:
+            parser.error(f"unknown detector {name!r}; choose from "
+                         f"{', '.join(DETECTOR_BACKBONES)}")
+    batches = [int(b) for b in args.batch.split(",")]
+    started = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    ort.set_default_logger_severity(3)
+    print(f"torch {torch.__version__}, onnxruntime {ort.__version__}, {args.threads} threads, "
+          f"{args.repeat} timed runs after {WARMUP} warm-up runs, interleaved")
+    study = synthetic_study()
+    with tempfile.TemporaryDirectory(prefix="bench-engine-") as scratch:
+        work = Path(scratch)
+        print("\nUntrained bundles (BatchNorm calibrated):")
+        classifiers, boxers, pairs = build_bundles(variants, detectors, work)
+        print("\nModels, CPU (torch eager vs ONNX Runtime, same inputs, same process):")
+        print(HEADER)
+        bench_classifiers(classifiers, study, batches, args.threads, args.repeat)
+        bench_detectors(boxers, study, args.threads, args.repeat)
+        if pairs:
+            print("\nEnd to end, Pipeline.run (letterbox, classifier, detector, map back):")
+            print(HEADER)
+            bench_pipelines(pairs, study, args.threads, args.repeat)
+            print("\nNode peak memory, classifier + detector loaded, one study run "
+                  "(fresh process each):")
+            bench_memory(pairs, study, args.threads, work)
+        print("\nCUDA (torch backend; FP16 channels-last classifier vs FP32 eager):")
+        bench_cuda(classifiers, boxers, study, batches, args.repeat)
+    print(f"\nTotal {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -9,7 +9,7 @@ process, interleaved so load from other processes hits both alike. Then:
 
 - the end-to-end `Pipeline.run` over a 4-image study of ~2000x1700 display images
   (synthetic radiograph-like pixels), classifier and detector, on each backend;
-- the node's peak memory (ru_maxrss) with both models loaded and one study run, each
+- the node's peak memory (peak resident set) with both models loaded and one study run, each
   backend in a fresh subprocess so that imports and allocator arenas are counted;
 - on a CUDA machine, the torch backend on the GPU: its FP16 channels-last classifier
   against the same weights in FP32 eager.
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -268,7 +269,7 @@ def bench_memory(pairs: dict[tuple[str, str], Bundle], study: list[np.ndarray], 
             print(f"  {variant + ' + ' + backbone:<34} {peaks['backend']:<12} "
                   f"{peaks['imports']:6.0f} MB {peaks['models']:6.0f} MB "
                   f"{peaks['study']:5.0f} MB  {'yes' if peaks['torch'] else 'no'}")
-    print("  (ru_maxrss, the process's peak so far, after each step; MB = 2^20 bytes)")
+    print("  (peak resident set so far, VmHWM, after each step; MB = 2^20 bytes)")
 
 
 def probe_memory(bundle_path: str, backend: str, study_file: str, threads: int) -> None:
@@ -346,7 +347,31 @@ def _label(opened: Engines) -> str:
 
 
 def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    """This process's peak resident memory so far, MB.
+
+    VmHWM, the kernel's high-water mark of this process image's resident set, not
+    getrusage's ru_maxrss: Linux carries ru_maxrss across fork and exec, so every probe
+    started from this (by then ~1.7 GB) benchmark reported the benchmark's own peak.
+    ru_maxrss is the fallback where /proc is absent.
+    """
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    kib = next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))
+    return int(kib) / 1024
+
+
+def _load(*, before: bool = False) -> str:
+    """The 1-minute load average; before the run, a warning when other work competes for
+    the cores. It matters most to torch: its OpenMP threads meet at a barrier after every
+    operator, and with another process keeping one of 2 cores busy, 2-thread torch took
+    0.1-2.4 s for a b0 image it runs in ~30 ms alone (ONNX Runtime: ~35 ms). At the end
+    the figure includes this benchmark's own threads."""
+    load = os.getloadavg()[0]
+    busy = before and load > 0.5 * (os.cpu_count() or 1)
+    return f"{load:.2f}" + (" (other work is running: figures are not an idle machine's)"
+                            if busy else "")
 
 
 def _names(text: str) -> list[str]:
@@ -391,6 +416,7 @@ def main() -> None:
     ort.set_default_logger_severity(3)
     print(f"torch {torch.__version__}, onnxruntime {ort.__version__}, {args.threads} threads, "
           f"{args.repeat} timed runs after {WARMUP} warm-up runs, interleaved")
+    print(f"load average (1 min) at start: {_load(before=True)}")
     study = synthetic_study()
     with tempfile.TemporaryDirectory(prefix="bench-engine-") as scratch:
         work = Path(scratch)
@@ -409,7 +435,8 @@ def main() -> None:
             bench_memory(pairs, study, args.threads, work)
         print("\nCUDA (torch backend; FP16 channels-last classifier vs FP32 eager):")
         bench_cuda(classifiers, boxers, study, batches, args.repeat)
-    print(f"\nTotal {time.perf_counter() - started:.0f} s")
+    print(f"\nTotal {time.perf_counter() - started:.0f} s; load average (1 min) at the end: "
+          f"{_load()}")
 
 
 if __name__ == "__main__":

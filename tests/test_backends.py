@@ -34,6 +34,7 @@ def test_a_backend_the_bundle_lacks_is_refused(untrained_bundle: Path) -> None:
         choose_backend(Bundle.load(untrained_bundle), "tensorrt")
 
 
+@pytest.mark.slow  # builds the detector bundle (~30 s)
 def test_torch_and_onnxruntime_give_the_same_findings(
         untrained_bundle_with_detector: Path) -> None:
     bundle = Bundle.load(untrained_bundle_with_detector)
@@ -52,6 +53,7 @@ def test_torch_and_onnxruntime_give_the_same_findings(
             assert box_a.level == box_b.level
 
 
+@pytest.mark.slow  # builds the detector bundle (~30 s)
 def test_detector_boxes_are_in_source_pixels_at_the_operating_points(
         untrained_bundle_with_detector: Path) -> None:
     bundle = Bundle.load(untrained_bundle_with_detector)

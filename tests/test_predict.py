@@ -182,6 +182,7 @@ def test_missing_bundle_is_named(tmp_path: Path) -> None:
     assert "cannot load engine bundle" in result.output and "no-such-bundle" in result.output
 
 
+@pytest.mark.slow  # builds the detector bundle (~30 s)
 def test_boxes_reach_the_json_and_the_overlay(untrained_bundle_with_detector: Path,
                                               tmp_path: Path) -> None:
     """The random detector scores every box about the same (~0.5): whatever it returns

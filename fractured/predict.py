@@ -19,7 +19,7 @@ from fractured.engine.findings import DecisionLevel, Finding
 from fractured.engine.pipeline import Pipeline
 from fractured.engine.preprocess import DecodeError
 from fractured.engine.sources import LoadedImage, load_image
-from fractured.results.overlay import distinct_decimals, render_overlay
+from fractured.results.overlay import probability_text, render_overlay
 
 TABLE_COLUMNS = ("probability", "level", "high-sens", "high-spec", "boxes", "best box")
 _COLUMN_WIDTHS = (16, 9, 10, 10, 6, 8)
@@ -115,13 +115,7 @@ def table_row(outcome: Outcome, file_width: int) -> str:
     if isinstance(outcome, Unreadable):
         return f"{file}  error: {outcome.error}"
     finding = outcome.finding
-    points = finding.operating_points
-    probability = float(finding.probability)
-    decimals = distinct_decimals(probability, (points.high_sensitivity,
-                                               points.high_specificity))
-    shown = f"{probability:.{decimals}f}"
-    if finding.spread is not None:
-        shown += f" \u00b1 {float(finding.spread):.{decimals}f}"
+    shown, _ = probability_text(finding)
     best = max((box.score for box in finding.boxes), default=None)
     cells = (
         shown,

@@ -24,7 +24,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from fractured import log
 from fractured.config import Settings
 from fractured.daemon.queue import Queue, ReceivedInstance
-from fractured.daemon.spool import is_uid, write_durably
+from fractured.daemon.spool import is_uid
+from fractured.durable import write_durably
 
 # C-STORE response statuses (PS3.4 Annex B.2.3, PS3.7 Annex C).
 SUCCESS = 0x0000

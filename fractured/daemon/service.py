@@ -13,8 +13,8 @@ from fractured.config import Settings
 from fractured.daemon import scp
 from fractured.daemon.queue import Queue, make_engine
 from fractured.daemon.scheduler import build_scheduler
-from fractured.daemon.spool import ensure_dir
 from fractured.daemon.worker import Worker
+from fractured.durable import ensure_dir
 from fractured.engine.bundle import Bundle
 from fractured.engine.pipeline import Pipeline
 

@@ -20,7 +20,7 @@ from pydicom.uid import generate_uid
 from fractured import log
 from fractured.config import Settings
 from fractured.daemon.queue import ClaimedStudy, Queue, ResultObject
-from fractured.daemon.spool import write_durably
+from fractured.durable import write_durably
 from fractured.engine.findings import ImageRef
 from fractured.engine.pipeline import Pipeline
 from fractured.engine.preprocess import DecodeError, display_pixels, read_dataset

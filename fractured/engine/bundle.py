@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import types
@@ -21,6 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from fractured.durable import fsync_path
 from fractured.engine.findings import ModelInfo, OperatingPoints
 
 SCHEMA_VERSION = 2
@@ -323,22 +323,22 @@ def write_bundle(out_dir: str | Path, manifest_fields: Mapping[str, Any],
                 raise BundleError(f"{name!r}: not a valid bundle file name")
             target = staging / name
             shutil.copyfile(source, target)
-            _fsync(target)
+            fsync_path(target)
             digests[name] = _sha256(target)
         manifest = Manifest.from_dict({**manifest_fields, "files": digests},
                                       f"{out_dir / MANIFEST_FILE} (being written)")
         manifest_path = staging / MANIFEST_FILE
         manifest_path.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n",
                                  encoding="utf-8")
-        _fsync(manifest_path)
-        _fsync(staging)
+        fsync_path(manifest_path)
+        fsync_path(staging)
         try:
             # rename(2) replaces an empty directory and fails on a non-empty one, so a
             # bundle that appeared since the check above is still never overwritten.
             staging.rename(out_dir)
         except OSError as exc:
             raise BundleError(f"{out_dir}: cannot create the bundle ({exc})") from exc
-        _fsync(out_dir.parent)
+        fsync_path(out_dir.parent)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
@@ -351,15 +351,6 @@ def _sha256(path: Path) -> str:
         while chunk := stream.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file or directory to disk, so the rename publishes complete contents."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def _is_int(value: Any) -> bool:

@@ -268,6 +268,19 @@ def _banner(finding: Finding, width: int, *, legend: bool) -> np.ndarray:
     return banner
 
 
+def probability_text(finding: Finding) -> tuple[str, int]:
+    """The probability (with its TTA spread) as shown to people, and its decimals:
+    two, or more where two would show it equal to a threshold it is below."""
+    points = finding.operating_points
+    probability = float(finding.probability)
+    decimals = distinct_decimals(probability, (points.high_sensitivity,
+                                               points.high_specificity))
+    shown = f"{probability:.{decimals}f}"
+    if finding.spread is not None:
+        shown += f" \u00b1 {float(finding.spread):.{decimals}f}"
+    return shown, decimals
+
+
 def _verdict_text(finding: Finding) -> str:
     """The banner's verdict line: level, probability (with its TTA spread) and both
     operating points, e.g. "Possible fracture: probability 0.53 ± 0.04 (possible from
@@ -277,12 +290,7 @@ def _verdict_text(finding: Finding) -> str:
     a threshold it is below (`distinct_decimals`).
     """
     points = finding.operating_points
-    probability = float(finding.probability)
-    decimals = distinct_decimals(probability, (points.high_sensitivity,
-                                               points.high_specificity))
-    shown = f"{probability:.{decimals}f}"
-    if finding.spread is not None:
-        shown += f" \u00b1 {float(finding.spread):.{decimals}f}"
+    shown, decimals = probability_text(finding)
     return (f"{_VERDICTS[finding.level]}: probability {shown} (possible from "
             f"{points.high_sensitivity:.{decimals}f}, likely from "
             f"{points.high_specificity:.{decimals}f})")

@@ -14,10 +14,9 @@ built, so this module imports on machines without it.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
+from fractured.durable import write_durably
 from fractured.engine.backends.tensorrt import (
     PlanTarget,
     plan_is_usable,
@@ -88,25 +87,6 @@ def build_plan(onnx_path: Path, plan_path: Path, *, fp16: bool = True, max_batch
     if serialized is None:
         raise BuildError(f"{onnx_path}: TensorRT could not build a plan "
                          f"({logger.take_errors()})")
-    _write_durably(Path(plan_path), memoryview(serialized))
+    write_durably(Path(plan_path), memoryview(serialized), mode=0o644)
     return PlanTarget.current()
 
-
-def _write_durably(path: Path, data: memoryview) -> None:
-    """Write `data` to `path` via a flushed temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)

@@ -5,7 +5,7 @@ where TensorRT is absent); this says what that choice is worth on the node's own
 hardware. For each classifier variant at its native input size and each detector
 backbone at 512 px, an untrained bundle is built (BatchNorm calibrated, so outputs and
 the work done on them are realistic) and both backends time the same inputs in the same
-process, interleaved so load from other processes hits both alike. Then:
+process (in alternating blocks of runs: see `race`). Then:
 
 - the end-to-end `Pipeline.run` over a 4-image study of ~2000x1700 display images
   (synthetic radiograph-like pixels), classifier and detector, on each backend;
@@ -61,6 +61,7 @@ from fractured.engine.preprocess import letterbox, to_model_input
 
 DETECTOR_SIZE = 512
 WARMUP = 2  # first runs allocate arenas and pick kernels; never timed
+ROUNDS = 2  # blocks of timed runs per contender, alternating between contenders
 # Source sizes of the synthetic study: portrait and landscape, so both letterbox axes pad.
 STUDY_SHAPES = ((2000, 1700), (1700, 2000), (2048, 1680), (1950, 1750))
 DEFAULT_VARIANTS = "b0,b3"
@@ -96,18 +97,27 @@ HEADER = (f"  {'model':<34} {'input':>5} {'batch':>5}  {'backend':<18} {'median 
 
 def race(runs: dict[str, Callable[[Any], object]], argument: Any, repeat: int,
          images: int) -> dict[str, Timing]:
-    """Time each contender on the same `argument`, `repeat` times after WARMUP untimed
-    runs, interleaved: one run of each per round, so a burst of load from elsewhere lands
-    on all of them."""
-    for run in runs.values():
-        for _ in range(WARMUP):
-            run(argument)
+    """Time each contender on the same `argument`, `repeat` times in all.
+
+    The runs come in ROUNDS blocks per contender, alternating, so that a burst of load
+    from elsewhere is less likely to land on one contender only. Not one run each in
+    turn: both backends' thread pools keep spinning for a while after a run, and the
+    next contender then shares the cores with them; interleaved run by run, b0 took
+    57 ms in torch and 16 ms in ONNX Runtime, in blocks 25 and 9 ms, as each does in a
+    process of its own (the node runs one backend). Each block starts with untimed runs
+    (WARMUP in the first round, when arenas are allocated; one later) that absorb the
+    other contender's spinning.
+    """
     seconds: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeat):
+    for round_ in range(ROUNDS):
+        count = repeat // ROUNDS + (round_ < repeat % ROUNDS)
         for name, run in runs.items():
-            start = time.perf_counter()
-            run(argument)
-            seconds[name].append(time.perf_counter() - start)
+            for _ in range(WARMUP if round_ == 0 else 1):
+                run(argument)
+            for _ in range(count):
+                start = time.perf_counter()
+                run(argument)
+                seconds[name].append(time.perf_counter() - start)
     return {name: Timing(values, images) for name, values in seconds.items()}
 
 
@@ -209,36 +219,44 @@ def engines(bundle: Bundle, threads: int) -> dict[str, Engines]:
 
 def bench_classifiers(bundles: dict[str, Bundle], study: list[np.ndarray], batches: list[int],
                       threads: int, repeat: int) -> None:
+    """Each classifier on both backends per batch size, and how far their outputs are
+    apart on these inputs (the build's parity check used random noise, not images)."""
     for bundle in bundles.values():
         spec = bundle.manifest.classifier
         opened = engines(bundle, threads)
         for batch_size in batches:
             batch = model_batch(study, spec.input_size, batch_size, bundle)
-            runs = {name: e.classifier.run for name, e in opened.items()}
+            runs = {_label(e): e.classifier.run for e in opened.values()}
             timings = race(runs, batch, repeat, batch_size)
-            (logits, cam), (other_logits, other_cam) = (runs[name](batch) for name in BACKENDS)
+            (logits, cam), (other_logits, other_cam) = (run(batch) for run in runs.values())
             gap = max(np.abs(logits - other_logits).max(), np.abs(cam - other_cam).max())
+            scale = max(np.abs(logits).max(), np.abs(cam).max())
             print_race(spec.architecture, spec.input_size, batch_size, timings,
-                       f"outputs differ by <= {gap:.1g}")
+                       f"outputs differ by <= {gap:.1g} (largest |output| {scale:.1g})")
 
 
 def bench_detectors(bundles: dict[str, Bundle], study: list[np.ndarray], threads: int,
                     repeat: int) -> None:
+    """Each detector on both backends, one image per call: the exported graph takes one
+    image, and the ONNX Runtime backend loops over a batch, so batch 1 is the rate."""
     for bundle in bundles.values():
         spec = bundle.manifest.detector
         assert spec is not None
         opened = engines(bundle, threads)
         batch = model_batch(study, spec.input_size, 1, bundle)
-        runs = {name: e.detector.run for name, e in opened.items() if e.detector is not None}
+        runs = {_label(e): e.detector.run for e in opened.values() if e.detector is not None}
         timings = race(runs, batch, repeat, 1)
         # Sorted, because near-tied scores may swap places between backends.
-        scores = [np.sort(runs[name](batch)[1][0]) for name in BACKENDS]
+        scores = [np.sort(run(batch)[1][0]) for run in runs.values()]
         print_race(spec.architecture, spec.input_size, 1, timings,
                    f"sorted scores differ by <= {np.abs(scores[0] - scores[1]).max():.1g}")
 
 
 def bench_pipelines(pairs: dict[tuple[str, str], Bundle], study: list[np.ndarray],
                     threads: int, repeat: int) -> None:
+    """What a study costs the node on each backend: the model times plus letterboxing
+    full-size images and mapping heatmaps and boxes back to them. Half the repeats (a
+    study takes seconds on the CPU); at least 3, so a median means something."""
     images = [(_REF, image) for image in study]
     shape = "/".join(f"{rows}x{cols}" for rows, cols in STUDY_SHAPES)
     print(f"  one study: {len(study)} images of {shape} px, max_batch 8, no TTA")
@@ -269,7 +287,8 @@ def bench_memory(pairs: dict[tuple[str, str], Bundle], study: list[np.ndarray], 
             print(f"  {variant + ' + ' + backbone:<34} {peaks['backend']:<12} "
                   f"{peaks['imports']:6.0f} MB {peaks['models']:6.0f} MB "
                   f"{peaks['study']:5.0f} MB  {'yes' if peaks['torch'] else 'no'}")
-    print("  (peak resident set so far, VmHWM, after each step; MB = 2^20 bytes)")
+    print("  (peak resident set so far, VmHWM, after each step; MB = 2^20 bytes; the study"
+          " step holds the 4 decoded images, 52 MB, as a node does)")
 
 
 def probe_memory(bundle_path: str, backend: str, study_file: str, threads: int) -> None:
@@ -305,6 +324,7 @@ def bench_cuda(bundles: dict[str, Bundle], detectors: dict[str, Bundle],
         return
     print(f"  {torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"CUDA {torch.version.cuda}")
+    print(HEADER)
     for bundle in bundles.values():
         spec = bundle.manifest.classifier
         fp16 = open_engines(bundle, "torch", device="cuda").classifier
@@ -313,15 +333,17 @@ def bench_cuda(bundles: dict[str, Bundle], detectors: dict[str, Bundle],
                                          weights_only=True))
         model = model.eval().cuda()
 
-        def fp32(batch: np.ndarray, model: Any = model) -> np.ndarray:
+        def fp32(batch: np.ndarray, model: Any = model) -> tuple[np.ndarray, np.ndarray]:
+            """What the backend's run does, without the FP16 and channels-last steps."""
             with torch.inference_mode():
-                return model(torch.from_numpy(batch).cuda())[0].cpu().numpy()
+                logits, cam = model(torch.from_numpy(batch).cuda())
+                return logits.cpu().numpy(), cam.cpu().numpy()
 
         for batch_size in batches:
             batch = model_batch(study, spec.input_size, batch_size, bundle)
             timings = race({"torch cuda fp16 cl": fp16.run, "torch cuda fp32": fp32}, batch,
                            repeat, batch_size)
-            gap = np.abs(fp16.run(batch)[0] - fp32(batch)).max()
+            gap = np.abs(fp16.run(batch)[0] - fp32(batch)[0]).max()
             print_race(spec.architecture, spec.input_size, batch_size, timings,
                        f"logits differ by <= {gap:.2g}")
     for bundle in detectors.values():
@@ -366,7 +388,7 @@ def _load(*, before: bool = False) -> str:
     """The 1-minute load average; before the run, a warning when other work competes for
     the cores. It matters most to torch: its OpenMP threads meet at a barrier after every
     operator, and with another process keeping one of 2 cores busy, 2-thread torch took
-    0.1-2.4 s for a b0 image it runs in ~30 ms alone (ONNX Runtime: ~35 ms). At the end
+    0.1-2.4 s for a b0 image it runs in ~25 ms alone. At the end
     the figure includes this benchmark's own threads."""
     load = os.getloadavg()[0]
     busy = before and load > 0.5 * (os.cpu_count() or 1)
@@ -415,7 +437,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     ort.set_default_logger_severity(3)
     print(f"torch {torch.__version__}, onnxruntime {ort.__version__}, {args.threads} threads, "
-          f"{args.repeat} timed runs after {WARMUP} warm-up runs, interleaved")
+          f"{args.repeat} timed runs in {ROUNDS} alternating blocks after "
+          f"{WARMUP} warm-up runs")
     print(f"load average (1 min) at start: {_load(before=True)}")
     study = synthetic_study()
     with tempfile.TemporaryDirectory(prefix="bench-engine-") as scratch:

@@ -21,9 +21,9 @@ from fractured import log
 from fractured.config import Settings
 from fractured.daemon.queue import ClaimedStudy, Queue, ResultObject
 from fractured.durable import write_durably
-from fractured.engine.findings import ImageRef
 from fractured.engine.pipeline import Pipeline
 from fractured.engine.preprocess import DecodeError, display_pixels, read_dataset
+from fractured.engine.sources import image_ref
 from fractured.results.header import header_repairs
 from fractured.results.overlay import make_overlay
 from fractured.results.sr import make_sr
@@ -92,7 +92,7 @@ class Worker:
             _log.info("study.skipped", state=str(state), **log_ctx)
             return
 
-        findings = self.pipeline.run([(_ref(ds), pixels) for ds, pixels in sources])
+        findings = self.pipeline.run([(image_ref(ds), pixels) for ds, pixels in sources])
         datasets = [ds for ds, _ in sources]
         sr = make_sr(findings, datasets, series_instance_uid=generate_uid(),
                      series_number=SR_SERIES_NUMBER, device_uid=self.device_uid)
@@ -110,16 +110,10 @@ class Worker:
         state = self.queue.finish(claim, self.id, results,
                                   [d.name for d in self.settings.destinations])
         _log.info("study.processed", state=str(state), images=len(findings),
-                  fractures=sum(f.fracture for f in findings), model=findings[0].model.label,
+                  fractures=sum(f.fracture for f in findings),
+                  boxes=sum(len(f.boxes) for f in findings), model=findings[0].model.label,
                   backend=self.pipeline.backend_name, objects=len(results),
                   seconds=round(time.monotonic() - started, 3), **log_ctx)
-
-
-def _ref(ds: Dataset) -> ImageRef:
-    return ImageRef(study_instance_uid=str(ds.StudyInstanceUID),
-                    series_instance_uid=str(ds.SeriesInstanceUID),
-                    sop_instance_uid=str(ds.SOPInstanceUID),
-                    sop_class_uid=str(ds.SOPClassUID))
 
 
 def _write(folder: Path, ds: Dataset) -> ResultObject:

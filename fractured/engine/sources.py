@@ -48,12 +48,16 @@ def load_image(path: str | Path) -> LoadedImage:
         raise DecodeError(f"{path}: no such file")
     if is_dicom(path):
         ds = read_dataset(path)
-        ref = ImageRef(study_instance_uid=str(ds.get("StudyInstanceUID", "")),
-                       series_instance_uid=str(ds.get("SeriesInstanceUID", "")),
-                       sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
-                       sop_class_uid=str(ds.get("SOPClassUID", "")))
-        return LoadedImage(path, display_pixels(ds, str(path)), ref, ds)
+        return LoadedImage(path, display_pixels(ds, str(path)), image_ref(ds), ds)
     return LoadedImage(path, _read_picture(path), ImageRef("", "", "", ""), None)
+
+
+def image_ref(ds: Dataset) -> ImageRef:
+    """The UIDs that tie a finding to its DICOM instance (empty where a file lacks one)."""
+    return ImageRef(study_instance_uid=str(ds.get("StudyInstanceUID", "")),
+                    series_instance_uid=str(ds.get("SeriesInstanceUID", "")),
+                    sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
+                    sop_class_uid=str(ds.get("SOPClassUID", "")))
 
 
 def _read_picture(path: Path) -> np.ndarray:

@@ -26,7 +26,7 @@ import torch
 from fractured.engine.backends.onnxruntime import DETECTOR_OUTPUT_NAMES, INPUT_NAME
 from fractured.engine.models import DETECTOR_BACKBONES
 from fractured.engine.preprocess import to_model_input
-from fractured.training.build import (
+from fractured.training.export import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ONNX_OPSET,

@@ -98,7 +98,8 @@ def build_engine(untrained: bool, out_dir: Path, variant: str, input_size: int |
     """Export the classifier (and a detector) to an engine bundle: manifest.json, ONNX
     graphs and their torch weights."""
     from fractured.engine.bundle import BundleError
-    from fractured.training.build import BuildError, build_untrained_bundle
+    from fractured.training.build import build_untrained_bundle
+    from fractured.training.export import BuildError
 
     try:
         path = build_untrained_bundle(out_dir, name=name, version=bundle_version,

@@ -11,7 +11,7 @@ from fractured.engine.backends import choose_backend
 from fractured.engine.bundle import Bundle, BundleError
 from fractured.engine.findings import DecisionLevel, ImageRef
 from fractured.engine.pipeline import Pipeline
-from fractured.training.build import synthetic_images
+from fractured.training.export import synthetic_images
 
 REF = ImageRef("1.2", "1.2.3", "1.2.3.4", "1.2.840.10008.5.1.4.1.1.1")
 

@@ -15,7 +15,7 @@ from fractured.engine.backends.onnxruntime import OnnxRuntimeDetector
 from fractured.engine.bundle import CLASSIFIER_FILE, DETECTOR_FILE, BundleError
 from fractured.engine.models import FractureDetector
 from fractured.engine.preprocess import letterbox, to_model_input
-from fractured.training.build import (
+from fractured.training.export import (
     DETECTOR_BOX_TOLERANCE,
     DETECTOR_SCORE_TOLERANCE,
     IMAGENET_MEAN,

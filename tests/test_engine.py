@@ -27,7 +27,7 @@ from fractured.engine.findings import ImageRef, OperatingPoints
 from fractured.engine.models import INPUT_SIZES, FractureClassifier
 from fractured.engine.pipeline import Pipeline, _heatmap
 from fractured.engine.preprocess import display_pixels, letterbox, to_model_input
-from fractured.training.build import BuildError, calibrate_batchnorm, check_parity
+from fractured.training.export import BuildError, calibrate_batchnorm, check_parity
 from tests.factory import SHARED_DICOM
 
 DICOM_DIR = SHARED_DICOM

@@ -23,7 +23,7 @@ from fractured.engine.backends.tensorrt import (
 from fractured.engine.bundle import BundleError
 from fractured.engine.models import FractureClassifier
 from fractured.engine.preprocess import to_model_input
-from fractured.training.build import (
+from fractured.training.export import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     BuildError,

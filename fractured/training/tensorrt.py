@@ -23,7 +23,7 @@ from fractured.engine.backends.tensorrt import (
     trt_logger,
     unavailable_reason,
 )
-from fractured.training.build import BuildError
+from fractured.training.export import BuildError
 
 __all__ = ["PlanTarget", "build_plan", "plan_is_usable"]
 

@@ -112,6 +112,111 @@ def build_engine(untrained: bool, out_dir: Path, variant: str, input_size: int |
 
 
 @main.command()
+@click.argument("dataset", type=click.Path(exists=True, path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
+              required=True, help="Run directory (settings, split, checkpoints, history).")
+@click.option("--config", "train_config", type=click.Path(exists=True, dir_okay=False,
+              path_type=Path), help="Training settings TOML (see train.toml); default: "
+              "the documented defaults.")
+@click.option("--task", type=click.Choice(["classifier", "detector", "both"]), default="both",
+              show_default=True, help="Which model(s) to train.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override one setting, e.g. --set classifier.lr=3e-4 (repeatable).")
+@click.option("--epochs", type=click.IntRange(1), help="Epochs for the model(s) trained.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="[run].device.")
+@click.option("--limit", type=click.IntRange(1), help="Smoke run: at most N images per split "
+              "(the checkpoint is marked limited).")
+def train(dataset: Path, out_dir: Path, train_config: Path | None, task: str, resume: bool,
+          overrides: tuple[str, ...], epochs: int | None, device: str | None,
+          limit: int | None) -> None:
+    """Train the classifier and/or the detector on DATASET (ImageFolder, MURA, YOLO, COCO,
+    DICOM + CSV, FracAtlas), with a leakage-safe split written to the run directory."""
+    log.configure("INFO", "console")
+    from fractured.training import config as train_config_module
+    from fractured.training.checkpoint import CheckpointError
+    from fractured.training.datasets import DatasetError
+    from fractured.training.run import RunError
+    from fractured.training.run import train as run_training
+
+    flags = list(overrides)
+    tasks = ("classifier", "detector") if task == "both" else (task,)
+    if epochs is not None:
+        flags += [f"{name}.epochs={epochs}" for name in tasks]
+    if device is not None:
+        flags.append(f'run.device="{device}"')
+    if limit is not None:
+        flags.append(f"data.limit={limit}")
+    try:
+        settings = train_config_module.load(train_config, flags)
+        results = run_training(dataset, out_dir, settings, task=task,  # type: ignore[arg-type]
+                               resume=resume)
+    except (config.ConfigError, DatasetError, RunError, CheckpointError) as exc:
+        raise click.ClickException(str(exc)) from None
+    for name, path in results.items():
+        click.echo(f"{name}: {path}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
+              help="Where metrics.json, report.md and the plots go [default: RUN/eval-SPLIT].")
+@click.option("--split", "split_name", type=click.Choice(["test", "val", "train"]),
+              default="test", show_default=True, help="Which part of the run's split.")
+@click.option("--dataset", type=click.Path(exists=True, path_type=Path),
+              help="Evaluate on all of another data set instead (external validation).")
+@click.option("--subset", "subsets", multiple=True, metavar="COLUMN=VALUE",
+              help="Also report on images whose attribute matches, e.g. hardware=0.")
+@click.option("--bootstrap", type=click.IntRange(0), default=1000, show_default=True,
+              help="Bootstrap resamples for the AUC's 95 % interval (0 = none).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              show_default=True)
+def evaluate(run_dir: Path, out_dir: Path | None, split_name: str, dataset: Path | None,
+             subsets: tuple[str, ...], bootstrap: int, device: str) -> None:
+    """Score a training run's models on its held-out split: metrics.json, plots, report.md."""
+    log.configure("INFO", "console")
+    from fractured.training.checkpoint import CheckpointError
+    from fractured.training.datasets import DatasetError
+    from fractured.training.evaluate import evaluate_run
+
+    target = out_dir or run_dir / f"eval-{'external' if dataset else split_name}"
+    try:
+        report = evaluate_run(run_dir, target, split_name=split_name, dataset=dataset,
+                              subsets=subsets, bootstrap=bootstrap, device=device)
+    except (config.ConfigError, DatasetError, CheckpointError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"report: {report}")
+
+
+@main.group()
+def data() -> None:
+    """Look at a training data set before training on it."""
+
+
+@data.command("inspect")
+@click.argument("dataset", type=click.Path(exists=True, path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
+              required=True, help="Where summary.json and the PNG plots go.")
+@click.option("--format", "fmt", help="Data set format (default: detected).")
+@click.option("--positive", multiple=True, help="ImageFolder: a positive class folder.")
+@click.option("--no-duplicates", is_flag=True, help="Skip the near-duplicate search.")
+def data_inspect(dataset: Path, out_dir: Path, fmt: str | None, positive: tuple[str, ...],
+                 no_duplicates: bool) -> None:
+    """Counts by label and body part, image sizes, box statistics, near-duplicate groups."""
+    from fractured.engine.preprocess import DecodeError
+    from fractured.training.datasets import DatasetError, open_dataset
+    from fractured.training.inspect import inspect_dataset
+
+    try:
+        sample_set = open_dataset(dataset, fmt, positive=positive or None)
+        result = inspect_dataset(sample_set, out_dir, duplicates=not no_duplicates)
+    except (DatasetError, DecodeError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(result.table())
+    click.echo(f"plots and summary.json in {out_dir}")
+
+
+@main.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--bundle", "bundle_path", type=click.Path(path_type=Path, file_okay=False),
               help="Engine bundle to run [default: the config's [engine].bundle].")

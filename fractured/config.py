@@ -130,11 +130,11 @@ def from_dict(raw: dict[str, Any], *, base: Path, source: Path | None = None) ->
             if not isinstance(value, list):
                 raise ConfigError("[[destinations]]: expected an array of tables")
             sections[f.name] = [
-                _build(Destination, item, f"[[destinations]][{i}]", base)
+                build_section(Destination, item, f"[[destinations]][{i}]", base)
                 for i, item in enumerate(value)
             ]
         else:
-            sections[f.name] = _build(_section_type(f), value, f"[{f.name}]", base)
+            sections[f.name] = build_section(_section_type(f), value, f"[{f.name}]", base)
     known = {f.name for f in fields(Settings)} - {"source"}
     unknown = sorted(set(raw) - known)
     if unknown:
@@ -158,7 +158,10 @@ def _section_type(f: Any) -> type:
     return typing.get_type_hints(Settings)[f.name]
 
 
-def _build(cls: type, raw: Any, where: str, base: Path) -> Any:
+def build_section(cls: type, raw: Any, where: str, base: Path) -> Any:
+    """A settings dataclass from its TOML table: unknown keys and wrong types are
+    ConfigErrors naming `where.key`; missing keys take the dataclass default. Shared
+    with the training config so both files follow one set of rules."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a table")
     hints = typing.get_type_hints(cls)

@@ -1,0 +1,214 @@
+"""Every training hyperparameter in one TOML file, overridable from the command line.
+
+`fractured train` reads `train.toml` (see the documented example in the repository),
+applies `--set section.key=value` overrides, and saves the resolved file beside the
+checkpoint, so a run can be repeated exactly and a reviewer can see what produced a
+model. The rules are the node config's: an unknown key or a wrong type is an error
+naming `[section].key`, never a silently ignored typo.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+
+from fractured.config import ConfigError, build_section
+
+Schedule = Literal["cosine", "plateau", "step"]
+Imbalance = Literal["class_weights", "sampler", "none"]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Which data, and how it is split (see training.splits)."""
+
+    format: str = ""  # "" = detect; one of datasets.FORMATS
+    positive: list[str] = field(default_factory=list)  # ImageFolder positive class folders
+    val: float = 0.15
+    test: float = 0.15
+    duplicate_threshold: int = -1  # Hamming bits; -1 = dedup's measured default
+    # Smoke runs: at most this many images per split (0 = all). Never for a real model.
+    limit: int = 0
+
+
+@dataclass(frozen=True)
+class AugmentSettings:
+    """Random changes applied to training images (never to validation or test)."""
+
+    rotation: float = 10.0  # degrees, uniform in [-rotation, rotation]
+    zoom: float = 0.1  # scale uniform in [1 - zoom, 1 + zoom]
+    hflip: bool = True  # left and right limbs look alike mirrored
+    vflip: bool = False
+    brightness: float = 0.2
+    contrast: float = 0.2
+
+
+@dataclass(frozen=True)
+class Optimisation:
+    """What the classifier and the detector schedules share (AdamW throughout)."""
+
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    schedule: Schedule = "cosine"
+    step_size: int = 10  # step: epochs between decays
+    gamma: float = 0.1  # step: decay factor
+    plateau_patience: int = 2  # plateau: epochs without improvement before a decay
+    plateau_factor: float = 0.5
+    freeze_epochs: int = 0  # warm-up epochs with the backbone frozen (with initial weights)
+    early_stopping: int = 8  # epochs without a better best_metric; 0 = never stop early
+    # A local weights file (hospitals are often offline), or a torchvision weights name
+    # such as "EfficientNet_B0_Weights.IMAGENET1K_V1" where the internet is reachable.
+    initial_weights: str = ""
+
+
+@dataclass(frozen=True)
+class ClassifierSettings(Optimisation):
+    """EfficientNet + attention + CAM (engine.models.FractureClassifier)."""
+
+    variant: Literal["b0", "b1", "b2", "b3", "b4"] = "b0"
+    input_size: int = 0  # 0 = the variant's native size
+    best_metric: Literal["auc", "loss", "f1", "ap"] = "auc"  # on validation
+    focal_weight: float = 0.5  # loss = BCE + focal_weight * focal
+    focal_gamma: float = 2.0
+    imbalance: Imbalance = "class_weights"
+    # Operating points fitted on validation: the thresholds reaching these targets.
+    target_sensitivity: float = 0.95
+    target_specificity: float = 0.90
+
+
+@dataclass(frozen=True)
+class DetectorSettings(Optimisation):
+    """Faster R-CNN (engine.models.FractureDetector), trained on boxes."""
+
+    backbone: Literal["mobilenet_v3_large_fpn", "resnet50_fpn_v2"] = "mobilenet_v3_large_fpn"
+    input_size: int = 512
+    batch_size: int = 4
+    lr: float = 1e-4
+    # Validation COCO AP@0.5 or AP@[.5:.95], or the FROC score (mean recall at 1/8 to 8
+    # false boxes per image); torchvision's detector has no
+    # validation loss without training-mode BatchNorm updates, so loss is not offered.
+    best_metric: Literal["ap50", "ap50_95", "froc"] = "ap50"
+    # Images without boxes per image with boxes in each epoch (0 = positives only);
+    # negatives teach the detector what is not a fracture.
+    negatives_per_positive: float = 1.0
+    # Box-score operating points: thresholds giving at most this many false boxes per
+    # image on validation (high sensitivity allows more).
+    sensitive_fp_per_image: float = 1.0
+    specific_fp_per_image: float = 0.25
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Where and how the run executes."""
+
+    device: Device = "auto"
+    workers: int = 2  # data-loading processes
+    amp: bool = True  # mixed precision, on CUDA only
+    channels_last: bool = True  # memory format, on CUDA only
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """The whole training file."""
+
+    data: DataSettings = field(default_factory=DataSettings)
+    augment: AugmentSettings = field(default_factory=AugmentSettings)
+    classifier: ClassifierSettings = field(default_factory=ClassifierSettings)
+    detector: DetectorSettings = field(default_factory=DetectorSettings)
+    run: RunSettings = field(default_factory=RunSettings)
+
+
+def load(path: Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainSettings:
+    """Read a training TOML file (None = all defaults) and apply `section.key=value`s."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
+    for item in overrides:
+        _apply_override(raw, item)
+    return from_dict(raw, base=Path(path).parent if path else Path.cwd())
+
+
+def from_dict(raw: dict[str, Any], *, base: Path) -> TrainSettings:
+    """Validated settings from a parsed TOML document."""
+    sections = {f.name: f for f in fields(TrainSettings)}
+    unknown = sorted(set(raw) - set(sections))
+    if unknown:
+        raise ConfigError(f"[{unknown[0]}]: unknown section (known: {', '.join(sections)})")
+    hints = typing.get_type_hints(TrainSettings)
+    values = {name: build_section(hints[name], raw.get(name, {}), f"[{name}]", base)
+              for name in sections}
+    settings = TrainSettings(**values)
+    _check(settings)
+    return settings
+
+
+def save(settings: TrainSettings, path: Path) -> None:
+    """Write the resolved settings as TOML (every key, defaults included)."""
+    Path(path).write_text(tomli_w.dumps(dataclasses.asdict(settings)), encoding="utf-8")
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    """`section.key=value`, value parsed as TOML (so 3, 0.5, true, "b2", [..] all work);
+    a bare word that is not TOML is taken as a string."""
+    name, sep, text = item.partition("=")
+    section, dot, key = name.strip().partition(".")
+    if not sep or not dot or not section or not key:
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    table = raw.setdefault(section, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"--set {item!r}: [{section}] is not a table")
+    table[key] = value
+
+
+def _check(s: TrainSettings) -> None:
+    """Rules types alone cannot express."""
+    fractions = {"[data].val": s.data.val, "[data].test": s.data.test}
+    for where, value in fractions.items():
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{where}: a fraction in [0, 1), got {value}")
+    if s.data.val + s.data.test >= 1.0:
+        raise ConfigError("[data].val + [data].test must leave images to train on")
+    for name in ("classifier", "detector"):
+        opt: Optimisation = getattr(s, name)
+        for key in ("epochs", "batch_size"):
+            if getattr(opt, key) < 1:
+                raise ConfigError(f"[{name}].{key}: at least 1, got {getattr(opt, key)}")
+        if opt.lr <= 0:
+            raise ConfigError(f"[{name}].lr: must be greater than 0, got {opt.lr}")
+        if opt.freeze_epochs < 0 or opt.early_stopping < 0:
+            raise ConfigError(f"[{name}].freeze_epochs and early_stopping: 0 or more")
+        if opt.freeze_epochs and not opt.initial_weights:
+            raise ConfigError(f"[{name}].freeze_epochs: a frozen warm-up needs "
+                              f"[{name}].initial_weights (a random backbone learns nothing "
+                              "while frozen)")
+    for key in ("target_sensitivity", "target_specificity"):
+        if not 0.0 < getattr(s.classifier, key) < 1.0:
+            raise ConfigError(f"[classifier].{key}: in (0, 1), got {getattr(s.classifier, key)}")
+    if s.classifier.input_size and s.classifier.input_size < 32:
+        raise ConfigError(f"[classifier].input_size: 0 (native) or at least 32, "
+                          f"got {s.classifier.input_size}")
+    if s.detector.input_size < 32:
+        raise ConfigError(f"[detector].input_size: at least 32, got {s.detector.input_size}")
+    if s.detector.negatives_per_positive < 0:
+        raise ConfigError("[detector].negatives_per_positive: 0 or more")
+    if s.run.workers < 0:
+        raise ConfigError(f"[run].workers: 0 or more, got {s.run.workers}")

@@ -1,0 +1,216 @@
+"""`fractured evaluate`: score a run's models on its held-out split (or another data set)
+and write metrics.json, PNG plots and report.md.
+
+The test split is the one `fractured train` wrote and never trained or calibrated on;
+thresholds and temperature come from the checkpoint (fitted on validation), so the
+numbers here are what the node would have said on these images. Images that cannot be
+decoded are listed in the report, not silently dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+from torch.utils.data import DataLoader
+
+from fractured.engine.models import FractureClassifier, FractureDetector
+from fractured.training import checkpoint
+from fractured.training import config as train_config
+from fractured.training.data import (
+    ClassifierImages,
+    DetectorImages,
+    Letterboxed,
+    collate_detection,
+    letterbox_samples,
+)
+from fractured.training.datasets import DatasetError, open_dataset
+from fractured.training.datasets.base import Sample
+from fractured.training.evaluation import (
+    classification_metrics,
+    detection_metrics,
+    expected_calibration_error,
+    plots,
+    subset_metrics,
+    write_report,
+)
+from fractured.training.loops import Device, classifier_logits, detector_outputs
+from fractured.training.run import SETTINGS_FILE, SPLIT_DIR
+from fractured.training.schedule import read_history
+from fractured.training.splits import load_split
+
+log = structlog.get_logger()
+
+BATCH = 16
+
+
+def evaluate_run(run_dir: Path, out_dir: Path, *, split_name: str = "test",
+                 dataset: Path | None = None, subsets: Sequence[str] = (),
+                 bootstrap: int = 1000, device: str = "auto") -> Path:
+    """Evaluate the run's best checkpoints; returns the report.md path.
+
+    `dataset` evaluates on a whole other data set instead of the run's split (external
+    validation). `subsets` are `column=value` filters on the data set's attributes
+    (e.g. "hardware=0"); every body part is a subset too.
+    """
+    settings = train_config.load(run_dir / SETTINGS_FILE)
+    found = {kind: run_dir / kind / checkpoint.BEST for kind in ("classifier", "detector")
+             if (run_dir / kind / checkpoint.BEST).exists()}
+    if not found:
+        raise checkpoint.CheckpointError(f"{run_dir}: no classifier/best.pt or "
+                                         "detector/best.pt (has the run been trained?)")
+    states = {kind: checkpoint.load(path, kind) for kind, path in found.items()}  # type: ignore[arg-type]
+    samples, data = _samples(run_dir, settings, states, split_name, dataset)
+    runner = Device.choose(device, amp=False, channels_last=False)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics: dict[str, Any] = {}
+    figures: dict[str, Path] = {}
+    unreadable: list[tuple[str, str]] = []
+    if "classifier" in states:
+        images = _classifier_part(states["classifier"], samples, subsets, bootstrap, runner,
+                                  out_dir, metrics, figures)
+        unreadable += images.unreadable
+    if "detector" in states:
+        images = _detector_part(states["detector"], samples, runner, out_dir, metrics, figures)
+        unreadable += [item for item in images.unreadable if item not in unreadable]
+    for kind in states:
+        history = run_dir / kind / checkpoint.HISTORY
+        if history.exists():
+            figures[f"training curves ({kind})"] = plots.plot_training(
+                out_dir / f"training_{kind}.png", read_history(history))
+    data["unreadable"] = [{"path": path, "reason": reason} for path, reason in unreadable]
+    limited = any(state.get("limited") for state in states.values())
+    model = {kind: {**state["model_spec"], "checkpoint": str(found[kind]),
+                    "epoch": state["epoch"], "limited": state.get("limited", False)}
+             for kind, state in states.items()}
+    title = f"Evaluation of {run_dir.name} on {data['evaluated']}"
+    if limited:
+        title += " (SMOKE RUN on a [data].limit subset)"
+    report = write_report(out_dir, title=title, metrics=metrics, plots=figures, model=model,
+                          data=data, trained=True)
+    log.info("evaluate.done", report=str(report), images=len(samples),
+             unreadable=len(unreadable))
+    return report
+
+
+def _samples(run_dir: Path, settings: train_config.TrainSettings,
+             states: dict[str, dict[str, Any]], split_name: str,
+             dataset: Path | None) -> tuple[list[Sample], dict[str, Any]]:
+    """The images to score, and how they were chosen (for the report)."""
+    if dataset is not None:
+        sample_set = open_dataset(dataset, None)
+        return list(sample_set.samples), {"dataset": str(dataset), "format": sample_set.format,
+                                          "evaluated": f"all of {dataset.name}"}
+    provenance = next(iter(states.values())).get("provenance", {})
+    if "dataset" not in provenance:
+        raise DatasetError(f"{run_dir}: the checkpoint does not name its data set; "
+                           "pass --dataset")
+    sample_set = open_dataset(Path(provenance["dataset"]), settings.data.format or None,
+                              positive=settings.data.positive or None)
+    split = load_split(run_dir / SPLIT_DIR, sample_set)
+    samples = split.samples(sample_set, split_name)
+    if not samples:
+        raise DatasetError(f"{run_dir}: the {split_name} split is empty")
+    return samples, {"dataset": provenance["dataset"], "format": sample_set.format,
+                     "split": split_name, "evaluated": f"its {split_name} split",
+                     "images": len(samples), "fracture": sum(s.label for s in samples)}
+
+
+def _classifier_part(state: dict[str, Any], samples: list[Sample], subsets: Sequence[str],
+                     bootstrap: int, runner: Device, out_dir: Path, metrics: dict[str, Any],
+                     figures: dict[str, Path]) -> Letterboxed:
+    spec, calibration = state["model_spec"], state.get("calibration")
+    if calibration is None:
+        raise checkpoint.CheckpointError("classifier/best.pt has no calibration: the run "
+                                         "did not finish; resume it with --resume")
+    model = FractureClassifier(variant=spec["variant"], num_labels=1)
+    model.load_state_dict(state["model"])
+    images = letterbox_samples(samples, spec["input_size"], desc="decoding")
+    loader = DataLoader(ClassifierImages(images, mean=spec["mean"], std=spec["std"]),
+                        batch_size=BATCH)
+    logits, labels = classifier_logits(runner.prepare(model), loader, runner)
+    labels = labels.astype(int)
+    temperature = calibration["temperature"]
+    raw = _sigmoid(logits)
+    prob = _sigmoid(logits / temperature)
+    points = calibration["operating_points"]
+    headline = classification_metrics(labels, prob, threshold=points["high_sensitivity"],
+                                      bootstrap=bootstrap)
+    metrics["classification"] = headline
+    metrics["operating_points"] = _achieved(labels, prob, points, state["settings"])
+    metrics["calibration"] = {"temperature": temperature,
+                              "ece_before": expected_calibration_error(labels, raw),
+                              "ece_after": expected_calibration_error(labels, prob)}
+    masks = _subset_masks(list(images.samples), subsets)
+    if masks:
+        metrics["subsets"] = subset_metrics(labels, prob, masks,
+                                            threshold=points["high_sensitivity"],
+                                            bootstrap=bootstrap)
+    figures["ROC"] = plots.plot_roc(out_dir / "roc.png", headline, metrics["operating_points"])
+    figures["precision-recall"] = plots.plot_pr(out_dir / "pr.png", headline)
+    figures["confusion (high-sensitivity point)"] = plots.plot_confusion(
+        out_dir / "confusion.png", headline)
+    figures["reliability"] = plots.plot_reliability(out_dir / "reliability.png", labels, raw,
+                                                    prob, temperature=temperature)
+    return images
+
+
+def _detector_part(state: dict[str, Any], samples: list[Sample], runner: Device,
+                   out_dir: Path, metrics: dict[str, Any],
+                   figures: dict[str, Path]) -> Letterboxed:
+    spec, calibration = state["model_spec"], state.get("calibration") or {}
+    boxed = [sample for sample in samples if sample.boxes is not None]
+    model = FractureDetector(spec["backbone"], num_labels=1, input_size=spec["input_size"])
+    model.load_state_dict(state["model"])
+    images = letterbox_samples(boxed, spec["input_size"], desc="decoding")
+    loader = DataLoader(DetectorImages(images, mean=spec["mean"], std=spec["std"]),
+                        batch_size=BATCH, collate_fn=collate_detection)
+    found = list(detector_outputs(runner.prepare(model), loader, runner))
+    threshold = calibration.get("operating_points", {}).get("high_sensitivity")
+    metrics["detection"] = detection_metrics([(boxes, scores) for boxes, scores, _ in found],
+                                             [truth for _, _, truth in found],
+                                             threshold=threshold)
+    figures["FROC"] = plots.plot_froc(out_dir / "froc.png", metrics["detection"])
+    return images
+
+
+def _achieved(labels: np.ndarray, prob: np.ndarray, points: dict[str, float],
+              settings: dict[str, Any]) -> dict[str, Any]:
+    """Sensitivity and specificity reached here at the thresholds fitted on validation."""
+    targets = {"high_sensitivity": settings["classifier"]["target_sensitivity"],
+               "high_specificity": settings["classifier"]["target_specificity"]}
+    result: dict[str, Any] = {"note": "thresholds fitted on the validation split"}
+    for name, threshold in points.items():
+        called = prob >= threshold
+        positives, negatives = labels == 1, labels == 0
+        result[name] = {
+            "threshold": threshold, "target": targets[name],
+            "sensitivity": float(called[positives].mean()) if positives.any() else None,
+            "specificity": float((~called[negatives]).mean()) if negatives.any() else None,
+        }
+    return result
+
+
+def _subset_masks(samples: list[Sample], filters: Sequence[str]) -> dict[str, np.ndarray]:
+    """Every body part, then each `column=value` filter on the samples' attributes."""
+    masks = {f"body_part == {part}": np.array([s.body_part == part for s in samples])
+             for part in sorted({s.body_part for s in samples if s.body_part})}
+    for text in filters:
+        column, sep, value = text.partition("=")
+        column, value = column.strip(), value.strip()
+        if not sep or not column:
+            raise DatasetError(f"--subset {text!r}: expected column=value")
+        if not any(column in s.attributes for s in samples):
+            known = sorted({key for s in samples for key in s.attributes})
+            raise DatasetError(f"--subset {text!r}: no image has a {column!r} column "
+                               f"(columns: {', '.join(known) or 'none'})")
+        masks[f"{column} == {value}"] = np.array(
+            [s.attributes.get(column) == value for s in samples])
+    return masks
+
+
+def _sigmoid(values: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-values))

@@ -1,0 +1,154 @@
+"""Calibration and the bundle's two operating points.
+
+A network's sigmoid output is not a probability until it is calibrated: modern CNNs
+are over-confident (Guo et al. 2017, "On Calibration of Modern Neural Networks").
+Temperature scaling divides the logit by one scalar T fitted on validation data; it
+leaves the ranking (and so the AUC) unchanged and makes "0.8" mean "fractured about
+80 % of the time". The operating points are then chosen on the calibrated scores,
+because those are the numbers the engine thresholds.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike
+from scipy.optimize import minimize_scalar
+
+from fractured.engine.findings import OperatingPoints
+from fractured.training.evaluation.classification import validate_binary
+
+#: log T is searched in this range (T from about 0.007 to 150): any fitted T near its
+#: ends means the logits carry no usable signal, not that the bound is too tight.
+LOG_TEMPERATURE_BOUNDS = (-5.0, 5.0)
+
+
+def fit_temperature(logits: ArrayLike, y_true: ArrayLike) -> float:
+    """The T > 0 minimising the binary negative log-likelihood of sigmoid(logit / T).
+
+    The search is over log T, which keeps T positive and is bounded so a degenerate
+    set cannot run it off to 0 or infinity. The NLL is convex in 1/T (a one-parameter
+    logistic regression), so the bounded scalar search finds the global minimum.
+    """
+    labels, values = validate_binary(y_true, logits, probabilities=False)
+    _require_both_classes(labels, "fit a temperature")
+
+    def nll(log_temperature: float) -> float:
+        z = values / math.exp(log_temperature)
+        # log(1 + e^z) - y z, computed without overflow for large |z|.
+        return float(np.mean(np.logaddexp(0.0, z) - labels * z))
+
+    result = minimize_scalar(nll, bounds=LOG_TEMPERATURE_BOUNDS, method="bounded",
+                             options={"xatol": 1e-6})
+    return math.exp(result.x)
+
+
+def expected_calibration_error(y_true: ArrayLike, prob: ArrayLike, bins: int = 15) -> float:
+    """Mean |observed fracture rate - mean predicted probability| over equal-width bins,
+    weighted by the images in each bin (Guo et al.'s ECE on the fracture probability).
+
+    The fracture probability rather than the top-class confidence is binned, since it
+    is the number the engine shows and thresholds.
+    """
+    counts, confidence, frequency = _binned(y_true, prob, bins)
+    return float(np.abs(frequency - confidence).sum() / counts.sum())
+
+
+def reliability_curve(y_true: ArrayLike, prob: ArrayLike, bins: int = 15) -> dict[str, Any]:
+    """The reliability diagram's data: per equal-width probability bin, its `centres`,
+    the mean predicted probability (`confidence`), the observed fracture rate
+    (`frequency`) and `counts`; also the bin `edges`. Empty bins have None for
+    confidence and frequency. Probability 1.0 falls in the last bin.
+    """
+    counts, confidence, frequency = _binned(y_true, prob, bins)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    return {
+        "edges": edges.tolist(),
+        "centres": ((edges[:-1] + edges[1:]) / 2).tolist(),
+        "confidence": [float(total / count) if count else None
+                       for total, count in zip(confidence, counts, strict=True)],
+        "frequency": [float(total / count) if count else None
+                      for total, count in zip(frequency, counts, strict=True)],
+        "counts": counts.tolist(),
+    }
+
+
+def _binned(y_true: ArrayLike, prob: ArrayLike,
+            bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per equal-width bin: image count, sum of probabilities, sum of labels."""
+    labels, scores = validate_binary(y_true, prob)
+    if not len(labels):
+        raise ValueError("calibration needs at least one image")
+    if bins < 1:
+        raise ValueError(f"bins must be at least 1, got {bins}")
+    index = np.minimum((scores * bins).astype(np.int64), bins - 1)
+    return (np.bincount(index, minlength=bins),
+            np.bincount(index, weights=scores, minlength=bins),
+            np.bincount(index, weights=labels.astype(np.float64), minlength=bins))
+
+
+def choose_operating_points(y_true: ArrayLike, prob: ArrayLike, *, sensitivity: float = 0.95,
+                            specificity: float = 0.90) -> tuple[OperatingPoints, dict[str, Any]]:
+    """The bundle's two thresholds, chosen on (calibrated) validation probabilities.
+
+    High sensitivity: the highest threshold still calling at least `sensitivity` of the
+    fractures (a "possible fracture" above it). High specificity: the lowest threshold
+    still clearing at least `specificity` of the normals (a "likely fracture" above it).
+    `prob >= threshold` is a call, as in the engine. When the model beats both targets
+    the two cross (the sensitivity threshold is the higher); every threshold between
+    them meets both targets, so both are set to their midpoint and the description says
+    so. Returns the points and a JSON-ready description: high_sensitivity and
+    high_specificity ({threshold, target, sensitivity, specificity} achieved on this
+    data), crossed, n, positives, note.
+    """
+    labels, scores = validate_binary(y_true, prob)
+    _require_both_classes(labels, "choose operating points")
+    for name, target in (("sensitivity", sensitivity), ("specificity", specificity)):
+        if not 0.0 < target <= 1.0:
+            raise ValueError(f"target {name} must lie in (0, 1], got {target}")
+    positive = np.sort(scores[labels == 1])[::-1]
+    negative = np.sort(scores[labels == 0])
+    # The k-th highest fracture score: thresholds above it call fewer than k fractures.
+    sensitive = float(positive[math.ceil(sensitivity * len(positive) - 1e-9) - 1])
+    # Just above the m-th lowest normal score: m normals fall below it. The lowest such
+    # threshold is the next score up, or the next float when no score is higher.
+    cleared = negative[math.ceil(specificity * len(negative) - 1e-9) - 1]
+    above = scores[scores > cleared]
+    specific = float(above.min()) if len(above) else float(np.nextafter(cleared, np.inf))
+    if specific > 1.0:
+        raise ValueError(f"specificity {specificity:g} is unreachable: a normal image scores "
+                         f"{cleared:g} and thresholds stop at 1")
+    crossed = sensitive > specific
+    note = None
+    if crossed:
+        note = (f"the targets cross (sensitivity {sensitivity:g} holds up to {sensitive:.4g}, "
+                f"specificity {specificity:g} from {specific:.4g}): both thresholds are set to "
+                "the midpoint, which meets both")
+        sensitive = specific = (sensitive + specific) / 2
+    points = OperatingPoints(high_sensitivity=sensitive, high_specificity=specific)
+    description = {
+        "high_sensitivity": _achieved(labels, scores, sensitive, target=sensitivity),
+        "high_specificity": _achieved(labels, scores, specific, target=specificity),
+        "crossed": crossed,
+        "n": len(labels),
+        "positives": int(labels.sum()),
+        "note": note,
+    }
+    return points, description
+
+
+def _achieved(labels: np.ndarray, scores: np.ndarray, threshold: float, *,
+              target: float) -> dict[str, float]:
+    called = scores >= threshold
+    return {"threshold": threshold, "target": target,
+            "sensitivity": float(called[labels == 1].mean()),
+            "specificity": float((~called[labels == 0]).mean())}
+
+
+def _require_both_classes(labels: np.ndarray, purpose: str) -> None:
+    positives = int(labels.sum())
+    if not positives or positives == len(labels):
+        raise ValueError(f"cannot {purpose} from {len(labels)} images with {positives} "
+                         "fractures: both fractures and normals are needed")

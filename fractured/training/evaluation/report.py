@@ -1,0 +1,226 @@
+"""metrics.json and report.md: the record of an evaluation and its reading copy.
+
+metrics.json holds every number (with intervals, operating points and what model and
+data they describe) for tools and for comparing runs; report.md is for people, with the
+headline tables and the plots next to each other. A model that was never trained gets
+a banner no reader can miss: its plots look like results and are not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+UNTRAINED_BANNER = (
+    "> [!WARNING]\n"
+    "> **UNTRAINED MODEL: THESE NUMBERS MEAN NOTHING.** The weights were never trained, "
+    "so every metric, curve and operating point below describes random output. Do not use "
+    "them to judge, compare or deploy anything.")
+_RESERVED = ("title", "created", "trained", "model", "data", "plots")
+
+
+def write_report(out_dir: Path, *, title: str, metrics: Mapping[str, Any],
+                 plots: Mapping[str, Path], model: Mapping[str, Any],
+                 data: Mapping[str, Any], trained: bool) -> Path:
+    """Write out_dir/metrics.json and out_dir/report.md; return the report's path.
+
+    `metrics` sections the report knows, each optional: classification
+    (`classification_metrics`), operating_points (`choose_operating_points`'
+    description), calibration ({temperature, ece_before, ece_after}), subsets
+    (`subset_metrics`), detection (`detection_metrics`). Other sections go to
+    metrics.json only. `plots` names PNGs to embed (relative links, so the folder can
+    be moved or zipped); a named plot that was not written is listed as missing.
+    """
+    clash = sorted(set(metrics) & set(_RESERVED))
+    if clash:
+        raise ValueError(f"metrics must not use the report's own keys {clash}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    links = {name: Path(os.path.relpath(Path(plot).resolve(), out_dir.resolve())).as_posix()
+             for name, plot in plots.items()}
+    record = {"title": title, "created": datetime.now(UTC).isoformat(timespec="seconds"),
+              "trained": trained, "model": model, "data": data, "plots": links, **metrics}
+    (out_dir / "metrics.json").write_text(
+        json.dumps(_jsonable(record), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    lines = [f"# {title}" if trained else f"# {title} (UNTRAINED MODEL)", ""]
+    if not trained:
+        lines += [UNTRAINED_BANNER, ""]
+    lines += [f"Generated {record['created']}; every number is in `metrics.json`.", ""]
+    lines += _key_values("Model", model) + _key_values("Data", data)
+    if "classification" in metrics:
+        lines += _classification(metrics["classification"])
+    if "operating_points" in metrics:
+        lines += _operating_points(metrics["operating_points"])
+    if "calibration" in metrics:
+        lines += _calibration(metrics["calibration"])
+    if metrics.get("subsets"):
+        lines += _subsets(metrics["subsets"])
+    if "detection" in metrics:
+        lines += _detection(metrics["detection"])
+    lines += _plots(out_dir, plots, links)
+    report = out_dir / "report.md"
+    report.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
+    return report
+
+
+def _classification(result: Mapping[str, Any]) -> list[str]:
+    confusion = result["confusion"]
+    ci = result.get("roc_auc_ci95")
+    lines = [f"## Classification ({result['n']} images, {result['positives']} with fracture)", ""]
+    lines += _note(result)
+    lines += [f"Calls are `probability >= {_number(result['threshold'])}`.", ""]
+    lines += _table(("Metric", "Value", "95 % CI"), [
+        ("ROC AUC", _number(result["roc_auc"]),
+         f"{_number(ci[0])}-{_number(ci[1])} ({result['bootstrap']} stratified bootstraps)"
+         if ci else "-"),
+        ("Average precision", _number(result["average_precision"]), ""),
+        ("Sensitivity (recall)", _share(result["sensitivity"], confusion["tp"],
+                                        result["positives"]), ""),
+        ("Specificity", _share(result["specificity"], confusion["tn"], result["negatives"]), ""),
+        ("Precision (PPV)", _share(result["precision"], confusion["tp"],
+                                   confusion["tp"] + confusion["fp"]), ""),
+        ("Accuracy", _share(result["accuracy"], confusion["tp"] + confusion["tn"], result["n"]),
+         ""),
+        ("F1", _number(result["f1"]), ""),
+        ("Cohen's kappa", _number(result["kappa"]), ""),
+    ])
+    lines += ["### Confusion matrix", ""]
+    lines += _table(("", "Called fracture", "Called no fracture"), [
+        ("Fracture", str(confusion["tp"]), str(confusion["fn"])),
+        ("No fracture", str(confusion["fp"]), str(confusion["tn"])),
+    ])
+    fixed = [(f"specificity >= {_percent(point['target'])}", point)
+             for point in result.get("sensitivity_at_specificity") or ()]
+    fixed += [(f"sensitivity >= {_percent(point['target'])}", point)
+              for point in result.get("specificity_at_sensitivity") or ()]
+    if fixed:
+        lines += ["### Fixed sensitivity and specificity", ""]
+        lines += _table(("Target", "Threshold", "Sensitivity", "Specificity"), [
+            (target, _number(point["threshold"]), _percent(point["sensitivity"]),
+             _percent(point["specificity"])) for target, point in fixed])
+    return lines
+
+
+def _operating_points(description: Mapping[str, Any]) -> list[str]:
+    lines = ["## Operating points", ""]
+    lines += _note(description)
+    rows = [(label, _number(point["threshold"]), _percent(point["target"]),
+             _percent(point["sensitivity"]), _percent(point["specificity"]))
+            for label, point in (("High sensitivity (possible fracture)",
+                                  description["high_sensitivity"]),
+                                 ("High specificity (likely fracture)",
+                                  description["high_specificity"]))]
+    return lines + _table(("Point", "Threshold", "Target", "Sensitivity", "Specificity"), rows)
+
+
+def _calibration(result: Mapping[str, Any]) -> list[str]:
+    row = (_number(result.get("temperature")), _number(result.get("ece_before")),
+           _number(result.get("ece_after")))
+    return ["## Calibration", "", *_table(("Temperature", "ECE before", "ECE after"), [row])]
+
+
+def _subsets(subsets: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    rows = []
+    for name, result in subsets.items():
+        ci = result.get("roc_auc_ci95")
+        auc = _number(result["roc_auc"]) + (f" ({_number(ci[0])}-{_number(ci[1])})" if ci else "")
+        rows.append((name, str(result["n"]), str(result["positives"]), auc,
+                     _percent(result["sensitivity"]), _percent(result["specificity"]),
+                     result.get("note") or ""))
+    header = ("Subset", "Images", "Fractures", "ROC AUC (95 % CI)", "Sensitivity",
+              "Specificity", "Note")
+    return ["## Subsets", "", *_table(header, rows)]
+
+
+def _detection(result: Mapping[str, Any]) -> list[str]:
+    lines = [f"## Detector ({result['images']} images, {result['images_with_fracture']} with "
+             f"fracture, {result['gt_boxes']} true boxes, {result['predictions']} predicted)", ""]
+    lines += _note(result)
+    lines += _table(("Metric", "Value"), [
+        ("AP@0.5", _number(result["ap50"])),
+        ("AP@[.5:.95]", _number(result["ap50_95"])),
+        ("FROC score (mean recall at the levels below)", _number(result["froc_score"])),
+        ("Lesion sensitivity (every box)", _percent(result["lesion_sensitivity"])),
+        ("Image sensitivity (every box)", _percent(result["image_sensitivity"])),
+    ])
+    if result.get("froc"):
+        lines += ["### FROC", ""]
+        lines += _table(("False positives per image", "Lesion recall"),
+                        [(f"{level['fppi']:g}", _percent(level["recall"]))
+                         for level in result["froc"]])
+    at = result.get("at_threshold")
+    if at:
+        lines += [f"### At score >= {_number(at['threshold'])}", ""]
+        lines += _table(("Lesion sensitivity", "Image sensitivity", "False positives per image"),
+                        [(_percent(at["lesion_sensitivity"]), _percent(at["image_sensitivity"]),
+                          _number(at["false_positives_per_image"]))])
+    return lines
+
+
+def _plots(out_dir: Path, plots: Mapping[str, Path], links: Mapping[str, str]) -> list[str]:
+    if not plots:
+        return []
+    lines = ["## Plots", ""]
+    for name, link in links.items():
+        if (out_dir / link).is_file():
+            lines += [f"### {name}", "", f"![{name}]({link})", ""]
+        else:
+            lines += [f"### {name}", "", f"_missing: {plots[name]} was not written_", ""]
+    return lines
+
+
+def _key_values(heading: str, values: Mapping[str, Any]) -> list[str]:
+    if not values:
+        return []
+    rows = [(str(key), json.dumps(_jsonable(value)) if isinstance(value, Mapping | list | tuple)
+             else str(value)) for key, value in values.items()]
+    return [f"## {heading}", "", *_table(("Field", "Value"), rows)]
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    def row(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
+
+    return [row(header), row(["---"] * len(header)), *map(row, rows), ""]
+
+
+def _note(result: Mapping[str, Any]) -> list[str]:
+    return [f"_Note: {result['note']}_", ""] if result.get("note") else []
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f} %"
+
+
+def _share(value: float | None, numerator: int, denominator: int) -> str:
+    return "-" if value is None else f"{_percent(value)} ({numerator}/{denominator})"
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON types: numpy scalars and arrays, paths, dataclasses and tuples
+    converted, NaN and infinity as null (strict JSON has neither)."""
+    if isinstance(value, Mapping):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _jsonable(dataclasses.asdict(value))
+    if isinstance(value, np.ndarray | list | tuple):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, np.generic):
+        return _jsonable(value.item())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value

@@ -120,7 +120,8 @@ def build_engine(untrained: bool, out_dir: Path, variant: str, input_size: int |
               "the documented defaults.")
 @click.option("--task", type=click.Choice(["classifier", "detector", "both"]), default="both",
               show_default=True, help="Which model(s) to train.")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt, "
+              "with the settings it was started with (--set and --epochs still apply).")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override one setting, e.g. --set classifier.lr=3e-4 (repeatable).")
 @click.option("--epochs", type=click.IntRange(1), help="Epochs for the model(s) trained.")
@@ -136,7 +137,7 @@ def train(dataset: Path, out_dir: Path, train_config: Path | None, task: str, re
     from fractured.training import config as train_config_module
     from fractured.training.checkpoint import CheckpointError
     from fractured.training.datasets import DatasetError
-    from fractured.training.run import RunError
+    from fractured.training.run import SETTINGS_FILE, RunError
     from fractured.training.run import train as run_training
 
     flags = list(overrides)
@@ -147,6 +148,11 @@ def train(dataset: Path, out_dir: Path, train_config: Path | None, task: str, re
         flags.append(f'run.device="{device}"')
     if limit is not None:
         flags.append(f"data.limit={limit}")
+    saved = out_dir / SETTINGS_FILE
+    if resume and train_config is None and saved.is_file():
+        # A resumed run keeps the settings it was started with; --set and --epochs
+        # still apply on top (a longer budget, another device).
+        train_config = saved
     try:
         settings = train_config_module.load(train_config, flags)
         results = run_training(dataset, out_dir, settings, task=task,  # type: ignore[arg-type]

@@ -424,3 +424,16 @@ def test_score_threshold_at_fp_is_the_lowest_threshold_within_the_budget() -> No
     over = score_threshold_at_fp([(np.array([[50, 50, 60, 60]]), np.array([0.7])),
                                   (np.zeros((0, 4)), np.zeros(0))], truth, 0.0)
     assert over["threshold"] == 1.0 and over["lesion_sensitivity"] == 0.0
+
+
+def test_report_lists_unreadable_images_in_their_own_section(tmp_path: Path) -> None:
+    left_out = [{"path": f"/data/IMG{i:04d}.jpg", "reason": "truncated JPEG"} for i in range(3)]
+    report = write_report(tmp_path, title="fractured 1.0.0", metrics={}, plots={}, model={},
+                          data={"format": "fracatlas", "unreadable": left_out}, trained=True)
+    text = report.read_text()
+    assert "| unreadable | 3 images left out (listed below) |" in text
+    assert "## Left out: 3 unreadable images" in text
+    assert "| /data/IMG0002.jpg | truncated JPEG |" in text
+    assert '{"path"' not in text  # no JSON blob in the Data table
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["data"]["unreadable"] == left_out

@@ -64,14 +64,28 @@ def load(path: Path, kind: Kind | None = None) -> dict[str, Any]:
 def check_resumable(state: Mapping[str, Any], meta: Mapping[str, Any], path: Path) -> None:
     """A resume must train the same model on the same data: only the epoch budget, early
     stopping and where it runs ([run]) may change; anything else is a new run."""
-    task = meta["kind"]
-    before, now = state["settings"], meta["settings"]
-    free = {(task, "epochs"), (task, "early_stopping")}
-    changed = [f"[{section}].{key}" for section in ("data", "augment", task)
-               for key, value in now[section].items()
-               if (section, key) not in free and before[section].get(key) != value]
+    changed = changed_settings(state["settings"], meta["settings"], meta["kind"])
     if state["model_spec"] != meta["model_spec"]:
         changed.append("the model")
+    _refuse(changed, path)
+
+
+def check_settings(path: Path, settings: Mapping[str, Any], kind: Kind) -> None:
+    """Refuse, before anything is written, to resume the checkpoint at `path` (when
+    there is one) with settings that would make a different run."""
+    if path.is_file():
+        _refuse(changed_settings(load(path, kind)["settings"], settings, kind), path)
+
+
+def changed_settings(before: Mapping[str, Any], now: Mapping[str, Any], kind: Kind) -> list[str]:
+    """The `[section].key`s that differ and matter to a `kind` run."""
+    free = {(kind, "epochs"), (kind, "early_stopping")}
+    return [f"[{section}].{key}" for section in ("data", "augment", kind)
+            for key, value in now[section].items()
+            if (section, key) not in free and before[section].get(key) != value]
+
+
+def _refuse(changed: list[str], path: Path) -> None:
     if changed:
         raise CheckpointError(f"{path}: cannot resume with different {', '.join(changed)}; "
                               "start a new run directory instead")

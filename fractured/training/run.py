@@ -16,6 +16,7 @@ or start another.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -23,7 +24,7 @@ from typing import Any, Literal
 import numpy as np
 import structlog
 
-from fractured.training import config
+from fractured.training import checkpoint, config
 from fractured.training.classifier import train_classifier
 from fractured.training.datasets import SampleSet, open_dataset
 from fractured.training.datasets.base import Sample
@@ -51,6 +52,12 @@ def train(dataset: Path, out: Path, settings: config.TrainSettings, *, task: Tas
                        "or choose another --out")
     if resume and not saved.exists():
         raise RunError(f"{out} holds no run to resume ({SETTINGS_FILE} is missing)")
+    kinds = ("classifier", "detector") if task == "both" else (task,)
+    if resume:
+        # Checked before train.toml is rewritten, so a refused resume changes nothing.
+        resolved = dataclasses.asdict(settings)
+        for kind in kinds:
+            checkpoint.check_settings(out / kind / checkpoint.LAST, resolved, kind)
     sample_set = open_dataset(dataset, settings.data.format or None,
                               positive=settings.data.positive or None)
     out.mkdir(parents=True, exist_ok=True)
@@ -62,11 +69,11 @@ def train(dataset: Path, out: Path, settings: config.TrainSettings, *, task: Tas
                         settings.run.seed)
     provenance = _provenance(sample_set, split, out, train_part, val_part)
     results: dict[str, Path] = {}
-    if task in ("classifier", "both"):
+    if "classifier" in kinds:
         results["classifier"] = train_classifier(train_part, val_part, settings,
                                                  out / "classifier", resume=resume,
                                                  provenance=provenance)
-    if task in ("detector", "both"):
+    if "detector" in kinds:
         if not sample_set.has_boxes:
             message = (f"{dataset}: the {sample_set.format} data set has no boxes, so no "
                        "detector can be trained on it")

@@ -32,6 +32,7 @@ def write_report(out_dir: Path, *, title: str, metrics: Mapping[str, Any],
                  data: Mapping[str, Any], trained: bool) -> Path:
     """Write out_dir/metrics.json and out_dir/report.md; return the report's path.
 
+    `data["unreadable"]` ({path, reason} each) is listed in its own section at the end.
     `metrics` sections the report knows, each optional: classification
     (`classification_metrics`), operating_points (`choose_operating_points`'
     description), calibration ({temperature, ece_before, ece_after}), subsets
@@ -54,7 +55,11 @@ def write_report(out_dir: Path, *, title: str, metrics: Mapping[str, Any],
     if not trained:
         lines += [UNTRAINED_BANNER, ""]
     lines += [f"Generated {record['created']}; every number is in `metrics.json`.", ""]
-    lines += _key_values("Model", model) + _key_values("Data", data)
+    unreadable = data.get("unreadable") or []
+    shown = {key: value for key, value in data.items() if key != "unreadable"}
+    if unreadable:
+        shown["unreadable"] = f"{len(unreadable)} images left out (listed below)"
+    lines += _key_values("Model", model) + _key_values("Data", shown)
     if "classification" in metrics:
         lines += _classification(metrics["classification"])
     if "operating_points" in metrics:
@@ -66,6 +71,7 @@ def write_report(out_dir: Path, *, title: str, metrics: Mapping[str, Any],
     if "detection" in metrics:
         lines += _detection(metrics["detection"])
     lines += _plots(out_dir, plots, links)
+    lines += _unreadable(unreadable)
     report = out_dir / "report.md"
     report.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
     return report
@@ -175,6 +181,15 @@ def _plots(out_dir: Path, plots: Mapping[str, Path], links: Mapping[str, str]) -
         else:
             lines += [f"### {name}", "", f"_missing: {plots[name]} was not written_", ""]
     return lines
+
+
+def _unreadable(items: Sequence[Mapping[str, str]]) -> list[str]:
+    """The images no metric counts because they could not be decoded, each with why."""
+    if not items:
+        return []
+    lines = [f"## Left out: {len(items)} unreadable images", "",
+             "These files could not be decoded, so no number above includes them.", ""]
+    return lines + _table(("Image", "Reason"), [(item["path"], item["reason"]) for item in items])
 
 
 def _key_values(heading: str, values: Mapping[str, Any]) -> list[str]:

@@ -1,0 +1,326 @@
+"""`fractured train`: settings, loss, augmentation, checkpoints, initial weights, and a
+smoke run through the CLI (train, resume, evaluate) on a synthetic YOLO data set."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from fractured.cli import main
+from fractured.config import ConfigError
+from fractured.engine.models import FractureClassifier
+from fractured.training import checkpoint, config
+from fractured.training.config import AugmentSettings
+from fractured.training.data import letterbox_samples
+from fractured.training.datasets.base import BoxLabel, Sample
+from fractured.training.loops import Device, train_classifier_epoch
+from fractured.training.losses import FractureLoss
+from fractured.training.schedule import optimiser
+from fractured.training.transforms import as_box_target, train_transform
+from fractured.training.weights import load_initial_weights
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+# -- settings ------------------------------------------------------------------------------
+
+def test_defaults_load_and_round_trip(tmp_path: Path) -> None:
+    settings = config.load(None)
+    assert settings.classifier.variant == "b0" and settings.detector.input_size == 512
+    config.save(settings, tmp_path / "train.toml")
+    assert config.load(tmp_path / "train.toml") == settings
+
+
+def test_overrides_parse_as_toml_values(tmp_path: Path) -> None:
+    path = tmp_path / "train.toml"
+    path.write_text('[classifier]\nvariant = "b2"\nlr = 0.01\n')
+    settings = config.load(path, ["classifier.lr=3e-4", "augment.hflip=false",
+                                  "data.positive=[\"fractured\"]", "classifier.schedule=step"])
+    assert settings.classifier.variant == "b2"  # from the file
+    assert settings.classifier.lr == 3e-4  # the flag wins
+    assert settings.augment.hflip is False
+    assert settings.data.positive == ["fractured"]
+    assert settings.classifier.schedule == "step"  # a bare word is a string
+
+
+@pytest.mark.parametrize(("text", "flags", "message"), [
+    ("[clasifier]\nlr = 1\n", [], r"\[clasifier\]: unknown section"),
+    ("[classifier]\nlearning_rate = 1\n", [], r"\[classifier\]\.learning_rate"),
+    ("[classifier]\nepochs = \"ten\"\n", [], r"\[classifier\]\.epochs"),
+    ("[classifier]\nvariant = \"b9\"\n", [], r"\[classifier\]\.variant"),
+    ("", ["classifier.freeze_epochs=2"], r"frozen warm-up needs \[classifier\]\.initial_w"),
+    ("", ["data.val=0.6", "data.test=0.5"], r"must leave images to train on"),
+    ("", ["detector.input_size=16"], r"\[detector\]\.input_size: at least 32"),
+    ("", ["classifier.target_sensitivity=1.0"], r"\[classifier\]\.target_sensitivity"),
+    ("", ["classifier.lr"], r"expected section\.key=value"),
+    ("[classifier\n", [], r"not valid TOML"),
+])
+def test_bad_settings_name_the_key(tmp_path: Path, text: str, flags: list[str],
+                                   message: str) -> None:
+    path = tmp_path / "train.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        config.load(path, flags)
+
+
+# -- loss ------------------------------------------------------------------------------------
+
+def test_loss_is_bce_plus_weighted_focal() -> None:
+    logits = torch.tensor([2.0, -1.0, 0.3, -3.0])
+    targets = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_true = torch.where(targets == 1, torch.sigmoid(logits), 1 - torch.sigmoid(logits))
+    focal = (1 - p_true) ** 2 * bce
+    assert torch.isclose(FractureLoss(focal_weight=0.0)(logits, targets), bce.mean())
+    assert torch.isclose(FractureLoss(focal_weight=0.5, gamma=2.0)(logits, targets),
+                         (bce + 0.5 * focal).mean())
+    weight = torch.where(targets == 1, 4.0, 1.0)
+    assert torch.isclose(FractureLoss(focal_weight=0.0, pos_weight=4.0)(logits, targets),
+                         (weight * bce).mean())
+
+
+def test_focal_term_spares_easy_images() -> None:
+    loss = FractureLoss(focal_weight=1.0, gamma=2.0)
+    easy, hard = torch.tensor([6.0]), torch.tensor([-1.0])
+    one = torch.tensor([1.0])
+    # the focal term adds almost nothing to a confident right answer, a lot to a wrong one
+    assert loss(easy, one) / F.binary_cross_entropy_with_logits(easy, one) < 1.001
+    assert loss(hard, one) / F.binary_cross_entropy_with_logits(hard, one) > 1.5
+    with pytest.raises(ValueError, match="pos_weight"):
+        FractureLoss(pos_weight=0.0)
+
+
+# -- training loop ---------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_training_epoch_learns_a_visible_marker() -> None:
+    """The loop really trains: repeated epochs on a tiny set where fracture images carry
+    a bright square bring the loss well below where it started."""
+    torch.manual_seed(0)
+    images = torch.rand(16, 3, 32, 32) * 0.2
+    labels = torch.tensor([1.0, 0.0] * 8)
+    images[labels == 1, :, 8:20, 8:20] = 3.0
+    model = FractureClassifier(variant="b0", num_labels=1)
+    settings = config.load(None, ["classifier.lr=3e-3"]).classifier
+    loader = DataLoader(TensorDataset(images, labels), batch_size=8, shuffle=True)
+    optimizer = optimiser(model.parameters(), settings)
+    device = Device.choose("cpu", amp=False, channels_last=False)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    losses = [train_classifier_epoch(model, loader, FractureLoss(), optimizer, scaler, device,
+                                     desc="test") for _ in range(12)]
+    assert all(np.isfinite(losses))
+    assert min(losses[-3:]) < 0.5 * losses[0], losses
+
+
+# -- augmentation ----------------------------------------------------------------------------
+
+def test_boxes_move_with_their_pixels() -> None:
+    """Whatever flip, rotation and zoom are drawn, the bright square stays inside its box."""
+    transform = train_transform(AugmentSettings(rotation=15, zoom=0.2, vflip=True,
+                                                brightness=0, contrast=0), boxes=True)
+    grey = torch.zeros(1, 64, 64)
+    grey[:, 10:20, 30:50] = 1.0
+    torch.manual_seed(1)
+    for _ in range(30):
+        from torchvision import tv_tensors
+
+        image, target = transform(tv_tensors.Image(grey.clone()),
+                                  as_box_target(torch.tensor([[30.0, 10.0, 50.0, 20.0]]),
+                                                torch.ones(1, dtype=torch.int64), 64))
+        bright = (image[0] > 0.5).nonzero()
+        if len(bright) == 0:  # zoomed out of the canvas: the box must be gone too
+            assert len(target["boxes"]) == 0
+            continue
+        x0, y0, x1, y1 = target["boxes"][0].tolist()
+        assert x0 - 1 <= bright[:, 1].min() and bright[:, 1].max() <= x1 + 1
+        assert y0 - 1 <= bright[:, 0].min() and bright[:, 0].max() <= y1 + 1
+
+
+def test_unreadable_images_are_left_out_and_listed(tmp_path: Path) -> None:
+    cv2.imwrite(str(tmp_path / "good.png"), np.full((40, 80), 200, np.uint8))
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    samples = [Sample(tmp_path / "good.png", 1, "hand", boxes=(BoxLabel(0, 0, 0.5, 1),)),
+               Sample(tmp_path / "broken.jpg", 0, "hand", boxes=())]
+    result = letterbox_samples(samples, 32)
+    assert [sample.path.name for sample in result.samples] == ["good.png"]
+    assert result.images.shape == (1, 32, 32)
+    assert len(result.unreadable) == 1 and result.unreadable[0][0].endswith("broken.jpg")
+
+
+# -- checkpoints and initial weights ----------------------------------------------------------
+
+def test_checkpoint_round_trip_and_refusals(tmp_path: Path) -> None:
+    path = tmp_path / "best.pt"
+    checkpoint.save(path, {"kind": "classifier", "epoch": 3, "model": {"w": torch.ones(2)}})
+    assert checkpoint.load(path, "classifier")["epoch"] == 3
+    assert not list(tmp_path.glob(".*.tmp"))
+    with pytest.raises(checkpoint.CheckpointError, match="a classifier checkpoint, expected"):
+        checkpoint.load(path, "detector")
+    (tmp_path / "foreign.pt").write_bytes(b"not torch")
+    with pytest.raises(checkpoint.CheckpointError, match="not a readable checkpoint"):
+        checkpoint.load(tmp_path / "foreign.pt")
+    torch.save({"w": torch.ones(1)}, tmp_path / "plain.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="not a fractured checkpoint"):
+        checkpoint.load(tmp_path / "plain.pt")
+
+
+def test_initial_weights_from_a_local_file(tmp_path: Path) -> None:
+    source = FractureClassifier(variant="b0", num_labels=1)
+    torch.save({f"module.{k}": v for k, v in source.state_dict().items()}, tmp_path / "w.pt")
+    target = FractureClassifier(variant="b0", num_labels=1)
+    taken = load_initial_weights(target, str(tmp_path / "w.pt"), where="[classifier].x")
+    assert taken == len(source.state_dict())
+    first = next(iter(source.state_dict()))
+    assert torch.equal(target.state_dict()[first], source.state_dict()[first])
+    torch.save({"unrelated.weight": torch.ones(3)}, tmp_path / "other.pt")
+    with pytest.raises(ConfigError, match=r"\[classifier\]\.x: .*other\.pt has no tensor"):
+        load_initial_weights(target, str(tmp_path / "other.pt"), where="[classifier].x")
+    with pytest.raises(ConfigError, match="neither a file nor a torchvision weights name"):
+        load_initial_weights(target, str(tmp_path / "missing.pt"), where="[classifier].x")
+
+
+# -- a smoke run through the CLI ----------------------------------------------------------------
+
+SMOKE_FLAGS = ["--set", "classifier.input_size=32", "--set", "classifier.batch_size=8",
+               "--set", "detector.input_size=96", "--set", "detector.batch_size=4",
+               "--set", "run.workers=0", "--set", "data.val=0.25", "--set", "data.test=0.25"]
+
+
+def synthetic_yolo(root: Path, n: int = 32) -> Path:
+    """A flat YOLO data set: smooth random 'anatomy', and on every other image a bright
+    'fracture' rectangle with its box. Distinct seeds keep near-duplicates apart."""
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    (root / "classes.txt").write_text("fracture\n")
+    for index in range(n):
+        rng = np.random.default_rng(index)
+        rows, cols = 120 + 8 * (index % 3), 100
+        noise = cv2.GaussianBlur(rng.random((rows, cols)).astype(np.float32), (0, 0), 8)
+        picture = (200 * (noise - noise.min()) / np.ptp(noise)).astype(np.uint8)
+        label = ""
+        if index % 2:
+            x, y = int(rng.integers(10, 60)), int(rng.integers(10, 70))
+            picture[y:y + 30, x:x + 25] = 255
+            label = f"0 {(x + 12.5) / cols:.4f} {(y + 15) / rows:.4f} {25 / cols:.4f} " \
+                    f"{30 / rows:.4f}\n"
+        cv2.imwrite(str(root / "images" / f"img{index:03d}.png"), picture)
+        (root / "labels" / f"img{index:03d}.txt").write_text(label)
+    return root
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, CliRunner]:
+    data = synthetic_yolo(tmp_path_factory.mktemp("data") / "yolo")
+    run = tmp_path_factory.mktemp("runs") / "smoke"
+    runner = CliRunner()
+    result = runner.invoke(main, ["train", str(data), "--out", str(run), "--epochs", "1",
+                                  "--device", "cpu", *SMOKE_FLAGS])
+    assert result.exit_code == 0, result.output
+    return data, run, runner
+
+
+def split_parts(run: Path) -> dict[str, str]:
+    with open(run / "split" / "split.csv", newline="") as fh:
+        return {row["relative_path"]: row["split"] for row in csv.DictReader(fh)}
+
+
+def history(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.mark.slow
+def test_smoke_run_writes_settings_split_and_calibrated_checkpoints(smoke_run) -> None:
+    data, run, _ = smoke_run
+    saved = config.load(run / "train.toml")
+    assert saved.classifier.input_size == 32 and saved.classifier.epochs == 1
+    split = json.loads((run / "split" / "split.json").read_text())
+    assert split["samples"] == 32  # on disk, reused by resume and evaluate
+    assert set(split_parts(run).values()) == {"train", "val", "test"}
+    classifier = checkpoint.load(run / "classifier" / checkpoint.BEST, "classifier")
+    calibration = classifier["calibration"]
+    assert calibration["temperature"] > 0
+    points = calibration["operating_points"]
+    assert 0 <= points["high_sensitivity"] <= 1 and 0 <= points["high_specificity"] <= 1
+    assert classifier["provenance"]["dataset"] == str(data)
+    assert classifier["model_spec"]["input_size"] == 32
+    detector = checkpoint.load(run / "detector" / checkpoint.BEST, "detector")
+    assert detector["model_spec"]["input_size"] == 96
+    for kind in ("classifier", "detector"):
+        rows = history(run / kind / checkpoint.HISTORY)
+        assert [row["epoch"] for row in rows] == ["0"]
+        assert float(rows[0]["train_loss"]) > 0
+
+
+@pytest.mark.slow
+def test_resume_continues_and_refuses_what_would_mix_runs(smoke_run) -> None:
+    data, run, runner = smoke_run
+    again = runner.invoke(main, ["train", str(data), "--out", str(run), *SMOKE_FLAGS])
+    assert again.exit_code != 0 and "already holds a run: pass --resume" in again.output
+    changed = runner.invoke(main, ["train", str(data), "--out", str(run), "--resume",
+                                   "--task", "classifier", "--set", "classifier.lr=0.5"])
+    assert changed.exit_code != 0
+    assert "cannot resume with different [classifier].lr" in changed.output
+    nothing = runner.invoke(main, ["train", str(data), "--out", str(run.parent / "none"),
+                                   "--resume"])
+    assert nothing.exit_code != 0 and "holds no run to resume" in nothing.output
+    # the saved settings are the base of a resume: only the longer budget is given
+    longer = runner.invoke(main, ["train", str(data), "--out", str(run), "--resume",
+                                  "--task", "classifier", "--epochs", "2"])
+    assert longer.exit_code == 0, longer.output
+    rows = history(run / "classifier" / checkpoint.HISTORY)
+    assert [row["epoch"] for row in rows] == ["0", "1"]
+    assert checkpoint.load(run / "classifier" / checkpoint.LAST)["epoch"] == 1
+
+
+@pytest.mark.slow
+def test_evaluate_writes_metrics_plots_and_report(smoke_run) -> None:
+    _, run, runner = smoke_run
+    result = runner.invoke(main, ["evaluate", str(run), "--bootstrap", "50",
+                                  "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    out = run / "eval-test"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["classification"]["n"] == list(split_parts(run).values()).count("test")
+    assert {"ap50", "ap50_95", "froc"} <= set(metrics["detection"])
+    assert metrics["trained"] is True and "UNTRAINED" not in metrics["title"]
+    assert metrics["model"]["classifier"]["checkpoint"].endswith("best.pt")
+    plots = [out / link for link in metrics["plots"].values()]
+    assert len(plots) >= 6
+    for plot in plots:
+        assert plot.read_bytes()[:8] == PNG_SIGNATURE, plot
+    report = (out / "report.md").read_text()
+    assert "## Classification" in report and "## Detector" in report
+    assert all(f"]({link})" in report for link in metrics["plots"].values())
+
+
+def test_evaluate_without_checkpoints_says_so(tmp_path: Path) -> None:
+    config.save(config.load(None), tmp_path / "train.toml")
+    result = CliRunner().invoke(main, ["evaluate", str(tmp_path)])
+    assert result.exit_code != 0 and "has the run been trained?" in result.output
+
+
+def test_data_inspect_cli(tmp_path: Path) -> None:
+    data = synthetic_yolo(tmp_path / "yolo", n=6)
+    cv2.imwrite(str(data / "images" / "copy.png"),
+                cv2.flip(cv2.imread(str(data / "images" / "img000.png")), 1))
+    (data / "labels" / "copy.txt").write_text("")
+    result = CliRunner().invoke(main, ["data", "inspect", str(data), "--out",
+                                       str(tmp_path / "eda")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "eda" / "summary.json").read_text())
+    assert summary["images"] == 7
+    groups = summary["duplicates"]["members"]
+    assert any({Path(p).name for p in group} == {"img000.png", "copy.png"} for group in groups)
+    missing = CliRunner().invoke(main, ["data", "inspect", str(tmp_path / "eda"), "--out",
+                                        str(tmp_path / "x")])
+    assert missing.exit_code != 0 and "Error:" in missing.output

@@ -435,5 +435,13 @@ def test_report_lists_unreadable_images_in_their_own_section(tmp_path: Path) -> 
     assert "## Left out: 3 unreadable images" in text
     assert "| /data/IMG0002.jpg | truncated JPEG |" in text
     assert '{"path"' not in text  # no JSON blob in the Data table
+    assert "Leakage" not in text
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["data"]["unreadable"] == left_out
+
+
+def test_report_warns_of_groups_crossing_a_shipped_split(tmp_path: Path) -> None:
+    warning = "3 groups of the same patient (7 images) cross the dataset's own splits"
+    text = write_report(tmp_path, title="t", metrics={}, plots={}, model={},
+                        data={"leakage_warning": warning}, trained=True).read_text()
+    assert f"> **Leakage:** {warning}." in text.split("## ")[0]  # above every section

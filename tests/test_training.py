@@ -4,7 +4,9 @@ smoke run through the CLI (train, resume, evaluate) on a synthetic YOLO data set
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import tomllib
 from pathlib import Path
 
 import cv2
@@ -24,7 +26,13 @@ from fractured.training.data import letterbox_samples
 from fractured.training.datasets.base import BoxLabel, Sample
 from fractured.training.loops import Device, train_classifier_epoch
 from fractured.training.losses import FractureLoss
-from fractured.training.schedule import optimiser
+from fractured.training.schedule import (
+    BestTracker,
+    extend_schedule,
+    lr_schedule,
+    optimiser,
+    step_schedule,
+)
 from fractured.training.transforms import as_box_target, train_transform
 from fractured.training.weights import load_initial_weights
 
@@ -32,6 +40,19 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 # -- settings ------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_train_toml_documents_every_key_with_its_default() -> None:
+    """The example file and the code agree: every key is present, at its default."""
+    text = (REPO / "train.toml").read_text()
+    parsed = tomllib.loads(text)
+    defaults = dataclasses.asdict(config.load(None))
+    assert {section: set(values) for section, values in parsed.items()} == \
+        {section: set(values) for section, values in defaults.items()}
+    assert config.load(REPO / "train.toml") == config.load(None)
+
 
 def test_defaults_load_and_round_trip(tmp_path: Path) -> None:
     settings = config.load(None)
@@ -119,6 +140,57 @@ def test_a_training_epoch_learns_a_visible_marker() -> None:
                                      desc="test") for _ in range(12)]
     assert all(np.isfinite(losses))
     assert min(losses[-3:]) < 0.5 * losses[0], losses
+
+
+# -- schedules and early stopping ---------------------------------------------------------------
+
+def lrs(schedule_name: str, scores: list[float], **extra: object) -> list[float]:
+    cfg = dataclasses.replace(config.load(None).classifier, schedule=schedule_name, epochs=4,
+                              lr=1.0, **extra)
+    optimizer = optimiser([torch.nn.Parameter(torch.zeros(1))], cfg)
+    schedule = lr_schedule(optimizer, cfg)
+    seen = []
+    for score in scores:
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        step_schedule(schedule, score)
+    return seen
+
+
+def test_schedules_follow_their_settings() -> None:
+    cosine = lrs("cosine", [0.5] * 4)
+    assert cosine[0] == 1.0 and cosine[2] == pytest.approx(0.5) and cosine == sorted(cosine)[::-1]
+    assert lrs("step", [0.5] * 4, step_size=2, gamma=0.1) == pytest.approx([1, 1, 0.1, 0.1])
+    # plateau: the score stops improving after epoch 0; patience 1 -> halved after 2 stale
+    assert lrs("plateau", [0.6, 0.6, 0.6, 0.6], plateau_patience=1,
+               plateau_factor=0.5) == pytest.approx([1, 1, 1, 0.5])
+
+
+def test_a_resumed_cosine_schedule_ends_at_the_new_budget() -> None:
+    cfg = dataclasses.replace(config.load(None).classifier, epochs=4, lr=1.0)
+    optimizer = optimiser([torch.nn.Parameter(torch.zeros(1))], cfg)
+    schedule = lr_schedule(optimizer, cfg)
+    for _ in range(2):
+        optimizer.step()
+        step_schedule(schedule, 0.0)
+    extend_schedule(schedule, 8)
+    for _ in range(6):
+        assert optimizer.param_groups[0]["lr"] > 0
+        optimizer.step()
+        step_schedule(schedule, 0.0)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_early_stopping_after_patience_epochs_without_a_better_score() -> None:
+    tracker = BestTracker(patience=2)
+    improved = [tracker.record({"epoch": epoch}, score)
+                for epoch, score in enumerate([0.5, 0.7, 0.6, 0.7])]
+    assert improved == [True, True, False, False]  # a tie is not an improvement
+    assert tracker.should_stop and tracker.best_epoch == 1
+    restored = BestTracker(patience=2)
+    restored.load_state_dict(tracker.state_dict())
+    assert restored.should_stop and len(restored.history) == 4
+    assert not BestTracker(patience=0).should_stop
 
 
 # -- augmentation ----------------------------------------------------------------------------

@@ -114,9 +114,14 @@ def _samples(run_dir: Path, settings: train_config.TrainSettings,
     samples = split.samples(sample_set, split_name)
     if not samples:
         raise DatasetError(f"{run_dir}: the {split_name} split is empty")
-    return samples, {"dataset": provenance["dataset"], "format": sample_set.format,
-                     "split": split_name, "evaluated": f"its {split_name} split",
-                     "images": len(samples), "fracture": sum(s.label for s in samples)}
+    summary = split.summary()
+    data = {"dataset": provenance["dataset"], "format": sample_set.format,
+            "split": split_name, "split_source": summary["source"],
+            "evaluated": f"its {split_name} split",
+            "images": len(samples), "fracture": sum(s.label for s in samples)}
+    if summary["warning"]:
+        data["leakage_warning"] = summary["warning"]
+    return samples, data
 
 
 def _classifier_part(state: dict[str, Any], samples: list[Sample], subsets: Sequence[str],

@@ -32,7 +32,8 @@ def write_report(out_dir: Path, *, title: str, metrics: Mapping[str, Any],
                  data: Mapping[str, Any], trained: bool) -> Path:
     """Write out_dir/metrics.json and out_dir/report.md; return the report's path.
 
-    `data["unreadable"]` ({path, reason} each) is listed in its own section at the end.
+    `data["unreadable"]` ({path, reason} each) is listed in its own section at the end;
+    `data["leakage_warning"]` (groups crossing a shipped split) is a banner at the top.
     `metrics` sections the report knows, each optional: classification
     (`classification_metrics`), operating_points (`choose_operating_points`'
     description), calibration ({temperature, ece_before, ece_after}), subsets
@@ -54,6 +55,8 @@ def write_report(out_dir: Path, *, title: str, metrics: Mapping[str, Any],
     lines = [f"# {title}" if trained else f"# {title} (UNTRAINED MODEL)", ""]
     if not trained:
         lines += [UNTRAINED_BANNER, ""]
+    if data.get("leakage_warning"):
+        lines += [f"> [!WARNING]\n> **Leakage:** {data['leakage_warning']}.", ""]
     lines += [f"Generated {record['created']}; every number is in `metrics.json`.", ""]
     unreadable = data.get("unreadable") or []
     shown = {key: value for key, value in data.items() if key != "unreadable"}

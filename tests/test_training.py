@@ -258,6 +258,8 @@ def test_initial_weights_from_a_local_file(tmp_path: Path) -> None:
         load_initial_weights(target, str(tmp_path / "other.pt"), where="[classifier].x")
     with pytest.raises(ConfigError, match="neither a file nor a torchvision weights name"):
         load_initial_weights(target, str(tmp_path / "missing.pt"), where="[classifier].x")
+    with pytest.raises(ConfigError, match="is not a torchvision weights name"):
+        load_initial_weights(target, "EfficientNet_B0_Weights.NOPE", where="[classifier].x")
 
 
 # -- a smoke run through the CLI ----------------------------------------------------------------

@@ -535,3 +535,11 @@ def test_open_dataset_refuses_unknown_formats_and_misplaced_options(tmp_path: Pa
         open_dataset(tmp_path, positive=["fractured"])
     with pytest.raises(DatasetError, match=r"gone: no such file or directory"):
         open_dataset(tmp_path / "gone", "yolo")
+
+
+def test_a_stray_json_does_not_make_an_imagefolder_look_like_coco(tmp_path: Path) -> None:
+    picture(tmp_path / "fractured" / "a.png")
+    picture(tmp_path / "not fractured" / "b.png")
+    write(tmp_path / "dataset-metadata.json", '{"title": "bones", "licenses": []}')
+    assert detect_format(tmp_path) == "imagefolder"
+    assert len(open_dataset(tmp_path)) == 2

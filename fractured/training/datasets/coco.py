@@ -29,6 +29,9 @@ from fractured.training.datasets.base import BoxLabel, DatasetError, Sample, Sam
 PIXEL_TOLERANCE = 1.0
 
 
+_PEEK_BYTES = 1 << 20
+
+
 def annotation_files(folder: Path) -> list[Path]:
     """The .json files at the top of `folder` and in its annotations/ folder."""
     found = [p for d in (folder, folder / "annotations") if d.is_dir() for p in d.glob("*.json")]
@@ -36,10 +39,26 @@ def annotation_files(folder: Path) -> list[Path]:
 
 
 def matches(path: Path) -> bool:
-    """Whether `path` is a .json file or a folder with exactly one annotation file."""
+    """Whether `path` is a .json file, or a folder with exactly one annotation file that
+    looks like COCO (so an ImageFolder set with a stray metadata .json, as Kaggle
+    downloads have, is not taken for COCO)."""
     if path.is_file():
         return path.suffix.lower() == ".json"
-    return path.is_dir() and len(annotation_files(path)) == 1
+    if not path.is_dir():
+        return False
+    found = annotation_files(path)
+    return len(found) == 1 and _looks_like_coco(found[0])
+
+
+def _looks_like_coco(path: Path) -> bool:
+    """An `"images"` key in the first MiB. Only the short info, licenses and categories
+    blocks come before the images list in the files exporters write, and a peek spares
+    parsing an annotation file of hundreds of MB just to detect its format."""
+    try:
+        with open(path, "rb") as fh:
+            return b'"images"' in fh.read(_PEEK_BYTES)
+    except OSError:
+        return False
 
 
 def pixel_box(x0: float, y0: float, x1: float, y1: float, width: float, height: float,

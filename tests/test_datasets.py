@@ -543,3 +543,22 @@ def test_a_stray_json_does_not_make_an_imagefolder_look_like_coco(tmp_path: Path
     write(tmp_path / "dataset-metadata.json", '{"title": "bones", "licenses": []}')
     assert detect_format(tmp_path) == "imagefolder"
     assert len(open_dataset(tmp_path)) == 2
+
+
+def test_yolo_reads_the_roboflow_layout_with_split_folders_first(tmp_path: Path) -> None:
+    for split, name in (("train", "a"), ("valid", "b"), ("test", "c")):
+        picture(tmp_path / split / "images" / f"{name}.jpg")
+    write(tmp_path / "train" / "labels" / "a.txt", "1 0.5 0.5 0.2 0.2\n")
+    (tmp_path / "valid" / "labels").mkdir(parents=True)
+    (tmp_path / "test" / "labels").mkdir(parents=True)
+    write(tmp_path / "data.yaml", "train: ../train/images\nnames: ['elbow', 'wrist']\n")
+    assert detect_format(tmp_path) == "yolo"
+    sample_set = open_dataset(tmp_path)
+    assert {s.path.relative_to(tmp_path).as_posix(): (s.label, s.split,
+                                                      tuple(b.label for b in s.boxes))
+            for s in sample_set.samples} == {
+        "train/images/a.jpg": (1, "train", ("wrist",)),
+        "valid/images/b.jpg": (0, "val", ()),
+        "test/images/c.jpg": (0, "test", ()),
+    }
+    assert_sorted(sample_set)

@@ -39,7 +39,8 @@ _DETECTORS: tuple[tuple[str, Callable[[Path], bool]], ...] = (
 
 _LAYOUTS = """\
   fracatlas:   a folder with manifest.csv, images/ and labels/
-  yolo:        a folder with images/ and labels/ (one .txt of 'class xc yc w h' per image)
+  yolo:        a folder with images/ and labels/ (one .txt of 'class xc yc w h' per image),
+               or with train/ valid/ test/ folders holding them (Roboflow)
   coco:        a .json file, or a folder with exactly one .json at the top or in annotations/
   dicom-csv:   a .csv file listing DICOM files (columns file, label, ...)
   mura:        a folder with XR_<PART>/ folders, directly or under train/ and valid/

@@ -1,10 +1,12 @@
 """YOLO (Ultralytics, Roboflow and most annotation-tool exports): a box file per image.
 
-Layout::
+Layout (Ultralytics), or split folders first (Roboflow's YOLO exports)::
 
     root/images/[train|val|valid|test/]**/*.{jpg,jpeg,png}
     root/labels/<same relative path, .txt>    one line per object: class xc yc w h
     root/data.yaml | root/classes.txt | root/obj.names    the class names (first found)
+
+    root/{train,valid,test}/images/**, root/{train,valid,test}/labels/**, root/data.yaml
 
 Box lines are normalised to the image ([0, 1]), centre and size; a reader turns them
 into corner boxes without opening the image. Overshoots of at most 1e-3 (rounding in
@@ -13,7 +15,8 @@ naming `file:line`. A missing or empty label file means the image has no objects
 YOLO convention for background images), so label = 1 iff the image has a box: every
 class counts as a finding. `data.yaml` gives `names:` as a list or an {index: name}
 map; its train/val paths are not followed, the split comes from a first-level folder
-under images/ named train, val/valid/validation or test/testing. Without any class names
+under images/ (or above it, Roboflow's way) named train, val/valid/validation or
+test/testing. Without any class names
 only class 0 is allowed and it means "fracture". Label files without an image are
 ignored, as YOLO trainers do. No patients or body parts are known.
 """
@@ -37,9 +40,21 @@ _TOLERANCE = 1e-3
 
 
 def matches(path: Path) -> bool:
-    """Whether `path` has images/ and labels/ folders (and no FracAtlas manifest.csv)."""
-    return ((path / "images").is_dir() and (path / "labels").is_dir()
-            and not (path / "manifest.csv").is_file())
+    """Whether `path` has images/ and labels/ folders, directly or in split folders (and
+    no FracAtlas manifest.csv)."""
+    return (bool(_image_folders(path)) and not (path / "manifest.csv").is_file())
+
+
+def _image_folders(root: Path) -> list[tuple[str | None, Path, Path]]:
+    """(split, images/, labels/) pairs: root's own, else one per split folder."""
+    if (root / "images").is_dir() and (root / "labels").is_dir():
+        return [(None, root / "images", root / "labels")]
+    if not root.is_dir():
+        return []
+    return [(split_of(child.name), child / "images", child / "labels")
+            for child in sorted(root.iterdir())
+            if split_of(child.name) and (child / "images").is_dir()
+            and (child / "labels").is_dir()]
 
 
 def read_class_names(root: Path) -> dict[int, str] | None:
@@ -99,19 +114,24 @@ def _parse_line(fields: list[str], names: Mapping[int, str], where: str, *,
 
 def read_yolo(root: Path) -> SampleSet:
     """Read a YOLO dataset; see the module docstring for the layout."""
-    images_dir, labels_dir = root / "images", root / "labels"
-    if not (images_dir.is_dir() and labels_dir.is_dir()):
-        raise DatasetError(f"{root}: a YOLO dataset needs images/ and labels/ folders")
+    folders = _image_folders(root)
+    if not folders:
+        raise DatasetError(f"{root}: a YOLO dataset needs images/ and labels/ folders "
+                           "(or train/, valid/, test/ folders holding them)")
     classes = read_class_names(root)
     samples = []
-    for image in yolo_images(images_dir):
-        relative = image.relative_to(images_dir)
-        label_file = (labels_dir / relative).with_suffix(".txt")
-        boxes = parse_label_file(label_file, classes) if label_file.is_file() else ()
-        split = split_of(relative.parts[0]) if len(relative.parts) > 1 else None
-        samples.append(Sample(path=image, label=int(bool(boxes)), boxes=boxes, split=split))
+    for folder_split, images_dir, labels_dir in folders:
+        for image in yolo_images(images_dir):
+            relative = image.relative_to(images_dir)
+            label_file = (labels_dir / relative).with_suffix(".txt")
+            boxes = parse_label_file(label_file, classes) if label_file.is_file() else ()
+            split = folder_split or (split_of(relative.parts[0]) if len(relative.parts) > 1
+                                     else None)
+            samples.append(Sample(path=image, label=int(bool(boxes)), boxes=boxes,
+                                  split=split))
     if not samples:
-        raise DatasetError(f"{images_dir}: no images ({', '.join(YOLO_SUFFIXES)})")
+        where = " and ".join(str(images_dir) for _, images_dir, _ in folders)
+        raise DatasetError(f"{where}: no images ({', '.join(YOLO_SUFFIXES)})")
     names = DEFAULT_CLASSES if classes is None else classes
     return SampleSet("yolo", root, tuple(samples), tuple(names[i] for i in sorted(names)))
 

@@ -77,38 +77,53 @@ def status(config_path: Path | None, as_json: bool) -> None:
 
 
 @main.command("build-engine")
-@click.option("--untrained", is_flag=True, required=True,
+@click.argument("checkpoints", nargs=-1, type=click.Path(exists=True, path_type=Path))
+@click.option("--untrained", is_flag=True,
               help="Build a bundle with random weights (for tests and first installs); its "
-                   "results are marked UNTRAINED MODEL. Required in this version.")
+                   "results are marked UNTRAINED MODEL.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
               required=True, help="Bundle directory to create (must not exist).")
 @click.option("--variant", type=click.Choice(["b0", "b1", "b2", "b3", "b4"]), default="b0",
-              show_default=True, help="EfficientNet variant.")
+              show_default=True, help="--untrained: EfficientNet variant.")
 @click.option("--input-size", type=click.IntRange(64, 1024), default=None,
-              help="Model input size in pixels [default: the variant's native size].")
+              help="--untrained: model input size in pixels [default: the variant's].")
 @click.option("--detector", type=click.Choice(["none", *DETECTOR_BACKBONES]), default="none",
-              show_default=True, help="Faster R-CNN backbone of a fracture-box detector.")
+              show_default=True, help="--untrained: Faster R-CNN backbone of a box detector.")
 @click.option("--detector-input-size", type=click.IntRange(64, 2048), default=512,
-              show_default=True)
-@click.option("--name", default="fractured-untrained", show_default=True)
-@click.option("--version", "bundle_version", default="0.0.0", show_default=True)
-def build_engine(untrained: bool, out_dir: Path, variant: str, input_size: int | None,
-                 detector: str, detector_input_size: int, name: str,
-                 bundle_version: str) -> None:
-    """Export the classifier (and a detector) to an engine bundle: manifest.json, ONNX
-    graphs and their torch weights."""
+              show_default=True, help="--untrained: detector input size.")
+@click.option("--name", help="Bundle name [default: fractured, or fractured-untrained].")
+@click.option("--version", "bundle_version",
+              help="Bundle version [default: 0.1.0, or 0.0.0 untrained].")
+def build_engine(checkpoints: tuple[Path, ...], untrained: bool, out_dir: Path, variant: str,
+                 input_size: int | None, detector: str, detector_input_size: int,
+                 name: str | None, bundle_version: str | None) -> None:
+    """Export trained models to an engine bundle: CHECKPOINTS are best.pt files of a
+    classifier (and a detector) or a `fractured train` run directory. Writes manifest.json,
+    ONNX graphs checked against PyTorch, their torch weights and MODEL_CARD.md."""
     from fractured.engine.bundle import BundleError
-    from fractured.training.build import build_untrained_bundle
+    from fractured.training.build import build_bundle, build_untrained_bundle
+    from fractured.training.checkpoint import CheckpointError
     from fractured.training.export import BuildError
 
+    if untrained == bool(checkpoints):
+        raise click.UsageError("give either CHECKPOINTS (trained models) or --untrained")
+    log.configure("INFO", "console")
     try:
-        path = build_untrained_bundle(out_dir, name=name, version=bundle_version,
-                                      variant=variant, input_size=input_size,
-                                      detector=None if detector == "none" else detector,
-                                      detector_input_size=detector_input_size)
-    except (BundleError, BuildError) as exc:
+        if untrained:
+            path = build_untrained_bundle(
+                out_dir, name=name or "fractured-untrained", version=bundle_version or "0.0.0",
+                variant=variant, input_size=input_size,
+                detector=None if detector == "none" else detector,
+                detector_input_size=detector_input_size)
+        else:
+            path = build_bundle(checkpoints, out_dir, name=name or "fractured",
+                                version=bundle_version or "0.1.0")
+    except (BundleError, BuildError, CheckpointError) as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"built {path} (UNTRAINED: random weights, results mean nothing)")
+    if untrained:
+        click.echo(f"built {path} (UNTRAINED: random weights, results mean nothing)")
+    else:
+        click.echo(f"built {path}")
 
 
 @main.command()

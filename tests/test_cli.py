@@ -28,15 +28,23 @@ def test_build_engine_untrained_writes_a_bundle_marked_untrained(tmp_path: Path)
     bundle = Bundle.load(out)
     assert bundle.manifest.trained is False
     assert bundle.manifest.classifier.input_size == 96 and bundle.manifest.detector is None
+    assert "UNTRAINED MODEL" in (out / "MODEL_CARD.md").read_text()
     assert json.loads((out / "manifest.json").read_text())["version"] == "0.0.1"
 
     again = CliRunner().invoke(main, ["build-engine", "--untrained", "--out", str(out)])
     assert again.exit_code == 1 and str(out) in again.output  # a bundle is immutable
 
 
-def test_build_engine_requires_untrained_in_this_version(tmp_path: Path) -> None:
+def test_build_engine_needs_checkpoints_or_untrained_not_both(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["build-engine", "--out", str(tmp_path / "x")])
-    assert result.exit_code == 2 and "--untrained" in result.output
+    assert result.exit_code == 2 and "either CHECKPOINTS (trained models) or --untrained" \
+        in result.output
+    both = CliRunner().invoke(main, ["build-engine", str(tmp_path), "--untrained", "--out",
+                                     str(tmp_path / "x")])
+    assert both.exit_code == 2 and "either CHECKPOINTS" in both.output
+    empty = CliRunner().invoke(main, ["build-engine", str(tmp_path), "--out",
+                                      str(tmp_path / "x")])
+    assert empty.exit_code == 1 and "no classifier/best.pt" in empty.output
 
 
 def test_serve_refuses_a_missing_bundle_naming_it(tmp_path: Path) -> None:

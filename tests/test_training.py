@@ -19,11 +19,14 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fractured.cli import main
 from fractured.config import ConfigError
+from fractured.engine.bundle import Bundle
 from fractured.engine.models import FractureClassifier
+from fractured.engine.preprocess import to_model_input
 from fractured.training import checkpoint, config
 from fractured.training.config import AugmentSettings
 from fractured.training.data import letterbox_samples
 from fractured.training.datasets.base import BoxLabel, Sample
+from fractured.training.export import IMAGENET_MEAN, IMAGENET_STD
 from fractured.training.loops import Device, train_classifier_epoch
 from fractured.training.losses import FractureLoss
 from fractured.training.schedule import (
@@ -275,6 +278,7 @@ def synthetic_yolo(root: Path, n: int = 32) -> Path:
     (root / "images").mkdir(parents=True)
     (root / "labels").mkdir()
     (root / "classes.txt").write_text("fracture\n")
+    (root / "NOTICE.txt").write_text("Synthetic images made by the fractured test suite.\n")
     for index in range(n):
         rng = np.random.default_rng(index)
         rows, cols = 120 + 8 * (index % 3), 100
@@ -398,3 +402,63 @@ def test_data_inspect_cli(tmp_path: Path) -> None:
     missing = CliRunner().invoke(main, ["data", "inspect", str(tmp_path / "eda"), "--out",
                                         str(tmp_path / "x")])
     assert missing.exit_code != 0 and "Error:" in missing.output
+
+
+@pytest.mark.slow
+def test_build_engine_bundles_a_run_that_predicts_as_it_trained(smoke_run,
+                                                                tmp_path: Path) -> None:
+    """The bridge to the node: the bundle carries the validation calibration, and the node's
+    predict gives the probability the training code computes for the same image."""
+    data, run, runner = smoke_run
+    out = tmp_path / "engines" / "smoke"
+    result = runner.invoke(main, ["build-engine", str(run), "--out", str(out), "--name",
+                                  "fractured-smoke", "--version", "0.0.1"])
+    assert result.exit_code == 0, result.output
+    bundle = Bundle.load(out)
+    manifest = bundle.manifest
+    state = checkpoint.load(run / "classifier" / checkpoint.BEST)
+    assert manifest.trained and manifest.name == "fractured-smoke"
+    assert manifest.classifier.temperature == state["calibration"]["temperature"]
+    points = state["calibration"]["operating_points"]
+    assert manifest.classifier.operating_points.high_sensitivity == points["high_sensitivity"]
+    detector = checkpoint.load(run / "detector" / checkpoint.BEST)
+    assert manifest.detector is not None and manifest.detector.input_size == 96
+    assert manifest.detector.operating_points.high_specificity == \
+        detector["calibration"]["operating_points"]["high_specificity"]
+    assert manifest.training["classifier"]["data"]["train_images"] == \
+        state["provenance"]["train_images"]
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "# Model card: fractured-smoke 0.0.1" in card and "not a diagnosis" in card
+    assert "Synthetic images made by the fractured test suite." in card  # the data's credit
+    assert "UNTRAINED" not in card
+
+    image = data / "images" / "img001.png"
+    model = FractureClassifier(variant="b0", num_labels=1)
+    model.load_state_dict(state["model"])
+    model.eval()
+    letterboxed = letterbox_samples([Sample(image, 1, "")], 32)
+    batch = torch.from_numpy(to_model_input([letterboxed.images[0].astype(np.float32)],
+                                            IMAGENET_MEAN, IMAGENET_STD))
+    with torch.no_grad():
+        logit = float(model(batch)[0][0, 0])
+    expected = 1 / (1 + np.exp(-logit / state["calibration"]["temperature"]))
+    predicted = runner.invoke(main, ["predict", str(image), "--bundle", str(out), "--json"])
+    assert predicted.exit_code == 0, predicted.output
+    row = json.loads(predicted.output.strip().splitlines()[-1])
+    assert row["model"] == {"name": "fractured-smoke", "version": "0.0.1", "trained": True}
+    assert row["probability"] == pytest.approx(expected, abs=2e-3)
+
+
+def test_build_engine_refuses_unfinished_and_smoke_checkpoints(tmp_path: Path) -> None:
+    base = {"kind": "classifier", "epoch": 0, "model": {}, "settings": {}, "model_spec": {}}
+    checkpoint.save(tmp_path / "last.pt", base)
+    checkpoint.save(tmp_path / "smoke.pt", {**base, "calibration": {}, "limited": True})
+    runner = CliRunner()
+    unfinished = runner.invoke(main, ["build-engine", str(tmp_path / "last.pt"), "--out",
+                                      str(tmp_path / "b1")])
+    assert unfinished.exit_code == 1 and "no calibration, so the run did not finish" \
+        in unfinished.output
+    smoke = runner.invoke(main, ["build-engine", str(tmp_path / "smoke.pt"), "--out",
+                                 str(tmp_path / "b2")])
+    assert smoke.exit_code == 1 and "a smoke run" in smoke.output
+    assert not (tmp_path / "b1").exists() and not (tmp_path / "b2").exists()

@@ -26,6 +26,7 @@ from fractured.engine.findings import ModelInfo, OperatingPoints
 SCHEMA_VERSION = 2
 MANIFEST_FILE = "manifest.json"
 CLASSIFIER_FILE = "classifier.onnx"
+MODEL_CARD_FILE = "MODEL_CARD.md"
 CLASSIFIER_WEIGHTS = "classifier.pt"  # state dict, for the torch backend
 DETECTOR_FILE = "detector.onnx"
 DETECTOR_WEIGHTS = "detector.pt"

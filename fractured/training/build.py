@@ -1,15 +1,22 @@
 """Build engine bundles: export the models (training.export), write the bundle.
 
-A bundle holds the ONNX graphs, the torch weights they came from and a manifest that
-says what they are; `engine.bundle.write_bundle` makes it immutable and checksummed.
+A bundle holds the ONNX graphs, the torch weights they came from, a manifest that says
+what they are and a model card; `engine.bundle.write_bundle` makes it immutable and
+checksummed. A trained bundle comes from `fractured train` checkpoints (best.pt, with
+the calibration fitted on validation); an untrained one from random weights, for tests
+and first installs.
 """
 
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+import structlog
 import torch
 
 from fractured.engine.bundle import (
@@ -18,20 +25,30 @@ from fractured.engine.bundle import (
     DETECTOR_FILE,
     DETECTOR_WEIGHTS,
     FRACTURE_LABEL,
+    MODEL_CARD_FILE,
     SCHEMA_VERSION,
     write_bundle,
 )
-from fractured.engine.models import INPUT_SIZES, FractureClassifier
+from fractured.engine.models import INPUT_SIZES, FractureClassifier, FractureDetector
+from fractured.training import checkpoint
+from fractured.training.evaluation.report import jsonable
 from fractured.training.export import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    BuildError,
     build_untrained_detector,
     calibrate_batchnorm,
     check_detector_parity,
     check_parity,
     export_classifier,
     export_detector,
+    synthetic_images,
 )
+from fractured.training.model_card import dataset_credits, model_card
+
+log = structlog.get_logger()
+#: Validation images (fractures first) the detector's ONNX graph is compared on.
+PARITY_IMAGES = 4
 
 
 def build_untrained_bundle(out_dir: Path, *, name: str = "fractured-untrained",
@@ -74,7 +91,7 @@ def build_untrained_bundle(out_dir: Path, *, name: str = "fractured-untrained",
                 "detections_per_image": boxer.detections_per_image,
                 "operating_points": {"high_sensitivity": 0.5, "high_specificity": 0.8},
             }
-        write_bundle(out_dir, {
+        manifest = {
             "schema_version": SCHEMA_VERSION,
             "name": name,
             "version": version,
@@ -90,5 +107,168 @@ def build_untrained_bundle(out_dir: Path, *, name: str = "fractured-untrained",
             "detector": detector_spec,
             "backends": ["onnxruntime", "torch"],
             "training": {"note": "random weights, never trained", "seed": seed},
-        }, files)
+        }
+        files[MODEL_CARD_FILE] = Path(scratch) / MODEL_CARD_FILE
+        files[MODEL_CARD_FILE].write_text(model_card(manifest, []), encoding="utf-8")
+        write_bundle(out_dir, manifest, files)
     return Path(out_dir)
+
+
+def build_bundle(checkpoints: Sequence[Path], out_dir: Path, *, name: str,
+                 version: str) -> Path:
+    """Build a bundle from trained checkpoints: a classifier best.pt (required) and a
+    detector best.pt (optional), or a run directory holding them.
+
+    Each graph is exported and compared with its PyTorch model before anything is
+    written (BuildError past tolerance). The manifest carries the temperature and
+    operating points fitted on validation and a summary of the data and metrics; the
+    model card is written from that manifest. Refused: a checkpoint that is not a
+    finished run (no calibration), a smoke run on a `[data].limit` subset, two
+    checkpoints of one kind.
+    """
+    states = _trained_states(checkpoints)
+    cls_path, cls_state = states["classifier"]
+    spec = cls_state["model_spec"]
+    model = FractureClassifier(variant=spec["variant"], num_labels=len(spec["labels"]))
+    model.load_state_dict(cls_state["model"])
+    model.eval()
+    size = spec["input_size"]
+    with tempfile.TemporaryDirectory(prefix="fractured-build-") as scratch:
+        files = {CLASSIFIER_FILE: Path(scratch) / CLASSIFIER_FILE,
+                 CLASSIFIER_WEIGHTS: Path(scratch) / CLASSIFIER_WEIGHTS}
+        export_classifier(model, files[CLASSIFIER_FILE], size)
+        logits_diff, cam_diff = check_parity(model, files[CLASSIFIER_FILE], size)
+        log.info("build.classifier_checked", logits_difference=logits_diff,
+                 cam_difference=cam_diff)
+        torch.save(model.state_dict(), files[CLASSIFIER_WEIGHTS])
+        training = {"classifier": _training_summary(cls_path, cls_state)}
+        detector_spec = None
+        if "detector" in states:
+            det_path, det_state = states["detector"]
+            detector_spec = _export_detector(det_state, Path(scratch), files)
+            training["detector"] = _training_summary(det_path, det_state)
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "name": name,
+            "version": version,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "trained": True,
+            "mean": list(spec["mean"]),
+            "std": list(spec["std"]),
+            "classifier": {
+                "architecture": spec["architecture"], "variant": spec["variant"],
+                "labels": list(spec["labels"]), "input_size": size,
+                "temperature": float(cls_state["calibration"]["temperature"]),
+                "operating_points": dict(cls_state["calibration"]["operating_points"]),
+            },
+            "detector": detector_spec,
+            "backends": ["onnxruntime", "torch"],
+            "training": jsonable(training),
+        }
+        card = Path(scratch) / MODEL_CARD_FILE
+        provenance = cls_state.get("provenance", {})
+        root = Path(provenance["dataset"]) if provenance.get("dataset") else None
+        card.write_text(model_card(manifest, dataset_credits(root)), encoding="utf-8")
+        files[MODEL_CARD_FILE] = card
+        write_bundle(out_dir, manifest, files)
+    log.info("build.done", bundle=str(out_dir), name=name, version=version,
+             detector=detector_spec is not None)
+    return Path(out_dir)
+
+
+def _trained_states(paths: Sequence[Path]) -> dict[str, tuple[Path, dict[str, Any]]]:
+    """{kind: (path, checkpoint)} from best.pt files and run directories."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = [path / kind / checkpoint.BEST for kind in ("classifier", "detector")
+                     if (path / kind / checkpoint.BEST).is_file()]
+            if not found:
+                raise BuildError(f"{path}: no classifier/{checkpoint.BEST} or "
+                                 f"detector/{checkpoint.BEST} in this run directory")
+            files += found
+        else:
+            files.append(path)
+    states: dict[str, tuple[Path, dict[str, Any]]] = {}
+    for path in files:
+        state = checkpoint.load(path)
+        kind = state.get("kind")
+        if kind not in ("classifier", "detector"):
+            raise BuildError(f"{path}: a checkpoint of unknown kind {kind!r}")
+        if kind in states:
+            raise BuildError(f"{path}: a second {kind} checkpoint (the first is "
+                             f"{states[kind][0]}); a bundle holds one of each")
+        if "calibration" not in state:
+            raise BuildError(f"{path}: no calibration, so the run did not finish (or this "
+                             f"is last.pt); resume the run, then build from its {checkpoint.BEST}")
+        if state.get("limited"):
+            raise BuildError(f"{path}: trained on a [data].limit subset (a smoke run), not a "
+                             "model to deploy")
+        states[kind] = (path, state)
+    if "classifier" not in states:
+        raise BuildError("a bundle needs a classifier checkpoint (classifier/best.pt)")
+    return states
+
+
+def _export_detector(state: dict[str, Any], scratch: Path,
+                     files: dict[str, Path]) -> dict[str, Any]:
+    """Export and check the detector; its manifest entry."""
+    spec = state["model_spec"]
+    size = spec["input_size"]
+    boxer = FractureDetector(spec["backbone"], num_labels=len(spec["labels"]),
+                             input_size=size)
+    boxer.load_state_dict(state["model"])
+    boxer.eval()
+    files[DETECTOR_FILE] = scratch / DETECTOR_FILE
+    files[DETECTOR_WEIGHTS] = scratch / DETECTOR_WEIGHTS
+    export_detector(boxer, files[DETECTOR_FILE], size)
+    parity = check_detector_parity(boxer, files[DETECTOR_FILE], size,
+                                   images=_parity_images(state, size))
+    log.info("build.detector_checked", detections=parity.detections,
+             box_difference=parity.box_difference, score_difference=parity.score_difference)
+    torch.save(boxer.state_dict(), files[DETECTOR_WEIGHTS])
+    return {"architecture": spec["architecture"], "backbone": spec["backbone"],
+            "labels": list(spec["labels"]), "input_size": size,
+            "detections_per_image": boxer.detections_per_image,
+            "operating_points": dict(state["calibration"]["operating_points"])}
+
+
+def _parity_images(state: dict[str, Any], size: int) -> list[np.ndarray]:
+    """Images a trained detector finds boxes on: the run's validation fractures when its
+    data set is still there, plus synthetic ones (a detector may ignore those)."""
+    from fractured.training.data import letterbox_samples
+    from fractured.training.datasets import DatasetError, open_dataset
+    from fractured.training.splits import load_split
+
+    provenance = state.get("provenance", {})
+    data = state["settings"]["data"]
+    images: list[np.ndarray] = []
+    try:
+        sample_set = open_dataset(provenance["dataset"], provenance.get("format"),
+                                  positive=data.get("positive") or None)
+        val = load_split(provenance["split"], sample_set).samples(sample_set, "val")
+        chosen = sorted(val, key=lambda sample: -sample.label)[:PARITY_IMAGES]
+        images = [image.astype(np.float32) for image in
+                  letterbox_samples(chosen, size, desc="parity images").images]
+    except (KeyError, OSError, DatasetError) as exc:
+        log.warning("build.parity_data_unavailable", reason=str(exc))
+    return images + synthetic_images(size)
+
+
+def _training_summary(path: Path, state: dict[str, Any]) -> dict[str, Any]:
+    """What the manifest and model card say about a model's training."""
+    kind = state["kind"]
+    provenance = state.get("provenance", {})
+    settings = state["settings"][kind]
+    return {
+        "checkpoint": str(path),
+        "epoch": state["epoch"],
+        "best_metric": settings["best_metric"],
+        "initial_weights": settings["initial_weights"],
+        "validation": state.get("metrics", {}),
+        "achieved_on_val": state["calibration"].get("achieved_on_val", {}),
+        "data": {key: provenance.get(key) for key in (
+            "dataset", "format", "images", "train_images", "train_positive",
+            "val_images", "val_positive")} | {"unreadable": len(provenance.get("unreadable", ()))},
+        "settings": settings,
+    }

@@ -51,7 +51,7 @@ def write_report(out_dir: Path, *, title: str, metrics: Mapping[str, Any],
     record = {"title": title, "created": datetime.now(UTC).isoformat(timespec="seconds"),
               "trained": trained, "model": model, "data": data, "plots": links, **metrics}
     (out_dir / "metrics.json").write_text(
-        json.dumps(_jsonable(record), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        json.dumps(jsonable(record), indent=2, allow_nan=False) + "\n", encoding="utf-8")
     lines = [f"# {title}" if trained else f"# {title} (UNTRAINED MODEL)", ""]
     if not trained:
         lines += [UNTRAINED_BANNER, ""]
@@ -198,7 +198,7 @@ def _unreadable(items: Sequence[Mapping[str, str]]) -> list[str]:
 def _key_values(heading: str, values: Mapping[str, Any]) -> list[str]:
     if not values:
         return []
-    rows = [(str(key), json.dumps(_jsonable(value)) if isinstance(value, Mapping | list | tuple)
+    rows = [(str(key), json.dumps(jsonable(value)) if isinstance(value, Mapping | list | tuple)
              else str(value)) for key, value in values.items()]
     return [f"## {heading}", "", *_table(("Field", "Value"), rows)]
 
@@ -226,17 +226,17 @@ def _share(value: float | None, numerator: int, denominator: int) -> str:
     return "-" if value is None else f"{_percent(value)} ({numerator}/{denominator})"
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """Plain JSON types: numpy scalars and arrays, paths, dataclasses and tuples
     converted, NaN and infinity as null (strict JSON has neither)."""
     if isinstance(value, Mapping):
-        return {str(key): _jsonable(item) for key, item in value.items()}
+        return {str(key): jsonable(item) for key, item in value.items()}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _jsonable(dataclasses.asdict(value))
+        return jsonable(dataclasses.asdict(value))
     if isinstance(value, np.ndarray | list | tuple):
-        return [_jsonable(item) for item in value]
+        return [jsonable(item) for item in value]
     if isinstance(value, np.generic):
-        return _jsonable(value.item())
+        return jsonable(value.item())
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, Path):

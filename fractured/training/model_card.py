@@ -1,0 +1,133 @@
+"""MODEL_CARD.md: what a bundle is for, what it was trained on, how well, and its limits.
+
+Written by `fractured build-engine` from the manifest it writes, so the card can never
+disagree with what the node loads. The data set's own credit (any LICENSE or NOTICE
+file at its root, e.g. FracAtlas's CC BY 4.0 notice) is copied in verbatim: a model
+trained on CC BY images must credit them wherever it ships.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+INTENDED_USE = (
+    "Decision support for reading adult musculoskeletal radiographs (CR/DX) for "
+    "fractures: the node adds a probability, a decision at two operating points, a "
+    "heatmap and boxes to the study in the PACS. It is **not a diagnosis** and not a "
+    "medical device; a radiologist reads every study as usual. It has not been "
+    "validated for clinical use, on children, or on modalities other than X-ray.")
+_CREDIT_GLOBS = ("LICENSE*", "LICENCE*", "NOTICE*", "*NOTICE*.txt", "CREDITS*")
+_CREDIT_LIMIT = 8000  # characters of one credit file copied into the card
+
+
+def model_card(manifest: Mapping[str, Any], credits: Sequence[tuple[str, str]]) -> str:
+    """The card's Markdown for a manifest (as written) and (file name, text) credits."""
+    lines = [f"# Model card: {manifest['name']} {manifest['version']}", ""]
+    if not manifest["trained"]:
+        lines += ["**UNTRAINED MODEL: random weights; every output is meaningless.**", ""]
+    lines += ["## Intended use", "", INTENDED_USE, ""]
+    lines += _models(manifest)
+    training = manifest.get("training", {})
+    for kind in ("classifier", "detector"):
+        if kind in training:
+            lines += _training(kind, training[kind])
+    lines += ["## Known limits", ""]
+    lines += [f"- {limit}" for limit in _limits(manifest)]
+    lines += [""]
+    if credits:
+        lines += ["## Data credits", ""]
+        for name, text in credits:
+            lines += [f"From `{name}` of the training data:", "", "```", text.strip(), "```", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def dataset_credits(root: Path | None) -> list[tuple[str, str]]:
+    """(file name, text) of the licence and notice files at a data set's root."""
+    if root is None or not root.is_dir():
+        return []
+    found = sorted({path for pattern in _CREDIT_GLOBS for path in root.glob(pattern)
+                    if path.is_file()})
+    credits = []
+    for path in found:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if len(text) > _CREDIT_LIMIT:
+            text = text[:_CREDIT_LIMIT] + f"\n[... {path.name} continues]"
+        credits.append((path.name, text))
+    return credits
+
+
+def _models(manifest: Mapping[str, Any]) -> list[str]:
+    c = manifest["classifier"]
+    points = c["operating_points"]
+    lines = ["## Models", "",
+             f"- Classifier: {c['architecture']} ({c['variant']}), {c['input_size']} px "
+             f"letterboxed input, labels {', '.join(c['labels'])}; probabilities are "
+             f"temperature-scaled (T = {c['temperature']:.3f}); *possible fracture* at "
+             f"p >= {points['high_sensitivity']:.3f}, *likely fracture* at p >= "
+             f"{points['high_specificity']:.3f}."]
+    d = manifest.get("detector")
+    if d:
+        points = d["operating_points"]
+        lines += [f"- Box detector: {d['architecture']} ({d['backbone']}), {d['input_size']} "
+                  f"px; dashed boxes at score >= {points['high_sensitivity']:.3f}, solid at "
+                  f">= {points['high_specificity']:.3f}."]
+    return [*lines, ""]
+
+
+def _training(kind: str, summary: Mapping[str, Any]) -> list[str]:
+    data = summary.get("data", {})
+    lines = [f"## {kind.capitalize()} training", "",
+             f"- Data: `{data.get('dataset')}` ({data.get('format')}, {data.get('images')} "
+             f"images); trained on {data.get('train_images')} ({data.get('train_positive')} "
+             f"with fracture), selected and calibrated on {data.get('val_images')} "
+             f"validation images ({data.get('val_positive')} with fracture); "
+             f"{data.get('unreadable', 0)} unreadable images left out.",
+             f"- Best epoch {summary.get('epoch')} by validation {summary.get('best_metric')}; "
+             f"initial weights: {summary.get('initial_weights') or 'none (random)'}."]
+    validation = summary.get("validation") or {}
+    shown = {key: value for key, value in validation.items()
+             if key.startswith("val_") and isinstance(value, int | float)}
+    if shown:
+        lines += ["", "| Validation metric (best epoch) | Value |", "| --- | --- |"]
+        lines += [f"| {key.removeprefix('val_')} | {value:.3f} |" for key, value in shown.items()]
+    achieved = summary.get("achieved_on_val") or {}
+    rows = [(name, point) for name, point in achieved.items() if isinstance(point, Mapping)]
+    if rows and kind == "classifier":
+        lines += ["", "| Operating point (validation) | Threshold | Sensitivity | Specificity |",
+                  "| --- | --- | --- | --- |"]
+        lines += [f"| {name} | {_num(p.get('threshold'))} | {_num(p.get('sensitivity'))} | "
+                  f"{_num(p.get('specificity'))} |" for name, p in rows]
+    if rows and kind == "detector":
+        lines += ["", "| Operating point (validation) | Score threshold | Lesion sensitivity | "
+                  "False boxes per image |", "| --- | --- | --- | --- |"]
+        lines += [f"| {name} | {_num(p.get('threshold'))} | {_num(p.get('lesion_sensitivity'))} "
+                  f"| {_num(p.get('false_positives_per_image'))} |" for name, p in rows]
+    lines += ["", "Validation numbers chose the epoch and the thresholds, so they flatter the "
+              "model; the held-out test split's numbers are in the run's `fractured evaluate` "
+              "report.", ""]
+    return lines
+
+
+def _limits(manifest: Mapping[str, Any]) -> list[str]:
+    limits = []
+    training = manifest.get("training", {})
+    formats = {summary.get("data", {}).get("format") for summary in training.values()
+               if isinstance(summary, Mapping)}
+    if "fracatlas" in formats:
+        limits.append("FracAtlas gives no patient identifiers: views of one patient may "
+                      "sit on both sides of the split despite near-duplicate grouping.")
+        limits.append("Orthopaedic hardware appears almost only on fractured FracAtlas "
+                      "images; check the evaluation on the `hardware=0` subset.")
+    if not any(summary.get("initial_weights") for summary in training.values()
+               if isinstance(summary, Mapping)):
+        limits.append("Trained from random weights (no pretrained weights were available).")
+    limits.append("Trained and validated on one data set; performance on another "
+                  "hospital's equipment, population and protocols is unknown until measured "
+                  "there (`fractured evaluate RUN --dataset LOCAL_DATA`).")
+    return limits
+
+
+def _num(value: Any) -> str:
+    return "-" if value is None else f"{value:.3f}"

@@ -260,8 +260,9 @@ def predict(ctx: click.Context, files: tuple[Path, ...], bundle_path: Path | Non
     A file that cannot be read is reported in its place and the others still run; the
     exit status is then 1.
     """
-    from fractured.engine.bundle import Bundle, BundleError
+    from fractured.engine.bundle import BundleError
     from fractured.engine.pipeline import Pipeline
+    from fractured.engine.registry import resolve_bundle
     from fractured.predict import (
         Prediction,
         overlay_paths,
@@ -281,7 +282,7 @@ def predict(ctx: click.Context, files: tuple[Path, ...], bundle_path: Path | Non
     if bundle_path is None:
         bundle_path = _settings(config_path).engine.bundle
     try:
-        pipeline = Pipeline(Bundle.load(bundle_path), backend=backend, tta=tta)
+        pipeline = Pipeline(resolve_bundle(bundle_path), backend=backend, tta=tta)
     except (BundleError, FileNotFoundError) as exc:
         raise click.ClickException(f"cannot load engine bundle: {exc}") from None
     if not pipeline.model.trained:
@@ -302,3 +303,83 @@ def predict(ctx: click.Context, files: tuple[Path, ...], bundle_path: Path | Non
     if failed:
         click.echo(f"{failed} of {len(files)} files could not be read", err=True)
         ctx.exit(1)
+
+
+@main.group()
+def engines() -> None:
+    """Roll models out and back: the bundles of an engines folder, one active.
+
+    The running node switches to a newly activated bundle at its next study, without a
+    restart. The folder is [engine].bundle of the config, or --engines."""
+
+
+engines_option = click.option(
+    "--engines", "engines_dir", type=click.Path(path_type=Path, file_okay=False),
+    help="Engines folder [default: [engine].bundle of the config].")
+
+
+def _registry(config_path: Path | None, engines_dir: Path | None):  # -> Registry
+    from fractured.engine.registry import Registry, RegistryError, is_bundle
+
+    folder = engines_dir or _settings(config_path).engine.bundle
+    if is_bundle(folder):
+        raise click.UsageError(f"{folder} is a single bundle, not an engines folder: set "
+                               "[engine].bundle to the folder holding the bundles, or pass "
+                               "--engines")
+    try:
+        return Registry(folder)
+    except RegistryError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@engines.command("list")
+@config_option
+@engines_option
+def engines_list(config_path: Path | None, engines_dir: Path | None) -> None:
+    """Each bundle: name, version, trained or not, created; * marks the active one."""
+    registry = _registry(config_path, engines_dir)
+    entries = registry.entries()
+    if not entries:
+        click.echo(f"{registry.root}: no bundles")
+    for entry in entries:
+        mark = "*" if entry.active else " "
+        if entry.manifest is None:
+            click.echo(f"{mark} {entry.name:<32} BROKEN: {entry.error}")
+            continue
+        m = entry.manifest
+        click.echo(f"{mark} {entry.name:<32} {m.name} {m.version:<10} "
+                   f"{'trained' if m.trained else 'UNTRAINED'}  {m.created}")
+
+
+@engines.command("activate")
+@click.argument("name")
+@config_option
+@engines_option
+def engines_activate(name: str, config_path: Path | None, engines_dir: Path | None) -> None:
+    """Make bundle NAME (its folder name) the active one, after verifying it."""
+    from fractured.engine.bundle import BundleError
+    from fractured.engine.registry import RegistryError
+
+    registry = _registry(config_path, engines_dir)
+    try:
+        bundle = registry.activate(name)
+    except (BundleError, RegistryError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"active: {name} ({bundle.model_info.label}); a running node switches at "
+               "its next study")
+
+
+@engines.command("rollback")
+@config_option
+@engines_option
+def engines_rollback(config_path: Path | None, engines_dir: Path | None) -> None:
+    """Make the previously active bundle active again."""
+    from fractured.engine.bundle import BundleError
+    from fractured.engine.registry import RegistryError
+
+    registry = _registry(config_path, engines_dir)
+    try:
+        registry.rollback()
+    except (BundleError, RegistryError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"active: {registry.active()}; a running node switches at its next study")

@@ -48,7 +48,7 @@ class StudySettings:
 
 @dataclass(frozen=True)
 class EngineSettings:
-    bundle: Path = Path("engines/default")
+    bundle: Path = Path("engines")  # an engines folder (ACTIVE) or one bundle
     backend: Literal["auto", "onnxruntime", "torch", "tensorrt"] = "auto"
     tta: bool = False
     max_batch: int = 8

@@ -31,3 +31,6 @@ Bundle.load(sys.argv[1])' engines/default 2>/dev/null; then
   .venv/bin/fractured build-engine --untrained --out engines/default \
     --detector mobilenet_v3_large_fpn
 fi
+# config.toml runs the engines folder's active bundle: the default one until another
+# is activated (fractured engines activate NAME).
+[ -s engines/ACTIVE ] || .venv/bin/fractured engines activate default --engines engines

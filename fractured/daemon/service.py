@@ -11,11 +11,11 @@ from pynetdicom.transport import ThreadedAssociationServer
 from fractured import log
 from fractured.config import Settings
 from fractured.daemon import scp
+from fractured.daemon.active_model import ActiveModel
 from fractured.daemon.queue import Queue, make_engine
 from fractured.daemon.scheduler import build_scheduler
 from fractured.daemon.worker import Worker
 from fractured.durable import ensure_dir
-from fractured.engine.bundle import Bundle
 from fractured.engine.pipeline import Pipeline
 
 #: How often the main thread wakes to notice a stop signal, in seconds.
@@ -32,12 +32,11 @@ class Node:
         self.settings = settings
         ensure_dir(settings.node.spool_dir)
         self.queue = Queue(make_engine(settings.database.url))
-        bundle = Bundle.load(settings.engine.bundle)
-        self.pipeline = Pipeline(bundle, backend=settings.engine.backend,
-                                 max_batch=settings.engine.max_batch,
-                                 threads=settings.engine.threads or None,
-                                 tta=settings.engine.tta)
-        self.worker = Worker(settings, self.queue, self.pipeline)
+        engine = settings.engine
+        self.model = ActiveModel(engine.bundle, lambda bundle: Pipeline(
+            bundle, backend=engine.backend, max_batch=engine.max_batch,
+            threads=engine.threads or None, tta=engine.tta))
+        self.worker = Worker(settings, self.queue, self.model)
         self._stop = threading.Event()
         self.scheduler = build_scheduler(settings, self.queue, self.worker, self._stop)
         self.ae = scp.build_ae(settings)
@@ -51,10 +50,12 @@ class Node:
         self._server = self.ae.start_server(
             (self.settings.node.host, self.settings.node.port), block=False,
             evt_handlers=scp.handlers(self.settings.node.spool_dir, self.queue))
-        model = self.pipeline.model
+        pipeline = self.model.pipeline
+        model = pipeline.model
         _log.info("node.started", ae_title=self.settings.node.ae_title,
                   host=self.settings.node.host, port=self.settings.node.port,
-                  model=model.label, trained=model.trained, backend=self.pipeline.backend_name,
+                  model=model.label, trained=model.trained, backend=pipeline.backend_name,
+                  engines=str(self.model.location),
                   destinations=[d.name for d in self.settings.destinations])
         if not model.trained:
             _log.warning("model.untrained", model=model.label,

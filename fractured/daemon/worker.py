@@ -19,9 +19,9 @@ from pydicom.uid import generate_uid
 
 from fractured import log
 from fractured.config import Settings
+from fractured.daemon.active_model import ActiveModel
 from fractured.daemon.queue import ClaimedStudy, Queue, ResultObject
 from fractured.durable import write_durably
-from fractured.engine.pipeline import Pipeline
 from fractured.engine.preprocess import DecodeError, display_pixels, read_dataset
 from fractured.engine.sources import image_ref
 from fractured.results.header import header_repairs
@@ -46,10 +46,10 @@ def node_identity(settings: Settings) -> tuple[str, str]:
 
 
 class Worker:
-    def __init__(self, settings: Settings, queue: Queue, pipeline: Pipeline) -> None:
+    def __init__(self, settings: Settings, queue: Queue, model: ActiveModel) -> None:
         self.settings = settings
         self.queue = queue
-        self.pipeline = pipeline
+        self.model = model
         self.id, self.device_uid = node_identity(settings)
 
     def run_once(self) -> bool:
@@ -92,7 +92,9 @@ class Worker:
             _log.info("study.skipped", state=str(state), **log_ctx)
             return
 
-        findings = self.pipeline.run([(image_ref(ds), pixels) for ds, pixels in sources])
+        # One model for the whole study, even if a roll-out happens meanwhile.
+        pipeline = self.model.current()
+        findings = pipeline.run([(image_ref(ds), pixels) for ds, pixels in sources])
         datasets = [ds for ds, _ in sources]
         sr = make_sr(findings, datasets, series_instance_uid=generate_uid(),
                      series_number=SR_SERIES_NUMBER, device_uid=self.device_uid)
@@ -112,7 +114,7 @@ class Worker:
         _log.info("study.processed", state=str(state), images=len(findings),
                   fractures=sum(f.fracture for f in findings),
                   boxes=sum(len(f.boxes) for f in findings), model=findings[0].model.label,
-                  backend=self.pipeline.backend_name, objects=len(results),
+                  backend=pipeline.backend_name, objects=len(results),
                   seconds=round(time.monotonic() - started, 3), **log_ctx)
 
 

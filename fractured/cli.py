@@ -336,13 +336,14 @@ def _registry(config_path: Path | None, engines_dir: Path | None):  # -> Registr
 @config_option
 @engines_option
 def engines_list(config_path: Path | None, engines_dir: Path | None) -> None:
-    """Each bundle: name, version, trained or not, created; * marks the active one."""
+    """Each bundle: name, version, trained or not, created; * marks the active one, s the
+    shadow."""
     registry = _registry(config_path, engines_dir)
     entries = registry.entries()
     if not entries:
         click.echo(f"{registry.root}: no bundles")
     for entry in entries:
-        mark = "*" if entry.active else " "
+        mark = "*" if entry.active else "s" if entry.shadow else " "
         if entry.manifest is None:
             click.echo(f"{mark} {entry.name:<32} BROKEN: {entry.error}")
             continue
@@ -383,3 +384,62 @@ def engines_rollback(config_path: Path | None, engines_dir: Path | None) -> None
     except (BundleError, RegistryError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"active: {registry.active()}; a running node switches at its next study")
+
+
+@engines.command("shadow")
+@click.argument("name", required=False)
+@click.option("--off", is_flag=True, help="Stop shadowing.")
+@config_option
+@engines_option
+def engines_shadow(name: str | None, off: bool, config_path: Path | None,
+                   engines_dir: Path | None) -> None:
+    """Run bundle NAME beside the active one on live studies; its findings are stored for
+    `fractured engines compare` and never sent to the PACS."""
+    from fractured.engine.bundle import BundleError
+    from fractured.engine.registry import RegistryError
+
+    if off == (name is not None):
+        raise click.UsageError("give a bundle NAME to shadow, or --off")
+    registry = _registry(config_path, engines_dir)
+    try:
+        bundle = registry.set_shadow(name)
+    except (BundleError, RegistryError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if bundle is None:
+        click.echo("shadow: off")
+    else:
+        click.echo(f"shadow: {name} ({bundle.model_info.label}); a running node starts at "
+                   "its next study")
+
+
+@engines.command("compare")
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per model pair.")
+def engines_compare(config_path: Path | None, as_json: bool) -> None:
+    """How the shadow model's decisions agreed with the active model's on live studies,
+    per image and per study, at both operating points."""
+    import dataclasses
+    import json
+
+    from fractured.daemon.queue import Queue, make_engine
+    from fractured.daemon.shadow import compare
+
+    settings = _settings(config_path)
+    results = compare(Queue(make_engine(settings.database.url)))
+    if not results:
+        click.echo("no shadow findings recorded (fractured engines shadow NAME starts one)")
+    for result in results:
+        if as_json:
+            click.echo(json.dumps(dataclasses.asdict(result)))
+            continue
+        click.echo(f"active {result.active_model}  vs  shadow {result.shadow_model}: "
+                   f"{result.images} images in {result.studies} studies; probability "
+                   f"difference mean {result.mean_abs_difference:.3f}, "
+                   f"max {result.max_abs_difference:.3f}")
+        for level, table in (("images", result.image_agreement),
+                             ("studies", result.study_agreement)):
+            total = result.images if level == "images" else result.studies
+            for point, tally in table.items():
+                click.echo(f"  {level:<8} {point:<17} agree {tally['agree']}/{total} "
+                           f"({100 * tally['agree'] / total:.1f} %), fracture only by active "
+                           f"{tally['active_only']}, only by shadow {tally['shadow_only']}")

@@ -13,6 +13,8 @@ from click.testing import CliRunner
 
 from fractured.cli import main
 from fractured.daemon.active_model import ActiveModel
+from fractured.daemon.queue import Queue, ShadowFinding, make_engine, utcnow
+from fractured.daemon.shadow import compare
 from fractured.engine.bundle import BundleError
 from fractured.engine.pipeline import Pipeline
 from fractured.engine.registry import ACTIVE_FILE, Registry, RegistryError, resolve_bundle
@@ -153,6 +155,81 @@ def test_a_running_node_rolls_out_and_back_without_a_restart(engines: Path,
         named = [json.dumps(str(ds.ContentSequence)) for ds in srs
                  if ds.SOPClassUID.name == "Comprehensive 3D SR Storage"]
         assert sum("0.0.2" in text for text in named) == 1
+    finally:
+        node.stop()
+        destination.stop()
+
+
+def shadow_row(study: str, image: str, run: int, active: tuple[float, str],
+               shadow: tuple[float, str]) -> ShadowFinding:
+    return ShadowFinding(study_instance_uid=study, sop_instance_uid=image, run=run,
+                         recorded_at=utcnow(), active_model="A 1", active_probability=active[0],
+                         active_level=active[1], active_boxes=0, shadow_model="B 2",
+                         shadow_probability=shadow[0], shadow_level=shadow[1], shadow_boxes=0)
+
+
+def test_compare_counts_agreement_per_image_and_study_at_both_points(tmp_path: Path) -> None:
+    queue = Queue(make_engine(f"sqlite:///{tmp_path / 'q.db'}"))
+    queue.record_shadow([
+        shadow_row("s1", "i0", 1, (0.9, "likely"), (0.1, "negative")),  # superseded run
+        shadow_row("s1", "i1", 2, (0.9, "likely"), (0.6, "possible")),
+        shadow_row("s1", "i2", 2, (0.1, "negative"), (0.1, "negative")),
+        shadow_row("s2", "i3", 1, (0.2, "negative"), (0.5, "possible")),
+    ])
+    (result,) = compare(queue)
+    assert (result.active_model, result.shadow_model) == ("A 1", "B 2")
+    assert result.images == 3 and result.studies == 2  # s1's first run is left out
+    assert result.image_agreement == {
+        "high_sensitivity": {"agree": 2, "active_only": 0, "shadow_only": 1},
+        "high_specificity": {"agree": 2, "active_only": 1, "shadow_only": 0}}
+    assert result.study_agreement == {
+        "high_sensitivity": {"agree": 1, "active_only": 0, "shadow_only": 1},
+        "high_specificity": {"agree": 1, "active_only": 1, "shadow_only": 0}}
+    assert result.mean_abs_difference == pytest.approx((0.3 + 0.0 + 0.3) / 3)
+    assert result.max_abs_difference == pytest.approx(0.3)
+
+
+def test_active_model_follows_the_shadow_pointer(engines: Path) -> None:
+    registry = Registry(engines)
+    registry.activate("a")
+    model = ActiveModel(engines, lambda bundle: Pipeline(bundle, backend="onnxruntime"))
+    assert model.shadow() is None
+    registry.set_shadow("b")
+    shadow = model.shadow()
+    assert shadow is not None and shadow.model.version == "0.0.2"
+    assert model.shadow() is shadow and model.current().model.version == "0.0.0"
+    registry.set_shadow(None)
+    assert model.shadow() is None
+
+
+@pytest.mark.peers
+@pytest.mark.slow
+def test_a_shadow_model_runs_on_live_studies_and_sends_nothing(engines: Path,
+                                                              tmp_path: Path) -> None:
+    registry = Registry(engines)
+    registry.activate("a")
+    runner = CliRunner()
+    shadowed = runner.invoke(main, ["engines", "shadow", "b", "--engines", str(engines)])
+    assert shadowed.exit_code == 0, shadowed.output
+    destination = Storescp(tmp_path / "received").start()
+    node = NodeProcess(tmp_path / "node", engines, [{"name": "dest",
+                                                     "ae_title": destination.ae_title,
+                                                     "port": destination.port}]).start()
+    try:
+        files = factory.write_study(tmp_path / "study", 2)
+        assert storescu(node.port, files).returncode == 0
+        wait_for("the shadow run", lambda: node.events("shadow.processed"), 60)
+        wait_for("delivery", lambda: len(destination.files()) == 3, 60)
+        assert node.events("shadow.processed")[0]["images"] == 2
+        for path in destination.files():  # only the active model's objects reach the PACS
+            text = str(pydicom.dcmread(path))
+            assert "0.0.0" in text and "0.0.2" not in text
+        compared = runner.invoke(main, ["engines", "compare", "--config", str(node.config),
+                                        "--json"])
+        assert compared.exit_code == 0, compared.output
+        (result,) = [json.loads(line) for line in compared.output.splitlines()]
+        assert result["images"] == 2 and result["studies"] == 1
+        assert result["shadow_model"] == "fractured-untrained 0.0.2 (UNTRAINED MODEL)"
     finally:
         node.stop()
         destination.stop()

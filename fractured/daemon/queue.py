@@ -24,6 +24,7 @@ from pathlib import Path
 from sqlalchemy import (
     DateTime,
     Enum,
+    Float,
     ForeignKey,
     Integer,
     String,
@@ -115,6 +116,26 @@ class Delivery(Base):
     done_at: Mapped[datetime | None] = mapped_column(DateTime)
 
 
+class ShadowFinding(Base):
+    """One image of one study run, as the active and the shadow model saw it (daemon.shadow)."""
+
+    __tablename__ = "shadow_findings"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    run: Mapped[int] = mapped_column(Integer)
+    recorded_at: Mapped[datetime] = mapped_column(DateTime)
+    active_model: Mapped[str] = mapped_column(String(128))
+    active_probability: Mapped[float] = mapped_column(Float)
+    active_level: Mapped[str] = mapped_column(String(16))
+    active_boxes: Mapped[int] = mapped_column(Integer)
+    shadow_model: Mapped[str] = mapped_column(String(128))
+    shadow_probability: Mapped[float] = mapped_column(Float)
+    shadow_level: Mapped[str] = mapped_column(String(16))
+    shadow_boxes: Mapped[int] = mapped_column(Integer)
+
+
 @dataclass(frozen=True)
 class ReceivedInstance:
     """What the listener knows of an instance once its file is durably spooled."""
@@ -185,6 +206,16 @@ class Queue:
     def _tx(self) -> Iterator[Session]:
         with self._sessions.begin() as session:
             yield session
+
+    def record_shadow(self, rows: Sequence[ShadowFinding]) -> None:
+        """Store a shadow model's findings beside the active model's (daemon.shadow)."""
+        with self._tx() as s:
+            s.add_all(rows)
+
+    def shadow_findings(self) -> list[ShadowFinding]:
+        """Every stored shadow finding, oldest first."""
+        with self._tx() as s:
+            return list(s.scalars(select(ShadowFinding).order_by(ShadowFinding.id)))
 
     def record_instance(self, item: ReceivedInstance) -> str:
         """Record a spooled instance and (re)open its study; returns 'new' or 'replaced'."""

@@ -21,7 +21,9 @@ from fractured import log
 from fractured.config import Settings
 from fractured.daemon.active_model import ActiveModel
 from fractured.daemon.queue import ClaimedStudy, Queue, ResultObject
+from fractured.daemon.shadow import record as record_shadow
 from fractured.durable import write_durably
+from fractured.engine.findings import Finding
 from fractured.engine.preprocess import DecodeError, display_pixels, read_dataset
 from fractured.engine.sources import image_ref
 from fractured.results.header import header_repairs
@@ -115,6 +117,24 @@ class Worker:
                   fractures=sum(f.fracture for f in findings),
                   boxes=sum(len(f.boxes) for f in findings), model=findings[0].model.label,
                   backend=pipeline.backend_name, objects=len(results),
+                  seconds=round(time.monotonic() - started, 3), **log_ctx)
+        self._shadow(claim, [pixels for _, pixels in sources], findings, log_ctx)
+
+    def _shadow(self, claim: ClaimedStudy, pixels: list[np.ndarray], findings: list[Finding],
+                log_ctx: dict[str, object]) -> None:
+        """Run the shadow model, if any, on the study just delivered; store, never send."""
+        shadow = self.model.shadow()
+        if shadow is None:
+            return
+        started = time.monotonic()
+        try:
+            candidate = shadow.run([(f.image, p) for f, p in zip(findings, pixels, strict=True)])
+            rows = record_shadow(self.queue, claim.run, findings, candidate)
+        except Exception as exc:  # the study is done and delivered: never fail it now
+            _log.exception("shadow.failed", model=shadow.model.label, error=str(exc), **log_ctx)
+            return
+        _log.info("shadow.processed", model=shadow.model.label, images=rows,
+                  fractures=sum(f.fracture for f in candidate),
                   seconds=round(time.monotonic() - started, 3), **log_ctx)
 
 

@@ -4,6 +4,8 @@
 engines/
   ACTIVE        the active bundle's folder name, one line, replaced atomically
   HISTORY       one line per change: time, action (activate / rollback), folder name
+  SHADOW        optional: a candidate bundle run beside the active one, results kept
+                in the database and never sent (`fractured engines compare`)
   default/  fractured-1.0.0/  fractured-1.1.0/  ...   immutable bundles
 ```
 
@@ -27,6 +29,7 @@ from fractured.durable import write_durably
 from fractured.engine.bundle import MANIFEST_FILE, Bundle, BundleError, Manifest
 
 ACTIVE_FILE = "ACTIVE"
+SHADOW_FILE = "SHADOW"
 HISTORY_FILE = "HISTORY"
 ACTIVATE = "activate"
 ROLLBACK = "rollback"
@@ -49,6 +52,7 @@ class Entry:
     manifest: Manifest | None  # None when the bundle does not verify
     error: str | None
     active: bool
+    shadow: bool
 
 
 class Registry:
@@ -61,11 +65,32 @@ class Registry:
 
     def active(self) -> str | None:
         """The active bundle's folder name, or None before the first activation."""
-        path = self.root / ACTIVE_FILE
+        return self.pointer(ACTIVE_FILE)
+
+    def shadow(self) -> str | None:
+        """The shadow bundle's folder name, or None when no candidate is shadowed."""
+        return self.pointer(SHADOW_FILE)
+
+    def pointer(self, file_name: str) -> str | None:
+        """The folder name in pointer file ACTIVE or SHADOW (None: absent or empty)."""
+        path = self.root / file_name
         if not path.is_file():
             return None
         name = path.read_text(encoding="utf-8").strip()
         return name or None
+
+    def bundle(self, name: str) -> Bundle:
+        """Bundle `name`, verified."""
+        return Bundle.load(self._folder(name))
+
+    def set_shadow(self, name: str | None) -> Bundle | None:
+        """Shadow bundle `name` beside the active one (verified first); None stops."""
+        if name is None:
+            (self.root / SHADOW_FILE).unlink(missing_ok=True)
+            return None
+        bundle = self.bundle(name)
+        write_durably(self.root / SHADOW_FILE, f"{name}\n".encode(), mode=0o644)
+        return bundle
 
     def active_bundle(self) -> Bundle:
         """The active bundle, verified; RegistryError/BundleError say what is wrong."""
@@ -77,7 +102,7 @@ class Registry:
 
     def entries(self) -> list[Entry]:
         """Every bundle folder, verified, sorted by name."""
-        active = self.active()
+        active, shadow = self.active(), self.shadow()
         found = []
         for folder in sorted(p for p in self.root.iterdir()
                              if p.is_dir() and not p.name.startswith(".") and is_bundle(p)):
@@ -85,7 +110,8 @@ class Registry:
                 manifest, error = Bundle.load(folder).manifest, None
             except BundleError as exc:
                 manifest, error = None, str(exc)
-            found.append(Entry(folder.name, manifest, error, folder.name == active))
+            found.append(Entry(folder.name, manifest, error, folder.name == active,
+                               folder.name == shadow))
         return found
 
     def activate(self, name: str) -> Bundle:

@@ -11,8 +11,10 @@ import click
 
 from fractured import __version__, config, log
 
-# Mirrors fractured.engine.models.DETECTOR_BACKBONES without importing torch for --help.
+# Mirror fractured.engine.models' DETECTOR_BACKBONES and CLASSIFIER_VARIANTS without
+# importing torch for --help.
 DETECTOR_BACKBONES = ("mobilenet_v3_large_fpn", "resnet50_fpn_v2")
+CLASSIFIER_VARIANTS = ("b0", "b1", "b2", "b3", "b4", "resnet18", "resnet34", "resnet50")
 
 CONFIG_ENV = "FRACTURED_CONFIG"
 
@@ -83,8 +85,8 @@ def status(config_path: Path | None, as_json: bool) -> None:
                    "results are marked UNTRAINED MODEL.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
               required=True, help="Bundle directory to create (must not exist).")
-@click.option("--variant", type=click.Choice(["b0", "b1", "b2", "b3", "b4"]), default="b0",
-              show_default=True, help="--untrained: EfficientNet variant.")
+@click.option("--variant", type=click.Choice(CLASSIFIER_VARIANTS), default="b0",
+              show_default=True, help="--untrained: classifier backbone.")
 @click.option("--input-size", type=click.IntRange(64, 1024), default=None,
               help="--untrained: model input size in pixels [default: the variant's].")
 @click.option("--detector", type=click.Choice(["none", *DETECTOR_BACKBONES]), default="none",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import typing
 from pathlib import Path
 
 from click.testing import CliRunner
@@ -72,8 +73,21 @@ def test_status_on_an_empty_node(tmp_path: Path, untrained_bundle: Path) -> None
     assert json.loads(result.output) == {"studies": {}, "deliveries": {}, "study_list": []}
 
 
-def test_cli_lists_the_detector_backbones_the_models_have() -> None:
+def test_cli_lists_the_backbones_the_models_have() -> None:
     from fractured import cli
-    from fractured.engine.models import DETECTOR_BACKBONES
+    from fractured.engine.models import CLASSIFIER_VARIANTS, DETECTOR_BACKBONES
+    from fractured.training.config import ClassifierSettings
 
     assert cli.DETECTOR_BACKBONES == DETECTOR_BACKBONES
+    assert cli.CLASSIFIER_VARIANTS == CLASSIFIER_VARIANTS
+    hints = typing.get_type_hints(ClassifierSettings)
+    assert typing.get_args(hints["variant"]) == CLASSIFIER_VARIANTS
+
+
+def test_build_engine_untrained_resnet_variant_exports_with_parity(tmp_path: Path) -> None:
+    out = tmp_path / "resnet"
+    result = CliRunner().invoke(main, ["build-engine", "--untrained", "--out", str(out),
+                                       "--variant", "resnet18", "--input-size", "96"])
+    assert result.exit_code == 0, result.output
+    spec = Bundle.load(out).manifest.classifier
+    assert (spec.variant, spec.architecture) == ("resnet18", "resnet18+attention")

@@ -462,3 +462,24 @@ def test_build_engine_refuses_unfinished_and_smoke_checkpoints(tmp_path: Path) -
                                  str(tmp_path / "b2")])
     assert smoke.exit_code == 1 and "a smoke run" in smoke.output
     assert not (tmp_path / "b1").exists() and not (tmp_path / "b2").exists()
+
+
+def test_a_resnet_classifier_trains_in_bfloat16_on_the_cpu_and_keeps_float32_weights() -> None:
+    torch.manual_seed(0)
+    model = FractureClassifier(variant="resnet18", num_labels=1)
+    assert model.architecture == "resnet18+attention"
+    images, labels = torch.rand(8, 3, 64, 64), torch.tensor([1.0, 0.0] * 4)
+    loader = DataLoader(TensorDataset(images, labels), batch_size=4)
+    settings = config.load(None, ["classifier.variant=resnet18"]).classifier
+    optimizer = optimiser(model.parameters(), settings)
+    device = Device.choose("cpu", amp=True, channels_last=True, cpu_bf16=True)
+    assert device.cpu_bf16 and not device.amp  # float16 AMP is CUDA's; bf16 the CPU's
+    before = model.head.weight.detach().clone()
+    loss = train_classifier_epoch(model, loader, FractureLoss(), optimizer,
+                                  torch.amp.GradScaler("cuda", enabled=False), device, "t")
+    assert np.isfinite(loss) and not torch.equal(before, model.head.weight)
+    assert model.head.weight.dtype == torch.float32
+    with device.autocast(training=True):
+        assert model(images[:1])[0].dtype == torch.bfloat16
+    with device.autocast():  # validation and calibration: float32, as in the node
+        assert model(images[:1])[0].dtype == torch.float32

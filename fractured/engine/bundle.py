@@ -43,7 +43,7 @@ class ClassifierSpec:
     """The image-level classifier: what it is, what it outputs and how to read it."""
 
     architecture: str
-    variant: str  # EfficientNet b0-b4
+    variant: str  # EfficientNet b0-b4, or resnet18/34/50 (engine.models)
     labels: tuple[str, ...]
     input_size: int
     temperature: float  # calibration: probability = sigmoid(logit / temperature)

@@ -56,7 +56,8 @@ def train_classifier(train: Sequence[Sample], val: Sequence[Sample], settings: T
     cfg = settings.classifier
     out_dir.mkdir(parents=True, exist_ok=True)
     device = Device.choose(settings.run.device, amp=settings.run.amp,
-                           channels_last=settings.run.channels_last)
+                           channels_last=settings.run.channels_last,
+                           cpu_bf16=settings.run.cpu_bf16)
     size = cfg.input_size or INPUT_SIZES[cfg.variant]
     seed_everything(settings.run.seed)
     norm = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}

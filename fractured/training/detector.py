@@ -62,7 +62,8 @@ def train_detector(train: Sequence[Sample], val: Sequence[Sample], settings: Tra
                                "needs fracture boxes (YOLO, COCO or CSV boxes)")
     out_dir.mkdir(parents=True, exist_ok=True)
     device = Device.choose(settings.run.device, amp=settings.run.amp,
-                           channels_last=settings.run.channels_last)
+                           channels_last=settings.run.channels_last,
+                           cpu_bf16=settings.run.cpu_bf16)
     seed_everything(settings.run.seed)
     size = cfg.input_size
     norm = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}

@@ -31,18 +31,25 @@ class Device:
     torch_device: torch.device
     amp: bool
     channels_last: bool
+    cpu_bf16: bool = False
 
     @classmethod
-    def choose(cls, requested: str, *, amp: bool, channels_last: bool) -> Device:
+    def choose(cls, requested: str, *, amp: bool, channels_last: bool,
+               cpu_bf16: bool = False) -> Device:
         if requested == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("[run].device = \"cuda\" but no CUDA device is available")
         cuda = requested == "cuda" or (requested == "auto" and torch.cuda.is_available())
-        return cls(torch.device("cuda" if cuda else "cpu"), amp and cuda, channels_last and cuda)
+        return cls(torch.device("cuda" if cuda else "cpu"), amp and cuda, channels_last and cuda,
+                   cpu_bf16 and not cuda)
 
-    def autocast(self) -> contextlib.AbstractContextManager[object]:
-        """float16 autocast on CUDA when amp is on; a no-op elsewhere."""
+    def autocast(self, *, training: bool = False) -> contextlib.AbstractContextManager[object]:
+        """float16 autocast on CUDA when amp is on; bfloat16 on the CPU when cpu_bf16 is on,
+        for training steps only: validation, calibration and evaluation run in float32,
+        as the node's ONNX graphs do, so the thresholds fit what the node computes."""
         if self.amp:
             return torch.autocast("cuda", dtype=torch.float16)
+        if self.cpu_bf16 and training:
+            return torch.autocast("cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def images(self, batch: torch.Tensor) -> torch.Tensor:
@@ -68,7 +75,7 @@ def train_classifier_epoch(model: FractureClassifier, loader: DataLoader, loss_f
     bar = progress(loader, desc)
     for images, labels in bar:
         images, labels = device.images(images), labels.to(device.torch_device)
-        with device.autocast():
+        with device.autocast(training=True):
             logits, _ = model(images)
             loss = loss_fn(logits[:, 0], labels)
         _step(loss, optimizer, scaler)
@@ -104,7 +111,7 @@ def train_detector_epoch(model: FractureDetector, loader: DataLoader,
         images = device.images(images)
         targets = [{key: value.to(device.torch_device) for key, value in target.items()}
                    for target in targets]
-        with device.autocast():
+        with device.autocast(training=True):
             losses = model.model(list(images), targets)
             loss = sum(losses.values())
         _step(loss, optimizer, scaler)

@@ -136,7 +136,9 @@ def build_bundle(checkpoints: Sequence[Path], out_dir: Path, *, name: str,
     with tempfile.TemporaryDirectory(prefix="fractured-build-") as scratch:
         files = {CLASSIFIER_FILE: Path(scratch) / CLASSIFIER_FILE,
                  CLASSIFIER_WEIGHTS: Path(scratch) / CLASSIFIER_WEIGHTS}
+        log.info("build.step", step="export classifier", checkpoint=str(cls_path))
         export_classifier(model, files[CLASSIFIER_FILE], size)
+        log.info("build.step", step="compare classifier graph with PyTorch")
         logits_diff, cam_diff = check_parity(model, files[CLASSIFIER_FILE], size)
         log.info("build.classifier_checked", logits_difference=logits_diff,
                  cam_difference=cam_diff)
@@ -165,6 +167,7 @@ def build_bundle(checkpoints: Sequence[Path], out_dir: Path, *, name: str,
             "backends": ["onnxruntime", "torch"],
             "training": jsonable(training),
         }
+        log.info("build.step", step="write manifest, model card and checksums")
         card = Path(scratch) / MODEL_CARD_FILE
         provenance = cls_state.get("provenance", {})
         root = Path(provenance["dataset"]) if provenance.get("dataset") else None
@@ -221,7 +224,9 @@ def _export_detector(state: dict[str, Any], scratch: Path,
     boxer.eval()
     files[DETECTOR_FILE] = scratch / DETECTOR_FILE
     files[DETECTOR_WEIGHTS] = scratch / DETECTOR_WEIGHTS
+    log.info("build.step", step="export detector (about a minute on 2 cores)")
     export_detector(boxer, files[DETECTOR_FILE], size)
+    log.info("build.step", step="compare detector graph with PyTorch")
     parity = check_detector_parity(boxer, files[DETECTOR_FILE], size,
                                    images=_parity_images(state, size))
     log.info("build.detector_checked", detections=parity.detections,

@@ -55,19 +55,38 @@ def serve(config_path: Path | None) -> None:
     node.run_until_signalled()
 
 
+def _engine_status(location: Path) -> dict[str, str | None]:
+    """Which bundle the node runs (and shadows), from the pointers alone: cheap, and
+    `fractured engines list` verifies the bundles."""
+    from fractured.engine.registry import Registry, RegistryError, is_bundle
+
+    if is_bundle(location):
+        return {"location": str(location), "active": location.name, "shadow": None}
+    try:
+        registry = Registry(location)
+        return {"location": str(location), "active": registry.active(),
+                "shadow": registry.shadow()}
+    except (RegistryError, OSError):
+        return {"location": str(location), "active": None, "shadow": None}
+
+
 @main.command()
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def status(config_path: Path | None, as_json: bool) -> None:
-    """Studies and deliveries by state (UIDs only: no patient data)."""
+    """The engine in use, studies and deliveries by state (UIDs only: no patient data)."""
     settings = _settings(config_path)
     from fractured.daemon.queue import Queue, make_engine
 
     queue = Queue(make_engine(settings.database.url))
-    report = {**queue.counts(), "study_list": queue.studies()}
+    report = {"engine": _engine_status(settings.engine.bundle), **queue.counts(),
+              "study_list": queue.studies()}
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
+    engine = report["engine"]
+    click.echo(f"engine: {engine['location']}: active {engine['active'] or 'none'}"
+               + (f", shadow {engine['shadow']}" if engine["shadow"] else ""))
     for kind in ("studies", "deliveries"):
         counts = ", ".join(f"{k} {v}" for k, v in sorted(report[kind].items())) or "none"
         click.echo(f"{kind}: {counts}")

@@ -70,7 +70,10 @@ def test_status_on_an_empty_node(tmp_path: Path, untrained_bundle: Path) -> None
     config = config_with_bundle(tmp_path, untrained_bundle)
     result = CliRunner().invoke(main, ["status", "--config", str(config), "--json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output) == {"studies": {}, "deliveries": {}, "study_list": []}
+    report = json.loads(result.output)
+    assert report["engine"]["active"] == Path(report["engine"]["location"]).name
+    assert {k: v for k, v in report.items() if k != "engine"} == {
+        "studies": {}, "deliveries": {}, "study_list": []}
 
 
 def test_cli_lists_the_backbones_the_models_have() -> None:

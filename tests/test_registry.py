@@ -221,6 +221,8 @@ def test_a_shadow_model_runs_on_live_studies_and_sends_nothing(engines: Path,
         wait_for("the shadow run", lambda: node.events("shadow.processed"), 60)
         wait_for("delivery", lambda: len(destination.files()) == 3, 60)
         assert node.events("shadow.processed")[0]["images"] == 2
+        assert node.status()["engine"] == {"location": str(engines), "active": "a",
+                                           "shadow": "b"}
         for path in destination.files():  # only the active model's objects reach the PACS
             text = str(pydicom.dcmread(path))
             assert "0.0.0" in text and "0.0.2" not in text

@@ -483,3 +483,25 @@ def test_a_resnet_classifier_trains_in_bfloat16_on_the_cpu_and_keeps_float32_wei
         assert model(images[:1])[0].dtype == torch.bfloat16
     with device.autocast():  # validation and calibration: float32, as in the node
         assert model(images[:1])[0].dtype == torch.float32
+
+
+@pytest.mark.slow
+def test_weight_averaging_validates_and_ships_the_averaged_weights(tmp_path: Path) -> None:
+    data = synthetic_yolo(tmp_path / "yolo", n=16)
+    flags = [*SMOKE_FLAGS, "--set", "classifier.ema_decay=0.5", "--set",
+             "classifier.batch_size=2", "--task", "classifier",
+             "--device", "cpu"]
+    runner = CliRunner()
+    first = runner.invoke(main, ["train", str(data), "--out", str(tmp_path / "run"),
+                                 "--epochs", "1", *flags])
+    assert first.exit_code == 0, first.output
+    best = checkpoint.load(tmp_path / "run" / "classifier" / checkpoint.BEST)
+    last = checkpoint.load(tmp_path / "run" / "classifier" / checkpoint.LAST)
+    averaged = {key.removeprefix("module."): value for key, value in last["average"].items()
+                if key.startswith("module.")}
+    assert all(torch.equal(best["model"][key], averaged[key]) for key in best["model"])
+    assert not torch.equal(best["model"]["head.weight"], last["model"]["head.weight"])
+    resumed = runner.invoke(main, ["train", str(data), "--out", str(tmp_path / "run"),
+                                   "--resume", "--task", "classifier", "--epochs", "2"])
+    assert resumed.exit_code == 0, resumed.output
+    assert checkpoint.load(tmp_path / "run" / "classifier" / checkpoint.LAST)["epoch"] == 1

@@ -17,6 +17,7 @@ import numpy as np
 import structlog
 import torch
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from fractured.engine.bundle import FRACTURE_LABEL
@@ -81,6 +82,10 @@ def train_classifier(train: Sequence[Sample], val: Sequence[Sample], settings: T
     if cfg.initial_weights:
         load_initial_weights(model, cfg.initial_weights, where="[classifier].initial_weights")
     model = device.prepare(model)
+    # Weight averaging: the averaged copy is what is validated, kept as best and shipped.
+    average = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay),
+                             use_buffers=True) if cfg.ema_decay else None)
+    validated = average.module if average is not None else model
     positives = sum(train_labels)
     pos_weight = ((len(train_labels) - positives) / positives
                   if cfg.imbalance == "class_weights" else None)
@@ -97,6 +102,8 @@ def train_classifier(train: Sequence[Sample], val: Sequence[Sample], settings: T
         state = checkpoint.load(last, "classifier")
         checkpoint.check_resumable(state, meta, last)
         model.load_state_dict(state["model"])
+        if average is not None:
+            average.load_state_dict(state["average"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         extend_schedule(schedule, cfg.epochs)
@@ -115,8 +122,8 @@ def train_classifier(train: Sequence[Sample], val: Sequence[Sample], settings: T
         set_backbone_frozen(model.features, epoch < cfg.freeze_epochs)
         train_loss = train_classifier_epoch(
             model, _train_loader(train_set, train_labels, cfg, settings, epoch), loss_fn,
-            optimizer, scaler, device, desc=f"epoch {epoch + 1}/{cfg.epochs}")
-        logits, labels = classifier_logits(model, val_loader, device)
+            optimizer, scaler, device, desc=f"epoch {epoch + 1}/{cfg.epochs}", average=average)
+        logits, labels = classifier_logits(validated, val_loader, device)
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss,
                **_validation_metrics(logits, labels, loss_fn),
                "seconds": round(time.monotonic() - began, 1)}
@@ -125,9 +132,10 @@ def train_classifier(train: Sequence[Sample], val: Sequence[Sample], settings: T
         step_schedule(schedule, score)
         write_history(out_dir / checkpoint.HISTORY, tracker.history)
         if improved:
-            checkpoint.save(best, {**meta, "model": model.state_dict(), "epoch": epoch,
+            checkpoint.save(best, {**meta, "model": validated.state_dict(), "epoch": epoch,
                                    "metrics": row})
-        checkpoint.save(last, {**meta, "model": model.state_dict(), "epoch": epoch,
+        extra = {"average": average.state_dict()} if average is not None else {}
+        checkpoint.save(last, {**meta, **extra, "model": model.state_dict(), "epoch": epoch,
                                "optimizer": optimizer.state_dict(),
                                "schedule": schedule.state_dict(),
                                "scaler": scaler.state_dict(), "tracker": tracker.state_dict()})

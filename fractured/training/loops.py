@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -68,8 +69,10 @@ def progress(loader: Iterable, desc: str) -> tqdm:
 
 def train_classifier_epoch(model: FractureClassifier, loader: DataLoader, loss_fn: nn.Module,
                            optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                           device: Device, desc: str) -> float:
-    """One epoch of classifier training; returns the mean training loss."""
+                           device: Device, desc: str,
+                           average: AveragedModel | None = None) -> float:
+    """One epoch of classifier training; returns the mean training loss. `average`, when
+    given, is updated after every step (weight averaging, see classifier.py)."""
     model.train()
     total, count = 0.0, 0
     bar = progress(loader, desc)
@@ -79,6 +82,8 @@ def train_classifier_epoch(model: FractureClassifier, loader: DataLoader, loss_f
             logits, _ = model(images)
             loss = loss_fn(logits[:, 0], labels)
         _step(loss, optimizer, scaler)
+        if average is not None:
+            average.update_parameters(model)
         total += float(loss.detach()) * len(labels)
         count += len(labels)
         bar.set_postfix(loss=f"{total / count:.4f}")

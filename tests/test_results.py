@@ -164,6 +164,42 @@ def check_sr(
         ]
         comments = text_items(group)
         assert comments == ([] if model.trained else [codes.UNTRAINED_WARNING])
+        level = finding.level
+        evaluations = {item.name: item.value for item in group.get_qualitative_evaluations()}
+        assert evaluations[codes.FRACTURE_AT_HIGH_SENSITIVITY] == (
+            codes.PRESENT if level is not DecisionLevel.NEGATIVE else codes.ABSENT)
+        assert evaluations[codes.FRACTURE_AT_HIGH_SPECIFICITY] == (
+            codes.PRESENT if level is DecisionLevel.LIKELY else codes.ABSENT)
+        assert evaluations[codes.DECISION_LEVEL] == codes.LEVELS[level]
+        spread = group.get_measurements(name=codes.PROBABILITY_SPREAD)
+        assert [m.value for m in spread] == pytest.approx(
+            [] if finding.spread is None else [finding.spread])
+        source = next(ds for ds in sources if ds.SOPInstanceUID == uid)
+        part = codes.BODY_PARTS.get(str(source.get("BodyPartExamined", "")).upper())
+        assert [site.value for site in group.finding_sites] == ([part] if part else [])
+        # Each box is a planar ROI on the exact image: a closed rectangle, score, level.
+        rois = report.get_planar_roi_measurement_groups(referenced_sop_instance_uid=uid)
+        assert len(rois) == len(finding.boxes)
+        for roi, box in zip(sorted(rois, key=lambda r: r.tracking_identifier),
+                            finding.boxes, strict=True):
+            assert roi.finding_type == codes.FRACTURE
+            region = roi.roi
+            assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+            np.testing.assert_allclose(region.value, [
+                [box.x0, box.y0], [box.x1, box.y0], [box.x1, box.y1], [box.x0, box.y1],
+                [box.x0, box.y0]], rtol=0, atol=1e-4)
+            (image,) = region.ContentSequence  # SELECTED FROM the exact image
+            assert image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == uid
+            (score,) = roi.get_measurements(name=codes.BOX_SCORE)
+            assert score.value == pytest.approx(box.score)
+            (box_level,) = roi.get_qualitative_evaluations(name=codes.DECISION_LEVEL)
+            assert box_level.value == codes.LEVELS[box.level]
+    (summary,) = [item for item in raw.ContentSequence
+                  if item.ValueType == "TEXT" and item.ConceptNameCodeSequence[0].CodeValue
+                  == codes.SUMMARY.value]
+    assert summary.TextValue.startswith(codes.DISCLAIMER)
+    for number in range(1, len(findings) + 1):
+        assert f"Image {number}: " in summary.TextValue
     # The marker is nowhere in the document of a trained model, not even elsewhere.
     assert (codes.UNTRAINED_MARKER in str(raw)) is (not model.trained)
 
@@ -181,8 +217,13 @@ def test_synthetic_dx_source_is_valid(tmp_path: Path) -> None:
 @pytest.mark.parametrize("model", [UNTRAINED, TRAINED], ids=["untrained", "trained"])
 @pytest.mark.parametrize("n", [1, 2, 4])
 def test_sr_for_synthetic_study(tmp_path: Path, n: int, model: ModelInfo) -> None:
+    """Image k of the study has k - 1 boxes (the first has none), with both levels."""
     sources = dx_study(n)
-    findings = [finding_for(ds, p, model) for ds, p in zip(sources, PROBABILITIES, strict=False)]
+    findings = [finding_for(ds, p, model, boxes=tuple(
+        Box(10.0 + 20 * b, 20.0, 40.5 + 20 * b, 70.25, 0.9 - 0.2 * b,
+            DecisionLevel.LIKELY if b % 2 == 0 else DecisionLevel.POSSIBLE)
+        for b in range(k)), spread=0.05 if k % 2 else None)
+        for k, (ds, p) in enumerate(zip(sources, PROBABILITIES, strict=False))]
     assert {f.fracture for f in findings} == ({True} if n == 1 else {True, False})
     device_uid = hd.UID()
     sr = make_sr(findings, sources, series_instance_uid=hd.UID(), series_number=901,

@@ -28,16 +28,25 @@ Choices, and why:
   equipment that altered the instance itself.
 - Source image of the overlay: DCM 121322 "Source image for image processing
   operation" (CID 7202).
+- Decisions at each operating point, the decision level, the probability's spread under
+  test-time augmentation and a box's score are the algorithm's own concepts, in the
+  private scheme like the probability; the standard "Fracture of bone" Present/Absent
+  stays as the primary (high-sensitivity) evaluation for readers that know only it.
+- Finding site: BodyPartExamined mapped to its SNOMED CT anatomic concept as PS3.16
+  Annex L pairs them (the codes come from pydicom's DICOM code dictionary, not typed
+  here); an unknown or missing body part gives no finding site rather than a guess.
+- Study summary text: DCM 121111 "Summary", the one TEXT item a text-only viewer shows.
 """
 
 from __future__ import annotations
 
 import highdicom as hd
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from pydicom.sr.codedict import codes as dicom_codes
 from pydicom.sr.coding import Code
 
 import fractured
-from fractured.engine.findings import ModelInfo
+from fractured.engine.findings import DecisionLevel, ModelInfo
 
 PRIVATE_SCHEME = "99FRACTURED"
 
@@ -48,6 +57,43 @@ ABSENT = Code("272519000", "SCT", "Absent")
 FRACTURE_PROBABILITY = Code("FRACTURE-PROB", PRIVATE_SCHEME, "Fracture probability")
 NO_UNITS = Code("1", "UCUM", "no units")
 COMMENT = Code("121106", "DCM", "Comment")
+FRACTURE_AT_HIGH_SENSITIVITY = Code("FRACTURE-HIGH-SENS", PRIVATE_SCHEME,
+                                    "Fracture at high-sensitivity operating point")
+FRACTURE_AT_HIGH_SPECIFICITY = Code("FRACTURE-HIGH-SPEC", PRIVATE_SCHEME,
+                                    "Fracture at high-specificity operating point")
+DECISION_LEVEL = Code("DECISION-LEVEL", PRIVATE_SCHEME, "AI decision level")
+LEVELS: dict[DecisionLevel, Code] = {
+    DecisionLevel.LIKELY: Code("LEVEL-LIKELY", PRIVATE_SCHEME, "Likely fracture"),
+    DecisionLevel.POSSIBLE: Code("LEVEL-POSSIBLE", PRIVATE_SCHEME, "Possible fracture"),
+    DecisionLevel.NEGATIVE: Code("LEVEL-NEGATIVE", PRIVATE_SCHEME, "No fracture found"),
+}
+PROBABILITY_SPREAD = Code("FRACTURE-PROB-SD", PRIVATE_SCHEME,
+                          "Fracture probability SD under test-time augmentation")
+BOX_SCORE = Code("FRACTURE-BOX-SCORE", PRIVATE_SCHEME, "Fracture box score")
+SUMMARY = dicom_codes.DCM.Summary
+
+#: BodyPartExamined defined terms (PS3.3 C.7.3.1.1) of the skeleton X-ray studies the
+#: node reads, to their anatomic concepts (PS3.16 Annex L).
+BODY_PARTS: dict[str, Code] = {
+    "HAND": dicom_codes.SCT.Hand, "FINGER": dicom_codes.SCT.Finger,
+    "WRIST": dicom_codes.SCT.WristJoint, "FOREARM": dicom_codes.SCT.Forearm,
+    "RADIUS": dicom_codes.SCT.Radius, "ULNA": dicom_codes.SCT.Ulna,
+    "ELBOW": dicom_codes.SCT.ElbowJoint, "ARM": dicom_codes.SCT.UpperArm,
+    "HUMERUS": dicom_codes.SCT.Humerus, "SHOULDER": dicom_codes.SCT.Shoulder,
+    "CLAVICLE": dicom_codes.SCT.Clavicle, "SCAPULA": dicom_codes.SCT.Scapula,
+    "HIP": dicom_codes.SCT.Hip, "PELVIS": dicom_codes.SCT.Pelvis,
+    "THIGH": dicom_codes.SCT.Thigh, "FEMUR": dicom_codes.SCT.Femur,
+    "KNEE": dicom_codes.SCT.Knee, "PATELLA": dicom_codes.SCT.Patella,
+    "LEG": dicom_codes.SCT.LowerLeg, "TIBIA": dicom_codes.SCT.Tibia,
+    "FIBULA": dicom_codes.SCT.Fibula, "ANKLE": dicom_codes.SCT.AnkleJoint,
+    "FOOT": dicom_codes.SCT.Foot, "CALCANEUS": dicom_codes.SCT.Calcaneus,
+    "TOE": dicom_codes.SCT.Toe, "EXTREMITY": dicom_codes.SCT.Extremity,
+    "RIB": dicom_codes.SCT.Rib, "STERNUM": dicom_codes.SCT.Sternum,
+    "SKULL": dicom_codes.SCT.Skull, "CHEST": dicom_codes.SCT.Chest,
+    "SPINE": dicom_codes.SCT.Spine, "CSPINE": dicom_codes.SCT.CervicalSpine,
+    "TSPINE": dicom_codes.SCT.ThoracicSpine, "LSPINE": dicom_codes.SCT.LumbarSpine,
+    "SACRUM": dicom_codes.SCT.Sacrum, "COCCYX": dicom_codes.SCT.Coccyx,
+}
 
 # -- the report as a whole (TID 1500) --------------------------------------------------
 REPORT_TITLE = Code("126000", "DCM", "Imaging Measurement Report")

@@ -2,10 +2,13 @@
 
 The SR is the machine-readable result: a PACS, a worklist or a registry can read, per
 source image, the decision (Fracture of bone = Present/Absent at the high-sensitivity
-operating point; per-point evaluations and boxes are to come) and the calibrated
-probability, with the model that said so. Each image gets
-its own measurement group that references the exact SOP instance, so a result can never
-be attached to the wrong image of the study.
+operating point, then Present/Absent at each operating point and the decision level),
+the calibrated probability (and its spread under test-time augmentation), the finding
+site from BodyPartExamined, and per detected fracture a planar ROI: the box as a closed
+polyline in the source image's pixels (SR has no rectangle type) with its score and
+level. Each image and each box gets its own group that references the exact SOP
+instance, so a result can never be attached to the wrong image of the study. A Summary
+text item says it all in words for viewers that show only text.
 """
 
 from __future__ import annotations
@@ -13,10 +16,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import highdicom as hd
+import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as dicom_codes
+from pydicom.sr.coding import Code
 
-from fractured.engine.findings import Finding, ModelInfo, OperatingPoints
+from fractured.engine.findings import Box, DecisionLevel, Finding, ModelInfo, OperatingPoints
 from fractured.results import codes
 from fractured.results.header import carry_character_set, study_header
 
@@ -63,16 +68,22 @@ def make_sr(
             model_name=codes.MANUFACTURER_MODEL_NAME,
         ),
     )
-    groups = [
-        _measurement_group(finding, by_uid[finding.image.sop_instance_uid], number, len(findings))
-        for number, finding in enumerate(findings, start=1)
-    ]
+    groups: list[hd.sr.MeasurementsAndQualitativeEvaluations
+                 | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations] = []
+    for number, finding in enumerate(findings, start=1):
+        source = by_uid[finding.image.sop_instance_uid]
+        groups.append(_measurement_group(finding, source, number, len(findings)))
+        groups += [_box_group(finding, box, source, number, index)
+                   for index, box in enumerate(finding.boxes, start=1)]
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=codes.PROCEDURE_REPORTED,
         imaging_measurements=groups,
         title=codes.REPORT_TITLE,
     )
+    report[0].ContentSequence.append(hd.sr.TextContentItem(
+        name=codes.SUMMARY, value=summary_text(findings),
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
     header = study_header(sources[0])
     sr = hd.sr.Comprehensive3DSR(
         # highdicom copies patient and study from the first piece of evidence.
@@ -100,40 +111,103 @@ def make_sr(
 def _measurement_group(
     finding: Finding, source: Dataset, number: int, total: int
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """TID 1501 for one image: decision, probability, algorithm and the exact image."""
+    """TID 1501 for one image: decisions, probability, algorithm and the exact image."""
+    measurements = [
+        hd.sr.Measurement(
+            name=codes.FRACTURE_PROBABILITY,
+            # Not rounded: a rounded value next to the threshold could contradict the
+            # Present/Absent decision. float(): highdicom takes only Python numbers.
+            value=float(finding.probability),
+            unit=codes.NO_UNITS,
+        )
+    ]
+    if finding.spread is not None:
+        measurements.append(hd.sr.Measurement(name=codes.PROBABILITY_SPREAD,
+                                              value=float(finding.spread), unit=codes.NO_UNITS))
+    level = finding.level
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=hd.UID(), identifier=f"Fracture classification, image {number} of {total}"
         ),
         finding_type=codes.FRACTURE,
         algorithm_id=_algorithm(finding.model, finding.operating_points),
-        measurements=[
-            hd.sr.Measurement(
-                name=codes.FRACTURE_PROBABILITY,
-                # Not rounded: a rounded value next to the threshold could contradict the
-                # Present/Absent decision. float(): highdicom takes only Python numbers.
-                value=float(finding.probability),
-                unit=codes.NO_UNITS,
-            )
-        ],
+        finding_sites=_sites(source),
+        measurements=measurements,
         qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(
-                name=codes.FRACTURE, value=codes.PRESENT if finding.fracture else codes.ABSENT
-            )
+            _present(codes.FRACTURE, finding.fracture),
+            _present(codes.FRACTURE_AT_HIGH_SENSITIVITY, level is not DecisionLevel.NEGATIVE),
+            _present(codes.FRACTURE_AT_HIGH_SPECIFICITY, level is DecisionLevel.LIKELY),
+            hd.sr.QualitativeEvaluation(name=codes.DECISION_LEVEL, value=codes.LEVELS[level]),
         ],
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
     )
     if not finding.model.trained:
-        # highdicom's QualitativeEvaluation takes coded values only; TID 1501 row 12 also
-        # allows a TEXT value, which a reader of the SR cannot miss.
-        group[0].ContentSequence.append(
-            hd.sr.TextContentItem(
-                name=codes.COMMENT,
-                value=codes.UNTRAINED_WARNING,
-                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-            )
-        )
+        _warn_untrained(group)
     return group
+
+
+def _box_group(finding: Finding, box: Box, source: Dataset, number: int,
+               index: int) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """TID 1410 for one detected fracture: its box on the exact image, score and level."""
+    corners = np.array([[box.x0, box.y0], [box.x1, box.y0], [box.x1, box.y1],
+                        [box.x0, box.y1], [box.x0, box.y0]], dtype=np.float64)
+    group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=hd.UID(), identifier=f"Fracture box {index} on image {number}"),
+        referenced_region=hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=corners,
+            source_image=hd.sr.SourceImageForRegion.from_source_image(source)),
+        finding_type=codes.FRACTURE,
+        algorithm_id=_algorithm(finding.model, finding.operating_points),
+        finding_sites=_sites(source),
+        measurements=[hd.sr.Measurement(name=codes.BOX_SCORE, value=float(box.score),
+                                        unit=codes.NO_UNITS)],
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(name=codes.DECISION_LEVEL, value=codes.LEVELS[box.level])],
+    )
+    if not finding.model.trained:
+        _warn_untrained(group)
+    return group
+
+
+def summary_text(findings: Sequence[Finding]) -> str:
+    """The report in one paragraph, for viewers that show only text."""
+    model = findings[0].model
+    lines = [f"{codes.DISCLAIMER}. Model {model.name} {model.version}."]
+    if not model.trained:
+        lines.append(f"{codes.UNTRAINED_WARNING}.")
+    for number, finding in enumerate(findings, start=1):
+        verdict = {DecisionLevel.LIKELY: "likely fracture",
+                   DecisionLevel.POSSIBLE: "possible fracture",
+                   DecisionLevel.NEGATIVE: "no fracture found"}[finding.level]
+        boxes = f", {len(finding.boxes)} box(es)" if finding.boxes else ""
+        lines.append(f"Image {number}: {verdict} (probability {finding.probability:.2f}"
+                     f"{boxes}).")
+    return " ".join(lines)
+
+
+def _present(name: Code, present: bool) -> hd.sr.QualitativeEvaluation:
+    return hd.sr.QualitativeEvaluation(name=name,
+                                       value=codes.PRESENT if present else codes.ABSENT)
+
+
+def _sites(source: Dataset) -> list[hd.sr.FindingSite] | None:
+    """The finding site from BodyPartExamined, when it is a term we can code."""
+    part = str(source.get("BodyPartExamined", "") or "").strip().upper()
+    return [hd.sr.FindingSite(codes.BODY_PARTS[part])] if part in codes.BODY_PARTS else None
+
+
+def _warn_untrained(group: hd.sr.MeasurementsAndQualitativeEvaluations
+                    | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations) -> None:
+    # highdicom's QualitativeEvaluation takes coded values only; TID 1501 row 12 also
+    # allows a TEXT value, which a reader of the SR cannot miss.
+    group[0].ContentSequence.append(
+        hd.sr.TextContentItem(
+            name=codes.COMMENT,
+            value=codes.UNTRAINED_WARNING,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+    )
 
 
 def _algorithm(model: ModelInfo, points: OperatingPoints) -> hd.sr.AlgorithmIdentification:

@@ -55,6 +55,25 @@ def serve(config_path: Path | None) -> None:
     node.run_until_signalled()
 
 
+@main.command()
+@config_option
+@click.option("--study", "study_uid", metavar="STUDY_UID", help="Only this study's.")
+@click.option("--destination", help="Only those for this destination (its name).")
+def retry(config_path: Path | None, study_uid: str | None, destination: str | None) -> None:
+    """Send dead letters (deliveries that gave up) again: all, or by study or destination.
+    A running node picks them up within a second."""
+    settings = _settings(config_path)
+    from fractured.daemon.queue import Queue, make_engine
+
+    names = [d.name for d in settings.destinations]
+    if destination is not None and destination not in names:
+        raise click.UsageError(f"--destination {destination!r} is not configured "
+                               f"(destinations: {', '.join(names) or 'none'})")
+    count = Queue(make_engine(settings.database.url)).requeue_dead_letters(
+        study_instance_uid=study_uid, destination=destination)
+    click.echo(f"requeued {count} dead letter{'s' if count != 1 else ''}")
+
+
 def _engine_status(location: Path) -> dict[str, str | None]:
     """Which bundle the node runs (and shadows), from the pointers alone: cheap, and
     `fractured engines list` verifies the bundles."""
@@ -80,7 +99,7 @@ def status(config_path: Path | None, as_json: bool) -> None:
 
     queue = Queue(make_engine(settings.database.url))
     report = {"engine": _engine_status(settings.engine.bundle), **queue.counts(),
-              "study_list": queue.studies()}
+              "study_list": queue.studies(), "dead_letters": queue.dead_letters()}
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -95,6 +114,12 @@ def status(config_path: Path | None, as_json: bool) -> None:
                    f"images {row['instances']:<4} runs {row['runs']:<3} "
                    f"delivered {row['delivered']}" + (f"  ({row['reason']})"
                                                       if row["reason"] else ""))
+    if report["dead_letters"]:
+        click.echo(f"dead letters ({len(report['dead_letters'])}; `fractured retry` sends "
+                   "them again):")
+    for letter in report["dead_letters"]:
+        click.echo(f"  {letter['study_instance_uid']:<64} to {letter['destination']}: "
+                   f"{letter['attempts']} attempts, {letter['last_error']}")
 
 
 @main.command("build-engine")

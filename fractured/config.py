@@ -70,8 +70,15 @@ class ResultsSettings:
 
 @dataclass(frozen=True)
 class DeliverySettings:
+    """Retries with exponential backoff: the n-th retry waits retry_interval_s * 2^(n-1),
+    at most max_retry_interval_s, each +-jitter (a share), so a PACS back from an outage
+    is not hit by every waiting node at once. After max_attempts a delivery is a dead
+    letter, kept until `fractured retry`."""
+
     retry_interval_s: float = 30.0
-    max_attempts: int = 5
+    max_retry_interval_s: float = 3600.0
+    jitter: float = 0.2
+    max_attempts: int = 12
 
 
 @dataclass(frozen=True)
@@ -232,12 +239,16 @@ def _check(s: Settings) -> None:
         "[worker].lease_s": s.worker.lease_s,
         "[results].overlay_max_size": s.results.overlay_max_size,
         "[delivery].max_attempts": s.delivery.max_attempts,
+        "[delivery].retry_interval_s": s.delivery.retry_interval_s,
+        "[delivery].max_retry_interval_s": s.delivery.max_retry_interval_s,
         "[node].network_timeout_s": s.node.network_timeout_s,
         "[node].shutdown_grace_s": s.node.shutdown_grace_s,
     }
     for where, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{where}: must be greater than 0, got {value}")
+    if not 0.0 <= s.delivery.jitter < 1.0:
+        raise ConfigError(f"[delivery].jitter: a share in [0, 1), got {s.delivery.jitter}")
     if s.engine.threads < 0:
         raise ConfigError(f"[engine].threads: 0 (automatic) or more, got {s.engine.threads}")
     names = [d.name for d in s.destinations]

@@ -116,13 +116,27 @@ class Storescp:
     ae_title: str = "DEST"
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
+    #: DCMTK names of the only SOP classes accepted (e.g. "SecondaryCaptureImageStorage"),
+    #: as a PACS configured to refuse some; None accepts every storage class.
+    sop_classes: tuple[str, ...] | None = None
 
     def start(self) -> Storescp:
         self.folder.mkdir(parents=True, exist_ok=True)
         # +xa: accept every transfer syntax; -uf: name files by SOP instance UID.
+        negotiation = ["+xa"]
+        if self.sop_classes is not None:
+            profile = self.folder.parent / f"{self.folder.name}-storescp.cfg"
+            contexts = "\n".join(
+                f"PresentationContext{i} = {name}\\Uncompressed"
+                for i, name in enumerate(("VerificationSOPClass", *self.sop_classes), 1))
+            profile.write_text(
+                "[[TransferSyntaxes]]\n[Uncompressed]\nTransferSyntax1 = LocalEndianExplicit\n"
+                "TransferSyntax2 = LittleEndianImplicit\n[[PresentationContexts]]\n"
+                f"[Only]\n{contexts}\n[[Profiles]]\n[Only]\nPresentationContexts = Only\n")
+            negotiation = ["-xf", str(profile), "Only"]
         self.proc = subprocess.Popen(
-            [need("storescp"), "-aet", self.ae_title, "+xa", "-uf", "-od", str(self.folder),
-             str(self.port)], env=PEER_ENV, stdout=subprocess.DEVNULL,
+            [need("storescp"), "-aet", self.ae_title, *negotiation, "-uf", "-od",
+             str(self.folder), str(self.port)], env=PEER_ENV, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL)
         wait_for("storescp to listen", lambda: port_open(self.port), 10)
         return self
@@ -210,6 +224,8 @@ class NodeProcess:
     port: int = field(default_factory=free_port)
     ae_title: str = "FRACTURED"
     proc: subprocess.Popen[bytes] | None = None
+    delivery: dict[str, float] = field(default_factory=lambda: {
+        "retry_interval_s": 1.0, "max_retry_interval_s": 2.0, "max_attempts": 3})
 
     @property
     def config(self) -> Path:
@@ -224,7 +240,8 @@ class NodeProcess:
             f'spool_dir = "spool"\n\n[database]\nurl = "sqlite:///fractured.db"\n\n'
             f"[study]\nquiet_period_s = {self.quiet_period_s}\n\n"
             f'[engine]\nbundle = "{self.bundle}"\n\n[worker]\npoll_interval_s = 0.2\n\n'
-            f"[delivery]\nretry_interval_s = 1.0\nmax_attempts = 3\n\n"
+            "[delivery]\n" + "".join(f"{k} = {v}\n" for k, v in self.delivery.items())
+            + "\n"
             f'[log]\nlevel = "info"\nformat = "json"\n{dests}')
 
     def start(self) -> NodeProcess:

@@ -73,7 +73,7 @@ def test_status_on_an_empty_node(tmp_path: Path, untrained_bundle: Path) -> None
     report = json.loads(result.output)
     assert report["engine"]["active"] == Path(report["engine"]["location"]).name
     assert {k: v for k, v in report.items() if k != "engine"} == {
-        "studies": {}, "deliveries": {}, "study_list": []}
+        "studies": {}, "deliveries": {}, "study_list": [], "dead_letters": []}
 
 
 def test_cli_lists_the_backbones_the_models_have() -> None:

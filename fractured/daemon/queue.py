@@ -397,3 +397,35 @@ class Queue:
                      "delivered": delivered.get(study.id, 0), "reason": study.reason,
                      "last_received_at": study.last_received_at.isoformat()}
                     for study, n in rows]
+
+    def dead_letters(self) -> list[dict[str, object]]:
+        """Deliveries of each study's latest run that gave up (UIDs, states, errors)."""
+        with self._tx() as s:
+            rows = s.execute(
+                select(Delivery, Study.study_instance_uid).join(Study)
+                .where(Delivery.state == DeliveryState.FAILED, Delivery.run == Study.runs)
+                .order_by(Delivery.id)).all()
+            return [{"study_instance_uid": uid, "destination": d.destination,
+                     "sop_instance_uid": d.sop_instance_uid, "sop_class_uid": d.sop_class_uid,
+                     "attempts": d.attempts, "last_status": d.last_status,
+                     "last_error": d.last_error} for d, uid in rows]
+
+    def requeue_dead_letters(self, *, study_instance_uid: str | None = None,
+                             destination: str | None = None) -> int:
+        """Send dead letters again (all, one study's, or one destination's): their
+        attempts start over now, and their studies go back to DELIVERING."""
+        now = utcnow()
+        with self._tx() as s:
+            query = (select(Delivery).join(Study)
+                     .where(Delivery.state == DeliveryState.FAILED, Delivery.run == Study.runs))
+            if study_instance_uid is not None:
+                query = query.where(Study.study_instance_uid == study_instance_uid)
+            if destination is not None:
+                query = query.where(Delivery.destination == destination)
+            deliveries = list(s.scalars(query))
+            for d in deliveries:
+                d.state, d.attempts, d.next_attempt_at = DeliveryState.PENDING, 0, now
+                study = s.get(Study, d.study_id)
+                if study is not None and study.state == StudyState.FAILED:
+                    study.state, study.reason = StudyState.DELIVERING, None
+            return len(deliveries)

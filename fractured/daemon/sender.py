@@ -7,6 +7,7 @@ one object does not hold back the others.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +16,8 @@ import pydicom
 from pynetdicom import AE
 
 from fractured import log
-from fractured.config import Destination, Settings
-from fractured.daemon.queue import PendingDelivery, Queue
+from fractured.config import DeliverySettings, Destination, Settings
+from fractured.daemon.queue import DeliveryState, PendingDelivery, Queue
 
 SUCCESS = 0x0000
 #: Warning statuses (PS3.4 B.2.3): the peer stored the object, with a remark.
@@ -53,15 +54,24 @@ def send(calling_ae: str, destination: Destination, paths: Sequence[Path],
     readable = [(p, ds) for p, ds in datasets if not isinstance(ds, Exception)]
     if readable:
         assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+        # A PACS that does not take a SOP class rejects its presentation context: say so,
+        # whether or not the association went ahead for the other objects.
+        accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+        refused = {str(cx.abstract_syntax) for cx in assoc.rejected_contexts} - accepted
+        peer = f"{destination.ae_title}@{destination.host}:{destination.port}"
+        for path, ds in readable:
+            if str(ds.SOPClassUID) in refused:
+                outcomes[path] = SendOutcome(
+                    path, None, f"{peer} refuses {ds.SOPClassUID.name} objects (presentation "
+                                "context rejected)")
+        sendable = [(path, ds) for path, ds in readable if path not in outcomes]
         if not assoc.is_established:
             reason = "association rejected" if assoc.is_rejected else "no association"
-            for path, _ in readable:
-                outcomes[path] = SendOutcome(
-                    path, None, f"{reason} by {destination.ae_title}@"
-                                f"{destination.host}:{destination.port}")
+            for path, _ in sendable:
+                outcomes[path] = SendOutcome(path, None, f"{reason} by {peer}")
         else:
             try:
-                for path, ds in readable:
+                for path, ds in sendable:
                     outcomes[path] = _store(assoc, path, ds)
             finally:
                 assoc.release()
@@ -81,6 +91,15 @@ def _store(assoc, path: Path, ds) -> SendOutcome:  # type: ignore[no-untyped-def
     return SendOutcome(path, status, f"refused with status 0x{status:04X}")
 
 
+def retry_delay(attempts: int, settings: DeliverySettings,
+                rng: random.Random | None = None) -> float:
+    """Seconds to wait after the `attempts`-th failed attempt: exponential, capped, with
+    jitter (see DeliverySettings)."""
+    base = min(settings.max_retry_interval_s,
+               settings.retry_interval_s * 2.0 ** max(attempts - 1, 0))
+    return base * (rng or random).uniform(1.0 - settings.jitter, 1.0 + settings.jitter)
+
+
 def deliver_due(queue: Queue, settings: Settings) -> int:
     """Send every delivery that is due, one association per destination; returns how many."""
     due = queue.due_deliveries()
@@ -97,12 +116,18 @@ def deliver_due(queue: Queue, settings: Settings) -> int:
             outcomes = send(settings.node.ae_title, destination, [i.path for i in items],
                             settings.node.network_timeout_s)
         for item, outcome in zip(items, outcomes, strict=True):
+            attempt = item.attempts + 1
+            delay = retry_delay(attempt, settings.delivery)
             state = queue.record_attempt(item.id, status=outcome.status, error=outcome.error,
-                                         retry_in_s=settings.delivery.retry_interval_s,
+                                         retry_in_s=delay,
                                          max_attempts=settings.delivery.max_attempts)
-            event = "delivery.sent" if outcome.error is None else "delivery.failed"
-            level = _log.info if outcome.error is None else _log.warning
-            level(event, destination=name, sop_class_uid=item.sop_class_uid,
-                  attempt=item.attempts + 1, status=outcome.status, error=outcome.error,
-                  state=str(state))
+            context = {"destination": name, "sop_class_uid": item.sop_class_uid,
+                       "attempt": attempt, "status": outcome.status, "state": str(state)}
+            if outcome.error is None:
+                _log.info("delivery.sent", warning=outcome.status in WARNINGS, **context)
+            elif state == DeliveryState.FAILED:
+                _log.error("delivery.dead_letter", error=outcome.error, **context)
+            else:
+                _log.warning("delivery.failed", error=outcome.error,
+                             retry_in_s=round(delay, 1), **context)
     return len(due)

@@ -1,0 +1,123 @@
+"""Delivery to the PACS: backoff while it is down, across a node restart, dead letters,
+`fractured retry`, and a PACS that refuses one SOP class — against DCMTK's storescp."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fractured.config import DeliverySettings
+from fractured.daemon.sender import retry_delay
+from tests import factory
+from tests.peers import NodeProcess, Storescp, free_port, storescu, wait_for
+
+SC_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+
+
+def test_retry_delay_doubles_up_to_the_cap_with_bounded_jitter() -> None:
+    settings = DeliverySettings(retry_interval_s=30, max_retry_interval_s=300, jitter=0.0)
+    assert [retry_delay(n, settings) for n in range(1, 7)] == [30, 60, 120, 240, 300, 300]
+    jittery = DeliverySettings(retry_interval_s=30, max_retry_interval_s=300, jitter=0.2)
+    rng = random.Random(0)
+    delays = [retry_delay(2, jittery, rng) for _ in range(200)]
+    assert 48 <= min(delays) < 52 and 68 < max(delays) <= 72  # 60 +- 20 %
+    assert len(set(delays)) == 200  # spread out, not one moment for every node
+
+
+def fractured(node: NodeProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fractured", *args, "--config",
+                           str(node.config)], capture_output=True, text=True, timeout=60)
+
+
+def send_study(node: NodeProcess, folder: Path, images: int = 2) -> None:
+    proc = storescu(node.port, factory.write_study(folder, images))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.fixture
+def down_destination(tmp_path: Path) -> Storescp:
+    """A destination that is not listening yet: start() brings the PACS back."""
+    return Storescp(tmp_path / "received", port=free_port())
+
+
+@pytest.mark.peers
+@pytest.mark.slow
+def test_a_pacs_outage_is_waited_out_across_a_restart_and_nothing_arrives_twice(
+        tmp_path: Path, untrained_bundle: Path, down_destination: Storescp) -> None:
+    node = NodeProcess(tmp_path / "node", untrained_bundle,
+                       [{"name": "pacs", "ae_title": down_destination.ae_title,
+                         "port": down_destination.port}],
+                       delivery={"retry_interval_s": 0.3, "max_retry_interval_s": 1.2,
+                                 "jitter": 0.0, "max_attempts": 100}).start()
+    try:
+        send_study(node, tmp_path / "study")
+        wait_for("four failed attempts of one object", lambda: len(
+            node.events("delivery.failed")) >= 3 * 4, 60)
+        sr_waits = [e["retry_in_s"] for e in node.events("delivery.failed")
+                    if e["sop_class_uid"] == COMPREHENSIVE_3D_SR]
+        assert sr_waits[:4] == [0.3, 0.6, 1.2, 1.2]  # doubling, then capped
+        node.stop()
+        node.start()  # the deliveries are in the database, not in the process
+        down_destination.start()
+        wait_for("every result to arrive", lambda: len(down_destination.files()) == 3, 60)
+        wait_for("the study to be done", lambda: fractured(node, "status", "--json")
+                 .stdout.count('"done"') >= 2, 30)
+        assert len(node.events("delivery.sent")) == 3  # each object stored exactly once
+    finally:
+        node.stop()
+        down_destination.stop()
+
+
+@pytest.mark.peers
+@pytest.mark.slow
+def test_dead_letters_are_listed_and_retry_delivers_them(
+        tmp_path: Path, untrained_bundle: Path, down_destination: Storescp) -> None:
+    node = NodeProcess(tmp_path / "node", untrained_bundle,
+                       [{"name": "pacs", "ae_title": down_destination.ae_title,
+                         "port": down_destination.port}],
+                       delivery={"retry_interval_s": 0.2, "max_attempts": 2}).start()
+    try:
+        send_study(node, tmp_path / "study")
+        wait_for("three dead letters", lambda: len(node.events("delivery.dead_letter")) == 3, 60)
+        status = fractured(node, "status")
+        assert "dead letters (3; `fractured retry` sends them again):" in status.stdout
+        assert "to pacs: 2 attempts, no association" in status.stdout
+        wrong = fractured(node, "retry", "--destination", "nowhere")
+        assert wrong.returncode == 2 and "'nowhere' is not configured" in wrong.stderr
+        down_destination.start()
+        retried = fractured(node, "retry")
+        assert retried.returncode == 0 and "requeued 3 dead letters" in retried.stdout
+        wait_for("the dead letters to arrive", lambda: len(down_destination.files()) == 3, 60)
+        wait_for("no dead letter left", lambda: '"dead_letters": []' in fractured(
+            node, "status", "--json").stdout, 30)
+    finally:
+        node.stop()
+        down_destination.stop()
+
+
+@pytest.mark.peers
+@pytest.mark.slow
+def test_a_pacs_refusing_the_sr_still_gets_the_overlays(tmp_path: Path,
+                                                       untrained_bundle: Path) -> None:
+    pacs = Storescp(tmp_path / "received",
+                    sop_classes=("SecondaryCaptureImageStorage",)).start()
+    node = NodeProcess(tmp_path / "node", untrained_bundle,
+                       [{"name": "pacs", "ae_title": pacs.ae_title, "port": pacs.port}],
+                       delivery={"retry_interval_s": 0.2, "max_attempts": 2}).start()
+    try:
+        send_study(node, tmp_path / "study")
+        wait_for("the SR's dead letter", lambda: node.events("delivery.dead_letter"), 60)
+        assert len(pacs.files()) == 2  # both overlays
+        (letter,) = node.events("delivery.dead_letter")
+        assert letter["sop_class_uid"] == COMPREHENSIVE_3D_SR
+        assert letter["error"] == (f"DEST@127.0.0.1:{pacs.port} refuses Comprehensive 3D SR "
+                                   "Storage objects (presentation context rejected)")
+        assert {e["sop_class_uid"] for e in node.events("delivery.sent")} == {SC_STORAGE}
+    finally:
+        node.stop()
+        pacs.stop()

@@ -66,6 +66,7 @@ class WorkerSettings:
 @dataclass(frozen=True)
 class ResultsSettings:
     overlay_max_size: int = 1024
+    colormap: Literal["jet", "turbo", "inferno", "magma", "viridis", "hot"] = "jet"
 
 
 @dataclass(frozen=True)

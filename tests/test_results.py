@@ -13,6 +13,7 @@ import json
 import re
 import subprocess
 import sys
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -781,3 +782,28 @@ def test_no_log_line_carries_a_patient_value() -> None:
     leaked = [part for part in parts
               if part in log_text or json.dumps(part)[1:-1] in log_text]
     assert not leaked, f"patient values in the log: {leaked}"
+
+
+@pytest.mark.parametrize("colormap", ["jet", "inferno", "hot"])
+def test_overlay_heatmap_uses_the_configured_colour_map(colormap: str) -> None:
+    from fractured.results.overlay import COLORMAPS, MAX_HEAT_ALPHA
+
+    display = np.full((64, 64), 0.5, np.float32)
+    heatmap = np.zeros((64, 64), np.float32)
+    heatmap[:, :32] = 1.0  # left half fully hot
+    (source,) = dx_study(1)
+    finding = finding_for(source, 0.1, TRAINED, heatmap=heatmap)
+    picture = render_overlay(finding, display, colormap=colormap)
+    hot = picture[-32, 8].astype(float)  # a pixel of the X-ray part, in the hot half
+    top = cv2.applyColorMap(np.array([[255]], np.uint8), COLORMAPS[colormap])[0, 0, ::-1]
+    expected = 127.5 * (1 - MAX_HEAT_ALPHA) + top * MAX_HEAT_ALPHA
+    np.testing.assert_allclose(hot, expected, atol=1.0)
+    assert picture[-32, 56].tolist() == [128, 128, 128]  # the cold half stays grey
+
+
+def test_overlay_colour_maps_are_the_ones_the_config_offers() -> None:
+    from fractured.config import ResultsSettings
+    from fractured.results.overlay import COLORMAPS
+
+    hints = typing.get_type_hints(ResultsSettings)
+    assert set(typing.get_args(hints["colormap"])) == set(COLORMAPS)

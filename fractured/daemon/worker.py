@@ -104,7 +104,8 @@ class Worker:
         overlays = [
             make_overlay(finding, ds, series_instance_uid=overlay_series,
                          series_number=OVERLAY_SERIES_NUMBER, instance_number=i,
-                         max_size=self.settings.results.overlay_max_size, display=pixels)
+                         max_size=self.settings.results.overlay_max_size,
+                         colormap=self.settings.results.colormap, display=pixels)
             for i, (finding, (ds, pixels)) in enumerate(zip(findings, sources, strict=True),
                                                         start=1)
         ]

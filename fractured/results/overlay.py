@@ -42,16 +42,22 @@ _VERDICTS = {
     DecisionLevel.NEGATIVE: "No fracture",
 }
 BOX_LEGEND = "solid: likely fracture, dashed: possible fracture"
+#: Heatmap colour maps ([results].colormap); jet is what fracture products and papers
+#: show, turbo its smoother successor, the others perceptually uniform.
+COLORMAPS: dict[str, int] = {"jet": cv2.COLORMAP_JET, "turbo": cv2.COLORMAP_TURBO,
+                             "inferno": cv2.COLORMAP_INFERNO, "magma": cv2.COLORMAP_MAGMA,
+                             "viridis": cv2.COLORMAP_VIRIDIS, "hot": cv2.COLORMAP_HOT}
 
 
-def render_overlay(finding: Finding, display: np.ndarray, *, max_size: int = 1024) -> np.ndarray:
+def render_overlay(finding: Finding, display: np.ndarray, *, max_size: int = 1024,
+                   colormap: str = "jet") -> np.ndarray:
     """The overlay picture: banner above the X-ray with heatmap and boxes, RGB uint8.
 
     `display` is the source's display image (`display_pixels` or `load_image`: float in
     [0, 1], bone bright, on the source's pixel grid). It is downscaled (never enlarged)
     so its long side is at most `max_size`; the heatmap and the boxes, which are on the
-    source's grid, are scaled the same way. Raises ValueError when the heatmap does not
-    match the display's rows x columns.
+    source's grid, are scaled the same way; `colormap` is one of COLORMAPS. Raises
+    ValueError when the heatmap does not match the display's rows x columns.
     """
     if finding.heatmap.shape != display.shape:
         raise ValueError(
@@ -62,7 +68,7 @@ def render_overlay(finding: Finding, display: np.ndarray, *, max_size: int = 102
     # spots fade rather than alias away.
     grey = cv2.resize(display, size, interpolation=cv2.INTER_AREA)
     heat = cv2.resize(finding.heatmap.astype(np.float32), size, interpolation=cv2.INTER_AREA)
-    xray = _blend(grey, heat)
+    xray = _blend(grey, heat, COLORMAPS[colormap])
     shown = _shown_boxes(finding)
     _draw_boxes(xray, shown, (size[0] / display.shape[1], size[1] / display.shape[0]))
     return np.vstack([_banner(finding, size[0], legend=bool(shown)), xray])
@@ -76,6 +82,7 @@ def make_overlay(
     series_number: int,
     instance_number: int,
     max_size: int = 1024,
+    colormap: str = "jet",
     display: np.ndarray | None = None,
 ) -> hd.sc.SCImage:
     """Build the RGB Secondary Capture for one finding, in the source's study and patient.
@@ -94,7 +101,7 @@ def make_overlay(
             f"source is {source.SOPInstanceUID}"
         )
     grey = display_pixels(source) if display is None else display
-    image = render_overlay(finding, grey, max_size=max_size)
+    image = render_overlay(finding, grey, max_size=max_size, colormap=colormap)
     scale, _ = _scaled_size(grey.shape, max_size)
     model = finding.model
     header = study_header(source)
@@ -139,7 +146,7 @@ def make_overlay(
     overlay.SourceImageSequence = [_source_reference(source)]
     overlay.DerivationDescription = (
         f"{codes.DISCLAIMER}. Windowed source resampled by {scale:.3f}, fracture class "
-        f"activation map of {model.name} {model.version} blended in colour, "
+        f"activation map of {model.name} {model.version} blended in colour ({colormap}), "
         + ("detected fracture boxes drawn, " if _shown_boxes(finding) else "")
         + "text banner added."
     )
@@ -148,11 +155,11 @@ def make_overlay(
     return overlay
 
 
-def _blend(grey: np.ndarray, heat: np.ndarray) -> np.ndarray:
-    """Grey X-ray with the JET colour map mixed in at an opacity proportional to heat."""
+def _blend(grey: np.ndarray, heat: np.ndarray, colormap: int) -> np.ndarray:
+    """Grey X-ray with the colour map mixed in at an opacity proportional to heat."""
     heat = np.clip(heat, 0.0, 1.0)
     grey_rgb = np.repeat(grey[..., None] * 255.0, 3, axis=2)
-    colour_bgr = cv2.applyColorMap(np.round(heat * 255).astype(np.uint8), cv2.COLORMAP_JET)
+    colour_bgr = cv2.applyColorMap(np.round(heat * 255).astype(np.uint8), colormap)
     colour = colour_bgr[..., ::-1].astype(np.float32)
     alpha = (MAX_HEAT_ALPHA * heat)[..., None]
     return np.round(grey_rgb * (1.0 - alpha) + colour * alpha).astype(np.uint8)

@@ -1,0 +1,129 @@
+"""End to end with Orthanc as the PACS: studies per minute and the radiologist's wait.
+
+Orthanc (with deploy/orthanc/autoroute.lua) routes N studies of 1-4 real-size images to
+the node; the node analyses each once its quiet period has passed and stores an SR and
+one overlay per image back into Orthanc. Printed: throughput over the whole run, and per
+study the latency from the last image the node received to the last result stored in
+Orthanc (p50, p95), with the quiet period (a setting, not work) shown separately, and
+Orthanc's own routing delay (its StableAge) for scale.
+
+    .venv/bin/python -m bench.e2e [--studies 10] [--size 2000x1700] [--quiet 2]
+        [--detector mobilenet_v3_large_fpn|none]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+from fractured.training.build import build_untrained_bundle
+from tests.factory import write_study
+from tests.peers import NodeProcess, Orthanc, free_port
+
+REPO = Path(__file__).resolve().parent.parent
+POLL_S = 0.2
+
+
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--studies", type=int, default=10)
+    parser.add_argument("--size", default="2000x1700", help="rows x columns of each image")
+    parser.add_argument("--quiet", type=float, default=2.0, help="[study].quiet_period_s")
+    parser.add_argument("--detector", default="mobilenet_v3_large_fpn")
+    args = parser.parse_args()
+    rows, cols = (int(v) for v in args.size.split("x"))
+    with tempfile.TemporaryDirectory(prefix="fractured-e2e-") as scratch:
+        root = Path(scratch)
+        detector = None if args.detector == "none" else args.detector
+        bundle = build_untrained_bundle(root / "engines" / "bench", detector=detector)
+        node_port = free_port()
+        orthanc = Orthanc(root / "orthanc",
+                          modalities={"fractured": {"AET": "FRACTURED", "Host": "127.0.0.1",
+                                                    "Port": node_port}},
+                          lua=(REPO / "deploy" / "orthanc" / "autoroute.lua").read_text())
+        orthanc.start()
+        node = NodeProcess(root / "node", bundle,
+                           [{"name": "pacs", "ae_title": orthanc.ae_title,
+                             "port": orthanc.dicom_port}], port=node_port,
+                           quiet_period_s=args.quiet)
+        node.start()
+        try:
+            run(args, rows, cols, root, orthanc, node)
+        finally:
+            node.stop()
+            orthanc.stop()
+
+
+def run(args: argparse.Namespace, rows: int, cols: int, root: Path, orthanc: Orthanc,
+        node: NodeProcess) -> None:
+    studies = []
+    for index in range(args.studies):
+        images = index % 4 + 1
+        files = write_study(root / f"study{index}", images, rows=rows, cols=cols,
+                            patient_id=f"BENCH-{index:03d}")
+        studies.append(files)
+    started = time.time()
+    uploaded: dict[str, float] = {}
+    expected: dict[str, int] = {}
+    for files in studies:
+        for path in files:
+            answer = orthanc.post("/instances", path.read_bytes())
+        uploaded[answer["ParentStudy"]] = time.time()
+        expected[answer["ParentStudy"]] = len(files)
+    done: dict[str, float] = {}
+    deadline = time.time() + 600
+    while len(done) < len(expected) and time.time() < deadline:
+        for study_id, images in expected.items():
+            if study_id not in done and _complete(orthanc, study_id, images):
+                done[study_id] = time.time()
+        time.sleep(POLL_S)
+    wall = time.time() - started
+    if len(done) < len(expected):
+        raise SystemExit(f"only {len(done)} of {len(expected)} studies got their results")
+    received = _last_received(node)
+    uids = {study_id: orthanc.get(f"/studies/{study_id}")["MainDicomTags"]["StudyInstanceUID"]
+            for study_id in expected}
+    latency = [done[s] - received[uids[s]] for s in expected]
+    routing = [received[uids[s]] - uploaded[s] for s in expected]
+    work = [value - args.quiet for value in latency]
+    images = sum(expected.values())
+    print(f"{len(expected)} studies, {images} images of {rows}x{cols}, detector "
+          f"{args.detector}, quiet period {args.quiet:g} s, poll {POLL_S:g} s")
+    print(f"throughput: {60 * len(expected) / wall:.1f} studies/min, "
+          f"{60 * images / wall:.1f} images/min ({wall:.1f} s wall)")
+    print(f"last image received -> last result in Orthanc: p50 {percentile(latency, .5):.1f} s, "
+          f"p95 {percentile(latency, .95):.1f} s")
+    print(f"  of which the quiet period {args.quiet:g} s; analysis + delivery p50 "
+          f"{percentile(work, .5):.1f} s, p95 {percentile(work, .95):.1f} s")
+    print(f"Orthanc upload -> node received (its StableAge and routing): p50 "
+          f"{percentile(routing, .5):.1f} s")
+    print(f"analysis share of the wait: {statistics.median(work) / statistics.median(latency):.2f}")
+
+
+def _complete(orthanc: Orthanc, study_id: str, images: int) -> bool:
+    series = orthanc.get(f"/studies/{study_id}/series")
+    counts = sorted((s["MainDicomTags"].get("Modality"), len(s["Instances"])) for s in series)
+    return counts == [("DX", images), ("OT", images), ("SR", 1)]
+
+
+def _last_received(node: NodeProcess) -> dict[str, float]:
+    """The time the node accepted each study's last image (its own log, UTC)."""
+    last: dict[str, float] = {}
+    for event in node.events("store.accepted"):
+        when = datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
+        uid = event["study_instance_uid"]
+        last[uid] = max(last.get(uid, 0.0), when)
+    return last
+
+
+if __name__ == "__main__":
+    main()

@@ -92,3 +92,58 @@ def test_orthanc_routes_a_study_and_gets_sr_and_overlays_back(
         errors, warnings = dciodvfy(path)
         print(f"dciodvfy {instance}: {len(warnings)} warnings", *warnings, sep="\n  ")
         assert errors == []
+
+
+def test_orthanc_preview_shows_the_heatmap_and_boxes_where_the_findings_put_them(
+        tmp_path: Path) -> None:
+    """The radiologist sees the overlay through the PACS's own renderer: Orthanc's preview
+    PNG has the box outline on the box's edges and the heat on the hot half."""
+    import cv2
+    import numpy as np
+
+    from fractured.engine.findings import (
+        Box,
+        DecisionLevel,
+        Finding,
+        ImageRef,
+        ModelInfo,
+        OperatingPoints,
+    )
+    from fractured.results.overlay import make_overlay
+
+    source = factory.xray(hd.UID(), rows=300, cols=240)
+    heatmap = np.zeros((300, 240), np.float32)
+    heatmap[:, :120] = 1.0  # the left half hot
+    box = Box(150.0, 100.0, 220.0, 200.0, 0.9, DecisionLevel.LIKELY)
+    finding = Finding(
+        ImageRef(str(source.StudyInstanceUID), str(source.SeriesInstanceUID),
+                 str(source.SOPInstanceUID), str(source.SOPClassUID)),
+        np.float32(0.9), OperatingPoints(0.3, 0.6), heatmap,
+        ModelInfo("fractured-test", "1.0.0", trained=True), (box,))
+    overlay = make_overlay(finding, source, series_instance_uid=hd.UID(), series_number=9902,
+                           instance_number=1, display=None)
+    path = tmp_path / "overlay.dcm"
+    overlay.save_as(path, enforce_file_format=True)
+    orthanc = Orthanc(tmp_path / "orthanc", modalities={}).start()
+    try:
+        stored = orthanc.post("/instances", path.read_bytes())
+        png = orthanc.get(f"/instances/{stored['ID']}/preview")
+    finally:
+        orthanc.stop()
+    picture = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
+    assert picture.shape == (overlay.Rows, overlay.Columns, 3)
+    xray = picture[overlay.Rows - 300:].astype(int)  # below the banner, at source scale
+
+    def box_colour_near(x: int, y: int) -> bool:
+        """The outline's colour within a pixel of (x, y): edges at x1, y1 end on the
+        last pixel inside the box."""
+        patch = xray[y - 1:y + 2, x - 1:x + 2].reshape(-1, 3)
+        return bool(((patch[:, 0] > 180) & (patch[:, 1] < 80) & (patch[:, 2] > 180)).any())
+
+    for x, y in ((150, 100), (220, 100), (150, 200), (220, 200), (185, 100), (150, 150)):
+        assert box_colour_near(x, y), f"no box outline at ({x}, {y})"
+    assert not box_colour_near(185, 150)  # inside the box: the X-ray, not the outline
+    assert not box_colour_near(100, 150)  # nowhere else
+    hot, cold = xray[250, 60], xray[250, 200]
+    assert hot.max() - hot.min() > 60, f"no heat colour on the hot half: {hot}"
+    assert cold.max() - cold.min() < 10, f"colour on the cold half: {cold}"

@@ -67,6 +67,7 @@ class WorkerSettings:
 class ResultsSettings:
     overlay_max_size: int = 1024
     colormap: Literal["jet", "turbo", "inferno", "magma", "viridis", "hot"] = "jet"
+    summary_image: bool = False
 
 
 @dataclass(frozen=True)

@@ -226,6 +226,7 @@ class NodeProcess:
     proc: subprocess.Popen[bytes] | None = None
     delivery: dict[str, float] = field(default_factory=lambda: {
         "retry_interval_s": 1.0, "max_retry_interval_s": 2.0, "max_attempts": 3})
+    results: str = ""  # extra [results] lines, e.g. "summary_image = true"
 
     @property
     def config(self) -> Path:
@@ -240,6 +241,7 @@ class NodeProcess:
             f'spool_dir = "spool"\n\n[database]\nurl = "sqlite:///fractured.db"\n\n'
             f"[study]\nquiet_period_s = {self.quiet_period_s}\n\n"
             f'[engine]\nbundle = "{self.bundle}"\n\n[worker]\npoll_interval_s = 0.2\n\n'
+            f"[results]\n{self.results}\n\n"
             "[delivery]\n" + "".join(f"{k} = {v}\n" for k, v in self.delivery.items())
             + "\n"
             f'[log]\nlevel = "info"\nformat = "json"\n{dests}')

@@ -121,3 +121,27 @@ def test_a_pacs_refusing_the_sr_still_gets_the_overlays(tmp_path: Path,
     finally:
         node.stop()
         pacs.stop()
+
+
+@pytest.mark.peers
+@pytest.mark.slow
+def test_a_summary_image_per_study_when_configured(tmp_path: Path,
+                                                   untrained_bundle: Path) -> None:
+    import pydicom
+
+    pacs = Storescp(tmp_path / "received").start()
+    node = NodeProcess(tmp_path / "node", untrained_bundle,
+                       [{"name": "pacs", "ae_title": pacs.ae_title, "port": pacs.port}],
+                       results="summary_image = true").start()
+    try:
+        send_study(node, tmp_path / "study", images=3)
+        wait_for("SR, 3 overlays and the summary", lambda: len(pacs.files()) == 5, 60)
+        overlays = sorted((pydicom.dcmread(p) for p in pacs.files()
+                           if pydicom.dcmread(p).SOPClassUID == SC_STORAGE),
+                          key=lambda ds: int(ds.InstanceNumber))
+        assert [int(ds.InstanceNumber) for ds in overlays] == [1, 2, 3, 4]
+        assert len({ds.SeriesInstanceUID for ds in overlays}) == 1
+        assert len(overlays[-1].SourceImageSequence) == 3  # the summary shows them all
+    finally:
+        node.stop()
+        pacs.stop()

@@ -10,6 +10,7 @@ skipped with the reason when absent.
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -807,3 +808,34 @@ def test_overlay_colour_maps_are_the_ones_the_config_offers() -> None:
 
     hints = typing.get_type_hints(ResultsSettings)
     assert set(typing.get_args(hints["colormap"])) == set(COLORMAPS)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("model", [UNTRAINED, TRAINED], ids=["untrained", "trained"])
+def test_study_summary_image(tmp_path: Path, n: int, model: ModelInfo) -> None:
+    from fractured.results.summary import make_summary
+
+    sources = dx_study(n)
+    findings = [finding_for(ds, p, model) for ds, p in zip(sources, PROBABILITIES, strict=False)]
+    displays = [display_pixels(ds) for ds in sources]
+    summary = make_summary(findings, sources, displays, series_instance_uid=hd.UID(),
+                           series_number=9902, instance_number=n + 1, max_size=600)
+    back = validate(summary, tmp_path / "summary.dcm")
+    assert back.SOPClassUID == pydicom.uid.SecondaryCaptureImageStorage
+    assert back.StudyInstanceUID == sources[0].StudyInstanceUID
+    assert back.PatientID == sources[0].PatientID
+    assert [r.ReferencedSOPInstanceUID for r in back.SourceImageSequence] == \
+        [ds.SOPInstanceUID for ds in sources]
+    assert ("UNTRAINED MODEL" in back.SeriesDescription) is (not model.trained)
+    columns = 1 if n == 1 else 2
+    assert back.Columns == 600 // columns * columns
+    pixels = back.pixel_array
+    # one overlay tile per image at the left of its cell (tiles are never enlarged):
+    # its X-ray (grey or heat, never black) fills a good part of the page's height
+    tile_width = 600 // columns
+    for index in range(n):
+        column = pixels[:, (index % columns) * tile_width + 10]
+        assert (column.max(axis=1) > 0).sum() > 0.3 * back.Rows / math.ceil(n / columns)
+    with pytest.raises(ValueError, match="finding is about"):
+        make_summary(findings, [*sources[1:], dx_study(1)[0]], displays,
+                     series_instance_uid=hd.UID(), series_number=9902, instance_number=1)

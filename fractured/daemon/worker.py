@@ -29,6 +29,7 @@ from fractured.engine.sources import image_ref
 from fractured.results.header import header_repairs
 from fractured.results.overlay import make_overlay
 from fractured.results.sr import make_sr
+from fractured.results.summary import make_summary
 
 #: Series numbers of our result series, high enough not to collide with a modality's.
 SR_SERIES_NUMBER = 9901
@@ -109,6 +110,13 @@ class Worker:
             for i, (finding, (ds, pixels)) in enumerate(zip(findings, sources, strict=True),
                                                         start=1)
         ]
+        if self.settings.results.summary_image:
+            overlays.append(make_summary(
+                findings, datasets, [pixels for _, pixels in sources],
+                series_instance_uid=overlay_series, series_number=OVERLAY_SERIES_NUMBER,
+                instance_number=len(overlays) + 1,
+                max_size=self.settings.results.overlay_max_size,
+                colormap=self.settings.results.colormap))
         run_dir = (self.settings.node.spool_dir / "results" / claim.study_instance_uid
                    / str(claim.run))
         results = [_write(run_dir, obj) for obj in (sr, *overlays)]

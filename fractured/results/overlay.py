@@ -20,7 +20,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from fractured.engine.findings import Box, DecisionLevel, Finding
+from fractured.engine.findings import Box, DecisionLevel, Finding, ModelInfo
 from fractured.engine.preprocess import display_pixels
 from fractured.results import codes
 from fractured.results.header import carry_character_set, study_header
@@ -143,7 +143,7 @@ def make_overlay(
         overlay.ImageLaterality = header.ImageLaterality
     else:
         overlay.Laterality = header.get("Laterality") or ""
-    overlay.SourceImageSequence = [_source_reference(source)]
+    overlay.SourceImageSequence = [source_reference(source)]
     overlay.DerivationDescription = (
         f"{codes.DISCLAIMER}. Windowed source resampled by {scale:.3f}, fracture class "
         f"activation map of {model.name} {model.version} blended in colour ({colormap}), "
@@ -244,15 +244,27 @@ def _banner(finding: Finding, width: int, *, legend: bool) -> np.ndarray:
     The text size follows the image width, so it reads the same in a viewer that fits
     the image to the screen; lines that do not fit are wrapped at spaces.
     """
-    lines = [(codes.DISCLAIMER, _WHITE, _BLACK)]
-    if not finding.model.trained:
-        lines.append((codes.UNTRAINED_WARNING, _YELLOW, _RED))
-    lines += [
-        (f"Model: {finding.model.name} {finding.model.version}", _WHITE, _BLACK),
-        (_verdict_text(finding), _WHITE, _BLACK),
-    ]
+    lines = header_lines(finding.model)
+    lines.append((_verdict_text(finding), _WHITE, _BLACK))
     if legend:
         lines.append((BOX_LEGEND, BOX_COLOUR, _BLACK))
+    return text_banner(lines, width)
+
+
+Line = tuple[str, tuple[int, int, int], tuple[int, int, int]]
+
+
+def header_lines(model: ModelInfo) -> list[Line]:
+    """The lines every banner starts with: what this is, (untrained,) which model."""
+    lines: list[Line] = [(codes.DISCLAIMER, _WHITE, _BLACK)]
+    if not model.trained:
+        lines.append((codes.UNTRAINED_WARNING, _YELLOW, _RED))
+    lines.append((f"Model: {model.name} {model.version}", _WHITE, _BLACK))
+    return lines
+
+
+def text_banner(lines: list[Line], width: int) -> np.ndarray:
+    """(text, colour, band colour) lines on a strip `width` wide, wrapped to fit."""
     font_scale = float(np.clip(width / 1100, 0.4, 1.0))
     thickness = max(1, round(font_scale * 2))
     margin = max(4, round(10 * font_scale))
@@ -327,7 +339,7 @@ def _wrap(text: str, room: int, font_scale: float, thickness: int) -> list[str]:
     return lines
 
 
-def _source_reference(source: Dataset) -> Dataset:
+def source_reference(source: Dataset) -> Dataset:
     """A Source Image Sequence item: the exact X-ray this overlay was made from."""
     item = Dataset()
     item.ReferencedSOPClassUID = source.SOPClassUID

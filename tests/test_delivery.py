@@ -13,7 +13,7 @@ import pytest
 from fractured.config import DeliverySettings
 from fractured.daemon.sender import retry_delay
 from tests import factory
-from tests.peers import NodeProcess, Storescp, free_port, storescu, wait_for
+from tests.peers import NodeProcess, Orthanc, Storescp, free_port, storescu, wait_for
 
 SC_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
@@ -48,10 +48,12 @@ def down_destination(tmp_path: Path) -> Storescp:
 @pytest.mark.peers
 @pytest.mark.slow
 def test_a_pacs_outage_is_waited_out_across_a_restart_and_nothing_arrives_twice(
-        tmp_path: Path, untrained_bundle: Path, down_destination: Storescp) -> None:
+        tmp_path: Path, untrained_bundle: Path) -> None:
+    """Orthanc, the PACS, is down when the results are ready and comes back later."""
+    orthanc = Orthanc(tmp_path / "orthanc", modalities={})
     node = NodeProcess(tmp_path / "node", untrained_bundle,
-                       [{"name": "pacs", "ae_title": down_destination.ae_title,
-                         "port": down_destination.port}],
+                       [{"name": "pacs", "ae_title": orthanc.ae_title,
+                         "port": orthanc.dicom_port}],
                        delivery={"retry_interval_s": 0.3, "max_retry_interval_s": 1.2,
                                  "jitter": 0.0, "max_attempts": 100}).start()
     try:
@@ -63,14 +65,15 @@ def test_a_pacs_outage_is_waited_out_across_a_restart_and_nothing_arrives_twice(
         assert sr_waits[:4] == [0.3, 0.6, 1.2, 1.2]  # doubling, then capped
         node.stop()
         node.start()  # the deliveries are in the database, not in the process
-        down_destination.start()
-        wait_for("every result to arrive", lambda: len(down_destination.files()) == 3, 60)
+        orthanc.start()
+        wait_for("every result in Orthanc", lambda: len(orthanc.get("/instances")) == 3, 60)
         wait_for("the study to be done", lambda: fractured(node, "status", "--json")
                  .stdout.count('"done"') >= 2, 30)
         assert len(node.events("delivery.sent")) == 3  # each object stored exactly once
     finally:
         node.stop()
-        down_destination.stop()
+        if orthanc.proc is not None:
+            orthanc.stop()
 
 
 @pytest.mark.peers

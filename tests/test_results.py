@@ -839,3 +839,17 @@ def test_study_summary_image(tmp_path: Path, n: int, model: ModelInfo) -> None:
     with pytest.raises(ValueError, match="finding is about"):
         make_summary(findings, [*sources[1:], dx_study(1)[0]], displays,
                      series_instance_uid=hd.UID(), series_number=9902, instance_number=1)
+
+
+def test_overlay_with_boxes_is_valid_and_says_what_it_drew(tmp_path: Path) -> None:
+    (source,) = dx_study(1)
+    boxes = (Box(20.0, 30.0, 90.0, 120.0, 0.91, DecisionLevel.LIKELY),
+             Box(120.0, 150.0, 200.0, 260.0, 0.45, DecisionLevel.POSSIBLE))
+    finding = finding_for(source, 0.8, TRAINED, points=TWO_POINTS, boxes=boxes)
+    overlay = make_overlay(finding, source, series_instance_uid=hd.UID(), series_number=902,
+                           instance_number=1)
+    back = validate(overlay, tmp_path / "sc-boxes.dcm")
+    check_overlay_file(tmp_path / "sc-boxes.dcm", source, finding)
+    assert "detected fracture boxes drawn" in back.DerivationDescription
+    banner, xray = split_overlay(back.pixel_array, source, 1024)
+    assert magenta(xray).any() and magenta(banner).any()  # the boxes and their legend

@@ -129,3 +129,33 @@ def test_same_instance_twice_is_one_row(queue: Queue) -> None:
     assert queue.record_instance(received("1.1")) == "new"
     assert queue.record_instance(received("1.1")) == "replaced"
     assert queue.studies()[0]["instances"] == 1
+
+
+def dead_letters_of(queue: Queue, study: str, destinations: list[str]) -> None:
+    """A study whose one result gave up at every destination."""
+    queue.record_instance(received(f"{study}.1", study))
+    queue.mark_ready(0)
+    claim = queue.claim("w1", 60)
+    assert claim is not None
+    queue.finish(claim, "w1", [ResultObject(f"{study}.9", "1.2", Path("/r/x.dcm"))],
+                 destinations)
+    for item in queue.due_deliveries():
+        queue.record_attempt(item.id, status=None, error=f"down {item.destination}",
+                             retry_in_s=0, max_attempts=1)
+
+
+def test_dead_letters_are_listed_and_requeued_by_study_and_destination(queue: Queue) -> None:
+    dead_letters_of(queue, "1.1", ["pacs", "archive"])
+    dead_letters_of(queue, "2.2", ["pacs"])
+    letters = queue.dead_letters()
+    assert sorted((d["study_instance_uid"], d["destination"], d["last_error"])
+                  for d in letters) == [("1.1", "archive", "down archive"),
+                                        ("1.1", "pacs", "down pacs"), ("2.2", "pacs", "down pacs")]
+    assert state(queue, "1.1") == "failed" and state(queue, "2.2") == "failed"
+    assert queue.requeue_dead_letters(study_instance_uid="1.1", destination="pacs") == 1
+    assert state(queue, "1.1") == "delivering" and state(queue, "2.2") == "failed"
+    (due,) = queue.due_deliveries()
+    assert (due.destination, due.attempts) == ("pacs", 0)  # attempts start over
+    assert queue.requeue_dead_letters(destination="pacs") == 1  # 2.2's
+    assert queue.requeue_dead_letters() == 1  # the archive's is all that is left
+    assert queue.dead_letters() == [] and len(queue.due_deliveries()) == 3

@@ -445,3 +445,24 @@ def test_report_warns_of_groups_crossing_a_shipped_split(tmp_path: Path) -> None
     text = write_report(tmp_path, title="t", metrics={}, plots={}, model={},
                         data={"leakage_warning": warning}, trained=True).read_text()
     assert f"> **Leakage:** {warning}." in text.split("## ")[0]  # above every section
+
+
+def test_shift_and_temperature_undo_a_class_weight_shift() -> None:
+    from fractured.training.evaluation.calibration import (
+        expected_calibration_error,
+        fit_shift_and_temperature,
+        fit_temperature,
+    )
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0.0, 2.0, 20000)
+    # true P(fracture) = sigmoid((logit - 1.5) / 0.7): logits inflated as class weights do
+    labels = (rng.random(20000) < 1 / (1 + np.exp(-(logits - 1.5) / 0.7))).astype(int)
+    shift, temperature = fit_shift_and_temperature(logits, labels)
+    assert shift == pytest.approx(-1.5, abs=0.1) and temperature == pytest.approx(0.7, abs=0.05)
+    shifted = 1 / (1 + np.exp(-(logits + shift) / temperature))
+    scaled = 1 / (1 + np.exp(-logits / fit_temperature(logits, labels)))
+    assert expected_calibration_error(labels, shifted) < 0.02
+    assert expected_calibration_error(labels, scaled) > 0.05  # no temperature can do it
+    # logits that rank backwards: no shift, a temperature alone (the fallback)
+    assert fit_shift_and_temperature(-logits, labels)[0] == 0.0

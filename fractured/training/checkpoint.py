@@ -10,6 +10,7 @@ name, fsynced and renamed, so a crash mid-write leaves the previous checkpoint i
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -78,11 +79,17 @@ def check_settings(path: Path, settings: Mapping[str, Any], kind: Kind) -> None:
 
 
 def changed_settings(before: Mapping[str, Any], now: Mapping[str, Any], kind: Kind) -> list[str]:
-    """The `[section].key`s that differ and matter to a `kind` run."""
+    """The `[section].key`s that differ and matter to a `kind` run. A key the checkpoint
+    does not have (added in a later version) counts as its default, which is what the
+    older version trained with."""
+    from fractured.training.config import TrainSettings
+
+    defaults = dataclasses.asdict(TrainSettings())
     free = {(kind, "epochs"), (kind, "early_stopping")}
     return [f"[{section}].{key}" for section in ("data", "augment", kind)
             for key, value in now[section].items()
-            if (section, key) not in free and before[section].get(key) != value]
+            if (section, key) not in free
+            and before[section].get(key, defaults[section][key]) != value]
 
 
 def _refuse(changed: list[str], path: Path) -> None:

@@ -26,7 +26,10 @@ from fractured.training import checkpoint
 from fractured.training.config import ClassifierSettings, TrainSettings
 from fractured.training.data import ClassifierImages, letterbox_samples
 from fractured.training.datasets.base import DatasetError, Sample
-from fractured.training.evaluation.calibration import choose_operating_points, fit_temperature
+from fractured.training.evaluation.calibration import (
+    choose_operating_points,
+    fit_shift_and_temperature,
+)
 from fractured.training.export import IMAGENET_MEAN, IMAGENET_STD
 from fractured.training.loops import Device, classifier_logits, train_classifier_epoch
 from fractured.training.losses import FractureLoss
@@ -148,20 +151,27 @@ def train_classifier(train: Sequence[Sample], val: Sequence[Sample], settings: T
 
 def calibrate(best: Path, val_set: ClassifierImages, cfg: ClassifierSettings, device: Device,
               workers: int) -> Path:
-    """Fit temperature and operating points on validation with the best weights; store
-    them in best.pt (`calibration`), which build-engine copies into the bundle."""
+    """Fit the logit shift, temperature and operating points on validation with the best
+    weights; store them in best.pt (the shift in the head's bias, the rest under
+    `calibration`), which build-engine copies into the bundle."""
     state = checkpoint.load(best, "classifier")
     model = FractureClassifier(variant=state["model_spec"]["variant"], num_labels=1)
     model.load_state_dict(state["model"])
     loader = DataLoader(val_set, batch_size=cfg.batch_size, num_workers=workers)
     logits, labels = classifier_logits(device.prepare(model), loader, device)
-    temperature = fit_temperature(logits, labels)
-    prob = 1.0 / (1.0 + np.exp(-logits / temperature))
+    # Class weights shift the logits; the shift goes into the head's bias (logit = mean
+    # of the CAM, so the bias moves both alike) and the bundle keeps one temperature.
+    shift, temperature = fit_shift_and_temperature(logits, labels)
+    state["model"]["head.bias"] = state["model"]["head.bias"] + shift
+    prob = 1.0 / (1.0 + np.exp(-(logits + shift) / temperature))
     points, achieved = choose_operating_points(labels, prob,
                                                sensitivity=cfg.target_sensitivity,
                                                specificity=cfg.target_specificity)
+    previous = state.get("calibration", {}).get("logit_shift", 0.0)
     state["calibration"] = {
         "temperature": float(temperature),
+        # total added to the head's bias by every calibration of this checkpoint
+        "logit_shift": float(previous + shift),
         "operating_points": {"high_sensitivity": points.high_sensitivity,
                              "high_specificity": points.high_specificity},
         "achieved_on_val": achieved,
@@ -169,6 +179,7 @@ def calibrate(best: Path, val_set: ClassifierImages, cfg: ClassifierSettings, de
     }
     checkpoint.save(best, state)
     log.info("train.calibrated", task="classifier", temperature=round(temperature, 4),
+             logit_shift=round(shift, 4),
              high_sensitivity=round(points.high_sensitivity, 4),
              high_specificity=round(points.high_specificity, 4))
     return best

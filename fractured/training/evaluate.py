@@ -139,14 +139,15 @@ def _classifier_part(state: dict[str, Any], samples: list[Sample], subsets: Sequ
     logits, labels = classifier_logits(runner.prepare(model), loader, runner)
     labels = labels.astype(int)
     temperature = calibration["temperature"]
-    raw = _sigmoid(logits)
+    shift = calibration.get("logit_shift", 0.0)  # already in the head's bias
+    raw = _sigmoid(logits - shift)
     prob = _sigmoid(logits / temperature)
     points = calibration["operating_points"]
     headline = classification_metrics(labels, prob, threshold=points["high_sensitivity"],
                                       bootstrap=bootstrap)
     metrics["classification"] = headline
     metrics["operating_points"] = _achieved(labels, prob, points, state["settings"])
-    metrics["calibration"] = {"temperature": temperature,
+    metrics["calibration"] = {"temperature": temperature, "logit_shift": shift,
                               "ece_before": expected_calibration_error(labels, raw),
                               "ece_after": expected_calibration_error(labels, prob)}
     masks = _subset_masks(list(images.samples), subsets)
@@ -159,7 +160,7 @@ def _classifier_part(state: dict[str, Any], samples: list[Sample], subsets: Sequ
     figures["confusion (high-sensitivity point)"] = plots.plot_confusion(
         out_dir / "confusion.png", headline)
     figures["reliability"] = plots.plot_reliability(out_dir / "reliability.png", labels, raw,
-                                                    prob, temperature=temperature)
+                                                    prob, temperature=temperature, shift=shift)
     return images
 
 

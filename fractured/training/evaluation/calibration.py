@@ -6,6 +6,13 @@ Temperature scaling divides the logit by one scalar T fitted on validation data;
 leaves the ranking (and so the AUC) unchanged and makes "0.8" mean "fractured about
 80 % of the time". The operating points are then chosen on the calibrated scores,
 because those are the numbers the engine thresholds.
+
+A model trained with class weights (or a balanced sampler) has logits shifted by about
+log(weight): its raw probabilities are inflated for the minority class however well it
+ranks, and no temperature can undo a shift. `fit_shift_and_temperature` fits both, as
+Platt scaling does (p = sigmoid((logit + shift) / T)); the shift is folded into the
+classifier head's bias, so the bundle keeps one temperature and the CAM's zero level
+moves with the logit's.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 from scipy.optimize import minimize_scalar
+from scipy.special import expit
 
 from fractured.engine.findings import OperatingPoints
 from fractured.training.evaluation.classification import validate_binary
@@ -43,6 +51,33 @@ def fit_temperature(logits: ArrayLike, y_true: ArrayLike) -> float:
     result = minimize_scalar(nll, bounds=LOG_TEMPERATURE_BOUNDS, method="bounded",
                              options={"xatol": 1e-6})
     return math.exp(result.x)
+
+
+def fit_shift_and_temperature(logits: ArrayLike, y_true: ArrayLike) -> tuple[float, float]:
+    """(shift, T) minimising the binary NLL of sigmoid((logit + shift) / T): a
+    one-feature logistic regression (weight 1/T, bias shift/T), convex, solved by
+    Newton's method. Falls back to (0, fit_temperature) when the fitted weight is not
+    positive (logits that rank backwards cannot be calibrated by a temperature)."""
+    labels, values = validate_binary(y_true, logits, probabilities=False)
+    _require_both_classes(labels, "fit a logit shift and temperature")
+    weight, bias = 1.0, 0.0
+    for _ in range(100):
+        z = weight * values + bias
+        p = expit(z)
+        gradient = np.array([np.mean((p - labels) * values), np.mean(p - labels)])
+        w = p * (1.0 - p)
+        hessian = np.array([[np.mean(w * values * values), np.mean(w * values)],
+                            [np.mean(w * values), np.mean(w)]]) + 1e-9 * np.eye(2)
+        step = np.linalg.solve(hessian, gradient)
+        weight, bias = weight - step[0], bias - step[1]
+        if np.abs(step).max() < 1e-10:
+            break
+    low, high = (math.exp(-bound) for bound in (LOG_TEMPERATURE_BOUNDS[1],
+                                                  LOG_TEMPERATURE_BOUNDS[0]))
+    if not (math.isfinite(weight) and math.isfinite(bias)) or not low <= weight <= high:
+        return 0.0, fit_temperature(values, labels)
+    temperature = 1.0 / float(weight)
+    return float(bias) * temperature, temperature
 
 
 def expected_calibration_error(y_true: ArrayLike, prob: ArrayLike, bins: int = 15) -> float:

@@ -94,12 +94,15 @@ def plot_confusion(path: Path, metrics: Mapping[str, Any]) -> Path:
 
 
 def plot_reliability(path: Path, y_true: ArrayLike, before: ArrayLike, after: ArrayLike, *,
-                     temperature: float | None = None, bins: int = 15) -> Path:
+                     temperature: float | None = None, bins: int = 15,
+                     shift: float | None = None) -> Path:
     """Reliability diagram of the probabilities before and after temperature scaling,
     each with its ECE in the legend; the diagonal is perfect calibration."""
     figure, axes = _figure()
     axes.plot([0, 1], [0, 1], linestyle=":", color="grey", label="perfect calibration")
-    suffix = f" (T = {temperature:.3f})" if temperature is not None else ""
+    fitted = ([f"shift {shift:+.2f}"] if shift else []) + (
+        [f"T = {temperature:.3f}"] if temperature is not None else [])
+    suffix = f" ({', '.join(fitted)})" if fitted else ""
     for name, prob, marker in (("before", before, "o"), (f"after{suffix}", after, "s")):
         curve = reliability_curve(y_true, prob, bins)
         filled = [index for index, count in enumerate(curve["counts"]) if count]
@@ -145,7 +148,8 @@ def plot_froc(path: Path, metrics: Mapping[str, Any]) -> Path:
 
 def plot_training(path: Path, rows: Sequence[Mapping[str, float | None]]) -> Path:
     """Per-epoch training history: losses in one panel, every other column (AUC,
-    accuracy, ...) but `epoch` and `lr` in the other. A missing or None value (a
+    accuracy, ...) but `epoch`, `lr` and `seconds` (not on a metric's scale; they stay in
+    history.csv) in the other. A missing or None value (a
     metric measured only some epochs) leaves a gap, not a zero."""
     if not rows:
         raise ValueError("no training history to plot")
@@ -154,7 +158,7 @@ def plot_training(path: Path, rows: Sequence[Mapping[str, float | None]]) -> Pat
     figure = Figure(figsize=(SIZE[0], SIZE[1] * 1.4), dpi=DPI, layout="constrained")
     losses, others = figure.subplots(2, 1, sharex=True)
     for column in columns:
-        if column in ("epoch", "lr"):
+        if column in ("epoch", "lr", "seconds"):
             continue
         values = [np.nan if row.get(column) is None else row[column] for row in rows]
         (losses if "loss" in column else others).plot(epochs, values, marker=".", label=column)

@@ -131,9 +131,11 @@ def _operating_points(description: Mapping[str, Any]) -> list[str]:
 
 
 def _calibration(result: Mapping[str, Any]) -> list[str]:
-    row = (_number(result.get("temperature")), _number(result.get("ece_before")),
-           _number(result.get("ece_after")))
-    return ["## Calibration", "", *_table(("Temperature", "ECE before", "ECE after"), [row])]
+    row = (_number(result.get("logit_shift")), _number(result.get("temperature")),
+           _number(result.get("ece_before")), _number(result.get("ece_after")))
+    return ["## Calibration", "",
+            "Probability = sigmoid((logit + shift) / temperature), fitted on validation.", "",
+            *_table(("Logit shift", "Temperature", "ECE before", "ECE after"), [row])]
 
 
 def _subsets(subsets: Mapping[str, Mapping[str, Any]]) -> list[str]:
@@ -198,9 +200,17 @@ def _unreadable(items: Sequence[Mapping[str, str]]) -> list[str]:
 def _key_values(heading: str, values: Mapping[str, Any]) -> list[str]:
     if not values:
         return []
-    rows = [(str(key), json.dumps(jsonable(value)) if isinstance(value, Mapping | list | tuple)
-             else str(value)) for key, value in values.items()]
+    rows = [(str(key), _inline(value)) for key, value in values.items()]
     return [f"## {heading}", "", *_table(("Field", "Value"), rows)]
+
+
+def _inline(value: Any) -> str:
+    """A table cell for a value: mappings as `key: value` pairs, lists comma-separated."""
+    if isinstance(value, Mapping):
+        return "; ".join(f"{key}: {_inline(item)}" for key, item in value.items())
+    if isinstance(value, list | tuple):
+        return ", ".join(_inline(item) for item in value)
+    return str(jsonable(value))
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:

@@ -19,6 +19,7 @@ from fractured.engine.bundle import (
     CLASSIFIER_FILE,
     CLASSIFIER_WEIGHTS,
     MANIFEST_FILE,
+    MODEL_CARD_FILE,
     Bundle,
     BundleError,
     write_bundle,
@@ -152,8 +153,9 @@ def test_logits_are_exactly_the_mean_of_the_cam() -> None:
 
 
 def test_model_rejects_an_unknown_variant() -> None:
-    assert list(INPUT_SIZES) == ["b0", "b1", "b2", "b3", "b4"]
-    with pytest.raises(ValueError, match="b0, b1, b2, b3, b4"):
+    assert list(INPUT_SIZES) == ["b0", "b1", "b2", "b3", "b4", "resnet18", "resnet34",
+                                 "resnet50"]
+    with pytest.raises(ValueError, match="b0, b1, b2, b3, b4, resnet18, resnet34, resnet50"):
         FractureClassifier("b9")
 
 
@@ -184,7 +186,8 @@ def test_untrained_bundle_loads(untrained_bundle: Path) -> None:
     assert manifest.classifier.architecture == "efficientnet_b0+attention"
     assert manifest.detector is None
     assert manifest.training["note"] == "random weights, never trained"
-    assert set(manifest.files) == {CLASSIFIER_FILE, CLASSIFIER_WEIGHTS}
+    assert set(manifest.files) == {CLASSIFIER_FILE, CLASSIFIER_WEIGHTS, MODEL_CARD_FILE}
+    assert "UNTRAINED MODEL" in (untrained_bundle / MODEL_CARD_FILE).read_text()
     assert manifest.backends == ("onnxruntime", "torch")
     assert bundle.file(CLASSIFIER_FILE).is_file()
     assert "UNTRAINED MODEL" in bundle.model_info.label

@@ -466,3 +466,12 @@ def test_shift_and_temperature_undo_a_class_weight_shift() -> None:
     assert expected_calibration_error(labels, scaled) > 0.05  # no temperature can do it
     # logits that rank backwards: no shift, a temperature alone (the fallback)
     assert fit_shift_and_temperature(-logits, labels)[0] == 0.0
+
+
+def test_a_subset_with_few_fractures_carries_a_note() -> None:
+    labels = np.array([1, 1] + [0] * 30 + [1] * 10 + [0] * 10)
+    prob = np.linspace(0, 1, len(labels))
+    masks = {"rare": np.arange(len(labels)) < 32, "common": np.arange(len(labels)) >= 32}
+    result = subset_metrics(labels, prob, masks, threshold=0.5, bootstrap=0)
+    assert "only 2 fracture image(s)" in result["rare"]["note"]
+    assert result["common"]["note"] is None

@@ -32,6 +32,8 @@ FIXED_SENSITIVITIES = (0.90, 0.95)
 CURVE_POINTS = 200
 # Ratios such as 90/100 are compared with a target of 0.9 in floating point.
 _TOLERANCE = 1e-12
+#: Below this many images of the rarer class, an AUC is reported with a warning note.
+FEW_FOR_AUC = 5
 
 
 def validate_binary(y_true: ArrayLike, scores: ArrayLike, *,
@@ -122,6 +124,10 @@ def classification_metrics(y_true: ArrayLike, prob: ArrayLike, *, threshold: flo
     }
     if len(labels) and precision is None:
         notes.append(f"no image scored >= {threshold:g}: precision is undefined")
+    if 0 < min(positives, negatives) < FEW_FOR_AUC:
+        notes.append(f"only {min(positives, negatives)} "
+                     f"{'fracture' if positives < negatives else 'normal'} image(s): the AUC "
+                     "and its interval rest on too few to mean much")
     if positives and negatives:
         result.update(_ranking_metrics(labels, scores, bootstrap=bootstrap, seed=seed,
                                        curves=curves))

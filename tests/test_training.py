@@ -505,3 +505,16 @@ def test_weight_averaging_validates_and_ships_the_averaged_weights(tmp_path: Pat
                                    "--resume", "--task", "classifier", "--epochs", "2"])
     assert resumed.exit_code == 0, resumed.output
     assert checkpoint.load(tmp_path / "run" / "classifier" / checkpoint.LAST)["epoch"] == 1
+
+
+def test_a_setting_added_later_counts_as_its_default_on_resume() -> None:
+    now = dataclasses.asdict(config.load(None))
+    older = dataclasses.asdict(config.load(None))
+    del older["classifier"]["ema_decay"]  # a checkpoint from before the key existed
+    assert checkpoint.changed_settings(older, now, "classifier") == []
+    changed = dataclasses.asdict(config.load(None, ["classifier.ema_decay=0.9"]))
+    assert checkpoint.changed_settings(older, changed, "classifier") == [
+        "[classifier].ema_decay"]
+    longer = dataclasses.asdict(config.load(None, ["classifier.epochs=99",
+                                                   "detector.lr=0.5"]))
+    assert checkpoint.changed_settings(now, longer, "classifier") == []  # free / other task

@@ -272,6 +272,8 @@ def _training_summary(path: Path, state: dict[str, Any]) -> dict[str, Any]:
         "initial_weights": settings["initial_weights"],
         "validation": state.get("metrics", {}),
         "achieved_on_val": state["calibration"].get("achieved_on_val", {}),
+        # the shift is already in the weights; recorded so a reader knows it was applied
+        "logit_shift": state["calibration"].get("logit_shift", 0.0),
         "data": {key: provenance.get(key) for key in (
             "dataset", "format", "images", "train_images", "train_positive",
             "val_images", "val_positive")} | {"unreadable": len(provenance.get("unreadable", ()))},

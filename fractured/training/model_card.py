@@ -86,6 +86,9 @@ def _training(kind: str, summary: Mapping[str, Any]) -> list[str]:
              f"{data.get('unreadable', 0)} unreadable images left out.",
              f"- Best epoch {summary.get('epoch')} by validation {summary.get('best_metric')}; "
              f"initial weights: {summary.get('initial_weights') or 'none (random)'}."]
+    if summary.get("logit_shift"):
+        lines.append(f"- Calibration added {summary['logit_shift']:+.3f} to the logit (in the "
+                     "head's bias: class weighting had shifted it) before the temperature.")
     validation = summary.get("validation") or {}
     shown = {key: value for key, value in validation.items()
              if key.startswith("val_") and isinstance(value, int | float)}

@@ -105,32 +105,8 @@ def make_overlay(
     scale, _ = _scaled_size(grey.shape, max_size)
     model = finding.model
     header = study_header(source)
-    overlay = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=header,
-        pixel_array=image,
-        photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
-        bits_allocated=8,
-        coordinate_system=hd.CoordinateSystemNames.PATIENT,
-        series_instance_uid=series_instance_uid,
-        series_number=series_number,
-        sop_instance_uid=hd.UID(),
-        instance_number=instance_number,
-        manufacturer=codes.MANUFACTURER,
-        # A stand-in, replaced below by the source's own value: highdicom accepts only
-        # single-letter directions, not oblique ones ("FL") nor none at all.
-        patient_orientation=("L", "F"),
-        transfer_syntax_uid=ExplicitVRLittleEndian,
-        contributing_equipment=[codes.model_equipment(model)],
-        series_description=codes.series_description("AI fracture overlay", model),
-        manufacturer_model_name=codes.MANUFACTURER_MODEL_NAME,
-        software_versions=codes.SOFTWARE_VERSION,
-        specific_character_set=None,  # see carry_character_set
-    )
-    carry_character_set(overlay, header)
-    # from_ref_dataset copies nine patient/study attributes; the whole Patient and Study
-    # modules (Issuer of Patient ID, Other Patient IDs, Study Description...) are what the
-    # PACS and its viewer use to file and show the overlay with its study.
-    overlay.copy_patient_and_study_information(header)
+    overlay = rgb_capture(image, header, model, series_instance_uid=series_instance_uid,
+                          series_number=series_number, instance_number=instance_number)
     # The overlay has the source's row and column directions, so its orientation is the
     # source's, verbatim (empty where the source has none or an invalid one: Type 2
     # allows it). Taken from the header, like everything else copied from the source.
@@ -153,6 +129,41 @@ def make_overlay(
     # The banner names the model and its verdict, never the patient or the date.
     overlay.BurnedInAnnotation = "NO"
     return overlay
+
+
+def rgb_capture(image: np.ndarray, header: Dataset, model: ModelInfo, *,
+                series_instance_uid: str, series_number: int,
+                instance_number: int) -> hd.sc.SCImage:
+    """An RGB Secondary Capture of `image` in `header`'s patient and study (both modules
+    copied whole), naming the model; the caller sets orientation, laterality and the
+    source references."""
+    capture = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=header,
+        pixel_array=image,
+        photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+        bits_allocated=8,
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=hd.UID(),
+        instance_number=instance_number,
+        manufacturer=codes.MANUFACTURER,
+        # A stand-in, replaced by the caller: highdicom accepts only single-letter
+        # directions, not oblique ones ("FL") nor none at all.
+        patient_orientation=("L", "F"),
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        contributing_equipment=[codes.model_equipment(model)],
+        series_description=codes.series_description("AI fracture overlay", model),
+        manufacturer_model_name=codes.MANUFACTURER_MODEL_NAME,
+        software_versions=codes.SOFTWARE_VERSION,
+        specific_character_set=None,  # see carry_character_set
+    )
+    carry_character_set(capture, header)
+    # from_ref_dataset copies nine patient/study attributes; the whole Patient and Study
+    # modules (Issuer of Patient ID, Other Patient IDs, Study Description...) are what the
+    # PACS and its viewer use to file and show the image with its study.
+    capture.copy_patient_and_study_information(header)
+    return capture
 
 
 def _blend(grey: np.ndarray, heat: np.ndarray, colormap: int) -> np.ndarray:

@@ -15,14 +15,14 @@ from collections.abc import Sequence
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian
 
 from fractured.engine.findings import DecisionLevel, Finding
 from fractured.results import codes
-from fractured.results.header import carry_character_set, study_header
+from fractured.results.header import study_header
 from fractured.results.overlay import (
     header_lines,
     render_overlay,
+    rgb_capture,
     source_reference,
     text_banner,
 )
@@ -68,28 +68,9 @@ def make_summary(findings: Sequence[Finding], sources: Sequence[Dataset],
     image = render_summary(findings, displays, max_size=max_size, colormap=colormap)
     model = findings[0].model
     header = study_header(sources[0])
-    summary = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=header,
-        pixel_array=image,
-        photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
-        bits_allocated=8,
-        coordinate_system=hd.CoordinateSystemNames.PATIENT,
-        series_instance_uid=series_instance_uid,
-        series_number=series_number,
-        sop_instance_uid=hd.UID(),
-        instance_number=instance_number,
-        manufacturer=codes.MANUFACTURER,
-        patient_orientation=("L", "F"),  # replaced below: a page of images has none
-        transfer_syntax_uid=ExplicitVRLittleEndian,
-        contributing_equipment=[codes.model_equipment(model)],
-        series_description=codes.series_description("AI fracture overlay", model),
-        manufacturer_model_name=codes.MANUFACTURER_MODEL_NAME,
-        software_versions=codes.SOFTWARE_VERSION,
-        specific_character_set=None,  # see carry_character_set
-    )
-    carry_character_set(summary, header)
-    summary.copy_patient_and_study_information(header)
-    summary.PatientOrientation = ""
+    summary = rgb_capture(image, header, model, series_instance_uid=series_instance_uid,
+                          series_number=series_number, instance_number=instance_number)
+    summary.PatientOrientation = ""  # a page of several images has no one orientation
     # The side, when every image shows the same one (Type 2C: empty when unknown).
     sides = {str(ds.get("ImageLaterality") or ds.get("Laterality") or "") for ds in sources}
     summary.Laterality = sides.pop() if len(sides) == 1 else ""

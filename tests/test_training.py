@@ -518,3 +518,58 @@ def test_a_setting_added_later_counts_as_its_default_on_resume() -> None:
     longer = dataclasses.asdict(config.load(None, ["classifier.epochs=99",
                                                    "detector.lr=0.5"]))
     assert checkpoint.changed_settings(now, longer, "classifier") == []  # free / other task
+
+
+def test_box_supervision_heats_box_cells_cools_normal_images_and_leaves_the_rest() -> None:
+    from fractured.training.losses import IN_BOXES, NO_FRACTURE, UNSUPERVISED, BoxSupervision
+
+    loss = BoxSupervision()
+    masks = torch.zeros(3, 64, 64, dtype=torch.uint8)
+    masks[0, 0:16, 0:16] = 1  # the top-left quarter of a 2 x 2 CAM
+    kinds = torch.tensor([IN_BOXES, NO_FRACTURE, UNSUPERVISED])
+    cam = torch.zeros(3, 2, 2, requires_grad=True)
+    loss(cam, masks, kinds).backward()
+    grad = cam.grad
+    assert grad[0, 0, 0] < 0 and torch.all(grad[0].flatten()[1:] == 0)  # hot; rest free
+    assert torch.all(grad[1] > 0)  # every cell of a normal image is pushed down
+    assert torch.all(grad[2] == 0)  # a fracture without boxes adds nothing
+    nothing = torch.zeros(1, 2, 2, requires_grad=True)
+    assert loss(nothing, masks[2:], kinds[2:]).item() == 0.0
+
+
+def test_boxed_images_carry_masks_that_move_with_the_pixels(tmp_path: Path) -> None:
+    from fractured.training.data import BoxedClassifierImages
+    from fractured.training.losses import IN_BOXES, NO_FRACTURE
+
+    picture = np.zeros((100, 100), np.uint8)
+    picture[10:30, 60:90] = 255
+    cv2.imwrite(str(tmp_path / "a.png"), picture)
+    cv2.imwrite(str(tmp_path / "b.png"), np.zeros((100, 100), np.uint8))
+    samples = [Sample(tmp_path / "a.png", 1, "", boxes=(BoxLabel(0.6, 0.1, 0.9, 0.3),)),
+               Sample(tmp_path / "b.png", 0, "", boxes=())]
+    data = BoxedClassifierImages(
+        letterbox_samples(samples, 64), mean=(0.5,) * 3, std=(0.5,) * 3,
+        transform=train_transform(AugmentSettings(rotation=10, zoom=0.1, brightness=0,
+                                                  contrast=0), boxes=True))
+    torch.manual_seed(0)
+    for _ in range(10):
+        image, label, mask, kind = data[0]
+        bright = image[0] > 0.5
+        assert label == 1 and kind == IN_BOXES
+        assert mask[bright].float().mean() > 0.95  # the bright block lies in the mask
+    _, label, mask, kind = data[1]
+    assert label == 0 and kind == NO_FRACTURE and not mask.any()
+
+
+@pytest.mark.slow
+def test_box_weight_trains_through_the_cli(tmp_path: Path) -> None:
+    data = synthetic_yolo(tmp_path / "yolo", n=16)
+    result = CliRunner().invoke(main, [
+        "train", str(data), "--out", str(tmp_path / "run"), "--epochs", "1",
+        "--task", "classifier", "--device", "cpu", *SMOKE_FLAGS,
+        "--set", "classifier.box_weight=1.0"])
+    assert result.exit_code == 0, result.output
+    rows = history(tmp_path / "run" / "classifier" / checkpoint.HISTORY)
+    assert float(rows[0]["train_loss"]) > 0
+    with pytest.raises(ConfigError, match=r"\[classifier\]\.box_weight"):
+        config.load(None, ["classifier.box_weight=-1"])

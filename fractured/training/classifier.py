@@ -24,7 +24,7 @@ from fractured.engine.bundle import FRACTURE_LABEL
 from fractured.engine.models import INPUT_SIZES, FractureClassifier
 from fractured.training import checkpoint
 from fractured.training.config import ClassifierSettings, TrainSettings
-from fractured.training.data import ClassifierImages, letterbox_samples
+from fractured.training.data import BoxedClassifierImages, ClassifierImages, letterbox_samples
 from fractured.training.datasets.base import DatasetError, Sample
 from fractured.training.evaluation.calibration import (
     choose_operating_points,
@@ -32,7 +32,7 @@ from fractured.training.evaluation.calibration import (
 )
 from fractured.training.export import IMAGENET_MEAN, IMAGENET_STD
 from fractured.training.loops import Device, classifier_logits, train_classifier_epoch
-from fractured.training.losses import FractureLoss
+from fractured.training.losses import BoxSupervision, FractureLoss
 from fractured.training.schedule import (
     BestTracker,
     extend_schedule,
@@ -69,8 +69,18 @@ def train_classifier(train: Sequence[Sample], val: Sequence[Sample], settings: T
     val_images = letterbox_samples(val, size, desc="decoding val")
     _require_both_labels(train_images.samples, "train")
     _require_both_labels(val_images.samples, "val")
-    train_set = ClassifierImages(train_images, transform=train_transform(settings.augment),
-                                 **norm)
+    train_set: ClassifierImages | BoxedClassifierImages
+    box_loss = None
+    if cfg.box_weight > 0:
+        if not any(sample.label and sample.boxes for sample in train_images.samples):
+            raise DatasetError("[classifier].box_weight needs fracture images with boxes; "
+                               "this data set has none")
+        train_set = BoxedClassifierImages(
+            train_images, transform=train_transform(settings.augment, boxes=True), **norm)
+        box_loss = BoxSupervision()
+    else:
+        train_set = ClassifierImages(train_images, transform=train_transform(settings.augment),
+                                     **norm)
     val_set = ClassifierImages(val_images, **norm)
     train_labels = [sample.label for sample in train_images.samples]
     log.info("train.classifier.start", variant=cfg.variant, input_size=size,
@@ -125,7 +135,8 @@ def train_classifier(train: Sequence[Sample], val: Sequence[Sample], settings: T
         set_backbone_frozen(model.features, epoch < cfg.freeze_epochs)
         train_loss = train_classifier_epoch(
             model, _train_loader(train_set, train_labels, cfg, settings, epoch), loss_fn,
-            optimizer, scaler, device, desc=f"epoch {epoch + 1}/{cfg.epochs}", average=average)
+            optimizer, scaler, device, desc=f"epoch {epoch + 1}/{cfg.epochs}", average=average,
+            box_loss=box_loss, box_weight=cfg.box_weight)
         logits, labels = classifier_logits(validated, val_loader, device)
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss,
                **_validation_metrics(logits, labels, loss_fn),
@@ -213,8 +224,8 @@ def _validation_metrics(logits: np.ndarray, labels: np.ndarray,
             "val_f1": float(f1_score(labels, prob >= 0.5, zero_division=0))}
 
 
-def _train_loader(data: ClassifierImages, labels: list[int], cfg: ClassifierSettings,
-                  settings: TrainSettings, epoch: int) -> DataLoader:
+def _train_loader(data: ClassifierImages | BoxedClassifierImages, labels: list[int],
+                  cfg: ClassifierSettings, settings: TrainSettings, epoch: int) -> DataLoader:
     """This epoch's shuffled (or class-balanced) batches, seeded by seed + epoch."""
     generator = torch.Generator().manual_seed(settings.run.seed + epoch)
     sampler = None

@@ -86,6 +86,10 @@ class ClassifierSettings(Optimisation):
     # averaged weights are validated, calibrated and shipped; they are usually steadier
     # and a little better than the last step's on small data sets. Try 0.999.
     ema_decay: float = 0.0
+    # Box supervision of the CAM (0 = off): this weight times a per-cell loss that makes
+    # cells under fracture boxes hot and every cell of a normal image cold. Needs a data
+    # set with boxes (FracAtlas, YOLO, COCO, DICOM + CSV with boxes).
+    box_weight: float = 0.0
     # Operating points fitted on validation: the thresholds reaching these targets.
     target_sensitivity: float = 0.95
     target_specificity: float = 0.90
@@ -209,6 +213,8 @@ def _check(s: TrainSettings) -> None:
             raise ConfigError(f"[{name}].freeze_epochs: a frozen warm-up needs "
                               f"[{name}].initial_weights (a random backbone learns nothing "
                               "while frozen)")
+    if s.classifier.box_weight < 0:
+        raise ConfigError(f"[classifier].box_weight: 0 or more, got {s.classifier.box_weight}")
     if not 0.0 <= s.classifier.ema_decay < 1.0:
         raise ConfigError(f"[classifier].ema_decay: in [0, 1), got {s.classifier.ema_decay}")
     for key in ("target_sensitivity", "target_specificity"):

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from fractured.engine.preprocess import DecodeError, Letterbox, letterbox
 from fractured.engine.sources import load_image
 from fractured.training.datasets.base import Sample
+from fractured.training.losses import IN_BOXES, NO_FRACTURE, UNSUPERVISED
 from fractured.training.transforms import as_box_target, normalise
 
 log = structlog.get_logger()
@@ -105,6 +106,47 @@ class ClassifierImages(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         if self.transform is not None:
             grey = self.transform(grey)
         return normalise(grey.as_subclass(torch.Tensor), self.mean, self.std), self.labels[index]
+
+
+class BoxedClassifierImages(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                          torch.Tensor]]):
+    """(image, label, box mask (S, S) uint8, kind) for box supervision of the CAM.
+
+    Boxes go through the same (box-aware) augmentation as their pixels. `kind` says how
+    the mask is to be read (losses.BoxSupervision): NO_FRACTURE (a normal image: every
+    cell is cold), IN_BOXES (a fractured image with boxes: the cells under them are hot,
+    the others free), UNSUPERVISED (a fractured image whose boxes are unknown or empty).
+    """
+
+    def __init__(self, data: Letterboxed, *, mean: Sequence[float], std: Sequence[float],
+                 transform: Callable[..., object]) -> None:
+        self.data = data
+        self.boxes = [model_boxes(sample, fit)
+                      for sample, fit in zip(data.samples, data.boxes, strict=True)]
+        self.kinds = [NO_FRACTURE if sample.label == 0 else
+                      IN_BOXES if sample.boxes else UNSUPERVISED for sample in data.samples]
+        self.mean, self.std, self.transform = tuple(mean), tuple(std), transform
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                torch.Tensor]:
+        grey = tv_tensors.Image(torch.from_numpy(self.data.images[index].astype(np.float32)))
+        size = grey.shape[-1]
+        boxes = torch.from_numpy(self.boxes[index])
+        target = as_box_target(boxes, torch.ones(len(boxes), dtype=torch.int64), size)
+        grey, target = self.transform(grey, target)  # type: ignore[misc]
+        mask = torch.zeros(size, size, dtype=torch.uint8)
+        for x0, y0, x1, y1 in target["boxes"].as_subclass(torch.Tensor).tolist():
+            mask[max(int(y0), 0):max(int(np.ceil(y1)), 0),
+                 max(int(x0), 0):max(int(np.ceil(x1)), 0)] = 1
+        kind = self.kinds[index]
+        if kind == IN_BOXES and not mask.any():  # augmentation pushed every box out
+            kind = UNSUPERVISED
+        label = torch.tensor(float(self.data.samples[index].label))
+        return (normalise(grey.as_subclass(torch.Tensor), self.mean, self.std), label, mask,
+                torch.tensor(kind))
 
 
 class DetectorImages(Dataset[tuple[torch.Tensor, dict[str, torch.Tensor]]]):

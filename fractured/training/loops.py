@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from fractured.engine.models import FractureClassifier, FractureDetector
+from fractured.training.losses import BoxSupervision
 
 
 class NonFiniteLoss(RuntimeError):
@@ -70,17 +71,24 @@ def progress(loader: Iterable, desc: str) -> tqdm:
 def train_classifier_epoch(model: FractureClassifier, loader: DataLoader, loss_fn: nn.Module,
                            optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                            device: Device, desc: str,
-                           average: AveragedModel | None = None) -> float:
+                           average: AveragedModel | None = None,
+                           box_loss: BoxSupervision | None = None,
+                           box_weight: float = 0.0) -> float:
     """One epoch of classifier training; returns the mean training loss. `average`, when
-    given, is updated after every step (weight averaging, see classifier.py)."""
+    given, is updated after every step (weight averaging, see classifier.py); with
+    `box_loss`, batches carry box masks (data.BoxedClassifierImages) and `box_weight`
+    times the CAM's box loss is added."""
     model.train()
     total, count = 0.0, 0
     bar = progress(loader, desc)
-    for images, labels in bar:
-        images, labels = device.images(images), labels.to(device.torch_device)
+    for batch in bar:
+        images, labels = device.images(batch[0]), batch[1].to(device.torch_device)
         with device.autocast(training=True):
-            logits, _ = model(images)
+            logits, cam = model(images)
             loss = loss_fn(logits[:, 0], labels)
+            if box_loss is not None:
+                masks, kinds = (part.to(device.torch_device) for part in batch[2:4])
+                loss = loss + box_weight * box_loss(cam[:, 0], masks, kinds)
         _step(loss, optimizer, scaler)
         if average is not None:
             average.update_parameters(model)

@@ -41,3 +41,33 @@ class FractureLoss(nn.Module):
             p_true = torch.exp(-per_image)
             loss = loss + self.focal_weight * (1.0 - p_true) ** self.gamma * per_image
         return (weight * loss).mean()
+
+
+#: What BoxSupervision is told about an image (data.BoxedClassifierImages sets it).
+NO_FRACTURE, IN_BOXES, UNSUPERVISED = 0, 1, -1
+
+
+class BoxSupervision(nn.Module):
+    """Teaches the class activation map where fractures are, from the boxes.
+
+    The CAM has one logit per cell of the backbone's grid (input / 32); the image logit
+    is their mean. For a normal image every cell is pushed towards "no fracture"; for a
+    fractured image with boxes, every cell a box touches is pushed towards "fracture",
+    and the cells outside its boxes are left free (a fracture elsewhere may be
+    unlabelled); a fractured image without boxes adds nothing. The per-cell binary
+    cross-entropy is averaged over the supervised cells.
+    """
+
+    def forward(self, cam: torch.Tensor, masks: torch.Tensor,
+                kinds: torch.Tensor) -> torch.Tensor:
+        """cam (B, h, w) logits; masks (B, S, S) box pixels; kinds (B,) as above."""
+        cam = cam.float()
+        hot = F.adaptive_max_pool2d(masks[:, None].float(), cam.shape[-2:])[:, 0]
+        normal = (kinds == NO_FRACTURE)[:, None, None].expand_as(cam)
+        boxed = (kinds == IN_BOXES)[:, None, None] & (hot > 0)
+        supervised = normal | boxed
+        if not supervised.any():
+            return cam.sum() * 0.0
+        target = boxed.float()
+        per_cell = F.binary_cross_entropy_with_logits(cam, target, reduction="none")
+        return per_cell[supervised].mean()

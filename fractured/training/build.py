@@ -91,23 +91,15 @@ def build_untrained_bundle(out_dir: Path, *, name: str = "fractured-untrained",
                 "detections_per_image": boxer.detections_per_image,
                 "operating_points": {"high_sensitivity": 0.5, "high_specificity": 0.8},
             }
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "name": name,
-            "version": version,
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "trained": False,
-            "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD),
-            "classifier": {
+        manifest = _manifest(
+            name, version, trained=False, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+            classifier={
                 "architecture": model.architecture, "variant": variant,
                 "labels": [FRACTURE_LABEL], "input_size": size, "temperature": 1.0,
                 "operating_points": {"high_sensitivity": 0.4, "high_specificity": 0.6},
             },
-            "detector": detector_spec,
-            "backends": ["onnxruntime", "torch"],
-            "training": {"note": "random weights, never trained", "seed": seed},
-        }
+            detector=detector_spec,
+            training={"note": "random weights, never trained", "seed": seed})
         files[MODEL_CARD_FILE] = Path(scratch) / MODEL_CARD_FILE
         files[MODEL_CARD_FILE].write_text(model_card(manifest, []), encoding="utf-8")
         write_bundle(out_dir, manifest, files)
@@ -149,24 +141,15 @@ def build_bundle(checkpoints: Sequence[Path], out_dir: Path, *, name: str,
             det_path, det_state = states["detector"]
             detector_spec = _export_detector(det_state, Path(scratch), files)
             training["detector"] = _training_summary(det_path, det_state)
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "name": name,
-            "version": version,
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "trained": True,
-            "mean": list(spec["mean"]),
-            "std": list(spec["std"]),
-            "classifier": {
+        manifest = _manifest(
+            name, version, trained=True, mean=spec["mean"], std=spec["std"],
+            classifier={
                 "architecture": spec["architecture"], "variant": spec["variant"],
                 "labels": list(spec["labels"]), "input_size": size,
                 "temperature": float(cls_state["calibration"]["temperature"]),
                 "operating_points": dict(cls_state["calibration"]["operating_points"]),
             },
-            "detector": detector_spec,
-            "backends": ["onnxruntime", "torch"],
-            "training": jsonable(training),
-        }
+            detector=detector_spec, training=jsonable(training))
         log.info("build.step", step="write manifest, model card and checksums")
         card = Path(scratch) / MODEL_CARD_FILE
         provenance = cls_state.get("provenance", {})
@@ -177,6 +160,17 @@ def build_bundle(checkpoints: Sequence[Path], out_dir: Path, *, name: str,
     log.info("build.done", bundle=str(out_dir), name=name, version=version,
              detector=detector_spec is not None)
     return Path(out_dir)
+
+
+def _manifest(name: str, version: str, *, trained: bool, mean: Sequence[float],
+              std: Sequence[float], classifier: dict[str, Any],
+              detector: dict[str, Any] | None, training: dict[str, Any]) -> dict[str, Any]:
+    """Every manifest key but `files` (write_bundle adds the checksums); both the ONNX
+    graphs and the torch weights are always in the bundle."""
+    return {"schema_version": SCHEMA_VERSION, "name": name, "version": version,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"), "trained": trained,
+            "mean": list(mean), "std": list(std), "classifier": classifier,
+            "detector": detector, "backends": ["onnxruntime", "torch"], "training": training}
 
 
 def _trained_states(paths: Sequence[Path]) -> dict[str, tuple[Path, dict[str, Any]]]:

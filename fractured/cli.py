@@ -13,7 +13,7 @@ from fractured import __version__, config, log
 
 # Mirror fractured.engine.models' DETECTOR_BACKBONES and CLASSIFIER_VARIANTS without
 # importing torch for --help.
-DETECTOR_BACKBONES = ("mobilenet_v3_large_fpn", "resnet50_fpn_v2")
+DETECTOR_BACKBONES = ("mobilenet_v3_large_fpn", "resnet50_fpn_v2", "resnet18_fpn", "resnet34_fpn")
 CLASSIFIER_VARIANTS = ("b0", "b1", "b2", "b3", "b4", "resnet18", "resnet34", "resnet50")
 
 CONFIG_ENV = "FRACTURED_CONFIG"
@@ -140,9 +140,15 @@ def status(config_path: Path | None, as_json: bool) -> None:
 @click.option("--name", help="Bundle name [default: fractured, or fractured-untrained].")
 @click.option("--version", "bundle_version",
               help="Bundle version [default: 0.1.0, or 0.0.0 untrained].")
+@click.option("--evaluation", type=click.Path(exists=True, path_type=Path),
+              help="A `fractured evaluate` report (metrics.json or its folder) of these "
+                   "checkpoints: its held-out scores go into the manifest and model card.")
+@click.option("--notes", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Markdown for the model card: what was tried and its effect.")
 def build_engine(checkpoints: tuple[Path, ...], untrained: bool, out_dir: Path, variant: str,
                  input_size: int | None, detector: str, detector_input_size: int,
-                 name: str | None, bundle_version: str | None) -> None:
+                 name: str | None, bundle_version: str | None, evaluation: Path | None,
+                 notes: Path | None) -> None:
     """Export trained models to an engine bundle: CHECKPOINTS are best.pt files of a
     classifier (and a detector) or a `fractured train` run directory. Writes manifest.json,
     ONNX graphs checked against PyTorch, their torch weights and MODEL_CARD.md."""
@@ -153,6 +159,8 @@ def build_engine(checkpoints: tuple[Path, ...], untrained: bool, out_dir: Path, 
 
     if untrained == bool(checkpoints):
         raise click.UsageError("give either CHECKPOINTS (trained models) or --untrained")
+    if untrained and (evaluation or notes):
+        raise click.UsageError("--evaluation and --notes describe trained models")
     log.configure("INFO", "console")
     try:
         if untrained:
@@ -163,7 +171,8 @@ def build_engine(checkpoints: tuple[Path, ...], untrained: bool, out_dir: Path, 
                 detector_input_size=detector_input_size)
         else:
             path = build_bundle(checkpoints, out_dir, name=name or "fractured",
-                                version=bundle_version or "0.1.0")
+                                version=bundle_version or "0.1.0", evaluation=evaluation,
+                                notes=notes)
     except (BundleError, BuildError, CheckpointError) as exc:
         raise click.ClickException(str(exc)) from None
     if untrained:

@@ -23,6 +23,7 @@ from fractured.training.export import (
     BuildError,
     build_untrained_detector,
     check_detector_parity,
+    export_detector,
     synthetic_images,
 )
 from tests.conftest import DETECTOR_SIZE
@@ -80,7 +81,7 @@ def test_outputs_are_padded_to_a_fixed_count_best_first() -> None:
 
 
 def test_detector_refuses_bad_options_and_unletterboxed_images() -> None:
-    with pytest.raises(ValueError, match="mobilenet_v3_large_fpn, resnet50_fpn_v2"):
+    with pytest.raises(ValueError, match="mobilenet_v3_large_fpn, resnet50_fpn_v2, resnet18_fpn"):
         FractureDetector("yolo")
     with pytest.raises(ValueError, match="num_labels"):
         FractureDetector(num_labels=0)
@@ -122,6 +123,21 @@ def test_resnet50_fpn_v2_builds_and_runs() -> None:
 
 
 # --- ONNX export and ONNX Runtime --------------------------------------------------------
+
+@pytest.mark.slow
+def test_resnet18_fpn_exports_and_matches_onnx_runtime(tmp_path: Path) -> None:
+    """The detector a ResNet18 classifier starts: small anchors, same export and parity
+    checks as the other backbones."""
+    model = build_untrained_detector(backbone="resnet18_fpn", input_size=SIZE, seed=0)
+    assert model.architecture == "fasterrcnn_resnet18_fpn"
+    assert model.model.rpn.anchor_generator.sizes[0] == (16,)
+    export_detector(model, tmp_path / DETECTOR_FILE, SIZE)
+    parity = check_detector_parity(model, tmp_path / DETECTOR_FILE, SIZE,
+                                   images=synthetic_images(SIZE, 2, seed=3))
+    assert parity.detections > 0
+    assert parity.box_difference <= DETECTOR_BOX_TOLERANCE
+    assert parity.score_difference <= DETECTOR_SCORE_TOLERANCE
+
 
 @pytest.mark.slow
 def test_onnx_runtime_matches_torch_on_structured_images(

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from fractured.cli import main
 from fractured.config import ConfigError
 from fractured.engine.bundle import Bundle
-from fractured.engine.models import FractureClassifier
+from fractured.engine.models import FractureClassifier, FractureDetector
 from fractured.engine.preprocess import to_model_input
 from fractured.training import checkpoint, config
 from fractured.training.config import AugmentSettings
@@ -265,6 +265,27 @@ def test_initial_weights_from_a_local_file(tmp_path: Path) -> None:
         load_initial_weights(target, "EfficientNet_B0_Weights.NOPE", where="[classifier].x")
 
 
+def test_a_resnet_classifier_checkpoint_starts_a_resnet_fpn_detector(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    classifier = FractureClassifier(variant="resnet18", num_labels=1)
+    checkpoint.save(tmp_path / "best.pt", {"kind": "classifier",
+                                           "model": classifier.state_dict()})
+    detector = FractureDetector("resnet18_fpn", input_size=64)
+    taken = load_initial_weights(detector.model, str(tmp_path / "best.pt"),
+                                 where="[detector].initial_weights")
+    body = detector.model.backbone.body
+    # every ResNet layer is taken (BatchNorm statistics included), nothing else is
+    assert taken == len(body.state_dict())
+    assert torch.equal(body.conv1.weight, classifier.features[0].weight)
+    assert torch.equal(body.bn1.running_var, classifier.features[1].running_var)
+    assert torch.equal(body.layer4[1].conv2.weight, classifier.features[7][1].conv2.weight)
+    # an EfficientNet classifier has no layer a ResNet-FPN detector can take
+    checkpoint.save(tmp_path / "b0.pt", {"kind": "classifier",
+                                         "model": FractureClassifier("b0").state_dict()})
+    with pytest.raises(ConfigError, match="has no tensor matching"):
+        load_initial_weights(detector.model, str(tmp_path / "b0.pt"), where="[detector].x")
+
+
 # -- a smoke run through the CLI ----------------------------------------------------------------
 
 SMOKE_FLAGS = ["--set", "classifier.input_size=32", "--set", "classifier.batch_size=8",
@@ -372,6 +393,12 @@ def test_evaluate_writes_metrics_plots_and_report(smoke_run) -> None:
     assert {"ap50", "ap50_95", "froc"} <= set(metrics["detection"])
     assert metrics["trained"] is True and "UNTRAINED" not in metrics["title"]
     assert metrics["model"]["classifier"]["checkpoint"].endswith("best.pt")
+    with open(out / "predictions.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == metrics["classification"]["n"]
+    assert sum(int(row["label"]) for row in rows) == metrics["classification"]["positives"]
+    assert all(0 <= float(row["probability"]) <= 1 for row in rows)
+    assert all(Path(row["image"]).is_file() for row in rows)
     plots = [out / link for link in metrics["plots"].values()]
     assert len(plots) >= 6
     for plot in plots:
@@ -447,6 +474,42 @@ def test_build_engine_bundles_a_run_that_predicts_as_it_trained(smoke_run,
     row = json.loads(predicted.output.strip().splitlines()[-1])
     assert row["model"] == {"name": "fractured-smoke", "version": "0.0.1", "trained": True}
     assert row["probability"] == pytest.approx(expected, abs=2e-3)
+
+
+@pytest.mark.slow
+def test_build_engine_carries_the_held_out_evaluation_and_notes_into_the_card(
+        smoke_run, tmp_path: Path) -> None:
+    _, run, runner = smoke_run
+    report = tmp_path / "eval"
+    evaluated = runner.invoke(main, ["evaluate", str(run), "--out", str(report),
+                                     "--bootstrap", "50", "--device", "cpu"])
+    assert evaluated.exit_code == 0, evaluated.output
+    metrics = json.loads((report / "metrics.json").read_text())
+    notes = tmp_path / "notes.md"
+    notes.write_text("- Tried a smaller input: AUC fell by 0.02.\n")
+    out = tmp_path / "bundle"
+    result = runner.invoke(main, ["build-engine", str(run), "--out", str(out),
+                                  "--evaluation", str(report), "--notes", str(notes)])
+    assert result.exit_code == 0, result.output
+    held_out = Bundle.load(out).manifest.training["held_out"]
+    assert held_out["split"] == "test"
+    assert held_out["classification"]["roc_auc"] == metrics["classification"]["roc_auc"]
+    assert held_out["detection"]["ap50"] == metrics["detection"]["ap50"]
+    card = (out / "MODEL_CARD.md").read_text()
+    auc = metrics["classification"]["roc_auc"]
+    low, high = metrics["classification"]["roc_auc_ci95"]
+    assert f"| all | {metrics['classification']['n']} |" in card
+    assert f"{auc:.3f} ({low:.3f}-{high:.3f})" in card
+    assert "## What was tried" in card and "AUC fell by 0.02" in card
+
+    # a report of other checkpoints (here: the classifier's path rewritten) is refused
+    metrics["model"]["classifier"]["checkpoint"] = str(tmp_path / "other" / "best.pt")
+    (tmp_path / "other.json").write_text(json.dumps(metrics))
+    refused = runner.invoke(main, ["build-engine", str(run), "--out", str(tmp_path / "b2"),
+                                   "--evaluation", str(tmp_path / "other.json")])
+    assert refused.exit_code == 1 and "run fractured evaluate on this run first" \
+        in refused.output
+    assert not (tmp_path / "b2").exists()
 
 
 def test_build_engine_refuses_unfinished_and_smoke_checkpoints(tmp_path: Path) -> None:

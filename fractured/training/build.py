@@ -107,18 +107,25 @@ def build_untrained_bundle(out_dir: Path, *, name: str = "fractured-untrained",
 
 
 def build_bundle(checkpoints: Sequence[Path], out_dir: Path, *, name: str,
-                 version: str) -> Path:
+                 version: str, evaluation: Path | None = None,
+                 notes: Path | None = None) -> Path:
     """Build a bundle from trained checkpoints: a classifier best.pt (required) and a
     detector best.pt (optional), or a run directory holding them.
 
     Each graph is exported and compared with its PyTorch model before anything is
     written (BuildError past tolerance). The manifest carries the temperature and
     operating points fitted on validation and a summary of the data and metrics; the
-    model card is written from that manifest. Refused: a checkpoint that is not a
-    finished run (no calibration), a smoke run on a `[data].limit` subset, two
-    checkpoints of one kind.
+    model card is written from that manifest. `evaluation` (a `fractured evaluate`
+    metrics.json, or its folder) adds the held-out scores of these very checkpoints;
+    `notes` (Markdown) adds what was tried on the way and its effect. Refused: a
+    checkpoint that is not a finished run (no calibration), a smoke run on a
+    `[data].limit` subset, two checkpoints of one kind, an evaluation of other
+    checkpoints.
     """
     states = _trained_states(checkpoints)
+    held_out = (_held_out_summary(evaluation, {kind: path for kind, (path, _) in states.items()})
+                if evaluation is not None else None)
+    notes_text = _notes(notes) if notes is not None else None
     cls_path, cls_state = states["classifier"]
     spec = cls_state["model_spec"]
     model = FractureClassifier(variant=spec["variant"], num_labels=len(spec["labels"]))
@@ -141,6 +148,10 @@ def build_bundle(checkpoints: Sequence[Path], out_dir: Path, *, name: str,
             det_path, det_state = states["detector"]
             detector_spec = _export_detector(det_state, Path(scratch), files)
             training["detector"] = _training_summary(det_path, det_state)
+        if held_out is not None:
+            training["held_out"] = held_out
+        if notes_text is not None:
+            training["notes"] = notes_text
         manifest = _manifest(
             name, version, trained=True, mean=spec["mean"], std=spec["std"],
             classifier={
@@ -230,6 +241,62 @@ def _export_detector(state: dict[str, Any], scratch: Path,
             "labels": list(spec["labels"]), "input_size": size,
             "detections_per_image": boxer.detections_per_image,
             "operating_points": dict(state["calibration"]["operating_points"])}
+
+
+def _held_out_summary(path: Path, checkpoints: dict[str, Path]) -> dict[str, Any]:
+    """What the manifest keeps of a `fractured evaluate` report: the split, the image-level
+    scores with their confidence intervals, the operating points as reached there, the
+    calibration error, every subset and the detector's AP and FROC."""
+    import json
+
+    path = Path(path)
+    metrics_file = path / "metrics.json" if path.is_dir() else path
+    try:
+        report = json.loads(metrics_file.read_text(encoding="utf-8"))
+        model, data, scores = report["model"], report["data"], report["classification"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise BuildError(f"{metrics_file}: not a fractured evaluate metrics.json "
+                         f"({exc})") from exc
+    for kind, checkpoint_path in checkpoints.items():
+        evaluated = (model.get(kind) or {}).get("checkpoint")
+        if evaluated is None or Path(evaluated).resolve() != checkpoint_path.resolve():
+            raise BuildError(f"{metrics_file}: evaluates {kind} {evaluated}, not {checkpoint_path}"
+                             f"; run fractured evaluate on this run first")
+
+    def image_level(part: dict[str, Any]) -> dict[str, Any]:
+        return {key: part.get(key) for key in (
+            "n", "positives", "roc_auc", "roc_auc_ci95", "average_precision", "note")}
+
+    summary: dict[str, Any] = {
+        "report": str(metrics_file), "created": report.get("created"),
+        "split": data.get("split"), "images": data.get("images"),
+        "fracture": data.get("fracture"), "unreadable": len(data.get("unreadable") or ()),
+        "classification": image_level(scores),
+        "operating_points": {
+            name: {key: point.get(key) for key in ("threshold", "sensitivity", "specificity")}
+            for name, point in (report.get("operating_points") or {}).items()
+            if isinstance(point, dict)},
+        "ece_after": (report.get("calibration") or {}).get("ece_after"),
+        "subsets": {name: image_level(part)
+                    for name, part in (report.get("subsets") or {}).items()},
+    }
+    detection = report.get("detection")
+    if detection:
+        summary["detection"] = {key: detection.get(key) for key in (
+            "images", "gt_boxes", "ap50", "ap50_95", "froc_score", "lesion_sensitivity",
+            "at_threshold", "note")}
+    return summary
+
+
+def _notes(path: Path) -> str:
+    """The development notes' Markdown (what was tried, its effect), for the card."""
+    try:
+        text = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BuildError(f"{path}: cannot read the notes ({exc})") from exc
+    if not text:
+        raise BuildError(f"{path}: the notes file is empty")
+    return text
 
 
 def _parity_images(state: dict[str, Any], size: int) -> list[np.ndarray]:

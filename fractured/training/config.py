@@ -99,7 +99,8 @@ class ClassifierSettings(Optimisation):
 class DetectorSettings(Optimisation):
     """Faster R-CNN (engine.models.FractureDetector), trained on boxes."""
 
-    backbone: Literal["mobilenet_v3_large_fpn", "resnet50_fpn_v2"] = "mobilenet_v3_large_fpn"
+    backbone: Literal["mobilenet_v3_large_fpn", "resnet50_fpn_v2", "resnet18_fpn",
+                      "resnet34_fpn"] = "mobilenet_v3_large_fpn"
     input_size: int = 512
     batch_size: int = 4
     lr: float = 1e-4

@@ -112,7 +112,9 @@ def train_detector(train: Sequence[Sample], val: Sequence[Sample], settings: Tra
             break
         began = time.monotonic()
         seed_everything(settings.run.seed + epoch)
-        set_backbone_frozen(model.model.backbone, epoch < cfg.freeze_epochs)
+        # The feature extractor that initial weights fill; the FPN above it starts random
+        # and must train from the first epoch.
+        set_backbone_frozen(model.model.backbone.body, epoch < cfg.freeze_epochs)
         chosen = _epoch_images(positives, negatives, cfg.negatives_per_positive,
                                settings.run.seed + epoch)
         loader = DataLoader(Subset(train_set, chosen), batch_size=cfg.batch_size, shuffle=True,

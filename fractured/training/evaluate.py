@@ -4,11 +4,14 @@ and write metrics.json, PNG plots and report.md.
 The test split is the one `fractured train` wrote and never trained or calibrated on;
 thresholds and temperature come from the checkpoint (fitted on validation), so the
 numbers here are what the node would have said on these images. Images that cannot be
-decoded are listed in the report, not silently dropped.
+decoded are listed in the report, not silently dropped. predictions.csv keeps every
+image's calibrated probability, for error analysis and to check that a bundle built
+from the run (`fractured predict`) says the same.
 """
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -45,6 +48,7 @@ from fractured.training.splits import load_split
 log = structlog.get_logger()
 
 BATCH = 16
+PREDICTIONS_FILE = "predictions.csv"
 
 
 def evaluate_run(run_dir: Path, out_dir: Path, *, split_name: str = "test",
@@ -150,6 +154,7 @@ def _classifier_part(state: dict[str, Any], samples: list[Sample], subsets: Sequ
     metrics["calibration"] = {"temperature": temperature, "logit_shift": shift,
                               "ece_before": expected_calibration_error(labels, raw),
                               "ece_after": expected_calibration_error(labels, prob)}
+    _write_predictions(out_dir / PREDICTIONS_FILE, images.samples, labels, prob)
     masks = _subset_masks(list(images.samples), subsets)
     if masks:
         metrics["subsets"] = subset_metrics(labels, prob, masks,
@@ -162,6 +167,16 @@ def _classifier_part(state: dict[str, Any], samples: list[Sample], subsets: Sequ
     figures["reliability"] = plots.plot_reliability(out_dir / "reliability.png", labels, raw,
                                                     prob, temperature=temperature, shift=shift)
     return images
+
+
+def _write_predictions(path: Path, samples: Sequence[Sample], labels: np.ndarray,
+                       prob: np.ndarray) -> None:
+    """One row per scored image: its file, body part, label and calibrated probability."""
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["image", "body_part", "label", "probability"])
+        for sample, label, p in zip(samples, labels, prob, strict=True):
+            writer.writerow([str(sample.path), sample.body_part, int(label), f"{float(p):.6f}"])
 
 
 def _detector_part(state: dict[str, Any], samples: list[Sample], runner: Device,

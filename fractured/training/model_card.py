@@ -30,9 +30,13 @@ def model_card(manifest: Mapping[str, Any], credits: Sequence[tuple[str, str]]) 
     lines += ["## Intended use", "", INTENDED_USE, ""]
     lines += _models(manifest)
     training = manifest.get("training", {})
+    if "held_out" in training:
+        lines += _held_out(training["held_out"])
     for kind in ("classifier", "detector"):
         if kind in training:
             lines += _training(kind, training[kind])
+    if training.get("notes"):
+        lines += ["## What was tried", "", str(training["notes"]), ""]
     lines += ["## Known limits", ""]
     lines += [f"- {limit}" for limit in _limits(manifest)]
     lines += [""]
@@ -108,9 +112,51 @@ def _training(kind: str, summary: Mapping[str, Any]) -> list[str]:
         lines += [f"| {name} | {_num(p.get('threshold'))} | {_num(p.get('lesion_sensitivity'))} "
                   f"| {_num(p.get('false_positives_per_image'))} |" for name, p in rows]
     lines += ["", "Validation numbers chose the epoch and the thresholds, so they flatter the "
-              "model; the held-out test split's numbers are in the run's `fractured evaluate` "
-              "report.", ""]
+              "model; the held-out numbers (above, when the build was given them) come from "
+              "the run's `fractured evaluate` report.", ""]
     return lines
+
+
+def _held_out(summary: Mapping[str, Any]) -> list[str]:
+    """The `fractured evaluate` scores on images neither training nor calibration saw."""
+    scores = summary.get("classification") or {}
+    lines = ["## Held-out results", "",
+             f"On the run's {summary.get('split')} split: {summary.get('images')} images "
+             f"({summary.get('fracture')} with fracture; {summary.get('unreadable', 0)} "
+             "unreadable left out), never used for training, epoch choice or thresholds. "
+             "95 % confidence intervals by bootstrap.", "",
+             "| Images | n | Fractures | ROC AUC (95 % CI) | Average precision |",
+             "| --- | --- | --- | --- | --- |",
+             _held_out_row("all", scores)]
+    lines += [_held_out_row(name, part)
+              for name, part in (summary.get("subsets") or {}).items()]
+    notes = [f"{name}: {part['note']}" for name, part in (summary.get("subsets") or {}).items()
+             if part.get("note")]
+    lines += ["", *[f"- {note}" for note in notes]] if notes else []
+    points = summary.get("operating_points") or {}
+    if points:
+        lines += ["", "| Operating point (held out) | Threshold | Sensitivity | Specificity |",
+                  "| --- | --- | --- | --- |"]
+        lines += [f"| {name} | {_num(p.get('threshold'))} | {_num(p.get('sensitivity'))} | "
+                  f"{_num(p.get('specificity'))} |" for name, p in points.items()]
+    if summary.get("ece_after") is not None:
+        lines += ["", f"Expected calibration error of the probabilities: "
+                  f"{summary['ece_after']:.3f}."]
+    detection = summary.get("detection")
+    if detection:
+        lines += ["", f"Box detector: AP at IoU 0.5 {_num(detection.get('ap50'))}, AP "
+                  f"0.5:0.95 {_num(detection.get('ap50_95'))}, FROC score "
+                  f"{_num(detection.get('froc_score'))}, lesion sensitivity (any score) "
+                  f"{_num(detection.get('lesion_sensitivity'))} over "
+                  f"{detection.get('gt_boxes')} fracture boxes."]
+    return [*lines, ""]
+
+
+def _held_out_row(name: str, part: Mapping[str, Any]) -> str:
+    low, high = part.get("roc_auc_ci95") or (None, None)
+    return (f"| {name} | {part.get('n')} | {part.get('positives')} | "
+            f"{_num(part.get('roc_auc'))} ({_num(low)}-{_num(high)}) | "
+            f"{_num(part.get('average_precision'))} |")
 
 
 def _limits(manifest: Mapping[str, Any]) -> list[str]:

@@ -3,8 +3,10 @@ torchvision weights name where the internet is reachable.
 
 Accepted files: a fractured checkpoint (fine-tune a model we trained), or a plain state
 dict of the torchvision architecture (e.g. ImageNet EfficientNet features, COCO Faster
-R-CNN). Only layers whose names and shapes match are taken, and the count taken is
-logged; a file that matches nothing is an error rather than a silent random start.
+R-CNN). A ResNet classifier's checkpoint also starts a ResNet-FPN detector: its
+backbone layers are renamed to the detector's (`features.4.` -> `backbone.body.layer1.`).
+Only layers whose names and shapes match are taken, and the count taken is logged; a
+file that matches nothing is an error rather than a silent random start.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ def load_initial_weights(module: nn.Module, source: str, *, where: str) -> int:
 
     `where` names the config key in errors (e.g. "[classifier].initial_weights")."""
     state = _read(source, where)
+    state = state | _as_detector_backbone(state)
     own = module.state_dict()
     taken = {key: value for key, value in state.items()
              if key in own and tuple(own[key].shape) == tuple(value.shape)}
@@ -62,6 +65,27 @@ def _read(source: str, where: str) -> dict[str, torch.Tensor]:
             raise ConfigError(f"{where}: cannot fetch {source} ({exc}); offline hosts need "
                               "a local weights file path") from exc
     raise ConfigError(f"{where}: {source} is neither a file nor a torchvision weights name")
+
+
+# FractureClassifier's ResNet `features` (conv1, bn1, relu, maxpool, layer1..4 in a
+# Sequential) and where each lives in a torchvision ResNet-FPN Faster R-CNN.
+_RESNET_FEATURES_IN_DETECTOR = {"features.0.": "backbone.body.conv1.",
+                                "features.1.": "backbone.body.bn1.",
+                                "features.4.": "backbone.body.layer1.",
+                                "features.5.": "backbone.body.layer2.",
+                                "features.6.": "backbone.body.layer3.",
+                                "features.7.": "backbone.body.layer4."}
+
+
+def _as_detector_backbone(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A ResNet classifier's backbone tensors under a ResNet-FPN detector's names (empty
+    for anything else; EfficientNet keys have other indices and shapes and match nothing)."""
+    renamed: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        for prefix, target in _RESNET_FEATURES_IN_DETECTOR.items():
+            if key.startswith(prefix):
+                renamed[target + key.removeprefix(prefix)] = value
+    return renamed
 
 
 def _strip_prefix(state: dict[str, Any]) -> dict[str, torch.Tensor]:

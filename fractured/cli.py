@@ -145,10 +145,13 @@ def status(config_path: Path | None, as_json: bool) -> None:
                    "checkpoints: its held-out scores go into the manifest and model card.")
 @click.option("--notes", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Markdown for the model card: what was tried and its effect.")
+@click.option("--float16-weights", is_flag=True,
+              help="Store the ONNX weights as float16 (half the size, float32 arithmetic) "
+                   "and leave the torch weights out: an ONNX Runtime / TensorRT bundle.")
 def build_engine(checkpoints: tuple[Path, ...], untrained: bool, out_dir: Path, variant: str,
                  input_size: int | None, detector: str, detector_input_size: int,
                  name: str | None, bundle_version: str | None, evaluation: Path | None,
-                 notes: Path | None) -> None:
+                 notes: Path | None, float16_weights: bool) -> None:
     """Export trained models to an engine bundle: CHECKPOINTS are best.pt files of a
     classifier (and a detector) or a `fractured train` run directory. Writes manifest.json,
     ONNX graphs checked against PyTorch, their torch weights and MODEL_CARD.md."""
@@ -159,8 +162,9 @@ def build_engine(checkpoints: tuple[Path, ...], untrained: bool, out_dir: Path, 
 
     if untrained == bool(checkpoints):
         raise click.UsageError("give either CHECKPOINTS (trained models) or --untrained")
-    if untrained and (evaluation or notes):
-        raise click.UsageError("--evaluation and --notes describe trained models")
+    if untrained and (evaluation or notes or float16_weights):
+        raise click.UsageError("--evaluation, --notes and --float16-weights are for "
+                               "trained models")
     log.configure("INFO", "console")
     try:
         if untrained:
@@ -172,7 +176,7 @@ def build_engine(checkpoints: tuple[Path, ...], untrained: bool, out_dir: Path, 
         else:
             path = build_bundle(checkpoints, out_dir, name=name or "fractured",
                                 version=bundle_version or "0.1.0", evaluation=evaluation,
-                                notes=notes)
+                                notes=notes, float16_weights=float16_weights)
     except (BundleError, BuildError, CheckpointError) as exc:
         raise click.ClickException(str(exc)) from None
     if untrained:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import onnx
 import pytest
 import torch
 from click.testing import CliRunner
@@ -19,7 +20,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fractured.cli import main
 from fractured.config import ConfigError
-from fractured.engine.bundle import Bundle
+from fractured.engine.bundle import (
+    CLASSIFIER_FILE,
+    CLASSIFIER_WEIGHTS,
+    DETECTOR_WEIGHTS,
+    Bundle,
+)
 from fractured.engine.models import FractureClassifier, FractureDetector
 from fractured.engine.preprocess import to_model_input
 from fractured.training import checkpoint, config
@@ -489,9 +495,25 @@ def test_build_engine_carries_the_held_out_evaluation_and_notes_into_the_card(
     notes.write_text("- Tried a smaller input: AUC fell by 0.02.\n")
     out = tmp_path / "bundle"
     result = runner.invoke(main, ["build-engine", str(run), "--out", str(out),
-                                  "--evaluation", str(report), "--notes", str(notes)])
+                                  "--evaluation", str(report), "--notes", str(notes),
+                                  "--float16-weights"])
     assert result.exit_code == 0, result.output
-    held_out = Bundle.load(out).manifest.training["held_out"]
+    manifest = Bundle.load(out).manifest
+    # float16 storage: an ONNX-only bundle whose large weights are float16 on disk
+    assert manifest.backends == ("onnxruntime",)
+    assert not (out / CLASSIFIER_WEIGHTS).exists() and not (out / DETECTOR_WEIGHTS).exists()
+    stored = {init.data_type for init in onnx.load(str(out / CLASSIFIER_FILE)).graph.initializer}
+    assert onnx.TensorProto.FLOAT16 in stored
+    # ... and predict on the bundle says what the evaluation said of the same images
+    with open(report / "predictions.csv", newline="") as fh:
+        expected = {row["image"]: float(row["probability"]) for row in csv.DictReader(fh)}
+    predicted = runner.invoke(main, ["predict", *expected, "--bundle", str(out), "--json"])
+    assert predicted.exit_code == 0, predicted.output
+    rows = [json.loads(line) for line in predicted.output.strip().splitlines()[-len(expected):]]
+    assert [row["file"] for row in rows] == list(expected)
+    for row in rows:
+        assert row["probability"] == pytest.approx(expected[row["file"]], abs=2e-3)
+    held_out = manifest.training["held_out"]
     assert held_out["split"] == "test"
     assert held_out["classification"]["roc_auc"] == metrics["classification"]["roc_auc"]
     assert held_out["detection"]["ap50"] == metrics["detection"]["ap50"]

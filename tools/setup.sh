@@ -22,15 +22,7 @@ fi
 .venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
 .venv/bin/python -m pip install -q -e '.[train,test]'
 
-# The node's default engine bundle: until a trained model ships, an untrained one with
-# the classifier and the box detector (every result it makes says UNTRAINED MODEL).
-# A bundle of an older schema is rebuilt; a bundle is never changed in place.
-if ! .venv/bin/python -c 'import sys; from fractured.engine.bundle import Bundle
-Bundle.load(sys.argv[1])' engines/default 2>/dev/null; then
-  rm -rf engines/default
-  .venv/bin/fractured build-engine --untrained --out engines/default \
-    --detector mobilenet_v3_large_fpn
-fi
-# config.toml runs the engines folder's active bundle: the default one until another
-# is activated (fractured engines activate NAME).
-[ -s engines/ACTIVE ] || .venv/bin/fractured engines activate default --engines engines
+# The node's default model ships in the repository: engines/fractured-0.1.0, trained on
+# FracAtlas (its MODEL_CARD.md has the data, the metrics and the limits). A fresh install
+# makes it the active bundle; a node that already has one active keeps it.
+[ -s engines/ACTIVE ] || .venv/bin/fractured engines activate fractured-0.1.0 --engines engines

@@ -26,6 +26,7 @@ from torchvision.models.detection import (
 )
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 # The resolution each backbone was designed for (Tan & Le 2019 for EfficientNet, as in
@@ -113,6 +114,10 @@ class FractureClassifier(nn.Module):
         return logits, cam
 
 
+_ROI_POOL_SIZE = 7  # torchvision's MultiScaleRoIAlign output, the box head's input grid
+_RESNET_BOX_HEAD = 256
+
+
 def _fasterrcnn_resnet_fpn(resnet: str) -> Callable[..., FasterRCNN]:
     """Faster R-CNN on a ResNet18/34 FPN, the classifier's ResNets, so a trained
     classifier's backbone can start the detector (`[detector].initial_weights` = the
@@ -122,7 +127,10 @@ def _fasterrcnn_resnet_fpn(resnet: str) -> Callable[..., FasterRCNN]:
     Plain BatchNorm, as torchvision uses for a backbone without pretrained weights (its
     frozen BatchNorm would freeze the statistics of an untrained network); every layer
     trains. Anchors start at 16 px rather than torchvision's 32: the median FracAtlas
-    box is 6 % of the image side, about 27 px in a 448 px input.
+    box is 6 % of the image side, about 27 px in a 448 px input. The box head is 256
+    wide, not 1024: torchvision's 1024-wide head alone holds 13.9M parameters (more than
+    the ResNet18 under it), which a few hundred fracture boxes cannot use, and the
+    bundle that ships in the repository must stay small.
     """
     def build(*, weights: None, weights_backbone: None, num_classes: int,
               **options: Any) -> FasterRCNN:
@@ -131,8 +139,11 @@ def _fasterrcnn_resnet_fpn(resnet: str) -> Callable[..., FasterRCNN]:
                                        norm_layer=nn.BatchNorm2d, trainable_layers=5)
         anchors = AnchorGenerator(sizes=((16,), (32,), (64,), (128,), (256,)),
                                   aspect_ratios=((0.5, 1.0, 2.0),) * 5)
-        return FasterRCNN(backbone, num_classes=num_classes,
-                          rpn_anchor_generator=anchors, **options)
+        pooled = backbone.out_channels * _ROI_POOL_SIZE**2
+        return FasterRCNN(backbone, rpn_anchor_generator=anchors,
+                          box_head=TwoMLPHead(pooled, _RESNET_BOX_HEAD),
+                          box_predictor=FastRCNNPredictor(_RESNET_BOX_HEAD, num_classes),
+                          **options)
     return build
 
 

@@ -42,6 +42,8 @@ from fractured.training.export import (
     check_parity,
     export_classifier,
     export_detector,
+    round_to_float16,
+    store_weights_as_float16,
     synthetic_images,
 )
 from fractured.training.model_card import dataset_credits, model_card
@@ -108,7 +110,7 @@ def build_untrained_bundle(out_dir: Path, *, name: str = "fractured-untrained",
 
 def build_bundle(checkpoints: Sequence[Path], out_dir: Path, *, name: str,
                  version: str, evaluation: Path | None = None,
-                 notes: Path | None = None) -> Path:
+                 notes: Path | None = None, float16_weights: bool = False) -> Path:
     """Build a bundle from trained checkpoints: a classifier best.pt (required) and a
     detector best.pt (optional), or a run directory holding them.
 
@@ -117,7 +119,11 @@ def build_bundle(checkpoints: Sequence[Path], out_dir: Path, *, name: str,
     operating points fitted on validation and a summary of the data and metrics; the
     model card is written from that manifest. `evaluation` (a `fractured evaluate`
     metrics.json, or its folder) adds the held-out scores of these very checkpoints;
-    `notes` (Markdown) adds what was tried on the way and its effect. Refused: a
+    `notes` (Markdown) adds what was tried on the way and its effect.
+    `float16_weights` rounds the weights to float16 and stores the ONNX graphs' weights
+    so (half the size, float32 arithmetic; `export.store_weights_as_float16`), and
+    leaves the torch weights out: the bundle runs on ONNX Runtime (and TensorRT plans
+    built from its graphs), small enough to ship in a repository. Refused: a
     checkpoint that is not a finished run (no calibration), a smoke run on a
     `[data].limit` subset, two checkpoints of one kind, an evaluation of other
     checkpoints.
@@ -131,22 +137,31 @@ def build_bundle(checkpoints: Sequence[Path], out_dir: Path, *, name: str,
     model = FractureClassifier(variant=spec["variant"], num_labels=len(spec["labels"]))
     model.load_state_dict(cls_state["model"])
     model.eval()
+    if float16_weights:
+        round_to_float16(model)
     size = spec["input_size"]
     with tempfile.TemporaryDirectory(prefix="fractured-build-") as scratch:
-        files = {CLASSIFIER_FILE: Path(scratch) / CLASSIFIER_FILE,
-                 CLASSIFIER_WEIGHTS: Path(scratch) / CLASSIFIER_WEIGHTS}
+        files = {CLASSIFIER_FILE: Path(scratch) / CLASSIFIER_FILE}
         log.info("build.step", step="export classifier", checkpoint=str(cls_path))
         export_classifier(model, files[CLASSIFIER_FILE], size)
+        if float16_weights:
+            _store_float16(files[CLASSIFIER_FILE])
         log.info("build.step", step="compare classifier graph with PyTorch")
         logits_diff, cam_diff = check_parity(model, files[CLASSIFIER_FILE], size)
         log.info("build.classifier_checked", logits_difference=logits_diff,
                  cam_difference=cam_diff)
-        torch.save(model.state_dict(), files[CLASSIFIER_WEIGHTS])
+        if not float16_weights:
+            files[CLASSIFIER_WEIGHTS] = Path(scratch) / CLASSIFIER_WEIGHTS
+            torch.save(model.state_dict(), files[CLASSIFIER_WEIGHTS])
         training = {"classifier": _training_summary(cls_path, cls_state)}
+        if float16_weights:
+            training["weights"] = ("rounded to float16 and stored so in the ONNX graphs "
+                                   "(float32 arithmetic); no torch weights")
         detector_spec = None
         if "detector" in states:
             det_path, det_state = states["detector"]
-            detector_spec = _export_detector(det_state, Path(scratch), files)
+            detector_spec = _export_detector(det_state, Path(scratch), files,
+                                             float16_weights=float16_weights)
             training["detector"] = _training_summary(det_path, det_state)
         if held_out is not None:
             training["held_out"] = held_out
@@ -160,7 +175,8 @@ def build_bundle(checkpoints: Sequence[Path], out_dir: Path, *, name: str,
                 "temperature": float(cls_state["calibration"]["temperature"]),
                 "operating_points": dict(cls_state["calibration"]["operating_points"]),
             },
-            detector=detector_spec, training=jsonable(training))
+            detector=detector_spec, training=jsonable(training),
+            backends=["onnxruntime"] if float16_weights else ["onnxruntime", "torch"])
         log.info("build.step", step="write manifest, model card and checksums")
         card = Path(scratch) / MODEL_CARD_FILE
         provenance = cls_state.get("provenance", {})
@@ -175,13 +191,14 @@ def build_bundle(checkpoints: Sequence[Path], out_dir: Path, *, name: str,
 
 def _manifest(name: str, version: str, *, trained: bool, mean: Sequence[float],
               std: Sequence[float], classifier: dict[str, Any],
-              detector: dict[str, Any] | None, training: dict[str, Any]) -> dict[str, Any]:
-    """Every manifest key but `files` (write_bundle adds the checksums); both the ONNX
-    graphs and the torch weights are always in the bundle."""
+              detector: dict[str, Any] | None, training: dict[str, Any],
+              backends: Sequence[str] = ("onnxruntime", "torch")) -> dict[str, Any]:
+    """Every manifest key but `files` (write_bundle adds the checksums); the ONNX graphs
+    are always in the bundle, the torch weights where `backends` has torch."""
     return {"schema_version": SCHEMA_VERSION, "name": name, "version": version,
             "created": datetime.now(UTC).isoformat(timespec="seconds"), "trained": trained,
             "mean": list(mean), "std": list(std), "classifier": classifier,
-            "detector": detector, "backends": ["onnxruntime", "torch"], "training": training}
+            "detector": detector, "backends": list(backends), "training": training}
 
 
 def _trained_states(paths: Sequence[Path]) -> dict[str, tuple[Path, dict[str, Any]]]:
@@ -218,8 +235,13 @@ def _trained_states(paths: Sequence[Path]) -> dict[str, tuple[Path, dict[str, An
     return states
 
 
-def _export_detector(state: dict[str, Any], scratch: Path,
-                     files: dict[str, Path]) -> dict[str, Any]:
+def _store_float16(path: Path) -> None:
+    before, after = store_weights_as_float16(path)
+    log.info("build.float16_weights", file=path.name, bytes_before=before, bytes_after=after)
+
+
+def _export_detector(state: dict[str, Any], scratch: Path, files: dict[str, Path], *,
+                     float16_weights: bool) -> dict[str, Any]:
     """Export and check the detector; its manifest entry."""
     spec = state["model_spec"]
     size = spec["input_size"]
@@ -227,16 +249,21 @@ def _export_detector(state: dict[str, Any], scratch: Path,
                              input_size=size)
     boxer.load_state_dict(state["model"])
     boxer.eval()
+    if float16_weights:
+        round_to_float16(boxer)
     files[DETECTOR_FILE] = scratch / DETECTOR_FILE
-    files[DETECTOR_WEIGHTS] = scratch / DETECTOR_WEIGHTS
     log.info("build.step", step="export detector (about a minute on 2 cores)")
     export_detector(boxer, files[DETECTOR_FILE], size)
+    if float16_weights:
+        _store_float16(files[DETECTOR_FILE])
     log.info("build.step", step="compare detector graph with PyTorch")
     parity = check_detector_parity(boxer, files[DETECTOR_FILE], size,
                                    images=_parity_images(state, size))
     log.info("build.detector_checked", detections=parity.detections,
              box_difference=parity.box_difference, score_difference=parity.score_difference)
-    torch.save(boxer.state_dict(), files[DETECTOR_WEIGHTS])
+    if not float16_weights:
+        files[DETECTOR_WEIGHTS] = scratch / DETECTOR_WEIGHTS
+        torch.save(boxer.state_dict(), files[DETECTOR_WEIGHTS])
     return {"architecture": spec["architecture"], "backbone": spec["backbone"],
             "labels": list(spec["labels"]), "input_size": size,
             "detections_per_image": boxer.detections_per_image,

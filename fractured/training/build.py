@@ -33,8 +33,11 @@ from fractured.engine.models import INPUT_SIZES, FractureClassifier, FractureDet
 from fractured.training import checkpoint
 from fractured.training.evaluation.report import jsonable
 from fractured.training.export import (
+    DETECTOR_SCORE_TOLERANCE,
+    FLOAT16_PARITY_TOLERANCE,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    PARITY_TOLERANCE,
     BuildError,
     build_untrained_detector,
     calibrate_batchnorm,
@@ -147,7 +150,8 @@ def build_bundle(checkpoints: Sequence[Path], out_dir: Path, *, name: str,
         if float16_weights:
             _store_float16(files[CLASSIFIER_FILE])
         log.info("build.step", step="compare classifier graph with PyTorch")
-        logits_diff, cam_diff = check_parity(model, files[CLASSIFIER_FILE], size)
+        logits_diff, cam_diff = check_parity(model, files[CLASSIFIER_FILE], size,
+                                             tolerance=_tolerance(float16_weights))
         log.info("build.classifier_checked", logits_difference=logits_diff,
                  cam_difference=cam_diff)
         if not float16_weights:
@@ -235,6 +239,13 @@ def _trained_states(paths: Sequence[Path]) -> dict[str, tuple[Path, dict[str, An
     return states
 
 
+def _tolerance(float16_weights: bool, *, detector: bool = False) -> float:
+    """The parity tolerance on logits/CAM (or box scores) for this build's weights."""
+    if float16_weights:
+        return FLOAT16_PARITY_TOLERANCE
+    return DETECTOR_SCORE_TOLERANCE if detector else PARITY_TOLERANCE
+
+
 def _store_float16(path: Path) -> None:
     before, after = store_weights_as_float16(path)
     log.info("build.float16_weights", file=path.name, bytes_before=before, bytes_after=after)
@@ -258,6 +269,7 @@ def _export_detector(state: dict[str, Any], scratch: Path, files: dict[str, Path
         _store_float16(files[DETECTOR_FILE])
     log.info("build.step", step="compare detector graph with PyTorch")
     parity = check_detector_parity(boxer, files[DETECTOR_FILE], size,
+                                   score_tolerance=_tolerance(float16_weights, detector=True),
                                    images=_parity_images(state, size))
     log.info("build.detector_checked", detections=parity.detections,
              box_difference=parity.box_difference, score_difference=parity.score_difference)

@@ -129,6 +129,12 @@ def check_parity(model: FractureClassifier, onnx_path: Path, input_size: int,
 
 #: Initializers smaller than this stay float32 (biases, norms: no size to win).
 FLOAT16_MIN_ELEMENTS = 1024
+#: Parity tolerance (logits, CAM, box scores) for graphs with float16-stored weights.
+#: The exporter folds BatchNorm into the convolutions, so those weights are rounded
+#: to float16 after folding, which no rounding of the torch model reproduces: measured
+#: on the shipped ResNet18 classifier, 7.5e-4 on logits and 2.8e-3 on the CAM, i.e.
+#: under 2e-4 in probability.
+FLOAT16_PARITY_TOLERANCE = 1e-2
 
 
 def round_to_float16(model: nn.Module) -> None:
@@ -145,10 +151,11 @@ def store_weights_as_float16(path: Path) -> tuple[int, int]:
     """Rewrite the ONNX file at `path` with its large float32 weights stored as float16,
     each followed by a Cast back to float32: the file is about half the size and the
     arithmetic stays float32 (ONNX Runtime folds the casts when it loads the graph, so
-    inference runs at the same speed). Exact for a model passed through
-    `round_to_float16` first, except weights beyond float16's range (refused) and
-    ones below its smallest subnormal (6e-8), which become 0. Returns the file size
-    before and after.
+    inference runs at the same speed). Weights already rounded by `round_to_float16`
+    are stored exactly; ones the exporter computed (BatchNorm folded into convolutions)
+    are rounded here, hence FLOAT16_PARITY_TOLERANCE. Weights beyond float16's range
+    are refused; ones below its smallest subnormal (6e-8) become 0. Returns the file
+    size before and after.
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper

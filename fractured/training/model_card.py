@@ -172,6 +172,9 @@ def _limits(manifest: Mapping[str, Any]) -> list[str]:
     if not any(summary.get("initial_weights") for summary in training.values()
                if isinstance(summary, Mapping)):
         limits.append("Trained from random weights (no pretrained weights were available).")
+    if not manifest.get("detector"):
+        limits.append("No box detector in this bundle: the heatmap (CAM) is its only "
+                      "localisation; the SR and overlays carry no fracture boxes.")
     limits.append("Trained and validated on one data set; performance on another "
                   "hospital's equipment, population and protocols is unknown until measured "
                   "there (`fractured evaluate RUN --dataset LOCAL_DATA`).")

@@ -59,6 +59,20 @@ def test_unreadable_files_name_themselves(tmp_path: Path, content: bytes, messag
     assert str(path) in str(info.value)
 
 
+def test_truncated_jpeg_is_named_as_such(tmp_path: Path) -> None:
+    picture = (np.arange(64 * 48, dtype=np.uint32) % 251).astype(np.uint8).reshape(64, 48)
+    ok, encoded = cv2.imencode(".jpg", picture)
+    assert ok
+    whole = tmp_path / "whole.jpg"
+    whole.write_bytes(encoded.tobytes())
+    assert load_image(whole).pixels.shape == (64, 48)
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(encoded.tobytes()[: len(encoded) // 2])
+    with pytest.raises(DecodeError, match="a truncated JPEG") as info:
+        load_image(cut)
+    assert str(cut) in str(info.value)
+
+
 def test_missing_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(DecodeError, match="no such file"):
         load_image(tmp_path / "nope.dcm")

@@ -17,6 +17,8 @@ from fractured.engine.findings import ImageRef
 from fractured.engine.preprocess import DecodeError, display_pixels, read_dataset
 
 _DICOM_MAGIC_OFFSET = 128
+_JPEG_START = b"\xff\xd8"  # start-of-image marker
+_JPEG_END = b"\xff\xd9"  # end-of-image marker
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,11 @@ def _read_picture(path: Path) -> np.ndarray:
         raise DecodeError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
     image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if image is None:
+        if bytes(data[:2]) == _JPEG_START and bytes(data[-2:]) != _JPEG_END:
+            # Decoding what is there would fill the missing rows with flat grey, which
+            # a model reads as anatomy: refused, but saying why (FracAtlas has 51).
+            raise DecodeError(f"{path}: a truncated JPEG (the file ends before its "
+                              "end-of-image marker)")
         raise DecodeError(f"{path}: not a readable DICOM, PNG or JPEG image")
     if image.ndim == 3:
         code = cv2.COLOR_BGRA2GRAY if image.shape[2] == 4 else cv2.COLOR_BGR2GRAY

@@ -26,8 +26,6 @@ from fractured.training.datasets import (
 from fractured.training.datasets.imagefolder import class_label
 from tests import factory
 
-SHARED_FRACATLAS = Path(__file__).resolve().parents[2] / "shared" / "data" / "fracatlas"
-
 
 def picture(path: Path) -> Path:
     """A 16x16 grey PNG or JPEG (by suffix) at `path`, folders made."""
@@ -344,9 +342,10 @@ def test_fracatlas_refuses_a_damaged_copy(tmp_path: Path, change: Callable[[Path
 
 
 def test_fracatlas_shared_copy_loads_without_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
-    if not (SHARED_FRACATLAS / "manifest.csv").is_file():
-        print(f"skipping: {SHARED_FRACATLAS} is absent (../shared sits beside the checkout)")
-        pytest.skip(f"{SHARED_FRACATLAS} is absent")
+    if not (factory.SHARED_FRACATLAS / "manifest.csv").is_file():
+        print(f"skipping: {factory.SHARED_FRACATLAS} is absent "
+              "(../shared sits beside the checkout)")
+        pytest.skip(f"{factory.SHARED_FRACATLAS} is absent")
 
     def no_decoding(*args: object, **kwargs: object) -> None:
         raise AssertionError("a reader decoded an image")
@@ -354,7 +353,7 @@ def test_fracatlas_shared_copy_loads_without_decoding(monkeypatch: pytest.Monkey
     monkeypatch.setattr(cv2, "imread", no_decoding)
     monkeypatch.setattr(cv2, "imdecode", no_decoding)
     start = time.perf_counter()
-    data = open_dataset(SHARED_FRACATLAS)
+    data = open_dataset(factory.SHARED_FRACATLAS)
     seconds = time.perf_counter() - start
     print(f"FracAtlas: {len(data)} samples read in {seconds:.2f} s")
 

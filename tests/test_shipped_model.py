@@ -19,11 +19,11 @@ from sklearn.metrics import roc_auc_score
 
 from fractured.cli import main
 from fractured.engine.bundle import Bundle
+from tests import factory
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "engines" / "fractured-0.1.0"
 EVALUATION = REPO / "docs" / "training" / "fracatlas-resnet18" / "test"
-SHARED_FRACATLAS = REPO.parent / "shared" / "data" / "fracatlas"
 #: images of the held-out split run through predict (half with fracture)
 SAMPLED = 24
 #: float16-stored weights and ONNX Runtime against the float32 PyTorch evaluation
@@ -67,8 +67,8 @@ def test_model_card_holds_the_held_out_metrics_the_predictions_give() -> None:
 
 @pytest.mark.slow
 def test_predict_on_fracatlas_gives_the_evaluated_probabilities() -> None:
-    if not (SHARED_FRACATLAS / "images").is_dir():
-        pytest.skip(f"{SHARED_FRACATLAS} is absent (../shared sits beside the development "
+    if not (factory.SHARED_FRACATLAS / "images").is_dir():
+        pytest.skip(f"{factory.SHARED_FRACATLAS} is absent (../shared sits beside the development "
                     "checkout)")
     rows = held_out_rows()
     rng = np.random.default_rng(0)
@@ -76,7 +76,7 @@ def test_predict_on_fracatlas_gives_the_evaluated_probabilities() -> None:
     for label in ("1", "0"):
         part = [row for row in rows if row["label"] == label]
         chosen += [part[i] for i in rng.permutation(len(part))[:SAMPLED // 2]]
-    files = [SHARED_FRACATLAS / "images" / Path(row["image"]).name for row in chosen]
+    files = [factory.SHARED_FRACATLAS / "images" / Path(row["image"]).name for row in chosen]
     result = CliRunner().invoke(main, ["predict", *map(str, files), "--bundle", str(SHIPPED),
                                        "--json"])
     assert result.exit_code == 0, result.output

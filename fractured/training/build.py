@@ -9,8 +9,9 @@ and first installs.
 
 from __future__ import annotations
 
+import json
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -140,27 +141,21 @@ def build_bundle(checkpoints: Sequence[Path], out_dir: Path, *, name: str,
     model = FractureClassifier(variant=spec["variant"], num_labels=len(spec["labels"]))
     model.load_state_dict(cls_state["model"])
     model.eval()
-    if float16_weights:
-        round_to_float16(model)
     size = spec["input_size"]
     with tempfile.TemporaryDirectory(prefix="fractured-build-") as scratch:
-        files = {CLASSIFIER_FILE: Path(scratch) / CLASSIFIER_FILE}
+        files = {CLASSIFIER_FILE: Path(scratch) / CLASSIFIER_FILE,
+                 CLASSIFIER_WEIGHTS: Path(scratch) / CLASSIFIER_WEIGHTS}
         log.info("build.step", step="export classifier", checkpoint=str(cls_path))
-        export_classifier(model, files[CLASSIFIER_FILE], size)
-        if float16_weights:
-            _store_float16(files[CLASSIFIER_FILE])
+        _export_graph(model, files[CLASSIFIER_FILE], export_classifier, size,
+                      float16_weights=float16_weights)
         log.info("build.step", step="compare classifier graph with PyTorch")
-        logits_diff, cam_diff = check_parity(model, files[CLASSIFIER_FILE], size,
-                                             tolerance=_tolerance(float16_weights))
+        logits_diff, cam_diff = check_parity(
+            model, files[CLASSIFIER_FILE], size,
+            tolerance=FLOAT16_PARITY_TOLERANCE if float16_weights else PARITY_TOLERANCE)
         log.info("build.classifier_checked", logits_difference=logits_diff,
                  cam_difference=cam_diff)
-        if not float16_weights:
-            files[CLASSIFIER_WEIGHTS] = Path(scratch) / CLASSIFIER_WEIGHTS
-            torch.save(model.state_dict(), files[CLASSIFIER_WEIGHTS])
+        torch.save(model.state_dict(), files[CLASSIFIER_WEIGHTS])
         training = {"classifier": _training_summary(cls_path, cls_state)}
-        if float16_weights:
-            training["weights"] = ("rounded to float16 and stored so in the ONNX graphs "
-                                   "(float32 arithmetic); no torch weights")
         detector_spec = None
         if "detector" in states:
             det_path, det_state = states["detector"]
@@ -171,6 +166,11 @@ def build_bundle(checkpoints: Sequence[Path], out_dir: Path, *, name: str,
             training["held_out"] = held_out
         if notes_text is not None:
             training["notes"] = notes_text
+        if float16_weights:  # an ONNX-only bundle: the torch weights stay behind
+            training["weights"] = ("rounded to float16 and stored so in the ONNX graphs "
+                                   "(float32 arithmetic); no torch weights")
+            files = {key: path for key, path in files.items()
+                     if key not in (CLASSIFIER_WEIGHTS, DETECTOR_WEIGHTS)}
         manifest = _manifest(
             name, version, trained=True, mean=spec["mean"], std=spec["std"],
             classifier={
@@ -239,16 +239,18 @@ def _trained_states(paths: Sequence[Path]) -> dict[str, tuple[Path, dict[str, An
     return states
 
 
-def _tolerance(float16_weights: bool, *, detector: bool = False) -> float:
-    """The parity tolerance on logits/CAM (or box scores) for this build's weights."""
+def _export_graph(model: torch.nn.Module, path: Path,
+                  export: Callable[[Any, Path, int], None], size: int, *,
+                  float16_weights: bool) -> None:
+    """Export `model` to `path`; with float16 weights, the model is rounded first (so the
+    parity check compares it with the graph it became) and the graph's weights stored so."""
     if float16_weights:
-        return FLOAT16_PARITY_TOLERANCE
-    return DETECTOR_SCORE_TOLERANCE if detector else PARITY_TOLERANCE
-
-
-def _store_float16(path: Path) -> None:
-    before, after = store_weights_as_float16(path)
-    log.info("build.float16_weights", file=path.name, bytes_before=before, bytes_after=after)
+        round_to_float16(model)
+    export(model, path, size)
+    if float16_weights:
+        before, after = store_weights_as_float16(path)
+        log.info("build.float16_weights", file=path.name, bytes_before=before,
+                 bytes_after=after)
 
 
 def _export_detector(state: dict[str, Any], scratch: Path, files: dict[str, Path], *,
@@ -260,22 +262,18 @@ def _export_detector(state: dict[str, Any], scratch: Path, files: dict[str, Path
                              input_size=size)
     boxer.load_state_dict(state["model"])
     boxer.eval()
-    if float16_weights:
-        round_to_float16(boxer)
     files[DETECTOR_FILE] = scratch / DETECTOR_FILE
+    files[DETECTOR_WEIGHTS] = scratch / DETECTOR_WEIGHTS
     log.info("build.step", step="export detector (about a minute on 2 cores)")
-    export_detector(boxer, files[DETECTOR_FILE], size)
-    if float16_weights:
-        _store_float16(files[DETECTOR_FILE])
+    _export_graph(boxer, files[DETECTOR_FILE], export_detector, size,
+                  float16_weights=float16_weights)
     log.info("build.step", step="compare detector graph with PyTorch")
-    parity = check_detector_parity(boxer, files[DETECTOR_FILE], size,
-                                   score_tolerance=_tolerance(float16_weights, detector=True),
-                                   images=_parity_images(state, size))
+    parity = check_detector_parity(
+        boxer, files[DETECTOR_FILE], size, images=_parity_images(state, size),
+        score_tolerance=FLOAT16_PARITY_TOLERANCE if float16_weights else DETECTOR_SCORE_TOLERANCE)
     log.info("build.detector_checked", detections=parity.detections,
              box_difference=parity.box_difference, score_difference=parity.score_difference)
-    if not float16_weights:
-        files[DETECTOR_WEIGHTS] = scratch / DETECTOR_WEIGHTS
-        torch.save(boxer.state_dict(), files[DETECTOR_WEIGHTS])
+    torch.save(boxer.state_dict(), files[DETECTOR_WEIGHTS])
     return {"architecture": spec["architecture"], "backbone": spec["backbone"],
             "labels": list(spec["labels"]), "input_size": size,
             "detections_per_image": boxer.detections_per_image,
@@ -286,8 +284,6 @@ def _held_out_summary(path: Path, checkpoints: dict[str, Path]) -> dict[str, Any
     """What the manifest keeps of a `fractured evaluate` report: the split, the image-level
     scores with their confidence intervals, the operating points as reached there, the
     calibration error, every subset and the detector's AP and FROC."""
-    import json
-
     path = Path(path)
     metrics_file = path / "metrics.json" if path.is_dir() else path
     try:

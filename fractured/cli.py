@@ -52,6 +52,8 @@ def serve(config_path: Path | None) -> None:
         node = Node(settings)
     except (BundleError, FileNotFoundError) as exc:
         raise click.ClickException(f"cannot load engine bundle: {exc}") from None
+    except config.ConfigError as exc:  # what only loading can tell, e.g. a TLS key
+        raise click.ClickException(f"{settings.source}: {exc}") from None
     node.run_until_signalled()
 
 

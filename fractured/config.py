@@ -7,6 +7,8 @@ silently ignored typo is worse than one that refuses to start.
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import tomllib
 import types
 import typing
@@ -31,6 +33,34 @@ class NodeSettings:
     spool_dir: Path = Path("var/spool")
     network_timeout_s: float = 60.0
     shutdown_grace_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A calling AE title allowed to associate, and the addresses it may come from."""
+
+    ae_title: str
+    #: IP addresses or networks ("10.1.2.3", "10.1.0.0/16", "fd00::/8").
+    addresses: list[str]
+
+
+@dataclass(frozen=True)
+class AccessSettings:
+    """Who may associate. With no peers listed, anyone may (a warning at start-up)."""
+
+    require_called_ae_title: bool = False
+    peers: list[Peer] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """DICOM TLS on the listener (PS3.15 Annex B); with it on, the port speaks TLS only."""
+
+    enabled: bool = False
+    certificate: Path | None = None
+    private_key: Path | None = None
+    #: CA certificates (PEM); when set, a client must present a certificate they signed.
+    client_ca: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +132,8 @@ class LogSettings:
 @dataclass(frozen=True)
 class Settings:
     node: NodeSettings = field(default_factory=NodeSettings)
+    access: AccessSettings = field(default_factory=AccessSettings)
+    tls: TlsSettings = field(default_factory=TlsSettings)
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     study: StudySettings = field(default_factory=StudySettings)
     engine: EngineSettings = field(default_factory=EngineSettings)
@@ -184,6 +216,8 @@ def build_section(cls: type, raw: Any, where: str, base: Path) -> Any:
             values[f.name] = _coerce(raw[f.name], hints[f.name], f"{where}.{f.name}", base)
         elif hints[f.name] is Path:
             values[f.name] = (base / f.default).resolve()
+        elif hints[f.name] == Path | None:
+            values[f.name] = None
         elif f.default is MISSING and f.default_factory is MISSING:
             raise ConfigError(f"{where}.{f.name}: required key is missing")
     return cls(**values)
@@ -191,6 +225,10 @@ def build_section(cls: type, raw: Any, where: str, base: Path) -> Any:
 
 def _coerce(value: Any, hint: Any, where: str, base: Path) -> Any:
     origin = typing.get_origin(hint)
+    if hint == Path | None:  # an optional path: absent means None, present is a path
+        hint = Path
+    if dataclasses.is_dataclass(hint):
+        return build_section(hint, value, where, base)
     if hint is Path:
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{where}: expected a path (string), got {value!r}")
@@ -224,7 +262,7 @@ def _check(s: Settings) -> None:
     """Rules across or within keys that types alone cannot express."""
     for where, title in [("[node].ae_title", s.node.ae_title)] + [
         (f"[[destinations]][{i}].ae_title", d.ae_title) for i, d in enumerate(s.destinations)
-    ]:
+    ] + [(f"[[access.peers]][{i}].ae_title", p.ae_title) for i, p in enumerate(s.access.peers)]:
         if not 0 < len(title.strip()) <= 16 or "\\" in title:
             raise ConfigError(f"{where}: an AE title is 1-16 characters without '\\', "
                               f"got {title!r}")
@@ -257,6 +295,39 @@ def _check(s: Settings) -> None:
     for name in names:
         if names.count(name) > 1:
             raise ConfigError(f"[[destinations]].name: {name!r} is used twice")
+    _check_access(s.access)
+    _check_tls(s.tls)
     if not s.database.url.startswith(("sqlite:", "postgresql")):
         raise ConfigError(f"[database].url: expected sqlite:///... or postgresql://..., "
                           f"got {s.database.url!r}")
+
+
+def _check_access(access: AccessSettings) -> None:
+    seen: set[str] = set()
+    for i, peer in enumerate(access.peers):
+        where = f"[[access.peers]][{i}]"
+        if peer.ae_title.strip() in seen:
+            raise ConfigError(f"{where}.ae_title: {peer.ae_title!r} is listed twice "
+                              "(give one entry all its addresses)")
+        seen.add(peer.ae_title.strip())
+        if not peer.addresses:
+            raise ConfigError(f"{where}.addresses: list at least one address or network "
+                              '("0.0.0.0/0" for any IPv4 address)')
+        for j, address in enumerate(peer.addresses):
+            try:
+                ipaddress.ip_network(address, strict=False)
+            except ValueError:
+                raise ConfigError(f"{where}.addresses[{j}]: not an IP address or network, "
+                                  f"got {address!r}") from None
+
+
+def _check_tls(tls: TlsSettings) -> None:
+    if not tls.enabled:
+        return
+    for key in ("certificate", "private_key"):
+        if getattr(tls, key) is None:
+            raise ConfigError(f"[tls].{key}: required when [tls].enabled is true")
+    for key in ("certificate", "private_key", "client_ca"):
+        path = getattr(tls, key)
+        if path is not None and not path.is_file():
+            raise ConfigError(f"[tls].{key}: file not found: {path}")

@@ -29,7 +29,12 @@ PEER_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
 def need(tool: str) -> str:
-    path = shutil.which(tool)
+    """The system's `tool`: the venv's bin is left out of the search, because pynetdicom
+    installs its own storescu and echoscu there, with other options and output."""
+    venv_bin = Path(sys.prefix) / "bin"
+    search = os.pathsep.join(p for p in os.environ.get("PATH", os.defpath).split(os.pathsep)
+                             if p and Path(p).resolve() != venv_bin.resolve())
+    path = shutil.which(tool, path=search)
     if path is None:
         pytest.skip(f"{tool} is not installed (apt-get install dcmtk orthanc dicom3tools)")
     return path
@@ -59,11 +64,11 @@ def port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def echoscu(port: int, called: str = "FRACTURED", calling: str = "ECHOSCU"
-            ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([need("echoscu"), "-aec", called, "-aet", calling, "127.0.0.1",
-                           str(port)], capture_output=True, text=True, env=PEER_ENV,
-                          timeout=60)
+def echoscu(port: int, called: str = "FRACTURED", calling: str = "ECHOSCU",
+            extra: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([need("echoscu"), "-aec", called, "-aet", calling, *extra,
+                           "127.0.0.1", str(port)], capture_output=True, text=True,
+                          env=PEER_ENV, timeout=60)
 
 
 #: storescu's option to propose a compressed transfer syntax (it proposes uncompressed
@@ -227,6 +232,7 @@ class NodeProcess:
     delivery: dict[str, float] = field(default_factory=lambda: {
         "retry_interval_s": 1.0, "max_retry_interval_s": 2.0, "max_attempts": 3})
     results: str = ""  # extra [results] lines, e.g. "summary_image = true"
+    sections: str = ""  # more tables, as TOML text: [access], [tls], ...
 
     @property
     def config(self) -> Path:
@@ -244,7 +250,7 @@ class NodeProcess:
             f"[results]\n{self.results}\n\n"
             "[delivery]\n" + "".join(f"{k} = {v}\n" for k, v in self.delivery.items())
             + "\n"
-            f'[log]\nlevel = "info"\nformat = "json"\n{dests}')
+            f'[log]\nlevel = "info"\nformat = "json"\n{dests}\n{self.sections}')
 
     def start(self) -> NodeProcess:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -293,3 +299,36 @@ class NodeProcess:
 def c_store_statuses(output: str) -> list[int]:
     """The C-STORE response statuses that `storescu -d` printed, in order."""
     return [int(s, 16) for s in re.findall(r"DIMSE Status\s*:\s*0x([0-9A-Fa-f]{4})", output)]
+
+
+@dataclass(frozen=True)
+class Certificates:
+    """A test CA and the server and client key pairs it signed (PEM files)."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def make_certificates(folder: Path) -> Certificates:
+    """A throw-away PKI made with the openssl command line (RSA 2048, as BCP 195 asks)."""
+    openssl = need("openssl")
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], cwd=folder, check=True, capture_output=True,
+                       timeout=60)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
+        "ca.crt", "-days", "2", "-subj", "/CN=fractured test CA")
+    for name in ("server", "client"):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
+            f"{name}.csr", "-subj", f"/CN=fractured test {name}")
+        (folder / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "2", "-out", f"{name}.crt", "-extfile",
+            f"{name}.ext")
+    return Certificates(folder / "ca.crt", folder / "server.crt", folder / "server.key",
+                        folder / "client.crt", folder / "client.key")

@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Install what the node and its tests need on a fresh Debian machine, idempotently:
-# the DICOM peers the tests talk to (DCMTK, Orthanc, dicom3tools) and a venv in .venv
-# with the package, its training extra (torch) and its test extra.
+# the DICOM peers the tests talk to (DCMTK, Orthanc, dicom3tools; openssl makes their
+# TLS certificates) and a venv in .venv with the package, its training extra (torch)
+# and its test extra.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# By package, not by command: pynetdicom installs its own `storescu` and `echoscu`
+# into the venv, which would hide a missing DCMTK from an activated shell.
 need_apt=()
-for tool in storescu:dcmtk Orthanc:orthanc dciodvfy:dicom3tools; do
-  command -v "${tool%%:*}" >/dev/null || need_apt+=("${tool#*:}")
+for package in dcmtk orthanc dicom3tools openssl; do
+  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
+    || need_apt+=("$package")
 done
 if ((${#need_apt[@]})); then
   sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"

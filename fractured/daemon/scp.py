@@ -7,7 +7,6 @@ specific status and a log event that says why.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 from pydicom.dataset import Dataset
@@ -23,6 +22,9 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from fractured import log
 from fractured.config import Settings
+from fractured.daemon import access
+from fractured.daemon.access import AccessPolicy
+from fractured.daemon.audit import AssociationAudit
 from fractured.daemon.queue import Queue, ReceivedInstance
 from fractured.daemon.spool import is_uid
 from fractured.durable import write_durably
@@ -60,16 +62,22 @@ def build_ae(settings: Settings) -> AE:
     ae.acse_timeout = settings.node.network_timeout_s
     ae.dimse_timeout = settings.node.network_timeout_s
     ae.maximum_pdu_size = 0  # no limit: large radiographs arrive in fewer PDUs
+    ae.require_called_aet = settings.access.require_called_ae_title
     ae.add_supported_context(Verification)
     for context in StoragePresentationContexts:
         ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     return ae
 
 
-def handlers(spool_dir: Path, queue: Queue) -> list[tuple[evt.InterventionEvent, Callable]]:
+def handlers(spool_dir: Path, queue: Queue, policy: AccessPolicy,
+             audit: AssociationAudit) -> list[tuple]:
+    """Every event the listener handles: access at the request, then the services, and
+    the audit trail of each association."""
     return [
+        *access.handlers(policy),
+        *audit.handlers(),
         (evt.EVT_C_ECHO, _handle_echo),
-        (evt.EVT_C_STORE, _handle_store, [spool_dir, queue]),
+        (evt.EVT_C_STORE, _handle_store, [spool_dir, queue, audit]),
     ]
 
 
@@ -78,7 +86,14 @@ def _handle_echo(event: Event) -> int:
     return SUCCESS
 
 
-def _handle_store(event: Event, spool_dir: Path, queue: Queue) -> int:
+def _handle_store(event: Event, spool_dir: Path, queue: Queue, audit: AssociationAudit) -> int:
+    status, size = _store(event, spool_dir, queue)
+    audit.stored(event.assoc, status, size)
+    return status
+
+
+def _store(event: Event, spool_dir: Path, queue: Queue) -> tuple[int, int]:
+    """Spool and record one C-STORE: (status, bytes stored)."""
     calling_ae = event.assoc.requestor.ae_title
     sop_class = str(event.request.AffectedSOPClassUID)
     sop_instance = str(event.request.AffectedSOPInstanceUID)
@@ -86,7 +101,7 @@ def _handle_store(event: Event, spool_dir: Path, queue: Queue) -> int:
     if sop_class not in ACCEPTED_SOP_CLASSES:
         _log.warning("store.rejected", reason="sop_class_not_supported", sop_class_uid=sop_class,
                      **ctx)
-        return SOP_CLASS_NOT_SUPPORTED
+        return SOP_CLASS_NOT_SUPPORTED, 0
     try:
         ds: Dataset = event.dataset
         study_uid = str(ds.get("StudyInstanceUID", ""))
@@ -95,11 +110,11 @@ def _handle_store(event: Event, spool_dir: Path, queue: Queue) -> int:
         dataset_uid = str(ds.get("SOPInstanceUID", ""))
     except Exception as exc:
         _log.warning("store.rejected", reason="dataset_unreadable", error=str(exc), **ctx)
-        return CANNOT_UNDERSTAND
+        return CANNOT_UNDERSTAND, 0
     problem = _identity_problem(study_uid, series_uid, dataset_uid, sop_instance)
     if problem:
         _log.warning("store.rejected", reason=problem, **ctx)
-        return DATASET_DOES_NOT_MATCH_SOP_CLASS
+        return DATASET_DOES_NOT_MATCH_SOP_CLASS, 0
 
     path = spool_dir / "incoming" / study_uid / f"{sop_instance}.dcm"
     try:
@@ -107,7 +122,7 @@ def _handle_store(event: Event, spool_dir: Path, queue: Queue) -> int:
         write_durably(path, data)
     except OSError as exc:
         _log.error("store.failed", reason="spool_unwritable", error=str(exc), **ctx)
-        return OUT_OF_RESOURCES
+        return OUT_OF_RESOURCES, 0
     try:
         outcome = queue.record_instance(ReceivedInstance(
             study_instance_uid=study_uid, series_instance_uid=series_uid,
@@ -116,10 +131,10 @@ def _handle_store(event: Event, spool_dir: Path, queue: Queue) -> int:
     except Exception as exc:
         # The file stays (a resend replaces it); without its row it is not acknowledged.
         _log.error("store.failed", reason="database_error", error=str(exc), **ctx)
-        return OUT_OF_RESOURCES
+        return OUT_OF_RESOURCES, 0
     _log.info("store.accepted", study_instance_uid=study_uid, modality=modality,
               bytes=len(data), outcome=outcome, **ctx)
-    return SUCCESS
+    return SUCCESS, len(data)
 
 
 def _identity_problem(study: str, series: str, dataset_uid: str, request_uid: str) -> str:

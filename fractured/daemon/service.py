@@ -6,12 +6,12 @@ import signal
 import threading
 import time
 
-from pynetdicom.transport import ThreadedAssociationServer
-
 from fractured import log
 from fractured.config import Settings
-from fractured.daemon import scp
+from fractured.daemon import scp, tls
+from fractured.daemon.access import AccessPolicy
 from fractured.daemon.active_model import ActiveModel
+from fractured.daemon.audit import AssociationAudit
 from fractured.daemon.queue import Queue, make_engine
 from fractured.daemon.scheduler import build_scheduler
 from fractured.daemon.worker import Worker
@@ -40,23 +40,32 @@ class Node:
         self._stop = threading.Event()
         self.scheduler = build_scheduler(settings, self.queue, self.worker, self._stop)
         self.ae = scp.build_ae(settings)
-        self._server: ThreadedAssociationServer | None = None
+        self.access = AccessPolicy.from_settings(settings.access)
+        self.ssl_context = tls.server_context(settings.tls)
+        self._server: tls.HandshakingServer | None = None
 
     def start(self) -> None:
         released = self.queue.release_leases(self.worker.id)
         if released:
             _log.info("leases.released", studies=released, worker=self.worker.id)
         self.scheduler.start()
-        self._server = self.ae.start_server(
-            (self.settings.node.host, self.settings.node.port), block=False,
-            evt_handlers=scp.handlers(self.settings.node.spool_dir, self.queue))
+        self._server = tls.start_server(
+            self.ae, (self.settings.node.host, self.settings.node.port), self.ssl_context,
+            scp.handlers(self.settings.node.spool_dir, self.queue, self.access,
+                         AssociationAudit()))
         pipeline = self.model.pipeline
         model = pipeline.model
         _log.info("node.started", ae_title=self.settings.node.ae_title,
                   host=self.settings.node.host, port=self.settings.node.port,
                   model=model.label, trained=model.trained, backend=pipeline.backend_name,
+                  tls=self.ssl_context is not None,
+                  client_certificates=self.settings.tls.client_ca is not None,
+                  allowed_peers=sorted(self.access.peers),
                   engines=str(self.model.location),
                   destinations=[d.name for d in self.settings.destinations])
+        if self.access.open:
+            _log.warning("access.open", detail="no [[access.peers]] listed: any calling AE "
+                         "from any address may store images here")
         if not model.trained:
             _log.warning("model.untrained", model=model.label,
                          detail="results are marked UNTRAINED MODEL and mean nothing")

@@ -1,0 +1,86 @@
+"""Who may associate: the calling AE allow-list and the addresses each peer may use.
+
+The check runs when an A-ASSOCIATE-RQ arrives (pynetdicom's EVT_REQUESTED), before any
+presentation context is negotiated, and answers a refused peer with an A-ASSOCIATE-RJ
+(rejected-permanent, service-user, "calling AE title not recognised": PS3.8 9.3.4 has no
+reason for a wrong address, and to the peer an AE title from the wrong host is an
+unknown one). The log event names the real reason for the administrator.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from enum import StrEnum
+
+from pynetdicom import evt
+from pynetdicom.events import Event
+
+from fractured import log
+from fractured.config import AccessSettings
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# A-ASSOCIATE-RJ fields (PS3.8 9.3.4): result, source, reason/diagnostic.
+REJECTED_PERMANENT = 0x01
+SOURCE_SERVICE_USER = 0x01
+CALLING_AE_NOT_RECOGNISED = 0x03
+
+_log = log.get("fractured.access")
+
+
+class Refusal(StrEnum):
+    """Why an association request was refused (the `reason` of `association.rejected`)."""
+
+    CALLING_AE_NOT_ALLOWED = "calling_ae_not_allowed"
+    ADDRESS_NOT_ALLOWED = "address_not_allowed"
+
+
+@dataclass(frozen=True)
+class AccessPolicy:
+    """The allow-list as parsed networks; an empty one lets every peer in."""
+
+    peers: dict[str, tuple[IPNetwork, ...]]
+
+    @classmethod
+    def from_settings(cls, access: AccessSettings) -> AccessPolicy:
+        return cls({p.ae_title.strip(): tuple(ipaddress.ip_network(a, strict=False)
+                                              for a in p.addresses)
+                    for p in access.peers})
+
+    @property
+    def open(self) -> bool:
+        return not self.peers
+
+    def refusal(self, calling_ae: str, address: str) -> Refusal | None:
+        """Why `calling_ae` connecting from `address` may not associate, or None."""
+        if self.open:
+            return None
+        networks = self.peers.get(calling_ae.strip())
+        if networks is None:
+            return Refusal.CALLING_AE_NOT_ALLOWED
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped  # a dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d
+        if not any(ip in network for network in networks):
+            return Refusal.ADDRESS_NOT_ALLOWED
+        return None
+
+
+def handlers(policy: AccessPolicy) -> list[tuple[evt.NotificationEvent, object, list]]:
+    return [(evt.EVT_REQUESTED, _handle_requested, [policy])]
+
+
+def _handle_requested(event: Event, policy: AccessPolicy) -> None:
+    assoc = event.assoc
+    calling_ae = str(assoc.requestor.primitive.calling_ae_title).strip()
+    address = str(assoc.requestor.address)
+    reason = policy.refusal(calling_ae, address)
+    if reason is None:
+        return
+    _log.warning("association.rejected", reason=str(reason), calling_ae=calling_ae,
+                 address=address)
+    # pynetdicom skips negotiation once the request is rejected here; kill() then stops
+    # the association's DUL thread as its own rejections do.
+    assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, CALLING_AE_NOT_RECOGNISED)
+    assoc.kill()

@@ -16,6 +16,8 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from fractured.daemon.spool import is_uid
+
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config.toml"
 
 
@@ -33,6 +35,14 @@ class NodeSettings:
     spool_dir: Path = Path("var/spool")
     network_timeout_s: float = 60.0
     shutdown_grace_s: float = 30.0
+    #: Associations served at once; one more is rejected transiently (the peer retries).
+    max_associations: int = 32
+    #: An instance already held (same SOP Instance UID) sent again: "keep_first"
+    #: acknowledges it and keeps the copy held; "replace" stores the new copy and
+    #: analyses its study again.
+    duplicates: Literal["keep_first", "replace"] = "keep_first"
+    #: Storage SOP Class UIDs accepted besides CR, DX and Secondary Capture.
+    extra_sop_classes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -283,6 +293,7 @@ def _check(s: Settings) -> None:
         "[delivery].max_retry_interval_s": s.delivery.max_retry_interval_s,
         "[node].network_timeout_s": s.node.network_timeout_s,
         "[node].shutdown_grace_s": s.node.shutdown_grace_s,
+        "[node].max_associations": s.node.max_associations,
     }
     for where, value in positive.items():
         if value <= 0:
@@ -295,6 +306,9 @@ def _check(s: Settings) -> None:
     for name in names:
         if names.count(name) > 1:
             raise ConfigError(f"[[destinations]].name: {name!r} is used twice")
+    for i, uid in enumerate(s.node.extra_sop_classes):
+        if not is_uid(uid):
+            raise ConfigError(f"[node].extra_sop_classes[{i}]: not a UID, got {uid!r}")
     _check_access(s.access)
     _check_tls(s.tls)
     if not s.database.url.startswith(("sqlite:", "postgresql")):

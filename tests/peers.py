@@ -233,6 +233,8 @@ class NodeProcess:
         "retry_interval_s": 1.0, "max_retry_interval_s": 2.0, "max_attempts": 3})
     results: str = ""  # extra [results] lines, e.g. "summary_image = true"
     sections: str = ""  # more tables, as TOML text: [access], [tls], ...
+    node: str = ""  # extra [node] lines, e.g. 'duplicates = "replace"'
+    spool_dir: str = "spool"
 
     @property
     def config(self) -> Path:
@@ -244,7 +246,7 @@ class NodeProcess:
             f'host = "127.0.0.1"\nport = {d["port"]}\n' for d in self.destinations)
         self.config.write_text(
             f'[node]\nae_title = "{self.ae_title}"\nhost = "127.0.0.1"\nport = {self.port}\n'
-            f'spool_dir = "spool"\n\n[database]\nurl = "sqlite:///fractured.db"\n\n'
+            f'spool_dir = "{self.spool_dir}"\n{self.node}\n\n[database]\nurl = "sqlite:///fractured.db"\n\n'
             f"[study]\nquiet_period_s = {self.quiet_period_s}\n\n"
             f'[engine]\nbundle = "{self.bundle}"\n\n[worker]\npoll_interval_s = 0.2\n\n'
             f"[results]\n{self.results}\n\n"

@@ -151,6 +151,14 @@ class ReceivedInstance:
 
 
 @dataclass(frozen=True)
+class HeldInstance:
+    """Where an instance the node already holds belongs, and its spool file."""
+
+    study_instance_uid: str
+    path: Path
+
+
+@dataclass(frozen=True)
 class ClaimedStudy:
     id: int
     study_instance_uid: str
@@ -216,6 +224,14 @@ class Queue:
         """Every stored shadow finding, oldest first."""
         with self._tx() as s:
             return list(s.scalars(select(ShadowFinding).order_by(ShadowFinding.id)))
+
+    def held(self, sop_instance_uid: str) -> HeldInstance | None:
+        """The study and spool file of an instance already recorded, if any."""
+        with self._tx() as s:
+            row = s.execute(select(Study.study_instance_uid, Instance.path)
+                            .join(Study, Study.id == Instance.study_id)
+                            .where(Instance.sop_instance_uid == sop_instance_uid)).first()
+        return None if row is None else HeldInstance(row[0], Path(row[1]))
 
     def record_instance(self, item: ReceivedInstance) -> str:
         """Record a spooled instance and (re)open its study; returns 'new' or 'replaced'."""

@@ -7,8 +7,6 @@ specific status and a log event that says why.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
 from pynetdicom.events import Event
@@ -21,7 +19,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from fractured import log
-from fractured.config import Settings
+from fractured.config import NodeSettings, Settings
 from fractured.daemon import access
 from fractured.daemon.access import AccessPolicy
 from fractured.daemon.audit import AssociationAudit
@@ -63,13 +61,14 @@ def build_ae(settings: Settings) -> AE:
     ae.dimse_timeout = settings.node.network_timeout_s
     ae.maximum_pdu_size = 0  # no limit: large radiographs arrive in fewer PDUs
     ae.require_called_aet = settings.access.require_called_ae_title
+    ae.maximum_associations = settings.node.max_associations
     ae.add_supported_context(Verification)
     for context in StoragePresentationContexts:
         ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     return ae
 
 
-def handlers(spool_dir: Path, queue: Queue, policy: AccessPolicy,
+def handlers(node: NodeSettings, queue: Queue, policy: AccessPolicy,
              audit: AssociationAudit) -> list[tuple]:
     """Every event the listener handles: access at the request, then the services, and
     the audit trail of each association."""
@@ -77,7 +76,7 @@ def handlers(spool_dir: Path, queue: Queue, policy: AccessPolicy,
         *access.handlers(policy),
         *audit.handlers(),
         (evt.EVT_C_ECHO, _handle_echo),
-        (evt.EVT_C_STORE, _handle_store, [spool_dir, queue, audit]),
+        (evt.EVT_C_STORE, _handle_store, [node, queue, audit]),
     ]
 
 
@@ -86,19 +85,20 @@ def _handle_echo(event: Event) -> int:
     return SUCCESS
 
 
-def _handle_store(event: Event, spool_dir: Path, queue: Queue, audit: AssociationAudit) -> int:
-    status, size = _store(event, spool_dir, queue)
+def _handle_store(event: Event, node: NodeSettings, queue: Queue,
+                  audit: AssociationAudit) -> int:
+    status, size = _store(event, node, queue)
     audit.stored(event.assoc, status, size)
     return status
 
 
-def _store(event: Event, spool_dir: Path, queue: Queue) -> tuple[int, int]:
+def _store(event: Event, node: NodeSettings, queue: Queue) -> tuple[int, int]:
     """Spool and record one C-STORE: (status, bytes stored)."""
     calling_ae = event.assoc.requestor.ae_title
     sop_class = str(event.request.AffectedSOPClassUID)
     sop_instance = str(event.request.AffectedSOPInstanceUID)
     ctx = {"calling_ae": calling_ae, "sop_instance_uid": sop_instance}
-    if sop_class not in ACCEPTED_SOP_CLASSES:
+    if sop_class not in ACCEPTED_SOP_CLASSES and sop_class not in node.extra_sop_classes:
         _log.warning("store.rejected", reason="sop_class_not_supported", sop_class_uid=sop_class,
                      **ctx)
         return SOP_CLASS_NOT_SUPPORTED, 0
@@ -116,7 +116,21 @@ def _store(event: Event, spool_dir: Path, queue: Queue) -> tuple[int, int]:
         _log.warning("store.rejected", reason=problem, **ctx)
         return DATASET_DOES_NOT_MATCH_SOP_CLASS, 0
 
-    path = spool_dir / "incoming" / study_uid / f"{sop_instance}.dcm"
+    try:
+        held = queue.held(sop_instance)
+    except Exception as exc:
+        _log.error("store.failed", reason="database_error", error=str(exc), **ctx)
+        return OUT_OF_RESOURCES, 0
+    if held is not None and node.duplicates == "keep_first":
+        if held.study_instance_uid != study_uid:
+            _log.warning("store.rejected", reason="sop_instance_uid_held_in_another_study",
+                         study_instance_uid=study_uid,
+                         held_study_instance_uid=held.study_instance_uid, **ctx)
+            return DATASET_DOES_NOT_MATCH_SOP_CLASS, 0
+        _log.info("store.duplicate", study_instance_uid=study_uid, outcome="kept_first", **ctx)
+        return SUCCESS, 0
+
+    path = node.spool_dir / "incoming" / study_uid / f"{sop_instance}.dcm"
     try:
         data = event.encoded_dataset()  # as received: preamble, file meta, original syntax
         write_durably(path, data)
@@ -132,6 +146,8 @@ def _store(event: Event, spool_dir: Path, queue: Queue) -> tuple[int, int]:
         # The file stays (a resend replaces it); without its row it is not acknowledged.
         _log.error("store.failed", reason="database_error", error=str(exc), **ctx)
         return OUT_OF_RESOURCES, 0
+    if held is not None and held.path != path:  # "replace" moved it to another study
+        held.path.unlink(missing_ok=True)
     _log.info("store.accepted", study_instance_uid=study_uid, modality=modality,
               bytes=len(data), outcome=outcome, **ctx)
     return SUCCESS, len(data)

@@ -51,7 +51,7 @@ class Node:
         self.scheduler.start()
         self._server = tls.start_server(
             self.ae, (self.settings.node.host, self.settings.node.port), self.ssl_context,
-            scp.handlers(self.settings.node.spool_dir, self.queue, self.access,
+            scp.handlers(self.settings.node, self.queue, self.access,
                          AssociationAudit()))
         pipeline = self.model.pipeline
         model = pipeline.model

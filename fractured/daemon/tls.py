@@ -81,6 +81,7 @@ def start_server(ae: AE, address: tuple[str, int], ssl_context: ssl.SSLContext |
     """AE.start_server(block=False), with HandshakingServer as the server class."""
     server = ae.make_server(address, ssl_context=ssl_context, evt_handlers=evt_handlers,
                             server_class=HandshakingServer)
+    ae._servers.append(server)  # as AE.start_server does: server.shutdown() expects it
     stamp = datetime.now().strftime("%Y%m%d%H%M%S")
     threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{stamp}",
                      daemon=True).start()

@@ -1,0 +1,257 @@
+"""Ingest a hospital can rely on: resent images, extra SOP classes, many senders at once,
+a full disk. The node is a real process (or, to inject a disk error, a real Node in this
+process) and DCMTK's storescu is the sender, so every outcome is a status a modality
+would see and a file or row the node holds.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from fractured import config
+from fractured.daemon.service import Node
+from tests import factory
+from tests.peers import (
+    PEER_ENV,
+    NodeProcess,
+    c_store_statuses,
+    echoscu,
+    free_port,
+    need,
+    storescu,
+    wait_for,
+)
+
+pytestmark = pytest.mark.peers
+
+MAMMOGRAPHY = "1.2.840.10008.5.1.4.1.1.1.2"  # Digital Mammography X-Ray, For Presentation
+
+
+def sent(port: int, files: list[Path], *, halt: bool = True) -> list[int]:
+    """storescu the files; the C-STORE statuses it got, in order. storescu stops at the
+    first failure status unless told not to (-nh)."""
+    proc = storescu(port, files, extra=() if halt else ["-nh"])
+    return c_store_statuses(proc.stdout + proc.stderr)
+
+
+def study_rows(node: NodeProcess) -> dict[str, dict]:
+    return {s["study_instance_uid"]: s for s in node.status()["study_list"]}
+
+
+def events(node: NodeProcess, name: str, count: int) -> list[dict]:
+    return wait_for(f"{count} {name} events", lambda: (
+        lambda e: e if len(e) >= count else None)(node.events(name)), 20)
+
+
+def spooled(node: NodeProcess) -> list[Path]:
+    return sorted((node.folder / node.spool_dir / "incoming").rglob("*.dcm"))
+
+
+def start(tmp_path: Path, bundle: Path, **kwargs: object) -> NodeProcess:
+    return NodeProcess(tmp_path / "node", bundle, [], **kwargs).start()  # type: ignore[arg-type]
+
+
+def test_resent_study_is_kept_once_and_not_analysed_again(tmp_path: Path,
+                                                          untrained_bundle: Path) -> None:
+    node = start(tmp_path, untrained_bundle)
+    try:
+        files = factory.write_study(tmp_path / "study", 2)
+        uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+        assert sent(node.port, files) == [0, 0]
+        wait_for("the study to be done", lambda: study_rows(node)[uid]["state"] == "done", 60)
+        assert sent(node.port, files) == [0, 0]  # a PACS resending the study
+        duplicates = events(node, "store.duplicate", 2)
+        assert {e["outcome"] for e in duplicates} == {"kept_first"}
+        time.sleep(3)  # three quiet periods: a re-opened study would have run again
+        row = study_rows(node)[uid]
+        assert (row["state"], row["runs"], row["instances"]) == ("done", 1, 2)
+        assert len(spooled(node)) == 2
+    finally:
+        node.stop()
+
+
+def test_replace_stores_the_new_copy_and_analyses_again(tmp_path: Path,
+                                                        untrained_bundle: Path) -> None:
+    node = start(tmp_path, untrained_bundle, node='duplicates = "replace"')
+    try:
+        (first,) = factory.write_study(tmp_path / "study", 1)
+        uid = str(pydicom.dcmread(first).StudyInstanceUID)
+        assert sent(node.port, [first]) == [0]
+        wait_for("the first run", lambda: study_rows(node)[uid]["state"] == "done", 60)
+        corrected = pydicom.dcmread(first)
+        corrected.ImageComments = "corrected by the modality"
+        corrected.save_as(first, enforce_file_format=True)
+        assert sent(node.port, [first]) == [0]
+        wait_for("the second run", lambda: (lambda r: r["runs"] == 2 and r["state"] == "done")(
+            study_rows(node)[uid]), 60)
+        (held,) = spooled(node)
+        assert pydicom.dcmread(held).ImageComments == "corrected by the modality"
+        assert study_rows(node)[uid]["instances"] == 1
+    finally:
+        node.stop()
+
+
+def moved_copy(path: Path, folder: Path) -> tuple[Path, str]:
+    """The same instance (same SOP Instance UID) filed under a new study."""
+    ds = pydicom.dcmread(path)
+    ds.StudyInstanceUID = pydicom.uid.generate_uid()
+    out = folder / "moved.dcm"
+    ds.save_as(out, enforce_file_format=True)
+    return out, str(ds.StudyInstanceUID)
+
+
+@pytest.mark.parametrize("mode", ["keep_first", "replace"])
+def test_same_instance_in_another_study(tmp_path: Path, untrained_bundle: Path,
+                                        mode: str) -> None:
+    node = start(tmp_path, untrained_bundle, quiet_period_s=3600, node=f'duplicates = "{mode}"')
+    try:
+        (original,) = factory.write_study(tmp_path / "study", 1)
+        old_uid = str(pydicom.dcmread(original).StudyInstanceUID)
+        assert sent(node.port, [original]) == [0]
+        moved, new_uid = moved_copy(original, tmp_path)
+        statuses = sent(node.port, [moved])
+        rows = study_rows(node)
+        if mode == "keep_first":
+            assert statuses == [0xA900]
+            (event,) = events(node, "store.rejected", 1)
+            assert event["reason"] == "sop_instance_uid_held_in_another_study"
+            assert new_uid not in rows and rows[old_uid]["instances"] == 1
+            assert [p.parent.name for p in spooled(node)] == [old_uid]
+        else:
+            assert statuses == [0]
+            assert rows[new_uid]["instances"] == 1 and rows[old_uid]["instances"] == 0
+            assert [p.parent.name for p in spooled(node)] == [new_uid]  # old file removed
+    finally:
+        node.stop()
+
+
+def mammogram(folder: Path) -> Path:
+    ds = factory.xray(pydicom.uid.generate_uid())
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = MAMMOGRAPHY
+    folder.mkdir(parents=True, exist_ok=True)
+    ds.save_as(folder / "mg.dcm", enforce_file_format=True)
+    return folder / "mg.dcm"
+
+
+def test_storage_class_outside_the_list_is_refused_unless_configured(
+        tmp_path: Path, untrained_bundle: Path) -> None:
+    image = mammogram(tmp_path / "mg")
+    plain = NodeProcess(tmp_path / "plain", untrained_bundle, [], quiet_period_s=3600).start()
+    try:
+        assert sent(plain.port, [image]) == [0x0122]
+    finally:
+        plain.stop()
+    extended = NodeProcess(tmp_path / "extended", untrained_bundle, [], quiet_period_s=3600,
+                           node=f'extra_sop_classes = ["{MAMMOGRAPHY}"]').start()
+    try:
+        assert sent(extended.port, [image]) == [0]
+        assert len(spooled(extended)) == 1
+    finally:
+        extended.stop()
+
+
+@pytest.mark.slow
+def test_16_concurrent_associations_of_50_instances_are_all_stored(
+        tmp_path: Path, untrained_bundle: Path) -> None:
+    node = start(tmp_path, untrained_bundle, quiet_period_s=3600)
+    try:
+        studies = [factory.write_study(tmp_path / f"s{i:02d}", 50, rows=64, cols=64)
+                   for i in range(16)]
+        senders = [subprocess.Popen(
+            [need("storescu"), "-d", "-aec", node.ae_title, "-aet", f"SENDER{i:02d}",
+             "127.0.0.1", str(node.port), *map(str, files)], stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, env=PEER_ENV) for i, files in enumerate(studies)]
+        outputs = [sender.communicate(timeout=300)[0] for sender in senders]
+        for i, output in enumerate(outputs):
+            summary = "\n".join(ln for ln in output.splitlines() if not ln.startswith("D:"))
+            assert c_store_statuses(output) == [0] * 50, f"sender {i}: {summary[-3000:]}"
+        rows = study_rows(node)
+        assert len(rows) == 16 and {r["instances"] for r in rows.values()} == {50}
+        assert len(spooled(node)) == 800
+        ended = events(node, "association.ended", 16)
+        assert sorted(e["instances"] for e in ended) == [50] * 16
+    finally:
+        node.stop()
+
+
+def no_temporary_files(folder: Path) -> bool:
+    return not [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path):
+    """A 1 MiB tmpfs, where this machine lets the tests mount one (root in a container
+    with mount rights; CI here). Yields its mount point; unmounted afterwards."""
+    point = tmp_path / "spool"
+    point.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs",
+                           str(point)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or proc.returncode}); "
+                    "the injected-ENOSPC test covers the full disk")
+    yield point
+    subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+def test_full_spool_answers_a700_keeps_what_it_acknowledged_and_recovers(
+        tmp_path: Path, untrained_bundle: Path, small_tmpfs: Path) -> None:
+    node = start(tmp_path, untrained_bundle, quiet_period_s=3600, spool_dir=str(small_tmpfs))
+    try:
+        files = factory.write_study(tmp_path / "study", 12)  # ~145 kB each: 1 MiB holds ~6
+        statuses = sent(node.port, files, halt=False)
+        assert len(statuses) == 12 and set(statuses) == {0, 0xA700}, statuses
+        refused = [f for f, status in zip(files, statuses, strict=True) if status == 0xA700]
+        assert 0 < len(refused) < 12
+        assert {e["reason"] for e in node.events("store.failed")} == {"spool_unwritable"}
+        assert no_temporary_files(small_tmpfs)
+        (row,) = study_rows(node).values()
+        assert row["instances"] == 12 - len(refused) == len(spooled(node))
+        assert echoscu(node.port).returncode == 0  # still serving
+
+        subprocess.run(["mount", "-o", "remount,size=8m", str(small_tmpfs)], check=True)
+        assert sent(node.port, refused) == [0] * len(refused)
+        (row,) = study_rows(node).values()
+        assert row["instances"] == 12 == len(spooled(node))
+    finally:
+        node.stop()
+
+
+def test_enospc_at_fsync_leaves_nothing_half_written_and_recovers(
+        tmp_path: Path, untrained_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where no tmpfs can be mounted: the disk error is injected at the fsync of spool
+    files (where a full disk with delayed allocation reports it), in a real Node."""
+    port = free_port()
+    (tmp_path / "config.toml").write_text(
+        f'[node]\nhost = "127.0.0.1"\nport = {port}\nspool_dir = "spool"\n'
+        f'[database]\nurl = "sqlite:///q.db"\n[study]\nquiet_period_s = 3600\n'
+        f'[engine]\nbundle = "{untrained_bundle}"\n')
+    settings = config.load(tmp_path / "config.toml")
+    spool = settings.node.spool_dir
+    real_fsync, full = os.fsync, {"on": True}
+
+    def fsync(fd: int) -> None:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        if full["on"] and target.startswith(str(spool / "incoming")) and target.endswith(".tmp"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    node = Node(settings)
+    node.start()
+    try:
+        files = factory.write_study(tmp_path / "study", 3)
+        assert sent(port, files, halt=False) == [0xA700] * 3
+        assert node.queue.studies() == []
+        assert no_temporary_files(spool) and not list(spool.rglob("*.dcm"))
+        full["on"] = False  # space is back
+        assert sent(port, files) == [0] * 3
+        assert [s["instances"] for s in node.queue.studies()] == [3]
+    finally:
+        node.stop()

@@ -15,16 +15,15 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from bench.faults import Sender
 from fractured import config
 from fractured.daemon.service import Node
 from tests import factory
 from tests.peers import (
-    PEER_ENV,
     NodeProcess,
     c_store_statuses,
     echoscu,
     free_port,
-    need,
     storescu,
     wait_for,
 )
@@ -164,11 +163,9 @@ def test_16_concurrent_associations_of_50_instances_are_all_stored(
     try:
         studies = [factory.write_study(tmp_path / f"s{i:02d}", 50, rows=64, cols=64)
                    for i in range(16)]
-        senders = [subprocess.Popen(
-            [need("storescu"), "-d", "-aec", node.ae_title, "-aet", f"SENDER{i:02d}",
-             "127.0.0.1", str(node.port), *map(str, files)], stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, env=PEER_ENV) for i, files in enumerate(studies)]
-        outputs = [sender.communicate(timeout=300)[0] for sender in senders]
+        senders = [Sender(node.port, files, tmp_path / f"storescu{i:02d}.log",
+                          calling=f"SENDER{i:02d}") for i, files in enumerate(studies)]
+        outputs = [sender.output() for sender in senders]
         for i, output in enumerate(outputs):
             summary = "\n".join(ln for ln in output.splitlines() if not ln.startswith("D:"))
             assert c_store_statuses(output) == [0] * 50, f"sender {i}: {summary[-3000:]}"

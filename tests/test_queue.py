@@ -74,6 +74,18 @@ def test_failed_delivery_is_retried_then_given_up(queue: Queue) -> None:
     assert state(queue) == "failed"
 
 
+def test_restart_starts_the_quiet_period_of_receiving_studies_again(queue: Queue) -> None:
+    queue.record_instance(received("1.1", "9.1"))  # cut off by a crash, still receiving
+    queue.record_instance(received("2.1", "9.2"))
+    assert sorted(queue.mark_ready(0)) == ["9.1", "9.2"]
+    queue.record_instance(received("3.1", "9.3"))
+    time.sleep(0.05)
+    assert queue.restart_quiet_periods() == 1  # only 9.3 is still receiving
+    assert queue.mark_ready(0.04) == []  # its silence counts from the restart
+    time.sleep(0.05)
+    assert queue.mark_ready(0.04) == ["9.3"]
+
+
 def test_late_image_reopens_a_done_study(queue: Queue) -> None:
     queue.record_instance(received("1.1"))
     queue.mark_ready(0)

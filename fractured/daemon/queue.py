@@ -309,6 +309,17 @@ class Queue:
                 Study.state == StudyState.PROCESSING, Study.claimed_by == worker,
             ).values(state=StudyState.READY, claimed_by=None, lease_until=None)).rowcount
 
+    def restart_quiet_periods(self) -> int:
+        """Start the quiet period again for every study still receiving.
+
+        Called when the listener (re)opens: while it was down no sender could reach it,
+        and that silence is not a study being complete. Without this, a study cut off by
+        a crash would be analysed on the images it had before the sender's retry came.
+        """
+        with self._tx() as s:
+            return s.execute(update(Study).where(Study.state == StudyState.RECEIVING)
+                             .values(last_received_at=utcnow())).rowcount
+
     def finish(self, claim: ClaimedStudy, worker: str, results: Sequence[ResultObject],
                destinations: Sequence[str], *, skipped: str | None = None) -> StudyState:
         """Commit a run's results and queue their deliveries, in one transaction.

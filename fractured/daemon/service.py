@@ -48,6 +48,9 @@ class Node:
         released = self.queue.release_leases(self.worker.id)
         if released:
             _log.info("leases.released", studies=released, worker=self.worker.id)
+        reopened = self.queue.restart_quiet_periods()
+        if reopened:
+            _log.info("quiet_periods.restarted", studies=reopened)
         self.scheduler.start()
         self._server = tls.start_server(
             self.ae, (self.settings.node.host, self.settings.node.port), self.ssl_context,

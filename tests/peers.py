@@ -91,7 +91,8 @@ def storescu(port: int, files: Sequence[Path], called: str = "FRACTURED",
     """
     groups: dict[str, list[Path]] = {}
     for path in files:
-        syntax = str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+        meta = pydicom.dcmread(path, stop_before_pixels=True, force=True).file_meta
+        syntax = str(meta.get("TransferSyntaxUID", ""))  # none in a bare dataset file
         groups.setdefault(STORESCU_PROPOSE.get(syntax, ""), []).append(path)
     runs = [subprocess.run([need("storescu"), "-d", *([option] if option else []), "-aec",
                             called, "-aet", calling, *extra, "127.0.0.1", str(port),

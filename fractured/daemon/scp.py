@@ -108,10 +108,12 @@ def _store(event: Event, node: NodeSettings, queue: Queue) -> tuple[int, int]:
         series_uid = str(ds.get("SeriesInstanceUID", ""))
         modality = str(ds.get("Modality", ""))
         dataset_uid = str(ds.get("SOPInstanceUID", ""))
+        dataset_class = str(ds.get("SOPClassUID", ""))
     except Exception as exc:
         _log.warning("store.rejected", reason="dataset_unreadable", error=str(exc), **ctx)
         return CANNOT_UNDERSTAND, 0
-    problem = _identity_problem(study_uid, series_uid, dataset_uid, sop_instance)
+    problem = _identity_problem(study_uid, series_uid, dataset_uid, sop_instance) or (
+        "sop_class_uid_mismatch" if dataset_class != sop_class else "")
     if problem:
         _log.warning("store.rejected", reason=problem, **ctx)
         return DATASET_DOES_NOT_MATCH_SOP_CLASS, 0

@@ -88,10 +88,12 @@ class Node:
                 a.is_established for a in self.ae.active_associations):
             time.sleep(0.1)
         for assoc in self.ae.active_associations:
-            _log.warning("association.aborted", reason="shutdown",
-                         calling_ae=assoc.requestor.ae_title,
-                         established=assoc.is_established)
-            assoc.abort()
+            if assoc.is_established:
+                _log.warning("association.aborted", reason="shutdown",
+                             calling_ae=assoc.requestor.ae_title)
+                assoc.abort()
+            else:  # a connection that never sent a request: pynetdicom refuses an
+                assoc.kill()  # A-ABORT there (Evt15 in Sta2); just stop its thread
         self.scheduler.shutdown(wait=True)
         self.queue.engine.dispose()
         _log.info("node.stopped")

@@ -39,7 +39,21 @@ def display_pixels(ds: Dataset, source: str = "") -> np.ndarray:
     Raises DecodeError naming `source` (a file name or UID) when the pixel data is
     missing, in an undecodable transfer syntax, or not single-channel.
     """
-    where = source or str(getattr(ds, "SOPInstanceUID", "dataset"))
+    try:
+        where = source or str(ds.get("SOPInstanceUID", "dataset"))
+    except Exception:  # a corrupt element, decoded only now (pydicom reads lazily)
+        where = "dataset"
+    try:
+        return _display_pixels(ds, where)
+    except DecodeError:
+        raise
+    except Exception as exc:  # an element pydicom cannot decode or a LUT it cannot apply
+        raise DecodeError(f"{where}: unreadable image attributes ({type(exc).__name__}: "
+                          f"{exc})") from exc
+
+
+def _display_pixels(ds: Dataset, where: str) -> np.ndarray:
+    """display_pixels without its catch-all (see there)."""
     if "PixelData" not in ds:
         raise DecodeError(f"{where}: no pixel data")
     photometric = str(ds.get("PhotometricInterpretation", "")).upper()

@@ -84,12 +84,12 @@ class Sender:
     """storescu in the background, its output in a file: -d prints a lot, and into an
     unread pipe it would block once the pipe is full, stalling the sending."""
 
-    def __init__(self, port: int, files: list[Path], log: Path, calling: str = "MODALITY"
-                 ) -> None:
+    def __init__(self, port: int, files: list[Path], log: Path, calling: str = "MODALITY",
+                 called: str = "FRACTURED") -> None:
         self.log = log
         with log.open("w") as out:
             self.proc = subprocess.Popen(
-                [need("storescu"), "-d", "-aec", "FRACTURED", "-aet", calling, "127.0.0.1",
+                [need("storescu"), "-d", "-aec", called, "-aet", calling, "127.0.0.1",
                  str(port), *map(str, files)], stdout=out, stderr=subprocess.STDOUT,
                 env=PEER_ENV)
 

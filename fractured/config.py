@@ -87,6 +87,29 @@ class StudySettings:
 
 
 @dataclass(frozen=True)
+class RoutingRule:
+    """Which images a rule covers (every listed criterion must hold; an empty list holds
+    for any value) and whether they are analysed. Body part and view compare without
+    regard to case, as vendors write them either way."""
+
+    name: str
+    action: Literal["analyse", "skip"]
+    modality: list[str] = field(default_factory=list)
+    sop_class: list[str] = field(default_factory=list)
+    body_part: list[str] = field(default_factory=list)
+    view: list[str] = field(default_factory=list)
+    calling_ae: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RoutingSettings:
+    """Rules tried in order for each image; the first that covers it decides. With no
+    rules, the images whose Modality is in [study].modalities are analysed."""
+
+    rules: list[RoutingRule] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class EngineSettings:
     bundle: Path = Path("engines")  # an engines folder (ACTIVE) or one bundle
     backend: Literal["auto", "onnxruntime", "torch", "tensorrt"] = "auto"
@@ -146,6 +169,7 @@ class Settings:
     tls: TlsSettings = field(default_factory=TlsSettings)
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     study: StudySettings = field(default_factory=StudySettings)
+    routing: RoutingSettings = field(default_factory=RoutingSettings)
     engine: EngineSettings = field(default_factory=EngineSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     results: ResultsSettings = field(default_factory=ResultsSettings)
@@ -309,6 +333,11 @@ def _check(s: Settings) -> None:
     for i, uid in enumerate(s.node.extra_sop_classes):
         if not is_uid(uid):
             raise ConfigError(f"[node].extra_sop_classes[{i}]: not a UID, got {uid!r}")
+    names = [r.name for r in s.routing.rules]
+    for i, rule in enumerate(s.routing.rules):
+        if not rule.name.strip() or rule.name in names[:i]:
+            raise ConfigError(f"[[routing.rules]][{i}].name: a rule needs a name of its own, "
+                              f"got {rule.name!r}")
     _check_access(s.access)
     _check_tls(s.tls)
     if not s.database.url.startswith(("sqlite:", "postgresql")):

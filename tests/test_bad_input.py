@@ -87,22 +87,6 @@ def test_dataset_without_preamble_or_file_meta_is_stored_as_a_dicom_file(
     assert held.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
 
 
-def test_image_without_pixel_data_is_held_and_left_out_with_the_reason(
-        node: NodeProcess, tmp_path: Path) -> None:
-    ds = factory.xray(generate_uid())
-    del ds.PixelData
-    path = tmp_path / "nopixels.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    assert statuses(storescu(node.port, [path])) == [0]
-    row = analysed(node, str(ds.StudyInstanceUID))
-    assert row["state"] == "skipped"
-    assert row["reason"] == "no image of an analysed modality could be read"
-    (event,) = node.events("image.skipped")
-    assert (event["reason"], event["sop_instance_uid"]) == ("undecodable", ds.SOPInstanceUID)
-    assert "no pixel data" in event["error"]
-    assert echoscu(node.port).returncode == 0
-
-
 def broken_jpeg2000(folder: Path, study_uid: str) -> Path:
     """A JPEG 2000 image whose codestream is cut short and scrambled after its header."""
     ds = factory.xray(study_uid, rows=128, cols=128)

@@ -42,7 +42,7 @@ def test_quiet_period_then_claim_then_deliver_then_done(queue: Queue) -> None:
     assert queue.mark_ready(quiet_period_s=0) == [STUDY]
     claim = queue.claim("w1", lease_s=60)
     assert claim is not None and claim.run == 1
-    assert [uid for uid, _, _ in claim.instances] == ["1.1", "1.2"]
+    assert [i.sop_instance_uid for i in claim.instances] == ["1.1", "1.2"]
     assert queue.claim("w2", lease_s=60) is None  # nobody else gets it
 
     results = [ResultObject("9.1", "1.2.840.10008.5.1.4.1.1.88.34", Path("/r/9.1.dcm")),

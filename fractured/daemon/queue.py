@@ -159,12 +159,23 @@ class HeldInstance:
 
 
 @dataclass(frozen=True)
+class ClaimedInstance:
+    """What the queue knows of one instance of a claimed study (routing uses it all)."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    modality: str
+    calling_ae: str
+    path: Path
+
+
+@dataclass(frozen=True)
 class ClaimedStudy:
     id: int
     study_instance_uid: str
     run: int
     claimed_at: datetime
-    instances: tuple[tuple[str, str, Path], ...]  # (sop_instance_uid, modality, path)
+    instances: tuple[ClaimedInstance, ...]
 
 
 @dataclass(frozen=True)
@@ -294,12 +305,14 @@ class Queue:
                 if won:
                     study = s.get(Study, study_id)
                     assert study is not None
-                    rows = s.execute(select(Instance.sop_instance_uid, Instance.modality,
+                    rows = s.execute(select(Instance.sop_instance_uid, Instance.sop_class_uid,
+                                            Instance.modality, Instance.calling_ae,
                                             Instance.path)
                                      .where(Instance.study_id == study_id)
                                      .order_by(Instance.received_at, Instance.id)).all()
                     return ClaimedStudy(study.id, study.study_instance_uid, study.runs, now,
-                                        tuple((u, m, Path(p)) for u, m, p in rows))
+                                        tuple(ClaimedInstance(u, c, m, a, Path(p))
+                                              for u, c, m, a, p in rows))
         return None
 
     def release_leases(self, worker: str) -> int:

@@ -21,6 +21,7 @@ from fractured import log
 from fractured.config import Settings
 from fractured.daemon.active_model import ActiveModel
 from fractured.daemon.queue import ClaimedStudy, Queue, ResultObject
+from fractured.daemon.routing import Router, skipped_reason
 from fractured.daemon.shadow import record as record_shadow
 from fractured.durable import write_durably
 from fractured.engine.findings import Finding
@@ -54,6 +55,7 @@ class Worker:
         self.queue = queue
         self.model = model
         self.id, self.device_uid = node_identity(settings)
+        self.router = Router(settings)
 
     def run_once(self) -> bool:
         """Process one study if one is ready; returns whether one was claimed."""
@@ -72,10 +74,14 @@ class Worker:
     def _process(self, claim: ClaimedStudy, log_ctx: dict[str, object]) -> None:
         started = time.monotonic()
         sources: list[tuple[Dataset, np.ndarray]] = []
-        for sop_uid, modality, path in claim.instances:
-            if modality not in self.settings.study.modalities:
-                _log.info("image.skipped", reason="modality_not_analysed", modality=modality,
-                          sop_instance_uid=sop_uid, **log_ctx)
+        outcomes: list[str] = []  # why images were not analysed
+        for instance in claim.instances:
+            sop_uid, path = instance.sop_instance_uid, instance.path
+            decision = self.router.decide(instance)
+            if not decision.analyse:
+                _log.info("image.skipped", reason="routing", outcome=decision.outcome,
+                          modality=instance.modality, sop_instance_uid=sop_uid, **log_ctx)
+                outcomes.append(decision.outcome)
                 continue
             try:
                 ds = read_dataset(path)
@@ -83,6 +89,7 @@ class Worker:
             except DecodeError as exc:
                 _log.warning("image.skipped", reason="undecodable", error=str(exc),
                              sop_instance_uid=sop_uid, **log_ctx)
+                outcomes.append("undecodable")
                 continue
             if repairs := header_repairs(ds):
                 # Attribute names and actions only: the values may be patient data.
@@ -91,7 +98,7 @@ class Worker:
                           actions=[action for _, action in repairs], **log_ctx)
         if not sources:
             state = self.queue.finish(claim, self.id, [], [],
-                                      skipped="no image of an analysed modality could be read")
+                                      skipped=skipped_reason(outcomes))
             _log.info("study.skipped", state=str(state), **log_ctx)
             return
 

@@ -199,3 +199,30 @@ def test_unwritable_spool_answers_a700_and_records_nothing(node: NodeProcess,
     wait_for("the failure to be logged", lambda: node.events("store.failed"), 10)
     assert node.events("store.failed")[0]["reason"] == "spool_unwritable"
     assert node.status()["study_list"] == []
+
+
+def test_late_image_gives_a_new_report_that_supersedes_the_first(
+        node: NodeProcess, destination: Storescp, tmp_path: Path) -> None:
+    first, late = factory.write_study(tmp_path / "study", 2)
+    study_uid = str(pydicom.dcmread(first).StudyInstanceUID)
+    assert c_store_statuses(storescu(node.port, [first]).stderr) == [0]
+    wait_for("the first report", lambda: study_states(node).get(study_uid) == "done"
+             and len(destination.files()) == 2, 60)
+    (report,) = [pydicom.dcmread(p) for p in destination.files()
+                 if pydicom.dcmread(p).Modality == "SR"]
+    assert "PredecessorDocumentsSequence" not in report
+
+    assert c_store_statuses(storescu(node.port, [late]).stderr) == [0]
+    wait_for("the second report", lambda: len(destination.files()) == 5, 60)
+    reports = [p for p in destination.files() if pydicom.dcmread(p).Modality == "SR"]
+    (second,) = [p for p in reports if pydicom.dcmread(p).SOPInstanceUID != report.SOPInstanceUID]
+    ds = pydicom.dcmread(second)
+    (study_ref,) = ds.PredecessorDocumentsSequence
+    (series_ref,) = study_ref.ReferencedSeriesSequence
+    (sop_ref,) = series_ref.ReferencedSOPSequence
+    assert study_ref.StudyInstanceUID == study_uid
+    assert sop_ref.ReferencedSOPInstanceUID == report.SOPInstanceUID
+    assert len(ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+               .ReferencedSOPSequence) == 2  # both images now
+    errors, _ = dciodvfy(second)
+    assert errors == [], errors

@@ -334,17 +334,18 @@ class Queue:
                              .values(last_received_at=utcnow())).rowcount
 
     def finish(self, claim: ClaimedStudy, worker: str, results: Sequence[ResultObject],
-               destinations: Sequence[str], *, skipped: str | None = None) -> StudyState:
+               destinations: Sequence[str], *, skipped: str | None = None
+               ) -> StudyState | None:
         """Commit a run's results and queue their deliveries, in one transaction.
 
-        Returns the study's new state. A lost lease (another worker took over) leaves the
-        study alone: that worker's run is the one that counts.
+        Returns the study's new state, or None when the lease was lost (another worker
+        took over): the study is left alone, that worker's run is the one that counts.
         """
         now = utcnow()
         with self._tx() as s:
             study = s.get(Study, claim.id)
             if study is None or study.claimed_by != worker or study.runs != claim.run:
-                return StudyState(study.state) if study else StudyState.FAILED
+                return None
             for result in results:
                 for name in destinations:
                     s.add(Delivery(study_id=study.id, run=claim.run, destination=name,

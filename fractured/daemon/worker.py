@@ -71,6 +71,14 @@ class Worker:
             self.queue.fail(claim, self.id, f"processing error: {exc}")
         return True
 
+    def _earlier_report(self, claim: ClaimedStudy) -> list[Dataset]:
+        """[the SR this run supersedes] when the study was analysed before, else []."""
+        if claim.run <= 1:
+            return []
+        earlier = _latest_sr(self.settings.node.spool_dir / "results"
+                             / claim.study_instance_uid, claim.run)
+        return [earlier] if earlier is not None else []
+
     def _process(self, claim: ClaimedStudy, log_ctx: dict[str, object]) -> None:
         started = time.monotonic()
         sources: list[tuple[Dataset, np.ndarray]] = []
@@ -107,7 +115,8 @@ class Worker:
         findings = pipeline.run([(image_ref(ds), pixels) for ds, pixels in sources])
         datasets = [ds for ds, _ in sources]
         sr = make_sr(findings, datasets, series_instance_uid=generate_uid(),
-                     series_number=SR_SERIES_NUMBER, device_uid=self.device_uid)
+                     series_number=SR_SERIES_NUMBER, device_uid=self.device_uid,
+                     predecessors=self._earlier_report(claim))
         overlay_series = generate_uid()
         overlays = [
             make_overlay(finding, ds, series_instance_uid=overlay_series,
@@ -129,6 +138,11 @@ class Worker:
         results = [_write(run_dir, obj) for obj in (sr, *overlays)]
         state = self.queue.finish(claim, self.id, results,
                                   [d.name for d in self.settings.destinations])
+        if state is None:
+            _log.warning("study.lease_lost", detail="another worker took the study over; "
+                         "its run counts", **log_ctx)
+            return
+        write_durably(run_dir / COMMITTED, b"")  # these results are the study's (see _latest_sr)
         _log.info("study.processed", state=str(state), images=len(findings),
                   fractures=sum(f.fracture for f in findings),
                   boxes=sum(len(f.boxes) for f in findings), model=findings[0].model.label,
@@ -152,6 +166,27 @@ class Worker:
         _log.info("shadow.processed", model=shadow.model.label, images=rows,
                   fractures=sum(f.fracture for f in candidate),
                   seconds=round(time.monotonic() - started, 3), **log_ctx)
+
+
+#: Marker file of a run folder whose results were committed (queue.finish) as the study's.
+COMMITTED = "committed"
+
+
+def _latest_sr(study_results: Path, before_run: int) -> Dataset | None:
+    """The SR of the latest earlier committed run still in the spool, if any (a run a
+    crash cut before its commit was never sent, so it is nobody's predecessor)."""
+    runs = sorted((int(p.name) for p in study_results.glob("*")
+                   if p.name.isdigit() and int(p.name) < before_run
+                   and (p / COMMITTED).is_file()), reverse=True)
+    for run in runs:
+        for path in sorted((study_results / str(run)).glob("*.dcm")):
+            try:
+                ds = pydicom.dcmread(path)
+            except Exception:  # a result file cut by a crash: look further back
+                continue
+            if ds.get("Modality") == "SR":
+                return ds
+    return None
 
 
 def _write(folder: Path, ds: Dataset) -> ResultObject:

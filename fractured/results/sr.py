@@ -34,6 +34,7 @@ def make_sr(
     series_number: int,
     instance_number: int = 1,
     device_uid: str,
+    predecessors: Sequence[Dataset] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """Build the study's SR: one measurement group per finding, in the sources' study.
 
@@ -41,6 +42,9 @@ def make_sr(
     first; all are recorded as evidence); every finding must name one of them. All
     findings must come from one model: the series description names it. `device_uid`
     identifies this node as the observer device (it should stay the same across runs).
+    `predecessors` are this study's earlier SRs that this one supersedes (a study analysed
+    again after a late image): they go into the Predecessor Documents Sequence, so a
+    viewer can tell the current report from the replaced one.
 
     Raises ValueError when there are no findings, the sources span several studies, a
     finding's image is not among the sources, or the findings come from several models.
@@ -101,6 +105,7 @@ def make_sr(
         # output of an algorithm that nobody has verified, hence not final.
         is_complete=True,
         coding_schemes=[codes.coding_scheme()],
+        previous_versions=list(predecessors) or None,
         contributing_equipment=[codes.model_equipment(model)],
         specific_character_set=None,  # see carry_character_set
     )

@@ -18,7 +18,6 @@ import argparse
 import random
 import signal
 import sqlite3
-import subprocess
 import tempfile
 import time
 from collections import Counter
@@ -29,7 +28,7 @@ import pydicom
 
 from fractured.training.build import build_untrained_bundle
 from tests.factory import write_study
-from tests.peers import PEER_ENV, NodeProcess, Storescp, c_store_statuses, need, wait_for
+from tests.peers import NodeProcess, Sender, Storescp, c_store_statuses, wait_for
 
 #: The node's quiet period in the loop: long enough for the resend after a restart to
 #: come within it (a restart starts the quiet period of a study still receiving again).
@@ -78,27 +77,6 @@ def study_states(node: NodeProcess) -> dict[str, str]:
     with sqlite3.connect(f"file:{node.folder / 'fractured.db'}?mode=ro", uri=True) as db:
         return {uid: state.lower() for uid, state in db.execute(
             "SELECT study_instance_uid, state FROM studies")}
-
-
-class Sender:
-    """storescu in the background, its output in a file: -d prints a lot, and into an
-    unread pipe it would block once the pipe is full, stalling the sending."""
-
-    def __init__(self, port: int, files: list[Path], log: Path, calling: str = "MODALITY",
-                 called: str = "FRACTURED") -> None:
-        self.log = log
-        with log.open("w") as out:
-            self.proc = subprocess.Popen(
-                [need("storescu"), "-d", "-aec", called, "-aet", calling, "127.0.0.1",
-                 str(port), *map(str, files)], stdout=out, stderr=subprocess.STDOUT,
-                env=PEER_ENV)
-
-    def running(self) -> bool:
-        return self.proc.poll() is None
-
-    def output(self) -> str:
-        self.proc.wait(120)
-        return self.log.read_text(errors="replace")
 
 
 def acknowledged(files: list[Path], output: str) -> list[Path]:

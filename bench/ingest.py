@@ -27,10 +27,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.faults import Sender
 from fractured.training.build import build_untrained_bundle
 from tests.factory import write_study
-from tests.peers import NodeProcess, Storescp, c_store_statuses, free_port, port_open, wait_for
+from tests.peers import (
+    NodeProcess,
+    Sender,
+    Storescp,
+    c_store_statuses,
+    free_port,
+    port_open,
+    wait_for,
+)
 
 Receiver = tuple[int, str, Callable[[], object]]  # port, AE title, stop
 

@@ -335,3 +335,24 @@ def make_certificates(folder: Path) -> Certificates:
             f"{name}.ext")
     return Certificates(folder / "ca.crt", folder / "server.crt", folder / "server.key",
                         folder / "client.crt", folder / "client.key")
+
+
+class Sender:
+    """storescu in the background, its output in a file: -d prints a lot, and into an
+    unread pipe it would block once the pipe is full, stalling the sending."""
+
+    def __init__(self, port: int, files: list[Path], log: Path, calling: str = "MODALITY",
+                 called: str = "FRACTURED") -> None:
+        self.log = log
+        with log.open("w") as out:
+            self.proc = subprocess.Popen(
+                [need("storescu"), "-d", "-aec", called, "-aet", calling, "127.0.0.1",
+                 str(port), *map(str, files)], stdout=out, stderr=subprocess.STDOUT,
+                env=PEER_ENV)
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def output(self) -> str:
+        self.proc.wait(120)
+        return self.log.read_text(errors="replace")

@@ -15,12 +15,12 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from bench.faults import Sender
 from fractured import config
 from fractured.daemon.service import Node
 from tests import factory
 from tests.peers import (
     NodeProcess,
+    Sender,
     c_store_statuses,
     echoscu,
     free_port,

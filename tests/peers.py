@@ -71,9 +71,11 @@ def echoscu(port: int, called: str = "FRACTURED", calling: str = "ECHOSCU",
                           env=PEER_ENV, timeout=60)
 
 
-#: storescu's option to propose a compressed transfer syntax (it proposes uncompressed
-#: ones only by default and cannot transcode to them from JPEG 2000, JPEG-LS or RLE).
+#: storescu's option to propose a file's own transfer syntax: by default it proposes
+#: uncompressed ones only (and sends implicit or big endian files as explicit little
+#: endian), and it cannot transcode to them from JPEG 2000, JPEG-LS or RLE.
 STORESCU_PROPOSE = {
+    "1.2.840.10008.1.2": "-xi", "1.2.840.10008.1.2.2": "-xb",  # else sent as explicit LE
     "1.2.840.10008.1.2.4.50": "-xy", "1.2.840.10008.1.2.4.51": "-xx",
     "1.2.840.10008.1.2.4.57": "-xs", "1.2.840.10008.1.2.4.70": "-xs",
     "1.2.840.10008.1.2.4.80": "-xt", "1.2.840.10008.1.2.4.81": "-xu",

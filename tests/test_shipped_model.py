@@ -22,8 +22,8 @@ from fractured.engine.bundle import Bundle
 from tests import factory
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = REPO / "engines" / "fractured-0.1.0"
-EVALUATION = REPO / "docs" / "training" / "fracatlas-resnet18" / "test"
+SHIPPED = REPO / "engines" / "fractured-0.2.0"
+EVALUATION = REPO / "docs" / "training" / "fracatlas-resnet18-e50" / "test"
 #: images of the held-out split run through predict (half with fracture)
 SAMPLED = 24
 #: float16-stored weights and ONNX Runtime against the float32 PyTorch evaluation

@@ -171,3 +171,29 @@ def test_dead_letters_are_listed_and_requeued_by_study_and_destination(queue: Qu
     assert queue.requeue_dead_letters(destination="pacs") == 1  # 2.2's
     assert queue.requeue_dead_letters() == 1  # the archive's is all that is left
     assert queue.dead_letters() == [] and len(queue.due_deliveries()) == 3
+
+
+def test_concurrent_first_images_of_one_study_are_all_recorded(tmp_path: Path) -> None:
+    """Eight listener threads recording images of the same studies at once (a PACS
+    sending one study over several associations): none may fail, though each may find
+    the study missing and create it at the same moment (bench/ingest found this)."""
+    import threading
+
+    shared = Queue(make_engine(f"sqlite:///{tmp_path / 'q.db'}"))
+    errors: list[Exception] = []
+
+    def sender(k: int) -> None:
+        for i in range(40):
+            try:
+                shared.held(f"{k}.{i}")
+                shared.record_instance(received(f"{k}.{i}", f"9.{i}"))
+            except Exception as exc:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=sender, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sum(s["instances"] for s in shared.studies()) == 320

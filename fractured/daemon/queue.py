@@ -37,6 +37,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 
@@ -245,7 +246,18 @@ class Queue:
         return None if row is None else HeldInstance(row[0], Path(row[1]))
 
     def record_instance(self, item: ReceivedInstance) -> str:
-        """Record a spooled instance and (re)open its study; returns 'new' or 'replaced'."""
+        """Record a spooled instance and (re)open its study; returns 'new' or 'replaced'.
+
+        Two associations can bring the first images of one study (or the same image) at
+        the same moment: both find no row and insert one, and the later commit fails on
+        the unique UID. That transaction is then run once more, and finds the row.
+        """
+        try:
+            return self._record_instance(item)
+        except IntegrityError:
+            return self._record_instance(item)
+
+    def _record_instance(self, item: ReceivedInstance) -> str:
         now = utcnow()
         with self._tx() as s:
             study = s.scalar(select(Study).where(

@@ -285,6 +285,14 @@ class NodeProcess:
                     out.append(event)
         return out
 
+    def wait_events(self, name: str, count: int = 1, timeout: float = 20.0
+                    ) -> list[dict[str, Any]]:
+        """The node's `name` events once there are at least `count` of them."""
+        def enough() -> list[dict[str, Any]] | None:
+            found = self.events(name)
+            return found if len(found) >= count else None
+        return wait_for(f"{count} {name} event(s)", enough, timeout)
+
     def status(self) -> dict[str, Any]:
         proc = subprocess.run([sys.executable, "-m", "fractured", "status", "--json",
                                "--config", str(self.config)], capture_output=True, text=True,

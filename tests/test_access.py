@@ -93,9 +93,7 @@ def guarded_node(tmp_path: Path, untrained_bundle: Path):
 
 
 def rejections(node: NodeProcess, count: int) -> list[dict]:
-    return wait_for(f"{count} association.rejected events",
-                    lambda: (lambda e: e if len(e) >= count else None)(
-                        node.events("association.rejected")), 10)
+    return node.wait_events("association.rejected", count, 10)
 
 
 @pytest.mark.peers
@@ -140,9 +138,7 @@ def test_allowed_peer_stores_after_refusals_and_is_audited(guarded_node: NodePro
     files = factory.write_study(tmp_path / "study", 3)
     proc = storescu(guarded_node.port, files)
     assert c_store_statuses(proc.stdout + proc.stderr) == [0, 0, 0]
-    ended = wait_for("two association.ended events", lambda: (
-        lambda e: e if len(e) >= 2 else None)(guarded_node.events("association.ended")), 10)
-    echo, store = ended
+    echo, store = guarded_node.wait_events("association.ended", 2, 10)
     assert (echo["calling_ae"], echo["instances"], echo["outcome"]) == (
         "ECHOSCU", 0, "released")
     assert store["calling_ae"] == "STORESCU"

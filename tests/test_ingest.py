@@ -44,11 +44,6 @@ def study_rows(node: NodeProcess) -> dict[str, dict]:
     return {s["study_instance_uid"]: s for s in node.status()["study_list"]}
 
 
-def events(node: NodeProcess, name: str, count: int) -> list[dict]:
-    return wait_for(f"{count} {name} events", lambda: (
-        lambda e: e if len(e) >= count else None)(node.events(name)), 20)
-
-
 def spooled(node: NodeProcess) -> list[Path]:
     return sorted((node.folder / node.spool_dir / "incoming").rglob("*.dcm"))
 
@@ -66,7 +61,7 @@ def test_resent_study_is_kept_once_and_not_analysed_again(tmp_path: Path,
         assert sent(node.port, files) == [0, 0]
         wait_for("the study to be done", lambda: study_rows(node)[uid]["state"] == "done", 60)
         assert sent(node.port, files) == [0, 0]  # a PACS resending the study
-        duplicates = events(node, "store.duplicate", 2)
+        duplicates = node.wait_events("store.duplicate", 2)
         assert {e["outcome"] for e in duplicates} == {"kept_first"}
         time.sleep(3)  # three quiet periods: a re-opened study would have run again
         row = study_rows(node)[uid]
@@ -119,7 +114,7 @@ def test_same_instance_in_another_study(tmp_path: Path, untrained_bundle: Path,
         rows = study_rows(node)
         if mode == "keep_first":
             assert statuses == [0xA900]
-            (event,) = events(node, "store.rejected", 1)
+            (event,) = node.wait_events("store.rejected", 1)
             assert event["reason"] == "sop_instance_uid_held_in_another_study"
             assert new_uid not in rows and rows[old_uid]["instances"] == 1
             assert [p.parent.name for p in spooled(node)] == [old_uid]
@@ -172,7 +167,7 @@ def test_16_concurrent_associations_of_50_instances_are_all_stored(
         rows = study_rows(node)
         assert len(rows) == 16 and {r["instances"] for r in rows.values()} == {50}
         assert len(spooled(node)) == 800
-        ended = events(node, "association.ended", 16)
+        ended = node.wait_events("association.ended", 16)
         assert sorted(e["instances"] for e in ended) == [50] * 16
     finally:
         node.stop()

@@ -112,8 +112,8 @@ def _store(event: Event, node: NodeSettings, queue: Queue) -> tuple[int, int]:
     except Exception as exc:
         _log.warning("store.rejected", reason="dataset_unreadable", error=str(exc), **ctx)
         return CANNOT_UNDERSTAND, 0
-    problem = _identity_problem(study_uid, series_uid, dataset_uid, sop_instance) or (
-        "sop_class_uid_mismatch" if dataset_class != sop_class else "")
+    problem = _identity_problem(study_uid, series_uid, (dataset_uid, dataset_class),
+                                (sop_instance, sop_class))
     if problem:
         _log.warning("store.rejected", reason=problem, **ctx)
         return DATASET_DOES_NOT_MATCH_SOP_CLASS, 0
@@ -155,15 +155,21 @@ def _store(event: Event, node: NodeSettings, queue: Queue) -> tuple[int, int]:
     return SUCCESS, len(data)
 
 
-def _identity_problem(study: str, series: str, dataset_uid: str, request_uid: str) -> str:
-    """Why the UIDs cannot identify this object (they also name files), or ''."""
+def _identity_problem(study: str, series: str, dataset: tuple[str, str],
+                      request: tuple[str, str]) -> str:
+    """Why the UIDs cannot identify this object (they also name files), or ''.
+
+    `dataset` and `request` are (SOP Instance UID, SOP Class UID) as the dataset and the
+    C-STORE request state them: an object that contradicts its own request is refused.
+    """
     if not is_uid(study):
         return "study_instance_uid_invalid"
     if not is_uid(series):
         return "series_instance_uid_invalid"
-    if not is_uid(request_uid):
+    if not is_uid(request[0]):
         return "sop_instance_uid_invalid"
-    if dataset_uid != request_uid:
+    if dataset[0] != request[0]:
         return "sop_instance_uid_mismatch"
+    if dataset[1] != request[1]:
+        return "sop_class_uid_mismatch"
     return ""
-

@@ -32,12 +32,18 @@ from fractured.training import checkpoint, config
 from fractured.training.config import AugmentSettings
 from fractured.training.data import letterbox_samples
 from fractured.training.datasets.base import BoxLabel, Sample
-from fractured.training.export import IMAGENET_MEAN, IMAGENET_STD
-from fractured.training.loops import Device, train_classifier_epoch
+from fractured.training.export import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    export_classifier,
+    store_weights_as_float16,
+)
+from fractured.training.loops import Device, train_classifier_epoch, train_detector_epoch
 from fractured.training.losses import FractureLoss
 from fractured.training.schedule import (
     BestTracker,
     extend_schedule,
+    hold_batchnorm,
     lr_schedule,
     optimiser,
     step_schedule,
@@ -290,6 +296,79 @@ def test_a_resnet_classifier_checkpoint_starts_a_resnet_fpn_detector(tmp_path: P
                                          "model": FractureClassifier("b0").state_dict()})
     with pytest.raises(ConfigError, match="has no tensor matching"):
         load_initial_weights(detector.model, str(tmp_path / "b0.pt"), where="[detector].x")
+
+
+def _classifier_with_real_statistics(variant: str) -> FractureClassifier:
+    """A random classifier whose BatchNorm layers have non-trivial statistics and affine,
+    so folding them into the convolutions changes every weight."""
+    torch.manual_seed(0)
+    model = FractureClassifier(variant=variant)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            channels = module.num_features
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+            assert module.running_var.shape == (channels,)
+    return model.eval()
+
+
+@pytest.mark.parametrize("float16", [False, True], ids=["float32", "float16-stored"])
+def test_a_bundles_resnet_onnx_gives_back_an_equivalent_classifier(tmp_path: Path,
+                                                                   float16: bool) -> None:
+    source = _classifier_with_real_statistics("resnet18")
+    path = tmp_path / "classifier.onnx"
+    export_classifier(source, path, 64)
+    if float16:
+        store_weights_as_float16(path)
+    recovered = FractureClassifier(variant="resnet18")
+    taken = load_initial_weights(recovered, str(path), where="[detector].initial_weights")
+    # every tensor but the BatchNorm batch counters
+    assert taken == sum(1 for key in recovered.state_dict() if "num_batches" not in key)
+    image = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want, got = source(image), recovered.eval()(image)
+    tolerance = 2e-2 if float16 else 1e-4
+    for expected, actual in zip(want, got, strict=True):
+        assert torch.allclose(expected, actual, atol=tolerance), (expected - actual).abs().max()
+    # and it fills a ResNet-FPN detector's body, as a checkpoint does
+    detector = FractureDetector("resnet18_fpn", input_size=64)
+    assert load_initial_weights(detector.model, str(path), where="x") == sum(
+        1 for key in detector.model.backbone.body.state_dict() if "num_batches" not in key)
+
+
+def test_an_onnx_file_that_is_no_resnet_classifier_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "b0.onnx"
+    export_classifier(FractureClassifier(variant="b0"), path, 64)
+    with pytest.raises(ConfigError, match="has no tensor matching"):
+        load_initial_weights(FractureDetector("resnet18_fpn", input_size=64).model,
+                             str(path), where="[detector].initial_weights")
+    (tmp_path / "broken.onnx").write_bytes(b"not a protobuf")
+    with pytest.raises(ConfigError, match="not a readable ONNX file"):
+        load_initial_weights(FractureClassifier("resnet18"), str(tmp_path / "broken.onnx"),
+                             where="[detector].initial_weights")
+
+
+def test_held_batchnorm_keeps_its_statistics_while_the_detector_trains() -> None:
+    torch.manual_seed(0)
+    detector = FractureDetector("resnet18_fpn", input_size=64)
+    body = detector.model.backbone.body
+    held = hold_batchnorm(body)
+    assert len(held) == 20  # ResNet18: bn1, two per block, three downsample
+    before = {key: value.clone() for key, value in body.state_dict().items()}
+    images = torch.rand(2, 3, 64, 64)
+    targets = [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    optimizer = torch.optim.SGD([p for p in detector.parameters() if p.requires_grad], lr=0.1)
+    cpu = Device.choose("cpu", amp=False, channels_last=False)
+    train_detector_epoch(detector, [(images, targets)], optimizer,
+                         torch.amp.GradScaler("cuda", enabled=False), cpu, desc="test", held=held)
+    after = body.state_dict()
+    norms = [key for key in before if key.startswith("bn1.") or ".bn" in key
+             or ".downsample.1." in key]
+    assert norms and all(torch.equal(before[key], after[key]) for key in norms)
+    assert not torch.equal(before["conv1.weight"], after["conv1.weight"])  # convs learn
 
 
 # -- a smoke run through the CLI ----------------------------------------------------------------

@@ -115,6 +115,12 @@ class DetectorSettings(Optimisation):
     # image on validation (high sensitivity allows more).
     sensitive_fp_per_image: float = 1.0
     specific_fp_per_image: float = 0.25
+    # "frozen": the backbone's BatchNorm keeps the statistics and affine of
+    # initial_weights (as torchvision does under pretrained weights: batches of a few
+    # images give poor statistics), and is required when those weights come from a
+    # bundle's classifier.onnx, whose BatchNorm is folded into the convolutions.
+    # "train": BatchNorm learns with the rest (a detector from random weights).
+    batchnorm: Literal["train", "frozen"] = "train"
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from fractured.training.loops import Device, detector_outputs, train_detector_ep
 from fractured.training.schedule import (
     BestTracker,
     extend_schedule,
+    hold_batchnorm,
     lr_schedule,
     optimiser,
     seed_everything,
@@ -115,6 +116,8 @@ def train_detector(train: Sequence[Sample], val: Sequence[Sample], settings: Tra
         # The feature extractor that initial weights fill; the FPN above it starts random
         # and must train from the first epoch.
         set_backbone_frozen(model.model.backbone.body, epoch < cfg.freeze_epochs)
+        held = (hold_batchnorm(model.model.backbone.body) if cfg.batchnorm == "frozen"
+                else [])
         chosen = _epoch_images(positives, negatives, cfg.negatives_per_positive,
                                settings.run.seed + epoch)
         loader = DataLoader(Subset(train_set, chosen), batch_size=cfg.batch_size, shuffle=True,
@@ -122,7 +125,7 @@ def train_detector(train: Sequence[Sample], val: Sequence[Sample], settings: Tra
                             num_workers=settings.run.workers, collate_fn=collate_detection,
                             drop_last=len(chosen) > cfg.batch_size)
         losses = train_detector_epoch(model, loader, optimizer, scaler, device,
-                                      desc=f"epoch {epoch + 1}/{cfg.epochs}")
+                                      desc=f"epoch {epoch + 1}/{cfg.epochs}", held=held)
         found = list(detector_outputs(model, val_loader, device))
         metrics = detection_metrics([(boxes, scores) for boxes, scores, _ in found],
                                     [truth for _, _, truth in found])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -114,9 +114,14 @@ def classifier_logits(model: FractureClassifier, loader: DataLoader,
 
 def train_detector_epoch(model: FractureDetector, loader: DataLoader,
                          optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                         device: Device, desc: str) -> dict[str, float]:
-    """One epoch of detector training through torchvision's loss dict; mean of each loss."""
+                         device: Device, desc: str,
+                         held: Sequence[nn.Module] = ()) -> dict[str, float]:
+    """One epoch of detector training through torchvision's loss dict; mean of each loss.
+
+    `held` modules stay in eval mode (BatchNorm with frozen statistics)."""
     model.model.train()
+    for module in held:
+        module.eval()
     sums: dict[str, float] = {}
     count = 0
     bar = progress(loader, desc)

@@ -69,6 +69,18 @@ def set_backbone_frozen(backbone: nn.Module, frozen: bool) -> None:
         parameter.requires_grad_(not frozen)
 
 
+def hold_batchnorm(backbone: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """Stop the backbone's BatchNorm layers learning: no gradient for their affine; the
+    caller keeps them in eval mode (running statistics used, not updated) after each
+    `train()`. Returns the layers."""
+    layers = [module for module in backbone.modules()
+              if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+    for layer in layers:
+        for parameter in layer.parameters():
+            parameter.requires_grad_(False)
+    return layers
+
+
 @dataclass
 class BestTracker:
     """The best validation score so far (higher is better), and early stopping.

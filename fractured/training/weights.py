@@ -1,9 +1,10 @@
 """Initial weights for a run: a local file first (hospitals are often offline), or a
 torchvision weights name where the internet is reachable.
 
-Accepted files: a fractured checkpoint (fine-tune a model we trained), or a plain state
+Accepted files: a fractured checkpoint (fine-tune a model we trained), a plain state
 dict of the torchvision architecture (e.g. ImageNet EfficientNet features, COCO Faster
-R-CNN). A ResNet classifier's checkpoint also starts a ResNet-FPN detector: its
+R-CNN), or a bundle's ResNet `classifier.onnx` (a shipped bundle keeps no torch
+weights). A ResNet classifier's weights also start a ResNet-FPN detector: its
 backbone layers are renamed to the detector's (`features.4.` -> `backbone.body.layer1.`).
 Only layers whose names and shapes match are taken, and the count taken is logged; a
 file that matches nothing is an error rather than a silent random start.
@@ -42,6 +43,8 @@ def load_initial_weights(module: nn.Module, source: str, *, where: str) -> int:
 
 def _read(source: str, where: str) -> dict[str, torch.Tensor]:
     path = Path(source).expanduser()
+    if path.is_file() and path.suffix == ".onnx":
+        return _read_onnx_resnet(path, where)
     if path.is_file():
         try:
             content: Any = torch.load(path, map_location="cpu", weights_only=True)
@@ -86,6 +89,82 @@ def _as_detector_backbone(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
             if key.startswith(prefix):
                 renamed[target + key.removeprefix(prefix)] = value
     return renamed
+
+
+# The exported graph names each convolution after its module; the BatchNorm after it
+# is folded into it. Module path of a ResNet convolution -> its BatchNorm's.
+_CONV_TO_NORM = (("features.0", "features.1"), (".conv1", ".bn1"), (".conv2", ".bn2"),
+                 (".conv3", ".bn3"), (".downsample.0", ".downsample.1"))
+_BATCHNORM_EPS = 1e-5  # torch.nn.BatchNorm2d's default, which the ResNets use
+
+
+def _read_onnx_resnet(path: Path, where: str) -> dict[str, torch.Tensor]:
+    """A ResNet classifier's tensors recovered from its exported ONNX graph.
+
+    The exporter folds each BatchNorm into the convolution before it (weight scaled by
+    gamma / sigma, the shift moved into a bias), so the unfolded form cannot be had back;
+    the equivalent one is: the folded weight in the convolution, and a BatchNorm that
+    only adds the bias (gamma 1, beta = bias, mean 0, variance 1 - eps). Exact at
+    inference, and in training only with that BatchNorm held
+    (`[detector].batchnorm = "frozen"`): batch statistics would undo the folded scale."""
+    import onnx
+    from onnx import numpy_helper
+
+    try:
+        graph = onnx.load(str(path)).graph
+    except Exception as exc:  # protobuf raises its own DecodeError for a damaged file
+        raise ConfigError(f"{where}: {path} is not a readable ONNX file ({exc})") from exc
+    tensors = {item.name: numpy_helper.to_array(item) for item in graph.initializer}
+    # float16-stored weights reach the Conv through a Cast node
+    cast = {node.output[0]: node.input[0] for node in graph.node if node.op_type == "Cast"}
+    state: dict[str, torch.Tensor] = {}
+    for node in graph.node:
+        module = _module_path(node.output[0]) if node.op_type == "Conv" else ""
+        if not module.startswith("features.") or len(node.input) < 3:
+            continue
+        weight, bias = (tensors.get(cast.get(name, name)) for name in node.input[1:3])
+        norm = _norm_of(module)
+        if weight is None or bias is None or norm is None:
+            continue
+        state[f"{module}.weight"] = torch.from_numpy(weight.astype("float32"))
+        channels = weight.shape[0]
+        state[f"{norm}.weight"] = torch.ones(channels)
+        state[f"{norm}.bias"] = torch.from_numpy(bias.astype("float32"))
+        state[f"{norm}.running_mean"] = torch.zeros(channels)
+        state[f"{norm}.running_var"] = torch.full((channels,), 1.0 - _BATCHNORM_EPS)
+    for name, value in tensors.items():
+        plain = name.removesuffix("__float16")
+        if plain.startswith(("attention.", "head.")):
+            state[plain] = torch.from_numpy(value.astype("float32"))
+    if not state:
+        raise ConfigError(f"{where}: {path} holds no ResNet classifier convolutions")
+    return state
+
+
+def _module_path(output: str) -> str:
+    """The module a node's output belongs to, from the exporter's scope names:
+    `/features/features.4/features.4.0/conv1/Conv_output_0` -> `features.4.0.conv1`.
+
+    A scope is named either by its full path (Sequential children: `features.4.0`) or by
+    its attribute, which may itself carry its parent's name (`downsample/downsample.0`)."""
+    path = ""
+    for scope in output.strip("/").split("/")[:-1]:
+        parent, _, last = path.rpartition(".")
+        if not path or scope.startswith(path + "."):
+            path = scope
+        elif scope.startswith(last + "."):
+            path = f"{parent}.{scope}" if parent else scope
+        else:
+            path = f"{path}.{scope}"
+    return path
+
+
+def _norm_of(conv: str) -> str | None:
+    """The BatchNorm module that follows a ResNet convolution (None: not a ResNet's)."""
+    for suffix, norm in _CONV_TO_NORM:
+        if conv.endswith(suffix):
+            return conv.removesuffix(suffix) + norm
+    return None
 
 
 def _strip_prefix(state: dict[str, Any]) -> dict[str, torch.Tensor]:

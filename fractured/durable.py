@@ -15,6 +15,8 @@ from pathlib import Path
 
 def ensure_dir(path: Path, mode: int = 0o700) -> Path:
     """Create `path` and its missing parents with `mode`."""
+    if path.is_dir():  # the common case (a study's folder after its first image): one stat
+        return path
     missing = [p for p in (path, *path.parents) if not p.exists()]
     for folder in reversed(missing):
         folder.mkdir(mode=mode, exist_ok=True)

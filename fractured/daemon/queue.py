@@ -29,9 +29,13 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    bindparam,
+    case,
     create_engine,
     event,
     func,
+    insert,
+    literal,
     or_,
     select,
     update,
@@ -214,6 +218,22 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
+# record_instance's statements, built once: building a statement costs more than
+# running it (bound values change, the compiled form is cached by SQLAlchemy).
+_FIND_STUDY = select(Study.id).where(Study.study_instance_uid == bindparam("uid"))
+# A late image re-opens the study; a running worker sees last_received_at > claimed_at
+# and re-opens it when it finishes.
+_TOUCH_STUDY = update(Study).where(Study.id == bindparam("id_")).values(
+    last_received_at=bindparam("now", type_=Study.last_received_at.type),
+    # typed, so the enum is stored as the column stores it (by name)
+    state=case((Study.state == StudyState.PROCESSING, Study.state),
+               else_=literal(StudyState.RECEIVING, Study.state.type)))
+_REPLACE_INSTANCE = update(Instance).where(Instance.sop_instance_uid == bindparam("uid"))
+_HELD = (select(Study.study_instance_uid, Instance.path)
+         .join(Study, Study.id == Instance.study_id)
+         .where(Instance.sop_instance_uid == bindparam("uid")))
+
+
 class Queue:
     """All reads and writes of the study state machine; one short transaction each."""
 
@@ -239,10 +259,8 @@ class Queue:
 
     def held(self, sop_instance_uid: str) -> HeldInstance | None:
         """The study and spool file of an instance already recorded, if any."""
-        with self._tx() as s:
-            row = s.execute(select(Study.study_instance_uid, Instance.path)
-                            .join(Study, Study.id == Instance.study_id)
-                            .where(Instance.sop_instance_uid == sop_instance_uid)).first()
+        with self.engine.connect() as conn:
+            row = conn.execute(_HELD, {"uid": sop_instance_uid}).first()
         return None if row is None else HeldInstance(row[0], Path(row[1]))
 
     def record_instance(self, item: ReceivedInstance) -> str:
@@ -251,6 +269,10 @@ class Queue:
         Two associations can bring the first images of one study (or the same image) at
         the same moment: both find no row and insert one, and the later commit fails on
         the unique UID. That transaction is then run once more, and finds the row.
+
+        Core statements, not the ORM: this runs once per received image while the sender
+        waits for its answer, and the ORM's unit of work cost more than the commit's
+        fsync here (bench/ingest.py).
         """
         try:
             return self._record_instance(item)
@@ -259,35 +281,25 @@ class Queue:
 
     def _record_instance(self, item: ReceivedInstance) -> str:
         now = utcnow()
-        with self._tx() as s:
-            study = s.scalar(select(Study).where(
-                Study.study_instance_uid == item.study_instance_uid))
-            if study is None:
-                study = Study(study_instance_uid=item.study_instance_uid,
-                              state=StudyState.RECEIVING, first_received_at=now,
-                              last_received_at=now, runs=0)
-                s.add(study)
-                s.flush()
+        with self.engine.begin() as conn:
+            study_id = conn.scalar(_FIND_STUDY, {"uid": item.study_instance_uid})
+            if study_id is None:
+                study_id = conn.execute(insert(Study), {
+                    "study_instance_uid": item.study_instance_uid,
+                    "state": StudyState.RECEIVING, "first_received_at": now,
+                    "last_received_at": now, "runs": 0}).inserted_primary_key[0]
             else:
-                study.last_received_at = now
-                if study.state != StudyState.PROCESSING:
-                    # A late image re-opens the study; a running worker sees
-                    # last_received_at > claimed_at and re-opens it when it finishes.
-                    study.state = StudyState.RECEIVING
-            held = s.scalar(select(Instance).where(
-                Instance.sop_instance_uid == item.sop_instance_uid))
-            outcome = "replaced" if held is not None else "new"
-            row = held or Instance(sop_instance_uid=item.sop_instance_uid)
-            row.study_id = study.id
-            row.sop_class_uid = item.sop_class_uid
-            row.series_instance_uid = item.series_instance_uid
-            row.modality = item.modality
-            row.path = str(item.path)
-            row.size = item.size
-            row.calling_ae = item.calling_ae
-            row.received_at = now
-            s.add(row)
-        return outcome
+                conn.execute(_TOUCH_STUDY, {"id_": study_id, "now": now})
+            columns = {"study_id": study_id, "sop_class_uid": item.sop_class_uid,
+                       "series_instance_uid": item.series_instance_uid,
+                       "modality": item.modality, "path": str(item.path), "size": item.size,
+                       "calling_ae": item.calling_ae, "received_at": now}
+            replaced = conn.execute(_REPLACE_INSTANCE,
+                                    {"uid": item.sop_instance_uid, **columns}).rowcount
+            if not replaced:
+                conn.execute(insert(Instance),
+                             {"sop_instance_uid": item.sop_instance_uid, **columns})
+        return "replaced" if replaced else "new"
 
     def mark_ready(self, quiet_period_s: float) -> list[str]:
         """Studies with no new instance for the quiet period become READY."""

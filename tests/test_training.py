@@ -613,6 +613,53 @@ def test_build_engine_carries_the_held_out_evaluation_and_notes_into_the_card(
     assert not (tmp_path / "b2").exists()
 
 
+@pytest.mark.slow
+def test_a_new_detector_joins_the_classifier_of_a_shipped_bundle(smoke_run,
+                                                                 tmp_path: Path) -> None:
+    """--classifier-bundle: the classifier (files, calibration, held-out scores) is the
+    earlier bundle's byte for byte; the detector and its held-out boxes are this build's."""
+    data, run, runner = smoke_run
+    report = tmp_path / "eval"
+    assert runner.invoke(main, ["evaluate", str(run), "--out", str(report), "--bootstrap",
+                                "20", "--device", "cpu"]).exit_code == 0
+    metrics = json.loads((report / "metrics.json").read_text())
+    first = tmp_path / "fractured-0.1.0"
+    built = runner.invoke(main, ["build-engine", str(run / "classifier" / checkpoint.BEST),
+                                 "--out", str(first), "--float16-weights",
+                                 "--evaluation", str(report)])
+    assert built.exit_code == 0, built.output
+    assert Bundle.load(first).manifest.detector is None
+    second = tmp_path / "fractured-0.2.0"
+    result = runner.invoke(main, ["build-engine", str(run / "detector" / checkpoint.BEST),
+                                  "--classifier-bundle", str(first), "--out", str(second),
+                                  "--version", "0.2.0", "--float16-weights",
+                                  "--evaluation", str(report)])
+    assert result.exit_code == 0, result.output
+    old, new = (json.loads((path / "manifest.json").read_text()) for path in (first, second))
+    assert new["files"][CLASSIFIER_FILE] == old["files"][CLASSIFIER_FILE]
+    assert new["classifier"] == old["classifier"]
+    assert new["detector"]["input_size"] == 96 and new["backends"] == ["onnxruntime"]
+    assert new["training"]["classifier"]["from_bundle"] == "fractured-0.1.0"
+    assert new["training"]["held_out"]["classification"] == \
+        old["training"]["held_out"]["classification"]
+    assert new["training"]["held_out"]["detection"]["ap50"] == metrics["detection"]["ap50"]
+    card = (second / "MODEL_CARD.md").read_text()
+    assert "Box detector: AP at IoU 0.5" in card and "No box detector" not in card
+    image = str(data / "images" / "img001.png")
+    answers = [json.loads(runner.invoke(main, ["predict", image, "--bundle", str(path),
+                                               "--json"]).output.strip().splitlines()[-1])
+               for path in (first, second)]
+    assert answers[0]["probability"] == answers[1]["probability"]
+    assert answers[1]["model"]["version"] == "0.2.0"
+    # one classifier per bundle, and a detector alone is no bundle
+    both = runner.invoke(main, ["build-engine", str(run), "--classifier-bundle", str(first),
+                                "--out", str(tmp_path / "b3")])
+    assert both.exit_code == 1 and "not both" in both.output
+    alone = runner.invoke(main, ["build-engine", str(run / "detector" / checkpoint.BEST),
+                                 "--out", str(tmp_path / "b4")])
+    assert alone.exit_code == 1 and "--classifier-bundle" in alone.output
+
+
 def test_build_engine_refuses_unfinished_and_smoke_checkpoints(tmp_path: Path) -> None:
     base = {"kind": "classifier", "epoch": 0, "model": {}, "settings": {}, "model_spec": {}}
     checkpoint.save(tmp_path / "last.pt", base)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,10 @@ from fractured.engine.bundle import (
     DETECTOR_FILE,
     DETECTOR_WEIGHTS,
     FRACTURE_LABEL,
+    MANIFEST_FILE,
     MODEL_CARD_FILE,
     SCHEMA_VERSION,
+    Bundle,
     write_bundle,
 )
 from fractured.engine.models import INPUT_SIZES, FractureClassifier, FractureDetector
@@ -114,7 +117,8 @@ def build_untrained_bundle(out_dir: Path, *, name: str = "fractured-untrained",
 
 def build_bundle(checkpoints: Sequence[Path], out_dir: Path, *, name: str,
                  version: str, evaluation: Path | None = None,
-                 notes: Path | None = None, float16_weights: bool = False) -> Path:
+                 notes: Path | None = None, float16_weights: bool = False,
+                 classifier_bundle: Path | None = None) -> Path:
     """Build a bundle from trained checkpoints: a classifier best.pt (required) and a
     detector best.pt (optional), or a run directory holding them.
 
@@ -127,70 +131,125 @@ def build_bundle(checkpoints: Sequence[Path], out_dir: Path, *, name: str,
     `float16_weights` rounds the weights to float16 and stores the ONNX graphs' weights
     so (half the size, float32 arithmetic; `export.store_weights_as_float16`), and
     leaves the torch weights out: the bundle runs on ONNX Runtime (and TensorRT plans
-    built from its graphs), small enough to ship in a repository. Refused: a
-    checkpoint that is not a finished run (no calibration), a smoke run on a
+    built from its graphs), small enough to ship in a repository.
+    `classifier_bundle` takes the classifier of an existing bundle as it is (its files,
+    calibration, training record and held-out scores, byte for byte) instead of a
+    classifier checkpoint: a new detector beside a classifier already in service.
+    Refused: a checkpoint that is not a finished run (no calibration), a smoke run on a
     `[data].limit` subset, two checkpoints of one kind, an evaluation of other
     checkpoints.
     """
-    states = _trained_states(checkpoints)
+    states = _trained_states(checkpoints, classifier_required=classifier_bundle is None)
+    if classifier_bundle is not None and "classifier" in states:
+        raise BuildError("give a classifier checkpoint or --classifier-bundle, not both")
     held_out = (_held_out_summary(evaluation, {kind: path for kind, (path, _) in states.items()})
                 if evaluation is not None else None)
     notes_text = _notes(notes) if notes is not None else None
-    cls_path, cls_state = states["classifier"]
-    spec = cls_state["model_spec"]
-    model = FractureClassifier(variant=spec["variant"], num_labels=len(spec["labels"]))
-    model.load_state_dict(cls_state["model"])
-    model.eval()
-    size = spec["input_size"]
     with tempfile.TemporaryDirectory(prefix="fractured-build-") as scratch:
-        files = {CLASSIFIER_FILE: Path(scratch) / CLASSIFIER_FILE,
-                 CLASSIFIER_WEIGHTS: Path(scratch) / CLASSIFIER_WEIGHTS}
-        log.info("build.step", step="export classifier", checkpoint=str(cls_path))
-        _export_graph(model, files[CLASSIFIER_FILE], export_classifier, size,
-                      float16_weights=float16_weights)
-        log.info("build.step", step="compare classifier graph with PyTorch")
-        logits_diff, cam_diff = check_parity(
-            model, files[CLASSIFIER_FILE], size,
-            tolerance=FLOAT16_PARITY_TOLERANCE if float16_weights else PARITY_TOLERANCE)
-        log.info("build.classifier_checked", logits_difference=logits_diff,
-                 cam_difference=cam_diff)
-        torch.save(model.state_dict(), files[CLASSIFIER_WEIGHTS])
-        training = {"classifier": _training_summary(cls_path, cls_state)}
+        part = (_reused_classifier(Bundle.load(classifier_bundle))
+                if classifier_bundle is not None else
+                _built_classifier(*states["classifier"], Path(scratch),
+                                  float16_weights=float16_weights))
+        files = dict(part.files)
+        training: dict[str, Any] = {"classifier": part.training}
         detector_spec = None
         if "detector" in states:
             det_path, det_state = states["detector"]
             detector_spec = _export_detector(det_state, Path(scratch), files,
                                              float16_weights=float16_weights)
             training["detector"] = _training_summary(det_path, det_state)
+        if part.held_out is not None:  # the reused classifier's, with this build's boxes
+            boxes = ("detection", "detection_report")
+            held_out = ({key: value for key, value in part.held_out.items()
+                         if key not in boxes}
+                        | {key: value for key, value in (held_out or {}).items()
+                           if key in boxes})
         if held_out is not None:
             training["held_out"] = held_out
         if notes_text is not None:
             training["notes"] = notes_text
+        onnx_only = float16_weights or CLASSIFIER_WEIGHTS not in files
         if float16_weights:  # an ONNX-only bundle: the torch weights stay behind
             training["weights"] = ("rounded to float16 and stored so in the ONNX graphs "
                                    "(float32 arithmetic); no torch weights")
+        if onnx_only:
             files = {key: path for key, path in files.items()
                      if key not in (CLASSIFIER_WEIGHTS, DETECTOR_WEIGHTS)}
         manifest = _manifest(
-            name, version, trained=True, mean=spec["mean"], std=spec["std"],
-            classifier={
-                "architecture": spec["architecture"], "variant": spec["variant"],
-                "labels": list(spec["labels"]), "input_size": size,
-                "temperature": float(cls_state["calibration"]["temperature"]),
-                "operating_points": dict(cls_state["calibration"]["operating_points"]),
-            },
-            detector=detector_spec, training=jsonable(training),
-            backends=["onnxruntime"] if float16_weights else ["onnxruntime", "torch"])
+            name, version, trained=True, mean=part.mean, std=part.std,
+            classifier=part.entry, detector=detector_spec, training=jsonable(training),
+            backends=["onnxruntime"] if onnx_only else ["onnxruntime", "torch"])
         log.info("build.step", step="write manifest, model card and checksums")
         card = Path(scratch) / MODEL_CARD_FILE
-        provenance = cls_state.get("provenance", {})
-        root = Path(provenance["dataset"]) if provenance.get("dataset") else None
-        card.write_text(model_card(manifest, dataset_credits(root)), encoding="utf-8")
+        card.write_text(model_card(manifest, dataset_credits(part.dataset)), encoding="utf-8")
         files[MODEL_CARD_FILE] = card
         write_bundle(out_dir, manifest, files)
     log.info("build.done", bundle=str(out_dir), name=name, version=version,
-             detector=detector_spec is not None)
+             detector=detector_spec is not None, classifier_from=str(classifier_bundle or ""))
     return Path(out_dir)
+
+
+@dataclass(frozen=True)
+class _ClassifierPart:
+    """A bundle's classifier, built from a checkpoint or taken from another bundle."""
+
+    entry: dict[str, Any]  # the manifest's "classifier"
+    files: dict[str, Path]
+    training: dict[str, Any]
+    mean: Sequence[float]
+    std: Sequence[float]
+    dataset: Path | None  # whose credits the model card gives
+    held_out: dict[str, Any] | None = None  # a reused classifier's held-out scores
+
+
+def _built_classifier(path: Path, state: dict[str, Any], scratch: Path, *,
+                      float16_weights: bool) -> _ClassifierPart:
+    """Export the checkpoint's classifier and check the graph against PyTorch."""
+    spec = state["model_spec"]
+    model = FractureClassifier(variant=spec["variant"], num_labels=len(spec["labels"]))
+    model.load_state_dict(state["model"])
+    model.eval()
+    size = spec["input_size"]
+    files = {CLASSIFIER_FILE: scratch / CLASSIFIER_FILE,
+             CLASSIFIER_WEIGHTS: scratch / CLASSIFIER_WEIGHTS}
+    log.info("build.step", step="export classifier", checkpoint=str(path))
+    _export_graph(model, files[CLASSIFIER_FILE], export_classifier, size,
+                  float16_weights=float16_weights)
+    log.info("build.step", step="compare classifier graph with PyTorch")
+    logits_diff, cam_diff = check_parity(
+        model, files[CLASSIFIER_FILE], size,
+        tolerance=FLOAT16_PARITY_TOLERANCE if float16_weights else PARITY_TOLERANCE)
+    log.info("build.classifier_checked", logits_difference=logits_diff,
+             cam_difference=cam_diff)
+    torch.save(model.state_dict(), files[CLASSIFIER_WEIGHTS])
+    provenance = state.get("provenance", {})
+    return _ClassifierPart(
+        entry={"architecture": spec["architecture"], "variant": spec["variant"],
+               "labels": list(spec["labels"]), "input_size": size,
+               "temperature": float(state["calibration"]["temperature"]),
+               "operating_points": dict(state["calibration"]["operating_points"])},
+        files=files, training=_training_summary(path, state), mean=spec["mean"],
+        std=spec["std"],
+        dataset=Path(provenance["dataset"]) if provenance.get("dataset") else None)
+
+
+def _reused_classifier(bundle: Bundle) -> _ClassifierPart:
+    """An existing bundle's classifier, unchanged (its files are verified by loading)."""
+    raw = json.loads((bundle.path / MANIFEST_FILE).read_text(encoding="utf-8"))
+    if not raw.get("trained"):
+        raise BuildError(f"{bundle.path}: an untrained bundle has no classifier to reuse")
+    files = {key: bundle.file(key) for key in (CLASSIFIER_FILE, CLASSIFIER_WEIGHTS)
+             if key in bundle.manifest.files}
+    training = raw.get("training") or {}
+    dataset = (training.get("classifier") or {}).get("data", {}).get("dataset")
+    log.info("build.step", step="take the classifier of another bundle",
+             bundle=str(bundle.path), version=raw["version"])
+    return _ClassifierPart(
+        entry=raw["classifier"], files=files,
+        training={**training.get("classifier", {}),
+                  "from_bundle": f"{raw['name']}-{raw['version']}"},
+        mean=raw["mean"], std=raw["std"], dataset=Path(dataset) if dataset else None,
+        held_out=training.get("held_out"))
 
 
 def _manifest(name: str, version: str, *, trained: bool, mean: Sequence[float],
@@ -205,7 +264,8 @@ def _manifest(name: str, version: str, *, trained: bool, mean: Sequence[float],
             "detector": detector, "backends": list(backends), "training": training}
 
 
-def _trained_states(paths: Sequence[Path]) -> dict[str, tuple[Path, dict[str, Any]]]:
+def _trained_states(paths: Sequence[Path], *, classifier_required: bool = True,
+                    ) -> dict[str, tuple[Path, dict[str, Any]]]:
     """{kind: (path, checkpoint)} from best.pt files and run directories."""
     files: list[Path] = []
     for path in map(Path, paths):
@@ -234,8 +294,9 @@ def _trained_states(paths: Sequence[Path]) -> dict[str, tuple[Path, dict[str, An
             raise BuildError(f"{path}: trained on a [data].limit subset (a smoke run), not a "
                              "model to deploy")
         states[kind] = (path, state)
-    if "classifier" not in states:
-        raise BuildError("a bundle needs a classifier checkpoint (classifier/best.pt)")
+    if classifier_required and "classifier" not in states:
+        raise BuildError("a bundle needs a classifier checkpoint (classifier/best.pt), or "
+                         "--classifier-bundle to take another bundle's")
     return states
 
 
@@ -288,7 +349,8 @@ def _held_out_summary(path: Path, checkpoints: dict[str, Path]) -> dict[str, Any
     metrics_file = path / "metrics.json" if path.is_dir() else path
     try:
         report = json.loads(metrics_file.read_text(encoding="utf-8"))
-        model, data, scores = report["model"], report["data"], report["classification"]
+        model, data = report["model"], report["data"]
+        scores = report.get("classification") or {}  # absent for a detector-only run
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise BuildError(f"{metrics_file}: not a fractured evaluate metrics.json "
                          f"({exc})") from exc
@@ -317,6 +379,7 @@ def _held_out_summary(path: Path, checkpoints: dict[str, Path]) -> dict[str, Any
     }
     detection = report.get("detection")
     if detection:
+        summary["detection_report"] = str(metrics_file)
         summary["detection"] = {key: detection.get(key) for key in (
             "images", "gt_boxes", "ap50", "ap50_95", "froc_score", "lesion_sensitivity",
             "at_threshold", "note")}

@@ -4,7 +4,9 @@ analysed and its results sent — then restarted.
 
 After each restart it checks what the node promised: every instance storescu got a
 success status for is in the database and on disk (readable, the right UID); the rest
-is resent; and in the end each study is done and its results reached the destination
+is resent; no temporary file of an interrupted write is left in the spool (the start-up
+scan removes them, and records any spooled file whose row is missing: counted); and in
+the end each study is done and its results reached the destination
 exactly once (one SR per study, one overlay per image, at DCMTK storescp).
 
     .venv/bin/python -m bench.faults [--cycles 100] [--instances 100] [--seed 0]
@@ -46,6 +48,8 @@ class FaultLoopCounts:
     acknowledged_before_kill: int = 0
     held_after_restart: int = 0
     lost: list[str] = field(default_factory=list)
+    recorded_from_spool: int = 0  # files without a row at a restart (daemon.recovery)
+    temporary_left: int = 0  # interrupted writes still in the spool after a restart
     kills: Counter[str] = field(default_factory=Counter)  # where each kill landed
     studies: int = 0
     sr_per_study: Counter[int] = field(default_factory=Counter)
@@ -55,7 +59,9 @@ class FaultLoopCounts:
         return (f"cycles {self.cycles}: kills while {dict(self.kills)}; "
                 f"{self.sent} instances sent, {self.acknowledged_before_kill} acknowledged "
                 f"before a kill, {self.held_after_restart} of them held after the restart, "
-                f"lost {len(self.lost)}; {self.studies} studies done, SRs per study "
+                f"lost {len(self.lost)}; {self.recorded_from_spool} recorded again from the "
+                f"spool at a restart, {self.temporary_left} interrupted writes left; "
+                f"{self.studies} studies done, SRs per study "
                 f"{dict(self.sr_per_study)}, overlay mismatches {len(self.overlay_mismatches)}")
 
 
@@ -111,6 +117,10 @@ def fault_loop(work: Path, bundle: Path, cycles: int, instances: int, seed: int 
             counts.acknowledged_before_kill += len(got)
 
             node.start()
+            counts.recorded_from_spool += node.wait_events(
+                "spool.checked", 2 * cycle + 2)[-1]["recorded"]
+            counts.temporary_left += sum(
+                1 for _ in (node.folder / node.spool_dir).rglob(".*.tmp"))
             held = held_instances(node)
             for path in got:
                 ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -194,7 +204,8 @@ def main() -> None:
         bundle = build_untrained_bundle(work / "bundle", input_size=128)
         counts = fault_loop(work, bundle, args.cycles, args.instances, args.seed, log=True)
     print(counts.report())
-    if counts.lost or counts.overlay_mismatches or set(counts.sr_per_study) != {1}:
+    if (counts.lost or counts.temporary_left or counts.overlay_mismatches
+            or set(counts.sr_per_study) != {1}):
         raise SystemExit("FAILED: " + counts.report())
 
 

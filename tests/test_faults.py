@@ -18,6 +18,7 @@ def test_sigkill_at_random_moments_loses_nothing_and_delivers_once(
     print(counts.report())
     assert counts.cycles == 4
     assert counts.lost == []
+    assert counts.temporary_left == 0
     assert counts.held_after_restart == counts.acknowledged_before_kill
     assert counts.sr_per_study == {1: 4}
     assert counts.overlay_mismatches == []

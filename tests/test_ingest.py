@@ -324,6 +324,9 @@ def test_every_common_transfer_syntax_is_stored_as_received(tmp_path: Path,
             stored = pydicom.dcmread(held[original.SOPInstanceUID])
             syntax = original.file_meta.TransferSyntaxUID
             assert stored.file_meta.TransferSyntaxUID == syntax, syntax.name
+            # who sent it and who received it, so the file alone can be recorded again
+            assert stored.file_meta.SendingApplicationEntityTitle == "STORESCU"
+            assert stored.file_meta.ReceivingApplicationEntityTitle == node.ae_title
             assert stored.PixelData == original.PixelData, f"{syntax.name}: pixels changed"
             if path.name == "JPEG-lossy.dcm":
                 continue  # its 12-bit stream has a misplaced marker: no decoder takes it

@@ -155,6 +155,10 @@ class ReceivedInstance:
     calling_ae: str
 
 
+class InstanceHeld(Exception):
+    """record_instance(unheld=True) found a row for the instance after all."""
+
+
 @dataclass(frozen=True)
 class HeldInstance:
     """Where an instance the node already holds belongs, and its spool file."""
@@ -202,8 +206,20 @@ class PendingDelivery:
     attempts: int
 
 
-def make_engine(url: str) -> Engine:
-    """An engine with SQLite set up for a multi-threaded server: WAL, busy timeout, fsync."""
+#: SQLite's synchronous setting for each kind of transaction. FULL: a commit is on disk
+#: when it returns (the worker's and the sender's state changes). NORMAL for what the
+#: listener records: the commit survives the process being killed, and a power cut may
+#: take the last ones back, but each recorded image's file was fsynced before its row
+#: was written and the start-up scan (daemon.recovery) records a spool file that has no
+#: row. That saves an fsync per received image, the largest part of the listener's
+#: database work (bench/ingest.py).
+SYNCHRONOUS = "FULL"
+INTAKE_SYNCHRONOUS = "NORMAL"
+
+
+def make_engine(url: str, *, synchronous: str = SYNCHRONOUS) -> Engine:
+    """An engine with SQLite set up for a multi-threaded server: WAL, busy timeout, and
+    `synchronous` (see SYNCHRONOUS)."""
     if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(url, connect_args={"timeout": 30} if url.startswith("sqlite") else {})
@@ -212,22 +228,37 @@ def make_engine(url: str) -> Engine:
         def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=FULL")  # a commit is on disk when it returns
+            cur.execute(f"PRAGMA synchronous={synchronous}")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
     return engine
 
 
+def _intake_engine(engine: Engine) -> Engine:
+    """The engine the listener records with: the same SQLite file with
+    INTAKE_SYNCHRONOUS (the setting is per connection, hence a pool of its own); any
+    other database, or SQLite in memory, uses `engine` itself."""
+    database = engine.url.database
+    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
+        return engine
+    return make_engine(engine.url.render_as_string(hide_password=False),
+                       synchronous=INTAKE_SYNCHRONOUS)
+
+
 # record_instance's statements, built once: building a statement costs more than
 # running it (bound values change, the compiled form is cached by SQLAlchemy).
-_FIND_STUDY = select(Study.id).where(Study.study_instance_uid == bindparam("uid"))
 # A late image re-opens the study; a running worker sees last_received_at > claimed_at
-# and re-opens it when it finishes.
-_TOUCH_STUDY = update(Study).where(Study.id == bindparam("id_")).values(
-    last_received_at=bindparam("now", type_=Study.last_received_at.type),
-    # typed, so the enum is stored as the column stores it (by name)
-    state=case((Study.state == StudyState.PROCESSING, Study.state),
-               else_=literal(StudyState.RECEIVING, Study.state.type)))
+# and re-opens it when it finishes. RETURNING finds and touches the study in one
+# statement (SQLite 3.35+, PostgreSQL).
+_TOUCH_STUDY = (
+    update(Study).where(Study.study_instance_uid == bindparam("uid"))
+    .values(last_received_at=bindparam("now", type_=Study.last_received_at.type),
+            # typed, so the enum is stored as the column stores it (by name)
+            state=case((Study.state == StudyState.PROCESSING, Study.state),
+                       else_=literal(StudyState.RECEIVING, Study.state.type)))
+    .returning(Study.id))
+_INSERT_STUDY = insert(Study)
+_INSERT_INSTANCE = insert(Instance)
 _REPLACE_INSTANCE = update(Instance).where(Instance.sop_instance_uid == bindparam("uid"))
 _HELD = (select(Study.study_instance_uid, Instance.path)
          .join(Study, Study.id == Instance.study_id)
@@ -241,6 +272,12 @@ class Queue:
         self.engine = engine
         Base.metadata.create_all(engine)
         self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._intake = _intake_engine(engine)
+
+    def close(self) -> None:
+        """Close every database connection (the node is stopping)."""
+        self._intake.dispose()
+        self.engine.dispose()
 
     @contextmanager
     def _tx(self) -> Iterator[Session]:
@@ -259,47 +296,60 @@ class Queue:
 
     def held(self, sop_instance_uid: str) -> HeldInstance | None:
         """The study and spool file of an instance already recorded, if any."""
-        with self.engine.connect() as conn:
+        with self._intake.connect() as conn:
             row = conn.execute(_HELD, {"uid": sop_instance_uid}).first()
         return None if row is None else HeldInstance(row[0], Path(row[1]))
 
-    def record_instance(self, item: ReceivedInstance) -> str:
+    def record_instance(self, item: ReceivedInstance, *, unheld: bool = False) -> str:
         """Record a spooled instance and (re)open its study; returns 'new' or 'replaced'.
 
-        Two associations can bring the first images of one study (or the same image) at
-        the same moment: both find no row and insert one, and the later commit fails on
-        the unique UID. That transaction is then run once more, and finds the row.
+        `unheld` says the caller believes no row holds this instance, so the replace is
+        skipped: one statement less for nearly every received image. If a row holds it
+        after all (in another study, or inserted by another association a moment ago),
+        nothing is recorded and InstanceHeld is raised, for the caller's duplicate rule.
 
-        Core statements, not the ORM: this runs once per received image while the sender
-        waits for its answer, and the ORM's unit of work cost more than the commit's
-        fsync here (bench/ingest.py).
+        Two associations can bring the first images of one study at the same moment:
+        both find no study and insert one, and the later insert fails on the unique
+        UID. That transaction is then run once more, and finds the study.
+
+        Core statements, not the ORM, committed with INTAKE_SYNCHRONOUS: this runs once
+        per received image while the sender waits for its answer, and the ORM's unit of
+        work cost more than the commit's fsync (bench/ingest.py).
         """
         try:
-            return self._record_instance(item)
+            return self._record_instance(item, unheld)
         except IntegrityError:
-            return self._record_instance(item)
+            try:
+                return self._record_instance(item, unheld)
+            except IntegrityError:
+                if unheld:  # the study exists now: the instance's own row is in the way
+                    raise InstanceHeld(item.sop_instance_uid) from None
+                raise
 
-    def _record_instance(self, item: ReceivedInstance) -> str:
+    def _record_instance(self, item: ReceivedInstance, unheld: bool) -> str:
         now = utcnow()
-        with self.engine.begin() as conn:
-            study_id = conn.scalar(_FIND_STUDY, {"uid": item.study_instance_uid})
+        with self._intake.begin() as conn:
+            study_id = conn.scalar(_TOUCH_STUDY, {"uid": item.study_instance_uid, "now": now})
             if study_id is None:
-                study_id = conn.execute(insert(Study), {
+                study_id = conn.execute(_INSERT_STUDY, {
                     "study_instance_uid": item.study_instance_uid,
                     "state": StudyState.RECEIVING, "first_received_at": now,
                     "last_received_at": now, "runs": 0}).inserted_primary_key[0]
-            else:
-                conn.execute(_TOUCH_STUDY, {"id_": study_id, "now": now})
             columns = {"study_id": study_id, "sop_class_uid": item.sop_class_uid,
                        "series_instance_uid": item.series_instance_uid,
                        "modality": item.modality, "path": str(item.path), "size": item.size,
                        "calling_ae": item.calling_ae, "received_at": now}
-            replaced = conn.execute(_REPLACE_INSTANCE,
-                                    {"uid": item.sop_instance_uid, **columns}).rowcount
+            replaced = not unheld and conn.execute(
+                _REPLACE_INSTANCE, {"uid": item.sop_instance_uid, **columns}).rowcount > 0
             if not replaced:
-                conn.execute(insert(Instance),
+                conn.execute(_INSERT_INSTANCE,
                              {"sop_instance_uid": item.sop_instance_uid, **columns})
         return "replaced" if replaced else "new"
+
+    def recorded_paths(self) -> set[Path]:
+        """The spool file of every recorded instance (the start-up scan compares)."""
+        with self.engine.connect() as conn:
+            return {Path(p) for p in conn.scalars(select(Instance.path))}
 
     def mark_ready(self, quiet_period_s: float) -> list[str]:
         """Studies with no new instance for the quiet period become READY."""

@@ -7,8 +7,16 @@ specific status and a log event that says why.
 
 from __future__ import annotations
 
+import contextlib
+import zlib
+from io import BytesIO
+from pathlib import Path
+
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.tag import BaseTag, Tag
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
+from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     ComputedRadiographyImageStorage,
@@ -23,7 +31,7 @@ from fractured.config import NodeSettings, Settings
 from fractured.daemon import access
 from fractured.daemon.access import AccessPolicy
 from fractured.daemon.audit import AssociationAudit
-from fractured.daemon.queue import Queue, ReceivedInstance
+from fractured.daemon.queue import HeldInstance, InstanceHeld, Queue, ReceivedInstance
 from fractured.daemon.spool import is_uid
 from fractured.durable import write_durably
 
@@ -103,7 +111,7 @@ def _store(event: Event, node: NodeSettings, queue: Queue) -> tuple[int, int]:
                      **ctx)
         return SOP_CLASS_NOT_SUPPORTED, 0
     try:
-        ds: Dataset = event.dataset
+        ds = _identity_elements(event)
         study_uid = str(ds.get("StudyInstanceUID", ""))
         series_uid = str(ds.get("SeriesInstanceUID", ""))
         modality = str(ds.get("Modality", ""))
@@ -118,32 +126,41 @@ def _store(event: Event, node: NodeSettings, queue: Queue) -> tuple[int, int]:
         _log.warning("store.rejected", reason=problem, **ctx)
         return DATASET_DOES_NOT_MATCH_SOP_CLASS, 0
 
-    try:
-        held = queue.held(sop_instance)
-    except Exception as exc:
-        _log.error("store.failed", reason="database_error", error=str(exc), **ctx)
-        return OUT_OF_RESOURCES, 0
-    if held is not None and node.duplicates == "keep_first":
-        if held.study_instance_uid != study_uid:
-            _log.warning("store.rejected", reason="sop_instance_uid_held_in_another_study",
-                         study_instance_uid=study_uid,
-                         held_study_instance_uid=held.study_instance_uid, **ctx)
-            return DATASET_DOES_NOT_MATCH_SOP_CLASS, 0
-        _log.info("store.duplicate", study_instance_uid=study_uid, outcome="kept_first", **ctx)
-        return SUCCESS, 0
-
+    # An instance held in this study has its file at `path`: a stat, not a query, for
+    # nearly every image; one held in another study surfaces when its row is inserted.
     path = node.spool_dir / "incoming" / study_uid / f"{sop_instance}.dcm"
+    held: HeldInstance | None = None
+    if path.exists():
+        try:
+            held = queue.held(sop_instance)
+        except Exception as exc:
+            _log.error("store.failed", reason="database_error", error=str(exc), **ctx)
+            return OUT_OF_RESOURCES, 0
+        answer = _kept_first(held, study_uid, node, ctx)
+        if answer is not None:
+            return answer, 0
+
     try:
-        data = event.encoded_dataset()  # as received: preamble, file meta, original syntax
+        data = spooled_file(event, calling_ae)
         write_durably(path, data)
     except OSError as exc:
         _log.error("store.failed", reason="spool_unwritable", error=str(exc), **ctx)
         return OUT_OF_RESOURCES, 0
+    item = ReceivedInstance(
+        study_instance_uid=study_uid, series_instance_uid=series_uid,
+        sop_instance_uid=sop_instance, sop_class_uid=sop_class, modality=modality,
+        path=path, size=len(data), calling_ae=calling_ae)
     try:
-        outcome = queue.record_instance(ReceivedInstance(
-            study_instance_uid=study_uid, series_instance_uid=series_uid,
-            sop_instance_uid=sop_instance, sop_class_uid=sop_class, modality=modality,
-            path=path, size=len(data), calling_ae=calling_ae))
+        try:
+            outcome = queue.record_instance(item, unheld=held is None)
+        except InstanceHeld:  # in another study, or just recorded by another association
+            held = queue.held(sop_instance)
+            answer = _kept_first(held, study_uid, node, ctx)
+            if answer is not None:
+                if held is not None and held.path != path:
+                    _discard(path)
+                return answer, 0
+            outcome = queue.record_instance(item)
     except Exception as exc:
         # The file stays (a resend replaces it); without its row it is not acknowledged.
         _log.error("store.failed", reason="database_error", error=str(exc), **ctx)
@@ -153,6 +170,70 @@ def _store(event: Event, node: NodeSettings, queue: Queue) -> tuple[int, int]:
     _log.info("store.accepted", study_instance_uid=study_uid, modality=modality,
               bytes=len(data), outcome=outcome, **ctx)
     return SUCCESS, len(data)
+
+
+def spooled_file(event: Event, calling_ae: str) -> bytes:
+    """The received object as a DICOM file: preamble, file meta and the dataset exactly
+    as it arrived (its transfer syntax, its bytes).
+
+    The file meta names the calling AE (Sending Application Entity Title, 0002,0017)
+    and this node (Receiving, 0002,0018), so a file can be recorded again from the
+    spool alone (daemon.recovery) with the calling AE its routing rules may use.
+    """
+    meta = event.file_meta
+    meta.SendingApplicationEntityTitle = calling_ae
+    meta.ReceivingApplicationEntityTitle = event.assoc.ae.ae_title
+    return b"".join((b"\x00" * 128, b"DICM", encode_file_meta(meta),
+                     event.encoded_dataset(include_meta=False)))
+
+
+#: The last of the elements that identify a stored object (Series Instance UID): the
+#: listener reads a dataset up to it, not the pixel data after it, which is stored as
+#: received and decoded by the worker.
+_LAST_IDENTITY_TAG = Tag(0x0020, 0x000E)
+
+
+def _identity_elements(event: Event) -> Dataset:
+    """The dataset's elements up to Series Instance UID (SOP class and instance, modality,
+    study and series UIDs), read from the received stream without decoding the rest.
+
+    pynetdicom's `event.dataset` reads the whole object, pixel data included, for the
+    five elements the listener needs before it answers.
+    """
+    syntax = event.context.transfer_syntax
+    stream: BytesIO = event.request.DataSet
+    implicit, little = syntax.is_implicit_VR, syntax.is_little_endian
+    if syntax.is_deflated:
+        stream = BytesIO(zlib.decompress(stream.getvalue(), -zlib.MAX_WBITS))
+        implicit, little = False, True
+    stream.seek(0)
+    return read_dataset(stream, implicit, little, stop_when=_past_identity)
+
+
+def _past_identity(tag: BaseTag, _vr: str | None, _length: int) -> bool:
+    return tag > _LAST_IDENTITY_TAG
+
+
+def _kept_first(held: HeldInstance | None, study_uid: str, node: NodeSettings,
+                ctx: dict[str, str]) -> int | None:
+    """The answer to an instance the node already holds when it keeps the first copy
+    (None: store this one)."""
+    if held is None or node.duplicates != "keep_first":
+        return None
+    if held.study_instance_uid != study_uid:
+        _log.warning("store.rejected", reason="sop_instance_uid_held_in_another_study",
+                     study_instance_uid=study_uid,
+                     held_study_instance_uid=held.study_instance_uid, **ctx)
+        return DATASET_DOES_NOT_MATCH_SOP_CLASS
+    _log.info("store.duplicate", study_instance_uid=study_uid, outcome="kept_first", **ctx)
+    return SUCCESS
+
+
+def _discard(path: Path) -> None:
+    """Remove a spooled file that was not recorded, and its study folder if now empty."""
+    path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # other images of that study are in it
+        path.parent.rmdir()
 
 
 def _identity_problem(study: str, series: str, dataset: tuple[str, str],

@@ -8,7 +8,7 @@ import time
 
 from fractured import log
 from fractured.config import Settings
-from fractured.daemon import scp, tls
+from fractured.daemon import recovery, scp, tls
 from fractured.daemon.access import AccessPolicy
 from fractured.daemon.active_model import ActiveModel
 from fractured.daemon.audit import AssociationAudit
@@ -45,6 +45,7 @@ class Node:
         self._server: tls.HandshakingServer | None = None
 
     def start(self) -> None:
+        recovery.check_spool(self.settings.node.spool_dir, self.queue)
         released = self.queue.release_leases(self.worker.id)
         if released:
             _log.info("leases.released", studies=released, worker=self.worker.id)
@@ -95,7 +96,7 @@ class Node:
             else:  # a connection that never sent a request: pynetdicom refuses an
                 assoc.kill()  # A-ABORT there (Evt15 in Sta2); just stop its thread
         self.scheduler.shutdown(wait=True)
-        self.queue.engine.dispose()
+        self.queue.close()
         _log.info("node.stopped")
 
     def run_until_signalled(self) -> None:

@@ -1,0 +1,112 @@
+"""The start-up scan of the spool: the spool is the record of what was received, the
+database its index.
+
+The listener answers a C-STORE only once the object's file and folder are fsynced and
+its row is committed; that commit is not fsynced (queue.INTAKE_SYNCHRONOUS), so a power
+cut can take back the last rows while their files stay. Before the listener opens,
+the node therefore records every spool file that has no row, from the file alone (its
+UIDs, and the calling AE the listener wrote into its file meta), and removes the
+temporary files of writes that a crash interrupted, which were never acknowledged.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+
+from fractured import log
+from fractured.daemon.queue import InstanceHeld, Queue, ReceivedInstance
+from fractured.daemon.spool import is_uid
+
+#: fractured.durable's temporary names: .{final name}.{pid}-{thread id}.tmp
+_TEMPORARY = re.compile(r"^\..+\.(?P<pid>[0-9]+)-[0-9]+\.tmp$")
+
+_log = log.get("fractured.recovery")
+
+
+@dataclass(frozen=True)
+class SpoolCheck:
+    """What the start-up scan found."""
+
+    files: int  # received images in the spool
+    recorded: int  # of them, recorded again from the file
+    unrecoverable: int  # of them, left where they are (logged with the reason)
+    temporary_removed: int
+
+
+def check_spool(spool_dir: Path, queue: Queue) -> SpoolCheck:
+    """Remove interrupted writes and record the received images that have no row."""
+    started = time.monotonic()
+    removed = _remove_interrupted_writes(spool_dir)
+    incoming = spool_dir / "incoming"
+    files = sorted(incoming.glob("*/*.dcm")) if incoming.is_dir() else []
+    known = queue.recorded_paths()
+    recorded = unrecoverable = 0
+    for path in files:
+        if path in known:
+            continue
+        problem = _record(path, queue)
+        if problem:
+            unrecoverable += 1
+            _log.warning("spool.unrecoverable", path=str(path), reason=problem)
+        else:
+            recorded += 1
+    check = SpoolCheck(len(files), recorded, unrecoverable, removed)
+    _log.info("spool.checked", files=check.files, recorded=check.recorded,
+              unrecoverable=check.unrecoverable, temporary_removed=check.temporary_removed,
+              seconds=round(time.monotonic() - started, 3))
+    return check
+
+
+def _record(path: Path, queue: Queue) -> str:
+    """Record one spool file that has no row: '' when done, else why not."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        study, series = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
+        sop_instance, sop_class = str(ds.SOPInstanceUID), str(ds.SOPClassUID)
+        modality = str(ds.get("Modality", ""))
+        calling_ae = str(ds.file_meta.get("SendingApplicationEntityTitle", ""))
+    except Exception as exc:  # any unreadable file is reported, not fatal
+        return f"unreadable: {exc}"
+    # Only what the listener wrote: the folder is the study, the name the instance.
+    if not (is_uid(study) and is_uid(series)) or (path.parent.name, path.stem) != (
+            study, sop_instance):
+        return "not_named_by_its_uids"
+    try:
+        queue.record_instance(ReceivedInstance(
+            study_instance_uid=study, series_instance_uid=series,
+            sop_instance_uid=sop_instance, sop_class_uid=sop_class, modality=modality,
+            path=path, size=path.stat().st_size, calling_ae=calling_ae), unheld=True)
+    except InstanceHeld:
+        return "sop_instance_uid_held_in_another_study"
+    _log.info("spool.recorded", study_instance_uid=study, sop_instance_uid=sop_instance,
+              calling_ae=calling_ae)
+    return ""
+
+
+def _remove_interrupted_writes(spool_dir: Path) -> int:
+    """Remove the temporary files of writes whose process is gone."""
+    removed = 0
+    for path in spool_dir.rglob(".*.tmp"):
+        match = _TEMPORARY.match(path.name)
+        if match is None or _alive(int(match["pid"])):
+            continue
+        path.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` is a running process on this host (its write may be in progress)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

@@ -16,7 +16,6 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag, Tag
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
-from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     ComputedRadiographyImageStorage,
@@ -31,6 +30,7 @@ from fractured.config import NodeSettings, Settings
 from fractured.daemon import access
 from fractured.daemon.access import AccessPolicy
 from fractured.daemon.audit import AssociationAudit
+from fractured.daemon.file_meta import file_header
 from fractured.daemon.queue import HeldInstance, InstanceHeld, Queue, ReceivedInstance
 from fractured.daemon.spool import is_uid
 from fractured.durable import write_durably
@@ -174,17 +174,13 @@ def _store(event: Event, node: NodeSettings, queue: Queue) -> tuple[int, int]:
 
 def spooled_file(event: Event, calling_ae: str) -> bytes:
     """The received object as a DICOM file: preamble, file meta and the dataset exactly
-    as it arrived (its transfer syntax, its bytes).
-
-    The file meta names the calling AE (Sending Application Entity Title, 0002,0017)
-    and this node (Receiving, 0002,0018), so a file can be recorded again from the
-    spool alone (daemon.recovery) with the calling AE its routing rules may use.
-    """
-    meta = event.file_meta
-    meta.SendingApplicationEntityTitle = calling_ae
-    meta.ReceivingApplicationEntityTitle = event.assoc.ae.ae_title
-    return b"".join((b"\x00" * 128, b"DICM", encode_file_meta(meta),
-                     event.encoded_dataset(include_meta=False)))
+    as it arrived (its transfer syntax, its bytes). The file meta names the calling AE
+    and this node, so the file alone can be recorded again (daemon.recovery)."""
+    request = event.request
+    return b"".join((
+        file_header(str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID),
+                    str(event.context.transfer_syntax), calling_ae, event.assoc.ae.ae_title),
+        event.encoded_dataset(include_meta=False)))
 
 
 #: The last of the elements that identify a stored object (Series Instance UID): the

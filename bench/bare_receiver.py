@@ -1,6 +1,7 @@
 """The floor of the node's own stack, for bench/ingest.py: a pynetdicom storage SCP
 negotiated as the node is (every storage class, every transfer syntax, no PDU limit)
-that writes each object as received, durably (fractured.durable), and answers success.
+that writes each object as received, with the same file meta and the same durable
+write as the node (daemon.scp.spooled_file, fractured.durable), and answers success.
 No checks, no database.
 
     python -m bench.bare_receiver PORT FOLDER
@@ -14,6 +15,7 @@ from pathlib import Path
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
 from pynetdicom.events import Event
 
+from fractured.daemon.scp import spooled_file
 from fractured.durable import write_durably
 
 
@@ -22,7 +24,8 @@ def main() -> None:
 
     def store(event: Event) -> int:
         uid = str(event.request.AffectedSOPInstanceUID)
-        write_durably(folder / f"{uid}.dcm", event.encoded_dataset())
+        write_durably(folder / f"{uid}.dcm",
+                      spooled_file(event, event.assoc.requestor.ae_title))
         return 0x0000
 
     ae = AE(ae_title="BARE")

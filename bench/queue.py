@@ -4,15 +4,17 @@ The database is filled (in bulk, outside the measurement) to 1,000, 10,000 and 1
 instances held (10 per study, studies done, results delivered), then the node's own
 calls are timed on new studies:
 
-- per instance: `held` (the duplicate check) and `record_instance`, as the listener
-  makes them for each C-STORE;
+- per instance: `held` (the duplicate check, which the listener makes only when the
+  image's file is already spooled: a resend) and `record_instance`;
 - per study: `mark_ready`, `claim`, `finish` (two result objects, one destination),
   `due_deliveries` and `record_attempt` for each result, as scheduler, worker and
   sender make them.
 
-Each commit is an fsync (synchronous=FULL), a constant cost; what must not grow is the
-rest. Every statement those calls ran is also checked with EXPLAIN QUERY PLAN, and any
-full table scan is printed.
+The listener's commits are not fsynced (queue.INTAKE_SYNCHRONOUS), the others are
+(synchronous=FULL), a constant cost; what must not grow is the rest. Every statement
+those calls ran is also checked with EXPLAIN QUERY PLAN, and any full table scan is
+printed. The start-up spool check (daemon.recovery) reads every recorded path once, by
+design: its time is printed too.
 
     .venv/bin/python -m bench.queue [--sizes 1000 10000 100000] [--studies 20]
 """
@@ -71,12 +73,12 @@ def per_instance(queue: Queue, studies: int, tag: str) -> float:
     for s in range(studies):
         for i in range(PER_STUDY):
             uid = f"1.3.{tag}.{s}.{i}"
-            queue.held(uid)
+            held = queue.held(uid)
             queue.record_instance(ReceivedInstance(
                 study_instance_uid=f"1.3.{tag}.{s}", series_instance_uid="1.3.8",
                 sop_instance_uid=uid, sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
                 modality="DX", path=Path(f"/spool/{uid}.dcm"), size=131_000,
-                calling_ae="PACS"))
+                calling_ae="PACS"), unheld=held is None)
     return (time.perf_counter() - start) / (studies * PER_STUDY)
 
 
@@ -102,7 +104,8 @@ class ScanWatch:
     def __init__(self, queue: Queue) -> None:
         self.queue = queue
         self.statements: dict[str, tuple] = {}
-        event.listen(queue.engine, "before_cursor_execute", self._seen)
+        for engine in {queue.engine, queue.intake}:  # the listener's pool and the rest
+            event.listen(engine, "before_cursor_execute", self._seen)
 
     def _seen(self, _conn, _cursor, statement, parameters, _context, executemany) -> None:  # type: ignore[no-untyped-def]
         if not executemany and statement.lstrip().upper().startswith(("SELECT", "UPDATE")):
@@ -141,7 +144,11 @@ def main() -> None:
                   f"{study_s * 1e3:6.2f} ms per study (ready -> delivered)")
             for scan in watch.scans():
                 print(f"          full scan: {scan}")
-            queue.engine.dispose()
+            start = time.perf_counter()  # the start-up spool check reads every path, once
+            paths = queue.recorded_paths()
+            print(f"          start-up spool check: {len(paths)} recorded paths read in "
+                  f"{(time.perf_counter() - start) * 1e3:.0f} ms")
+            queue.close()
     (small, i0, s0), (large, i1, s1) = results[0], results[-1]
     print(f"{large} vs {small} held: {i1 / i0:.2f}x per instance, {s1 / s0:.2f}x per study "
           "(flat: about 1x)")

@@ -24,7 +24,7 @@ from tests.peers import NodeProcess, c_store_statuses, storescu
 
 def test_intake_commits_skip_the_fsync_and_the_rest_keep_it(tmp_path: Path) -> None:
     queue = Queue(make_engine(f"sqlite:///{tmp_path / 'q.db'}"))
-    with queue._intake.connect() as intake, queue.engine.connect() as main:
+    with queue.intake.connect() as intake, queue.engine.connect() as main:
         assert intake.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
         assert main.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
         assert intake.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
@@ -68,7 +68,8 @@ def dead_pid() -> int:
     return int(proc.stdout)
 
 
-def test_interrupted_writes_go_and_unreadable_files_stay(tmp_path: Path) -> None:
+def test_interrupted_writes_go_and_unreadable_files_stay(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     spool = tmp_path / "spool"
     (image,) = factory.write_study(tmp_path / "study", 1)
     ds = pydicom.dcmread(image)
@@ -91,10 +92,14 @@ def test_interrupted_writes_go_and_unreadable_files_stay(tmp_path: Path) -> None
         3, 1, 2, 1)
     assert not interrupted.exists() and in_progress.exists()
     assert misnamed.exists() and garbage.exists()  # left for the administrator
-    assert queue.recorded_paths() == {good}
+    assert queue.recorded_paths() == {str(good)}
     (row,) = queue.studies()
     assert (row["study_instance_uid"], row["instances"]) == (str(ds.StudyInstanceUID), 1)
 
     again = check_spool(spool, queue)  # a second start finds nothing more to do
-    assert (again.recorded, again.temporary_removed) == (0, 0)
+    assert (again.recorded, again.unrecoverable, again.temporary_removed) == (0, 2, 0)
+    # nor does one whose spool_dir is spelled another way (relative, not absolute)
+    monkeypatch.chdir(tmp_path)
+    moved = check_spool(Path("spool"), queue)
+    assert (moved.files, moved.recorded, moved.unrecoverable) == (3, 0, 2)
     queue.close()

@@ -272,11 +272,12 @@ class Queue:
         self.engine = engine
         Base.metadata.create_all(engine)
         self._sessions = sessionmaker(engine, expire_on_commit=False)
-        self._intake = _intake_engine(engine)
+        #: what the listener records with (INTAKE_SYNCHRONOUS); `engine` for the rest
+        self.intake = _intake_engine(engine)
 
     def close(self) -> None:
         """Close every database connection (the node is stopping)."""
-        self._intake.dispose()
+        self.intake.dispose()
         self.engine.dispose()
 
     @contextmanager
@@ -296,7 +297,7 @@ class Queue:
 
     def held(self, sop_instance_uid: str) -> HeldInstance | None:
         """The study and spool file of an instance already recorded, if any."""
-        with self._intake.connect() as conn:
+        with self.intake.connect() as conn:
             row = conn.execute(_HELD, {"uid": sop_instance_uid}).first()
         return None if row is None else HeldInstance(row[0], Path(row[1]))
 
@@ -328,7 +329,7 @@ class Queue:
 
     def _record_instance(self, item: ReceivedInstance, unheld: bool) -> str:
         now = utcnow()
-        with self._intake.begin() as conn:
+        with self.intake.begin() as conn:
             study_id = conn.scalar(_TOUCH_STUDY, {"uid": item.study_instance_uid, "now": now})
             if study_id is None:
                 study_id = conn.execute(_INSERT_STUDY, {
@@ -346,10 +347,11 @@ class Queue:
                              {"sop_instance_uid": item.sop_instance_uid, **columns})
         return "replaced" if replaced else "new"
 
-    def recorded_paths(self) -> set[Path]:
-        """The spool file of every recorded instance (the start-up scan compares)."""
+    def recorded_paths(self) -> set[str]:
+        """The spool file of every recorded instance, as stored (the start-up scan
+        compares; strings, since 100,000 Path objects cost more than the query)."""
         with self.engine.connect() as conn:
-            return {Path(p) for p in conn.scalars(select(Instance.path))}
+            return set(conn.scalars(select(Instance.path)))
 
     def mark_ready(self, quiet_period_s: float) -> list[str]:
         """Studies with no new instance for the quiet period become READY."""

@@ -48,14 +48,14 @@ def check_spool(spool_dir: Path, queue: Queue) -> SpoolCheck:
     known = queue.recorded_paths()
     recorded = unrecoverable = 0
     for path in files:
-        if path in known:
+        if str(path) in known:
             continue
-        problem = _record(path, queue)
-        if problem:
-            unrecoverable += 1
-            _log.warning("spool.unrecoverable", path=str(path), reason=problem)
-        else:
+        outcome = _record(path, queue)
+        if outcome == RECORDED:
             recorded += 1
+        elif outcome != KNOWN:
+            unrecoverable += 1
+            _log.warning("spool.unrecoverable", path=str(path), reason=outcome)
     check = SpoolCheck(len(files), recorded, unrecoverable, removed)
     _log.info("spool.checked", files=check.files, recorded=check.recorded,
               unrecoverable=check.unrecoverable, temporary_removed=check.temporary_removed,
@@ -63,8 +63,13 @@ def check_spool(spool_dir: Path, queue: Queue) -> SpoolCheck:
     return check
 
 
+#: _record's outcomes besides the reason a file cannot be recorded.
+RECORDED = "recorded"
+KNOWN = "known"  # its row names it by another spelling of the path (a moved spool_dir)
+
+
 def _record(path: Path, queue: Queue) -> str:
-    """Record one spool file that has no row: '' when done, else why not."""
+    """Record one spool file that no row names: RECORDED, KNOWN, or why it cannot be."""
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         study, series = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
@@ -83,10 +88,13 @@ def _record(path: Path, queue: Queue) -> str:
             sop_instance_uid=sop_instance, sop_class_uid=sop_class, modality=modality,
             path=path, size=path.stat().st_size, calling_ae=calling_ae), unheld=True)
     except InstanceHeld:
+        held = queue.held(sop_instance)
+        if held is not None and held.path.is_file() and held.path.samefile(path):
+            return KNOWN
         return "sop_instance_uid_held_in_another_study"
     _log.info("spool.recorded", study_instance_uid=study, sop_instance_uid=sop_instance,
               calling_ae=calling_ae)
-    return ""
+    return RECORDED
 
 
 def _remove_interrupted_writes(spool_dir: Path) -> int:

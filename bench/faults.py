@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import shutil
 import signal
 import sqlite3
 import tempfile
@@ -136,8 +137,13 @@ def fault_loop(work: Path, bundle: Path, cycles: int, instances: int, seed: int 
                 statuses = c_store_statuses(resend.output())
                 if statuses != [0] * len(rest):
                     raise SystemExit(f"cycle {cycle}: resend answered {statuses[:5]}...")
-            wait_for(f"study {uid} to be done", lambda u=uid: study_states(node).get(u) == "done",
-                     120)
+            try:
+                wait_for(f"study {uid} to be done",
+                         lambda u=uid: study_states(node).get(u) == "done", 120)
+            except BaseException:
+                print(f"cycle {cycle + 1}: killed while {phase}; study {uid} is "
+                      f"{study_states(node).get(uid)}", flush=True)
+                raise
             node.stop()
             counts.cycles += 1
             if log:
@@ -199,10 +205,15 @@ def main() -> None:
     parser.add_argument("--instances", type=int, default=100, help="per study")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
+    # Kept when the loop fails: the node's log, database and spool are the evidence.
+    work = Path(tempfile.mkdtemp(prefix="fractured-faults-"))
+    try:
         bundle = build_untrained_bundle(work / "bundle", input_size=128)
         counts = fault_loop(work, bundle, args.cycles, args.instances, args.seed, log=True)
+    except BaseException:
+        print(f"the loop stopped: its node log, database and spool are kept in {work}")
+        raise
+    shutil.rmtree(work)
     print(counts.report())
     if (counts.lost or counts.temporary_left or counts.overlay_mismatches
             or set(counts.sr_per_study) != {1}):

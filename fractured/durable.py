@@ -9,8 +9,12 @@ the node (spool, results), bundles and TensorRT plans.
 from __future__ import annotations
 
 import os
+import re
 import threading
 from pathlib import Path
+
+#: write_durably's temporary names: .{final name}.{pid}-{thread id}.tmp
+_TEMPORARY = re.compile(r"^\..+\.(?P<pid>[0-9]+)-[0-9]+\.tmp$")
 
 
 def ensure_dir(path: Path, mode: int = 0o700) -> Path:
@@ -30,6 +34,13 @@ def fsync_path(path: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def temporary_writer(path: Path) -> int | None:
+    """The pid of the process whose write_durably left `path`, or None when `path` is
+    not one of its temporary files."""
+    match = _TEMPORARY.match(path.name)
+    return None if match is None else int(match["pid"])
 
 
 def write_durably(path: Path, data: bytes | memoryview, mode: int = 0o600) -> None:

@@ -12,7 +12,6 @@ temporary files of writes that a crash interrupted, which were never acknowledge
 from __future__ import annotations
 
 import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +20,12 @@ import pydicom
 
 from fractured import log
 from fractured.daemon.queue import InstanceHeld, Queue, ReceivedInstance
-from fractured.daemon.spool import is_uid
+from fractured.daemon.spool import incoming_files, incoming_path, is_uid
+from fractured.durable import temporary_writer
 
-#: fractured.durable's temporary names: .{final name}.{pid}-{thread id}.tmp
-_TEMPORARY = re.compile(r"^\..+\.(?P<pid>[0-9]+)-[0-9]+\.tmp$")
+#: _record's outcomes besides the reason a file cannot be recorded.
+RECORDED = "recorded"
+KNOWN = "known"  # its row names it by another spelling of the path (a moved spool_dir)
 
 _log = log.get("fractured.recovery")
 
@@ -43,8 +44,7 @@ def check_spool(spool_dir: Path, queue: Queue) -> SpoolCheck:
     """Remove interrupted writes and record the received images that have no row."""
     started = time.monotonic()
     removed = _remove_interrupted_writes(spool_dir)
-    incoming = spool_dir / "incoming"
-    files = sorted(incoming.glob("*/*.dcm")) if incoming.is_dir() else []
+    files = incoming_files(spool_dir)
     known = queue.recorded_paths()
     recorded = unrecoverable = 0
     for path in files:
@@ -63,11 +63,6 @@ def check_spool(spool_dir: Path, queue: Queue) -> SpoolCheck:
     return check
 
 
-#: _record's outcomes besides the reason a file cannot be recorded.
-RECORDED = "recorded"
-KNOWN = "known"  # its row names it by another spelling of the path (a moved spool_dir)
-
-
 def _record(path: Path, queue: Queue) -> str:
     """Record one spool file that no row names: RECORDED, KNOWN, or why it cannot be."""
     try:
@@ -78,9 +73,9 @@ def _record(path: Path, queue: Queue) -> str:
         calling_ae = str(ds.file_meta.get("SendingApplicationEntityTitle", ""))
     except Exception as exc:  # any unreadable file is reported, not fatal
         return f"unreadable: {exc}"
-    # Only what the listener wrote: the folder is the study, the name the instance.
-    if not (is_uid(study) and is_uid(series)) or (path.parent.name, path.stem) != (
-            study, sop_instance):
+    # Only what the listener wrote: the file is where its UIDs put it.
+    if not (is_uid(study) and is_uid(series)) or path != incoming_path(
+            path.parents[2], study, sop_instance):
         return "not_named_by_its_uids"
     try:
         queue.record_instance(ReceivedInstance(
@@ -101,8 +96,8 @@ def _remove_interrupted_writes(spool_dir: Path) -> int:
     """Remove the temporary files of writes whose process is gone."""
     removed = 0
     for path in spool_dir.rglob(".*.tmp"):
-        match = _TEMPORARY.match(path.name)
-        if match is None or _alive(int(match["pid"])):
+        pid = temporary_writer(path)
+        if pid is None or _alive(pid):
             continue
         path.unlink(missing_ok=True)
         removed += 1
@@ -112,9 +107,9 @@ def _remove_interrupted_writes(spool_dir: Path) -> int:
 def _alive(pid: int) -> bool:
     """Whether `pid` is a running process on this host (its write may be in progress)."""
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # PermissionError: another user's process, alive too
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's process
-        return True
+    except PermissionError:
+        pass
     return True

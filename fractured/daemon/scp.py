@@ -32,7 +32,7 @@ from fractured.daemon.access import AccessPolicy
 from fractured.daemon.audit import AssociationAudit
 from fractured.daemon.file_meta import file_header
 from fractured.daemon.queue import HeldInstance, InstanceHeld, Queue, ReceivedInstance
-from fractured.daemon.spool import is_uid
+from fractured.daemon.spool import incoming_path, is_uid
 from fractured.durable import write_durably
 
 # C-STORE response statuses (PS3.4 Annex B.2.3, PS3.7 Annex C).
@@ -128,7 +128,7 @@ def _store(event: Event, node: NodeSettings, queue: Queue) -> tuple[int, int]:
 
     # An instance held in this study has its file at `path`: a stat, not a query, for
     # nearly every image; one held in another study surfaces when its row is inserted.
-    path = node.spool_dir / "incoming" / study_uid / f"{sop_instance}.dcm"
+    path = incoming_path(node.spool_dir, study_uid, sop_instance)
     held: HeldInstance | None = None
     if path.exists():
         try:

@@ -18,8 +18,9 @@ import pytest
 
 from fractured.daemon.queue import Queue, make_engine
 from fractured.daemon.recovery import check_spool
+from fractured.daemon.spool import incoming_files
 from tests import factory
-from tests.peers import NodeProcess, c_store_statuses, storescu
+from tests.peers import NodeProcess, c_store_statuses, dciodvfy, storescu
 
 
 def test_intake_commits_skip_the_fsync_and_the_rest_keep_it(tmp_path: Path) -> None:
@@ -42,6 +43,10 @@ def test_images_whose_rows_a_power_cut_took_are_recorded_and_analysed(
         assert c_store_statuses(proc.stdout + proc.stderr) == [0, 0, 0]
     finally:
         node.stop()
+    spooled = incoming_files(node.folder / "spool")
+    assert len(spooled) == 3
+    for path in spooled:  # the node's own file meta in front of the received dataset
+        assert dciodvfy(path)[0] == [], path
     with sqlite3.connect(node.folder / "fractured.db") as db:  # what the cut took back
         db.execute("DELETE FROM instances")
         db.execute("DELETE FROM studies")

@@ -15,8 +15,9 @@ expiry, which is safe with several workers on SQLite and PostgreSQL alike.
 from __future__ import annotations
 
 import enum
+import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -41,8 +42,9 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from fractured.daemon.prepared import Prepared, dbapi_transaction, integrity_errors
 
 
 def utcnow() -> datetime:
@@ -245,11 +247,9 @@ def _intake_engine(engine: Engine) -> Engine:
                        synchronous=INTAKE_SYNCHRONOUS)
 
 
-# record_instance's statements, built once: building a statement costs more than
-# running it (bound values change, the compiled form is cached by SQLAlchemy).
-# A late image re-opens the study; a running worker sees last_received_at > claimed_at
-# and re-opens it when it finishes. RETURNING finds and touches the study in one
-# statement (SQLite 3.35+, PostgreSQL).
+# record_instance's statements. A late image re-opens the study; a running worker sees
+# last_received_at > claimed_at and re-opens it when it finishes. RETURNING finds and
+# touches the study in one statement (SQLite 3.35+, PostgreSQL).
 _TOUCH_STUDY = (
     update(Study).where(Study.study_instance_uid == bindparam("uid"))
     .values(last_received_at=bindparam("now", type_=Study.last_received_at.type),
@@ -257,7 +257,11 @@ _TOUCH_STUDY = (
             state=case((Study.state == StudyState.PROCESSING, Study.state),
                        else_=literal(StudyState.RECEIVING, Study.state.type)))
     .returning(Study.id))
-_INSERT_STUDY = insert(Study)
+_INSERT_STUDY = insert(Study).returning(Study.id)
+_STUDY_COLUMNS = ("study_instance_uid", "state", "first_received_at", "last_received_at",
+                  "runs")
+_INSTANCE_COLUMNS = ("study_id", "sop_class_uid", "series_instance_uid", "modality", "path",
+                     "size", "calling_ae", "received_at")
 _INSERT_INSTANCE = insert(Instance)
 _REPLACE_INSTANCE = update(Instance).where(Instance.sop_instance_uid == bindparam("uid"))
 _HELD = (select(Study.study_instance_uid, Instance.path)
@@ -274,6 +278,19 @@ class Queue:
         self._sessions = sessionmaker(engine, expire_on_commit=False)
         #: what the listener records with (INTAKE_SYNCHRONOUS); `engine` for the rest
         self.intake = _intake_engine(engine)
+        #: One listener transaction at a time in this process, on SQLite: it has one
+        #: writer anyway, and a thread that finds the file locked sleeps in SQLite's busy
+        #: handler (1, 2, 5 ms...) where a lock hands over at once (bench/ingest.py,
+        #: 8 associations). Other databases lock rows, not the file: no lock.
+        self._intake_lock: AbstractContextManager[object] = (
+            threading.Lock() if self.intake.dialect.name == "sqlite" else nullcontext())
+        dialect = self.intake.dialect
+        self._touch_study = Prepared(_TOUCH_STUDY, dialect)
+        self._insert_study = Prepared(_INSERT_STUDY, dialect, _STUDY_COLUMNS)
+        self._insert_instance = Prepared(_INSERT_INSTANCE, dialect,
+                                         ("sop_instance_uid", *_INSTANCE_COLUMNS))
+        self._replace_instance = Prepared(_REPLACE_INSTANCE, dialect, _INSTANCE_COLUMNS)
+        self._conflicts = integrity_errors(self.intake)
 
     def close(self) -> None:
         """Close every database connection (the node is stopping)."""
@@ -313,38 +330,45 @@ class Queue:
         both find no study and insert one, and the later insert fails on the unique
         UID. That transaction is then run once more, and finds the study.
 
-        Core statements, not the ORM, committed with INTAKE_SYNCHRONOUS: this runs once
-        per received image while the sender waits for its answer, and the ORM's unit of
-        work cost more than the commit's fsync (bench/ingest.py).
+        Core statements compiled once and run on the DBAPI cursor (daemon.prepared),
+        committed with INTAKE_SYNCHRONOUS: this runs once per received image while the
+        sender waits for its answer (bench/ingest.py).
         """
         try:
             return self._record_instance(item, unheld)
-        except IntegrityError:
+        except self._conflicts:
             try:
                 return self._record_instance(item, unheld)
-            except IntegrityError:
+            except self._conflicts:
                 if unheld:  # the study exists now: the instance's own row is in the way
                     raise InstanceHeld(item.sop_instance_uid) from None
                 raise
 
     def _record_instance(self, item: ReceivedInstance, unheld: bool) -> str:
         now = utcnow()
-        with self.intake.begin() as conn:
-            study_id = conn.scalar(_TOUCH_STUDY, {"uid": item.study_instance_uid, "now": now})
-            if study_id is None:
-                study_id = conn.execute(_INSERT_STUDY, {
+        with self._intake_lock, dbapi_transaction(self.intake) as cur:
+            cur.execute(self._touch_study.sql,
+                        self._touch_study.parameters({"uid": item.study_instance_uid,
+                                                      "now": now}))
+            row = cur.fetchone()
+            if row is None:
+                cur.execute(self._insert_study.sql, self._insert_study.parameters({
                     "study_instance_uid": item.study_instance_uid,
                     "state": StudyState.RECEIVING, "first_received_at": now,
-                    "last_received_at": now, "runs": 0}).inserted_primary_key[0]
-            columns = {"study_id": study_id, "sop_class_uid": item.sop_class_uid,
+                    "last_received_at": now, "runs": 0}))
+                row = cur.fetchone()
+            columns = {"study_id": row[0], "sop_class_uid": item.sop_class_uid,
                        "series_instance_uid": item.series_instance_uid,
                        "modality": item.modality, "path": str(item.path), "size": item.size,
                        "calling_ae": item.calling_ae, "received_at": now}
-            replaced = not unheld and conn.execute(
-                _REPLACE_INSTANCE, {"uid": item.sop_instance_uid, **columns}).rowcount > 0
+            replaced = False
+            if not unheld:
+                cur.execute(self._replace_instance.sql, self._replace_instance.parameters(
+                    {"uid": item.sop_instance_uid, **columns}))
+                replaced = cur.rowcount > 0
             if not replaced:
-                conn.execute(_INSERT_INSTANCE,
-                             {"sop_instance_uid": item.sop_instance_uid, **columns})
+                cur.execute(self._insert_instance.sql, self._insert_instance.parameters(
+                    {"sop_instance_uid": item.sop_instance_uid, **columns}))
         return "replaced" if replaced else "new"
 
     def recorded_paths(self) -> set[str]:

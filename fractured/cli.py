@@ -124,6 +124,45 @@ def status(config_path: Path | None, as_json: bool) -> None:
                    f"{letter['attempts']} attempts, {letter['last_error']}")
 
 
+@main.command()
+@config_option
+@click.option("--dry-run", is_flag=True, help="Only show what would be removed.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def purge(config_path: Path | None, dry_run: bool, as_json: bool) -> None:
+    """Remove what [retention] says finished studies have been kept long enough: received
+    images, delivered results, database rows. Shows what goes (UIDs only), and with
+    --dry-run removes nothing. A running node does the same every [retention].interval_s."""
+    settings = _settings(config_path)
+    log.configure(settings.log.level, settings.log.format)  # retention.purged, on stderr
+    from fractured.daemon import retention
+    from fractured.daemon.queue import Queue, make_engine, utcnow
+
+    queue = Queue(make_engine(settings.database.url))
+    plan = retention.plan(queue, settings, utcnow())
+    result = None if dry_run else retention.apply(queue, plan)
+    report = retention.report(plan, result)
+    if as_json:
+        click.echo(json.dumps({"dry_run": dry_run, **report}, indent=2))
+        return
+    keep = settings.retention
+    click.echo(f"retention: images {keep.images_days:g} days, results {keep.results_days:g} "
+               f"days, records {keep.records_days:g} days (0: kept forever)")
+    click.echo(f"{'would remove' if dry_run else 'removing'}: {len(plan.studies)} studies, "
+               f"{plan.files} files ({_megabytes(plan.bytes)}), {plan.rows} rows")
+    for study in plan.studies:
+        click.echo(f"  {study.study_instance_uid:<64} {study.finished.state:<8} "
+                   f"files {study.files:<5} {_megabytes(study.bytes):>9}  rows {study.rows:<5}"
+                   + "; ".join(f"{kind}: {why}" for kind, why in study.reasons.items()))
+    if result is not None:
+        click.echo(f"removed: {result.studies} studies, {result.files} files "
+                   f"({_megabytes(result.bytes)}), {result.rows} rows; {result.changed} "
+                   f"changed since planned (left alone), {result.failed} failed")
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
+
+
 @main.command("build-engine")
 @click.argument("checkpoints", nargs=-1, type=click.Path(exists=True, path_type=Path))
 @click.option("--untrained", is_flag=True,

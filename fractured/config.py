@@ -163,6 +163,24 @@ class LogSettings:
 
 
 @dataclass(frozen=True)
+class RetentionSettings:
+    """How long the node keeps what it holds of a finished study (daemon.retention): the
+    node is not an archive, the PACS keeps the images and the results. Ages are days
+    since the study settled; 0 keeps that kind forever. A study's rows go only with its
+    files (a spool image without a row would be recorded again at start-up), so
+    records_days is 0 or at least the other two, and they are not 0 then."""
+
+    #: Received images (and their instance rows) of finished studies.
+    images_days: float = 7.0
+    #: Result objects every destination took; undelivered ones stay with the records.
+    results_days: float = 7.0
+    #: Database rows of finished studies: UIDs, states, deliveries, shadow findings.
+    records_days: float = 90.0
+    #: Seconds between two runs of the retention job.
+    interval_s: float = 3600.0
+
+
+@dataclass(frozen=True)
 class Settings:
     node: NodeSettings = field(default_factory=NodeSettings)
     access: AccessSettings = field(default_factory=AccessSettings)
@@ -176,6 +194,7 @@ class Settings:
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     destinations: list[Destination] = field(default_factory=list)
     log: LogSettings = field(default_factory=LogSettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
     source: Path | None = None
 
 
@@ -340,6 +359,7 @@ def _check(s: Settings) -> None:
                               f"got {rule.name!r}")
     _check_access(s.access)
     _check_tls(s.tls)
+    _check_retention(s.retention)
     if not s.database.url.startswith(("sqlite:", "postgresql")):
         raise ConfigError(f"[database].url: expected sqlite:///... or postgresql://..., "
                           f"got {s.database.url!r}")
@@ -362,6 +382,24 @@ def _check_access(access: AccessSettings) -> None:
             except ValueError:
                 raise ConfigError(f"{where}.addresses[{j}]: not an IP address or network, "
                                   f"got {address!r}") from None
+
+
+def _check_retention(retention: RetentionSettings) -> None:
+    ages = {"images_days": retention.images_days, "results_days": retention.results_days,
+            "records_days": retention.records_days}
+    for key, days in ages.items():
+        if days < 0:
+            raise ConfigError(f"[retention].{key}: days, or 0 to keep forever, got {days:g}")
+    if retention.interval_s <= 0:
+        raise ConfigError(f"[retention].interval_s: must be greater than 0, "
+                          f"got {retention.interval_s:g}")
+    records = retention.records_days
+    for key in ("images_days", "results_days"):
+        if records and not 0 < ages[key] <= records:
+            raise ConfigError(
+                f"[retention].records_days: a study's rows go only with its files, so "
+                f"records_days is 0 (keep) or at least {key}, which is then not 0; got "
+                f"records_days {records:g}, {key} {ages[key]:g}")
 
 
 def _check_tls(tls: TlsSettings) -> None:

@@ -1,4 +1,5 @@
-"""APScheduler jobs that move studies along: quiet-period sweep, worker, deliveries.
+"""APScheduler jobs that move studies along: quiet-period sweep, worker, deliveries;
+and retention, which removes what finished studies leave behind.
 
 Each job runs at most once at a time (max_instances=1) and catches its own errors, so
 one bad study or an unreachable PACS never stops the others.
@@ -13,7 +14,8 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from fractured import log
 from fractured.config import Settings
-from fractured.daemon.queue import Queue
+from fractured.daemon import retention
+from fractured.daemon.queue import Queue, utcnow
 from fractured.daemon.sender import deliver_due
 from fractured.daemon.worker import Worker
 
@@ -41,10 +43,14 @@ def build_scheduler(settings: Settings, queue: Queue, worker: Worker,
     def deliver() -> None:
         deliver_due(queue, settings)
 
+    def purge() -> None:
+        retention.apply(queue, retention.plan(queue, settings, utcnow()))
+
     jobs: list[tuple[str, Callable[[], None], float]] = [
         ("sweep", sweep, SWEEP_INTERVAL_S),
         ("work", work, settings.worker.poll_interval_s),
         ("deliver", deliver, DELIVERY_INTERVAL_S),
+        ("retention", purge, settings.retention.interval_s),
     ]
     for name, fn, every in jobs:
         scheduler.add_job(_guarded(name, fn), "interval", seconds=every, id=name,

@@ -1,0 +1,446 @@
+"""Retention (daemon.retention): what finished studies leave behind goes after its age,
+and nothing of a study in work, nor an image that arrives during the purge.
+
+Studies are made with the queue's own methods on a real SQLite file and real spool
+files, then aged: every time the database holds of the study, and its files' times,
+moved back by the same number of days (as if it had all happened then). The clock the
+purge runs at is fixed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pydicom
+import pytest
+from click.testing import CliRunner
+
+from fractured import config
+from fractured.cli import main
+from fractured.daemon import retention
+from fractured.daemon.queue import (
+    Queue,
+    ReceivedInstance,
+    ResultObject,
+    ShadowFinding,
+    StudyState,
+    make_engine,
+    utcnow,
+)
+from fractured.daemon.recovery import check_spool
+from fractured.daemon.spool import incoming_path
+from fractured.durable import write_durably
+from tests import factory
+from tests.peers import NodeProcess, Storescp, storescu, wait_for
+
+REPO = Path(__file__).resolve().parent.parent
+WORKER = "test-worker"
+#: The ages these tests configure: images 7 days, results 14, records 30.
+RETENTION = "[retention]\nimages_days = 7\nresults_days = 14\nrecords_days = 30\n"
+
+
+@dataclass
+class Node:
+    """A node's database and spool, without the node: what retention works on."""
+
+    folder: Path
+    settings: config.Settings
+    queue: Queue
+
+    @property
+    def spool(self) -> Path:
+        return self.settings.node.spool_dir
+
+    @property
+    def db(self) -> Path:
+        return self.folder / "q.db"
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Node:
+    path = tmp_path / "config.toml"
+    path.write_text(f'[node]\nspool_dir = "spool"\n[database]\nurl = "sqlite:///q.db"\n'
+                    f'[log]\nformat = "json"\n{RETENTION}')
+    settings = config.load(path)
+    queue = Queue(make_engine(settings.database.url))
+    yield Node(tmp_path, settings, queue)
+    queue.close()
+
+
+def receive(node: Node, images: int = 2, study_uid: str | None = None) -> str:
+    """Spool and record `images` new images of a study, as the listener does."""
+    for ds in factory.dx_study(images):
+        if study_uid is not None:
+            ds.StudyInstanceUID = study_uid
+        study_uid = str(ds.StudyInstanceUID)
+        path = incoming_path(node.spool, study_uid, str(ds.SOPInstanceUID))
+        ds.save_as(path.parent.mkdir(parents=True, exist_ok=True) or path,
+                   enforce_file_format=True)
+        node.queue.record_instance(ReceivedInstance(
+            study_instance_uid=study_uid, series_instance_uid=str(ds.SeriesInstanceUID),
+            sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
+            modality="DX", path=path, size=path.stat().st_size, calling_ae="MODALITY"))
+    assert study_uid is not None
+    return study_uid
+
+
+def process(node: Node, *, results: int = 2, destinations: tuple[str, ...] = ("pacs",),
+            skipped: str | None = None) -> tuple[str, list[int]]:
+    """Claim the ready study and finish it with result files: (UID, delivery ids)."""
+    node.queue.mark_ready(0)
+    claim = node.queue.claim(WORKER, 600)
+    assert claim is not None
+    objects = []
+    for _ in range(results):
+        path = node.spool / "results" / claim.study_instance_uid / str(claim.run) / "x.dcm"
+        factory.basic_text_sr(path.parent.mkdir(parents=True, exist_ok=True) or path)
+        uid = str(pydicom.dcmread(path).SOPInstanceUID)
+        path = path.rename(path.with_name(f"{uid}.dcm"))
+        objects.append(ResultObject(uid, factory.BASIC_TEXT_SR, path))
+    before = {d.id for d in node.queue.due_deliveries()}
+    node.queue.finish(claim, WORKER, objects, list(destinations), skipped=skipped)
+    if objects and destinations:
+        write_durably(objects[0].path.parent / "committed", b"")
+    return claim.study_instance_uid, [d.id for d in node.queue.due_deliveries()
+                                      if d.id not in before]
+
+
+def deliver(node: Node, deliveries: list[int], *, error: str | None = None) -> None:
+    for delivery in deliveries:
+        node.queue.record_attempt(delivery, status=None if error else 0, error=error,
+                                  retry_in_s=0, max_attempts=1)
+
+
+def age(node: Node, study_uid: str, days: float) -> None:
+    """Move everything the study's rows and files say about time `days` back."""
+    shift = f"'-{days} days'"
+    moved = {"studies": ("first_received_at", "last_received_at", "claimed_at",
+                         "lease_until", "processed_at"),
+             "instances": ("received_at",), "deliveries": ("next_attempt_at", "done_at")}
+    with sqlite3.connect(node.db) as db:
+        (study_id,) = db.execute("SELECT id FROM studies WHERE study_instance_uid = ?",
+                                 (study_uid,)).fetchone()
+        for table, columns in moved.items():
+            key = "id" if table == "studies" else "study_id"
+            sets = ", ".join(f"{c} = strftime('%Y-%m-%d %H:%M:%f', {c}, {shift})"
+                             for c in columns)
+            db.execute(f"UPDATE {table} SET {sets} WHERE {key} = ?", (study_id,))
+    for folder in (node.spool / "incoming" / study_uid, node.spool / "results" / study_uid):
+        for path in folder.rglob("*") if folder.exists() else ():
+            stat = path.stat()
+            os.utime(path, (stat.st_atime - days * 86400, stat.st_mtime - days * 86400))
+
+
+def spool_files(node: Node) -> set[str]:
+    return {str(p.relative_to(node.spool)) for p in node.spool.rglob("*") if p.is_file()}
+
+
+def rows(node: Node) -> dict[str, set[tuple[object, ...]]]:
+    with sqlite3.connect(node.db) as db:
+        return {table: set(db.execute(f"SELECT * FROM {table}"))
+                for table in ("studies", "instances", "deliveries", "shadow_findings")}
+
+
+def files_of(node: Node, study_uid: str) -> set[str]:
+    return {f for f in spool_files(node) if f"/{study_uid}/" in f"/{f}"}
+
+
+def state(node: Node, study_uid: str) -> str | None:
+    return next((s["state"] for s in node.queue.studies()
+                 if s["study_instance_uid"] == study_uid), None)
+
+
+def shadow_row(study_uid: str) -> ShadowFinding:
+    return ShadowFinding(
+        study_instance_uid=study_uid, sop_instance_uid="1.2.3", run=1, recorded_at=utcnow(),
+        active_model="a", active_probability=0.5, active_level="possible", active_boxes=0,
+        shadow_model="b", shadow_probability=0.4, shadow_level="unlikely", shadow_boxes=0)
+
+
+def done_study(node: Node, days: float, *, shadow: bool = False) -> str:
+    receive(node)
+    uid, deliveries = process(node)
+    deliver(node, deliveries)
+    if shadow:
+        node.queue.record_shadow([shadow_row(uid)])
+    age(node, uid, days)
+    return uid
+
+
+def clock() -> datetime:
+    """The fixed 'now' of a purge: a moment after every study was made and aged."""
+    return utcnow() + timedelta(seconds=1)
+
+
+def test_each_kind_goes_at_its_age_and_studies_in_work_never(node: Node) -> None:
+    fresh = done_study(node, 3)
+    week_old = done_study(node, 10)  # images go (7), results stay (14)
+    fortnight_old = done_study(node, 20)  # images and results go, rows stay (30)
+    month_old = done_study(node, 40, shadow=True)  # everything goes
+    receive(node)
+    skipped, _ = process(node, results=0, skipped="no image to analyse")
+    age(node, skipped, 10)
+    receive(node)
+    node.queue.mark_ready(0)
+    failed_claim = node.queue.claim(WORKER, 600)
+    assert failed_claim is not None
+    node.queue.fail(failed_claim, WORKER, "processing error: test")
+    failed = failed_claim.study_instance_uid
+    age(node, failed, 40)
+    receive(node)
+    dead_letter, deliveries = process(node)
+    deliver(node, deliveries, error="refused")  # max_attempts=1: dead letters at once
+    age(node, dead_letter, 20)
+    # In work, however old: still delivering; done but an earlier run's delivery still
+    # retrying; being processed; ready; receiving.
+    receive(node)
+    delivering, _ = process(node)
+    age(node, delivering, 40)
+    pending_uid = receive(node)
+    process(node)  # run 1: its deliveries pending
+    receive(node, 1, study_uid=pending_uid)  # a late image: run 2 makes no results
+    process(node, results=0, destinations=())
+    age(node, pending_uid, 40)
+    receive(node)
+    node.queue.mark_ready(0)
+    processing = node.queue.claim(WORKER, 600)
+    assert processing is not None
+    age(node, processing.study_instance_uid, 40)
+    ready = receive(node)
+    node.queue.mark_ready(0)
+    age(node, ready, 40)
+    receiving = receive(node)
+    age(node, receiving, 40)
+    assert [state(node, uid) for uid in (failed, dead_letter, delivering, pending_uid)] == [
+        "failed", "failed", "delivering", "done"]
+
+    before_files, before_rows = spool_files(node), rows(node)
+    plan = retention.plan(node.queue, node.settings, clock())
+    planned = {s.study_instance_uid: set(s.reasons) for s in plan.studies}
+    assert planned == {week_old: {"images"}, fortnight_old: {"images", "results"},
+                       month_old: {"records"}, skipped: {"images"}, failed: {"records"},
+                       dead_letter: {"images"}}  # its undelivered results stay
+    assert plan.studies[0].reasons["images"].startswith("done 10.0 days ago, images_days 7")
+    assert (spool_files(node), rows(node)) == (before_files, before_rows)  # a plan only
+
+    result = retention.apply(node.queue, plan)
+    assert (result.studies, result.changed, result.failed) == (6, 0, 0)
+    assert (result.files, result.bytes, result.rows) == (plan.files, plan.bytes, plan.rows)
+
+    gone = before_files - spool_files(node)
+    assert not spool_files(node) - before_files
+    for uid in (week_old, skipped, dead_letter):  # images only
+        assert {f for f in gone if uid in f} == {
+            f for f in before_files if f.startswith(f"incoming/{uid}/")}
+        assert not (node.spool / "incoming" / uid).exists()  # its empty folder too
+    for uid in (fortnight_old, month_old, failed):  # images and results
+        assert {f for f in gone if uid in f} == {f for f in before_files if uid in f}
+        assert not (node.spool / "results" / uid).exists()
+    assert len(gone) == result.files
+    for uid in (fresh, delivering, pending_uid, processing.study_instance_uid, ready,
+                receiving):
+        assert not any(uid in f for f in gone)
+
+    studies = {s["study_instance_uid"]: s for s in node.queue.studies()}
+    assert month_old not in studies and failed not in studies
+    assert {uid: studies[uid]["instances"] for uid in (week_old, fortnight_old, skipped,
+                                                      dead_letter)} == dict.fromkeys(
+        (week_old, fortnight_old, skipped, dead_letter), 0)
+    assert studies[fortnight_old]["delivered"] == 2  # its delivery history stays
+    assert node.queue.dead_letters()  # still listed, its files still there to retry
+    assert node.queue.shadow_findings() == []
+    after = rows(node)
+    assert after["studies"] <= before_rows["studies"]
+    assert len(before_rows["studies"]) - len(after["studies"]) == 2
+    removed = sum(len(before_rows[t] - after[t]) for t in after)
+    assert removed == result.rows
+
+    again = retention.plan(node.queue, node.settings, clock())
+    assert again.studies == ()  # nothing left to do until the ages are reached again
+
+
+def test_a_late_image_recorded_after_the_plan_leaves_the_study_alone(node: Node) -> None:
+    uid = done_study(node, 40)
+    plan = retention.plan(node.queue, node.settings, clock())
+    assert [s.study_instance_uid for s in plan.studies] == [uid]
+    receive(node, 1, study_uid=uid)  # the listener records a late image meanwhile
+    before = spool_files(node)
+
+    result = retention.apply(node.queue, plan)
+    assert (result.studies, result.changed, result.files, result.rows) == (0, 1, 0, 0)
+    assert spool_files(node) == before
+    assert state(node, uid) == "receiving"
+    assert next(s for s in node.queue.studies())["instances"] == 3
+
+
+def test_an_image_written_while_the_purge_runs_is_kept_and_makes_the_study_anew(
+        node: Node) -> None:
+    uid = done_study(node, 40)
+    plan = retention.plan(node.queue, node.settings, clock())
+    # The listener has written a late image's file; its row waits for the purge's lock.
+    (late,) = factory.dx_study(1)
+    late.StudyInstanceUID = uid
+    path = incoming_path(node.spool, uid, str(late.SOPInstanceUID))
+    late.save_as(path, enforce_file_format=True)
+
+    result = retention.apply(node.queue, plan)
+    assert (result.studies, result.changed) == (1, 0)
+    assert spool_files(node) == {f"incoming/{uid}/{path.name}"}  # the folder stays for it
+    assert node.queue.studies() == []
+    node.queue.record_instance(ReceivedInstance(
+        study_instance_uid=uid, series_instance_uid=str(late.SeriesInstanceUID),
+        sop_instance_uid=str(late.SOPInstanceUID), sop_class_uid=str(late.SOPClassUID),
+        modality="DX", path=path, size=path.stat().st_size, calling_ae="MODALITY"))
+    (study,) = node.queue.studies()
+    assert (study["study_instance_uid"], study["state"], study["instances"]) == (
+        uid, "receiving", 1)
+
+
+def test_a_copy_written_again_after_its_row_leaves_the_study_alone(node: Node) -> None:
+    uid = done_study(node, 10)
+    plan = retention.plan(node.queue, node.settings, clock())
+    (image, _) = plan.studies[0].images
+    # duplicates = "replace": a corrected copy under the same UID; its row waits.
+    image.path.write_bytes(image.path.read_bytes())
+    result = retention.apply(node.queue, plan)
+    assert (result.studies, result.changed) == (0, 1)
+    assert image.path.exists() and state(node, uid) == "done"
+
+
+def test_rows_a_crash_left_without_their_files_go_and_nothing_comes_back(node: Node) -> None:
+    uid = done_study(node, 40)
+    plan = retention.plan(node.queue, node.settings, clock())
+    # What a crash after the files went and before the rows' commit leaves:
+    for image in plan.studies[0].images:
+        image.path.unlink()
+    (node.spool / "incoming" / uid).rmdir()
+    assert check_spool(node.spool, node.queue).recorded == 0  # the restart records nothing
+
+    result = retention.apply(node.queue, retention.plan(node.queue, node.settings, clock()))
+    assert (result.studies, result.files) == (1, 3)  # the results: 2 objects, "committed"
+    assert node.queue.studies() == [] and spool_files(node) == set()
+
+
+def test_a_row_naming_a_file_outside_the_spool_loses_its_row_not_the_file(
+        node: Node) -> None:
+    uid = done_study(node, 10)
+    elsewhere = node.folder / "elsewhere.dcm"
+    with sqlite3.connect(node.db) as db:  # e.g. a spool_dir changed under a database
+        row_id, path = db.execute("SELECT id, path FROM instances ORDER BY id").fetchone()
+        Path(path).rename(elsewhere)
+        db.execute("UPDATE instances SET path = ? WHERE id = ?", (str(elsewhere), row_id))
+    kept = elsewhere.read_bytes()
+    plan = retention.plan(node.queue, node.settings, clock())
+    assert (plan.studies[0].files, plan.studies[0].rows) == (1, 2)
+    retention.apply(node.queue, plan)
+    assert elsewhere.read_bytes() == kept
+    assert next(s for s in node.queue.studies())["instances"] == 0
+    assert not (node.spool / "incoming" / uid).exists()
+
+
+def test_ages_of_zero_keep_everything(node: Node) -> None:
+    done_study(node, 4000)
+    forever = config.from_dict({"retention": {"images_days": 0, "results_days": 0,
+                                              "records_days": 0}}, base=node.folder)
+    assert retention.plan(node.queue, forever, clock()).studies == ()
+
+
+def test_purge_shows_what_would_go_and_dry_run_changes_nothing(node: Node) -> None:
+    uid = done_study(node, 20)
+    fresh = done_study(node, 1)
+    before_files, before_rows = spool_files(node), rows(node)
+    config_path = str(node.folder / "config.toml")
+
+    dry = CliRunner().invoke(main, ["purge", "--config", config_path, "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    # 2 images; 2 result objects and the run's "committed" marker; 2 instance rows
+    assert "would remove: 1 studies, 5 files" in dry.output and "2 rows" in dry.output
+    assert uid in dry.output and fresh not in dry.output
+    assert "images: done 20.0 days ago, images_days 7" in dry.output
+    dry_json = CliRunner().invoke(main, ["purge", "--config", config_path, "--dry-run",
+                                         "--json"])
+    report = json.loads(dry_json.stdout)
+    assert report["dry_run"] is True and report["removed"] is None
+    assert [s["study_instance_uid"] for s in report["studies"]] == [uid]
+    assert (spool_files(node), rows(node)) == (before_files, before_rows)
+
+    real = CliRunner().invoke(main, ["purge", "--config", config_path, "--json"])
+    assert real.exit_code == 0, real.output
+    done = json.loads(real.stdout)
+    assert done["plan"] == report["plan"]
+    assert done["removed"] == {"studies": 1, "files": 5, "bytes": report["plan"]["bytes"],
+                               "rows": 2, "changed": 0, "failed": 0}
+    (event,) = [json.loads(line) for line in real.stderr.splitlines()
+                if '"retention.purged"' in line]
+    assert (event["studies"], event["files"], event["bytes"]) == (1, 5,
+                                                                  done["removed"]["bytes"])
+    assert spool_files(node) == files_of(node, fresh)
+
+    text = CliRunner().invoke(main, ["purge", "--config", config_path])
+    assert text.exit_code == 0 and "removing: 0 studies" in text.output
+    assert "removed: 0 studies, 0 files (0.0 MB), 0 rows" in text.output
+
+
+def test_purge_refuses_a_bad_retention_config_naming_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text("[retention]\nimages_days = 7\nrecords_days = 3\n")
+    result = CliRunner().invoke(main, ["purge", "--config", str(path), "--dry-run"])
+    assert result.exit_code == 1
+    assert "configuration error" in result.output
+    assert "[retention].records_days" in result.output and "images_days" in result.output
+    assert not (tmp_path / "var").exists()  # refused before touching a database
+
+
+@pytest.mark.parametrize(("table", "message"), [
+    ({"images_days": -1}, r"\[retention\]\.images_days: days, or 0 to keep forever, got -1"),
+    ({"interval_s": 0}, r"\[retention\]\.interval_s: must be greater than 0"),
+    ({"records_days": 5}, r"\[retention\]\.records_days: .* at least images_days"),
+    ({"results_days": 0}, r"\[retention\]\.records_days: .* results_days, which is then "
+                          r"not 0"),
+    ({"images_days": "7"}, r"\[retention\]\.images_days: expected a number"),
+    ({"image_days": 7}, r"\[retention\]\.image_days: unknown key"),
+])
+def test_bad_retention_settings_name_the_key(table: dict[str, object], message: str) -> None:
+    with pytest.raises(config.ConfigError, match=message):
+        config.from_dict({"retention": table}, base=REPO)
+
+
+def test_the_shipped_config_writes_out_the_retention_defaults() -> None:
+    shipped = config.load(REPO / "config.toml")
+    assert shipped.retention == config.RetentionSettings()
+
+
+@pytest.mark.slow
+@pytest.mark.peers
+def test_the_node_purges_a_delivered_study_on_schedule(tmp_path: Path,
+                                                      untrained_bundle: Path) -> None:
+    pacs = Storescp(tmp_path / "pacs").start()
+    files = factory.write_study(tmp_path / "study", 2)
+    study_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    # 0.00003 days: 2.6 s after it settled; the rows stay a day.
+    node = NodeProcess(tmp_path / "node", untrained_bundle,
+                       [{"name": "pacs", "ae_title": pacs.ae_title, "port": pacs.port}],
+                       sections="[retention]\nimages_days = 0.00003\nresults_days = 0.00003"
+                                "\nrecords_days = 1\ninterval_s = 1\n").start()
+    try:
+        assert storescu(node.port, files).returncode == 0
+        wait_for("the results at the PACS", lambda: len(pacs.files()) == 3, 180)
+        purged = wait_for("a purge of the study", lambda: [
+            e for e in node.events("retention.purged") if e["files"] > 0], 120)
+        # 2 images; the SR, 2 overlays and the run's "committed" marker
+        assert (purged[0]["studies"], purged[0]["files"]) == (1, 6)
+        spool = node.folder / "spool"
+        assert not (spool / "incoming" / study_uid).exists()
+        assert not (spool / "results" / study_uid).exists()
+        (study,) = node.status()["study_list"]
+        assert (study["study_instance_uid"], study["state"], study["instances"],
+                study["delivered"]) == (study_uid, StudyState.DONE, 0, 3)
+    finally:
+        node.stop()
+        pacs.stop()
+    assert len(pacs.files()) == 3  # what was sent stays where it was sent

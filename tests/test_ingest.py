@@ -151,6 +151,49 @@ def test_storage_class_outside_the_list_is_refused_unless_configured(
         extended.stop()
 
 
+#: A vendor's private storage class, and a standard projection X-ray class that
+#: pynetdicom's list of 120 storage contexts leaves out (Breast Projection X-Ray).
+PRIVATE_CLASS = "1.3.6.1.4.1.99999.7.1"
+BREAST_PROJECTION = "1.2.840.10008.5.1.4.1.1.13.1.4"
+
+
+def stored_with_pynetdicom(port: int, sop_class: str) -> int | None:
+    """C-STORE one image under `sop_class` with a pynetdicom client (DCMTK's storescu
+    will not propose a class it does not know); its status, or None when the class was
+    not accepted at association (pynetdicom then aborts: no context to use)."""
+    from pynetdicom import AE
+
+    ds = factory.xray(pydicom.uid.generate_uid())
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ae = AE(ae_title="SENDER")
+    ae.add_requested_context(sop_class, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="FRACTURED")
+    if not assoc.is_established:
+        return None
+    try:
+        return int(assoc.send_c_store(ds).Status)
+    finally:
+        assoc.release()
+
+
+@pytest.mark.parametrize("sop_class", [PRIVATE_CLASS, BREAST_PROJECTION])
+def test_storage_class_pynetdicom_does_not_list_is_negotiated_when_configured(
+        tmp_path: Path, untrained_bundle: Path, sop_class: str) -> None:
+    plain = NodeProcess(tmp_path / "plain", untrained_bundle, [], quiet_period_s=3600).start()
+    try:
+        assert stored_with_pynetdicom(plain.port, sop_class) is None
+    finally:
+        plain.stop()
+    extended = NodeProcess(tmp_path / "extended", untrained_bundle, [], quiet_period_s=3600,
+                           node=f'extra_sop_classes = ["{sop_class}"]').start()
+    try:
+        assert stored_with_pynetdicom(extended.port, sop_class) == 0
+        (image,) = spooled(extended)
+        assert pydicom.dcmread(image).SOPClassUID == sop_class
+    finally:
+        extended.stop()
+
+
 @pytest.mark.slow
 def test_16_concurrent_associations_of_50_instances_are_all_stored(
         tmp_path: Path, untrained_bundle: Path) -> None:

@@ -17,12 +17,15 @@ from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag, Tag
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
 from pynetdicom.events import Event
+from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     ComputedRadiographyImageStorage,
     DigitalXRayImageStorageForPresentation,
     DigitalXRayImageStorageForProcessing,
     SecondaryCaptureImageStorage,
     Verification,
+    register_uid,
+    uid_to_service_class,
 )
 
 from fractured import log
@@ -56,7 +59,9 @@ _log = log.get("fractured.scp")
 
 
 def build_ae(settings: Settings) -> AE:
-    """An AE that negotiates every storage SOP class and every transfer syntax.
+    """An AE that negotiates every storage SOP class pynetdicom lists (its 120
+    StoragePresentationContexts), those [node].extra_sop_classes adds, and every
+    transfer syntax.
 
     Offering all storage classes lets us answer an unwanted one with a clear C-STORE
     status (0x0122) instead of a bare presentation-context rejection; offering every
@@ -73,7 +78,20 @@ def build_ae(settings: Settings) -> AE:
     ae.add_supported_context(Verification)
     for context in StoragePresentationContexts:
         ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    listed = {context.abstract_syntax for context in StoragePresentationContexts}
+    for uid in settings.node.extra_sop_classes:
+        if uid not in listed:
+            _serve_as_storage(uid)
+            ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
     return ae
+
+
+def _serve_as_storage(uid: str) -> None:
+    """pynetdicom aborts an association whose C-STORE names a class it does not know as
+    a storage class ("no supported service class"): a vendor's private class the config
+    adds is registered with its storage service first (process-wide; idempotent)."""
+    if uid_to_service_class(uid) is not StorageServiceClass:
+        register_uid(uid, "ExtraStorage_" + uid.replace(".", "_"), StorageServiceClass)
 
 
 def handlers(node: NodeSettings, queue: Queue, policy: AccessPolicy,

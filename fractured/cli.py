@@ -45,6 +45,8 @@ def serve(config_path: Path | None) -> None:
     """Run the node: receive studies, analyse them, send results back to the PACS."""
     settings = _settings(config_path)
     log.configure(settings.log.level, settings.log.format)
+    from sqlalchemy.exc import OperationalError
+
     from fractured.daemon.service import Node  # heavy imports only for the node
     from fractured.engine.bundle import BundleError
 
@@ -52,6 +54,9 @@ def serve(config_path: Path | None) -> None:
         node = Node(settings)
     except (BundleError, FileNotFoundError) as exc:
         raise click.ClickException(f"cannot load engine bundle: {exc}") from None
+    except OperationalError as exc:  # PostgreSQL down, a wrong host, role or password
+        raise click.ClickException(f"cannot open the database ([database].url): "
+                                   f"{str(exc.orig).strip()}") from None
     except config.ConfigError as exc:  # what only loading can tell, e.g. a TLS key
         raise click.ClickException(f"{settings.source}: {exc}") from None
     node.run_until_signalled()

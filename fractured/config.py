@@ -16,6 +16,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from fractured.daemon import database_url
 from fractured.daemon.spool import is_uid
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config.toml"
@@ -360,9 +361,10 @@ def _check(s: Settings) -> None:
     _check_access(s.access)
     _check_tls(s.tls)
     _check_retention(s.retention)
-    if not s.database.url.startswith(("sqlite:", "postgresql")):
-        raise ConfigError(f"[database].url: expected sqlite:///... or postgresql://..., "
-                          f"got {s.database.url!r}")
+    try:
+        database_url.normalise(s.database.url)
+    except database_url.DatabaseUrlError as exc:
+        raise ConfigError(f"[database].url: {exc}") from None
 
 
 def _check_access(access: AccessSettings) -> None:

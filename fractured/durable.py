@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
-#: write_durably's temporary names: .{final name}.{pid}-{thread id}.tmp
-_TEMPORARY = re.compile(r"^\..+\.(?P<pid>[0-9]+)-[0-9]+\.tmp$")
+#: This host, as write_durably's temporary names spell it (characters of a host name only).
+HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "_"
+#: write_durably's temporary names: .{final name}.{pid}-{thread id}@{host}.tmp. The host
+#: says whose pid it is when several hosts share a spool; names without one are from
+#: versions that wrote on one host only.
+_TEMPORARY = re.compile(r"^\..+\.(?P<pid>[0-9]+)-[0-9]+(@(?P<host>[A-Za-z0-9._-]+))?\.tmp$")
 
 
 def ensure_dir(path: Path, mode: int = 0o700) -> Path:
@@ -36,17 +42,30 @@ def fsync_path(path: Path) -> None:
         os.close(descriptor)
 
 
-def temporary_writer(path: Path) -> int | None:
-    """The pid of the process whose write_durably left `path`, or None when `path` is
-    not one of its temporary files."""
+@dataclass(frozen=True)
+class TemporaryWriter:
+    """The process whose write_durably left a temporary file: its pid on `host` (None:
+    a name from before hosts were named, written on this host)."""
+
+    pid: int
+    host: str | None
+
+    @property
+    def local(self) -> bool:
+        """Whether the pid is one of this host's, so that its liveness can be asked."""
+        return self.host is None or self.host == HOST
+
+
+def temporary_writer(path: Path) -> TemporaryWriter | None:
+    """Who left `path`, or None when `path` is not one of write_durably's temporary files."""
     match = _TEMPORARY.match(path.name)
-    return None if match is None else int(match["pid"])
+    return None if match is None else TemporaryWriter(int(match["pid"]), match["host"])
 
 
 def write_durably(path: Path, data: bytes | memoryview, mode: int = 0o600) -> None:
     """Write `data` to `path` atomically and durably (see module docstring)."""
     folder = ensure_dir(path.parent)
-    tmp = folder / f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp"
+    tmp = folder / f".{path.name}.{os.getpid()}-{threading.get_ident()}@{HOST}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         with os.fdopen(fd, "wb") as fh:

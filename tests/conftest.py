@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from fractured.training.build import build_untrained_bundle
+from tests.postgres import PostgresCluster, server_bin
 
 
 @pytest.fixture(scope="session")
@@ -30,3 +32,14 @@ def untrained_bundle_with_detector(tmp_path_factory: pytest.TempPathFactory) -> 
     return build_untrained_bundle(
         tmp_path_factory.mktemp("engines") / "fractured-untrained-det-0.0.0",
         input_size=128, detector="mobilenet_v3_large_fpn", detector_input_size=DETECTOR_SIZE)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """A PostgreSQL server of the session's own (tests.postgres), stopped at its end;
+    skips, saying why, where the server is not installed."""
+    cluster = PostgresCluster(server_bin()).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

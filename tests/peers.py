@@ -238,6 +238,10 @@ class NodeProcess:
     sections: str = ""  # more tables, as TOML text: [access], [tls], ...
     node: str = ""  # extra [node] lines, e.g. 'duplicates = "replace"'
     spool_dir: str = "spool"
+    #: [database].url; several nodes given one PostgreSQL URL (and one absolute
+    #: spool_dir) share a queue
+    database_url: str = "sqlite:///fractured.db"
+    worker: str = ""  # extra [worker] lines, e.g. "lease_s = 5.0"
 
     @property
     def config(self) -> Path:
@@ -249,9 +253,11 @@ class NodeProcess:
             f'host = "127.0.0.1"\nport = {d["port"]}\n' for d in self.destinations)
         self.config.write_text(
             f'[node]\nae_title = "{self.ae_title}"\nhost = "127.0.0.1"\nport = {self.port}\n'
-            f'spool_dir = "{self.spool_dir}"\n{self.node}\n\n[database]\nurl = "sqlite:///fractured.db"\n\n'
+            f'spool_dir = "{self.spool_dir}"\n{self.node}\n\n'
+            f'[database]\nurl = "{self.database_url}"\n\n'
             f"[study]\nquiet_period_s = {self.quiet_period_s}\n\n"
-            f'[engine]\nbundle = "{self.bundle}"\n\n[worker]\npoll_interval_s = 0.2\n\n'
+            f'[engine]\nbundle = "{self.bundle}"\n\n'
+            f"[worker]\npoll_interval_s = 0.2\n{self.worker}\n\n"
             f"[results]\n{self.results}\n\n"
             "[delivery]\n" + "".join(f"{k} = {v}\n" for k, v in self.delivery.items())
             + "\n"

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from fractured.cli import main
 from fractured.engine.bundle import Bundle
+from tests.peers import free_port
 
 
 def config_with_bundle(tmp_path: Path, bundle: Path) -> Path:
@@ -94,3 +95,13 @@ def test_build_engine_untrained_resnet_variant_exports_with_parity(tmp_path: Pat
     assert result.exit_code == 0, result.output
     spec = Bundle.load(out).manifest.classifier
     assert (spec.variant, spec.architecture) == ("resnet18", "resnet18+attention")
+
+
+def test_serve_refuses_an_unreachable_database_naming_it(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(f'[node]\nport = 11199\nspool_dir = "spool"\n[database]\n'
+                      f'url = "postgresql://node:secret@127.0.0.1:{free_port()}/q"\n')
+    result = CliRunner().invoke(main, ["serve", "--config", str(config)])
+    assert result.exit_code == 1, result.output
+    assert "cannot open the database ([database].url)" in result.output
+    assert "Connection refused" in result.output and "secret" not in result.output

@@ -87,6 +87,9 @@ def test_absolute_sqlite_url_is_kept(tmp_path: Path) -> None:
     ("[node]\nport = 70000\n", r"\[node\]\.port: a TCP port is 1-65535"),
     ("[study]\nquiet_period_s = 0\n", r"\[study\]\.quiet_period_s: must be greater than 0"),
     ('[database]\nurl = "mysql://x"\n', r"\[database\]\.url: expected sqlite"),
+    ('[database]\nurl = "postgresql+psycopg2://u:secret@h/db"\n',
+     r"\[database\]\.url: the psycopg2 driver is not installed.*u:\*\*\*@h/db"),
+    ('[database]\nurl = "no url"\n', r"\[database\]\.url: expected sqlite.*not a URL"),
     ("[node\n", r"not valid TOML"),
 ])
 def test_mistakes_name_the_key(tmp_path: Path, text: str, message: str) -> None:

@@ -1,27 +1,44 @@
-"""The study/delivery state machine on a real SQLite file."""
+"""The study/delivery state machine on a real SQLite file and a real PostgreSQL database
+(tests.postgres), and what several nodes sharing one database must not do: claim one
+study twice, or send one delivery twice."""
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from fractured.daemon.queue import (
     DeliveryState,
     Queue,
     ReceivedInstance,
     ResultObject,
+    Study,
     StudyState,
     make_engine,
 )
+from tests.postgres import PostgresCluster
 
 STUDY = "1.2.3.4"
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A new, empty database of each kind the node runs on."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'q.db'}"
+    return request.getfixturevalue("postgres").new_database()
+
+
 @pytest.fixture
-def queue(tmp_path: Path) -> Queue:
-    return Queue(make_engine(f"sqlite:///{tmp_path / 'q.db'}"))
+def queue(database_url: str) -> Iterator[Queue]:
+    queue = Queue(make_engine(database_url))
+    yield queue
+    queue.close()
 
 
 def received(sop: str, study: str = STUDY) -> ReceivedInstance:
@@ -173,13 +190,11 @@ def test_dead_letters_are_listed_and_requeued_by_study_and_destination(queue: Qu
     assert queue.dead_letters() == [] and len(queue.due_deliveries()) == 3
 
 
-def test_concurrent_first_images_of_one_study_are_all_recorded(tmp_path: Path) -> None:
+def test_concurrent_first_images_of_one_study_are_all_recorded(queue: Queue) -> None:
     """Eight listener threads recording images of the same studies at once (a PACS
     sending one study over several associations): none may fail, though each may find
     the study missing and create it at the same moment (bench/ingest found this)."""
-    import threading
-
-    shared = Queue(make_engine(f"sqlite:///{tmp_path / 'q.db'}"))
+    shared = queue
     errors: list[Exception] = []
 
     def sender(k: int) -> None:
@@ -197,3 +212,106 @@ def test_concurrent_first_images_of_one_study_are_all_recorded(tmp_path: Path) -
         t.join()
     assert errors == []
     assert sum(s["instances"] for s in shared.studies()) == 320
+
+
+def ready_studies(queue: Queue, count: int) -> set[str]:
+    """`count` studies of one image each, past their quiet period."""
+    for i in range(count):
+        queue.record_instance(received(f"5.{i}.1", f"5.{i}"))
+    assert len(queue.mark_ready(0)) == count
+    return {f"5.{i}" for i in range(count)}
+
+
+def test_workers_of_several_nodes_claim_each_study_once(postgres: PostgresCluster) -> None:
+    """Four nodes' workers (an engine each, as four processes have) claiming at once."""
+    url = postgres.new_database()
+    nodes = [Queue(make_engine(url)) for _ in range(4)]
+    studies = ready_studies(nodes[0], 40)
+    claimed: list[str] = []
+
+    def work(node: Queue, name: str) -> None:
+        while (claim := node.claim(name, lease_s=600)) is not None:
+            claimed.append(claim.study_instance_uid)
+
+    threads = [threading.Thread(target=work, args=(node, f"w{i}"))
+               for i, node in enumerate(nodes)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert sorted(claimed) == sorted(studies)  # every study, none twice
+    for node in nodes:
+        node.close()
+
+
+def test_a_claim_skips_a_study_another_node_holds_locked(postgres: PostgresCluster) -> None:
+    """A study whose row another node has locked (finishing it, or claiming it) is
+    passed over at once, not waited for: SKIP LOCKED."""
+    url = postgres.new_database()
+    node, other = Queue(make_engine(url)), Queue(make_engine(url))
+    node.record_instance(received("6.1.1", "6.1"))
+    time.sleep(0.01)
+    node.record_instance(received("6.2.1", "6.2"))
+    node.mark_ready(0)
+    got: list[str | None] = []
+    with other.engine.begin() as holding:  # the oldest study, locked until this ends
+        holding.execute(select(Study.id).where(Study.study_instance_uid == "6.1")
+                        .with_for_update())
+        claimer = threading.Thread(target=lambda: got.append(
+            getattr(node.claim("w1", 600), "study_instance_uid", None)))
+        claimer.start()
+        claimer.join(60)
+        assert got == ["6.2"]
+    assert getattr(node.claim("w1", 600), "study_instance_uid", None) == "6.1"
+    node.close()
+    other.close()
+
+
+def queued_deliveries(queue: Queue, count: int) -> None:
+    """One study processed, `count` results waiting for one destination."""
+    queue.record_instance(received("7.1"))
+    queue.mark_ready(0)
+    claim = queue.claim("w1", 60)
+    assert claim is not None
+    queue.finish(claim, "w1", [ResultObject(f"9.{i}", "1.2", Path(f"/r/9.{i}.dcm"))
+                               for i in range(count)], ["pacs"])
+
+
+def test_deliveries_taken_by_one_node_are_held_from_the_others(queue: Queue) -> None:
+    queued_deliveries(queue, 2)
+    assert len(queue.take_due_deliveries(lease_s=0.2)) == 2
+    if not queue.shared:  # one node, one delivery job at a time: nothing to hold
+        assert len(queue.take_due_deliveries(lease_s=0.2)) == 2
+        return
+    assert queue.take_due_deliveries(lease_s=0.2) == []  # another node's sender
+    assert queue.due_deliveries() == []
+    time.sleep(0.3)  # the taker died: after the hold, any node sends them
+    again = queue.take_due_deliveries(lease_s=60)
+    assert len(again) == 2
+    for item in again:
+        queue.record_attempt(item.id, status=0, error=None, retry_in_s=0, max_attempts=3)
+    assert state(queue) == "done"
+
+
+def test_senders_of_several_nodes_send_each_delivery_once(postgres: PostgresCluster) -> None:
+    url = postgres.new_database()
+    nodes = [Queue(make_engine(url)) for _ in range(4)]
+    queued_deliveries(nodes[0], 30)
+    sent: list[int] = []
+
+    def send(node: Queue) -> None:
+        while items := node.take_due_deliveries(lease_s=600, limit=3):
+            for item in items:
+                sent.append(item.id)
+                node.record_attempt(item.id, status=0, error=None, retry_in_s=0,
+                                    max_attempts=3)
+
+    threads = [threading.Thread(target=send, args=(node,)) for node in nodes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(sent) == 30 and len(set(sent)) == 30
+    assert state(nodes[0], "1.2.3.4") == "done"
+    for node in nodes:
+        node.close()

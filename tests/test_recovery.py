@@ -19,6 +19,7 @@ import pytest
 from fractured.daemon.queue import Queue, make_engine
 from fractured.daemon.recovery import check_spool
 from fractured.daemon.spool import incoming_files
+from fractured.durable import HOST, TemporaryWriter, temporary_writer, write_durably
 from tests import factory
 from tests.peers import NodeProcess, c_store_statuses, dciodvfy, storescu
 
@@ -107,4 +108,24 @@ def test_interrupted_writes_go_and_unreadable_files_stay(
     monkeypatch.chdir(tmp_path)
     moved = check_spool(Path("spool"), queue)
     assert (moved.files, moved.recorded, moved.unrecoverable) == (3, 0, 2)
+    queue.close()
+
+
+def test_only_this_hosts_interrupted_writes_go_on_a_shared_spool(tmp_path: Path) -> None:
+    """Several hosts write to one spool: a pid in another host's temporary name says
+    nothing about a process here, so that file is left to its own host's node."""
+    folder = tmp_path / "spool" / "incoming" / "1.2.3"
+    folder.mkdir(parents=True)
+    written = folder / "1.2.3.1.dcm"
+    write_durably(written, b"x")  # the name write_durably uses carries this host
+    assert not list(folder.glob(".*.tmp"))
+    pid = dead_pid()
+    mine = folder / f".1.2.3.2.dcm.{pid}-7@{HOST}.tmp"
+    theirs = folder / f".1.2.3.3.dcm.{pid}-7@other-host.example.org.tmp"
+    for path in (mine, theirs):
+        path.write_bytes(b"half")
+    assert temporary_writer(theirs) == TemporaryWriter(pid, "other-host.example.org")
+    queue = Queue(make_engine(f"sqlite:///{tmp_path / 'q.db'}"))
+    assert check_spool(tmp_path / "spool", queue).temporary_removed == 1
+    assert not mine.exists() and theirs.exists()
     queue.close()

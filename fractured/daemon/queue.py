@@ -9,7 +9,9 @@ Every step of a study's path that must survive a crash is a row here:
 
 A new instance re-opens a finished study (back to RECEIVING), so late images are
 analysed with the rest. Claims are compare-and-set updates guarded by state and lease
-expiry, which is safe with several workers on SQLite and PostgreSQL alike.
+expiry, which is safe with several workers on SQLite and PostgreSQL alike; on PostgreSQL,
+where several nodes share one database, the claimed row is also locked FOR UPDATE SKIP
+LOCKED, and so are the deliveries a node takes to send (Queue.shared).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from sqlalchemy import (
     Float,
     ForeignKey,
     Integer,
+    Select,
     String,
     Text,
     bindparam,
@@ -44,6 +47,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from fractured.daemon import database_url
 from fractured.daemon.prepared import Prepared, dbapi_transaction, integrity_errors
 
 
@@ -215,24 +219,41 @@ class PendingDelivery:
 #: was written and the start-up scan (daemon.recovery) records a spool file that has no
 #: row. That saves an fsync per received image, the largest part of the listener's
 #: database work (bench/ingest.py).
+#:
+#: PostgreSQL keeps every commit durable (synchronous_commit on), the listener's too. Its
+#: counterpart of NORMAL, `SET LOCAL synchronous_commit = off`, saved 0.3 ms of 0.8 per
+#: recorded image (local server, loopback), but the scan that makes NORMAL safe runs when
+#: a node starts: a PostgreSQL server crashes and restarts alone, and the files whose
+#: rows it lost would wait unseen for the next start of some node.
 SYNCHRONOUS = "FULL"
 INTAKE_SYNCHRONOUS = "NORMAL"
 
 
+#: Seconds a node waits for PostgreSQL to accept a connection before the attempt fails
+#: (libpq waits for the operating system's TCP timeout otherwise, minutes).
+CONNECT_TIMEOUT_S = 30
+
+
 def make_engine(url: str, *, synchronous: str = SYNCHRONOUS) -> Engine:
-    """An engine with SQLite set up for a multi-threaded server: WAL, busy timeout, and
-    `synchronous` (see SYNCHRONOUS)."""
+    """An engine for [database].url (database_url.normalise): SQLite set up for a
+    multi-threaded server (WAL, busy timeout, `synchronous`: see SYNCHRONOUS), or
+    PostgreSQL on psycopg, whose pooled connections are checked before use so that a
+    database restart costs no failed C-STORE."""
+    url = database_url.normalise(url)
     if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"timeout": 30} if url.startswith("sqlite") else {})
-    if engine.dialect.name == "sqlite":
-        @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute(f"PRAGMA synchronous={synchronous}")
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.close()
+    if not url.startswith("sqlite"):
+        return create_engine(url, pool_pre_ping=True,
+                             connect_args={"connect_timeout": CONNECT_TIMEOUT_S})
+    engine = create_engine(url, connect_args={"timeout": 30})
+
+    @event.listens_for(engine, "connect")
+    def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute(f"PRAGMA synchronous={synchronous}")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
     return engine
 
 
@@ -269,12 +290,31 @@ _HELD = (select(Study.study_instance_uid, Instance.path)
          .where(Instance.sop_instance_uid == bindparam("uid")))
 
 
+#: The PostgreSQL advisory lock key under which a node creates missing tables.
+_SCHEMA_LOCK = 0x66726163  # "frac"
+
+
+def _create_tables(engine: Engine) -> None:
+    """Create the tables that do not exist yet. Nodes that start together on an empty
+    PostgreSQL database would each find them missing and all but one fail on the second
+    CREATE TABLE: there they take turns, under an advisory lock held to the commit (DDL is
+    transactional in PostgreSQL)."""
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(select(func.pg_advisory_xact_lock(_SCHEMA_LOCK)))
+        Base.metadata.create_all(conn)
+
+
 class Queue:
     """All reads and writes of the study state machine; one short transaction each."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        Base.metadata.create_all(engine)
+        #: Whether several nodes may use this database at once: PostgreSQL, where claims
+        #: lock rows (FOR UPDATE SKIP LOCKED) and deliveries being sent are held. A SQLite
+        #: file serves the one node on its host.
+        self.shared = engine.dialect.name != "sqlite"
+        _create_tables(engine)
         self._sessions = sessionmaker(engine, expire_on_commit=False)
         #: what the listener records with (INTAKE_SYNCHRONOUS); `engine` for the rest
         self.intake = _intake_engine(engine)
@@ -378,26 +418,38 @@ class Queue:
             return set(conn.scalars(select(Instance.path)))
 
     def mark_ready(self, quiet_period_s: float) -> list[str]:
-        """Studies with no new instance for the quiet period become READY."""
+        """Studies with no new instance for the quiet period become READY; returns them.
+
+        One UPDATE ... RETURNING: on PostgreSQL an image recorded between a SELECT and
+        the UPDATE would not hold its study back, and the sweeps of several nodes would
+        each report the same studies.
+        """
         cutoff = utcnow() - timedelta(seconds=quiet_period_s)
         with self._tx() as s:
-            uids = list(s.scalars(select(Study.study_instance_uid).where(
-                Study.state == StudyState.RECEIVING, Study.last_received_at <= cutoff)))
-            if uids:
-                s.execute(update(Study)
-                          .where(Study.study_instance_uid.in_(uids),
-                                 Study.state == StudyState.RECEIVING)
-                          .values(state=StudyState.READY))
-        return uids
+            return list(s.scalars(
+                update(Study)
+                .where(Study.state == StudyState.RECEIVING, Study.last_received_at <= cutoff)
+                .values(state=StudyState.READY).returning(Study.study_instance_uid),
+                execution_options={"synchronize_session": False}))
 
     def claim(self, worker: str, lease_s: float) -> ClaimedStudy | None:
-        """Take the oldest READY study (or one whose worker's lease ran out)."""
+        """Take the oldest READY study (or one whose worker's lease ran out).
+
+        On a shared database the oldest claimable row is locked FOR UPDATE SKIP LOCKED:
+        workers of several nodes claiming at once each get a different study, and none
+        waits on a study another holds (one being claimed, finished, or touched by a
+        listener). SQLite has one writer at a time and no row locks: there a few
+        candidates are tried in turn. Either way the update is a compare-and-set on
+        state and lease expiry.
+        """
         now = utcnow()
         claimable = or_(Study.state == StudyState.READY,
                         (Study.state == StudyState.PROCESSING) & (Study.lease_until < now))
+        candidates = select(Study.id).where(claimable).order_by(Study.last_received_at)
+        candidates = (candidates.limit(1).with_for_update(skip_locked=True) if self.shared
+                      else candidates.limit(5))
         with self._tx() as s:
-            for study_id in s.scalars(select(Study.id).where(claimable)
-                                      .order_by(Study.last_received_at).limit(5)):
+            for study_id in s.scalars(candidates):
                 won = s.execute(update(Study).where(Study.id == study_id, claimable).values(
                     state=StudyState.PROCESSING, claimed_by=worker, claimed_at=now,
                     lease_until=now + timedelta(seconds=lease_s), runs=Study.runs + 1,
@@ -440,10 +492,12 @@ class Queue:
 
         Returns the study's new state, or None when the lease was lost (another worker
         took over): the study is left alone, that worker's run is the one that counts.
+        The study's row is locked (PostgreSQL) from the check to the commit, so no other
+        worker takes it over, and no listener records a late image unseen, in between.
         """
         now = utcnow()
         with self._tx() as s:
-            study = s.get(Study, claim.id)
+            study = s.get(Study, claim.id, with_for_update=True)
             if study is None or study.claimed_by != worker or study.runs != claim.run:
                 return None
             for result in results:
@@ -472,19 +526,45 @@ class Queue:
                               lease_until=None, processed_at=utcnow()))
 
     def due_deliveries(self, limit: int = 100) -> list[PendingDelivery]:
+        """The deliveries due now, oldest first (a look: nothing is held)."""
         with self._tx() as s:
-            rows = s.scalars(select(Delivery).where(
-                Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= utcnow(),
-            ).order_by(Delivery.id).limit(limit))
+            rows = s.scalars(self._due(limit))
             return [PendingDelivery(d.id, d.study_id, d.destination, d.sop_class_uid,
                                     Path(d.path), d.attempts) for d in rows]
+
+    def take_due_deliveries(self, lease_s: float, limit: int = 100) -> list[PendingDelivery]:
+        """The deliveries due now, for this node to send.
+
+        On a shared database they are held for `lease_s`: their next attempt moves that
+        far ahead, under row locks that other nodes' senders skip, so no other node sends
+        them meanwhile; record_attempt then sets the real next attempt. A node that dies
+        while sending leaves them to any node once the hold has passed. SQLite serves
+        one node, whose delivery job runs one at a time: nothing is held there, and a
+        restarted node sends at once what it was sending.
+        """
+        if not self.shared:
+            return self.due_deliveries(limit)
+        with self._tx() as s:
+            rows = list(s.scalars(self._due(limit).with_for_update(skip_locked=True)))
+            held_until = utcnow() + timedelta(seconds=lease_s)
+            for d in rows:
+                d.next_attempt_at = held_until
+            return [PendingDelivery(d.id, d.study_id, d.destination, d.sop_class_uid,
+                                    Path(d.path), d.attempts) for d in rows]
+
+    @staticmethod
+    def _due(limit: int) -> Select[tuple[Delivery]]:
+        return (select(Delivery)
+                .where(Delivery.state == DeliveryState.PENDING,
+                       Delivery.next_attempt_at <= utcnow())
+                .order_by(Delivery.id).limit(limit))
 
     def record_attempt(self, delivery_id: int, *, status: int | None, error: str | None,
                        retry_in_s: float, max_attempts: int) -> DeliveryState:
         """Record one C-STORE attempt; success closes the delivery, else retry or give up."""
         now = utcnow()
         with self._tx() as s:
-            d = s.get(Delivery, delivery_id)
+            d = s.get(Delivery, delivery_id, with_for_update=True)
             assert d is not None
             d.attempts += 1
             d.last_status, d.last_error = status, error
@@ -499,8 +579,10 @@ class Queue:
 
     @staticmethod
     def _settle(s: Session, study_id: int) -> None:
-        """A DELIVERING study is DONE once every delivery of its latest run is."""
-        study = s.get(Study, study_id)
+        """A DELIVERING study is DONE once every delivery of its latest run is. The row is
+        locked (PostgreSQL), so a late image recorded meanwhile (RECEIVING again) is not
+        overwritten by DONE."""
+        study = s.get(Study, study_id, with_for_update=True)
         if study is None or study.state != StudyState.DELIVERING:
             return
         s.flush()

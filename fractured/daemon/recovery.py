@@ -7,6 +7,12 @@ cut can take back the last rows while their files stay. Before the listener open
 the node therefore records every spool file that has no row, from the file alone (its
 UIDs, and the calling AE the listener wrote into its file meta), and removes the
 temporary files of writes that a crash interrupted, which were never acknowledged.
+
+On a spool shared by several nodes (PostgreSQL) the scan covers every node's files: a
+file another node has just written and not yet recorded is recorded here, and that
+node's own insert then finds the row (InstanceHeld: the same file, so kept). Only this
+host's interrupted writes are removed: whether another host's writer is alive cannot
+be told from here.
 """
 
 from __future__ import annotations
@@ -93,11 +99,13 @@ def _record(path: Path, queue: Queue) -> str:
 
 
 def _remove_interrupted_writes(spool_dir: Path) -> int:
-    """Remove the temporary files of writes whose process is gone."""
+    """Remove the temporary files of this host's writes whose process is gone. On a spool
+    shared by several hosts another host's pid means nothing here: its node removes its
+    own when it starts."""
     removed = 0
     for path in spool_dir.rglob(".*.tmp"):
-        pid = temporary_writer(path)
-        if pid is None or _alive(pid):
+        writer = temporary_writer(path)
+        if writer is None or not writer.local or _alive(writer.pid):
             continue
         path.unlink(missing_ok=True)
         removed += 1

@@ -101,8 +101,10 @@ def retry_delay(attempts: int, settings: DeliverySettings,
 
 
 def deliver_due(queue: Queue, settings: Settings) -> int:
-    """Send every delivery that is due, one association per destination; returns how many."""
-    due = queue.due_deliveries()
+    """Send every delivery that is due, one association per destination; returns how many.
+    They are taken for [worker].lease_s: other nodes sharing the database leave them alone
+    meanwhile (Queue.take_due_deliveries)."""
+    due = queue.take_due_deliveries(settings.worker.lease_s)
     by_destination: dict[str, list[PendingDelivery]] = {}
     for item in due:
         by_destination.setdefault(item.destination, []).append(item)

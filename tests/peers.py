@@ -238,6 +238,8 @@ class NodeProcess:
     sections: str = ""  # more tables, as TOML text: [access], [tls], ...
     node: str = ""  # extra [node] lines, e.g. 'duplicates = "replace"'
     spool_dir: str = "spool"
+    #: /metrics and /healthz: a free port of its own, not the default every node shares
+    metrics_port: int = field(default_factory=free_port)
 
     @property
     def config(self) -> Path:
@@ -255,7 +257,8 @@ class NodeProcess:
             f"[results]\n{self.results}\n\n"
             "[delivery]\n" + "".join(f"{k} = {v}\n" for k, v in self.delivery.items())
             + "\n"
-            f'[log]\nlevel = "info"\nformat = "json"\n{dests}\n{self.sections}')
+            f'[log]\nlevel = "info"\nformat = "json"\n\n[metrics]\nport = {self.metrics_port}\n'
+            f'{dests}\n{self.sections}')
 
     def start(self) -> NodeProcess:
         self.folder.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from fractured import log
 from fractured.config import Settings
+from fractured.daemon.metrics import NodeMetrics
 from fractured.daemon.queue import Queue
 from fractured.daemon.sender import deliver_due
 from fractured.daemon.worker import Worker
@@ -25,7 +26,7 @@ _log = log.get("fractured.scheduler")
 
 
 def build_scheduler(settings: Settings, queue: Queue, worker: Worker,
-                    stopping: threading.Event) -> BackgroundScheduler:
+                    stopping: threading.Event, metrics: NodeMetrics) -> BackgroundScheduler:
     """The node's jobs; `stopping` ends the worker's drain loop between studies."""
     scheduler = BackgroundScheduler(timezone="UTC")
 
@@ -39,7 +40,7 @@ def build_scheduler(settings: Settings, queue: Queue, worker: Worker,
             pass
 
     def deliver() -> None:
-        deliver_due(queue, settings)
+        deliver_due(queue, settings, metrics)
 
     jobs: list[tuple[str, Callable[[], None], float]] = [
         ("sweep", sweep, SWEEP_INTERVAL_S),

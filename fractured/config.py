@@ -182,6 +182,19 @@ class RetentionSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    """The monitoring endpoint: Prometheus metrics at /metrics, a health check at /healthz.
+    On loopback by default: the figures carry no patient data, but say what the node
+    handles and when, which is nobody else's business on a hospital network."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    #: In the range Prometheus exporters use (9100-9999); move it where another exporter
+    #: on the host has it.
+    port: int = 9112
+
+
+@dataclass(frozen=True)
 class Settings:
     node: NodeSettings = field(default_factory=NodeSettings)
     access: AccessSettings = field(default_factory=AccessSettings)
@@ -196,6 +209,7 @@ class Settings:
     destinations: list[Destination] = field(default_factory=list)
     log: LogSettings = field(default_factory=LogSettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     source: Path | None = None
 
 
@@ -320,7 +334,7 @@ def _check(s: Settings) -> None:
         if not 0 < len(title.strip()) <= 16 or "\\" in title:
             raise ConfigError(f"{where}: an AE title is 1-16 characters without '\\', "
                               f"got {title!r}")
-    ports = [("[node].port", s.node.port)] + [
+    ports = [("[node].port", s.node.port), ("[metrics].port", s.metrics.port)] + [
         (f"[[destinations]][{i}].port", d.port) for i, d in enumerate(s.destinations)
     ]
     for where, port in ports:

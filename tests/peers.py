@@ -242,6 +242,8 @@ class NodeProcess:
     #: spool_dir) share a queue
     database_url: str = "sqlite:///fractured.db"
     worker: str = ""  # extra [worker] lines, e.g. "lease_s = 5.0"
+    #: /metrics and /healthz: a free port of its own, not the default every node shares
+    metrics_port: int = field(default_factory=free_port)
 
     @property
     def config(self) -> Path:
@@ -261,7 +263,8 @@ class NodeProcess:
             f"[results]\n{self.results}\n\n"
             "[delivery]\n" + "".join(f"{k} = {v}\n" for k, v in self.delivery.items())
             + "\n"
-            f'[log]\nlevel = "info"\nformat = "json"\n{dests}\n{self.sections}')
+            f'[log]\nlevel = "info"\nformat = "json"\n\n[metrics]\nport = {self.metrics_port}\n'
+            f'{dests}\n{self.sections}')
 
     def start(self) -> NodeProcess:
         self.folder.mkdir(parents=True, exist_ok=True)

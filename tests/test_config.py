@@ -30,6 +30,7 @@ def test_shipped_config_loads_with_its_documented_defaults() -> None:
     assert shipped.study == defaults.study
     assert shipped.engine == defaults.engine
     assert shipped.database == defaults.database
+    assert shipped.metrics == defaults.metrics
     assert [d.name for d in shipped.destinations] == ["pacs"]
 
 

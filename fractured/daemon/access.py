@@ -18,6 +18,7 @@ from pynetdicom.events import Event
 
 from fractured import log
 from fractured.config import AccessSettings
+from fractured.daemon.metrics import NodeMetrics
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -67,17 +68,19 @@ class AccessPolicy:
         return None
 
 
-def handlers(policy: AccessPolicy) -> list[tuple[evt.NotificationEvent, object, list]]:
-    return [(evt.EVT_REQUESTED, _handle_requested, [policy])]
+def handlers(policy: AccessPolicy, metrics: NodeMetrics
+             ) -> list[tuple[evt.NotificationEvent, object, list]]:
+    return [(evt.EVT_REQUESTED, _handle_requested, [policy, metrics])]
 
 
-def _handle_requested(event: Event, policy: AccessPolicy) -> None:
+def _handle_requested(event: Event, policy: AccessPolicy, metrics: NodeMetrics) -> None:
     assoc = event.assoc
     calling_ae = str(assoc.requestor.primitive.calling_ae_title).strip()
     address = str(assoc.requestor.address)
     reason = policy.refusal(calling_ae, address)
     if reason is None:
         return
+    metrics.association_rejected(str(reason))
     _log.warning("association.rejected", reason=str(reason), calling_ae=calling_ae,
                  address=address)
     # pynetdicom skips negotiation once the request is rejected here; kill() then stops

@@ -20,6 +20,7 @@ from pynetdicom.association import Association
 from pynetdicom.events import Event
 
 from fractured import log
+from fractured.daemon.metrics import NodeMetrics
 
 SUCCESS = 0x0000
 
@@ -45,9 +46,11 @@ class _Tally:
 
 
 class AssociationAudit:
-    """Counts what each live association stores and logs it when the association ends."""
+    """Counts what each live association stores and logs it when the association ends;
+    `metrics` counts associations by outcome."""
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: NodeMetrics) -> None:
+        self._metrics = metrics
         self._tallies: dict[int, _Tally] = {}
         self._lock = threading.Lock()
 
@@ -82,8 +85,9 @@ class AssociationAudit:
         rejection = event.assoc.acceptor.primitive
         key = (rejection.result_source, rejection.diagnostic)
         requestor = event.assoc.requestor
-        _log.warning("association.rejected",
-                     reason=REJECTION_REASONS.get(key, f"source_{key[0]}_diagnostic_{key[1]}"),
+        reason = REJECTION_REASONS.get(key, f"source_{key[0]}_diagnostic_{key[1]}")
+        self._metrics.association_rejected(reason)
+        _log.warning("association.rejected", reason=reason,
                      calling_ae=str(requestor.ae_title).strip(), address=str(requestor.address))
 
     def _ended(self, event: Event, outcome: str) -> None:
@@ -91,6 +95,7 @@ class AssociationAudit:
             tally = self._tallies.pop(id(event.assoc), None)
         if tally is None:  # never established, or already logged by an earlier event
             return
+        self._metrics.association_ended(outcome)
         _log.info("association.ended", calling_ae=tally.calling_ae, address=tally.address,
                   outcome=outcome, instances=tally.accepted, refused=tally.refused,
                   bytes=tally.bytes, seconds=round(time.monotonic() - tally.started, 3))

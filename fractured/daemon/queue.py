@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import enum
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -560,8 +560,14 @@ class Queue:
                 .order_by(Delivery.id).limit(limit))
 
     def record_attempt(self, delivery_id: int, *, status: int | None, error: str | None,
-                       retry_in_s: float, max_attempts: int) -> DeliveryState:
-        """Record one C-STORE attempt; success closes the delivery, else retry or give up."""
+                       retry_in_s: float, max_attempts: int,
+                       on_study_done: Callable[[float], None] | None = None) -> DeliveryState:
+        """Record one C-STORE attempt; success closes the delivery, else retry or give up.
+
+        `on_study_done` is called, once committed, with the seconds since the study's last
+        image arrived when this attempt delivered the study's last result (the metrics'
+        end-to-end latency).
+        """
         now = utcnow()
         with self._tx() as s:
             d = s.get(Delivery, delivery_id, with_for_update=True)
@@ -574,25 +580,30 @@ class Queue:
                 d.state = DeliveryState.FAILED
             else:
                 d.next_attempt_at = now + timedelta(seconds=retry_in_s)
-            self._settle(s, d.study_id)
-            return DeliveryState(d.state)
+            done = self._settle(s, d.study_id)
+            state = DeliveryState(d.state)
+        if done is not None and on_study_done is not None:
+            on_study_done((now - done).total_seconds())
+        return state
 
     @staticmethod
-    def _settle(s: Session, study_id: int) -> None:
-        """A DELIVERING study is DONE once every delivery of its latest run is. The row is
-        locked (PostgreSQL), so a late image recorded meanwhile (RECEIVING again) is not
-        overwritten by DONE."""
+    def _settle(s: Session, study_id: int) -> datetime | None:
+        """A DELIVERING study is DONE once every delivery of its latest run is; returns
+        its last image's arrival when this made it DONE. The row is locked (PostgreSQL),
+        so a late image recorded meanwhile (RECEIVING again) is not overwritten by DONE."""
         study = s.get(Study, study_id, with_for_update=True)
         if study is None or study.state != StudyState.DELIVERING:
-            return
+            return None
         s.flush()
         states = set(s.scalars(select(Delivery.state).where(
             Delivery.study_id == study_id, Delivery.run == study.runs)))
         if states == {DeliveryState.DONE}:
             study.state = StudyState.DONE
-        elif DeliveryState.PENDING not in states:
+            return study.last_received_at
+        if DeliveryState.PENDING not in states:
             study.state = StudyState.FAILED
             study.reason = "delivery failed after all attempts"
+        return None
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Studies and deliveries by state, for `fractured status`."""

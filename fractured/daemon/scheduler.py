@@ -15,6 +15,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from fractured import log
 from fractured.config import Settings
 from fractured.daemon import retention
+from fractured.daemon.metrics import NodeMetrics
 from fractured.daemon.queue import Queue, utcnow
 from fractured.daemon.sender import deliver_due
 from fractured.daemon.worker import Worker
@@ -27,7 +28,7 @@ _log = log.get("fractured.scheduler")
 
 
 def build_scheduler(settings: Settings, queue: Queue, worker: Worker,
-                    stopping: threading.Event) -> BackgroundScheduler:
+                    stopping: threading.Event, metrics: NodeMetrics) -> BackgroundScheduler:
     """The node's jobs; `stopping` ends the worker's drain loop between studies."""
     scheduler = BackgroundScheduler(timezone="UTC")
 
@@ -41,7 +42,7 @@ def build_scheduler(settings: Settings, queue: Queue, worker: Worker,
             pass
 
     def deliver() -> None:
-        deliver_due(queue, settings)
+        deliver_due(queue, settings, metrics)
 
     def purge() -> None:
         retention.apply(queue, retention.plan(queue, settings, utcnow()))

@@ -11,6 +11,7 @@ import contextlib
 import zlib
 from io import BytesIO
 from pathlib import Path
+from typing import NamedTuple
 
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
@@ -34,6 +35,7 @@ from fractured.daemon import access
 from fractured.daemon.access import AccessPolicy
 from fractured.daemon.audit import AssociationAudit
 from fractured.daemon.file_meta import file_header
+from fractured.daemon.metrics import NodeMetrics
 from fractured.daemon.queue import HeldInstance, InstanceHeld, Queue, ReceivedInstance
 from fractured.daemon.spool import incoming_path, is_uid
 from fractured.durable import write_durably
@@ -95,14 +97,14 @@ def _serve_as_storage(uid: str) -> None:
 
 
 def handlers(node: NodeSettings, queue: Queue, policy: AccessPolicy,
-             audit: AssociationAudit) -> list[tuple]:
+             audit: AssociationAudit, metrics: NodeMetrics) -> list[tuple]:
     """Every event the listener handles: access at the request, then the services, and
     the audit trail of each association."""
     return [
-        *access.handlers(policy),
+        *access.handlers(policy, metrics),
         *audit.handlers(),
         (evt.EVT_C_ECHO, _handle_echo),
-        (evt.EVT_C_STORE, _handle_store, [node, queue, audit]),
+        (evt.EVT_C_STORE, _handle_store, [node, queue, audit, metrics]),
     ]
 
 
@@ -111,23 +113,35 @@ def _handle_echo(event: Event) -> int:
     return SUCCESS
 
 
+class Stored(NamedTuple):
+    """The answer to one C-STORE, the bytes stored, and what happened: the outcome of a
+    success ("new", "replaced", "kept_first") or the reason of a refusal."""
+
+    status: int
+    size: int
+    outcome: str
+
+
 def _handle_store(event: Event, node: NodeSettings, queue: Queue,
-                  audit: AssociationAudit) -> int:
-    status, size = _store(event, node, queue)
-    audit.stored(event.assoc, status, size)
-    return status
+                  audit: AssociationAudit, metrics: NodeMetrics) -> int:
+    stored = _store(event, node, queue)
+    audit.stored(event.assoc, stored.status, stored.size)
+    if stored.status == SUCCESS:
+        metrics.instance_received(stored.outcome, stored.size)
+    else:
+        metrics.instance_rejected(stored.outcome)
+    return stored.status
 
 
-def _store(event: Event, node: NodeSettings, queue: Queue) -> tuple[int, int]:
-    """Spool and record one C-STORE: (status, bytes stored)."""
+def _store(event: Event, node: NodeSettings, queue: Queue) -> Stored:
+    """Spool and record one C-STORE."""
     calling_ae = event.assoc.requestor.ae_title
     sop_class = str(event.request.AffectedSOPClassUID)
     sop_instance = str(event.request.AffectedSOPInstanceUID)
     ctx = {"calling_ae": calling_ae, "sop_instance_uid": sop_instance}
     if sop_class not in ACCEPTED_SOP_CLASSES and sop_class not in node.extra_sop_classes:
-        _log.warning("store.rejected", reason="sop_class_not_supported", sop_class_uid=sop_class,
-                     **ctx)
-        return SOP_CLASS_NOT_SUPPORTED, 0
+        return _rejected(SOP_CLASS_NOT_SUPPORTED, "sop_class_not_supported", ctx,
+                         sop_class_uid=sop_class)
     try:
         ds = _identity_elements(event)
         study_uid = str(ds.get("StudyInstanceUID", ""))
@@ -136,13 +150,11 @@ def _store(event: Event, node: NodeSettings, queue: Queue) -> tuple[int, int]:
         dataset_uid = str(ds.get("SOPInstanceUID", ""))
         dataset_class = str(ds.get("SOPClassUID", ""))
     except Exception as exc:
-        _log.warning("store.rejected", reason="dataset_unreadable", error=str(exc), **ctx)
-        return CANNOT_UNDERSTAND, 0
+        return _rejected(CANNOT_UNDERSTAND, "dataset_unreadable", ctx, error=str(exc))
     problem = _identity_problem(study_uid, series_uid, (dataset_uid, dataset_class),
                                 (sop_instance, sop_class))
     if problem:
-        _log.warning("store.rejected", reason=problem, **ctx)
-        return DATASET_DOES_NOT_MATCH_SOP_CLASS, 0
+        return _rejected(DATASET_DOES_NOT_MATCH_SOP_CLASS, problem, ctx)
 
     # An instance held in this study has its file at `path`: a stat, not a query, for
     # nearly every image; one held in another study surfaces when its row is inserted.
@@ -152,18 +164,16 @@ def _store(event: Event, node: NodeSettings, queue: Queue) -> tuple[int, int]:
         try:
             held = queue.held(sop_instance)
         except Exception as exc:
-            _log.error("store.failed", reason="database_error", error=str(exc), **ctx)
-            return OUT_OF_RESOURCES, 0
+            return _failed("database_error", exc, ctx)
         answer = _kept_first(held, study_uid, node, ctx)
         if answer is not None:
-            return answer, 0
+            return answer
 
     try:
         data = spooled_file(event, calling_ae)
         write_durably(path, data)
     except OSError as exc:
-        _log.error("store.failed", reason="spool_unwritable", error=str(exc), **ctx)
-        return OUT_OF_RESOURCES, 0
+        return _failed("spool_unwritable", exc, ctx)
     item = ReceivedInstance(
         study_instance_uid=study_uid, series_instance_uid=series_uid,
         sop_instance_uid=sop_instance, sop_class_uid=sop_class, modality=modality,
@@ -177,17 +187,28 @@ def _store(event: Event, node: NodeSettings, queue: Queue) -> tuple[int, int]:
             if answer is not None:
                 if held is not None and held.path != path:
                     _discard(path)
-                return answer, 0
+                return answer
             outcome = queue.record_instance(item)
     except Exception as exc:
         # The file stays (a resend replaces it); without its row it is not acknowledged.
-        _log.error("store.failed", reason="database_error", error=str(exc), **ctx)
-        return OUT_OF_RESOURCES, 0
+        return _failed("database_error", exc, ctx)
     if held is not None and held.path != path:  # "replace" moved it to another study
         held.path.unlink(missing_ok=True)
     _log.info("store.accepted", study_instance_uid=study_uid, modality=modality,
               bytes=len(data), outcome=outcome, **ctx)
-    return SUCCESS, len(data)
+    return Stored(SUCCESS, len(data), outcome)
+
+
+def _rejected(status: int, reason: str, ctx: dict[str, str], **details: str) -> Stored:
+    """Refuse an object the node will not keep (its fault, not ours)."""
+    _log.warning("store.rejected", reason=reason, **details, **ctx)
+    return Stored(status, 0, reason)
+
+
+def _failed(reason: str, exc: Exception, ctx: dict[str, str]) -> Stored:
+    """Refuse an object the node could not keep (ours: the peer may send it again)."""
+    _log.error("store.failed", reason=reason, error=str(exc), **ctx)
+    return Stored(OUT_OF_RESOURCES, 0, reason)
 
 
 def spooled_file(event: Event, calling_ae: str) -> bytes:
@@ -229,18 +250,18 @@ def _past_identity(tag: BaseTag, _vr: str | None, _length: int) -> bool:
 
 
 def _kept_first(held: HeldInstance | None, study_uid: str, node: NodeSettings,
-                ctx: dict[str, str]) -> int | None:
+                ctx: dict[str, str]) -> Stored | None:
     """The answer to an instance the node already holds when it keeps the first copy
     (None: store this one)."""
     if held is None or node.duplicates != "keep_first":
         return None
     if held.study_instance_uid != study_uid:
-        _log.warning("store.rejected", reason="sop_instance_uid_held_in_another_study",
-                     study_instance_uid=study_uid,
-                     held_study_instance_uid=held.study_instance_uid, **ctx)
-        return DATASET_DOES_NOT_MATCH_SOP_CLASS
+        return _rejected(DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                         "sop_instance_uid_held_in_another_study", ctx,
+                         study_instance_uid=study_uid,
+                         held_study_instance_uid=held.study_instance_uid)
     _log.info("store.duplicate", study_instance_uid=study_uid, outcome="kept_first", **ctx)
-    return SUCCESS
+    return Stored(SUCCESS, 0, "kept_first")
 
 
 def _discard(path: Path) -> None:

@@ -17,6 +17,7 @@ from pynetdicom import AE
 
 from fractured import log
 from fractured.config import DeliverySettings, Destination, Settings
+from fractured.daemon.metrics import NodeMetrics
 from fractured.daemon.queue import DeliveryState, PendingDelivery, Queue
 
 SUCCESS = 0x0000
@@ -100,7 +101,7 @@ def retry_delay(attempts: int, settings: DeliverySettings,
     return base * (rng or random).uniform(1.0 - settings.jitter, 1.0 + settings.jitter)
 
 
-def deliver_due(queue: Queue, settings: Settings) -> int:
+def deliver_due(queue: Queue, settings: Settings, metrics: NodeMetrics) -> int:
     """Send every delivery that is due, one association per destination; returns how many.
     They are taken for [worker].lease_s: other nodes sharing the database leave them alone
     meanwhile (Queue.take_due_deliveries)."""
@@ -122,14 +123,18 @@ def deliver_due(queue: Queue, settings: Settings) -> int:
             delay = retry_delay(attempt, settings.delivery)
             state = queue.record_attempt(item.id, status=outcome.status, error=outcome.error,
                                          retry_in_s=delay,
-                                         max_attempts=settings.delivery.max_attempts)
+                                         max_attempts=settings.delivery.max_attempts,
+                                         on_study_done=metrics.study_delivered)
             context = {"destination": name, "sop_class_uid": item.sop_class_uid,
                        "attempt": attempt, "status": outcome.status, "state": str(state)}
             if outcome.error is None:
+                metrics.delivery_attempt("done")
                 _log.info("delivery.sent", warning=outcome.status in WARNINGS, **context)
             elif state == DeliveryState.FAILED:
+                metrics.delivery_attempt("dead_letter")
                 _log.error("delivery.dead_letter", error=outcome.error, **context)
             else:
+                metrics.delivery_attempt("retry")
                 _log.warning("delivery.failed", error=outcome.error,
                              retry_in_s=round(delay, 1), **context)
     return len(due)

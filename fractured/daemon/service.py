@@ -1,4 +1,5 @@
-"""Start and stop the whole node: database, engine, scheduler, DICOM listener, signals."""
+"""Start and stop the whole node: database, engine, scheduler, DICOM listener, monitoring
+endpoint, signals."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ from fractured.daemon import recovery, scp, tls
 from fractured.daemon.access import AccessPolicy
 from fractured.daemon.active_model import ActiveModel
 from fractured.daemon.audit import AssociationAudit
+from fractured.daemon.health import HealthChecks
+from fractured.daemon.metrics import NodeMetrics
+from fractured.daemon.monitoring import MonitoringServer
 from fractured.daemon.queue import Queue, make_engine
 from fractured.daemon.scheduler import build_scheduler
 from fractured.daemon.worker import Worker
@@ -36,13 +40,21 @@ class Node:
         self.model = ActiveModel(engine.bundle, lambda bundle: Pipeline(
             bundle, backend=engine.backend, max_batch=engine.max_batch,
             threads=engine.threads or None, tta=engine.tta))
-        self.worker = Worker(settings, self.queue, self.model)
+        self.metrics = NodeMetrics()
+        self.metrics.watch(self.queue, self.model)
+        self.worker = Worker(settings, self.queue, self.model, self.metrics)
         self._stop = threading.Event()
-        self.scheduler = build_scheduler(settings, self.queue, self.worker, self._stop)
+        self.scheduler = build_scheduler(settings, self.queue, self.worker, self._stop,
+                                         self.metrics)
         self.ae = scp.build_ae(settings)
         self.access = AccessPolicy.from_settings(settings.access)
         self.ssl_context = tls.server_context(settings.tls)
         self._server: tls.HandshakingServer | None = None
+        # Bound now (a port in use is a ConfigError before anything opens), served in start.
+        self.monitoring = MonitoringServer(
+            settings.metrics, self.metrics,
+            HealthChecks(lambda: self._server, self.queue.engine.url, self.model),
+        ) if settings.metrics.enabled else None
 
     def start(self) -> None:
         recovery.check_spool(self.settings.node.spool_dir, self.queue)
@@ -56,7 +68,9 @@ class Node:
         self._server = tls.start_server(
             self.ae, (self.settings.node.host, self.settings.node.port), self.ssl_context,
             scp.handlers(self.settings.node, self.queue, self.access,
-                         AssociationAudit()))
+                         AssociationAudit(self.metrics), self.metrics), self.metrics)
+        if self.monitoring is not None:
+            self.monitoring.start()
         pipeline = self.model.pipeline
         model = pipeline.model
         _log.info("node.started", ae_title=self.settings.node.ae_title,
@@ -96,6 +110,8 @@ class Node:
             else:  # a connection that never sent a request: pynetdicom refuses an
                 assoc.kill()  # A-ABORT there (Evt15 in Sta2); just stop its thread
         self.scheduler.shutdown(wait=True)
+        if self.monitoring is not None:
+            self.monitoring.stop()
         self.queue.close()
         _log.info("node.stopped")
 

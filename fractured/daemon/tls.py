@@ -18,6 +18,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from fractured import log
 from fractured.config import ConfigError, TlsSettings
+from fractured.daemon.metrics import NodeMetrics
 
 _log = log.get("fractured.tls")
 
@@ -47,6 +48,11 @@ def server_context(tls: TlsSettings) -> ssl.SSLContext | None:
 class HandshakingServer(ThreadedAssociationServer):
     """pynetdicom's threaded server with the TLS handshake moved off the accept loop."""
 
+    #: Counts refused handshakes; set by start_server before the server accepts.
+    metrics: NodeMetrics
+    #: The accept loop's thread, which the health check watches (daemon.health).
+    thread: threading.Thread
+
     def get_request(self):  # type: ignore[no-untyped-def]
         assert self.socket is not None
         client, address = self.socket.accept()
@@ -68,6 +74,7 @@ class HandshakingServer(ThreadedAssociationServer):
                 self.shutdown_request(request)
                 return
             except OSError as exc:  # a plain-TCP peer, a refused certificate, a timeout
+                self.metrics.association_rejected("tls_handshake_failed")
                 _log.warning("association.rejected", reason="tls_handshake_failed",
                              address=str(client_address[0]), error=str(exc))
                 self.shutdown_request(request)
@@ -77,12 +84,14 @@ class HandshakingServer(ThreadedAssociationServer):
 
 
 def start_server(ae: AE, address: tuple[str, int], ssl_context: ssl.SSLContext | None,
-                 evt_handlers: list) -> HandshakingServer:
+                 evt_handlers: list, metrics: NodeMetrics) -> HandshakingServer:
     """AE.start_server(block=False), with HandshakingServer as the server class."""
     server = ae.make_server(address, ssl_context=ssl_context, evt_handlers=evt_handlers,
                             server_class=HandshakingServer)
+    server.metrics = metrics
     ae._servers.append(server)  # as AE.start_server does: server.shutdown() expects it
     stamp = datetime.now().strftime("%Y%m%d%H%M%S")
-    threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{stamp}",
-                     daemon=True).start()
+    server.thread = threading.Thread(target=server.serve_forever,
+                                     name=f"AcceptorServer@{stamp}", daemon=True)
+    server.thread.start()
     return server

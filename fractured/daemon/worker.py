@@ -20,6 +20,7 @@ from pydicom.uid import generate_uid
 from fractured import log
 from fractured.config import Settings
 from fractured.daemon.active_model import ActiveModel
+from fractured.daemon.metrics import NodeMetrics
 from fractured.daemon.queue import ClaimedStudy, Queue, ResultObject
 from fractured.daemon.routing import Router, skipped_reason
 from fractured.daemon.shadow import record as record_shadow
@@ -50,10 +51,12 @@ def node_identity(settings: Settings) -> tuple[str, str]:
 
 
 class Worker:
-    def __init__(self, settings: Settings, queue: Queue, model: ActiveModel) -> None:
+    def __init__(self, settings: Settings, queue: Queue, model: ActiveModel,
+                 metrics: NodeMetrics) -> None:
         self.settings = settings
         self.queue = queue
         self.model = model
+        self.metrics = metrics
         self.id, self.device_uid = node_identity(settings)
         self.router = Router(settings)
 
@@ -112,7 +115,10 @@ class Worker:
 
         # One model for the whole study, even if a roll-out happens meanwhile.
         pipeline = self.model.current()
+        inference_started = time.monotonic()
         findings = pipeline.run([(image_ref(ds), pixels) for ds, pixels in sources])
+        self.metrics.inference(pipeline.backend_name, pipeline.model, len(sources),
+                               time.monotonic() - inference_started)
         datasets = [ds for ds, _ in sources]
         sr = make_sr(findings, datasets, series_instance_uid=generate_uid(),
                      series_number=SR_SERIES_NUMBER, device_uid=self.device_uid,

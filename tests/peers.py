@@ -238,6 +238,7 @@ class NodeProcess:
     sections: str = ""  # more tables, as TOML text: [access], [tls], ...
     node: str = ""  # extra [node] lines, e.g. 'duplicates = "replace"'
     spool_dir: str = "spool"
+    env: dict[str, str] = field(default_factory=dict)  # added to the node's environment
 
     @property
     def config(self) -> Path:
@@ -263,7 +264,7 @@ class NodeProcess:
         self.log = open(self.folder / "node.log", "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fractured", "serve", "--config", str(self.config)],
-            stdout=self.log, stderr=subprocess.STDOUT)
+            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **self.env})
         wait_for("the node to listen", self._listening, 60)
         return self
 

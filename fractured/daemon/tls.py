@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ssl
 import threading
+from collections.abc import Callable
 from datetime import datetime
 
 from pynetdicom import AE
@@ -47,6 +48,15 @@ def server_context(tls: TlsSettings) -> ssl.SSLContext | None:
 class HandshakingServer(ThreadedAssociationServer):
     """pynetdicom's threaded server with the TLS handshake moved off the accept loop."""
 
+    #: Called on every turn of the accept loop (about every 0.5 s, idle or not): the
+    #: listener's heartbeat for the node's watchdog (daemon.liveness).
+    on_turn: Callable[[], None] | None = None
+
+    def service_actions(self) -> None:
+        super().service_actions()
+        if self.on_turn is not None:
+            self.on_turn()
+
     def get_request(self):  # type: ignore[no-untyped-def]
         assert self.socket is not None
         client, address = self.socket.accept()
@@ -77,10 +87,12 @@ class HandshakingServer(ThreadedAssociationServer):
 
 
 def start_server(ae: AE, address: tuple[str, int], ssl_context: ssl.SSLContext | None,
-                 evt_handlers: list) -> HandshakingServer:
+                 evt_handlers: list, on_turn: Callable[[], None] | None = None
+                 ) -> HandshakingServer:
     """AE.start_server(block=False), with HandshakingServer as the server class."""
     server = ae.make_server(address, ssl_context=ssl_context, evt_handlers=evt_handlers,
                             server_class=HandshakingServer)
+    server.on_turn = on_turn
     ae._servers.append(server)  # as AE.start_server does: server.shutdown() expects it
     stamp = datetime.now().strftime("%Y%m%d%H%M%S")
     threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{stamp}",

@@ -6,6 +6,7 @@ $NOTIFY_SOCKET names and read what the node sends, as systemd would.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -228,3 +229,95 @@ def test_unit_gives_a_stop_more_time_than_the_shutdown_grace() -> None:
     (watchdog,) = unit_settings(UNIT.read_text())["WatchdogSec"]
     assert float(stop) > grace + 30, "the running study needs time after the grace too"
     assert float(watchdog) >= liveness.STALE_AFTER_MIN_S
+
+
+# --- the installer ---------------------------------------------------------------------
+
+INSTALL = REPO / "deploy" / "install.sh"
+
+
+def install(root: Path) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(["bash", str(INSTALL), "--root", str(root)], capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def mode(path: Path) -> int:
+    return path.stat().st_mode & 0o7777
+
+
+def test_install_refuses_an_unknown_option() -> None:
+    proc = subprocess.run(["bash", str(INSTALL), "--rooot", "/tmp/x"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "unknown option: --rooot" in proc.stderr
+
+
+@pytest.mark.slow
+def test_install_stages_the_service_keeps_the_admins_config_and_checks_it(tmp_path: Path) -> None:
+    from fractured import config
+
+    root = tmp_path / "root"
+    install(root)
+    state, etc = root / "var/lib/fractured", root / "etc/fractured"
+    assert mode(state) == mode(state / "spool") == 0o700
+    assert mode(etc) == 0o750
+    assert mode(etc / "config.toml") == 0o640
+    unit = root / "etc/systemd/system/fractured.service"
+    assert unit.read_text() == UNIT.read_text()
+    assert not (root / "etc/systemd/system/fractured.service.d").exists(), \
+        "port 11112 and a 30 s grace need no drop-in"
+
+    # The documented defaults, with the var/ paths in /var/lib/fractured.
+    written, shipped = config.load(etc / "config.toml"), config.load(REPO / "config.toml")
+    assert written.node.spool_dir == Path("/var/lib/fractured/spool")
+    assert written.database.url == "sqlite:////var/lib/fractured/fractured.db"
+    assert written.engine.bundle == Path("/opt/fractured/engines")
+    assert dataclasses.replace(written.node, spool_dir=shipped.node.spool_dir) == shipped.node
+    assert written.study == shipped.study and written.destinations == shipped.destinations
+
+    # The venv serves without torch and runs the shipped model, active and verified.
+    venv = root / "opt/fractured/venv/bin"
+    engines = root / "opt/fractured/engines"
+    assert (engines / "ACTIVE").read_text().strip() == "fractured-0.2.0"
+    listing = subprocess.run([str(venv / "fractured"), "engines", "list", "--engines",
+                              str(engines)], capture_output=True, text=True, timeout=120)
+    assert listing.returncode == 0, listing.stderr
+    assert "fractured-0.2.0" in listing.stdout
+    torch = subprocess.run([str(venv / "python"), "-c",
+                            "import importlib.util; print(importlib.util.find_spec('torch'))"],
+                           capture_output=True, text=True, timeout=120)
+    assert torch.stdout.strip() == "None", "serving must not need torch"
+    proc = verify(unit.read_text(), tmp_path / "verify", str(venv / "fractured"))
+    assert proc.returncode == 0, proc.stderr
+
+    # An administrator's changes survive a second run; the drop-in follows the config.
+    text = (etc / "config.toml").read_text()
+    edited = (text.replace("port = 11112", "port = 104", 1)
+              .replace("shutdown_grace_s = 30.0", "shutdown_grace_s = 200.0", 1)
+              + "\n# local change\n")
+    (etc / "config.toml").write_text(edited)
+    rerun = install(root)
+    assert "kept /etc/fractured/config.toml" in rerun.stdout
+    assert (etc / "config.toml").read_text() == edited
+    assert mode(etc / "config.toml") == 0o640
+    dropin = root / "etc/systemd/system/fractured.service.d/from-config.conf"
+    settings = unit_settings(dropin.read_text())
+    assert settings["CapabilityBoundingSet"] == ["CAP_NET_BIND_SERVICE"]
+    assert settings["AmbientCapabilities"] == ["CAP_NET_BIND_SERVICE"]
+    assert float(settings["TimeoutStopSec"][0]) > 200
+    proc = verify(unit.read_text() + dropin.read_text(), tmp_path / "verify-dropin",
+                  str(venv / "fractured"))
+    assert proc.returncode == 0, proc.stderr
+
+    (etc / "config.toml").write_text(text)
+    install(root)
+    assert not dropin.exists(), "the drop-in goes when the config no longer needs it"
+
+    # A config the node would refuse stops the install, naming the key.
+    (etc / "config.toml").write_text(text + "\n[nodes]\nport = 1\n")
+    proc = subprocess.run(["bash", str(INSTALL), "--root", str(root)], capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode != 0
+    assert "nodes: unknown section or key" in proc.stderr

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Install what the node and its tests need on a fresh Debian machine, idempotently:
 # the DICOM peers the tests talk to (DCMTK, Orthanc, dicom3tools; openssl makes their
-# TLS certificates) and a venv in .venv with the package, its training extra (torch)
-# and its test extra.
+# TLS certificates; systemd provides systemd-analyze, which checks the unit) and a venv
+# in .venv with the package, its training extra (torch) and its test extra.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # By package, not by command: pynetdicom installs its own `storescu` and `echoscu`
 # into the venv, which would hide a missing DCMTK from an activated shell.
 need_apt=()
-for package in dcmtk orthanc dicom3tools openssl; do
+for package in dcmtk orthanc dicom3tools openssl systemd; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
     || need_apt+=("$package")
 done

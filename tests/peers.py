@@ -244,6 +244,7 @@ class NodeProcess:
     worker: str = ""  # extra [worker] lines, e.g. "lease_s = 5.0"
     #: /metrics and /healthz: a free port of its own, not the default every node shares
     metrics_port: int = field(default_factory=free_port)
+    env: dict[str, str] = field(default_factory=dict)  # added to the node's environment
 
     @property
     def config(self) -> Path:
@@ -272,7 +273,7 @@ class NodeProcess:
         self.log = open(self.folder / "node.log", "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fractured", "serve", "--config", str(self.config)],
-            stdout=self.log, stderr=subprocess.STDOUT)
+            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **self.env})
         wait_for("the node to listen", self._listening, 60)
         return self
 

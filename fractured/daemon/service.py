@@ -1,5 +1,6 @@
 """Start and stop the whole node: database, engine, scheduler, DICOM listener, monitoring
-endpoint, signals."""
+endpoint, signals, and the systemd notifications (ready, stopping, watchdog) of a
+Type=notify service."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import time
 
 from fractured import log
 from fractured.config import Settings
-from fractured.daemon import recovery, scp, tls
+from fractured.daemon import liveness, recovery, scp, systemd, tls
 from fractured.daemon.access import AccessPolicy
 from fractured.daemon.active_model import ActiveModel
 from fractured.daemon.audit import AssociationAudit
@@ -24,6 +25,8 @@ from fractured.engine.pipeline import Pipeline
 
 #: How often the main thread wakes to notice a stop signal, in seconds.
 SIGNAL_POLL_S = 0.5
+#: How often the scheduler's heartbeat job runs, in seconds (daemon.liveness).
+HEARTBEAT_INTERVAL_S = 1.0
 
 _log = log.get("fractured.service")
 
@@ -55,6 +58,13 @@ class Node:
             settings.metrics, self.metrics,
             HealthChecks(lambda: self._server, self.queue.engine.url, self.model),
         ) if settings.metrics.enabled else None
+        self.notifier = systemd.Notifier.from_environ()
+        self.heartbeats = liveness.Heartbeats(
+            (liveness.MAIN_LOOP, liveness.SCHEDULER, liveness.LISTENER))
+        self.scheduler.add_job(lambda: self.heartbeats.beat(liveness.SCHEDULER), "interval",
+                               seconds=HEARTBEAT_INTERVAL_S, id="heartbeat",
+                               max_instances=1, coalesce=True)
+        self._watchdog: systemd.Watchdog | None = None
 
     def start(self) -> None:
         recovery.check_spool(self.settings.node.spool_dir, self.queue)
@@ -68,7 +78,8 @@ class Node:
         self._server = tls.start_server(
             self.ae, (self.settings.node.host, self.settings.node.port), self.ssl_context,
             scp.handlers(self.settings.node, self.queue, self.access,
-                         AssociationAudit(self.metrics), self.metrics), self.metrics)
+                         AssociationAudit(self.metrics), self.metrics), self.metrics,
+            on_turn=lambda: self.heartbeats.beat(liveness.LISTENER))
         if self.monitoring is not None:
             self.monitoring.start()
         pipeline = self.model.pipeline
@@ -87,6 +98,22 @@ class Node:
         if not model.trained:
             _log.warning("model.untrained", model=model.label,
                          detail="results are marked UNTRAINED MODEL and mean nothing")
+        self.notifier.ready(f"serving as {self.settings.node.ae_title} on "
+                            f"{self.settings.node.host}:{self.settings.node.port}, "
+                            f"model {model.label} ({pipeline.backend_name})")
+        self._start_watchdog()
+
+    def _start_watchdog(self) -> None:
+        """Ping systemd's watchdog while the node's loops turn, when the unit asks for it
+        (WatchdogSec=)."""
+        timeout_s = systemd.watchdog_timeout()
+        if timeout_s is None or not self.notifier.enabled:
+            return
+        stale_after_s = max(timeout_s, liveness.STALE_AFTER_MIN_S)
+        self.heartbeats.reset()
+        self._watchdog = systemd.Watchdog(self.notifier, timeout_s,
+                                          lambda: self.heartbeats.stale(stale_after_s))
+        self._watchdog.start()
 
     def stop(self) -> None:
         """Close the listener (no new associations), let established associations finish
@@ -96,6 +123,9 @@ class Node:
         connection) would otherwise keep the process alive for the network timeout.
         """
         self._stop.set()
+        self.notifier.stopping("stopping: letting associations finish")
+        if self._watchdog is not None:
+            self._watchdog.stop()
         if self._server is not None:
             self._server.shutdown()
         deadline = time.monotonic() + self.settings.node.shutdown_grace_s
@@ -109,6 +139,9 @@ class Node:
                 assoc.abort()
             else:  # a connection that never sent a request: pynetdicom refuses an
                 assoc.kill()  # A-ABORT there (Evt15 in Sta2); just stop its thread
+        # A study being analysed is finished first; it may not take longer than its lease.
+        self.notifier.extend_timeout(self.settings.worker.lease_s,
+                                     "stopping: finishing the running study and deliveries")
         self.scheduler.shutdown(wait=True)
         if self.monitoring is not None:
             self.monitoring.stop()
@@ -123,5 +156,5 @@ class Node:
         # (ONNX Runtime's, pynetdicom's), and the main thread only runs the Python handler
         # once it wakes up.
         while not self._stop.wait(SIGNAL_POLL_S):
-            pass
+            self.heartbeats.beat(liveness.MAIN_LOOP)
         self.stop()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ssl
 import threading
+from collections.abc import Callable
 from datetime import datetime
 
 from pynetdicom import AE
@@ -52,6 +53,14 @@ class HandshakingServer(ThreadedAssociationServer):
     metrics: NodeMetrics
     #: The accept loop's thread, which the health check watches (daemon.health).
     thread: threading.Thread
+    #: Called on every turn of the accept loop (about every 0.5 s, idle or not): the
+    #: listener's heartbeat for the node's watchdog (daemon.liveness).
+    on_turn: Callable[[], None] | None = None
+
+    def service_actions(self) -> None:
+        super().service_actions()
+        if self.on_turn is not None:
+            self.on_turn()
 
     def get_request(self):  # type: ignore[no-untyped-def]
         assert self.socket is not None
@@ -84,11 +93,13 @@ class HandshakingServer(ThreadedAssociationServer):
 
 
 def start_server(ae: AE, address: tuple[str, int], ssl_context: ssl.SSLContext | None,
-                 evt_handlers: list, metrics: NodeMetrics) -> HandshakingServer:
+                 evt_handlers: list, metrics: NodeMetrics,
+                 on_turn: Callable[[], None] | None = None) -> HandshakingServer:
     """AE.start_server(block=False), with HandshakingServer as the server class."""
     server = ae.make_server(address, ssl_context=ssl_context, evt_handlers=evt_handlers,
                             server_class=HandshakingServer)
     server.metrics = metrics
+    server.on_turn = on_turn
     ae._servers.append(server)  # as AE.start_server does: server.shutdown() expects it
     stamp = datetime.now().strftime("%Y%m%d%H%M%S")
     server.thread = threading.Thread(target=server.serve_forever,

@@ -8,6 +8,7 @@ logged at INFO; only UIDs, which identify objects, not people.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Literal
 
@@ -27,14 +28,15 @@ def configure(level: str = "info", fmt: Literal["auto", "json", "console"] = "au
         structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
     )
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+    formatter: logging.Formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared,
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             structlog.processors.format_exc_info,
             renderer,
         ],
-    ))
+    )
+    handler.setFormatter(JournalPriority(formatter) if writes_to_journal() else formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     logging.captureWarnings(True)  # library warnings become log lines, not stray stderr
@@ -52,6 +54,37 @@ def configure(level: str = "info", fmt: Literal["auto", "json", "console"] = "au
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
     )
+
+
+#: syslog priorities (sd-daemon(3)) of the standard library's levels
+_PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4),
+               (logging.INFO, 6))
+
+
+def writes_to_journal() -> bool:
+    """Whether stderr is systemd's journal stream: systemd names it in $JOURNAL_STREAM
+    (device:inode) for a service's stdout/stderr, and a redirected stderr no longer
+    matches."""
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return False
+    return stream == f"{st.st_dev}:{st.st_ino}"
+
+
+class JournalPriority(logging.Formatter):
+    """Prefixes each line with its syslog priority (`<4>` for a warning), which journald
+    reads (SyslogLevelPrefix=yes, systemd's default) so `journalctl -p warning` filters
+    the node's events; without it every line is filed at the stream's one priority."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self._inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = next((p for level, p in _PRIORITIES if record.levelno >= level), 7)
+        return f"<{priority}>{self._inner.format(record)}"
 
 
 def get(name: str) -> structlog.stdlib.BoundLogger:

@@ -127,11 +127,13 @@ class Storescp:
     #: DCMTK names of the only SOP classes accepted (e.g. "SecondaryCaptureImageStorage"),
     #: as a PACS configured to refuse some; None accepts every storage class.
     sop_classes: tuple[str, ...] | None = None
+    #: storescp's transfer-syntax option: "+xa" every one, "+xi" Implicit VR LE only
+    syntaxes: str = "+xa"
 
     def start(self) -> Storescp:
         self.folder.mkdir(parents=True, exist_ok=True)
-        # +xa: accept every transfer syntax; -uf: name files by SOP instance UID.
-        negotiation = ["+xa"]
+        # -uf: name files by SOP instance UID.
+        negotiation = [self.syntaxes]
         if self.sop_classes is not None:
             profile = self.folder.parent / f"{self.folder.name}-storescp.cfg"
             contexts = "\n".join(

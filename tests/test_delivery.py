@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pydicom
 import pytest
 
 from fractured.config import DeliverySettings
@@ -147,4 +148,26 @@ def test_a_summary_image_per_study_when_configured(tmp_path: Path,
         assert len(overlays[-1].SourceImageSequence) == 3  # the summary shows them all
     finally:
         node.stop()
+        pacs.stop()
+
+
+@pytest.mark.peers
+def test_results_reach_a_pacs_that_takes_only_implicit_vr_little_endian(tmp_path: Path) -> None:
+    """Every SCP must accept the default transfer syntax, and some accept nothing else:
+    the node's files are Explicit VR LE, so it proposes both and re-encodes as it sends."""
+    from fractured.config import Destination
+    from fractured.daemon.sender import send
+
+    files = factory.write_study(tmp_path / "results", 2, rows=32, cols=32)
+    pacs = Storescp(tmp_path / "pacs", syntaxes="+xi").start()
+    try:
+        outcomes = send("FRACTURED", Destination("pacs", pacs.ae_title, "127.0.0.1",
+                                                 pacs.port), files, 30)
+        assert [(o.status, o.error) for o in outcomes] == [(0, None), (0, None)]
+        received = [pydicom.dcmread(p) for p in pacs.files()]
+        assert {str(ds.file_meta.TransferSyntaxUID) for ds in received} == {
+            pydicom.uid.ImplicitVRLittleEndian}
+        assert sorted(ds.SOPInstanceUID for ds in received) == sorted(
+            pydicom.dcmread(p).SOPInstanceUID for p in files)
+    finally:
         pacs.stop()

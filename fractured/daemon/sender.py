@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
+from pydicom.uid import UID, ImplicitVRLittleEndian
 from pynetdicom import AE
 
 from fractured import log
@@ -48,7 +49,7 @@ def send(calling_ae: str, destination: Destination, paths: Sequence[Path],
     contexts = {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
                 for _, ds in datasets if not isinstance(ds, Exception)}
     for sop_class, syntax in sorted(contexts):
-        ae.add_requested_context(sop_class, syntax)
+        ae.add_requested_context(sop_class, proposed_syntaxes(syntax))
     outcomes: dict[Path, SendOutcome] = {
         path: SendOutcome(path, None, f"unreadable result file: {ds}")
         for path, ds in datasets if isinstance(ds, Exception)}
@@ -77,6 +78,15 @@ def send(calling_ae: str, destination: Destination, paths: Sequence[Path],
             finally:
                 assoc.release()
     return [outcomes[p] for p in paths]
+
+
+def proposed_syntaxes(syntax: str) -> list[str]:
+    """The file's own transfer syntax and, for an uncompressed one, Implicit VR Little
+    Endian too: the one every SCP must accept (PS3.5 10.1), for a PACS that takes
+    nothing else; pynetdicom re-encodes between uncompressed syntaxes as it sends."""
+    if UID(syntax).is_compressed or syntax == ImplicitVRLittleEndian:
+        return [syntax]
+    return [syntax, ImplicitVRLittleEndian]
 
 
 def _store(assoc, path: Path, ds) -> SendOutcome:  # type: ignore[no-untyped-def]

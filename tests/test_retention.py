@@ -1,7 +1,8 @@
 """Retention (daemon.retention): what finished studies leave behind goes after its age,
 and nothing of a study in work, nor an image that arrives during the purge.
 
-Studies are made with the queue's own methods on a real SQLite file and real spool
+Studies are made with the queue's own methods on a real database (SQLite, and a
+PostgreSQL cluster of the tests' own where the server is installed) and real spool
 files, then aged: every time the database holds of the study, and its files' times,
 moved back by the same number of days (as if it had all happened then). The clock the
 purge runs at is fixed.
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -19,15 +19,20 @@ from pathlib import Path
 import pydicom
 import pytest
 from click.testing import CliRunner
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session
 
 from fractured import config
 from fractured.cli import main
 from fractured.daemon import retention
 from fractured.daemon.queue import (
+    Delivery,
+    Instance,
     Queue,
     ReceivedInstance,
     ResultObject,
     ShadowFinding,
+    Study,
     StudyState,
     make_engine,
     utcnow,
@@ -56,15 +61,19 @@ class Node:
     def spool(self) -> Path:
         return self.settings.node.spool_dir
 
-    @property
-    def db(self) -> Path:
-        return self.folder / "q.db"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest) -> str:
+    if request.param == "sqlite":
+        return "sqlite:///q.db"
+    return request.getfixturevalue("postgres").new_database()
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Node:
+def node(tmp_path: Path, database_url: str) -> Node:
     path = tmp_path / "config.toml"
-    path.write_text(f'[node]\nspool_dir = "spool"\n[database]\nurl = "sqlite:///q.db"\n'
+    path.write_text(f'[node]\nspool_dir = "spool"\n[database]\nurl = "{database_url}"\n'
                     f'[log]\nformat = "json"\n{RETENTION}')
     settings = config.load(path)
     queue = Queue(make_engine(settings.database.url))
@@ -118,18 +127,18 @@ def deliver(node: Node, deliveries: list[int], *, error: str | None = None) -> N
 
 def age(node: Node, study_uid: str, days: float) -> None:
     """Move everything the study's rows and files say about time `days` back."""
-    shift = f"'-{days} days'"
     moved = {"studies": ("first_received_at", "last_received_at", "claimed_at",
                          "lease_until", "processed_at"),
              "instances": ("received_at",), "deliveries": ("next_attempt_at", "done_at")}
-    with sqlite3.connect(node.db) as db:
-        (study_id,) = db.execute("SELECT id FROM studies WHERE study_instance_uid = ?",
-                                 (study_uid,)).fetchone()
-        for table, columns in moved.items():
-            key = "id" if table == "studies" else "study_id"
-            sets = ", ".join(f"{c} = strftime('%Y-%m-%d %H:%M:%f', {c}, {shift})"
-                             for c in columns)
-            db.execute(f"UPDATE {table} SET {sets} WHERE {key} = ?", (study_id,))
+    with Session(node.queue.engine) as session, session.begin():
+        study = session.scalar(select(Study).where(Study.study_instance_uid == study_uid))
+        assert study is not None
+        owned = [study, *session.scalars(select(Instance).where(Instance.study_id == study.id)),
+                 *session.scalars(select(Delivery).where(Delivery.study_id == study.id))]
+        for row in owned:
+            for column in moved[row.__tablename__]:
+                if getattr(row, column) is not None:
+                    setattr(row, column, getattr(row, column) - timedelta(days=days))
     for folder in (node.spool / "incoming" / study_uid, node.spool / "results" / study_uid):
         for path in folder.rglob("*") if folder.exists() else ():
             stat = path.stat()
@@ -141,8 +150,8 @@ def spool_files(node: Node) -> set[str]:
 
 
 def rows(node: Node) -> dict[str, set[tuple[object, ...]]]:
-    with sqlite3.connect(node.db) as db:
-        return {table: set(db.execute(f"SELECT * FROM {table}"))
+    with node.queue.engine.connect() as db:
+        return {table: {tuple(r) for r in db.execute(text(f"SELECT * FROM {table}"))}
                 for table in ("studies", "instances", "deliveries", "shadow_findings")}
 
 
@@ -330,10 +339,12 @@ def test_a_row_naming_a_file_outside_the_spool_loses_its_row_not_the_file(
         node: Node) -> None:
     uid = done_study(node, 10)
     elsewhere = node.folder / "elsewhere.dcm"
-    with sqlite3.connect(node.db) as db:  # e.g. a spool_dir changed under a database
-        row_id, path = db.execute("SELECT id, path FROM instances ORDER BY id").fetchone()
-        Path(path).rename(elsewhere)
-        db.execute("UPDATE instances SET path = ? WHERE id = ?", (str(elsewhere), row_id))
+    # e.g. a spool_dir changed under a database
+    with Session(node.queue.engine) as session, session.begin():
+        row = session.scalars(select(Instance).order_by(Instance.id)).first()
+        assert row is not None
+        Path(row.path).rename(elsewhere)
+        row.path = str(elsewhere)
     kept = elsewhere.read_bytes()
     plan = retention.plan(node.queue, node.settings, clock())
     assert (plan.studies[0].files, plan.studies[0].rows) == (1, 2)

@@ -96,9 +96,16 @@ def test_two_nodes_process_each_study_once_and_take_over_a_dead_ones(
             received[str(ds.StudyInstanceUID)][kind] += 1
         assert {uid: dict(kinds) for uid, kinds in received.items()} == {
             uid: {"sr": 1, "overlay": IMAGES} for uid in studies}
-        with queue.engine.connect() as db:  # one attempt each: no node sent another's
-            attempts = list(db.scalars(select(Delivery.attempts)))
-        assert attempts == [1] * (STUDIES * (1 + IMAGES))
+        # No node sent another's delivery: each was sent successfully once, and every
+        # attempt recorded is one a node logged. (An attempt may fail and be retried: a
+        # loaded machine meets pynetdicom's race that takes a C-STORE response for a
+        # request, pynetdicom #435, and the send waits out the DIMSE timeout.)
+        with queue.engine.connect() as db:
+            attempts = sum(db.scalars(select(Delivery.attempts)))
+        sent = [e for n in nodes for e in n.events("delivery.sent")]
+        failed = [e for n in nodes for e in n.events("delivery.failed")]
+        assert len(sent) == STUDIES * (1 + IMAGES)
+        assert attempts == len(sent) + len(failed)
         processed = Counter(e["study_instance_uid"] for n in nodes
                             for e in n.events("study.processed"))
         assert processed == Counter(dict.fromkeys(studies, 1))

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy.engine import Dialect, Engine
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql import ClauseElement
 
 
@@ -71,6 +72,4 @@ def dbapi_transaction(engine: Engine) -> Iterator[Any]:
 
 def integrity_errors(engine: Engine) -> tuple[type[Exception], ...]:
     """The exceptions a unique-key conflict raises: the driver's, and SQLAlchemy's."""
-    from sqlalchemy.exc import IntegrityError
-
     return (engine.dialect.loaded_dbapi.IntegrityError, IntegrityError)

@@ -290,6 +290,11 @@ _HELD = (select(Study.study_instance_uid, Instance.path)
          .where(Instance.sop_instance_uid == bindparam("uid")))
 
 
+def _pending(d: Delivery) -> PendingDelivery:
+    return PendingDelivery(d.id, d.study_id, d.destination, d.sop_class_uid, Path(d.path),
+                           d.attempts)
+
+
 #: The PostgreSQL advisory lock key under which a node creates missing tables.
 _SCHEMA_LOCK = 0x66726163  # "frac"
 
@@ -528,9 +533,7 @@ class Queue:
     def due_deliveries(self, limit: int = 100) -> list[PendingDelivery]:
         """The deliveries due now, oldest first (a look: nothing is held)."""
         with self._tx() as s:
-            rows = s.scalars(self._due(limit))
-            return [PendingDelivery(d.id, d.study_id, d.destination, d.sop_class_uid,
-                                    Path(d.path), d.attempts) for d in rows]
+            return [_pending(d) for d in s.scalars(self._due(limit))]
 
     def take_due_deliveries(self, lease_s: float, limit: int = 100) -> list[PendingDelivery]:
         """The deliveries due now, for this node to send.
@@ -549,8 +552,7 @@ class Queue:
             held_until = utcnow() + timedelta(seconds=lease_s)
             for d in rows:
                 d.next_attempt_at = held_until
-            return [PendingDelivery(d.id, d.study_id, d.destination, d.sop_class_uid,
-                                    Path(d.path), d.attempts) for d in rows]
+            return [_pending(d) for d in rows]
 
     @staticmethod
     def _due(limit: int) -> Select[tuple[Delivery]]:

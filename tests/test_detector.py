@@ -132,6 +132,7 @@ def test_resnet18_fpn_exports_and_matches_onnx_runtime(tmp_path: Path) -> None:
     assert model.architecture == "fasterrcnn_resnet18_fpn"
     assert model.model.rpn.anchor_generator.sizes[0] == (16,)
     assert model.model.roi_heads.box_predictor.cls_score.in_features == 256
+    assert model.model.backbone.out_channels == 128  # the narrow FPN a CPU can train
     export_detector(model, tmp_path / DETECTOR_FILE, SIZE)
     parity = check_detector_parity(model, tmp_path / DETECTOR_FILE, SIZE,
                                    images=synthetic_images(SIZE, 2, seed=3))

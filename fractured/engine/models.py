@@ -25,9 +25,10 @@ from torchvision.models.detection import (
     fasterrcnn_resnet50_fpn_v2,
 )
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 # The resolution each backbone was designed for (Tan & Le 2019 for EfficientNet, as in
 # torchvision's weight transforms; 224 for ResNet); a bundle's default input size.
@@ -116,6 +117,12 @@ class FractureClassifier(nn.Module):
 
 _ROI_POOL_SIZE = 7  # torchvision's MultiScaleRoIAlign output, the box head's input grid
 _RESNET_BOX_HEAD = 256
+_RESNET_FPN_CHANNELS = 128
+_RESNET_FPN_LAYERS = ("layer1", "layer2", "layer3", "layer4")
+# Region proposals sampled per image for the box head's training loss (torchvision: 512).
+# FracAtlas images hold one to five boxes, so a quarter of 128 already takes every
+# positive proposal; 512 spent half of a CPU training step in RoIAlign's backward pass.
+_BOX_SAMPLES_PER_IMAGE = 128
 
 
 def _fasterrcnn_resnet_fpn(resnet: str) -> Callable[..., FasterRCNN]:
@@ -127,16 +134,25 @@ def _fasterrcnn_resnet_fpn(resnet: str) -> Callable[..., FasterRCNN]:
     Plain BatchNorm, as torchvision uses for a backbone without pretrained weights (its
     frozen BatchNorm would freeze the statistics of an untrained network); every layer
     trains. Anchors start at 16 px rather than torchvision's 32: the median FracAtlas
-    box is 6 % of the image side, about 27 px in a 448 px input. The box head is 256
-    wide, not 1024: torchvision's 1024-wide head alone holds 13.9M parameters (more than
-    the ResNet18 under it), which a few hundred fracture boxes cannot use, and the
-    bundle that ships in the repository must stay small.
+    box is 6 % of the image side, about 27 px in a 448 px input.
+
+    The FPN and the box head are narrower than torchvision's (128 channels, not 256; a
+    256-wide head, not 1024), because a few hundred fracture boxes cannot use the width
+    and the CPU pays for it: the FPN's and RPN's 3x3 convolutions on the stride-4 level
+    cost four times the ResNet18 under them at 256 channels. Measured on this project's
+    2-core CPU, a bf16 training step of 4 images at 384 px took 2.4 s at 256 channels
+    and 1.25 s at 128; torchvision's 1024-wide head alone holds 13.9M parameters (more
+    than the ResNet18), and the bundle that ships in the repository must stay small.
     """
     def build(*, weights: None, weights_backbone: None, num_classes: int,
               **options: Any) -> FasterRCNN:
         del weights, weights_backbone  # always None: nothing is downloaded
-        backbone = resnet_fpn_backbone(backbone_name=resnet, weights=None,
-                                       norm_layer=nn.BatchNorm2d, trainable_layers=5)
+        body = _RESNETS[resnet](weights=None, norm_layer=nn.BatchNorm2d)
+        widths = [body.get_submodule(name)[-1].conv2.out_channels
+                  for name in _RESNET_FPN_LAYERS]
+        backbone = BackboneWithFPN(body, {name: str(level) for level, name
+                                          in enumerate(_RESNET_FPN_LAYERS)},
+                                   widths, _RESNET_FPN_CHANNELS, extra_blocks=LastLevelMaxPool())
         anchors = AnchorGenerator(sizes=((16,), (32,), (64,), (128,), (256,)),
                                   aspect_ratios=((0.5, 1.0, 2.0),) * 5)
         pooled = backbone.out_channels * _ROI_POOL_SIZE**2
@@ -236,6 +252,7 @@ class FractureDetector(nn.Module):
             "rpn_post_nms_top_n_test": rpn_post_nms_top_n,
             "box_detections_per_img": detections_per_image,
             "box_score_thresh": score_threshold,
+            "box_batch_size_per_image": _BOX_SAMPLES_PER_IMAGE,
         }
         # No pretrained weights can be fetched on the build hosts (and a silent download
         # would make builds irreproducible). Without COCO weights there is no 91-class

@@ -32,7 +32,7 @@ from fractured.config import (
     StudySettings,
     TlsSettings,
 )
-from fractured.daemon import audit, scp
+from fractured.daemon import audit, scp, sender
 from fractured.daemon.access import Refusal
 from fractured.daemon.sender import proposed_syntaxes
 from fractured.daemon.worker import OVERLAY_SERIES_NUMBER, SR_SERIES_NUMBER
@@ -173,6 +173,28 @@ def test_c_store_statuses_are_the_listeners() -> None:
                  if name.isupper() and not name.startswith("_") and type(value) is int}
     pynetdicom_handler_error = 0xC211
     assert listed == constants | {pynetdicom_handler_error}
+
+
+def _statuses(cell: str) -> set[int]:
+    """The statuses a cell lists: `0x0001, 0xB000` or a range `0xA900-0xA9FF`."""
+    found: set[int] = set()
+    for part in cell.split(","):
+        low, _, high = part.strip().partition("-")
+        found |= set(range(int(low, 16), int(high or low, 16) + 1))
+    return found
+
+
+def test_c_store_scu_statuses_are_the_senders() -> None:
+    rows = {row[0]: row for row in checked_table("scu-statuses") if row[0].startswith("0x")}
+    by_outcome: dict[str, set[int]] = {"delivered": set(), "permanent": set()}
+    for cell, row in rows.items():
+        outcome = "delivered" if row[2].startswith("Delivered") else (
+            "permanent" if row[2].startswith("Permanent") else "")
+        assert outcome, f"status row {cell!r} is neither delivered nor permanent"
+        by_outcome[outcome] |= _statuses(cell)
+    assert by_outcome["delivered"] == {sender.SUCCESS, sender.ALREADY_STORED, *sender.WARNINGS}
+    permanent = {status for status in range(0x10000) if sender.is_permanent_failure(status)}
+    assert by_outcome["permanent"] == permanent
 
 
 def test_every_rejection_reason_is_named() -> None:

@@ -171,3 +171,82 @@ def test_results_reach_a_pacs_that_takes_only_implicit_vr_little_endian(tmp_path
             pydicom.dcmread(p).SOPInstanceUID for p in files)
     finally:
         pacs.stop()
+
+
+class RefusingPacs:
+    """A pynetdicom storage SCP answering each SOP class with a chosen C-STORE status.
+
+    Neither Debian peer can refuse an object with a failure status (Orthanc 1.10's
+    ReceivedInstanceFilter answers 0x0000, storescp has no status option), so this one
+    plays the PACS that does: the node meets it over a real association on loopback.
+    """
+
+    def __init__(self, statuses: dict[str, int]) -> None:
+        from pynetdicom import AE, evt
+
+        self.statuses = statuses
+        self.received: list[tuple[str, int]] = []
+        self.port = free_port()
+        ae = AE(ae_title="REFUSER")
+        for uid in sorted({SC_STORAGE, COMPREHENSIVE_3D_SR, *statuses}):
+            ae.add_supported_context(uid, [pydicom.uid.ExplicitVRLittleEndian,
+                                           pydicom.uid.ImplicitVRLittleEndian])
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, self._store)])
+
+    def _store(self, event) -> int:  # type: ignore[no-untyped-def]
+        sop_class = str(event.request.AffectedSOPClassUID)
+        status = self.statuses.get(sop_class, 0x0000)
+        self.received.append((sop_class, status))
+        return status
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+@pytest.mark.peers
+@pytest.mark.slow
+@pytest.mark.parametrize("status", [0xC000, 0xA900, 0x0122])
+def test_a_permanent_refusal_is_a_dead_letter_at_once_and_transient_ones_retry(
+        tmp_path: Path, untrained_bundle: Path, status: int) -> None:
+    """The SR is refused for good (Cannot understand / Data Set does not match SOP
+    Class / SOP Class not supported): one attempt, then a dead letter naming the status,
+    while the overlays, refused with Out of Resources (0xA700), are retried."""
+    pacs = RefusingPacs({COMPREHENSIVE_3D_SR: status, SC_STORAGE: 0xA700})
+    node = NodeProcess(tmp_path / "node", untrained_bundle,
+                       [{"name": "pacs", "ae_title": "REFUSER", "port": pacs.port}],
+                       delivery={"retry_interval_s": 0.2, "max_retry_interval_s": 0.2,
+                                 "jitter": 0.0, "max_attempts": 100}).start()
+    try:
+        send_study(node, tmp_path / "study")
+        wait_for("the overlays' third attempts", lambda: len(
+            [e for e in node.events("delivery.failed")
+             if e["sop_class_uid"] == SC_STORAGE]) >= 2 * 3, 60)
+        (letter,) = node.events("delivery.dead_letter")
+        assert letter["sop_class_uid"] == COMPREHENSIVE_3D_SR and letter["attempt"] == 1
+        assert letter["permanent"] is True and letter["status"] == status
+        assert letter["error"] == f"refused with status 0x{status:04X} (permanent: not retried)"
+        assert [s for c, s in pacs.received if c == COMPREHENSIVE_3D_SR] == [status]
+        assert all(e["sop_class_uid"] == SC_STORAGE and e["status"] == 0xA700
+                   for e in node.events("delivery.failed"))
+        listed = fractured(node, "status")
+        assert "to pacs: 1 attempts, refused with status" in listed.stdout, listed.stdout
+    finally:
+        node.stop()
+        pacs.stop()
+
+
+@pytest.mark.peers
+def test_a_duplicate_sop_instance_answer_counts_as_delivered(tmp_path: Path) -> None:
+    """0x0111: the PACS holds the object already (a resend after a lost response)."""
+    from fractured.config import Destination
+    from fractured.daemon.sender import send
+
+    files = factory.write_study(tmp_path / "results", 1, rows=32, cols=32)
+    pacs = RefusingPacs({str(pydicom.dcmread(files[0]).SOPClassUID): 0x0111})
+    try:
+        (outcome,) = send("FRACTURED", Destination("pacs", "REFUSER", "127.0.0.1", pacs.port),
+                          files, 30)
+        assert (outcome.status, outcome.error, outcome.permanent) == (0x0111, None, False)
+    finally:
+        pacs.stop()

@@ -24,8 +24,31 @@ from fractured.daemon.queue import DeliveryState, PendingDelivery, Queue
 SUCCESS = 0x0000
 #: Warning statuses (PS3.4 B.2.3): the peer stored the object, with a remark.
 WARNINGS = frozenset({0x0001, 0xB000, 0xB006, 0xB007})
+#: Failure: Duplicate SOP Instance (PS3.7 C.4.2): the peer already holds this object,
+#: which for a result the node made is the one it sent before (a response lost to a
+#: timeout or an abort, then the object sent again): delivered, with a warning.
+ALREADY_STORED = 0x0111
+#: Failures that say the peer examined this object and will not take it, whenever it is
+#: sent (PS3.4 B.2.3, PS3.7 C.4): resending the same bytes brings the same answer, so
+#: the delivery becomes a dead letter at once instead of after max_attempts retries over
+#: hours. `fractured retry` sends it again once the PACS is reconfigured.
+PERMANENT_FAILURES = frozenset({
+    0x0117,  # Invalid SOP Instance
+    0x0122,  # Refused: SOP Class not supported
+    0x0124,  # Refused: Not authorized
+})
+#: Ranges of permanent failures by their high byte: 0xA9xx Error: Data Set does not
+#: match SOP Class; 0xCxxx Error: Cannot understand. Out of Resources (0xA7xx) and
+#: processing failures (0x0110) may pass: they are retried.
+_PERMANENT_RANGES = ((0xA900, 0xA9FF), (0xC000, 0xCFFF))
 
 _log = log.get("fractured.sender")
+
+
+def is_permanent_failure(status: int) -> bool:
+    """Whether a C-STORE failure status refuses the object itself (see PERMANENT_FAILURES)."""
+    return status in PERMANENT_FAILURES or any(low <= status <= high
+                                               for low, high in _PERMANENT_RANGES)
 
 
 @dataclass(frozen=True)
@@ -33,6 +56,8 @@ class SendOutcome:
     path: Path
     status: int | None
     error: str | None  # None when the peer stored the object
+    #: The peer refused this object for good (is_permanent_failure): no retry.
+    permanent: bool = False
 
 
 def send(calling_ae: str, destination: Destination, paths: Sequence[Path],
@@ -97,8 +122,11 @@ def _store(assoc, path: Path, ds) -> SendOutcome:  # type: ignore[no-untyped-def
     if "Status" not in rsp:
         return SendOutcome(path, None, "no response (timeout or aborted association)")
     status = int(rsp.Status)
-    if status == SUCCESS or status in WARNINGS:
+    if status in (SUCCESS, ALREADY_STORED) or status in WARNINGS:
         return SendOutcome(path, status, None)
+    if is_permanent_failure(status):
+        return SendOutcome(path, status, f"refused with status 0x{status:04X} (permanent: "
+                           "not retried)", permanent=True)
     return SendOutcome(path, status, f"refused with status 0x{status:04X}")
 
 
@@ -133,16 +161,18 @@ def deliver_due(queue: Queue, settings: Settings, metrics: NodeMetrics) -> int:
             delay = retry_delay(attempt, settings.delivery)
             state = queue.record_attempt(item.id, status=outcome.status, error=outcome.error,
                                          retry_in_s=delay,
-                                         max_attempts=settings.delivery.max_attempts,
+                                         max_attempts=(attempt if outcome.permanent else
+                                                       settings.delivery.max_attempts),
                                          on_study_done=metrics.study_delivered)
             context = {"destination": name, "sop_class_uid": item.sop_class_uid,
                        "attempt": attempt, "status": outcome.status, "state": str(state)}
             if outcome.error is None:
                 metrics.delivery_attempt("done")
-                _log.info("delivery.sent", warning=outcome.status in WARNINGS, **context)
+                _log.info("delivery.sent", warning=outcome.status != SUCCESS, **context)
             elif state == DeliveryState.FAILED:
                 metrics.delivery_attempt("dead_letter")
-                _log.error("delivery.dead_letter", error=outcome.error, **context)
+                _log.error("delivery.dead_letter", error=outcome.error,
+                           permanent=outcome.permanent, **context)
             else:
                 metrics.delivery_attempt("retry")
                 _log.warning("delivery.failed", error=outcome.error,

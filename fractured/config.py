@@ -155,6 +155,16 @@ class Destination:
     ae_title: str
     host: str
     port: int
+    #: DICOM TLS to this peer (PS3.15 Annex B, the BCP 195 profile): TLS 1.2 or later,
+    #: its certificate verified against `ca_file` and its name against `server_name`.
+    tls: bool = False
+    #: CA certificates (PEM) that signed the peer's certificate; None: the system's.
+    ca_file: Path | None = None
+    #: The node's own certificate and key (PEM), for a peer that requires a client one.
+    certificate: Path | None = None
+    private_key: Path | None = None
+    #: The name the peer's certificate must carry; "" means `host`.
+    server_name: str = ""
 
 
 @dataclass(frozen=True)
@@ -372,6 +382,8 @@ def _check(s: Settings) -> None:
         if not rule.name.strip() or rule.name in names[:i]:
             raise ConfigError(f"[[routing.rules]][{i}].name: a rule needs a name of its own, "
                               f"got {rule.name!r}")
+    for i, destination in enumerate(s.destinations):
+        _check_destination_tls(destination, f"[[destinations]][{i}]")
     _check_access(s.access)
     _check_tls(s.tls)
     _check_retention(s.retention)
@@ -416,6 +428,26 @@ def _check_retention(retention: RetentionSettings) -> None:
                 f"[retention].records_days: a study's rows go only with its files, so "
                 f"records_days is 0 (keep) or at least {key}, which is then not 0; got "
                 f"records_days {records:g}, {key} {ages[key]:g}")
+
+
+def _check_destination_tls(destination: Destination, where: str) -> None:
+    keys = ("ca_file", "certificate", "private_key")
+    if not destination.tls:
+        given = [key for key in (*keys, "server_name") if getattr(destination, key)]
+        if given:
+            # Settings for TLS without TLS on would send the results in the clear while
+            # the administrator believes otherwise.
+            raise ConfigError(f"{where}.{given[0]}: only used with TLS; set {where}.tls = "
+                              "true (or remove the key)")
+        return
+    if (destination.certificate is None) != (destination.private_key is None):
+        missing = "private_key" if destination.private_key is None else "certificate"
+        raise ConfigError(f"{where}.{missing}: a client certificate needs both "
+                          "certificate and private_key")
+    for key in keys:
+        path = getattr(destination, key)
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{where}.{key}: file not found: {path}")
 
 
 def _check_tls(tls: TlsSettings) -> None:

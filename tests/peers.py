@@ -129,6 +129,8 @@ class Storescp:
     sop_classes: tuple[str, ...] | None = None
     #: storescp's transfer-syntax option: "+xa" every one, "+xi" Implicit VR LE only
     syntaxes: str = "+xa"
+    #: storescp's TLS options (e.g. "+tls", key, certificate, "+cf", ca); () speaks TCP
+    tls: tuple[str, ...] = ()
 
     def start(self) -> Storescp:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -145,7 +147,7 @@ class Storescp:
                 f"[Only]\n{contexts}\n[[Profiles]]\n[Only]\nPresentationContexts = Only\n")
             negotiation = ["-xf", str(profile), "Only"]
         self.proc = subprocess.Popen(
-            [need("storescp"), "-aet", self.ae_title, *negotiation, "-uf", "-od",
+            [need("storescp"), "-aet", self.ae_title, *negotiation, *self.tls, "-uf", "-od",
              str(self.folder), str(self.port)], env=PEER_ENV, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL)
         wait_for("storescp to listen", lambda: port_open(self.port), 10)

@@ -84,6 +84,15 @@ def test_absolute_sqlite_url_is_kept(tmp_path: Path) -> None:
      r"\[\[destinations\]\]\[0\]\.ae_title: required key is missing"),
     ('[[destinations]]\nname = "p"\nae_title = "P"\nhost = "h"\nport = 104\nfoo = 1\n',
      r"\[\[destinations\]\]\[0\]\.foo: unknown key"),
+    ('[[destinations]]\nname = "p"\nae_title = "P"\nhost = "h"\nport = 104\n'
+     'ca_file = "ca.pem"\n',
+     r"\[\[destinations\]\]\[0\]\.ca_file: only used with TLS; set .*tls = true"),
+    ('[[destinations]]\nname = "p"\nae_title = "P"\nhost = "h"\nport = 104\ntls = true\n'
+     'ca_file = "missing.pem"\n',
+     r"\[\[destinations\]\]\[0\]\.ca_file: file not found: .*missing.pem"),
+    ('[[destinations]]\nname = "p"\nae_title = "P"\nhost = "h"\nport = 104\ntls = true\n'
+     'certificate = "node.crt"\n',
+     r"\[\[destinations\]\]\[0\]\.private_key: a client certificate needs both"),
     ('[node]\nae_title = "A_TITLE_LONGER_THAN_16"\n', r"\[node\]\.ae_title: an AE title"),
     ("[node]\nport = 70000\n", r"\[node\]\.port: a TCP port is 1-65535"),
     ("[study]\nquiet_period_s = 0\n", r"\[study\]\.quiet_period_s: must be greater than 0"),

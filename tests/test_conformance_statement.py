@@ -215,3 +215,18 @@ def test_every_setting_of_the_networking_sections_is_listed(section: str,
                if hints[f.name] != list[Peer]  # [access].peers: the [[access.peers]] tables
                and f"`{section}.{f.name}`" not in TEXT]
     assert not missing, f"settings the statement's configuration section lacks: {missing}"
+
+
+def test_tls_cipher_suites_are_the_contexts() -> None:
+    """The suites the statement lists are those the listener and the sender offer."""
+    import ssl
+
+    from fractured.daemon import tls
+
+    listed = {row[0].replace(" ", "v"): {c.strip() for c in row[1].split(",")}
+              for row in checked_table("tls-ciphers")}
+    for purpose in (ssl.PROTOCOL_TLS_SERVER, ssl.PROTOCOL_TLS_CLIENT):
+        offered: dict[str, set[str]] = {}
+        for cipher in tls.bcp195_context(purpose).get_ciphers():
+            offered.setdefault(cipher["protocol"], set()).add(cipher["name"])
+        assert offered == listed

@@ -14,7 +14,16 @@ import pytest
 from fractured.config import DeliverySettings
 from fractured.daemon.sender import retry_delay
 from tests import factory
-from tests.peers import NodeProcess, Orthanc, Storescp, free_port, storescu, wait_for
+from tests.peers import (
+    Certificates,
+    NodeProcess,
+    Orthanc,
+    Storescp,
+    free_port,
+    make_certificates,
+    storescu,
+    wait_for,
+)
 
 SC_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
@@ -250,3 +259,84 @@ def test_a_duplicate_sop_instance_answer_counts_as_delivered(tmp_path: Path) -> 
         assert (outcome.status, outcome.error, outcome.permanent) == (0x0111, None, False)
     finally:
         pacs.stop()
+
+
+def tls_pacs(folder: Path, certs: Certificates, *, client_certificates: bool) -> Storescp:
+    """storescp speaking DICOM TLS (DCMTK's default BCP 195 non-downgrading profile),
+    requiring a client certificate signed by the test CA or taking any client."""
+    peer = ("-rc", "+cf", str(certs.ca)) if client_certificates else ("-ic",)
+    return Storescp(folder, tls=("+tls", str(certs.server_key), str(certs.server_cert),
+                                 *peer)).start()
+
+
+@pytest.mark.peers
+def test_results_reach_a_pacs_over_tls_with_a_client_certificate(tmp_path: Path) -> None:
+    from fractured.config import Destination
+    from fractured.daemon.sender import send
+
+    certs = make_certificates(tmp_path / "pki")
+    files = factory.write_study(tmp_path / "results", 2, rows=32, cols=32)
+    pacs = tls_pacs(tmp_path / "pacs", certs, client_certificates=True)
+    try:
+        destination = Destination("pacs", pacs.ae_title, "127.0.0.1", pacs.port, tls=True,
+                                  ca_file=certs.ca, certificate=certs.client_cert,
+                                  private_key=certs.client_key)
+        outcomes = send("FRACTURED", destination, files, 30)
+        assert [(o.status, o.error) for o in outcomes] == [(0, None), (0, None)]
+        assert len(pacs.files()) == 2
+        without = Destination("pacs", pacs.ae_title, "127.0.0.1", pacs.port, tls=True,
+                              ca_file=certs.ca)
+        refused = send("FRACTURED", without, files[:1], 30)
+        assert refused[0].error is not None and refused[0].error.startswith(
+            f"no association by DEST@127.0.0.1:{pacs.port}"), refused[0].error
+        assert len(pacs.files()) == 2  # nothing more arrived
+    finally:
+        pacs.stop()
+
+
+@pytest.mark.peers
+def test_a_pacs_certificate_from_an_unknown_ca_or_for_another_name_is_refused(
+        tmp_path: Path) -> None:
+    """The node verifies the PACS: an unknown CA, or a certificate not naming the host
+    it was told to reach, gives no association, and the error says which."""
+    from fractured.config import Destination
+    from fractured.daemon.sender import send
+
+    certs = make_certificates(tmp_path / "pki")
+    other = make_certificates(tmp_path / "other-pki")
+    files = factory.write_study(tmp_path / "results", 1, rows=32, cols=32)
+    pacs = tls_pacs(tmp_path / "pacs", certs, client_certificates=False)
+    try:
+        def error(**tls: object) -> str:
+            (outcome,) = send("FRACTURED", Destination("pacs", pacs.ae_title, "127.0.0.1",
+                                                       pacs.port, tls=True, **tls), files, 30)
+            assert outcome.error is not None
+            return outcome.error
+
+        assert "TLS: unable to get local issuer certificate" in error(ca_file=other.ca)
+        assert "Hostname mismatch" in error(ca_file=certs.ca, server_name="pacs.example")
+        assert pacs.files() == []
+        (sent,) = send("FRACTURED", Destination("pacs", pacs.ae_title, "127.0.0.1", pacs.port,
+                                                tls=True, ca_file=certs.ca,
+                                                server_name="localhost"), files, 30)
+        assert sent.error is None and len(pacs.files()) == 1
+    finally:
+        pacs.stop()
+
+
+def test_unusable_destination_tls_files_name_the_key(tmp_path: Path) -> None:
+    """Checked when the node starts (service.Node), before anything is received."""
+    from fractured.config import ConfigError, Destination
+    from fractured.daemon import tls
+
+    certs = make_certificates(tmp_path / "pki")
+    not_pem = tmp_path / "ca.pem"
+    not_pem.write_text("not a certificate\n")
+    where = "[[destinations]][0]"
+    with pytest.raises(ConfigError, match=r"\[\[destinations\]\]\[0\]\.ca_file: not a PEM"):
+        tls.client_context(Destination("p", "P", "h", 104, tls=True, ca_file=not_pem), where)
+    with pytest.raises(ConfigError, match=r"\.certificate / .*\.private_key: cannot be used"):
+        tls.client_context(Destination("p", "P", "h", 104, tls=True, ca_file=certs.ca,
+                                       certificate=certs.client_cert,
+                                       private_key=certs.server_key), where)
+    assert tls.client_context(Destination("p", "P", "h", 104), where) is None

@@ -18,6 +18,7 @@ from pynetdicom import AE
 
 from fractured import log
 from fractured.config import DeliverySettings, Destination, Settings
+from fractured.daemon import tls
 from fractured.daemon.metrics import NodeMetrics
 from fractured.daemon.queue import DeliveryState, PendingDelivery, Queue
 
@@ -80,7 +81,10 @@ def send(calling_ae: str, destination: Destination, paths: Sequence[Path],
         for path, ds in datasets if isinstance(ds, Exception)}
     readable = [(p, ds) for p, ds in datasets if not isinstance(ds, Exception)]
     if readable:
-        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+        context = tls.client_context(destination, f"[[destinations]] {destination.name!r}")
+        server_name = destination.server_name or destination.host
+        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                             tls_args=None if context is None else (context, server_name))
         # A PACS that does not take a SOP class rejects its presentation context: say so,
         # whether or not the association went ahead for the other objects.
         accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
@@ -93,9 +97,14 @@ def send(calling_ae: str, destination: Destination, paths: Sequence[Path],
                                 "context rejected)")
         sendable = [(path, ds) for path, ds in readable if path not in outcomes]
         if not assoc.is_established:
-            reason = "association rejected" if assoc.is_rejected else "no association"
+            reason = f"association rejected by {peer}" if assoc.is_rejected else (
+                f"no association by {peer}")
+            if context is not None and not assoc.is_rejected:
+                failure = tls.handshake_error(context, destination.host, destination.port,
+                                              server_name, timeout_s)
+                reason += f" ({failure})" if failure else ""
             for path, _ in sendable:
-                outcomes[path] = SendOutcome(path, None, f"{reason} by {peer}")
+                outcomes[path] = SendOutcome(path, None, reason)
         else:
             try:
                 for path, ds in sendable:

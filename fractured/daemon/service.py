@@ -52,6 +52,10 @@ class Node:
         self.ae = scp.build_ae(settings)
         self.access = AccessPolicy.from_settings(settings.access)
         self.ssl_context = tls.server_context(settings.tls)
+        # Each destination's TLS files are read now too: a bad one stops the node here,
+        # naming its key, rather than failing every delivery later.
+        for i, destination in enumerate(settings.destinations):
+            tls.client_context(destination, f"[[destinations]][{i}]")
         self._server: tls.HandshakingServer | None = None
         # Bound now (a port in use is a ConfigError before anything opens), served in start.
         self.monitoring = MonitoringServer(

@@ -1,4 +1,6 @@
-"""DICOM TLS for the listener (PS3.15 Annex B, the BCP 195 profile DCMTK defaults to).
+"""DICOM TLS for the listener and the sender (PS3.15 Annex B, the BCP 195 profile DCMTK
+defaults to): TLS 1.2 or later, and on TLS 1.2 only the forward-secret AEAD suites BCP
+195 recommends (ECDHE/DHE with AES-GCM or ChaCha20-Poly1305; no CBC, no static RSA).
 
 The context is built when the node starts, so a key that does not match its certificate
 or an unreadable CA file stops the node with the key it concerns instead of failing each
@@ -9,6 +11,7 @@ connects and says nothing would stop every other peer from connecting.
 
 from __future__ import annotations
 
+import socket
 import ssl
 import threading
 from collections.abc import Callable
@@ -18,10 +21,23 @@ from pynetdicom import AE
 from pynetdicom.transport import ThreadedAssociationServer
 
 from fractured import log
-from fractured.config import ConfigError, TlsSettings
+from fractured.config import ConfigError, Destination, TlsSettings
 from fractured.daemon.metrics import NodeMetrics
 
 _log = log.get("fractured.tls")
+
+#: OpenSSL's names for BCP 195's recommended TLS 1.2 suites; TLS 1.3's are all AEAD and
+#: are not affected by this list.
+BCP195_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!DSS:!aNULL"
+
+
+def bcp195_context(purpose: int) -> ssl.SSLContext:
+    """A server or client context (`ssl.PROTOCOL_TLS_SERVER` / `_CLIENT`) restricted to
+    BCP 195: TLS 1.2 or later, BCP195_CIPHERS on TLS 1.2."""
+    context = ssl.SSLContext(purpose)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(BCP195_CIPHERS)
+    return context
 
 
 def server_context(tls: TlsSettings) -> ssl.SSLContext | None:
@@ -29,8 +45,7 @@ def server_context(tls: TlsSettings) -> ssl.SSLContext | None:
     if not tls.enabled:
         return None
     assert tls.certificate is not None and tls.private_key is not None  # config._check_tls
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2  # BCP 195: TLS 1.2 or later
+    context = bcp195_context(ssl.PROTOCOL_TLS_SERVER)
     try:
         context.load_cert_chain(tls.certificate, tls.private_key)
     except (ssl.SSLError, OSError) as exc:
@@ -44,6 +59,47 @@ def server_context(tls: TlsSettings) -> ssl.SSLContext | None:
                               ) from None
         context.verify_mode = ssl.CERT_REQUIRED
     return context
+
+
+def client_context(destination: Destination, where: str) -> ssl.SSLContext | None:
+    """The sender's TLS context for `destination`, or None when its tls is off: the peer's
+    certificate is verified (against ca_file, else the system's CAs) and must name
+    server_name or host. `where` names the destination's config table in errors."""
+    if not destination.tls:
+        return None
+    context = bcp195_context(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and check_hostname on
+    try:
+        if destination.ca_file is not None:
+            context.load_verify_locations(cafile=destination.ca_file)
+        else:
+            context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(f"{where}.ca_file: not a PEM CA certificate file ({exc})") from None
+    if destination.certificate is not None and destination.private_key is not None:
+        try:
+            context.load_cert_chain(destination.certificate, destination.private_key)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(f"{where}.certificate / {where}.private_key: cannot be used "
+                              f"together ({exc})") from None
+    return context
+
+
+def handshake_error(context: ssl.SSLContext, host: str, port: int, server_name: str,
+                    timeout_s: float) -> str | None:
+    """Why a TLS handshake with host:port fails, or None when it succeeds.
+
+    pynetdicom only logs the reason a TLS association could not be set up; the sender
+    asks again here, once the association has failed, so that the delivery's error (in
+    `fractured status` and the dead letter) names it: an unknown CA, a wrong name.
+    """
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as raw, \
+                context.wrap_socket(raw, server_hostname=server_name):
+            return None
+    except ssl.SSLCertVerificationError as exc:
+        return f"TLS: {exc.verify_message} (certificate of {server_name})"
+    except (ssl.SSLError, OSError) as exc:
+        return f"TLS: {exc}"
 
 
 class HandshakingServer(ThreadedAssociationServer):

@@ -484,6 +484,13 @@ def test_evaluate_writes_metrics_plots_and_report(smoke_run) -> None:
     assert sum(int(row["label"]) for row in rows) == metrics["classification"]["positives"]
     assert all(0 <= float(row["probability"]) <= 1 for row in rows)
     assert all(Path(row["image"]).is_file() for row in rows)
+    with open(out / "boxes.csv", newline="") as fh:
+        boxes = list(csv.DictReader(fh))
+    assert len(boxes) == metrics["detection"]["predictions"]
+    for box in boxes:  # source pixels, clipped to the image
+        x0, y0, x1, y1 = (float(box[k]) for k in ("x0", "y0", "x1", "y1"))
+        rows_, cols = cv2.imread(box["image"], cv2.IMREAD_GRAYSCALE).shape
+        assert 0 <= x0 <= x1 <= cols and 0 <= y0 <= y1 <= rows_ and 0 < float(box["score"]) <= 1
     plots = [out / link for link in metrics["plots"].values()]
     assert len(plots) >= 6
     for plot in plots:

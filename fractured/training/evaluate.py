@@ -5,7 +5,8 @@ The test split is the one `fractured train` wrote and never trained or calibrate
 thresholds and temperature come from the checkpoint (fitted on validation), so the
 numbers here are what the node would have said on these images. Images that cannot be
 decoded are listed in the report, not silently dropped. predictions.csv keeps every
-image's calibrated probability, for error analysis and to check that a bundle built
+image's calibrated probability, and boxes.csv every box the detector found (in source
+pixels, as the node reports them), for error analysis and to check that a bundle built
 from the run (`fractured predict`) says the same.
 """
 
@@ -49,6 +50,7 @@ log = structlog.get_logger()
 
 BATCH = 16
 PREDICTIONS_FILE = "predictions.csv"
+BOXES_FILE = "boxes.csv"
 
 
 def evaluate_run(run_dir: Path, out_dir: Path, *, split_name: str = "test",
@@ -179,6 +181,21 @@ def _write_predictions(path: Path, samples: Sequence[Sample], labels: np.ndarray
             writer.writerow([str(sample.path), sample.body_part, int(label), f"{float(p):.6f}"])
 
 
+def _write_boxes(path: Path, images: Letterboxed,
+                 found: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
+    """One row per detected box (best first in each image): the image, its score and the
+    box mapped back to the source image's pixels. An image without boxes has no row."""
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["image", "score", "x0", "y0", "x1", "y1"])
+        for sample, fit, (boxes, scores) in zip(images.samples, images.boxes, found,
+                                                strict=True):
+            for box, score in zip(boxes, scores, strict=True):
+                corners = fit.box_to_source(*(float(v) for v in box))
+                writer.writerow([str(sample.path), f"{float(score):.6f}",
+                                 *(f"{v:.2f}" for v in corners)])
+
+
 def _detector_part(state: dict[str, Any], samples: list[Sample], runner: Device,
                    out_dir: Path, metrics: dict[str, Any],
                    figures: dict[str, Path]) -> Letterboxed:
@@ -190,6 +207,7 @@ def _detector_part(state: dict[str, Any], samples: list[Sample], runner: Device,
     loader = DataLoader(DetectorImages(images, mean=spec["mean"], std=spec["std"]),
                         batch_size=BATCH, collate_fn=collate_detection)
     found = list(detector_outputs(runner.prepare(model), loader, runner))
+    _write_boxes(out_dir / BOXES_FILE, images, [(boxes, scores) for boxes, scores, _ in found])
     threshold = calibration.get("operating_points", {}).get("high_sensitivity")
     metrics["detection"] = detection_metrics([(boxes, scores) for boxes, scores, _ in found],
                                              [truth for _, _, truth in found],

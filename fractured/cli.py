@@ -363,10 +363,12 @@ def data_inspect(dataset: Path, out_dir: Path, fmt: str | None, positive: tuple[
                    "<input stem>.png.")
 @click.option("--tta", is_flag=True,
               help="Test-time augmentation: slower, and reports the probability's spread.")
+@click.option("--boxes", type=click.Choice(["possible", "likely", "always"]),
+              help="Images whose boxes are shown [default: the config's [engine].boxes].")
 @click.pass_context
 def predict(ctx: click.Context, files: tuple[Path, ...], bundle_path: Path | None,
             config_path: Path | None, backend: str, as_json: bool, overlay_dir: Path | None,
-            tta: bool) -> None:
+            tta: bool, boxes: str | None) -> None:
     """Run the engine on DICOM, PNG or JPEG FILES and print what it finds, in input order.
 
     A file that cannot be read is reported in its place and the others still run; the
@@ -391,10 +393,12 @@ def predict(ctx: click.Context, files: tuple[Path, ...], bundle_path: Path | Non
             targets = overlay_paths(files, overlay_dir)
         except ValueError as exc:
             raise click.UsageError(f"--overlay: {exc}") from None
-    if bundle_path is None:
-        bundle_path = _settings(config_path).engine.bundle
+    if bundle_path is None or boxes is None:
+        engine = _settings(config_path).engine
+        bundle_path = bundle_path or engine.bundle
+        boxes = boxes or engine.boxes
     try:
-        pipeline = Pipeline(resolve_bundle(bundle_path), backend=backend, tta=tta)
+        pipeline = Pipeline(resolve_bundle(bundle_path), backend=backend, tta=tta, boxes=boxes)
     except (BundleError, FileNotFoundError) as exc:
         raise click.ClickException(f"cannot load engine bundle: {exc}") from None
     if not pipeline.model.trained:

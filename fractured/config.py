@@ -117,6 +117,9 @@ class EngineSettings:
     tta: bool = False
     max_batch: int = 8
     threads: int = 0
+    #: Which images show the detector's boxes (engine.pipeline.BOX_GATES): only those the
+    #: classifier calls at least a possible fracture, only likely ones, or every image.
+    boxes: Literal["possible", "likely", "always"] = "possible"
 
 
 @dataclass(frozen=True)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fractured.engine.backends import choose_backend
-from fractured.engine.bundle import Bundle, BundleError
+from fractured.engine.bundle import MANIFEST_FILE, Bundle, BundleError
 from fractured.engine.findings import DecisionLevel, ImageRef
 from fractured.engine.pipeline import Pipeline
 from fractured.training.export import synthetic_images
@@ -39,8 +41,8 @@ def test_torch_and_onnxruntime_give_the_same_findings(
         untrained_bundle_with_detector: Path) -> None:
     bundle = Bundle.load(untrained_bundle_with_detector)
     images = radiographs([(300, 220), (256, 256), (180, 400)])
-    ort = Pipeline(bundle, "onnxruntime").run(images)
-    ref = Pipeline(bundle, "torch").run(images)
+    ort = Pipeline(bundle, "onnxruntime", boxes="always").run(images)
+    ref = Pipeline(bundle, "torch", boxes="always").run(images)
     for a, b in zip(ort, ref, strict=True):
         assert a.probability == pytest.approx(b.probability, abs=1e-3)
         np.testing.assert_allclose(a.heatmap, b.heatmap, atol=1e-3)
@@ -58,7 +60,7 @@ def test_detector_boxes_are_in_source_pixels_at_the_operating_points(
         untrained_bundle_with_detector: Path) -> None:
     bundle = Bundle.load(untrained_bundle_with_detector)
     points = bundle.manifest.detector.operating_points
-    findings = Pipeline(bundle).run(radiographs([(300, 220), (180, 400)]))
+    findings = Pipeline(bundle, boxes="always").run(radiographs([(300, 220), (180, 400)]))
     assert any(f.boxes for f in findings), "the calibrated untrained detector finds boxes"
     for finding, (rows, cols) in zip(findings, [(300, 220), (180, 400)], strict=True):
         for box in finding.boxes:
@@ -66,6 +68,31 @@ def test_detector_boxes_are_in_source_pixels_at_the_operating_points(
             assert box.score >= points.high_sensitivity
             assert box.level == points.level(box.score) != DecisionLevel.NEGATIVE
             assert box.label == "fracture"
+
+
+@pytest.mark.slow  # builds the detector bundle (~30 s)
+def test_boxes_show_only_on_images_the_classifier_calls_at_the_gate(
+        untrained_bundle_with_detector: Path, tmp_path: Path) -> None:
+    """[engine].boxes: the same detections, reported or not by the image's decision,
+    moved here by moving the classifier's operating points around its probabilities."""
+    bundle_dir = Path(shutil.copytree(untrained_bundle_with_detector, tmp_path / "b"))
+    images = radiographs([(300, 220), (180, 400)])
+    every = Pipeline(Bundle.load(bundle_dir), boxes="always").run(images)
+    assert all(f.boxes for f in every), "the untrained detector finds boxes on both"
+
+    def run_at(points: tuple[float, float], boxes: str) -> list[tuple]:
+        manifest = json.loads((bundle_dir / MANIFEST_FILE).read_text())
+        manifest["classifier"]["operating_points"] = {
+            "high_sensitivity": points[0], "high_specificity": points[1]}
+        (bundle_dir / MANIFEST_FILE).write_text(json.dumps(manifest))
+        return [f.boxes for f in Pipeline(Bundle.load(bundle_dir), boxes=boxes).run(images)]
+
+    shown = [f.boxes for f in every]
+    assert run_at((1e-6, 0.999999), "possible") == shown  # every image a possible fracture
+    assert run_at((1e-6, 0.999999), "likely") == [(), ()]  # none likely
+    assert run_at((1e-6, 1e-5), "likely") == shown  # every image likely
+    assert run_at((0.999998, 0.999999), "possible") == [(), ()]  # every image negative
+    assert run_at((0.999998, 0.999999), "always") == shown
 
 
 def test_tta_reports_a_spread_and_keeps_the_plain_heatmap(untrained_bundle: Path) -> None:

@@ -188,7 +188,8 @@ def test_boxes_reach_the_json_and_the_overlay(untrained_bundle_with_detector: Pa
     """The random detector scores every box about the same (~0.5): whatever it returns
     must come out in source pixels and be drawn, with the legend."""
     image = png(tmp_path / "x.png", rows=400, cols=320)
-    result = run(untrained_bundle_with_detector, image, "--json", "--overlay", tmp_path / "out")
+    result = run(untrained_bundle_with_detector, image, "--json", "--boxes", "always",
+                 "--overlay", tmp_path / "out")
     assert result.exit_code == 0, result.output
     (only,) = json_lines(result)
     boxes = only["boxes"]

@@ -42,7 +42,7 @@ class Node:
         engine = settings.engine
         self.model = ActiveModel(engine.bundle, lambda bundle: Pipeline(
             bundle, backend=engine.backend, max_batch=engine.max_batch,
-            threads=engine.threads or None, tta=engine.tta))
+            threads=engine.threads or None, tta=engine.tta, boxes=engine.boxes))
         self.metrics = NodeMetrics()
         self.metrics.watch(self.queue, self.model)
         self.worker = Worker(settings, self.queue, self.model, self.metrics)

@@ -363,7 +363,7 @@ def data_inspect(dataset: Path, out_dir: Path, fmt: str | None, positive: tuple[
                    "<input stem>.png.")
 @click.option("--tta", is_flag=True,
               help="Test-time augmentation: slower, and reports the probability's spread.")
-@click.option("--boxes", type=click.Choice(["possible", "likely", "always"]),
+@click.option("--boxes", type=click.Choice(["likely", "possible", "always"]),
               help="Images whose boxes are shown [default: the config's [engine].boxes].")
 @click.pass_context
 def predict(ctx: click.Context, files: tuple[Path, ...], bundle_path: Path | None,

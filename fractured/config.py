@@ -118,8 +118,8 @@ class EngineSettings:
     max_batch: int = 8
     threads: int = 0
     #: Which images show the detector's boxes (engine.pipeline.BOX_GATES): only those the
-    #: classifier calls at least a possible fracture, only likely ones, or every image.
-    boxes: Literal["possible", "likely", "always"] = "possible"
+    #: classifier calls a likely fracture (default), at least a possible one, or every image.
+    boxes: Literal["possible", "likely", "always"] = "likely"
 
 
 @dataclass(frozen=True)

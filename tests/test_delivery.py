@@ -11,8 +11,9 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from fractured.config import DeliverySettings
-from fractured.daemon.sender import retry_delay
+from fractured.config import ConfigError, DeliverySettings, Destination
+from fractured.daemon import tls
+from fractured.daemon.sender import retry_delay, send
 from tests import factory
 from tests.peers import (
     Certificates,
@@ -164,9 +165,6 @@ def test_a_summary_image_per_study_when_configured(tmp_path: Path,
 def test_results_reach_a_pacs_that_takes_only_implicit_vr_little_endian(tmp_path: Path) -> None:
     """Every SCP must accept the default transfer syntax, and some accept nothing else:
     the node's files are Explicit VR LE, so it proposes both and re-encodes as it sends."""
-    from fractured.config import Destination
-    from fractured.daemon.sender import send
-
     files = factory.write_study(tmp_path / "results", 2, rows=32, cols=32)
     pacs = Storescp(tmp_path / "pacs", syntaxes="+xi").start()
     try:
@@ -248,9 +246,6 @@ def test_a_permanent_refusal_is_a_dead_letter_at_once_and_transient_ones_retry(
 @pytest.mark.peers
 def test_a_duplicate_sop_instance_answer_counts_as_delivered(tmp_path: Path) -> None:
     """0x0111: the PACS holds the object already (a resend after a lost response)."""
-    from fractured.config import Destination
-    from fractured.daemon.sender import send
-
     files = factory.write_study(tmp_path / "results", 1, rows=32, cols=32)
     pacs = RefusingPacs({str(pydicom.dcmread(files[0]).SOPClassUID): 0x0111})
     try:
@@ -271,9 +266,6 @@ def tls_pacs(folder: Path, certs: Certificates, *, client_certificates: bool) ->
 
 @pytest.mark.peers
 def test_results_reach_a_pacs_over_tls_with_a_client_certificate(tmp_path: Path) -> None:
-    from fractured.config import Destination
-    from fractured.daemon.sender import send
-
     certs = make_certificates(tmp_path / "pki")
     files = factory.write_study(tmp_path / "results", 2, rows=32, cols=32)
     pacs = tls_pacs(tmp_path / "pacs", certs, client_certificates=True)
@@ -299,9 +291,6 @@ def test_a_pacs_certificate_from_an_unknown_ca_or_for_another_name_is_refused(
         tmp_path: Path) -> None:
     """The node verifies the PACS: an unknown CA, or a certificate not naming the host
     it was told to reach, gives no association, and the error says which."""
-    from fractured.config import Destination
-    from fractured.daemon.sender import send
-
     certs = make_certificates(tmp_path / "pki")
     other = make_certificates(tmp_path / "other-pki")
     files = factory.write_study(tmp_path / "results", 1, rows=32, cols=32)
@@ -326,9 +315,6 @@ def test_a_pacs_certificate_from_an_unknown_ca_or_for_another_name_is_refused(
 
 def test_unusable_destination_tls_files_name_the_key(tmp_path: Path) -> None:
     """Checked when the node starts (service.Node), before anything is received."""
-    from fractured.config import ConfigError, Destination
-    from fractured.daemon import tls
-
     certs = make_certificates(tmp_path / "pki")
     not_pem = tmp_path / "ca.pem"
     not_pem.write_text("not a certificate\n")

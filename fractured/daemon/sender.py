@@ -81,7 +81,7 @@ def send(calling_ae: str, destination: Destination, paths: Sequence[Path],
         for path, ds in datasets if isinstance(ds, Exception)}
     readable = [(p, ds) for p, ds in datasets if not isinstance(ds, Exception)]
     if readable:
-        context = tls.client_context(destination, f"[[destinations]] {destination.name!r}")
+        context = tls.destination_context(destination)
         server_name = destination.server_name or destination.host
         assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
                              tls_args=None if context is None else (context, server_name))

@@ -54,8 +54,8 @@ class Node:
         self.ssl_context = tls.server_context(settings.tls)
         # Each destination's TLS files are read now too: a bad one stops the node here,
         # naming its key, rather than failing every delivery later.
-        for i, destination in enumerate(settings.destinations):
-            tls.client_context(destination, f"[[destinations]][{i}]")
+        for destination in settings.destinations:
+            tls.destination_context(destination)
         self._server: tls.HandshakingServer | None = None
         # Bound now (a port in use is a ConfigError before anything opens), served in start.
         self.monitoring = MonitoringServer(

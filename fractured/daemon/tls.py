@@ -11,6 +11,7 @@ connects and says nothing would stop every other peer from connecting.
 
 from __future__ import annotations
 
+import functools
 import socket
 import ssl
 import threading
@@ -82,6 +83,14 @@ def client_context(destination: Destination, where: str) -> ssl.SSLContext | Non
             raise ConfigError(f"{where}.certificate / {where}.private_key: cannot be used "
                               f"together ({exc})") from None
     return context
+
+
+@functools.cache
+def destination_context(destination: Destination) -> ssl.SSLContext | None:
+    """client_context for a configured destination, its files read once per process:
+    the node checks each at start-up (service.Node) and the sender reuses it for every
+    batch, as the listener keeps its context."""
+    return client_context(destination, f"[[destinations]] {destination.name!r}")
 
 
 def handshake_error(context: ssl.SSLContext, host: str, port: int, server_name: str,

@@ -321,6 +321,31 @@ def evaluate(run_dir: Path, out_dir: Path | None, split_name: str, dataset: Path
     click.echo(f"report: {report}")
 
 
+@main.command()
+@click.argument("members", nargs=-1, required=True,
+                type=click.Path(exists=True, path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
+              required=True, help="Run directory to create: classifier/best.pt, split/, "
+              "train.toml.")
+@click.option("--detector", type=click.Path(exists=True, path_type=Path),
+              help="A finished detector (run directory or detector/best.pt) of the same "
+              "split, copied in so that one evaluate and one build-engine cover both.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              show_default=True)
+def ensemble(members: tuple[Path, ...], out_dir: Path, detector: Path | None,
+             device: str) -> None:
+    """Average the classifiers of MEMBERS (finished runs of one recipe and split, or a
+    ResNet bundle) into one model, calibrated again on their validation split."""
+    log.configure("INFO", "console")
+    from fractured.training.ensemble import EnsembleError, build_ensemble
+
+    try:
+        best = build_ensemble(members, out_dir, detector=detector, device=device)
+    except EnsembleError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"classifier: {best}")
+
+
 @main.group()
 def data() -> None:
     """Look at a training data set before training on it."""

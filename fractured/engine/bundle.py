@@ -48,6 +48,9 @@ class ClassifierSpec:
     input_size: int
     temperature: float  # calibration: probability = sigmoid(logit / temperature)
     operating_points: OperatingPoints  # on the calibrated fracture probability
+    # Networks averaged into one (engine.models.ClassifierEnsemble); absent = 1, as in
+    # bundles written before ensembles.
+    members: int = 1
 
 
 @dataclass(frozen=True)
@@ -122,7 +125,8 @@ def _classifier(r: _Reader) -> ClassifierSpec:
     spec = ClassifierSpec(
         architecture=r.text("architecture"), variant=r.text("variant"),
         labels=r.labels("labels"), input_size=r.integer("input_size"),
-        temperature=r.positive("temperature"), operating_points=r.points("operating_points"))
+        temperature=r.positive("temperature"), operating_points=r.points("operating_points"),
+        members=r.integer("members") if "members" in r.data else 1)
     r.done()
     return spec
 

@@ -115,6 +115,48 @@ class FractureClassifier(nn.Module):
         return logits, cam
 
 
+
+class ClassifierEnsemble(nn.Module):
+    """Several FractureClassifiers of one variant and size (seeds of one recipe) run as
+    one model: the logits and the CAM are the members' means.
+
+    Averaging members trained from different random starts removes part of each one's
+    own errors; it cannot be had by averaging their weights, which lie in different
+    minima. Logits stay the spatial mean of the CAM, so the heatmap still shows exactly
+    what the score was made of, and one exported graph serves every backend.
+    """
+
+    def __init__(self, variant: str = "b0", num_labels: int = 1, members: int = 2) -> None:
+        super().__init__()
+        if members < 2:
+            raise ValueError(f"an ensemble needs at least 2 members, got {members}")
+        self.members = nn.ModuleList(FractureClassifier(variant, num_labels)
+                                     for _ in range(members))
+        self.variant = variant
+        self.num_labels = num_labels
+
+    @property
+    def architecture(self) -> str:
+        """The name recorded in a bundle's manifest, e.g. `2 x resnet18+attention`."""
+        return f"{len(self.members)} x {self.members[0].architecture}"
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        outputs = [member(x) for member in self.members]
+        logits = torch.stack([logit for logit, _ in outputs]).mean(dim=0)
+        cam = torch.stack([cam for _, cam in outputs]).mean(dim=0)
+        return logits, cam
+
+
+Classifier = FractureClassifier | ClassifierEnsemble
+
+
+def build_classifier(variant: str, num_labels: int = 1, members: int = 1) -> Classifier:
+    """The classifier a checkpoint's model_spec or a bundle's manifest describes: one
+    network, or an ensemble of `members` (absent from specs written before ensembles)."""
+    if members == 1:
+        return FractureClassifier(variant, num_labels)
+    return ClassifierEnsemble(variant, num_labels, members)
+
 _ROI_POOL_SIZE = 7  # torchvision's MultiScaleRoIAlign output, the box head's input grid
 _RESNET_BOX_HEAD = 256
 _RESNET_FPN_CHANNELS = 128

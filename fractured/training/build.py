@@ -33,7 +33,12 @@ from fractured.engine.bundle import (
     Bundle,
     write_bundle,
 )
-from fractured.engine.models import INPUT_SIZES, FractureClassifier, FractureDetector
+from fractured.engine.models import (
+    INPUT_SIZES,
+    FractureClassifier,
+    FractureDetector,
+    build_classifier,
+)
 from fractured.training import checkpoint
 from fractured.training.evaluation.report import jsonable
 from fractured.training.export import (
@@ -206,7 +211,7 @@ def _built_classifier(path: Path, state: dict[str, Any], scratch: Path, *,
                       float16_weights: bool) -> _ClassifierPart:
     """Export the checkpoint's classifier and check the graph against PyTorch."""
     spec = state["model_spec"]
-    model = FractureClassifier(variant=spec["variant"], num_labels=len(spec["labels"]))
+    model = build_classifier(spec["variant"], len(spec["labels"]), spec.get("members", 1))
     model.load_state_dict(state["model"])
     model.eval()
     size = spec["input_size"]
@@ -227,7 +232,8 @@ def _built_classifier(path: Path, state: dict[str, Any], scratch: Path, *,
         entry={"architecture": spec["architecture"], "variant": spec["variant"],
                "labels": list(spec["labels"]), "input_size": size,
                "temperature": float(state["calibration"]["temperature"]),
-               "operating_points": dict(state["calibration"]["operating_points"])},
+               "operating_points": dict(state["calibration"]["operating_points"]),
+               "members": spec.get("members", 1)},
         files=files, training=_training_summary(path, state), mean=spec["mean"],
         std=spec["std"],
         dataset=Path(provenance["dataset"]) if provenance.get("dataset") else None)
@@ -424,7 +430,8 @@ def _training_summary(path: Path, state: dict[str, Any]) -> dict[str, Any]:
     kind = state["kind"]
     provenance = state.get("provenance", {})
     settings = state["settings"][kind]
-    return {
+    members = {"ensemble": state["ensemble"]} if "ensemble" in state else {}
+    return members | {
         "checkpoint": str(path),
         "epoch": state["epoch"],
         "best_metric": settings["best_metric"],

@@ -21,7 +21,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from fractured.engine.bundle import FRACTURE_LABEL
-from fractured.engine.models import INPUT_SIZES, FractureClassifier
+from fractured.engine.models import INPUT_SIZES, FractureClassifier, build_classifier
 from fractured.training import checkpoint
 from fractured.training.config import ClassifierSettings, TrainSettings
 from fractured.training.data import BoxedClassifierImages, ClassifierImages, letterbox_samples
@@ -166,14 +166,17 @@ def calibrate(best: Path, val_set: ClassifierImages, cfg: ClassifierSettings, de
     weights; store them in best.pt (the shift in the head's bias, the rest under
     `calibration`), which build-engine copies into the bundle."""
     state = checkpoint.load(best, "classifier")
-    model = FractureClassifier(variant=state["model_spec"]["variant"], num_labels=1)
+    spec = state["model_spec"]
+    model = build_classifier(spec["variant"], 1, spec.get("members", 1))
     model.load_state_dict(state["model"])
     loader = DataLoader(val_set, batch_size=cfg.batch_size, num_workers=workers)
     logits, labels = classifier_logits(device.prepare(model), loader, device)
     # Class weights shift the logits; the shift goes into the head's bias (logit = mean
     # of the CAM, so the bias moves both alike) and the bundle keeps one temperature.
     shift, temperature = fit_shift_and_temperature(logits, labels)
-    state["model"]["head.bias"] = state["model"]["head.bias"] + shift
+    for key in [key for key in state["model"] if key.split(".")[-2:] == ["head", "bias"]]:
+        # one head, or each member's: the ensemble's mean logit moves by the same shift
+        state["model"][key] = state["model"][key] + shift
     prob = 1.0 / (1.0 + np.exp(-(logits + shift) / temperature))
     points, achieved = choose_operating_points(labels, prob,
                                                sensitivity=cfg.target_sensitivity,

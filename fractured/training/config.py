@@ -34,6 +34,9 @@ class DataSettings:
     val: float = 0.15
     test: float = 0.15
     duplicate_threshold: int = -1  # Hamming bits; -1 = dedup's measured default
+    # The split's seed; -1 = [run].seed. Set it to train several seeds of one recipe on
+    # one split, as an ensemble needs: every member must hold out the same test images.
+    split_seed: int = -1
     # Smoke runs: at most this many images per split (0 = all). Never for a real model.
     limit: int = 0
 

@@ -21,7 +21,7 @@ import numpy as np
 import structlog
 from torch.utils.data import DataLoader
 
-from fractured.engine.models import FractureClassifier, FractureDetector
+from fractured.engine.models import FractureDetector, build_classifier
 from fractured.training import checkpoint
 from fractured.training import config as train_config
 from fractured.training.data import (
@@ -137,7 +137,7 @@ def _classifier_part(state: dict[str, Any], samples: list[Sample], subsets: Sequ
     if calibration is None:
         raise checkpoint.CheckpointError("classifier/best.pt has no calibration: the run "
                                          "did not finish; resume it with --resume")
-    model = FractureClassifier(variant=spec["variant"], num_labels=1)
+    model = build_classifier(spec["variant"], 1, spec.get("members", 1))
     model.load_state_dict(state["model"])
     images = letterbox_samples(samples, spec["input_size"], desc="decoding")
     loader = DataLoader(ClassifierImages(images, mean=spec["mean"], std=spec["std"]),

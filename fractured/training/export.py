@@ -27,7 +27,7 @@ from fractured.engine.backends.onnxruntime import (
     OnnxRuntimeClassifier,
     OnnxRuntimeDetector,
 )
-from fractured.engine.models import FractureClassifier, FractureDetector
+from fractured.engine.models import Classifier, FractureDetector
 from fractured.engine.preprocess import to_model_input
 
 # ImageNet statistics: the convention torchvision backbones are built around, kept so
@@ -79,7 +79,7 @@ def _batchnorm_calibration(model: nn.Module) -> Iterator[list[nn.BatchNorm2d]]:
         model.eval()
 
 
-def export_classifier(model: FractureClassifier, path: Path, input_size: int) -> None:
+def export_classifier(model: Classifier, path: Path, input_size: int) -> None:
     """Export to ONNX with a dynamic batch axis: input `image`, outputs `logits`, `cam`.
 
     The TorchScript (legacy) exporter is used: for this model it takes ~0.5 s and
@@ -103,7 +103,7 @@ def export_classifier(model: FractureClassifier, path: Path, input_size: int) ->
         )
 
 
-def check_parity(model: FractureClassifier, onnx_path: Path, input_size: int,
+def check_parity(model: Classifier, onnx_path: Path, input_size: int,
                  tolerance: float = PARITY_TOLERANCE) -> tuple[float, float]:
     """Compare ONNX Runtime with torch on two image-like inputs; BuildError if they differ.
 

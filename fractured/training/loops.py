@@ -18,7 +18,7 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from fractured.engine.models import FractureClassifier, FractureDetector
+from fractured.engine.models import Classifier, FractureClassifier, FractureDetector
 from fractured.training.losses import BoxSupervision
 
 
@@ -99,7 +99,7 @@ def train_classifier_epoch(model: FractureClassifier, loader: DataLoader, loss_f
 
 
 @torch.no_grad()
-def classifier_logits(model: FractureClassifier, loader: DataLoader,
+def classifier_logits(model: Classifier, loader: DataLoader,
                       device: Device) -> tuple[np.ndarray, np.ndarray]:
     """Fracture logits and labels for every image of `loader`, in its order."""
     model.eval()

@@ -87,9 +87,20 @@ def _training(kind: str, summary: Mapping[str, Any]) -> list[str]:
              f"images); trained on {data.get('train_images')} ({data.get('train_positive')} "
              f"with fracture), selected and calibrated on {data.get('val_images')} "
              f"validation images ({data.get('val_positive')} with fracture); "
-             f"{data.get('unreadable', 0)} unreadable images left out.",
-             f"- Best epoch {summary.get('epoch')} by validation {summary.get('best_metric')}; "
-             f"initial weights: {summary.get('initial_weights') or 'none (random)'}."]
+             f"{data.get('unreadable', 0)} unreadable images left out."]
+    members = summary.get("ensemble")
+    if members:
+        lines += [f"- An ensemble of {len(members)} networks of one recipe and split: the "
+                  "logits and the heatmap are the mean of theirs, calibrated again on "
+                  "validation.", "",
+                  "| Member | Epoch | Seed | Validation AUC |", "| --- | --- | --- | --- |"]
+        lines += [f"| {m.get('bundle') or m.get('source')} | {m.get('epoch', '-')} | "
+                  f"{m.get('seed', '-')} | {_num(m.get('val_auc'))} |" for m in members]
+        lines.append("")
+    else:
+        lines.append(f"- Best epoch {summary.get('epoch')} by validation "
+                     f"{summary.get('best_metric')}; initial weights: "
+                     f"{summary.get('initial_weights') or 'none (random)'}.")
     if summary.get("logit_shift"):
         lines.append(f"- Calibration added {summary['logit_shift']:+.3f} to the logit (in the "
                      "head's bias: class weighting had shifted it) before the temperature.")

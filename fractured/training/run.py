@@ -89,8 +89,9 @@ def train(dataset: Path, out: Path, settings: config.TrainSettings, *, task: Tas
 
 def run_split(sample_set: SampleSet, out: Path, settings: config.TrainSettings) -> Split:
     """The run's split, made on first use and reused after (see training.splits)."""
+    seed = settings.data.split_seed if settings.data.split_seed >= 0 else settings.run.seed
     params: dict[str, Any] = {"val": settings.data.val, "test": settings.data.test,
-                              "seed": settings.run.seed}
+                              "seed": seed}
     if settings.data.duplicate_threshold >= 0:
         params["duplicate_threshold"] = settings.data.duplicate_threshold
     return split_for(sample_set, out / SPLIT_DIR, **params)

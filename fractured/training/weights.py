@@ -44,7 +44,7 @@ def load_initial_weights(module: nn.Module, source: str, *, where: str) -> int:
 def _read(source: str, where: str) -> dict[str, torch.Tensor]:
     path = Path(source).expanduser()
     if path.is_file() and path.suffix == ".onnx":
-        return _read_onnx_resnet(path, where)
+        return read_onnx_resnet(path, where)
     if path.is_file():
         try:
             content: Any = torch.load(path, map_location="cpu", weights_only=True)
@@ -98,7 +98,7 @@ _CONV_TO_NORM = (("features.0", "features.1"), (".conv1", ".bn1"), (".conv2", ".
 _BATCHNORM_EPS = 1e-5  # torch.nn.BatchNorm2d's default, which the ResNets use
 
 
-def _read_onnx_resnet(path: Path, where: str) -> dict[str, torch.Tensor]:
+def read_onnx_resnet(path: Path, where: str) -> dict[str, torch.Tensor]:
     """A ResNet classifier's tensors recovered from its exported ONNX graph.
 
     The exporter folds each BatchNorm into the convolution before it (weight scaled by

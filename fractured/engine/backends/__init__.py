@@ -83,7 +83,8 @@ def open_engines(bundle: Bundle, backend: str = "auto", threads: int | None = No
 
         c = bundle.manifest.classifier
         return Engines(name, TorchClassifier(bundle.file(CLASSIFIER_WEIGHTS), variant=c.variant,
-                                             num_labels=len(c.labels), device=device,
+                                             num_labels=len(c.labels), members=c.members,
+                                             device=device,
                                              threads=threads),
                        TorchDetector(bundle.file(DETECTOR_WEIGHTS), backbone=spec.backbone,
                                      num_labels=len(spec.labels), input_size=spec.input_size,

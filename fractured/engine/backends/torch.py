@@ -28,19 +28,20 @@ def _torch():  # type: ignore[no-untyped-def]
 
 
 class TorchClassifier:
-    """FractureClassifier weights (a state dict) run by PyTorch eager."""
+    """FractureClassifier (or ClassifierEnsemble) weights, a state dict, run by PyTorch eager."""
 
     name = "torch"
 
     def __init__(self, weights: str | Path, *, variant: str, num_labels: int,
-                 device: Device = "auto", threads: int | None = None) -> None:
+                 members: int = 1, device: Device = "auto",
+                 threads: int | None = None) -> None:
         torch = _torch()
-        from fractured.engine.models import FractureClassifier
+        from fractured.engine.models import build_classifier
 
         self.device = _device(torch, device)
         if threads is not None:
             torch.set_num_threads(threads)
-        model = FractureClassifier(variant=variant, num_labels=num_labels)
+        model = build_classifier(variant, num_labels, members)
         _load(torch, model, weights, f"{model.architecture} with {num_labels} label(s)")
         model.eval()
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32

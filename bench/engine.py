@@ -316,7 +316,7 @@ def bench_cuda(bundles: dict[str, Bundle], detectors: dict[str, Bundle],
     as the backend does, which also synchronises the timings."""
     import torch
 
-    from fractured.engine.models import FractureClassifier
+    from fractured.engine.models import build_classifier
 
     if not torch.cuda.is_available():
         print("  skipped: torch.cuda.is_available() is False (no CUDA GPU visible to "
@@ -328,7 +328,7 @@ def bench_cuda(bundles: dict[str, Bundle], detectors: dict[str, Bundle],
     for bundle in bundles.values():
         spec = bundle.manifest.classifier
         fp16 = open_engines(bundle, "torch", device="cuda").classifier
-        model = FractureClassifier(variant=spec.variant, num_labels=len(spec.labels))
+        model = build_classifier(spec.variant, len(spec.labels), spec.members)
         model.load_state_dict(torch.load(bundle.file(CLASSIFIER_WEIGHTS), map_location="cpu",
                                          weights_only=True))
         model = model.eval().cuda()

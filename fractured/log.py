@@ -52,7 +52,11 @@ def configure(level: str = "info", fmt: Literal["auto", "json", "console"] = "au
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
-        cache_logger_on_first_use=True,
+        # Not cached: a module's logger used once would otherwise keep this
+        # configuration for good, and a later one (a second configure, structlog's
+        # capture_logs in the tests) would not reach it. The node logs a few events a
+        # second at most, so the per-call lookup costs nothing measurable.
+        cache_logger_on_first_use=False,
     )
 
 

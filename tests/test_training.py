@@ -3,6 +3,7 @@ smoke run through the CLI (train, resume, evaluate) on a synthetic YOLO data set
 
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import json
@@ -49,7 +50,7 @@ from fractured.training.schedule import (
     step_schedule,
 )
 from fractured.training.transforms import as_box_target, train_transform
-from fractured.training.weights import load_initial_weights
+from fractured.training.weights import load_initial_weights, restore_batchnorm
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -336,6 +337,33 @@ def test_a_bundles_resnet_onnx_gives_back_an_equivalent_classifier(tmp_path: Pat
     detector = FractureDetector("resnet18_fpn", input_size=64)
     assert load_initial_weights(detector.model, str(path), where="x") == sum(
         1 for key in detector.model.backbone.body.state_dict() if "num_batches" not in key)
+
+
+def test_restored_batchnorm_keeps_inference_and_lets_training_mode_match_it(
+        tmp_path: Path) -> None:
+    source = _classifier_with_real_statistics("resnet18")
+    path = tmp_path / "classifier.onnx"
+    export_classifier(source, path, 64)
+    recovered = FractureClassifier(variant="resnet18")
+    load_initial_weights(recovered, str(path), where="[classifier].initial_weights")
+    torch.manual_seed(1)
+    images = [torch.rand(8, 3, 64, 64) * 2 - 1 for _ in range(4)]
+    probe = torch.rand(8, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        want = recovered.eval()(probe)[0]
+        # (a copy: a training-mode pass moves the running statistics)
+        folded_in_training = copy.deepcopy(recovered).train()(probe)[0]
+    assert restore_batchnorm(recovered, images) == 20  # every ResNet18 BatchNorm
+    with torch.no_grad():
+        kept = recovered.eval()(probe)[0]
+        in_training = recovered.train()(probe)[0]
+    assert torch.allclose(kept, want, atol=1e-4), (kept - want).abs().max()
+    # training mode computes about what inference does, where the folded form did not
+    restored_error = (in_training - want).abs().max()
+    assert restored_error < 0.1 * (folded_in_training - want).abs().max(), restored_error
+    assert restore_batchnorm(recovered, images) == 0  # nothing folded is left
+    # a freshly built model has no folded BatchNorm: nothing is measured
+    assert restore_batchnorm(FractureClassifier(variant="resnet18"), []) == 0
 
 
 def test_an_onnx_file_that_is_no_resnet_classifier_is_refused(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ from fractured.training.schedule import (
     write_history,
 )
 from fractured.training.transforms import train_transform
-from fractured.training.weights import load_initial_weights
+from fractured.training.weights import load_initial_weights, restore_batchnorm
 
 log = structlog.get_logger()
 
@@ -92,8 +92,11 @@ def train_classifier(train: Sequence[Sample], val: Sequence[Sample], settings: T
                   "unreadable": [*train_images.unreadable, *val_images.unreadable]}
 
     model = FractureClassifier(variant=cfg.variant, num_labels=1)
-    if cfg.initial_weights:
+    last, best = out_dir / checkpoint.LAST, out_dir / checkpoint.BEST
+    if cfg.initial_weights and not (resume and last.exists()):
         load_initial_weights(model, cfg.initial_weights, where="[classifier].initial_weights")
+        # weights read back from a bundle's graph: BatchNorm statistics from the images
+        restore_batchnorm(model, _batches(train_set, train_labels, cfg, settings))
     model = device.prepare(model)
     # Weight averaging: the averaged copy is what is validated, kept as best and shipped.
     average = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay),
@@ -110,7 +113,6 @@ def train_classifier(train: Sequence[Sample], val: Sequence[Sample], settings: T
     tracker = BestTracker(patience=cfg.early_stopping)
     start = 0
     meta = _metadata(cfg, size, settings, provenance)
-    last, best = out_dir / checkpoint.LAST, out_dir / checkpoint.BEST
     if resume and last.exists():
         state = checkpoint.load(last, "classifier")
         checkpoint.check_resumable(state, meta, last)
@@ -240,6 +242,20 @@ def _train_loader(data: ClassifierImages | BoxedClassifierImages, labels: list[i
     return DataLoader(data, batch_size=cfg.batch_size, shuffle=sampler is None,
                       sampler=sampler, generator=generator, num_workers=settings.run.workers,
                       drop_last=len(data) > cfg.batch_size, persistent_workers=False)
+
+
+# Augmented training batches that measure a restored BatchNorm's statistics (256 images
+# at the default batch size: per-channel means and variances settle well before that).
+RESTORE_BATCHES = 8
+
+
+def _batches(data: ClassifierImages | BoxedClassifierImages, labels: list[int],
+             cfg: ClassifierSettings, settings: TrainSettings) -> Iterator[torch.Tensor]:
+    """The images of the first RESTORE_BATCHES batches of epoch 0's loader."""
+    for index, batch in enumerate(_train_loader(data, labels, cfg, settings, 0)):
+        if index == RESTORE_BATCHES:
+            return
+        yield batch[0]
 
 
 def _require_both_labels(samples: Sequence[Sample], split: str) -> None:

@@ -12,6 +12,7 @@ file that matches nothing is an error rather than a silent random start.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -105,8 +106,9 @@ def read_onnx_resnet(path: Path, where: str) -> dict[str, torch.Tensor]:
     gamma / sigma, the shift moved into a bias), so the unfolded form cannot be had back;
     the equivalent one is: the folded weight in the convolution, and a BatchNorm that
     only adds the bias (gamma 1, beta = bias, mean 0, variance 1 - eps). Exact at
-    inference, and in training only with that BatchNorm held
-    (`[detector].batchnorm = "frozen"`): batch statistics would undo the folded scale."""
+    inference; in training, batch statistics would undo the folded scale, so either the
+    BatchNorm is held (`[detector].batchnorm = "frozen"`) or `restore_batchnorm` gives it
+    statistics measured on the training images first."""
     import onnx
     from onnx import numpy_helper
 
@@ -139,6 +141,63 @@ def read_onnx_resnet(path: Path, where: str) -> dict[str, torch.Tensor]:
     if not state:
         raise ConfigError(f"{where}: {path} holds no ResNet classifier convolutions")
     return state
+
+
+def restore_batchnorm(module: nn.Module, batches: Iterable[torch.Tensor]) -> int:
+    """Give each BatchNorm left bias-only by `read_onnx_resnet` the statistics of what
+    reaches it on `batches`, without changing what the module computes at inference.
+
+    A folded BatchNorm computes x + b. With the measured per-channel mean M and variance
+    V of its input it becomes running_mean M, running_var V, gamma sqrt(V + eps), beta
+    b + M: still x + b at inference, exactly, and in training the batch statistics are
+    close to M and V, so training mode no longer rescales every layer (which made a
+    warm restart from a bundle start from a broken network). Returns how many
+    BatchNorm layers were restored; the module is left in eval mode."""
+    folded = [norm for norm in module.modules()
+              if isinstance(norm, nn.BatchNorm2d) and _is_folded(norm)]
+    if not folded:
+        return 0
+    sums: dict[nn.Module, list[torch.Tensor | int]] = {}
+
+    def measure(norm: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        x = inputs[0].detach().double().transpose(0, 1).flatten(1)  # channels x values
+        total = sums.setdefault(norm, [torch.zeros(len(x), dtype=torch.float64),
+                                       torch.zeros(len(x), dtype=torch.float64), 0])
+        total[0] += x.sum(1)
+        total[1] += (x * x).sum(1)
+        total[2] += x.shape[1]
+
+    hooks = [norm.register_forward_pre_hook(measure) for norm in folded]
+    module.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                module(batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for norm in folded:
+        if norm not in sums:
+            continue
+        total, squares, count = sums[norm]
+        mean = total / count
+        var = (squares / count - mean * mean).clamp(min=0.0)
+        with torch.no_grad():
+            norm.running_mean.copy_(mean)
+            norm.running_var.copy_(var)
+            norm.weight.copy_(torch.sqrt(var + norm.eps))
+            norm.bias.add_(mean.to(norm.bias.dtype))
+    log.info("train.batchnorm_restored", layers=len(sums), of=len(folded))
+    return len(sums)
+
+
+def _is_folded(norm: nn.BatchNorm2d) -> bool:
+    """Whether a BatchNorm is in the bias-only form read back from an exported graph."""
+    return (norm.running_mean is not None and norm.running_var is not None
+            and norm.weight is not None and bool(torch.all(norm.running_mean == 0))
+            and bool(torch.all(norm.weight == 1))
+            and bool(torch.allclose(norm.running_var,
+                                    torch.full_like(norm.running_var, 1.0 - norm.eps))))
 
 
 def _module_path(output: str) -> str:

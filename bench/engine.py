@@ -18,7 +18,7 @@ Times go through the backends' own `.run` (what the node calls), so they include
 numpy <-> tensor conversions the node pays for.
 
     .venv/bin/python -m bench.engine [--variants b0,b3] [--detectors mobilenet_v3_large_fpn]
-        [--threads 2] [--repeat 10] [--batch 1,4]
+        [--threads 2] [--repeat 10] [--batch 1,4] [--bundle engines/fractured-0.3.0]
 
 The ResNet50-FPN v2 detector (~1.3 s per image on 2 cores) runs only when named:
 `--detectors mobilenet_v3_large_fpn,resnet50_fpn_v2`. `--detectors none` skips detectors.
@@ -53,6 +53,7 @@ from fractured.engine.bundle import (
     DETECTOR_FILE,
     DETECTOR_WEIGHTS,
     Bundle,
+    BundleError,
     write_bundle,
 )
 from fractured.engine.findings import ImageRef
@@ -127,6 +128,10 @@ def print_race(model: str, size: int, batch: int, timings: dict[str, Timing],
     for index, (name, timing) in enumerate(timings.items()):
         label = f"{model:<34} {size:>5} {batch:>5}" if index == 0 else " " * 46
         print(f"  {label}  {name:<18} {timing.row()}")
+    if len(timings) < 2:
+        if note:
+            print(f"  {'':<46}  {note}")
+        return
     (first, a), (second, b) = list(timings.items())[:2]
     print(f"  {'':<46}  {first} / {second}: {a.median_ms / b.median_ms:.2f}x the time"
           f"{'; ' + note if note else ''}")
@@ -269,14 +274,14 @@ def bench_pipelines(pairs: dict[tuple[str, str], Bundle], study: list[np.ndarray
 
 
 def bench_memory(pairs: dict[tuple[str, str], Bundle], study: list[np.ndarray], threads: int,
-                 work: Path) -> None:
+                 work: Path, backends: Sequence[str] = BACKENDS) -> None:
     """Peak resident memory of a fresh node process per backend (see `probe_memory`)."""
     study_file = work / "study.npz"
     np.savez(study_file, *study)
     print(f"  {'bundle':<34} {'backend':<12} {'imports':>8} {'+ models':>9} {'+ study':>8}"
           "  torch imported")
     for (variant, backbone), bundle in pairs.items():
-        for backend in BACKENDS:
+        for backend in backends:
             command = [sys.executable, "-m", "bench.engine", "--probe-memory", str(bundle.path),
                        backend, str(study_file), str(threads)]
             done = subprocess.run(command, capture_output=True, text=True, check=False,
@@ -307,6 +312,60 @@ def probe_memory(bundle_path: str, backend: str, study_file: str, threads: int) 
     peaks["study"] = _peak_mb()
     print(json.dumps({**peaks, "backend": _label(pipeline.engines),
                       "torch": "torch" in sys.modules}))
+
+
+def bench_bundle(bundle: Bundle, study: list[np.ndarray], batches: list[int], threads: int,
+                 repeat: int, work: Path) -> None:
+    """A built bundle as the node runs it (the shipped model: trained weights, its own
+    input sizes, float16-stored ONNX graphs), on ONNX Runtime, the node's CPU backend.
+
+    A shipped bundle carries no PyTorch weights. Its ResNet classifier is read back from
+    its graph (exact at inference: training.weights.read_onnx_resnet) for the torch eager
+    peer; the detector, pipeline and memory have no torch peer and print alone."""
+    import torch
+
+    from fractured.engine.models import build_classifier
+    from fractured.training.weights import load_initial_weights
+
+    spec = bundle.manifest.classifier
+    node = open_engines(bundle, "onnxruntime", threads=threads)
+    model = build_classifier(spec.variant, len(spec.labels), spec.members)
+    if CLASSIFIER_WEIGHTS in bundle.manifest.files:
+        model.load_state_dict(torch.load(bundle.file(CLASSIFIER_WEIGHTS), map_location="cpu",
+                                         weights_only=True))
+        peer = "torch (cpu)"
+    else:
+        load_initial_weights(model, str(bundle.file(CLASSIFIER_FILE)), where=str(bundle.path))
+        peer = "torch (cpu, read back)"
+    model = model.eval()
+
+    def eager(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with torch.inference_mode():
+            logits, cam = model(torch.from_numpy(batch))
+            return logits.numpy(), cam.numpy()
+
+    name = f"{bundle.manifest.name}-{bundle.manifest.version} {spec.architecture}"
+    for batch_size in batches:
+        batch = model_batch(study, spec.input_size, batch_size, bundle)
+        timings = race({peer: eager, _label(node): node.classifier.run}, batch, repeat,
+                       batch_size)
+        gap = np.abs(eager(batch)[0] - node.classifier.run(batch)[0]).max()
+        print_race(name, spec.input_size, batch_size, timings,
+                   f"logits differ by <= {gap:.2g} (the same float16-stored weights)")
+    pair = (spec.architecture, "no detector")
+    if node.detector is not None and bundle.manifest.detector is not None:
+        boxes = bundle.manifest.detector
+        batch = model_batch(study, boxes.input_size, 1, bundle)
+        timings = race({_label(node): node.detector.run}, batch, repeat, 1)
+        print_race(f"{bundle.manifest.name} {boxes.architecture}", boxes.input_size, 1, timings)
+        pair = (spec.architecture, boxes.architecture)
+    pipeline = Pipeline(bundle, "onnxruntime", threads=threads)
+    images = [(_REF, image) for image in study]
+    timings = race({_label(pipeline.engines): pipeline.run}, images, max(3, repeat // 2),
+                   len(study))
+    print_race(f"{bundle.manifest.name}-{bundle.manifest.version} study", spec.input_size,
+               len(study), timings, "times are per study; ms/image is the node's rate")
+    bench_memory({pair: bundle}, study, threads, work, backends=("onnxruntime",))
 
 
 def bench_cuda(bundles: dict[str, Bundle], detectors: dict[str, Bundle],
@@ -411,6 +470,10 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=10,
                         help="timed runs per contender (half as many, at least 3, per study)")
     parser.add_argument("--batch", default="1,4", help="classifier batch sizes")
+    parser.add_argument("--bundle", type=Path,
+                        help="also a built bundle as the node runs it, e.g. "
+                             "engines/fractured-0.3.0 (ONNX Runtime; untrained ones "
+                             "skipped with --variants none --detectors none)")
     parser.add_argument("--probe-memory", nargs=4, help=argparse.SUPPRESS,
                         metavar=("BUNDLE", "BACKEND", "STUDY", "THREADS"))
     args = parser.parse_args()
@@ -433,6 +496,12 @@ def main() -> None:
             parser.error(f"unknown detector {name!r}; choose from "
                          f"{', '.join(DETECTOR_BACKBONES)}")
     batches = [int(b) for b in args.batch.split(",")]
+    shipped = None
+    if args.bundle:
+        try:
+            shipped = Bundle.load(args.bundle)
+        except BundleError as exc:
+            parser.error(str(exc))
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
     ort.set_default_logger_severity(3)
@@ -443,12 +512,14 @@ def main() -> None:
     study = synthetic_study()
     with tempfile.TemporaryDirectory(prefix="bench-engine-") as scratch:
         work = Path(scratch)
-        print("\nUntrained bundles (BatchNorm calibrated):")
-        classifiers, boxers, pairs = build_bundles(variants, detectors, work)
-        print("\nModels, CPU (torch eager vs ONNX Runtime, same inputs, same process):")
-        print(HEADER)
-        bench_classifiers(classifiers, study, batches, args.threads, args.repeat)
-        bench_detectors(boxers, study, args.threads, args.repeat)
+        classifiers, boxers, pairs = {}, {}, {}
+        if variants or detectors:
+            print("\nUntrained bundles (BatchNorm calibrated):")
+            classifiers, boxers, pairs = build_bundles(variants, detectors, work)
+            print("\nModels, CPU (torch eager vs ONNX Runtime, same inputs, same process):")
+            print(HEADER)
+            bench_classifiers(classifiers, study, batches, args.threads, args.repeat)
+            bench_detectors(boxers, study, args.threads, args.repeat)
         if pairs:
             print("\nEnd to end, Pipeline.run (letterbox, classifier, detector, map back):")
             print(HEADER)
@@ -456,6 +527,11 @@ def main() -> None:
             print("\nNode peak memory, classifier + detector loaded, one study run "
                   "(fresh process each):")
             bench_memory(pairs, study, args.threads, work)
+        if shipped is not None:
+            print(f"\nThe bundle {shipped.path} (trained weights, ONNX Runtime as the node "
+                  "runs it):")
+            print(HEADER)
+            bench_bundle(shipped, study, batches, args.threads, args.repeat, work)
         print("\nCUDA (torch backend; FP16 channels-last classifier vs FP32 eager):")
         bench_cuda(classifiers, boxers, study, batches, args.repeat)
     print(f"\nTotal {time.perf_counter() - started:.0f} s; load average (1 min) at the end: "

@@ -199,11 +199,17 @@ def _megabytes(size: int) -> str:
               help="Take the classifier of this bundle as it is (files, calibration, "
                    "held-out scores) instead of a classifier checkpoint: a new detector "
                    "beside a classifier already in service.")
+@click.option("--detector-bundle", type=click.Path(exists=True, file_okay=False,
+                                                   path_type=Path),
+              help="Take the detector of this bundle as it is (files, operating points, "
+                   "held-out box scores) instead of a detector checkpoint: a new "
+                   "classifier beside a detector already in service, trained on the "
+                   "same data and split.")
 def build_engine(checkpoints: tuple[Path, ...], untrained: bool, out_dir: Path, variant: str,
                  input_size: int | None, detector: str, detector_input_size: int,
                  name: str | None, bundle_version: str | None, evaluation: Path | None,
                  notes: Path | None, float16_weights: bool,
-                 classifier_bundle: Path | None) -> None:
+                 classifier_bundle: Path | None, detector_bundle: Path | None) -> None:
     """Export trained models to an engine bundle: CHECKPOINTS are best.pt files of a
     classifier (and a detector) or a `fractured train` run directory. Writes manifest.json,
     ONNX graphs checked against PyTorch, their torch weights and MODEL_CARD.md."""
@@ -214,9 +220,11 @@ def build_engine(checkpoints: tuple[Path, ...], untrained: bool, out_dir: Path, 
 
     if untrained == bool(checkpoints):
         raise click.UsageError("give either CHECKPOINTS (trained models) or --untrained")
-    if untrained and (evaluation or notes or float16_weights or classifier_bundle):
-        raise click.UsageError("--evaluation, --notes, --float16-weights and "
-                               "--classifier-bundle are for trained models")
+    if untrained and (evaluation or notes or float16_weights or classifier_bundle
+                      or detector_bundle):
+        raise click.UsageError("--evaluation, --notes, --float16-weights, "
+                               "--classifier-bundle and --detector-bundle are for trained "
+                               "models")
     log.configure("INFO", "console")
     try:
         if untrained:
@@ -229,7 +237,8 @@ def build_engine(checkpoints: tuple[Path, ...], untrained: bool, out_dir: Path, 
             path = build_bundle(checkpoints, out_dir, name=name or "fractured",
                                 version=bundle_version or "0.1.0", evaluation=evaluation,
                                 notes=notes, float16_weights=float16_weights,
-                                classifier_bundle=classifier_bundle)
+                                classifier_bundle=classifier_bundle,
+                                detector_bundle=detector_bundle)
     except (BundleError, BuildError, CheckpointError) as exc:
         raise click.ClickException(str(exc)) from None
     if untrained:

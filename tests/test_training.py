@@ -7,6 +7,7 @@ import copy
 import csv
 import dataclasses
 import json
+import shutil
 import tomllib
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from fractured.config import ConfigError
 from fractured.engine.bundle import (
     CLASSIFIER_FILE,
     CLASSIFIER_WEIGHTS,
+    DETECTOR_FILE,
     DETECTOR_WEIGHTS,
     Bundle,
 )
@@ -686,10 +688,44 @@ def test_a_new_detector_joins_the_classifier_of_a_shipped_bundle(smoke_run,
                for path in (first, second)]
     assert answers[0]["probability"] == answers[1]["probability"]
     assert answers[1]["model"]["version"] == "0.2.0"
-    # one classifier per bundle, and a detector alone is no bundle
+    # --detector-bundle, the other way round: this run's classifier (torch weights kept)
+    # beside the detector of the second bundle, its files and held-out boxes unchanged
+    third = tmp_path / "fractured-0.3.0"
+    result = runner.invoke(main, ["build-engine", str(run / "classifier" / checkpoint.BEST),
+                                  "--detector-bundle", str(second), "--out", str(third),
+                                  "--version", "0.3.0"])
+    assert result.exit_code == 0, result.output
+    newest = json.loads((third / "manifest.json").read_text())
+    assert newest["files"][DETECTOR_FILE] == new["files"][DETECTOR_FILE]
+    assert newest["detector"] == new["detector"]
+    assert newest["files"][CLASSIFIER_FILE] != new["files"][CLASSIFIER_FILE]  # float32 now
+    assert newest["training"]["detector"]["from_bundle"] == "fractured-0.2.0"
+    assert newest["training"]["held_out"]["detection"] == new["training"]["held_out"]["detection"]
+    # the reused detector has no torch weights, so neither has the bundle
+    assert newest["backends"] == ["onnxruntime"] and CLASSIFIER_WEIGHTS not in newest["files"]
+    # (every box, whatever the classifier says: the two classifiers' roundings differ)
+    boxes = [json.loads(runner.invoke(main, ["predict", image, "--bundle", str(path), "--json",
+                                             "--boxes", "always"]).output.strip()
+                        .splitlines()[-1])["boxes"] for path in (second, third)]
+    assert boxes[0] and boxes[0] == boxes[1]
+    # a detector trained on other data (or another split) is refused
+    other = tmp_path / "other-split"
+    shutil.copytree(second, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["training"]["detector"]["data"]["train_images"] += 1
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    mismatched = runner.invoke(main, ["build-engine", str(run / "classifier" / checkpoint.BEST),
+                                      "--detector-bundle", str(other), "--out",
+                                      str(tmp_path / "b5")])
+    assert mismatched.exit_code == 1 and "other data or another split" in mismatched.output
+    # one model of each kind per bundle, and a detector alone is no bundle
     both = runner.invoke(main, ["build-engine", str(run), "--classifier-bundle", str(first),
                                 "--out", str(tmp_path / "b3")])
     assert both.exit_code == 1 and "not both" in both.output
+    both = runner.invoke(main, ["build-engine", str(run), "--detector-bundle", str(second),
+                                "--out", str(tmp_path / "b6")])
+    assert both.exit_code == 1 and "not both" in both.output
+    assert not any((tmp_path / name).exists() for name in ("b3", "b5", "b6"))
     alone = runner.invoke(main, ["build-engine", str(run / "detector" / checkpoint.BEST),
                                  "--out", str(tmp_path / "b4")])
     assert alone.exit_code == 1 and "--classifier-bundle" in alone.output

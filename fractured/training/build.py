@@ -123,7 +123,8 @@ def build_untrained_bundle(out_dir: Path, *, name: str = "fractured-untrained",
 def build_bundle(checkpoints: Sequence[Path], out_dir: Path, *, name: str,
                  version: str, evaluation: Path | None = None,
                  notes: Path | None = None, float16_weights: bool = False,
-                 classifier_bundle: Path | None = None) -> Path:
+                 classifier_bundle: Path | None = None,
+                 detector_bundle: Path | None = None) -> Path:
     """Build a bundle from trained checkpoints: a classifier best.pt (required) and a
     detector best.pt (optional), or a run directory holding them.
 
@@ -140,6 +141,9 @@ def build_bundle(checkpoints: Sequence[Path], out_dir: Path, *, name: str,
     `classifier_bundle` takes the classifier of an existing bundle as it is (its files,
     calibration, training record and held-out scores, byte for byte) instead of a
     classifier checkpoint: a new detector beside a classifier already in service.
+    `detector_bundle` does the same for the detector: a new classifier beside a detector
+    already in service (the detector must have been trained on the same data summary,
+    split sizes included, and with the same normalisation).
     Refused: a checkpoint that is not a finished run (no calibration), a smoke run on a
     `[data].limit` subset, two checkpoints of one kind, an evaluation of other
     checkpoints.
@@ -147,6 +151,8 @@ def build_bundle(checkpoints: Sequence[Path], out_dir: Path, *, name: str,
     states = _trained_states(checkpoints, classifier_required=classifier_bundle is None)
     if classifier_bundle is not None and "classifier" in states:
         raise BuildError("give a classifier checkpoint or --classifier-bundle, not both")
+    if detector_bundle is not None and "detector" in states:
+        raise BuildError("give a detector checkpoint or --detector-bundle, not both")
     held_out = (_held_out_summary(evaluation, {kind: path for kind, (path, _) in states.items()})
                 if evaluation is not None else None)
     notes_text = _notes(notes) if notes is not None else None
@@ -163,17 +169,28 @@ def build_bundle(checkpoints: Sequence[Path], out_dir: Path, *, name: str,
             detector_spec = _export_detector(det_state, Path(scratch), files,
                                              float16_weights=float16_weights)
             training["detector"] = _training_summary(det_path, det_state)
+        boxes = ("detection", "detection_report")
         if part.held_out is not None:  # the reused classifier's, with this build's boxes
-            boxes = ("detection", "detection_report")
             held_out = ({key: value for key, value in part.held_out.items()
                          if key not in boxes}
                         | {key: value for key, value in (held_out or {}).items()
                            if key in boxes})
+        if detector_bundle is not None:  # this build's classification, the reused boxes
+            reused = _reused_detector(Bundle.load(detector_bundle), part)
+            files |= reused.files
+            detector_spec = reused.entry
+            training["detector"] = reused.training
+            held_out = ({key: value for key, value in (held_out or {}).items()
+                         if key not in boxes}
+                        | {key: value for key, value in (reused.held_out or {}).items()
+                           if key in boxes}) or None
         if held_out is not None:
             training["held_out"] = held_out
         if notes_text is not None:
             training["notes"] = notes_text
-        onnx_only = float16_weights or CLASSIFIER_WEIGHTS not in files
+        # torch needs both models' weights; a reused float16 bundle's part has none
+        onnx_only = (float16_weights or CLASSIFIER_WEIGHTS not in files
+                     or (detector_spec is not None and DETECTOR_WEIGHTS not in files))
         if float16_weights:  # an ONNX-only bundle: the torch weights stay behind
             training["weights"] = ("rounded to float16 and stored so in the ONNX graphs "
                                    "(float32 arithmetic); no torch weights")
@@ -190,7 +207,8 @@ def build_bundle(checkpoints: Sequence[Path], out_dir: Path, *, name: str,
         files[MODEL_CARD_FILE] = card
         write_bundle(out_dir, manifest, files)
     log.info("build.done", bundle=str(out_dir), name=name, version=version,
-             detector=detector_spec is not None, classifier_from=str(classifier_bundle or ""))
+             detector=detector_spec is not None, classifier_from=str(classifier_bundle or ""),
+             detector_from=str(detector_bundle or ""))
     return Path(out_dir)
 
 
@@ -256,6 +274,42 @@ def _reused_classifier(bundle: Bundle) -> _ClassifierPart:
                   "from_bundle": f"{raw['name']}-{raw['version']}"},
         mean=raw["mean"], std=raw["std"], dataset=Path(dataset) if dataset else None,
         held_out=training.get("held_out"))
+
+
+@dataclass(frozen=True)
+class _DetectorPart:
+    """Another bundle's detector, taken as it is."""
+
+    entry: dict[str, Any]  # the manifest's "detector"
+    files: dict[str, Path]
+    training: dict[str, Any]
+    held_out: dict[str, Any] | None  # its held-out box scores, among the bundle's
+
+
+def _reused_detector(bundle: Bundle, classifier: _ClassifierPart) -> _DetectorPart:
+    """An existing bundle's detector, unchanged, for a classifier trained on the same
+    data: the same normalisation and the same data summary (data set, image counts and
+    split sizes), so its boxes and held-out scores describe the same images."""
+    raw = json.loads((bundle.path / MANIFEST_FILE).read_text(encoding="utf-8"))
+    if not raw.get("trained") or raw.get("detector") is None:
+        raise BuildError(f"{bundle.path}: has no trained detector to reuse")
+    if list(raw["mean"]) != list(classifier.mean) or list(raw["std"]) != list(classifier.std):
+        raise BuildError(f"{bundle.path}: its detector normalises images with mean "
+                         f"{raw['mean']} / std {raw['std']}, this classifier with "
+                         f"{list(classifier.mean)} / {list(classifier.std)}")
+    training = raw.get("training") or {}
+    summary = training.get("detector") or {}
+    theirs, ours = summary.get("data"), classifier.training.get("data")
+    if theirs != ours:
+        raise BuildError(f"{bundle.path}: its detector was trained on other data or another "
+                         f"split ({theirs}) than this classifier ({ours})")
+    files = {key: bundle.file(key) for key in (DETECTOR_FILE, DETECTOR_WEIGHTS)
+             if key in bundle.manifest.files}
+    log.info("build.step", step="take the detector of another bundle",
+             bundle=str(bundle.path), version=raw["version"])
+    return _DetectorPart(entry=raw["detector"], files=files,
+                         training={**summary, "from_bundle": f"{raw['name']}-{raw['version']}"},
+                         held_out=training.get("held_out"))
 
 
 def _manifest(name: str, version: str, *, trained: bool, mean: Sequence[float],

@@ -324,20 +324,10 @@ def bench_bundle(bundle: Bundle, study: list[np.ndarray], batches: list[int], th
     peer; the detector, pipeline and memory have no torch peer and print alone."""
     import torch
 
-    from fractured.engine.models import build_classifier
-    from fractured.training.weights import load_initial_weights
-
     spec = bundle.manifest.classifier
     node = open_engines(bundle, "onnxruntime", threads=threads)
-    model = build_classifier(spec.variant, len(spec.labels), spec.members)
-    if CLASSIFIER_WEIGHTS in bundle.manifest.files:
-        model.load_state_dict(torch.load(bundle.file(CLASSIFIER_WEIGHTS), map_location="cpu",
-                                         weights_only=True))
-        peer = "torch (cpu)"
-    else:
-        load_initial_weights(model, str(bundle.file(CLASSIFIER_FILE)), where=str(bundle.path))
-        peer = "torch (cpu, read back)"
-    model = model.eval()
+    model, source = torch_classifier(bundle)
+    peer = f"torch (cpu{', read back' if source == CLASSIFIER_FILE else ''})"
 
     def eager(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with torch.inference_mode():
@@ -368,14 +358,31 @@ def bench_bundle(bundle: Bundle, study: list[np.ndarray], batches: list[int], th
     bench_memory({pair: bundle}, study, threads, work, backends=("onnxruntime",))
 
 
+def torch_classifier(bundle: Bundle) -> tuple[Any, str]:
+    """The bundle's classifier as a torch module in eval mode, on the CPU, and the file it
+    came from: its torch weights, or for a bundle without them (a float16 bundle) its
+    ResNet's weights read back from the graph (training.weights.read_onnx_resnet)."""
+    import torch
+
+    from fractured.engine.models import build_classifier
+    from fractured.training.weights import load_initial_weights
+
+    spec = bundle.manifest.classifier
+    model = build_classifier(spec.variant, len(spec.labels), spec.members)
+    if CLASSIFIER_WEIGHTS in bundle.manifest.files:
+        model.load_state_dict(torch.load(bundle.file(CLASSIFIER_WEIGHTS), map_location="cpu",
+                                         weights_only=True))
+        return model.eval(), CLASSIFIER_WEIGHTS
+    load_initial_weights(model, str(bundle.file(CLASSIFIER_FILE)), where=str(bundle.path))
+    return model.eval(), CLASSIFIER_FILE
+
+
 def bench_cuda(bundles: dict[str, Bundle], detectors: dict[str, Bundle],
                study: list[np.ndarray], batches: list[int], repeat: int) -> None:
     """The torch backend on the GPU: its FP16 channels-last classifier against the same
     weights in FP32 eager, and its (FP32) detector. Each run copies to the GPU and back,
     as the backend does, which also synchronises the timings."""
     import torch
-
-    from fractured.engine.models import build_classifier
 
     if not torch.cuda.is_available():
         print("  skipped: torch.cuda.is_available() is False (no CUDA GPU visible to "
@@ -387,10 +394,7 @@ def bench_cuda(bundles: dict[str, Bundle], detectors: dict[str, Bundle],
     for bundle in bundles.values():
         spec = bundle.manifest.classifier
         fp16 = open_engines(bundle, "torch", device="cuda").classifier
-        model = build_classifier(spec.variant, len(spec.labels), spec.members)
-        model.load_state_dict(torch.load(bundle.file(CLASSIFIER_WEIGHTS), map_location="cpu",
-                                         weights_only=True))
-        model = model.eval().cuda()
+        model = torch_classifier(bundle)[0].cuda()
 
         def fp32(batch: np.ndarray, model: Any = model) -> tuple[np.ndarray, np.ndarray]:
             """What the backend's run does, without the FP16 and channels-last steps."""

@@ -169,21 +169,14 @@ def build_bundle(checkpoints: Sequence[Path], out_dir: Path, *, name: str,
             detector_spec = _export_detector(det_state, Path(scratch), files,
                                              float16_weights=float16_weights)
             training["detector"] = _training_summary(det_path, det_state)
-        boxes = ("detection", "detection_report")
         if part.held_out is not None:  # the reused classifier's, with this build's boxes
-            held_out = ({key: value for key, value in part.held_out.items()
-                         if key not in boxes}
-                        | {key: value for key, value in (held_out or {}).items()
-                           if key in boxes})
+            held_out = _joined_held_out(part.held_out, held_out)
         if detector_bundle is not None:  # this build's classification, the reused boxes
             reused = _reused_detector(Bundle.load(detector_bundle), part)
             files |= reused.files
             detector_spec = reused.entry
             training["detector"] = reused.training
-            held_out = ({key: value for key, value in (held_out or {}).items()
-                         if key not in boxes}
-                        | {key: value for key, value in (reused.held_out or {}).items()
-                           if key in boxes}) or None
+            held_out = _joined_held_out(held_out, reused.held_out) or None
         if held_out is not None:
             training["held_out"] = held_out
         if notes_text is not None:
@@ -274,6 +267,18 @@ def _reused_classifier(bundle: Bundle) -> _ClassifierPart:
                   "from_bundle": f"{raw['name']}-{raw['version']}"},
         mean=raw["mean"], std=raw["std"], dataset=Path(dataset) if dataset else None,
         held_out=training.get("held_out"))
+
+
+_BOX_SCORES = ("detection", "detection_report")  # a held-out summary's detector part
+
+
+def _joined_held_out(classification: dict[str, Any] | None,
+                     boxes: dict[str, Any] | None) -> dict[str, Any]:
+    """One held-out summary from the classifier part of one and the box part of another
+    (a bundle that takes one of its models from another bundle)."""
+    return ({key: value for key, value in (classification or {}).items()
+             if key not in _BOX_SCORES}
+            | {key: value for key, value in (boxes or {}).items() if key in _BOX_SCORES})
 
 
 @dataclass(frozen=True)

@@ -355,6 +355,63 @@ def ensemble(members: tuple[Path, ...], out_dir: Path, detector: Path | None,
     click.echo(f"classifier: {best}")
 
 
+@main.command()
+@click.argument("bundle_dir", metavar="BUNDLE",
+                type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--split", "split_dir", type=click.Path(exists=True, file_okay=False,
+                                                      path_type=Path), required=True,
+              help="The split the classifier was trained with (split.csv and split.json: a "
+                   "run's split/ folder): fitted on its val part, scored on its test part.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
+              required=True, help="Bundle directory to create (must not exist).")
+@click.option("--version", "bundle_version", required=True, help="The new bundle's version.")
+@click.option("--name", help="The new bundle's name [default: BUNDLE's].")
+@click.option("--report", "report_dir", type=click.Path(path_type=Path, file_okay=False),
+              required=True, help="Where metrics.json, report.md, plots and the per-image "
+                                  "predictions.csv / validation.csv go.")
+@click.option("--dataset", type=click.Path(exists=True, path_type=Path),
+              help="The data set [default: the one BUNDLE's classifier was trained on].")
+@click.option("--subset", "subsets", multiple=True, metavar="COLUMN=VALUE",
+              help="Also report on images whose attribute matches, e.g. hardware=0.")
+@click.option("--bootstrap", type=click.IntRange(0), default=1000, show_default=True,
+              help="Bootstrap resamples for the AUC intervals (0 = none).")
+@click.option("--notes", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Markdown added to the model card's notes.")
+def fuse(bundle_dir: Path, split_dir: Path, out_dir: Path, bundle_version: str,
+         name: str | None, report_dir: Path, dataset: Path | None, subsets: tuple[str, ...],
+         bootstrap: int, notes: Path | None) -> None:
+    """Fuse BUNDLE's detector into its fracture probability: fit a logistic regression of
+    the classifier's logit and the best box score on validation, choose the operating
+    points again, score the test split against the classifier alone, and write the
+    result as a new bundle of the same model files."""
+    log.configure("INFO", "console")
+    from fractured.engine.bundle import BundleError
+    from fractured.training.build import build_fused_bundle
+    from fractured.training.datasets import DatasetError
+    from fractured.training.export import BuildError
+    from fractured.training.fusion import fuse as fit_and_score
+
+    if out_dir.exists():  # before minutes of inference, not after
+        raise click.ClickException(f"{out_dir}: already exists; a bundle is never "
+                                   "overwritten (build a new version)")
+    try:
+        result = fit_and_score(bundle_dir, split_dir, report_dir, dataset=dataset,
+                               subsets=subsets, bootstrap=bootstrap)
+        path = build_fused_bundle(result, out_dir, name=name, version=bundle_version,
+                                  notes=notes)
+    except (BundleError, BuildError, DatasetError, config.ConfigError) as exc:
+        raise click.ClickException(str(exc)) from None
+    for part, auc in result.summary["auc"].items():
+        ci = auc["difference_ci95"]
+        if auc["before"] is None:
+            click.echo(f"{part}: {auc['note']}")
+            continue
+        click.echo(f"{part}: AUC {auc['before']:.4f} alone, {auc['after']:.4f} fused"
+                   + (f" (difference {ci[0]:+.4f} to {ci[1]:+.4f})" if ci else ""))
+    click.echo(f"report: {report_dir / 'report.md'}")
+    click.echo(f"built {path}")
+
+
 @main.group()
 def data() -> None:
     """Look at a training data set before training on it."""

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import tempfile
 import types
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,39 @@ class BundleError(Exception):
     """A bundle that cannot be used; the message names the file and the key or reason."""
 
 
+#: Field metadata: a dataclass field left out of manifest.json while it is None, so a
+#: manifest without an optional table (`classifier.fusion`) reads and writes back as it
+#: was instead of gaining `null` keys that older nodes would refuse.
+OMIT_IF_NONE = types.MappingProxyType({"omit_if_none": True})
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """The detector's evidence joined to the classifier's in one image probability.
+
+    probability = sigmoid(logit_weight * logit / temperature + box_weight * best box
+    score + intercept), where the best box score is the highest score of any box the
+    detector finds on the image (0 where it finds none), whatever its operating points.
+    A logistic regression fitted on validation images (`fractured fuse`): it is itself
+    the calibration, and the classifier's operating points apply to its probability.
+    """
+
+    logit_weight: float
+    box_weight: float
+    intercept: float
+
+    def logit(self, scaled_logit: Any, box_score: Any) -> Any:
+        """The fused logit, for floats or numpy arrays alike (`scaled_logit` is the
+        classifier's logit already divided by its temperature)."""
+        return (self.logit_weight * scaled_logit + self.box_weight * box_score
+                + self.intercept)
+
+    def formula(self) -> str:
+        """The probability in words and numbers, for reports and model cards."""
+        return (f"sigmoid({self.logit_weight:.3f} x logit / T {_signed(self.box_weight)} x "
+                f"best box score {_signed(self.intercept)})")
+
+
 @dataclass(frozen=True)
 class ClassifierSpec:
     """The image-level classifier: what it is, what it outputs and how to read it."""
@@ -51,6 +85,9 @@ class ClassifierSpec:
     # Networks averaged into one (engine.models.ClassifierEnsemble); absent = 1, as in
     # bundles written before ensembles.
     members: int = 1
+    # The probability fused with the detector's best box score; absent = the classifier's
+    # calibrated probability alone, as in bundles written before fusion.
+    fusion: Fusion | None = field(default=None, metadata=OMIT_IF_NONE)
 
 
 @dataclass(frozen=True)
@@ -106,6 +143,9 @@ class Manifest:
             training=types.MappingProxyType(dict(top.table("training").data)),
         )
         top.done()
+        if manifest.classifier.fusion is not None and manifest.detector is None:
+            raise top.fail("classifier", "has a fusion with the detector's box score, but "
+                           "the bundle has no detector")
         required = [CLASSIFIER_FILE] + ([DETECTOR_FILE] if manifest.detector else [])
         for name in required:
             if name not in manifest.files:
@@ -126,9 +166,17 @@ def _classifier(r: _Reader) -> ClassifierSpec:
         architecture=r.text("architecture"), variant=r.text("variant"),
         labels=r.labels("labels"), input_size=r.integer("input_size"),
         temperature=r.positive("temperature"), operating_points=r.points("operating_points"),
-        members=r.integer("members") if "members" in r.data else 1)
+        members=r.integer("members") if "members" in r.data else 1,
+        fusion=_fusion(r.table("fusion")) if "fusion" in r.data else None)
     r.done()
     return spec
+
+
+def _fusion(r: _Reader) -> Fusion:
+    fusion = Fusion(logit_weight=r.finite("logit_weight"), box_weight=r.finite("box_weight"),
+                    intercept=r.finite("intercept"))
+    r.done()
+    return fusion
 
 
 def _detector(r: _Reader) -> DetectorSpec:
@@ -189,6 +237,12 @@ class _Reader:
         value = self._get(key)
         if not _is_number(value) or not 0 < value < float("inf"):
             raise self.fail(key, "must be a positive finite number")
+        return float(value)
+
+    def finite(self, key: str) -> float:
+        value = self._get(key)
+        if not _is_number(value) or not math.isfinite(value):
+            raise self.fail(key, "must be a finite number")
         return float(value)
 
     def timestamp(self, key: str) -> str:
@@ -252,7 +306,8 @@ class _Reader:
 def _plain(value: Any) -> Any:
     """Dataclasses, tuples and mappings as JSON-ready dicts and lists."""
     if is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)
+                if not (f.metadata.get("omit_if_none") and getattr(value, f.name) is None)}
     if isinstance(value, tuple | list):
         return [_plain(item) for item in value]
     if isinstance(value, Mapping):
@@ -356,6 +411,10 @@ def _sha256(path: Path) -> str:
         while chunk := stream.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _signed(value: float) -> str:
+    return f"{'-' if value < 0 else '+'} {abs(value):.3f}"
 
 
 def _is_int(value: Any) -> bool:

@@ -1,14 +1,15 @@
 """A study's images to Findings: letterbox, batch, classify and detect, map back.
 
 The pipeline is the only place that knows how model outputs become clinical numbers
-(temperature-scaled probability, the manifest's operating points, a heatmap and boxes
-on the source pixel grid), so every consumer of a Finding sees the same interpretation.
+(temperature-scaled probability, fused with the detector's best box score where the
+bundle says so, the manifest's operating points, a heatmap and boxes on the source
+pixel grid), so every consumer of a Finding sees the same interpretation.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -73,26 +74,55 @@ class Pipeline:
         its finding has the same shape and its boxes are in its pixel coordinates.
         """
         findings: list[Finding] = []
+        points = self.bundle.manifest.classifier.operating_points
         for start in range(0, len(images), self.max_batch):
             chunk = images[start:start + self.max_batch]
-            pixels = [image for _, image in chunk]
-            probabilities, heatmaps = self._classify(pixels)
-            boxes = self._detect(pixels)
-            points = self.bundle.manifest.classifier.operating_points
+            outputs = self._infer([image for _, image in chunk])
+            probabilities = self._probabilities(outputs)
             for i, (ref, _) in enumerate(chunk):
                 spread = float(np.std(probabilities[i])) if self.tta else None
                 probability = float(np.mean(probabilities[i]))
-                shown = boxes[i] if points.level(probability) in self.box_levels else ()
+                shown = (outputs.boxes[i] if points.level(probability) in self.box_levels
+                         else ())
                 findings.append(Finding(
                     image=ref, probability=probability, operating_points=points,
-                    heatmap=heatmaps[i], model=self.model, boxes=shown, spread=spread))
+                    heatmap=outputs.heatmaps[i], model=self.model, boxes=shown,
+                    spread=spread))
         return findings
 
+    def evidence(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """(n, 2): each image's calibrated classifier logit (the unaugmented pass) and the
+        detector's best box score, the two numbers a bundle's `classifier.fusion` weighs.
+
+        `fractured fuse` fits those weights on these, so they are the node's own numbers
+        for the same pixels rather than a re-implementation's.
+        """
+        rows = np.empty((len(images), 2))
+        for start in range(0, len(images), self.max_batch):
+            outputs = self._infer(list(images[start:start + self.max_batch]))
+            rows[start:start + len(outputs.best_box), 0] = outputs.logits[:, 0]
+            rows[start:start + len(outputs.best_box), 1] = outputs.best_box
+        return rows
+
+    def _infer(self, images: list[np.ndarray]) -> _Outputs:
+        logits, heatmaps = self._classify(images)
+        boxes, best = self._detect(images)
+        return _Outputs(logits=logits, heatmaps=heatmaps, boxes=boxes, best_box=best)
+
+    def _probabilities(self, outputs: _Outputs) -> np.ndarray:
+        """(n, variants): the calibrated probability of each pass, fused with the image's
+        best box score where the bundle says so (the detector runs once, unaugmented)."""
+        fusion = self.bundle.manifest.classifier.fusion
+        logits = outputs.logits
+        if fusion is not None:
+            logits = fusion.logit(logits, outputs.best_box[:, None])
+        return _sigmoid(logits)
+
     def _classify(self, images: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """(probabilities (n, variants), heatmaps from the unaugmented pass)."""
+        """(logits / temperature (n, variants), heatmaps from the unaugmented pass)."""
         spec = self.bundle.manifest.classifier
         variants = TTA_VARIANTS if self.tta else TTA_VARIANTS[:1]
-        probabilities = np.empty((len(images), len(variants)))
+        scaled = np.empty((len(images), len(variants)))
         heatmaps: list[np.ndarray] = []
         for v, (flip, zoom) in enumerate(variants):
             boxed = [_letterbox(np.fliplr(image) if flip else image, spec.input_size, zoom)
@@ -100,39 +130,52 @@ class Pipeline:
             batch = to_model_input([b for b, _ in boxed], self.bundle.manifest.mean,
                                    self.bundle.manifest.std)
             logits, cam = self.engines.classifier.run(batch)
-            probabilities[:, v] = [_sigmoid(float(row[self._fracture]) / spec.temperature)
-                                   for row in logits]
+            scaled[:, v] = [float(row[self._fracture]) / spec.temperature for row in logits]
             if v == 0:
                 heatmaps = [_heatmap(one[self._fracture], box)
                             for one, (_, box) in zip(cam, boxed, strict=True)]
-        return probabilities, heatmaps
+        return scaled, heatmaps
 
-    def _detect(self, images: list[np.ndarray]) -> list[tuple[Box, ...]]:
-        """Boxes at or above the detector's high-sensitivity point, in source pixels."""
+    def _detect(self, images: list[np.ndarray]) -> tuple[list[tuple[Box, ...]], np.ndarray]:
+        """Boxes at or above the detector's high-sensitivity point, in source pixels; and
+        each image's best box score at any score (0 without a box or a detector)."""
         spec = self.bundle.manifest.detector
         detector = self.engines.detector
+        best = np.zeros(len(images))
         if spec is None or detector is None:
-            return [() for _ in images]
+            return [() for _ in images], best
         boxed = [letterbox(image, spec.input_size) for image in images]
         batch = to_model_input([b for b, _ in boxed], self.bundle.manifest.mean,
                                self.bundle.manifest.std)
         all_boxes, all_scores, all_labels = detector.run(batch)
         points = spec.operating_points
         found: list[tuple[Box, ...]] = []
-        for (_, box), rows, scores, labels in zip(boxed, all_boxes, all_scores, all_labels,
-                                                  strict=True):
+        for i, ((_, box), rows, scores, labels) in enumerate(
+                zip(boxed, all_boxes, all_scores, all_labels, strict=True)):
             kept = []
             for (x0, y0, x1, y1), score, label in zip(rows, scores, labels, strict=True):
-                if score < points.high_sensitivity or label < 1:
-                    continue  # below the operating point, or an empty (padding) slot
+                if label < 1:
+                    continue  # an empty (padding) slot
                 sx0, sy0, sx1, sy1 = box.box_to_source(float(x0), float(y0), float(x1),
                                                        float(y1))
                 if sx1 <= sx0 or sy1 <= sy0:
                     continue  # entirely on the letterbox padding
-                kept.append(Box(sx0, sy0, sx1, sy1, float(score), points.level(float(score)),
-                                spec.labels[int(label) - 1]))
+                best[i] = max(best[i], float(score))
+                if score >= points.high_sensitivity:
+                    kept.append(Box(sx0, sy0, sx1, sy1, float(score),
+                                    points.level(float(score)), spec.labels[int(label) - 1]))
             found.append(tuple(kept))
-        return found
+        return found, best
+
+
+@dataclass(frozen=True)
+class _Outputs:
+    """Both models' outputs for a batch of images, before any decision."""
+
+    logits: np.ndarray  # (n, variants): the fracture logit / temperature of each pass
+    heatmaps: list[np.ndarray]  # on each image's own grid, from the unaugmented pass
+    boxes: list[tuple[Box, ...]]  # at or above the detector's high-sensitivity point
+    best_box: np.ndarray  # (n,): each image's best box score at any score, else 0
 
 
 def _letterbox(image: np.ndarray, size: int, zoom: float) -> tuple[np.ndarray, Letterbox]:
@@ -147,9 +190,9 @@ def _letterbox(image: np.ndarray, size: int, zoom: float) -> tuple[np.ndarray, L
     return out, box
 
 
-def _sigmoid(value: float) -> float:
+def _sigmoid(value: np.ndarray) -> np.ndarray:
     # tanh form: no overflow for large |value|, unlike 1 / (1 + exp(-value))
-    return 0.5 * (1.0 + math.tanh(0.5 * value))
+    return 0.5 * (1.0 + np.tanh(0.5 * value))
 
 
 def _heatmap(cam: np.ndarray, box: Letterbox) -> np.ndarray:

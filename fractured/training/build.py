@@ -58,6 +58,7 @@ from fractured.training.export import (
     store_weights_as_float16,
     synthetic_images,
 )
+from fractured.training.fusion import FusionResult
 from fractured.training.model_card import dataset_credits, model_card
 
 log = structlog.get_logger()
@@ -205,6 +206,44 @@ def build_bundle(checkpoints: Sequence[Path], out_dir: Path, *, name: str,
     return Path(out_dir)
 
 
+def build_fused_bundle(result: FusionResult, out_dir: Path, *, name: str | None = None,
+                       version: str, notes: Path | None = None) -> Path:
+    """A new bundle of `result.source`'s model files whose classifier probability is fused
+    with the detector's best box score (`fusion.fuse` fitted it): the manifest gains
+    `classifier.fusion` and the operating points chosen on the fused probability; the
+    held-out scores are the fused ones beside the source's box scores; the model card
+    says the probability is fused and what that changed. `notes` (Markdown) are added
+    to the source's."""
+    source = result.source
+    raw = json.loads((source.path / MANIFEST_FILE).read_text(encoding="utf-8"))
+    label = f"{raw['name']}-{raw['version']}"
+    training = dict(raw.get("training") or {})
+    for kind in ("classifier", "detector"):
+        training[kind] = {**training.get(kind, {}), "from_bundle": label}
+    training["fusion"] = result.summary
+    training["held_out"] = _joined_held_out(
+        held_out_summary(result.report, result.report_path), training.get("held_out"))
+    if notes is not None:
+        training["notes"] = "\n\n".join(filter(None, [training.get("notes"), _notes(notes)]))
+    classifier = {**raw["classifier"], "operating_points": result.operating_points,
+                  "fusion": result.summary["weights"]}
+    files: dict[str, str | Path] = {key: source.file(key) for key in source.manifest.files
+                                    if key != MODEL_CARD_FILE}
+    manifest = _manifest(name or raw["name"], version, trained=True, mean=raw["mean"],
+                         std=raw["std"], classifier=classifier, detector=raw["detector"],
+                         training=jsonable(training), backends=raw["backends"])
+    dataset = (training["classifier"].get("data") or {}).get("dataset")
+    with tempfile.TemporaryDirectory(prefix="fractured-build-") as scratch:
+        card = Path(scratch) / MODEL_CARD_FILE
+        card.write_text(model_card(manifest, dataset_credits(Path(dataset) if dataset else None)),
+                        encoding="utf-8")
+        files[MODEL_CARD_FILE] = card
+        write_bundle(out_dir, manifest, files)
+    log.info("build.done", bundle=str(out_dir), name=manifest["name"], version=version,
+             fused_from=label)
+    return Path(out_dir)
+
+
 @dataclass(frozen=True)
 class _ClassifierPart:
     """A bundle's classifier, built from a checkpoint or taken from another bundle."""
@@ -255,6 +294,11 @@ def _reused_classifier(bundle: Bundle) -> _ClassifierPart:
     raw = json.loads((bundle.path / MANIFEST_FILE).read_text(encoding="utf-8"))
     if not raw.get("trained"):
         raise BuildError(f"{bundle.path}: an untrained bundle has no classifier to reuse")
+    if bundle.manifest.classifier.fusion is not None:
+        source = (raw.get("training") or {}).get("fusion", {}).get("source", "its source")
+        raise BuildError(f"{bundle.path}: its probability and operating points are fused "
+                         f"with its own detector's box score; take the classifier of "
+                         f"{source}, then fuse the new pair with fractured fuse")
     files = {key: bundle.file(key) for key in (CLASSIFIER_FILE, CLASSIFIER_WEIGHTS)
              if key in bundle.manifest.files}
     training = raw.get("training") or {}
@@ -407,30 +451,37 @@ def _export_detector(state: dict[str, Any], scratch: Path, files: dict[str, Path
 
 
 def _held_out_summary(path: Path, checkpoints: dict[str, Path]) -> dict[str, Any]:
-    """What the manifest keeps of a `fractured evaluate` report: the split, the image-level
-    scores with their confidence intervals, the operating points as reached there, the
-    calibration error, every subset and the detector's AP and FROC."""
+    """`held_out_summary` of a `fractured evaluate` report of these very checkpoints."""
     path = Path(path)
     metrics_file = path / "metrics.json" if path.is_dir() else path
     try:
         report = json.loads(metrics_file.read_text(encoding="utf-8"))
-        model, data = report["model"], report["data"]
-        scores = report.get("classification") or {}  # absent for a detector-only run
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        model = report["model"]
+        for kind, checkpoint_path in checkpoints.items():
+            evaluated = (model.get(kind) or {}).get("checkpoint")
+            if evaluated is None or Path(evaluated).resolve() != checkpoint_path.resolve():
+                raise BuildError(f"{metrics_file}: evaluates {kind} {evaluated}, not "
+                                 f"{checkpoint_path}; run fractured evaluate on this run first")
+        return held_out_summary(report, metrics_file)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise BuildError(f"{metrics_file}: not a fractured evaluate metrics.json "
                          f"({exc})") from exc
-    for kind, checkpoint_path in checkpoints.items():
-        evaluated = (model.get(kind) or {}).get("checkpoint")
-        if evaluated is None or Path(evaluated).resolve() != checkpoint_path.resolve():
-            raise BuildError(f"{metrics_file}: evaluates {kind} {evaluated}, not {checkpoint_path}"
-                             f"; run fractured evaluate on this run first")
+
+
+def held_out_summary(report: dict[str, Any], source: Path) -> dict[str, Any]:
+    """What the manifest keeps of an evaluation report (`fractured evaluate`'s, or the
+    one `fractured fuse` writes) read from `source`: the split, the image-level scores
+    with their confidence intervals, the operating points as reached there, the
+    calibration error, every subset and the detector's AP and FROC."""
+    data = report["data"]
+    scores = report.get("classification") or {}  # absent for a detector-only run
 
     def image_level(part: dict[str, Any]) -> dict[str, Any]:
         return {key: part.get(key) for key in (
             "n", "positives", "roc_auc", "roc_auc_ci95", "average_precision", "note")}
 
     summary: dict[str, Any] = {
-        "report": str(metrics_file), "created": report.get("created"),
+        "report": str(source), "created": report.get("created"),
         "split": data.get("split"), "images": data.get("images"),
         "fracture": data.get("fracture"), "unreadable": len(data.get("unreadable") or ()),
         "classification": image_level(scores),
@@ -444,7 +495,7 @@ def _held_out_summary(path: Path, checkpoints: dict[str, Path]) -> dict[str, Any
     }
     detection = report.get("detection")
     if detection:
-        summary["detection_report"] = str(metrics_file)
+        summary["detection_report"] = str(source)
         summary["detection"] = {key: detection.get(key) for key in (
             "images", "gt_boxes", "ap50", "ap50_95", "froc_score", "lesion_sensitivity",
             "at_threshold", "note")}

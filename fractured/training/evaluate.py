@@ -152,12 +152,12 @@ def _classifier_part(state: dict[str, Any], samples: list[Sample], subsets: Sequ
     headline = classification_metrics(labels, prob, threshold=points["high_sensitivity"],
                                       bootstrap=bootstrap)
     metrics["classification"] = headline
-    metrics["operating_points"] = _achieved(labels, prob, points, state["settings"])
+    metrics["operating_points"] = achieved_points(labels, prob, points, state["settings"])
     metrics["calibration"] = {"temperature": temperature, "logit_shift": shift,
                               "ece_before": expected_calibration_error(labels, raw),
                               "ece_after": expected_calibration_error(labels, prob)}
     _write_predictions(out_dir / PREDICTIONS_FILE, images.samples, labels, prob)
-    masks = _subset_masks(list(images.samples), subsets)
+    masks = subset_masks(list(images.samples), subsets)
     if masks:
         metrics["subsets"] = subset_metrics(labels, prob, masks,
                                             threshold=points["high_sensitivity"],
@@ -216,7 +216,7 @@ def _detector_part(state: dict[str, Any], samples: list[Sample], runner: Device,
     return images
 
 
-def _achieved(labels: np.ndarray, prob: np.ndarray, points: dict[str, float],
+def achieved_points(labels: np.ndarray, prob: np.ndarray, points: dict[str, float],
               settings: dict[str, Any]) -> dict[str, Any]:
     """Sensitivity and specificity reached here at the thresholds fitted on validation."""
     targets = {"high_sensitivity": settings["classifier"]["target_sensitivity"],
@@ -233,7 +233,7 @@ def _achieved(labels: np.ndarray, prob: np.ndarray, points: dict[str, float],
     return result
 
 
-def _subset_masks(samples: list[Sample], filters: Sequence[str]) -> dict[str, np.ndarray]:
+def subset_masks(samples: list[Sample], filters: Sequence[str]) -> dict[str, np.ndarray]:
     """Every body part, then each `column=value` filter on the samples' attributes."""
     masks = {f"body_part == {part}": np.array([s.body_part == part for s in samples])
              for part in sorted({s.body_part for s in samples if s.body_part})}

@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from fractured.engine.bundle import Fusion
+
 INTENDED_USE = (
     "Decision support for reading adult musculoskeletal radiographs (CR/DX) for "
     "fractures: the node adds a probability, a decision at two operating points, a "
@@ -32,6 +34,8 @@ def model_card(manifest: Mapping[str, Any], credits: Sequence[tuple[str, str]]) 
     training = manifest.get("training", {})
     if "held_out" in training:
         lines += _held_out(training["held_out"])
+    if "fusion" in training:
+        lines += _fusion(training["fusion"])
     for kind in ("classifier", "detector"):
         if kind in training:
             lines += _training(kind, training[kind])
@@ -65,12 +69,23 @@ def dataset_credits(root: Path | None) -> list[tuple[str, str]]:
 def _models(manifest: Mapping[str, Any]) -> list[str]:
     c = manifest["classifier"]
     points = c["operating_points"]
-    lines = ["## Models", "",
-             f"- Classifier: {c['architecture']} ({c['variant']}), {c['input_size']} px "
-             f"letterboxed input, labels {', '.join(c['labels'])}; probabilities are "
-             f"temperature-scaled (T = {c['temperature']:.3f}); *possible fracture* at "
-             f"p >= {points['high_sensitivity']:.3f}, *likely fracture* at p >= "
-             f"{points['high_specificity']:.3f}."]
+    decisions = (f"*possible fracture* at p >= {points['high_sensitivity']:.3f}, *likely "
+                 f"fracture* at p >= {points['high_specificity']:.3f}")
+    fusion = c.get("fusion")
+    if fusion:
+        lines = ["## Models", "",
+                 f"- Classifier: {c['architecture']} ({c['variant']}), {c['input_size']} px "
+                 f"letterboxed input, labels {', '.join(c['labels'])}, logit temperature "
+                 f"T = {c['temperature']:.3f}.",
+                 f"- **The fracture probability is fused** with the box detector's best box "
+                 f"score on the image (0 when it finds none): p = "
+                 f"{Fusion(**fusion).formula()}, a logistic regression fitted on the "
+                 f"validation images (`fractured fuse`); {decisions}."]
+    else:
+        lines = ["## Models", "",
+                 f"- Classifier: {c['architecture']} ({c['variant']}), {c['input_size']} px "
+                 f"letterboxed input, labels {', '.join(c['labels'])}; probabilities are "
+                 f"temperature-scaled (T = {c['temperature']:.3f}); {decisions}."]
     d = manifest.get("detector")
     if d:
         points = d["operating_points"]
@@ -163,6 +178,33 @@ def _held_out(summary: Mapping[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _fusion(summary: Mapping[str, Any]) -> list[str]:
+    """Whether fusing the box score helped: the AUC alone and fused, per part."""
+    fitted = summary.get("fitted_on") or {}
+    lines = ["## Fusion with the box detector", "",
+             f"The weights were fitted on {fitted.get('n')} validation images "
+             f"({fitted.get('positives')} with fracture) of {summary.get('source')}, whose "
+             "model files this bundle holds unchanged; the operating points were chosen "
+             "again on the fused probability. The same images' AUC with the classifier's "
+             "probability alone, and the paired bootstrap interval of the difference:", "",
+             "| Images | n | Fractures | AUC, classifier alone | AUC, fused | "
+             "Difference (95 % CI) |", "| --- | --- | --- | --- | --- | --- |"]
+    for part, auc in (summary.get("auc") or {}).items():
+        low, high = auc.get("difference_ci95") or (None, None)
+        interval = f" ({_signed(low)} to {_signed(high)})" if low is not None else ""
+        lines.append(f"| {part} | {auc.get('n')} | {auc.get('positives')} | "
+                     f"{_num(auc.get('before'))} | {_num(auc.get('after'))} | "
+                     f"{_signed(auc.get('difference'))}{interval} |")
+    achieved = summary.get("achieved_on_val") or {}
+    rows = [(name, point) for name, point in achieved.items() if isinstance(point, Mapping)]
+    if rows:
+        lines += ["", "| Operating point (validation, fused) | Threshold | Sensitivity | "
+                  "Specificity |", "| --- | --- | --- | --- |"]
+        lines += [f"| {name} | {_num(p.get('threshold'))} | {_num(p.get('sensitivity'))} | "
+                  f"{_num(p.get('specificity'))} |" for name, p in rows]
+    return [*lines, ""]
+
+
 def _held_out_row(name: str, part: Mapping[str, Any]) -> str:
     low, high = part.get("roc_auc_ci95") or (None, None)
     return (f"| {name} | {part.get('n')} | {part.get('positives')} | "
@@ -194,3 +236,7 @@ def _limits(manifest: Mapping[str, Any]) -> list[str]:
 
 def _num(value: Any) -> str:
     return "-" if value is None else f"{value:.3f}"
+
+
+def _signed(value: Any) -> str:
+    return "-" if value is None else f"{value:+.3f}"

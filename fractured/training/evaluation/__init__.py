@@ -14,7 +14,11 @@ from fractured.training.evaluation.calibration import (
     fit_temperature,
     reliability_curve,
 )
-from fractured.training.evaluation.classification import classification_metrics, subset_metrics
+from fractured.training.evaluation.classification import (
+    classification_metrics,
+    paired_auc_difference,
+    subset_metrics,
+)
 from fractured.training.evaluation.detection import detection_metrics
 from fractured.training.evaluation.report import write_report
 
@@ -24,6 +28,7 @@ __all__ = [
     "detection_metrics",
     "expected_calibration_error",
     "fit_temperature",
+    "paired_auc_difference",
     "reliability_curve",
     "subset_metrics",
     "write_report",

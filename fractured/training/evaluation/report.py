@@ -69,6 +69,8 @@ def write_report(out_dir: Path, *, title: str, metrics: Mapping[str, Any],
         lines += _operating_points(metrics["operating_points"])
     if "calibration" in metrics:
         lines += _calibration(metrics["calibration"])
+    if "fusion" in metrics:
+        lines += _fusion(metrics["fusion"])
     if metrics.get("subsets"):
         lines += _subsets(metrics["subsets"])
     if "detection" in metrics:
@@ -133,9 +135,31 @@ def _operating_points(description: Mapping[str, Any]) -> list[str]:
 def _calibration(result: Mapping[str, Any]) -> list[str]:
     row = (_number(result.get("logit_shift")), _number(result.get("temperature")),
            _number(result.get("ece_before")), _number(result.get("ece_after")))
-    return ["## Calibration", "",
-            "Probability = sigmoid((logit + shift) / temperature), fitted on validation.", "",
+    formula = result.get("formula") or ("probability = sigmoid((logit + shift) / "
+                                         "temperature), fitted on validation")
+    return ["## Calibration", "", f"{formula[0].upper()}{formula[1:]}.", "",
             *_table(("Logit shift", "Temperature", "ECE before", "ECE after"), [row])]
+
+
+def _fusion(result: Mapping[str, Any]) -> list[str]:
+    """`fractured fuse`: the weights, and the AUC of the classifier alone against the
+    fused probability on each part, with the paired interval of the difference."""
+    weights, fitted = result["weights"], result["fitted_on"]
+    lines = ["## Fusion with the detector's best box score", "",
+             f"Fitted on {fitted['n']} validation images ({fitted['positives']} with "
+             f"fracture) of {result['source']}: logit weight "
+             f"{_number(weights['logit_weight'])}, box-score weight "
+             f"{_number(weights['box_weight'])}, intercept {_number(weights['intercept'])}.",
+             ""]
+    rows = []
+    for part, auc in result["auc"].items():
+        ci = auc.get("difference_ci95")
+        rows.append((part, str(auc["n"]), str(auc["positives"]), _number(auc["before"]),
+                     _number(auc["after"]), _signed(auc["difference"]),
+                     f"{_signed(ci[0])} to {_signed(ci[1])}" if ci else "-"))
+    header = ("Images", "n", "Fractures", "AUC, classifier alone", "AUC, fused", "Difference",
+              "95 % CI (paired)")
+    return lines + _table(header, rows)
 
 
 def _subsets(subsets: Mapping[str, Mapping[str, Any]]) -> list[str]:
@@ -226,6 +250,10 @@ def _note(result: Mapping[str, Any]) -> list[str]:
 
 def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
+
+
+def _signed(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.3f}"
 
 
 def _percent(value: float | None) -> str:

@@ -2,8 +2,10 @@
 
 Its bundle must verify, say it was trained, carry its held-out metrics in the model
 card, and `fractured predict` must give, on FracAtlas images, the probabilities and the
-boxes those metrics were computed from (the evaluations' predictions.csv and boxes.csv,
-kept under docs/).
+boxes those metrics were computed from (the reports' predictions.csv and boxes.csv,
+kept under docs/). Its probability is fused with the detector's box score
+(`fractured fuse`): the classifier's part of it must be what the classifier's own
+PyTorch evaluation computed, so the fusion report rests on the evaluated model.
 """
 
 from __future__ import annotations
@@ -23,8 +25,13 @@ from fractured.engine.bundle import Bundle
 from tests import factory
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = REPO / "engines" / "fractured-0.3.0"
-#: the classifier's held-out evaluation (0.3.0 took 0.2.0's classifier byte for byte)
+SHIPPED = REPO / "engines" / "fractured-0.4.0"
+#: the same two models with the classifier's probability alone, kept for rollback
+ROLLBACK = REPO / "engines" / "fractured-0.3.0"
+#: the fused probability's held-out report (`fractured fuse`, ONNX Runtime)
+FUSION = REPO / "docs" / "training" / "fracatlas-fusion" / "test"
+#: the classifier's held-out evaluation (PyTorch, float32; 0.2.0's run, whose classifier
+#: 0.3.0 and 0.4.0 hold byte for byte)
 EVALUATION = REPO / "docs" / "training" / "fracatlas-resnet18-e50" / "test"
 #: the detector's
 DETECTOR_EVALUATION = REPO / "docs" / "training" / "fracatlas-det128" / "test"
@@ -32,12 +39,14 @@ DETECTOR_EVALUATION = REPO / "docs" / "training" / "fracatlas-det128" / "test"
 SAMPLED = 24
 #: float16-stored weights and ONNX Runtime against the float32 PyTorch evaluation
 PROBABILITY_TOLERANCE = 5e-3
+#: predict against the fusion report: the same graphs and pipeline, the CSV's rounding
+FUSED_TOLERANCE = 1e-4
 BOX_SCORE_TOLERANCE = 0.02
 BOX_PIXELS = 3.0  # source pixels, FracAtlas images being up to 1024 px
 
 
-def held_out_rows() -> list[dict[str, str]]:
-    with open(EVALUATION / "predictions.csv", newline="") as fh:
+def held_out_rows(report: Path = FUSION) -> list[dict[str, str]]:
+    with open(report / "predictions.csv", newline="") as fh:
         return list(csv.DictReader(fh))
 
 
@@ -48,9 +57,30 @@ def test_setup_activates_the_shipped_bundle() -> None:
     assert manifest.trained and f"{manifest.name}-{manifest.version}" == SHIPPED.name
     assert manifest.detector is not None and manifest.detector.architecture == \
         "fasterrcnn_resnet18_fpn"
+    assert manifest.classifier.fusion is not None
     card = (SHIPPED / "MODEL_CARD.md").read_text()
     assert "Box detector" in card and "No box detector" not in card
+    assert "The fracture probability is fused" in card
 
+
+def test_the_rollback_bundle_holds_the_same_models_unfused() -> None:
+    shipped, rollback = (Bundle.load(path).manifest for path in (SHIPPED, ROLLBACK))
+    assert rollback.classifier.fusion is None
+    for name in ("classifier.onnx", "detector.onnx"):
+        assert shipped.files[name] == rollback.files[name]
+    assert shipped.training["fusion"]["source"] == ROLLBACK.name
+
+
+def test_the_fused_probability_rests_on_the_evaluated_classifier() -> None:
+    """The fusion report's classifier probability (ONNX Runtime, float16-stored weights)
+    is, image for image, the one the classifier's PyTorch evaluation computed."""
+    evaluated = {Path(row["image"]).name: float(row["probability"])
+                 for row in held_out_rows(EVALUATION)}
+    fused = held_out_rows()
+    assert sorted(Path(row["image"]).name for row in fused) == sorted(evaluated)
+    for row in fused:
+        assert float(row["classifier_probability"]) == pytest.approx(
+            evaluated[Path(row["image"]).name], abs=PROBABILITY_TOLERANCE), row["image"]
 
 def test_model_card_holds_the_detectors_held_out_metrics() -> None:
     held_out = Bundle.load(SHIPPED).manifest.training["held_out"]
@@ -63,7 +93,7 @@ def test_model_card_holds_the_detectors_held_out_metrics() -> None:
 def test_model_card_holds_the_held_out_metrics_the_predictions_give() -> None:
     manifest = Bundle.load(SHIPPED).manifest
     held_out = manifest.training["held_out"]
-    metrics = json.loads((EVALUATION / "metrics.json").read_text())
+    metrics = json.loads((FUSION / "metrics.json").read_text())
     assert held_out["classification"]["roc_auc"] == metrics["classification"]["roc_auc"]
     rows = held_out_rows()
     labels = np.array([int(row["label"]) for row in rows])
@@ -100,7 +130,7 @@ def test_predict_on_fracatlas_gives_the_evaluated_probabilities() -> None:
     for row, expected in zip(found, chosen, strict=True):
         assert row["model"]["trained"] is True
         assert row["probability"] == pytest.approx(float(expected["probability"]),
-                                                   abs=PROBABILITY_TOLERANCE), row["file"]
+                                                   abs=FUSED_TOLERANCE), row["file"]
 
 
 @pytest.mark.slow

@@ -28,6 +28,10 @@ def _settings(path: Path | None) -> config.Settings:
         raise click.ClickException(f"configuration error: {exc}") from None
 
 
+subset_option = click.option(
+    "--subset", "subsets", multiple=True, metavar="COLUMN=VALUE",
+    help="Also report on images whose attribute matches, e.g. hardware=0.")
+
 config_option = click.option(
     "--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
     help=f"config.toml to use (default: ${CONFIG_ENV}, else the shipped config.toml).")
@@ -307,8 +311,7 @@ def train(dataset: Path, out_dir: Path, train_config: Path | None, task: str, re
               default="test", show_default=True, help="Which part of the run's split.")
 @click.option("--dataset", type=click.Path(exists=True, path_type=Path),
               help="Evaluate on all of another data set instead (external validation).")
-@click.option("--subset", "subsets", multiple=True, metavar="COLUMN=VALUE",
-              help="Also report on images whose attribute matches, e.g. hardware=0.")
+@subset_option
 @click.option("--bootstrap", type=click.IntRange(0), default=1000, show_default=True,
               help="Bootstrap resamples for the AUC's 95 % interval (0 = none).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
@@ -371,8 +374,7 @@ def ensemble(members: tuple[Path, ...], out_dir: Path, detector: Path | None,
                                   "predictions.csv / validation.csv go.")
 @click.option("--dataset", type=click.Path(exists=True, path_type=Path),
               help="The data set [default: the one BUNDLE's classifier was trained on].")
-@click.option("--subset", "subsets", multiple=True, metavar="COLUMN=VALUE",
-              help="Also report on images whose attribute matches, e.g. hardware=0.")
+@subset_option
 @click.option("--bootstrap", type=click.IntRange(0), default=1000, show_default=True,
               help="Bootstrap resamples for the AUC intervals (0 = none).")
 @click.option("--notes", type=click.Path(exists=True, dir_okay=False, path_type=Path),

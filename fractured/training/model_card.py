@@ -128,10 +128,7 @@ def _training(kind: str, summary: Mapping[str, Any]) -> list[str]:
     achieved = summary.get("achieved_on_val") or {}
     rows = [(name, point) for name, point in achieved.items() if isinstance(point, Mapping)]
     if rows and kind == "classifier":
-        lines += ["", "| Operating point (validation) | Threshold | Sensitivity | Specificity |",
-                  "| --- | --- | --- | --- |"]
-        lines += [f"| {name} | {_num(p.get('threshold'))} | {_num(p.get('sensitivity'))} | "
-                  f"{_num(p.get('specificity'))} |" for name, p in rows]
+        lines += _points_table("validation", dict(rows))
     if rows and kind == "detector":
         lines += ["", "| Operating point (validation) | Score threshold | Lesion sensitivity | "
                   "False boxes per image |", "| --- | --- | --- | --- |"]
@@ -161,10 +158,7 @@ def _held_out(summary: Mapping[str, Any]) -> list[str]:
     lines += ["", *[f"- {note}" for note in notes]] if notes else []
     points = summary.get("operating_points") or {}
     if points:
-        lines += ["", "| Operating point (held out) | Threshold | Sensitivity | Specificity |",
-                  "| --- | --- | --- | --- |"]
-        lines += [f"| {name} | {_num(p.get('threshold'))} | {_num(p.get('sensitivity'))} | "
-                  f"{_num(p.get('specificity'))} |" for name, p in points.items()]
+        lines += _points_table("held out", points)
     if summary.get("ece_after") is not None:
         lines += ["", f"Expected calibration error of the probabilities: "
                   f"{summary['ece_after']:.3f}."]
@@ -196,13 +190,18 @@ def _fusion(summary: Mapping[str, Any]) -> list[str]:
                      f"{_num(auc.get('before'))} | {_num(auc.get('after'))} | "
                      f"{_signed(auc.get('difference'))}{interval} |")
     achieved = summary.get("achieved_on_val") or {}
-    rows = [(name, point) for name, point in achieved.items() if isinstance(point, Mapping)]
-    if rows:
-        lines += ["", "| Operating point (validation, fused) | Threshold | Sensitivity | "
-                  "Specificity |", "| --- | --- | --- | --- |"]
-        lines += [f"| {name} | {_num(p.get('threshold'))} | {_num(p.get('sensitivity'))} | "
-                  f"{_num(p.get('specificity'))} |" for name, p in rows]
+    points = {name: point for name, point in achieved.items() if isinstance(point, Mapping)}
+    if points:
+        lines += _points_table("validation, fused", points)
     return [*lines, ""]
+
+
+def _points_table(where: str, points: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The two operating points' thresholds and what they reached on `where`'s images."""
+    return ["", f"| Operating point ({where}) | Threshold | Sensitivity | Specificity |",
+            "| --- | --- | --- | --- |",
+            *[f"| {name} | {_num(p.get('threshold'))} | {_num(p.get('sensitivity'))} | "
+              f"{_num(p.get('specificity'))} |" for name, p in points.items()]]
 
 
 def _held_out_row(name: str, part: Mapping[str, Any]) -> str:

@@ -23,8 +23,6 @@ module fits that regression for a bundle that has both models and scores it:
 
 from __future__ import annotations
 
-import csv
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,26 +31,22 @@ from typing import Any
 import numpy as np
 import structlog
 from sklearn.linear_model import LogisticRegression
-from tqdm import tqdm
 
 from fractured.engine.bundle import Bundle, Fusion
 from fractured.engine.pipeline import Pipeline
-from fractured.engine.preprocess import DecodeError
-from fractured.engine.sources import load_image
-from fractured.training.datasets import DatasetError, open_dataset
-from fractured.training.datasets.base import Sample
-from fractured.training.evaluate import achieved_points, subset_masks
-from fractured.training.evaluation import (
-    choose_operating_points,
-    classification_metrics,
-    expected_calibration_error,
-    paired_auc_difference,
-    plots,
-    subset_metrics,
-    write_report,
+from fractured.training.bundle_scoring import (
+    PREDICTIONS_FILE,
+    VALIDATION_FILE,
+    Reference,
+    masks_for,
+    measure,
+    open_split,
+    sigmoid,
+    write_rows,
+    write_test_report,
 )
+from fractured.training.evaluation import choose_operating_points, paired_auc_difference
 from fractured.training.export import BuildError
-from fractured.training.splits import load_split
 
 log = structlog.get_logger()
 
@@ -60,24 +54,6 @@ log = structlog.get_logger()
 #: parameters fitted on hundreds of images need little of it, and it keeps the weights
 #: finite on a validation set the two scores separate perfectly.
 REGULARISATION_C = 1.0
-#: The classifier's operating-point targets, where its training record has none.
-DEFAULT_TARGETS = {"sensitivity": 0.95, "specificity": 0.90}
-#: Images between two `fuse.progress` log lines (15-40 s on 2 cores).
-PROGRESS_EVERY = 100
-PREDICTIONS_FILE = "predictions.csv"
-VALIDATION_FILE = "validation.csv"
-_COLUMNS = ("image", "body_part", "label", "logit", "box_score", "classifier_probability",
-            "probability")
-
-
-@dataclass(frozen=True)
-class Measured:
-    """The readable images of one split part and the pipeline's evidence on each."""
-
-    samples: tuple[Sample, ...]
-    evidence: np.ndarray  # (n, 2): calibrated classifier logit, best box score
-    labels: np.ndarray  # (n,) 0/1
-    unreadable: tuple[tuple[str, str], ...]  # (path, reason)
 
 
 @dataclass(frozen=True)
@@ -91,38 +67,6 @@ class FusionResult:
     summary: dict[str, Any]  # training.fusion of the new manifest
     report: dict[str, Any]  # the metrics.json written (for the held-out summary)
     report_path: Path
-
-
-def measure(pipeline: Pipeline, samples: Sequence[Sample], *, desc: str) -> Measured:
-    """Run the pipeline over `samples`, `pipeline.max_batch` images at a time; images
-    that cannot be decoded are left out and listed, as evaluate does."""
-    kept: list[Sample] = []
-    rows: list[np.ndarray] = []
-    unreadable: list[tuple[str, str]] = []
-    batch: list[tuple[Sample, np.ndarray]] = []
-
-    def flush() -> None:
-        if batch:
-            rows.append(pipeline.evidence([pixels for _, pixels in batch]))
-            kept.extend(sample for sample, _ in batch)
-            batch.clear()
-
-    for index, sample in enumerate(tqdm(samples, desc=desc, unit="img", disable=None,
-                                        mininterval=5.0)):
-        if index % PROGRESS_EVERY == 0:  # tqdm draws only on a terminal; logs go anywhere
-            log.info("fuse.progress", part=desc, done=index, total=len(samples))
-        try:
-            batch.append((sample, load_image(sample.path).pixels))
-        except DecodeError as exc:
-            unreadable.append((str(sample.path), str(exc)))
-            log.warning("fuse.image_unreadable", path=str(sample.path), reason=str(exc))
-            continue
-        if len(batch) == pipeline.max_batch:
-            flush()
-    flush()
-    evidence = np.concatenate(rows) if rows else np.empty((0, 2))
-    return Measured(tuple(kept), evidence, np.array([s.label for s in kept], dtype=np.int64),
-                    tuple(unreadable))
 
 
 def fit_fusion(evidence: np.ndarray, labels: np.ndarray) -> Fusion:
@@ -147,7 +91,7 @@ def fit_fusion(evidence: np.ndarray, labels: np.ndarray) -> Fusion:
 
 
 def fused_probability(fusion: Fusion, evidence: np.ndarray) -> np.ndarray:
-    return _sigmoid(fusion.logit(evidence[:, 0], evidence[:, 1]))
+    return sigmoid(fusion.logit(evidence[:, 0], evidence[:, 1]))
 
 
 def fuse(source: Path, split_dir: Path, report_dir: Path, *, dataset: Path | None = None,
@@ -165,30 +109,16 @@ def fuse(source: Path, split_dir: Path, report_dir: Path, *, dataset: Path | Non
         raise BuildError(f"{source}: has no box detector, so there is no box score to fuse")
     if manifest.classifier.fusion is not None:
         raise BuildError(f"{source}: already fused; fuse the bundle it was made from")
-    record = dict(manifest.training.get("classifier") or {})
-    data_record = record.get("data") or {}
-    dataset = dataset or (Path(data_record["dataset"]) if data_record.get("dataset") else None)
-    if dataset is None:
-        raise BuildError(f"{source}: its training record names no data set; pass --dataset")
-    sample_set = open_dataset(dataset, data_record.get("format"))
-    split = load_split(split_dir, sample_set)
-    parts = {name: split.samples(sample_set, name) for name in ("train", "val", "test")}
-    _check_same_split(parts, data_record, split_dir, label)
-    subset_masks(parts["test"], subsets)  # a wrong --subset fails now, not after inference
+    split = open_split(bundle, split_dir, dataset, subsets)
 
     pipeline = Pipeline(bundle, backend=backend, threads=threads, boxes="always")
     log.info("fuse.start", bundle=label, backend=pipeline.backend_name,
-             val=len(parts["val"]), test=len(parts["test"]))
-    val = measure(pipeline, parts["val"], desc="validation")
-    test = measure(pipeline, parts["test"], desc="test")
+             val=len(split.parts["val"]), test=len(split.parts["test"]))
+    val = measure(pipeline, split.parts["val"], desc="validation")
+    test = measure(pipeline, split.parts["test"], desc="test")
     fusion = fit_fusion(val.evidence, val.labels)
-    settings = record.get("settings") or {}
-    targets = {"sensitivity": settings.get("target_sensitivity",
-                                           DEFAULT_TARGETS["sensitivity"]),
-               "specificity": settings.get("target_specificity",
-                                           DEFAULT_TARGETS["specificity"])}
     val_prob = fused_probability(fusion, val.evidence)
-    points, achieved = choose_operating_points(val.labels, val_prob, **targets)
+    points, achieved = choose_operating_points(val.labels, val_prob, **split.targets)
     chosen = {"high_sensitivity": points.high_sensitivity,
               "high_specificity": points.high_specificity}
     log.info("fuse.fitted", logit_weight=round(fusion.logit_weight, 4),
@@ -197,11 +127,12 @@ def fuse(source: Path, split_dir: Path, report_dir: Path, *, dataset: Path | Non
              high_specificity=round(points.high_specificity, 4))
 
     report_dir.mkdir(parents=True, exist_ok=True)
-    _write_rows(report_dir / VALIDATION_FILE, val, fusion)
-    _write_rows(report_dir / PREDICTIONS_FILE, test, fusion)
     test_prob = fused_probability(fusion, test.evidence)
-    alone = _sigmoid(test.evidence[:, 0])
-    masks = subset_masks(list(test.samples), subsets)
+    alone = sigmoid(test.evidence[:, 0])
+    write_rows(report_dir / VALIDATION_FILE, val,
+               {"classifier_probability": sigmoid(val.evidence[:, 0]), "probability": val_prob})
+    write_rows(report_dir / PREDICTIONS_FILE, test,
+               {"classifier_probability": alone, "probability": test_prob})
     comparison = {
         "validation": paired_auc_difference(val.labels, val.evidence[:, 0], val_prob,
                                             bootstrap=0),
@@ -209,7 +140,8 @@ def fuse(source: Path, split_dir: Path, report_dir: Path, *, dataset: Path | Non
                                       bootstrap=bootstrap),
         **{f"test, {name}": paired_auc_difference(test.labels[mask], test.evidence[mask, 0],
                                                   test_prob[mask], bootstrap=bootstrap)
-           for name, mask in masks.items() if not name.startswith("body_part")},
+           for name, mask in masks_for(test, subsets).items()
+           if not name.startswith("body_part")},
     }
     summary = {
         "source": label,
@@ -222,86 +154,19 @@ def fuse(source: Path, split_dir: Path, report_dir: Path, *, dataset: Path | Non
         "auc": comparison,
         "report": str(report_dir / "metrics.json"),
     }
-    headline = classification_metrics(test.labels, test_prob, threshold=points.high_sensitivity,
-                                      bootstrap=bootstrap)
-    metrics: dict[str, Any] = {
-        "classification": headline,
-        "operating_points": achieved_points(test.labels, test_prob, chosen,
-                                            {"classifier": {
-                                                "target_sensitivity": targets["sensitivity"],
-                                                "target_specificity": targets["specificity"]}}),
-        "calibration": {
-            "formula": (f"probability = {fusion.formula()}, fitted on validation; "
-                        "before: the classifier's probability alone"),
-            "temperature": manifest.classifier.temperature,
-            "ece_before": expected_calibration_error(test.labels, alone),
-            "ece_after": expected_calibration_error(test.labels, test_prob)},
-        "fusion": summary,
-    }
-    if masks:
-        metrics["subsets"] = subset_metrics(test.labels, test_prob, masks,
-                                            threshold=points.high_sensitivity,
-                                            bootstrap=bootstrap)
-    figures = {
-        "ROC": plots.plot_roc(report_dir / "roc.png", headline, metrics["operating_points"]),
-        "precision-recall": plots.plot_pr(report_dir / "pr.png", headline),
-        "confusion (high-sensitivity point)": plots.plot_confusion(
-            report_dir / "confusion.png", headline),
-        "reliability (before: classifier alone; after: fused)": plots.plot_reliability(
-            report_dir / "reliability.png", test.labels, alone, test_prob),
-    }
-    unreadable = [{"path": path, "reason": reason} for path, reason in test.unreadable]
-    data = {"dataset": str(dataset), "format": sample_set.format, "split": "test",
-            "split_source": str(split_dir), "evaluated": "its test split",
-            "images": len(parts["test"]), "fracture": sum(s.label for s in parts["test"]),
-            "fitted_on": f"its val split ({len(val.labels)} readable images, "
-                         f"{len(val.unreadable)} unreadable)",
-            "unreadable": unreadable}
-    report = write_report(report_dir, title=f"Fusion of {label}'s classifier and detector "
-                          "on its test split", metrics=metrics, plots=figures,
-                          model={"bundle": str(source), "backend": pipeline.backend_name},
-                          data=data, trained=True)
-    log.info("fuse.scored", report=str(report),
+    report = write_test_report(
+        report_dir, title=f"Fusion of {label}'s classifier and detector on its test split",
+        split=split, test=test, probability=test_prob,
+        reference=Reference("the classifier's probability alone", alone), points=chosen,
+        temperature=manifest.classifier.temperature,
+        formula=f"probability = {fusion.formula()}, fitted on validation", subsets=subsets,
+        bootstrap=bootstrap, sections={"fusion": summary},
+        model={"bundle": str(source), "backend": pipeline.backend_name},
+        data={"fitted_on": f"its val split ({len(val.labels)} readable images, "
+                           f"{len(val.unreadable)} unreadable)"})
+    log.info("fuse.scored", report=str(report_dir / "report.md"),
              **{f"{part}_auc_{key}": round(comparison[part][key], 4)
                 for part in ("validation", "test") for key in ("before", "after")
                 if comparison[part][key] is not None})
-    written = _read_json(report_dir / "metrics.json")
     return FusionResult(source=bundle, fusion=fusion, operating_points=chosen,
-                        summary=summary, report=written, report_path=report_dir / "metrics.json")
-
-
-def _check_same_split(parts: dict[str, list[Sample]], record: dict[str, Any],
-                      split_dir: Path, label: str) -> None:
-    """The split must be the classifier's own: its part sizes as the bundle recorded."""
-    found = {"train_images": len(parts["train"]),
-             "train_positive": sum(s.label for s in parts["train"]),
-             "val_images": len(parts["val"]), "val_positive": sum(s.label for s in parts["val"])}
-    recorded = {key: record.get(key) for key in found}
-    if found != recorded:
-        raise DatasetError(f"{split_dir}: its parts ({found}) are not those {label}'s "
-                           f"classifier was trained and calibrated with ({recorded}); "
-                           "fitting on images it trained on would flatter the fusion")
-    if not parts["test"]:
-        raise DatasetError(f"{split_dir}: the test part is empty, so nothing would score "
-                           "the fusion on images it was not fitted on")
-
-
-def _write_rows(path: Path, measured: Measured, fusion: Fusion) -> None:
-    """One row per scored image: the two inputs of the fusion and both probabilities."""
-    fused = fused_probability(fusion, measured.evidence)
-    alone = _sigmoid(measured.evidence[:, 0])
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(_COLUMNS)
-        for i, sample in enumerate(measured.samples):
-            writer.writerow([str(sample.path), sample.body_part, int(measured.labels[i]),
-                             f"{measured.evidence[i, 0]:.6f}", f"{measured.evidence[i, 1]:.6f}",
-                             f"{alone[i]:.6f}", f"{fused[i]:.6f}"])
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def _sigmoid(values: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * values))
+                        summary=summary, report=report, report_path=report_dir / "metrics.json")

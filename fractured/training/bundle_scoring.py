@@ -1,0 +1,225 @@
+"""A built bundle scored on the split its classifier was trained with, as the node runs it.
+
+`fractured fuse` and `fractured quantize` both make a new bundle from one in service and
+must show, before it is rolled out, what it says on images it was not fitted on. They
+share this: the split's parts (refused unless they are the ones the bundle's training
+record names, since fitting or checking on training images would flatter the result),
+the pipeline's evidence per image (the node's own numbers: `Pipeline.evidence`), the
+probability a bundle makes of it, and a held-out report in the form `fractured
+evaluate` writes (metrics.json, report.md, plots, predictions.csv), which
+`build.held_out_summary` turns into the new bundle's held-out record.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+from tqdm import tqdm
+
+from fractured.engine.bundle import Bundle, ClassifierSpec
+from fractured.engine.pipeline import Pipeline
+from fractured.engine.preprocess import DecodeError
+from fractured.engine.sources import load_image
+from fractured.training.datasets import DatasetError, open_dataset
+from fractured.training.datasets.base import Sample
+from fractured.training.evaluate import achieved_points, subset_masks
+from fractured.training.evaluation import (
+    classification_metrics,
+    expected_calibration_error,
+    plots,
+    subset_metrics,
+    write_report,
+)
+from fractured.training.export import BuildError
+from fractured.training.splits import load_split
+
+log = structlog.get_logger()
+
+#: The classifier's operating-point targets, where its training record has none.
+DEFAULT_TARGETS = {"sensitivity": 0.95, "specificity": 0.90}
+#: Images between two `score.progress` log lines (15-40 s on 2 cores).
+PROGRESS_EVERY = 100
+PREDICTIONS_FILE = "predictions.csv"
+VALIDATION_FILE = "validation.csv"
+
+
+@dataclass(frozen=True)
+class Measured:
+    """The readable images of one split part and the pipeline's evidence on each."""
+
+    samples: tuple[Sample, ...]
+    evidence: np.ndarray  # (n, 2): calibrated classifier logit, best box score
+    labels: np.ndarray  # (n,) 0/1
+    unreadable: tuple[tuple[str, str], ...]  # (path, reason)
+
+
+@dataclass(frozen=True)
+class SplitParts:
+    """The data set and the split of a bundle's classifier, checked against its record."""
+
+    dataset: Path
+    format: str
+    split_dir: Path
+    parts: Mapping[str, list[Sample]]  # train, val, test
+    targets: Mapping[str, float]  # the classifier's sensitivity / specificity targets
+
+
+def open_split(bundle: Bundle, split_dir: Path, dataset: Path | None,
+               subsets: Sequence[str] = ()) -> SplitParts:
+    """The parts of `split_dir` over `dataset` (default: the one the bundle's classifier
+    was trained on), refused unless their sizes are the ones the bundle recorded; a
+    `--subset` naming no column fails here, before minutes of inference."""
+    manifest = bundle.manifest
+    label = f"{manifest.name}-{manifest.version}"
+    record = dict(manifest.training.get("classifier") or {})
+    data_record = record.get("data") or {}
+    if dataset is None and data_record.get("dataset"):
+        dataset = Path(data_record["dataset"])
+    if dataset is None:
+        raise BuildError(f"{bundle.path}: its training record names no data set; pass "
+                         "--dataset")
+    sample_set = open_dataset(dataset, data_record.get("format"))
+    split = load_split(split_dir, sample_set)
+    parts = {name: split.samples(sample_set, name) for name in ("train", "val", "test")}
+    found = {"train_images": len(parts["train"]),
+             "train_positive": sum(s.label for s in parts["train"]),
+             "val_images": len(parts["val"]), "val_positive": sum(s.label for s in parts["val"])}
+    recorded = {key: data_record.get(key) for key in found}
+    if found != recorded:
+        raise DatasetError(f"{split_dir}: its parts ({found}) are not those {label}'s "
+                           f"classifier was trained and calibrated with ({recorded}); "
+                           "fitting or checking on images it trained on would flatter it")
+    if not parts["test"]:
+        raise DatasetError(f"{split_dir}: the test part is empty, so nothing would score "
+                           "the new bundle on images it was not fitted on")
+    subset_masks(parts["test"], subsets)
+    settings = record.get("settings") or {}
+    targets = {"sensitivity": settings.get("target_sensitivity",
+                                           DEFAULT_TARGETS["sensitivity"]),
+               "specificity": settings.get("target_specificity",
+                                           DEFAULT_TARGETS["specificity"])}
+    return SplitParts(dataset, sample_set.format, Path(split_dir), parts, targets)
+
+
+def measure(pipeline: Pipeline, samples: Sequence[Sample], *, desc: str) -> Measured:
+    """Run the pipeline over `samples`, `pipeline.max_batch` images at a time; images
+    that cannot be decoded are left out and listed, as evaluate does."""
+    kept: list[Sample] = []
+    rows: list[np.ndarray] = []
+    unreadable: list[tuple[str, str]] = []
+    batch: list[tuple[Sample, np.ndarray]] = []
+
+    def flush() -> None:
+        if batch:
+            rows.append(pipeline.evidence([pixels for _, pixels in batch]))
+            kept.extend(sample for sample, _ in batch)
+            batch.clear()
+
+    for index, sample in enumerate(tqdm(samples, desc=desc, unit="img", disable=None,
+                                        mininterval=5.0)):
+        if index % PROGRESS_EVERY == 0:  # tqdm draws only on a terminal; logs go anywhere
+            log.info("score.progress", part=desc, done=index, total=len(samples),
+                     model=pipeline.model.label)
+        try:
+            batch.append((sample, load_image(sample.path).pixels))
+        except DecodeError as exc:
+            unreadable.append((str(sample.path), str(exc)))
+            log.warning("score.image_unreadable", path=str(sample.path), reason=str(exc))
+            continue
+        if len(batch) == pipeline.max_batch:
+            flush()
+    flush()
+    evidence = np.concatenate(rows) if rows else np.empty((0, 2))
+    return Measured(tuple(kept), evidence, np.array([s.label for s in kept], dtype=np.int64),
+                    tuple(unreadable))
+
+
+def probabilities(spec: ClassifierSpec, evidence: np.ndarray) -> np.ndarray:
+    """The probability a bundle's classifier spec makes of the evidence: the calibrated
+    logit's, or fused with the box score where the spec says so (as the pipeline does)."""
+    logits = evidence[:, 0]
+    if spec.fusion is not None:
+        logits = spec.fusion.logit(logits, evidence[:, 1])
+    return sigmoid(logits)
+
+
+def sigmoid(values: np.ndarray) -> np.ndarray:
+    # tanh form: no overflow for large |value|
+    return 0.5 * (1.0 + np.tanh(0.5 * values))
+
+
+def write_rows(path: Path, measured: Measured, columns: Mapping[str, np.ndarray]) -> None:
+    """One row per scored image: its path, body part, label, the evidence and `columns`."""
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["image", "body_part", "label", "logit", "box_score", *columns])
+        for i, sample in enumerate(measured.samples):
+            writer.writerow([str(sample.path), sample.body_part, int(measured.labels[i]),
+                             f"{measured.evidence[i, 0]:.6f}", f"{measured.evidence[i, 1]:.6f}",
+                             *(f"{values[i]:.6f}" for values in columns.values())])
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What the new probability is compared with in the report: its name and values."""
+
+    name: str
+    probability: np.ndarray
+
+
+def write_test_report(report_dir: Path, *, title: str, split: SplitParts, test: Measured,
+                      probability: np.ndarray, reference: Reference,
+                      points: Mapping[str, float], temperature: float, formula: str,
+                      subsets: Sequence[str], bootstrap: int, sections: Mapping[str, Any],
+                      model: Mapping[str, Any], data: Mapping[str, Any]) -> dict[str, Any]:
+    """metrics.json, report.md and the plots of `probability` on the test part, with
+    `reference` as the calibration's "before"; `sections` (e.g. "fusion") are added to
+    metrics.json and the report. Returns what metrics.json holds."""
+    headline = classification_metrics(test.labels, probability,
+                                      threshold=points["high_sensitivity"],
+                                      bootstrap=bootstrap)
+    settings = {"classifier": {"target_sensitivity": split.targets["sensitivity"],
+                               "target_specificity": split.targets["specificity"]}}
+    metrics: dict[str, Any] = {
+        "classification": headline,
+        "operating_points": achieved_points(test.labels, probability, dict(points), settings),
+        "calibration": {
+            "formula": f"{formula}; before: {reference.name}", "temperature": temperature,
+            "ece_before": expected_calibration_error(test.labels, reference.probability),
+            "ece_after": expected_calibration_error(test.labels, probability)},
+        **sections,
+    }
+    masks = subset_masks(list(test.samples), subsets)
+    if masks:
+        metrics["subsets"] = subset_metrics(test.labels, probability, masks,
+                                            threshold=points["high_sensitivity"],
+                                            bootstrap=bootstrap)
+    figures = {
+        "ROC": plots.plot_roc(report_dir / "roc.png", headline, metrics["operating_points"]),
+        "precision-recall": plots.plot_pr(report_dir / "pr.png", headline),
+        "confusion (high-sensitivity point)": plots.plot_confusion(
+            report_dir / "confusion.png", headline),
+        f"reliability (before: {reference.name})": plots.plot_reliability(
+            report_dir / "reliability.png", test.labels, reference.probability, probability),
+    }
+    tested = split.parts["test"]
+    record = {"dataset": str(split.dataset), "format": split.format, "split": "test",
+              "split_source": str(split.split_dir), "evaluated": "its test split",
+              "images": len(tested), "fracture": sum(s.label for s in tested), **data,
+              "unreadable": [{"path": path, "reason": reason}
+                             for path, reason in test.unreadable]}
+    write_report(report_dir, title=title, metrics=metrics, plots=figures, model=model,
+                 data=record, trained=True)
+    return json.loads((report_dir / "metrics.json").read_text(encoding="utf-8"))
+
+
+def masks_for(test: Measured, subsets: Sequence[str]) -> dict[str, np.ndarray]:
+    """The subsets' masks over the readable test images."""
+    return subset_masks(list(test.samples), subsets)

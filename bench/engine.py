@@ -18,7 +18,8 @@ Times go through the backends' own `.run` (what the node calls), so they include
 numpy <-> tensor conversions the node pays for.
 
     .venv/bin/python -m bench.engine [--variants b0,b3] [--detectors mobilenet_v3_large_fpn]
-        [--threads 2] [--repeat 10] [--batch 1,4] [--bundle engines/fractured-0.4.0]
+        [--threads 2] [--repeat 10] [--batch 1,4] [--bundle engines/fractured-0.5.0
+        [--peer-bundle engines/fractured-0.4.0]]
 
 The ResNet50-FPN v2 detector (~1.3 s per image on 2 cores) runs only when named:
 `--detectors mobilenet_v3_large_fpn,resnet50_fpn_v2`. `--detectors none` skips detectors.
@@ -314,48 +315,72 @@ def probe_memory(bundle_path: str, backend: str, study_file: str, threads: int) 
                       "torch": "torch" in sys.modules}))
 
 
-def bench_bundle(bundle: Bundle, study: list[np.ndarray], batches: list[int], threads: int,
-                 repeat: int, work: Path) -> None:
+def bench_bundle(bundle: Bundle, peer: Bundle | None, study: list[np.ndarray],
+                 batches: list[int], threads: int, repeat: int, work: Path) -> None:
     """A built bundle as the node runs it (the shipped model: trained weights, its own
-    input sizes, float16-stored ONNX graphs), on ONNX Runtime, the node's CPU backend.
+    input sizes, float16-stored or INT8 ONNX graphs), on ONNX Runtime, the node's CPU
+    backend, against a peer in the same process.
 
-    A shipped bundle carries no PyTorch weights. Its ResNet classifier is read back from
-    its graph (exact at inference: training.weights.read_onnx_resnet) for the torch eager
-    peer; the detector, pipeline and memory have no torch peer and print alone."""
+    With `peer` (another bundle, e.g. the float32 source of an INT8 one) the two race
+    model by model and study by study on ONNX Runtime. Without it, the peer is the
+    classifier read back from the graph into torch eager (a shipped bundle carries no
+    PyTorch weights; training.weights.read_onnx_resnet is exact at inference), which an
+    INT8 graph cannot give; the detector and the study then print alone."""
     import torch
+
+    from fractured.training.export import is_quantized
 
     spec = bundle.manifest.classifier
     node = open_engines(bundle, "onnxruntime", threads=threads)
-    model, source = torch_classifier(bundle)
-    peer = f"torch (cpu{', read back' if source == CLASSIFIER_FILE else ''})"
+    label = f"{bundle.manifest.name}-{bundle.manifest.version}"
+    other = open_engines(peer, "onnxruntime", threads=threads) if peer is not None else None
+    peer_label = f"{peer.manifest.name}-{peer.manifest.version}" if peer is not None else ""
+    classifier_peers: dict[str, Callable[[Any], Any]] = {}
+    note = ""
+    if other is not None:
+        classifier_peers[f"{peer_label} ORT"] = other.classifier.run
+        note = f"logits differ from {peer_label}'s by <= "
+    elif not is_quantized(bundle.file(CLASSIFIER_FILE)):
+        model, source = torch_classifier(bundle)
 
-    def eager(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        with torch.inference_mode():
-            logits, cam = model(torch.from_numpy(batch))
-            return logits.numpy(), cam.numpy()
+        def eager(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            with torch.inference_mode():
+                logits, cam = model(torch.from_numpy(batch))
+                return logits.numpy(), cam.numpy()
 
-    name = f"{bundle.manifest.name}-{bundle.manifest.version} {spec.architecture}"
+        classifier_peers[f"torch (cpu{', read back' if source == CLASSIFIER_FILE else ''})"] = \
+            eager
+        note = "logits differ from torch's by <= "
     for batch_size in batches:
         batch = model_batch(study, spec.input_size, batch_size, bundle)
-        timings = race({peer: eager, _label(node): node.classifier.run}, batch, repeat,
-                       batch_size)
-        gap = np.abs(eager(batch)[0] - node.classifier.run(batch)[0]).max()
-        print_race(name, spec.input_size, batch_size, timings,
-                   f"logits differ by <= {gap:.2g} (the same float16-stored weights)")
+        runs = {**classifier_peers, f"{label} ORT": node.classifier.run}
+        timings = race(runs, batch, repeat, batch_size)
+        gaps = [np.abs(run(batch)[0] - node.classifier.run(batch)[0]).max()
+                for run in classifier_peers.values()]
+        print_race(f"{label} {spec.architecture}", spec.input_size, batch_size, timings,
+                   f"{note}{gaps[0]:.2g}" if gaps else "")
     pair = (spec.architecture, "no detector")
     if node.detector is not None and bundle.manifest.detector is not None:
         boxes = bundle.manifest.detector
         batch = model_batch(study, boxes.input_size, 1, bundle)
-        timings = race({_label(node): node.detector.run}, batch, repeat, 1)
-        print_race(f"{bundle.manifest.name} {boxes.architecture}", boxes.input_size, 1, timings)
+        runs = {f"{label} ORT": node.detector.run}
+        if other is not None and other.detector is not None:
+            runs = {f"{peer_label} ORT": other.detector.run, **runs}
+        print_race(f"{bundle.manifest.name} {boxes.architecture}", boxes.input_size, 1,
+                   race(runs, batch, repeat, 1))
         pair = (spec.architecture, boxes.architecture)
-    pipeline = Pipeline(bundle, "onnxruntime", threads=threads)
     images = [(_REF, image) for image in study]
-    timings = race({_label(pipeline.engines): pipeline.run}, images, max(3, repeat // 2),
-                   len(study))
-    print_race(f"{bundle.manifest.name}-{bundle.manifest.version} study", spec.input_size,
-               len(study), timings, "times are per study; ms/image is the node's rate")
+    pipelines = {f"{label} ORT": Pipeline(bundle, "onnxruntime", threads=threads).run}
+    if peer is not None:
+        pipelines = {f"{peer_label} ORT": Pipeline(peer, "onnxruntime", threads=threads).run,
+                     **pipelines}
+    timings = race(pipelines, images, max(3, repeat // 2), len(study))
+    print_race(f"{label} study", spec.input_size, len(study), timings,
+               "times are per study; ms/image is the node's rate")
     bench_memory({pair: bundle}, study, threads, work, backends=("onnxruntime",))
+    if peer is not None:
+        bench_memory({(peer_label, "(peer)"): peer}, study, threads, work,
+                     backends=("onnxruntime",))
 
 
 def torch_classifier(bundle: Bundle) -> tuple[Any, str]:
@@ -476,8 +501,11 @@ def main() -> None:
     parser.add_argument("--batch", default="1,4", help="classifier batch sizes")
     parser.add_argument("--bundle", type=Path,
                         help="also a built bundle as the node runs it, e.g. "
-                             "engines/fractured-0.4.0 (ONNX Runtime; untrained ones "
+                             "engines/fractured-0.5.0 (ONNX Runtime; untrained ones "
                              "skipped with --variants none --detectors none)")
+    parser.add_argument("--peer-bundle", type=Path,
+                        help="with --bundle: race it against this bundle on ONNX Runtime, "
+                             "e.g. an INT8 bundle against its float32 source")
     parser.add_argument("--probe-memory", nargs=4, help=argparse.SUPPRESS,
                         metavar=("BUNDLE", "BACKEND", "STUDY", "THREADS"))
     args = parser.parse_args()
@@ -500,12 +528,14 @@ def main() -> None:
             parser.error(f"unknown detector {name!r}; choose from "
                          f"{', '.join(DETECTOR_BACKBONES)}")
     batches = [int(b) for b in args.batch.split(",")]
-    shipped = None
-    if args.bundle:
-        try:
-            shipped = Bundle.load(args.bundle)
-        except BundleError as exc:
-            parser.error(str(exc))
+    shipped = peer = None
+    if args.peer_bundle and not args.bundle:
+        parser.error("--peer-bundle races against --bundle: give both")
+    try:
+        shipped = Bundle.load(args.bundle) if args.bundle else None
+        peer = Bundle.load(args.peer_bundle) if args.peer_bundle else None
+    except BundleError as exc:
+        parser.error(str(exc))
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
     ort.set_default_logger_severity(3)
@@ -535,7 +565,7 @@ def main() -> None:
             print(f"\nThe bundle {shipped.path} (trained weights, ONNX Runtime as the node "
                   "runs it):")
             print(HEADER)
-            bench_bundle(shipped, study, batches, args.threads, args.repeat, work)
+            bench_bundle(shipped, peer, study, batches, args.threads, args.repeat, work)
         print("\nCUDA (torch backend; FP16 channels-last classifier vs FP32 eager):")
         bench_cuda(classifiers, boxers, study, batches, args.repeat)
     print(f"\nTotal {time.perf_counter() - started:.0f} s; load average (1 min) at the end: "

@@ -32,6 +32,39 @@ subset_option = click.option(
     "--subset", "subsets", multiple=True, metavar="COLUMN=VALUE",
     help="Also report on images whose attribute matches, e.g. hardware=0.")
 
+def derived_bundle_options(parts: str):  # -> a decorator
+    """The options of a command that makes a new bundle from BUNDLE and scores it on the
+    split of BUNDLE's classifier (`fuse`, `quantize`); `parts` says what each part is for."""
+    options = [
+        click.option("--split", "split_dir", required=True,
+                     type=click.Path(exists=True, file_okay=False, path_type=Path),
+                     help=f"The split the classifier was trained with (split.csv and "
+                          f"split.json: a run's split/ folder): {parts}."),
+        click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
+                     required=True, help="Bundle directory to create (must not exist)."),
+        click.option("--version", "bundle_version", required=True,
+                     help="The new bundle's version."),
+        click.option("--name", help="The new bundle's name [default: BUNDLE's]."),
+        click.option("--report", "report_dir", required=True,
+                     type=click.Path(path_type=Path, file_okay=False),
+                     help="Where metrics.json, report.md, plots and the per-image "
+                          "predictions.csv / validation.csv go."),
+        click.option("--dataset", type=click.Path(exists=True, path_type=Path),
+                     help="The data set [default: the one BUNDLE's classifier was trained "
+                          "on]."),
+        subset_option,
+        click.option("--bootstrap", type=click.IntRange(0), default=1000, show_default=True,
+                     help="Bootstrap resamples for the AUC intervals (0 = none)."),
+    ]
+
+    def apply(command):  # click passes the command function through each option
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply
+
+
 config_option = click.option(
     "--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
     help=f"config.toml to use (default: ${CONFIG_ENV}, else the shipped config.toml).")
@@ -361,22 +394,7 @@ def ensemble(members: tuple[Path, ...], out_dir: Path, detector: Path | None,
 @main.command()
 @click.argument("bundle_dir", metavar="BUNDLE",
                 type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--split", "split_dir", type=click.Path(exists=True, file_okay=False,
-                                                      path_type=Path), required=True,
-              help="The split the classifier was trained with (split.csv and split.json: a "
-                   "run's split/ folder): fitted on its val part, scored on its test part.")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
-              required=True, help="Bundle directory to create (must not exist).")
-@click.option("--version", "bundle_version", required=True, help="The new bundle's version.")
-@click.option("--name", help="The new bundle's name [default: BUNDLE's].")
-@click.option("--report", "report_dir", type=click.Path(path_type=Path, file_okay=False),
-              required=True, help="Where metrics.json, report.md, plots and the per-image "
-                                  "predictions.csv / validation.csv go.")
-@click.option("--dataset", type=click.Path(exists=True, path_type=Path),
-              help="The data set [default: the one BUNDLE's classifier was trained on].")
-@subset_option
-@click.option("--bootstrap", type=click.IntRange(0), default=1000, show_default=True,
-              help="Bootstrap resamples for the AUC intervals (0 = none).")
+@derived_bundle_options("fitted on its val part, scored on its test part")
 @click.option("--notes", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Markdown added to the model card's notes.")
 def fuse(bundle_dir: Path, split_dir: Path, out_dir: Path, bundle_version: str,
@@ -403,15 +421,69 @@ def fuse(bundle_dir: Path, split_dir: Path, out_dir: Path, bundle_version: str,
                                   notes=notes)
     except (BundleError, BuildError, DatasetError, config.ConfigError) as exc:
         raise click.ClickException(str(exc)) from None
-    for part, auc in result.summary["auc"].items():
+    _print_auc_comparison(result.summary["auc"], "alone", "fused")
+    click.echo(f"report: {report_dir / 'report.md'}")
+    click.echo(f"built {path}")
+
+
+@main.command()
+@click.argument("bundle_dir", metavar="BUNDLE",
+                type=click.Path(exists=True, file_okay=False, path_type=Path))
+@derived_bundle_options("calibrated on its train part, checked on its val part, scored on "
+                        "its test part")
+@click.option("--calibration-images", type=click.IntRange(1), default=128, show_default=True,
+              help="Training images whose activations set the INT8 ranges.")
+@click.option("--max-auc-drop", type=click.FloatRange(0, 1), default=0.005, show_default=True,
+              help="Refuse the INT8 graphs if they lose more validation AUC than this.")
+@click.option("--notes", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Markdown added to the model card's notes.")
+def quantize(bundle_dir: Path, split_dir: Path, out_dir: Path, bundle_version: str,
+             name: str | None, report_dir: Path, dataset: Path | None,
+             subsets: tuple[str, ...], bootstrap: int, calibration_images: int,
+             max_auc_drop: float, notes: Path | None) -> None:
+    """Quantize BUNDLE's graphs to INT8 (ONNX Runtime static quantization, calibrated on
+    training images), check them against BUNDLE on validation, score them on the test
+    split, and write them as a new bundle with BUNDLE's calibration and operating points."""
+    import tempfile
+
+    log.configure("INFO", "console")
+    from fractured.engine.bundle import BundleError
+    from fractured.training.build import build_quantized_bundle
+    from fractured.training.datasets import DatasetError
+    from fractured.training.export import BuildError
+    from fractured.training.quantize import quantize as quantize_and_check
+
+    if out_dir.exists():  # before minutes of inference, not after
+        raise click.ClickException(f"{out_dir}: already exists; a bundle is never "
+                                   "overwritten (build a new version)")
+    try:
+        with tempfile.TemporaryDirectory(prefix="fractured-quantize-") as scratch:
+            result = quantize_and_check(bundle_dir, split_dir, report_dir, Path(scratch),
+                                        dataset=dataset, subsets=subsets, bootstrap=bootstrap,
+                                        calibration_images=calibration_images,
+                                        max_auc_drop=max_auc_drop)
+            path = build_quantized_bundle(result, out_dir, name=name, version=bundle_version,
+                                          notes=notes)
+    except (BundleError, BuildError, DatasetError, config.ConfigError) as exc:
+        raise click.ClickException(str(exc)) from None
+    _print_auc_comparison(result.summary["auc"], "source", "INT8")
+    for part, changed in result.summary["changes"].items():
+        click.echo(f"{part}: decisions changed {changed['decisions_changed']} of "
+                   f"{changed['images']} images; largest probability change "
+                   f"{changed['max_probability_change']:.4f}")
+    click.echo(f"report: {report_dir / 'report.md'}")
+    click.echo(f"built {path}")
+
+
+def _print_auc_comparison(comparison: dict, before: str, after: str) -> None:
+    """One line per part: the AUC before and after, and the paired interval."""
+    for part, auc in comparison.items():
         ci = auc["difference_ci95"]
         if auc["before"] is None:
             click.echo(f"{part}: {auc['note']}")
             continue
-        click.echo(f"{part}: AUC {auc['before']:.4f} alone, {auc['after']:.4f} fused"
+        click.echo(f"{part}: AUC {auc['before']:.4f} {before}, {auc['after']:.4f} {after}"
                    + (f" (difference {ci[0]:+.4f} to {ci[1]:+.4f})" if ci else ""))
-    click.echo(f"report: {report_dir / 'report.md'}")
-    click.echo(f"built {path}")
 
 
 @main.group()

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 
+from fractured.engine.bundle import MANIFEST_FILE, Bundle
+from fractured.engine.pipeline import Pipeline
+from fractured.engine.sources import load_image
 from fractured.training.build import build_untrained_bundle
+from fractured.training.datasets import open_dataset
+from fractured.training.splits import make_split, write_split
 from tests.postgres import PostgresCluster, server_bin
 
 
@@ -32,6 +41,58 @@ def untrained_bundle_with_detector(tmp_path_factory: pytest.TempPathFactory) -> 
     return build_untrained_bundle(
         tmp_path_factory.mktemp("engines") / "fractured-untrained-det-0.0.0",
         input_size=128, detector="mobilenet_v3_large_fpn", detector_input_size=DETECTOR_SIZE)
+
+
+@pytest.fixture(scope="session")
+def scored_bundle(untrained_bundle_with_detector: Path,
+                  tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """(data set, split folder, bundle) for `fractured fuse` and `fractured quantize`:
+    a bundle with both models, marked trained on a split whose parts it records, on
+    images where a fusion has something to find. Tests must not modify it.
+
+    A model trained in seconds ranks nothing (a one-epoch smoke run's logits and box
+    scores are constant), so the labels are made a rule of the random-weight bundle's
+    own two numbers instead: an image is a fracture when the ranks of its logit and its
+    best box score add up to more than the median. Both raise the odds, so a fit must
+    weigh both positively. The bundle's manifest is marked trained on this data set's
+    split, with the records build-engine writes for a run.
+    """
+    root = tmp_path_factory.mktemp("fusable")
+    data = root / "yolo"
+    (data / "images").mkdir(parents=True)
+    (data / "labels").mkdir()
+    (data / "classes.txt").write_text("fracture\n")
+    paths = []
+    for index in range(40):
+        rng = np.random.default_rng(index)
+        noise = cv2.GaussianBlur(rng.random((160, 128)).astype(np.float32), (0, 0),
+                                 3 + index % 7)
+        paths.append(data / "images" / f"img{index:03d}.png")
+        cv2.imwrite(str(paths[-1]), (255 * (noise - noise.min()) / np.ptp(noise)).astype(np.uint8))
+    pipeline = Pipeline(Bundle.load(untrained_bundle_with_detector), backend="onnxruntime")
+    evidence = pipeline.evidence([load_image(path).pixels for path in paths])
+    ranks = evidence.argsort(axis=0).argsort(axis=0).sum(axis=1)
+    for path, rank in zip(paths, ranks, strict=True):
+        box = "0 0.5 0.5 0.2 0.2\n" if rank > np.median(ranks) else ""
+        (data / "labels" / f"{path.stem}.txt").write_text(box)
+    sample_set = open_dataset(data, None)
+    split_dir = root / "split"
+    split = make_split(sample_set, val=0.3, test=0.3, seed=0)
+    write_split(split, split_dir)
+    parts = {name: split.samples(sample_set, name) for name in ("train", "val")}
+    record = {"data": {"dataset": str(data), "format": sample_set.format,
+                       "images": len(sample_set.samples),
+                       **{f"{name}_images": len(part) for name, part in parts.items()},
+                       **{f"{name}_positive": sum(s.label for s in part)
+                          for name, part in parts.items()}},
+              "settings": {"target_sensitivity": 0.95, "target_specificity": 0.9}}
+    bundle = root / "engines" / "fractured-1.0.0"
+    shutil.copytree(untrained_bundle_with_detector, bundle)
+    manifest = json.loads((bundle / MANIFEST_FILE).read_text())
+    manifest.update(name="fractured", version="1.0.0", trained=True,
+                    training={"classifier": record, "detector": record})
+    (bundle / MANIFEST_FILE).write_text(json.dumps(manifest))
+    return data, split_dir, bundle
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,6 @@ import json
 import shutil
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -34,12 +33,10 @@ from fractured.engine.findings import ImageRef
 from fractured.engine.pipeline import Pipeline
 from fractured.engine.sources import load_image
 from fractured.training.build import build_bundle
-from fractured.training.datasets import open_dataset
 from fractured.training.evaluation import choose_operating_points
 from fractured.training.evaluation.classification import paired_auc_difference
 from fractured.training.export import BuildError
 from fractured.training.fusion import fit_fusion
-from fractured.training.splits import make_split, write_split
 from tests import factory
 
 WEIGHTS = {"logit_weight": 0.9, "box_weight": 1.7, "intercept": -1.3}
@@ -201,56 +198,6 @@ def test_the_paired_auc_difference_brackets_a_real_gain() -> None:
 
 # -- fractured fuse end to end ------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def fusable(untrained_bundle_with_detector: Path,
-            tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
-    """(data set, split folder, bundle) where a fusion has something to find.
-
-    A model trained in seconds ranks nothing (a one-epoch smoke run's logits and box
-    scores are constant), so the labels are made a rule of the random-weight bundle's
-    own two numbers instead: an image is a fracture when the ranks of its logit and its
-    best box score add up to more than the median. Both raise the odds, so a fit must
-    weigh both positively. The bundle's manifest is marked trained on this data set's
-    split, with the records build-engine writes for a run.
-    """
-    root = tmp_path_factory.mktemp("fusable")
-    data = root / "yolo"
-    (data / "images").mkdir(parents=True)
-    (data / "labels").mkdir()
-    (data / "classes.txt").write_text("fracture\n")
-    paths = []
-    for index in range(40):
-        rng = np.random.default_rng(index)
-        noise = cv2.GaussianBlur(rng.random((160, 128)).astype(np.float32), (0, 0),
-                                 3 + index % 7)
-        paths.append(data / "images" / f"img{index:03d}.png")
-        cv2.imwrite(str(paths[-1]), (255 * (noise - noise.min()) / np.ptp(noise)).astype(np.uint8))
-    pipeline = Pipeline(Bundle.load(untrained_bundle_with_detector), backend="onnxruntime")
-    evidence = pipeline.evidence([load_image(path).pixels for path in paths])
-    ranks = evidence.argsort(axis=0).argsort(axis=0).sum(axis=1)
-    for path, rank in zip(paths, ranks, strict=True):
-        box = "0 0.5 0.5 0.2 0.2\n" if rank > np.median(ranks) else ""
-        (data / "labels" / f"{path.stem}.txt").write_text(box)
-    sample_set = open_dataset(data, None)
-    split_dir = root / "split"
-    split = make_split(sample_set, val=0.3, test=0.3, seed=0)
-    write_split(split, split_dir)
-    parts = {name: split.samples(sample_set, name) for name in ("train", "val")}
-    record = {"data": {"dataset": str(data), "format": sample_set.format,
-                       "images": len(sample_set.samples),
-                       **{f"{name}_images": len(part) for name, part in parts.items()},
-                       **{f"{name}_positive": sum(s.label for s in part)
-                          for name, part in parts.items()}},
-              "settings": {"target_sensitivity": 0.95, "target_specificity": 0.9}}
-    bundle = root / "engines" / "fractured-1.0.0"
-    shutil.copytree(untrained_bundle_with_detector, bundle)
-    manifest = json.loads((bundle / MANIFEST_FILE).read_text())
-    manifest.update(name="fractured", version="1.0.0", trained=True,
-                    training={"classifier": record, "detector": record})
-    (bundle / MANIFEST_FILE).write_text(json.dumps(manifest))
-    return data, split_dir, bundle
-
-
 def rows(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh))
@@ -258,8 +205,8 @@ def rows(path: Path) -> list[dict[str, str]]:
 
 @pytest.mark.slow
 def test_fuse_fits_on_validation_scores_the_test_split_and_builds_a_bundle(
-        fusable, tmp_path: Path) -> None:
-    _, split_dir, source = fusable
+        scored_bundle, tmp_path: Path) -> None:
+    _, split_dir, source = scored_bundle
     out, report = tmp_path / "fractured-1.1.0", tmp_path / "report"
     notes = tmp_path / "notes.md"
     notes.write_text("- Fused on a made-up rule.\n")
@@ -330,9 +277,10 @@ def test_fuse_fits_on_validation_scores_the_test_split_and_builds_a_bundle(
 
 
 @pytest.mark.slow
-def test_fuse_refuses_what_it_cannot_fit_honestly(fusable, untrained_bundle_with_detector: Path,
+def test_fuse_refuses_what_it_cannot_fit_honestly(scored_bundle,
+                                                  untrained_bundle_with_detector: Path,
                                                   tmp_path: Path) -> None:
-    data, split_dir, source = fusable
+    data, split_dir, source = scored_bundle
     runner = CliRunner()
 
     def fuse(bundle: Path, out: str = "new", *extra: str) -> str:

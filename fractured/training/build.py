@@ -60,6 +60,7 @@ from fractured.training.export import (
 )
 from fractured.training.fusion import FusionResult
 from fractured.training.model_card import dataset_credits, model_card
+from fractured.training.quantize import QuantizationResult
 
 log = structlog.get_logger()
 #: Validation images (fractures first) the detector's ONNX graph is compared on.
@@ -215,32 +216,63 @@ def build_fused_bundle(result: FusionResult, out_dir: Path, *, name: str | None 
     says the probability is fused and what that changed. `notes` (Markdown) are added
     to the source's."""
     source = result.source
+    files: dict[str, str | Path] = {key: source.file(key) for key in source.manifest.files
+                                    if key != MODEL_CARD_FILE}
+    classifier = {"operating_points": result.operating_points,
+                  "fusion": result.summary["weights"]}
+    return _derived_bundle(source, out_dir, name=name, version=version, files=files,
+                           classifier=classifier, backends=None, kind="fusion",
+                           summary=result.summary, report=result.report,
+                           report_path=result.report_path, notes=notes)
+
+
+def build_quantized_bundle(result: QuantizationResult, out_dir: Path, *,
+                           name: str | None = None, version: str,
+                           notes: Path | None = None) -> Path:
+    """A new bundle of `result.source` with its graphs in INT8 (`quantize.quantize` made
+    and checked them): the same calibration, fusion and operating points; ONNX only (the
+    torch weights are the float32 model's, another model); the held-out classification
+    scores are the INT8 bundle's, the box scores the source's, marked as such."""
+    files: dict[str, str | Path] = dict(result.files)
+    return _derived_bundle(result.source, out_dir, name=name, version=version, files=files,
+                           classifier={}, backends=["onnxruntime"], kind="quantization",
+                           summary=result.summary, report=result.report,
+                           report_path=result.report_path, notes=notes)
+
+
+def _derived_bundle(source: Bundle, out_dir: Path, *, name: str | None, version: str,
+                    files: dict[str, str | Path], classifier: dict[str, Any],
+                    backends: list[str] | None, kind: str, summary: dict[str, Any],
+                    report: dict[str, Any], report_path: Path, notes: Path | None) -> Path:
+    """A bundle made from another by `kind` (fusion, quantization): its manifest with the
+    `classifier` keys replaced, `training[kind]` = `summary`, the held-out record from
+    `report` (the source's box scores kept), a new model card."""
     raw = json.loads((source.path / MANIFEST_FILE).read_text(encoding="utf-8"))
     label = f"{raw['name']}-{raw['version']}"
     training = dict(raw.get("training") or {})
-    for kind in ("classifier", "detector"):
-        training[kind] = {**training.get(kind, {}), "from_bundle": label}
-    training["fusion"] = result.summary
-    training["held_out"] = _joined_held_out(
-        held_out_summary(result.report, result.report_path), training.get("held_out"))
+    for part in ("classifier", "detector"):
+        if part in training:
+            training[part] = {**training[part], "from_bundle": label}
+    training[kind] = summary
+    held_out = held_out_summary(report, report_path)
+    # box scores: this report's where it measured the detector (quantization), else the
+    # source's (fusion leaves the detector as it was)
+    boxes = held_out if "detection" in held_out else training.get("held_out")
+    training["held_out"] = _joined_held_out(held_out, boxes)
     if notes is not None:
         training["notes"] = "\n\n".join(filter(None, [training.get("notes"), _notes(notes)]))
-    classifier = {**raw["classifier"], "operating_points": result.operating_points,
-                  "fusion": result.summary["weights"]}
-    files: dict[str, str | Path] = {key: source.file(key) for key in source.manifest.files
-                                    if key != MODEL_CARD_FILE}
     manifest = _manifest(name or raw["name"], version, trained=True, mean=raw["mean"],
-                         std=raw["std"], classifier=classifier, detector=raw["detector"],
-                         training=jsonable(training), backends=raw["backends"])
-    dataset = (training["classifier"].get("data") or {}).get("dataset")
+                         std=raw["std"], classifier={**raw["classifier"], **classifier},
+                         detector=raw["detector"], training=jsonable(training),
+                         backends=backends or raw["backends"])
+    dataset = (training.get("classifier", {}).get("data") or {}).get("dataset")
     with tempfile.TemporaryDirectory(prefix="fractured-build-") as scratch:
         card = Path(scratch) / MODEL_CARD_FILE
         card.write_text(model_card(manifest, dataset_credits(Path(dataset) if dataset else None)),
                         encoding="utf-8")
-        files[MODEL_CARD_FILE] = card
-        write_bundle(out_dir, manifest, files)
+        write_bundle(out_dir, manifest, {**files, MODEL_CARD_FILE: card})
     log.info("build.done", bundle=str(out_dir), name=manifest["name"], version=version,
-             fused_from=label)
+             made_from=label, by=kind)
     return Path(out_dir)
 
 

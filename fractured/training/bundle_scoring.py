@@ -23,15 +23,18 @@ import numpy as np
 import structlog
 from tqdm import tqdm
 
+from fractured.engine.backends import open_engines
 from fractured.engine.bundle import Bundle, ClassifierSpec
 from fractured.engine.pipeline import Pipeline
-from fractured.engine.preprocess import DecodeError
+from fractured.engine.preprocess import DecodeError, letterbox, to_model_input
 from fractured.engine.sources import load_image
+from fractured.training.data import model_boxes
 from fractured.training.datasets import DatasetError, open_dataset
 from fractured.training.datasets.base import Sample
 from fractured.training.evaluate import achieved_points, subset_masks
 from fractured.training.evaluation import (
     classification_metrics,
+    detection_metrics,
     expected_calibration_error,
     plots,
     subset_metrics,
@@ -139,6 +142,36 @@ def measure(pipeline: Pipeline, samples: Sequence[Sample], *, desc: str) -> Meas
     evidence = np.concatenate(rows) if rows else np.empty((0, 2))
     return Measured(tuple(kept), evidence, np.array([s.label for s in kept], dtype=np.int64),
                     tuple(unreadable))
+
+
+def detection_scores(bundle: Bundle, samples: Sequence[Sample], *,
+                     desc: str) -> dict[str, Any]:
+    """The bundle's detector scored on the `samples` that carry boxes, as `fractured
+    evaluate` scores a detector checkpoint: every box its graph returns against the true
+    boxes, both in model-input pixels, and the numbers at its high-sensitivity point
+    (`detection_metrics`). Images that cannot be decoded are left out, as everywhere."""
+    spec = bundle.manifest.detector
+    engines = open_engines(bundle, "onnxruntime")
+    if spec is None or engines.detector is None:
+        raise BuildError(f"{bundle.path}: has no detector to score")
+    found: list[tuple[np.ndarray, np.ndarray]] = []
+    truths: list[np.ndarray] = []
+    boxed = [sample for sample in samples if sample.boxes is not None]
+    for index, sample in enumerate(boxed):
+        if index % PROGRESS_EVERY == 0:
+            log.info("score.progress", part=desc, done=index, total=len(boxed),
+                     model=bundle.model_info.label)
+        try:
+            pixels = load_image(sample.path).pixels
+        except DecodeError:
+            continue  # listed by `measure` over the same part
+        image, fit = letterbox(pixels, spec.input_size)
+        boxes, scores, labels = engines.detector.run(
+            to_model_input([image], bundle.manifest.mean, bundle.manifest.std))
+        real = labels[0] >= 1  # padding slots have label 0
+        found.append((boxes[0][real], scores[0][real]))
+        truths.append(model_boxes(sample, fit))
+    return detection_metrics(found, truths, threshold=spec.operating_points.high_sensitivity)
 
 
 def probabilities(spec: ClassifierSpec, evidence: np.ndarray) -> np.ndarray:

@@ -186,6 +186,39 @@ def store_weights_as_float16(path: Path) -> tuple[int, int]:
     return before, path.stat().st_size
 
 
+def float32_graph(source: Path, target: Path) -> None:
+    """Write the graph at `source` to `target` with float16-stored weights (see
+    `store_weights_as_float16`) back as float32 initializers and their Casts gone: the
+    graph it was before storage, which tools that look for a convolution's weight among
+    the initializers (ONNX Runtime's quantizer) need. Other graphs are copied as they are.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    graph_model = onnx.load(str(source))
+    graph = graph_model.graph
+    suffix = "__float16"
+    restored = [numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float32),
+                                        init.name.removesuffix(suffix))
+                if init.name.endswith(suffix) else init for init in graph.initializer]
+    nodes = [node for node in graph.node
+             if not (node.op_type == "Cast" and node.name.endswith(f"{suffix}__cast"))]
+    del graph.initializer[:]
+    graph.initializer.extend(restored)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.checker.check_model(graph_model)
+    onnx.save(graph_model, str(target))
+
+
+def is_quantized(path: Path) -> bool:
+    """Whether the ONNX graph at `path` holds QuantizeLinear nodes (a QDQ INT8 graph)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return any(node.op_type == "QuantizeLinear" for node in graph.node)
+
+
 # --- detector ----------------------------------------------------------------------------
 
 DETECTOR_BOX_TOLERANCE = 1.0  # model-input pixels

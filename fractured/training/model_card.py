@@ -36,6 +36,8 @@ def model_card(manifest: Mapping[str, Any], credits: Sequence[tuple[str, str]]) 
         lines += _held_out(training["held_out"])
     if "fusion" in training:
         lines += _fusion(training["fusion"])
+    if "quantization" in training:
+        lines += _quantization(training["quantization"])
     for kind in ("classifier", "detector"):
         if kind in training:
             lines += _training(kind, training[kind])
@@ -180,20 +182,58 @@ def _fusion(summary: Mapping[str, Any]) -> list[str]:
              f"({fitted.get('positives')} with fracture) of {summary.get('source')}, whose "
              "model files this bundle holds unchanged; the operating points were chosen "
              "again on the fused probability. The same images' AUC with the classifier's "
-             "probability alone, and the paired bootstrap interval of the difference:", "",
-             "| Images | n | Fractures | AUC, classifier alone | AUC, fused | "
-             "Difference (95 % CI) |", "| --- | --- | --- | --- | --- | --- |"]
-    for part, auc in (summary.get("auc") or {}).items():
-        low, high = auc.get("difference_ci95") or (None, None)
-        interval = f" ({_signed(low)} to {_signed(high)})" if low is not None else ""
-        lines.append(f"| {part} | {auc.get('n')} | {auc.get('positives')} | "
-                     f"{_num(auc.get('before'))} | {_num(auc.get('after'))} | "
-                     f"{_signed(auc.get('difference'))}{interval} |")
+             "probability alone, and the paired bootstrap interval of the difference:", ""]
+    lines += _comparison_table(summary.get("auc") or {}, "classifier alone", "fused")
     achieved = summary.get("achieved_on_val") or {}
     points = {name: point for name, point in achieved.items() if isinstance(point, Mapping)}
     if points:
         lines += _points_table("validation, fused", points)
     return [*lines, ""]
+
+
+def _quantization(summary: Mapping[str, Any]) -> list[str]:
+    """What INT8 changed against the float32 bundle it was made from."""
+    calibration = summary.get("calibration") or {}
+    lines = ["## INT8 quantization", "",
+             f"The {' and '.join(summary.get('models') or [])} of {summary.get('source')} "
+             f"in INT8: {summary.get('method')}, ranges measured on "
+             f"{calibration.get('images')} training images (ONNX Runtime "
+             f"{summary.get('onnxruntime')}). Calibration, fusion and operating points are "
+             "the source's. The same images' AUC with the source bundle and with this one, "
+             "and the paired bootstrap interval of the difference:", ""]
+    lines += _comparison_table(summary.get("auc") or {}, "source", "INT8")
+    lines += ["", "| Images | Decisions changed (possible / likely) | Largest change: "
+              "probability | logit | best box score |", "| --- | --- | --- | --- | --- |"]
+    for part, changed in (summary.get("changes") or {}).items():
+        decisions = changed.get("decisions_changed") or {}
+        lines.append(f"| {part} ({changed.get('images')}) | "
+                     f"{decisions.get('high_sensitivity')} / {decisions.get('high_specificity')}"
+                     f" | {_num(changed.get('max_probability_change'))} | "
+                     f"{_num(changed.get('max_logit_change'))} | "
+                     f"{_num(changed.get('max_box_score_change'))} |")
+    detection = summary.get("detection") or {}
+    if detection:
+        source, int8 = detection.get("source") or {}, detection.get("int8") or {}
+        lines += ["", f"Box detector on the test split's {int8.get('gt_boxes')} fracture "
+                  f"boxes: AP at IoU 0.5 {_num(source.get('ap50'))} (source) and "
+                  f"{_num(int8.get('ap50'))} (INT8), FROC score "
+                  f"{_num(source.get('froc_score'))} and {_num(int8.get('froc_score'))}."]
+    return [*lines, ""]
+
+
+def _comparison_table(comparison: Mapping[str, Mapping[str, Any]], before: str,
+                      after: str) -> list[str]:
+    """Two scores' AUC on the same images, per part, with the paired bootstrap interval
+    of their difference."""
+    lines = [f"| Images | n | Fractures | AUC, {before} | AUC, {after} | Difference (95 % CI) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for part, auc in comparison.items():
+        low, high = auc.get("difference_ci95") or (None, None)
+        interval = f" ({_signed(low)} to {_signed(high)})" if low is not None else ""
+        lines.append(f"| {part} | {auc.get('n')} | {auc.get('positives')} | "
+                     f"{_num(auc.get('before'))} | {_num(auc.get('after'))} | "
+                     f"{_signed(auc.get('difference'))}{interval} |")
+    return lines
 
 
 def _points_table(where: str, points: Mapping[str, Mapping[str, Any]]) -> list[str]:

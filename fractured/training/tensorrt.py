@@ -4,9 +4,10 @@ A plan holds kernels chosen and compiled for one GPU with one TensorRT version, 
 is built where it runs (`fractured build-engine` on the node, or an identical machine)
 and the bundle records the `PlanTarget` it returns. Plans are FP16 by default, the
 precision of the GPU's tensor cores; tests/test_tensorrt.py bounds how far FP16 moves
-logits, CAM and boxes from ONNX Runtime's FP32. INT8 is not offered: it needs a
-calibration set of real radiographs and an accuracy check of its own, neither of which
-exists yet.
+logits, CAM and boxes from ONNX Runtime's FP32. INT8 comes from the graph itself: a
+bundle made by `fractured quantize` holds QDQ graphs (calibrated on training images and
+checked against their float32 source), which TensorRT builds as an explicitly
+quantized INT8 plan, its other layers FP16.
 
 Written against the TensorRT 10 Python API; tensorrt is imported only when a plan is
 built, so this module imports on machines without it.
@@ -23,7 +24,7 @@ from fractured.engine.backends.tensorrt import (
     trt_logger,
     unavailable_reason,
 )
-from fractured.training.export import BuildError
+from fractured.training.export import BuildError, is_quantized
 
 __all__ = ["PlanTarget", "build_plan", "plan_is_usable"]
 
@@ -69,6 +70,8 @@ def build_plan(onnx_path: Path, plan_path: Path, *, fp16: bool = True, max_batch
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
     if fp16:
         config.set_flag(trt.BuilderFlag.FP16)
+    if is_quantized(Path(onnx_path)):  # QDQ nodes: their scales, not a calibrator, rule
+        config.set_flag(trt.BuilderFlag.INT8)
     profile = builder.create_optimization_profile()
     dynamic = False
     for index in range(network.num_inputs):

@@ -71,6 +71,8 @@ def write_report(out_dir: Path, *, title: str, metrics: Mapping[str, Any],
         lines += _calibration(metrics["calibration"])
     if "fusion" in metrics:
         lines += _fusion(metrics["fusion"])
+    if "quantization" in metrics:
+        lines += _quantization(metrics["quantization"])
     if metrics.get("subsets"):
         lines += _subsets(metrics["subsets"])
     if "detection" in metrics:
@@ -151,15 +153,48 @@ def _fusion(result: Mapping[str, Any]) -> list[str]:
              f"{_number(weights['logit_weight'])}, box-score weight "
              f"{_number(weights['box_weight'])}, intercept {_number(weights['intercept'])}.",
              ""]
+    return lines + _auc_comparison(result["auc"], "classifier alone", "fused")
+
+
+def _quantization(result: Mapping[str, Any]) -> list[str]:
+    """`fractured quantize`: the source's AUC against the INT8 graphs', and how far the
+    INT8 graphs moved each image's numbers and decisions."""
+    calibration = result["calibration"]
+    lines = ["## INT8 quantization", "",
+             f"The {' and '.join(result['models'])} of {result['source']}: "
+             f"{result['method']}; ranges from {calibration['images']} training images "
+             f"(ONNX Runtime {result['onnxruntime']}). Refused beyond a validation AUC drop "
+             f"of {result['max_auc_drop']:g}.", ""]
+    lines += _auc_comparison(result["auc"], "source", "INT8")
+    rows = [(part, str(changed["images"]),
+             " / ".join(str(n) for n in changed["decisions_changed"].values()),
+             _number(changed["max_probability_change"]), _number(changed["max_logit_change"]),
+             _number(changed["max_box_score_change"]))
+            for part, changed in result["changes"].items()]
+    lines += _table(("Images", "n", "Decisions changed (possible / likely)",
+                     "Largest change: probability", "logit", "best box score"), rows)
+    detection = result.get("detection") or {}
+    if detection:
+        lines += _table(("Detector (test)", "AP@0.5", "AP@[.5:.95]", "FROC score",
+                         "Lesion sensitivity"),
+                        [(name, _number(part["ap50"]), _number(part["ap50_95"]),
+                          _number(part["froc_score"]), _percent(part["lesion_sensitivity"]))
+                         for name, part in detection.items()])
+    return lines
+
+
+def _auc_comparison(comparison: Mapping[str, Mapping[str, Any]], before: str,
+                    after: str) -> list[str]:
+    """Two scores' AUC on the same images, and the paired interval of the difference."""
     rows = []
-    for part, auc in result["auc"].items():
+    for part, auc in comparison.items():
         ci = auc.get("difference_ci95")
         rows.append((part, str(auc["n"]), str(auc["positives"]), _number(auc["before"]),
                      _number(auc["after"]), _signed(auc["difference"]),
                      f"{_signed(ci[0])} to {_signed(ci[1])}" if ci else "-"))
-    header = ("Images", "n", "Fractures", "AUC, classifier alone", "AUC, fused", "Difference",
+    header = ("Images", "n", "Fractures", f"AUC, {before}", f"AUC, {after}", "Difference",
               "95 % CI (paired)")
-    return lines + _table(header, rows)
+    return _table(header, rows)
 
 
 def _subsets(subsets: Mapping[str, Mapping[str, Any]]) -> list[str]:

@@ -3,9 +3,11 @@
 Its bundle must verify, say it was trained, carry its held-out metrics in the model
 card, and `fractured predict` must give, on FracAtlas images, the probabilities and the
 boxes those metrics were computed from (the reports' predictions.csv and boxes.csv,
-kept under docs/). Its probability is fused with the detector's box score
-(`fractured fuse`): the classifier's part of it must be what the classifier's own
-PyTorch evaluation computed, so the fusion report rests on the evaluated model.
+kept under docs/). It is the INT8 form (`fractured quantize`) of a bundle whose
+probability is fused with the detector's box score (`fractured fuse`): each step's
+report must start from the numbers the step before it reported, down to the
+classifier's own PyTorch evaluation, so the chain of reports rests on the evaluated
+model.
 """
 
 from __future__ import annotations
@@ -22,13 +24,16 @@ from sklearn.metrics import roc_auc_score
 
 from fractured.cli import main
 from fractured.engine.bundle import Bundle
+from fractured.training.export import is_quantized
 from tests import factory
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = REPO / "engines" / "fractured-0.4.0"
-#: the same two models with the classifier's probability alone, kept for rollback
-ROLLBACK = REPO / "engines" / "fractured-0.3.0"
-#: the fused probability's held-out report (`fractured fuse`, ONNX Runtime)
+SHIPPED = REPO / "engines" / "fractured-0.5.0"
+#: the same bundle in float32 arithmetic (float16-stored weights), kept for rollback
+ROLLBACK = REPO / "engines" / "fractured-0.4.0"
+#: the shipped bundle's held-out report (`fractured quantize`, ONNX Runtime)
+QUANTIZED = REPO / "docs" / "training" / "fracatlas-int8" / "test"
+#: the rollback bundle's (`fractured fuse`, ONNX Runtime)
 FUSION = REPO / "docs" / "training" / "fracatlas-fusion" / "test"
 #: the classifier's held-out evaluation (PyTorch, float32; 0.2.0's run, whose classifier
 #: 0.3.0 and 0.4.0 hold byte for byte)
@@ -45,7 +50,7 @@ BOX_SCORE_TOLERANCE = 0.02
 BOX_PIXELS = 3.0  # source pixels, FracAtlas images being up to 1024 px
 
 
-def held_out_rows(report: Path = FUSION) -> list[dict[str, str]]:
+def held_out_rows(report: Path = QUANTIZED) -> list[dict[str, str]]:
     with open(report / "predictions.csv", newline="") as fh:
         return list(csv.DictReader(fh))
 
@@ -58,17 +63,30 @@ def test_setup_activates_the_shipped_bundle() -> None:
     assert manifest.detector is not None and manifest.detector.architecture == \
         "fasterrcnn_resnet18_fpn"
     assert manifest.classifier.fusion is not None
+    assert all(is_quantized(SHIPPED / name) for name in ("classifier.onnx", "detector.onnx"))
     card = (SHIPPED / "MODEL_CARD.md").read_text()
     assert "Box detector" in card and "No box detector" not in card
-    assert "The fracture probability is fused" in card
+    assert "The fracture probability is fused" in card and "## INT8 quantization" in card
 
 
-def test_the_rollback_bundle_holds_the_same_models_unfused() -> None:
+def test_the_rollback_bundle_is_the_same_model_in_float() -> None:
     shipped, rollback = (Bundle.load(path).manifest for path in (SHIPPED, ROLLBACK))
-    assert rollback.classifier.fusion is None
-    for name in ("classifier.onnx", "detector.onnx"):
-        assert shipped.files[name] == rollback.files[name]
-    assert shipped.training["fusion"]["source"] == ROLLBACK.name
+    assert shipped.classifier == rollback.classifier and shipped.detector == rollback.detector
+    assert not any(is_quantized(ROLLBACK / name) for name in ("classifier.onnx",
+                                                              "detector.onnx"))
+    assert shipped.training["quantization"]["source"] == ROLLBACK.name
+    assert rollback.training["fusion"]["source"] == "fractured-0.3.0"
+
+
+def test_each_report_starts_from_the_numbers_of_the_one_before() -> None:
+    """INT8 report's source probability = the fusion report's probability (the same
+    float bundle run again), whose classifier probability = the PyTorch evaluation's."""
+    fused = {Path(row["image"]).name: row for row in held_out_rows(FUSION)}
+    quantized = held_out_rows()
+    assert sorted(Path(row["image"]).name for row in quantized) == sorted(fused)
+    for row in quantized:
+        assert float(row["source_probability"]) == pytest.approx(
+            float(fused[Path(row["image"]).name]["probability"]), abs=FUSED_TOLERANCE)
 
 
 def test_the_fused_probability_rests_on_the_evaluated_classifier() -> None:
@@ -76,24 +94,35 @@ def test_the_fused_probability_rests_on_the_evaluated_classifier() -> None:
     is, image for image, the one the classifier's PyTorch evaluation computed."""
     evaluated = {Path(row["image"]).name: float(row["probability"])
                  for row in held_out_rows(EVALUATION)}
-    fused = held_out_rows()
+    fused = held_out_rows(FUSION)
     assert sorted(Path(row["image"]).name for row in fused) == sorted(evaluated)
     for row in fused:
         assert float(row["classifier_probability"]) == pytest.approx(
             evaluated[Path(row["image"]).name], abs=PROBABILITY_TOLERANCE), row["image"]
 
 def test_model_card_holds_the_detectors_held_out_metrics() -> None:
-    held_out = Bundle.load(SHIPPED).manifest.training["held_out"]
-    metrics = json.loads((DETECTOR_EVALUATION / "metrics.json").read_text())
-    assert held_out["detection"]["ap50"] == metrics["detection"]["ap50"]
+    """The float detector's record is its PyTorch evaluation's; the shipped INT8 one's is
+    the quantization report's, whose float detector, run again on ONNX Runtime, scores
+    what the PyTorch evaluation did."""
+    evaluated = json.loads((DETECTOR_EVALUATION / "metrics.json").read_text())["detection"]
     with open(DETECTOR_EVALUATION / "boxes.csv", newline="") as fh:
-        assert len(list(csv.DictReader(fh))) == metrics["detection"]["predictions"]
+        assert len(list(csv.DictReader(fh))) == evaluated["predictions"]
+    assert Bundle.load(ROLLBACK).manifest.training["held_out"]["detection"]["ap50"] == \
+        evaluated["ap50"]
+    report = json.loads((QUANTIZED / "metrics.json").read_text())
+    shipped = Bundle.load(SHIPPED).manifest.training["held_out"]["detection"]
+    assert shipped["ap50"] == report["detection"]["ap50"]
+    assert shipped["gt_boxes"] == evaluated["gt_boxes"]
+    source = report["quantization"]["detection"]["source"]
+    assert source["ap50"] == pytest.approx(evaluated["ap50"], abs=2e-3)
+    card = (SHIPPED / "MODEL_CARD.md").read_text()
+    assert f"Box detector: AP at IoU 0.5 {shipped['ap50']:.3f}" in card
 
 
 def test_model_card_holds_the_held_out_metrics_the_predictions_give() -> None:
     manifest = Bundle.load(SHIPPED).manifest
     held_out = manifest.training["held_out"]
-    metrics = json.loads((FUSION / "metrics.json").read_text())
+    metrics = json.loads((QUANTIZED / "metrics.json").read_text())
     assert held_out["classification"]["roc_auc"] == metrics["classification"]["roc_auc"]
     rows = held_out_rows()
     labels = np.array([int(row["label"]) for row in rows])
@@ -135,13 +164,14 @@ def test_predict_on_fracatlas_gives_the_evaluated_probabilities() -> None:
 
 @pytest.mark.slow
 def test_predict_on_fracatlas_gives_the_evaluated_boxes() -> None:
-    """The shipped detector graph (float16-stored weights, ONNX Runtime) finds the boxes
-    the float32 PyTorch evaluation found, where their scores are clear of the threshold
-    (float16 rounding may move a box that sits on it either way)."""
+    """The float detector graph (the rollback bundle's: float16-stored weights, ONNX
+    Runtime) finds the boxes the float32 PyTorch evaluation found, where their scores are
+    clear of the threshold (float16 rounding may move a box that sits on it either way).
+    The shipped INT8 graph's departure from it is the quantization report's."""
     if not (factory.SHARED_FRACATLAS / "images").is_dir():
         pytest.skip(f"{factory.SHARED_FRACATLAS} is absent (../shared sits beside the development "
                     "checkout)")
-    threshold = Bundle.load(SHIPPED).manifest.detector.operating_points.high_sensitivity
+    threshold = Bundle.load(ROLLBACK).manifest.detector.operating_points.high_sensitivity
     evaluated: dict[str, list[tuple[float, np.ndarray]]] = {}
     with open(DETECTOR_EVALUATION / "boxes.csv", newline="") as fh:
         for row in csv.DictReader(fh):
@@ -153,7 +183,7 @@ def test_predict_on_fracatlas_gives_the_evaluated_boxes() -> None:
     chosen = [clear[i] for i in np.random.default_rng(0).permutation(len(clear))[:SAMPLED]]
     assert len(chosen) >= SAMPLED // 2, "too few images with clear boxes to compare"
     files = [factory.SHARED_FRACATLAS / "images" / name for name in chosen]
-    result = CliRunner().invoke(main, ["predict", *map(str, files), "--bundle", str(SHIPPED),
+    result = CliRunner().invoke(main, ["predict", *map(str, files), "--bundle", str(ROLLBACK),
                                        "--json", "--boxes", "always"])
     assert result.exit_code == 0, result.output
     found = [json.loads(line) for line in result.output.strip().splitlines()[-len(files):]]

@@ -24,7 +24,6 @@ from fractured.cli import main
 from fractured.engine.bundle import CLASSIFIER_FILE, DETECTOR_FILE, MANIFEST_FILE, Bundle
 from fractured.engine.pipeline import Pipeline
 from fractured.engine.sources import load_image
-from fractured.training.bundle_scoring import probabilities
 from fractured.training.export import (
     BuildError,
     float32_graph,
@@ -99,7 +98,7 @@ def test_quantize_builds_a_checked_int8_bundle_that_predicts_as_reported(
     for bundle, column in ((source, "source_probability"), (out, "probability")):
         evidence = Pipeline(Bundle.load(bundle), backend="onnxruntime").evidence(pixels)
         assert [float(row[column]) for row in validation] == pytest.approx(
-            probabilities(old.classifier, evidence).tolist(), abs=1e-5)
+            old.classifier.probability(evidence[:, 0], evidence[:, 1]).tolist(), abs=1e-5)
     test = rows(report / "predictions.csv")
     before = np.array([float(row["source_probability"]) for row in test])
     after = np.array([float(row["probability"]) for row in test])

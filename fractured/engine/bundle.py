@@ -21,6 +21,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fractured.durable import fsync_path
 from fractured.engine.findings import ModelInfo, OperatingPoints
 
@@ -88,6 +90,14 @@ class ClassifierSpec:
     # The probability fused with the detector's best box score; absent = the classifier's
     # calibrated probability alone, as in bundles written before fusion.
     fusion: Fusion | None = field(default=None, metadata=OMIT_IF_NONE)
+
+    def probability(self, scaled_logit: Any, box_score: Any) -> Any:
+        """The image's fracture probability from its calibrated logit (logit / T) and its
+        best box score (used only where fused), for floats or numpy arrays: the one
+        formula the pipeline and every report of a bundle apply."""
+        logit = (scaled_logit if self.fusion is None
+                 else self.fusion.logit(scaled_logit, box_score))
+        return sigmoid(logit)
 
 
 @dataclass(frozen=True)
@@ -411,6 +421,12 @@ def _sha256(path: Path) -> str:
         while chunk := stream.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def sigmoid(value: Any) -> Any:
+    """The logistic function in its tanh form: no overflow for large |value|, unlike
+    1 / (1 + exp(-value))."""
+    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(value, dtype=np.float64)))
 
 
 def _signed(value: float) -> str:

@@ -97,26 +97,31 @@ class Pipeline:
         `fractured fuse` fits those weights on these, so they are the node's own numbers
         for the same pixels rather than a re-implementation's.
         """
+        return self.examine(images)[0]
+
+    def examine(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, list[Detections]]:
+        """`evidence`, and every box the detector's graph returned on each image (none
+        without a detector): what a bundle is scored on, from the node's own pass."""
         rows = np.empty((len(images), 2))
+        detections: list[Detections] = []
         for start in range(0, len(images), self.max_batch):
             outputs = self._infer(list(images[start:start + self.max_batch]))
             rows[start:start + len(outputs.best_box), 0] = outputs.logits[:, 0]
             rows[start:start + len(outputs.best_box), 1] = outputs.best_box
-        return rows
+            detections += outputs.detections
+        return rows, detections
 
     def _infer(self, images: list[np.ndarray]) -> _Outputs:
         logits, heatmaps = self._classify(images)
-        boxes, best = self._detect(images)
-        return _Outputs(logits=logits, heatmaps=heatmaps, boxes=boxes, best_box=best)
+        boxes, best, detections = self._detect(images)
+        return _Outputs(logits=logits, heatmaps=heatmaps, boxes=boxes, best_box=best,
+                        detections=detections)
 
     def _probabilities(self, outputs: _Outputs) -> np.ndarray:
         """(n, variants): the calibrated probability of each pass, fused with the image's
         best box score where the bundle says so (the detector runs once, unaugmented)."""
-        fusion = self.bundle.manifest.classifier.fusion
-        logits = outputs.logits
-        if fusion is not None:
-            logits = fusion.logit(logits, outputs.best_box[:, None])
-        return _sigmoid(logits)
+        return self.bundle.manifest.classifier.probability(outputs.logits,
+                                                           outputs.best_box[:, None])
 
     def _classify(self, images: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         """(logits / temperature (n, variants), heatmaps from the unaugmented pass)."""
@@ -136,22 +141,27 @@ class Pipeline:
                             for one, (_, box) in zip(cam, boxed, strict=True)]
         return scaled, heatmaps
 
-    def _detect(self, images: list[np.ndarray]) -> tuple[list[tuple[Box, ...]], np.ndarray]:
-        """Boxes at or above the detector's high-sensitivity point, in source pixels; and
-        each image's best box score at any score (0 without a box or a detector)."""
+    def _detect(self, images: list[np.ndarray]
+                ) -> tuple[list[tuple[Box, ...]], np.ndarray, list[Detections]]:
+        """Boxes at or above the detector's high-sensitivity point, in source pixels; each
+        image's best box score at any score (0 without a box or a detector); and every
+        box the graph returned, in model-input pixels."""
         spec = self.bundle.manifest.detector
         detector = self.engines.detector
         best = np.zeros(len(images))
         if spec is None or detector is None:
-            return [() for _ in images], best
+            return [() for _ in images], best, []
         boxed = [letterbox(image, spec.input_size) for image in images]
         batch = to_model_input([b for b, _ in boxed], self.bundle.manifest.mean,
                                self.bundle.manifest.std)
         all_boxes, all_scores, all_labels = detector.run(batch)
         points = spec.operating_points
         found: list[tuple[Box, ...]] = []
+        detections: list[Detections] = []
         for i, ((_, box), rows, scores, labels) in enumerate(
                 zip(boxed, all_boxes, all_scores, all_labels, strict=True)):
+            real = np.asarray(labels) >= 1  # padding slots have label 0
+            detections.append(Detections(np.asarray(rows)[real], np.asarray(scores)[real], box))
             kept = []
             for (x0, y0, x1, y1), score, label in zip(rows, scores, labels, strict=True):
                 if label < 1:
@@ -165,7 +175,16 @@ class Pipeline:
                     kept.append(Box(sx0, sy0, sx1, sy1, float(score),
                                     points.level(float(score)), spec.labels[int(label) - 1]))
             found.append(tuple(kept))
-        return found, best
+        return found, best, detections
+
+
+@dataclass(frozen=True)
+class Detections:
+    """Every box a detector graph returned on one image, before any threshold."""
+
+    boxes: np.ndarray  # (K, 4) x0 y0 x1 y1 in model-input pixels
+    scores: np.ndarray  # (K,)
+    fit: Letterbox  # how the image was letterboxed into the detector's input
 
 
 @dataclass(frozen=True)
@@ -176,6 +195,7 @@ class _Outputs:
     heatmaps: list[np.ndarray]  # on each image's own grid, from the unaugmented pass
     boxes: list[tuple[Box, ...]]  # at or above the detector's high-sensitivity point
     best_box: np.ndarray  # (n,): each image's best box score at any score, else 0
+    detections: list[Detections]  # every box returned, per image (none without detector)
 
 
 def _letterbox(image: np.ndarray, size: int, zoom: float) -> tuple[np.ndarray, Letterbox]:
@@ -188,11 +208,6 @@ def _letterbox(image: np.ndarray, size: int, zoom: float) -> tuple[np.ndarray, L
     top = left = (size - inner) // 2
     out[top:top + inner, left:left + inner] = small
     return out, box
-
-
-def _sigmoid(value: np.ndarray) -> np.ndarray:
-    # tanh form: no overflow for large |value|, unlike 1 / (1 + exp(-value))
-    return 0.5 * (1.0 + np.tanh(0.5 * value))
 
 
 def _heatmap(cam: np.ndarray, box: Letterbox) -> np.ndarray:

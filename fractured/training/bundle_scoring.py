@@ -23,10 +23,9 @@ import numpy as np
 import structlog
 from tqdm import tqdm
 
-from fractured.engine.backends import open_engines
-from fractured.engine.bundle import Bundle, ClassifierSpec
-from fractured.engine.pipeline import Pipeline
-from fractured.engine.preprocess import DecodeError, letterbox, to_model_input
+from fractured.engine.bundle import Bundle, DetectorSpec
+from fractured.engine.pipeline import Detections, Pipeline
+from fractured.engine.preprocess import DecodeError
 from fractured.engine.sources import load_image
 from fractured.training.data import model_boxes
 from fractured.training.datasets import DatasetError, open_dataset
@@ -61,6 +60,7 @@ class Measured:
     evidence: np.ndarray  # (n, 2): calibrated classifier logit, best box score
     labels: np.ndarray  # (n,) 0/1
     unreadable: tuple[tuple[str, str], ...]  # (path, reason)
+    detections: tuple[Detections, ...]  # every box returned per image; () without detector
 
 
 @dataclass(frozen=True)
@@ -111,17 +111,24 @@ def open_split(bundle: Bundle, split_dir: Path, dataset: Path | None,
     return SplitParts(dataset, sample_set.format, Path(split_dir), parts, targets)
 
 
-def measure(pipeline: Pipeline, samples: Sequence[Sample], *, desc: str) -> Measured:
-    """Run the pipeline over `samples`, `pipeline.max_batch` images at a time; images
-    that cannot be decoded are left out and listed, as evaluate does."""
+def measure(pipelines: Mapping[str, Pipeline], samples: Sequence[Sample], *,
+            desc: str) -> dict[str, Measured]:
+    """Run each pipeline over `samples`: each image is decoded once for all of them and
+    sent to each in batches; images that cannot be decoded are left out and listed, as
+    evaluate does."""
     kept: list[Sample] = []
-    rows: list[np.ndarray] = []
+    rows: dict[str, list[np.ndarray]] = {name: [] for name in pipelines}
+    found: dict[str, list[Detections]] = {name: [] for name in pipelines}
     unreadable: list[tuple[str, str]] = []
     batch: list[tuple[Sample, np.ndarray]] = []
+    size = min(pipeline.max_batch for pipeline in pipelines.values())
 
     def flush() -> None:
         if batch:
-            rows.append(pipeline.evidence([pixels for _, pixels in batch]))
+            for name, pipeline in pipelines.items():
+                evidence, detections = pipeline.examine([pixels for _, pixels in batch])
+                rows[name].append(evidence)
+                found[name] += detections
             kept.extend(sample for sample, _ in batch)
             batch.clear()
 
@@ -129,63 +136,35 @@ def measure(pipeline: Pipeline, samples: Sequence[Sample], *, desc: str) -> Meas
                                         mininterval=5.0)):
         if index % PROGRESS_EVERY == 0:  # tqdm draws only on a terminal; logs go anywhere
             log.info("score.progress", part=desc, done=index, total=len(samples),
-                     model=pipeline.model.label)
+                     models=[pipeline.model.label for pipeline in pipelines.values()])
         try:
             batch.append((sample, load_image(sample.path).pixels))
         except DecodeError as exc:
             unreadable.append((str(sample.path), str(exc)))
             log.warning("score.image_unreadable", path=str(sample.path), reason=str(exc))
             continue
-        if len(batch) == pipeline.max_batch:
+        if len(batch) == size:
             flush()
     flush()
-    evidence = np.concatenate(rows) if rows else np.empty((0, 2))
-    return Measured(tuple(kept), evidence, np.array([s.label for s in kept], dtype=np.int64),
-                    tuple(unreadable))
+    labels = np.array([s.label for s in kept], dtype=np.int64)
+    return {name: Measured(tuple(kept), np.concatenate(rows[name]) if rows[name]
+                           else np.empty((0, 2)), labels, tuple(unreadable),
+                           tuple(found[name]))
+            for name in pipelines}
 
 
-def detection_scores(bundle: Bundle, samples: Sequence[Sample], *,
-                     desc: str) -> dict[str, Any]:
-    """The bundle's detector scored on the `samples` that carry boxes, as `fractured
-    evaluate` scores a detector checkpoint: every box its graph returns against the true
-    boxes, both in model-input pixels, and the numbers at its high-sensitivity point
-    (`detection_metrics`). Images that cannot be decoded are left out, as everywhere."""
-    spec = bundle.manifest.detector
-    engines = open_engines(bundle, "onnxruntime")
-    if spec is None or engines.detector is None:
-        raise BuildError(f"{bundle.path}: has no detector to score")
-    found: list[tuple[np.ndarray, np.ndarray]] = []
-    truths: list[np.ndarray] = []
-    boxed = [sample for sample in samples if sample.boxes is not None]
-    for index, sample in enumerate(boxed):
-        if index % PROGRESS_EVERY == 0:
-            log.info("score.progress", part=desc, done=index, total=len(boxed),
-                     model=bundle.model_info.label)
-        try:
-            pixels = load_image(sample.path).pixels
-        except DecodeError:
-            continue  # listed by `measure` over the same part
-        image, fit = letterbox(pixels, spec.input_size)
-        boxes, scores, labels = engines.detector.run(
-            to_model_input([image], bundle.manifest.mean, bundle.manifest.std))
-        real = labels[0] >= 1  # padding slots have label 0
-        found.append((boxes[0][real], scores[0][real]))
-        truths.append(model_boxes(sample, fit))
-    return detection_metrics(found, truths, threshold=spec.operating_points.high_sensitivity)
-
-
-def probabilities(spec: ClassifierSpec, evidence: np.ndarray) -> np.ndarray:
-    """The probability a bundle's classifier spec makes of the evidence: the calibrated
-    logit's, or fused with the box score where the spec says so (as the pipeline does)."""
-    logits = evidence[:, 0]
-    if spec.fusion is not None:
-        logits = spec.fusion.logit(logits, evidence[:, 1])
-    return sigmoid(logits)
-
-
-def sigmoid(values: np.ndarray) -> np.ndarray:
-    # tanh form: no overflow for large |value|
-    return 0.5 * (1.0 + np.tanh(0.5 * values))
+def detection_scores(measured: Measured, spec: DetectorSpec) -> dict[str, Any]:
+    """A detector scored on the measured images that carry boxes, as `fractured evaluate`
+    scores a detector checkpoint: every box its graph returned against the true boxes,
+    both in model-input pixels, and the numbers at its high-sensitivity point
+    (`detection_metrics`)."""
+    if len(measured.detections) != len(measured.samples):
+        raise BuildError("the measured bundle has no detector to score")
+    pairs = [(found, sample) for found, sample in zip(measured.detections, measured.samples,
+                                                      strict=True) if sample.boxes is not None]
+    return detection_metrics([(found.boxes, found.scores) for found, _ in pairs],
+                             [model_boxes(sample, found.fit) for found, sample in pairs],
+                             threshold=spec.operating_points.high_sensitivity)
 
 
 def write_rows(path: Path, measured: Measured, columns: Mapping[str, np.ndarray]) -> None:

@@ -32,7 +32,7 @@ import numpy as np
 import structlog
 from sklearn.linear_model import LogisticRegression
 
-from fractured.engine.bundle import Bundle, Fusion
+from fractured.engine.bundle import Bundle, Fusion, sigmoid
 from fractured.engine.pipeline import Pipeline
 from fractured.training.bundle_scoring import (
     PREDICTIONS_FILE,
@@ -41,7 +41,6 @@ from fractured.training.bundle_scoring import (
     masks_for,
     measure,
     open_split,
-    sigmoid,
     write_rows,
     write_test_report,
 )
@@ -114,8 +113,8 @@ def fuse(source: Path, split_dir: Path, report_dir: Path, *, dataset: Path | Non
     pipeline = Pipeline(bundle, backend=backend, threads=threads, boxes="always")
     log.info("fuse.start", bundle=label, backend=pipeline.backend_name,
              val=len(split.parts["val"]), test=len(split.parts["test"]))
-    val = measure(pipeline, split.parts["val"], desc="validation")
-    test = measure(pipeline, split.parts["test"], desc="test")
+    val = measure({label: pipeline}, split.parts["val"], desc="validation")[label]
+    test = measure({label: pipeline}, split.parts["test"], desc="test")[label]
     fusion = fit_fusion(val.evidence, val.labels)
     val_prob = fused_probability(fusion, val.evidence)
     points, achieved = choose_operating_points(val.labels, val_prob, **split.targets)

@@ -32,7 +32,6 @@ measures.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from collections.abc import Iterator, Sequence
@@ -46,7 +45,6 @@ import structlog
 from fractured.engine.bundle import (
     CLASSIFIER_FILE,
     DETECTOR_FILE,
-    MANIFEST_FILE,
     Bundle,
     write_bundle,
 )
@@ -62,7 +60,6 @@ from fractured.training.bundle_scoring import (
     masks_for,
     measure,
     open_split,
-    probabilities,
     write_rows,
     write_test_report,
 )
@@ -124,27 +121,27 @@ def quantize(source: Path, split_dir: Path, report_dir: Path, scratch: Path, *,
                         _calibration_batches(chosen, size, manifest.mean, manifest.std))
 
     staged = _staged_bundle(bundle, files, scratch / "staged")
-    reference = Pipeline(bundle, backend="onnxruntime", boxes="always")
-    candidate = Pipeline(staged, backend="onnxruntime", boxes="always")
-    val = {"source": measure(reference, split.parts["val"], desc="validation, source"),
-           "int8": measure(candidate, split.parts["val"], desc="validation, int8")}
+    pipelines = {"source": Pipeline(bundle, backend="onnxruntime", boxes="always"),
+                 "int8": Pipeline(staged, backend="onnxruntime", boxes="always")}
     spec = manifest.classifier
-    val_auc = paired_auc_difference(val["int8"].labels,
-                                    probabilities(spec, val["source"].evidence),
-                                    probabilities(spec, val["int8"].evidence), bootstrap=0)
+
+    def probability(measured: Measured) -> np.ndarray:
+        return spec.probability(measured.evidence[:, 0], measured.evidence[:, 1])
+
+    val = measure(pipelines, split.parts["val"], desc="validation")
+    val_auc = paired_auc_difference(val["int8"].labels, probability(val["source"]),
+                                    probability(val["int8"]), bootstrap=0)
     log.info("quantize.checked", auc_source=val_auc["before"], auc_int8=val_auc["after"])
     check_auc_drop(val_auc, max_auc_drop)
-    test = {"source": measure(reference, split.parts["test"], desc="test, source"),
-            "int8": measure(candidate, split.parts["test"], desc="test, int8")}
-
-    detection = ({"source": detection_scores(bundle, split.parts["test"], desc="boxes, source"),
-                  "int8": detection_scores(staged, split.parts["test"], desc="boxes, int8")}
+    test = measure(pipelines, split.parts["test"], desc="test")
+    detection = ({name: detection_scores(measured, manifest.detector)
+                  for name, measured in test.items()}
                  if manifest.detector is not None else {})
 
     report_dir.mkdir(parents=True, exist_ok=True)
     parts = {"validation": val, "test": test}
-    before = {part: probabilities(spec, runs["source"].evidence) for part, runs in parts.items()}
-    after = {part: probabilities(spec, runs["int8"].evidence) for part, runs in parts.items()}
+    before = {part: probability(runs["source"]) for part, runs in parts.items()}
+    after = {part: probability(runs["int8"]) for part, runs in parts.items()}
     write_rows(report_dir / VALIDATION_FILE, val["int8"],
                {"source_probability": before["validation"], "probability": after["validation"]})
     write_rows(report_dir / PREDICTIONS_FILE, test["int8"],
@@ -265,10 +262,9 @@ def _quantize_graph(source: Path, target: Path, scratch: Path,
 
 def _staged_bundle(source: Bundle, files: dict[str, Path], where: Path) -> Bundle:
     """The quantized graphs as a bundle the pipeline can run, for the checks only."""
-    raw = json.loads((source.path / MANIFEST_FILE).read_text(encoding="utf-8"))
-    fields = {key: value for key, value in raw.items() if key != "files"}
+    fields = {key: value for key, value in source.manifest.to_dict().items() if key != "files"}
     fields["backends"] = ["onnxruntime"]
-    fields["version"] = f"{raw['version']}+int8-check"  # its log lines say which is which
+    fields["version"] = f"{fields['version']}+int8-check"  # its log lines say which is which
     if where.exists():
         shutil.rmtree(where)
     return write_bundle(where, fields, files)

@@ -12,7 +12,9 @@ process (in alternating blocks of runs: see `race`). Then:
 - the node's peak memory (peak resident set) with both models loaded and one study run, each
   backend in a fresh subprocess so that imports and allocator arenas are counted;
 - on a CUDA machine, the torch backend on the GPU: its FP16 channels-last classifier
-  against the same weights in FP32 eager.
+  (a CUDA graph per batch size) against itself eager and against FP32 eager, its
+  detector against the CPU, the pipeline against ONNX Runtime on the CPU, and the GPU
+  memory of both models with one study (`--gpu-only`: only this).
 
 Times go through the backends' own `.run` (what the node calls), so they include the
 numpy <-> tensor conversions the node pays for.
@@ -267,7 +269,8 @@ def bench_pipelines(pairs: dict[tuple[str, str], Bundle], study: list[np.ndarray
     shape = "/".join(f"{rows}x{cols}" for rows, cols in STUDY_SHAPES)
     print(f"  one study: {len(study)} images of {shape} px, max_batch 8, no TTA")
     for (variant, backbone), bundle in pairs.items():
-        pipelines = {name: Pipeline(bundle, name, threads=threads) for name in BACKENDS}
+        pipelines = {name: Pipeline(bundle, name, threads=threads, device="cpu")
+                     for name in BACKENDS}
         runs = {_label(p.engines): p.run for p in pipelines.values()}
         timings = race(runs, images, max(3, repeat // 2), len(study))
         print_race(f"{variant} + {backbone}", bundle.manifest.classifier.input_size,
@@ -304,7 +307,7 @@ def probe_memory(bundle_path: str, backend: str, study_file: str, threads: int) 
     out of its top level), so the figures are a node's, interpreter included.
     """
     peaks = {"imports": _peak_mb()}
-    pipeline = Pipeline(Bundle.load(bundle_path), backend, threads=threads)
+    pipeline = Pipeline(Bundle.load(bundle_path), backend, threads=threads, device="cpu")
     peaks["models"] = _peak_mb()
     with np.load(study_file) as data:
         study = [data[name] for name in data.files]
@@ -403,10 +406,13 @@ def torch_classifier(bundle: Bundle) -> tuple[Any, str]:
 
 
 def bench_cuda(bundles: dict[str, Bundle], detectors: dict[str, Bundle],
-               study: list[np.ndarray], batches: list[int], repeat: int) -> None:
-    """The torch backend on the GPU: its FP16 channels-last classifier against the same
-    weights in FP32 eager, and its (FP32) detector. Each run copies to the GPU and back,
-    as the backend does, which also synchronises the timings."""
+               pairs: dict[tuple[str, str], Bundle], study: list[np.ndarray],
+               batches: list[int], threads: int, repeat: int) -> None:
+    """The torch backend on the GPU: its FP16 channels-last classifier as it runs (a CUDA
+    graph per batch size) against itself eager and against the same weights in FP32
+    eager; its FP32 detector against the CPU; the whole pipeline against ONNX Runtime on
+    the CPU, with the GPU memory both models and one study take. Each run copies to the
+    GPU and back, as the backend does, which also synchronises."""
     import torch
 
     if not torch.cuda.is_available():
@@ -414,36 +420,73 @@ def bench_cuda(bundles: dict[str, Bundle], detectors: dict[str, Bundle],
               f"torch {torch.__version__})")
         return
     print(f"  {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-          f"CUDA {torch.version.cuda}")
+          f"CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}")
     print(HEADER)
     for bundle in bundles.values():
         spec = bundle.manifest.classifier
-        fp16 = open_engines(bundle, "torch", device="cuda").classifier
+        graphed = open_engines(bundle, "torch", device="cuda").classifier
+        eager: Any = open_engines(bundle, "torch", device="cuda").classifier
+        eager.cuda_graphs = False
         model = torch_classifier(bundle)[0].cuda()
 
         def fp32(batch: np.ndarray, model: Any = model) -> tuple[np.ndarray, np.ndarray]:
-            """What the backend's run does, without the FP16 and channels-last steps."""
+            """What the backend's run does, without FP16, channels-last and the graph."""
             with torch.inference_mode():
                 logits, cam = model(torch.from_numpy(batch).cuda())
                 return logits.cpu().numpy(), cam.cpu().numpy()
 
         for batch_size in batches:
             batch = model_batch(study, spec.input_size, batch_size, bundle)
-            timings = race({"torch cuda fp16 cl": fp16.run, "torch cuda fp32": fp32}, batch,
-                           repeat, batch_size)
-            gap = np.abs(fp16.run(batch)[0] - fp32(batch)[0]).max()
+            timings = race({"fp16 cl cuda graph": graphed.run, "fp16 cl eager": eager.run,
+                            "fp32 eager": fp32}, batch, repeat, batch_size)
+            ratio = timings["fp16 cl eager"].median_ms / timings["fp32 eager"].median_ms
             print_race(spec.architecture, spec.input_size, batch_size, timings,
-                       f"logits differ by <= {gap:.2g}")
+                       f"fp16 eager / fp32 eager: {ratio:.2f}x the time; logits: graph vs "
+                       f"eager differ by {_gap(graphed.run(batch), eager.run(batch)):.2g}, "
+                       f"fp16 vs fp32 by {_gap(eager.run(batch), fp32(batch)):.2g}")
     for bundle in detectors.values():
         spec = bundle.manifest.detector
         assert spec is not None
         on_gpu = open_engines(bundle, "torch", device="cuda").detector
-        on_cpu = open_engines(bundle, "torch", device="cpu").detector
+        on_cpu = open_engines(bundle, "torch", device="cpu", threads=threads).detector
         assert on_gpu is not None and on_cpu is not None
         batch = model_batch(study, spec.input_size, 1, bundle)
+
         timings = race({"torch cuda fp32": on_gpu.run, "torch cpu fp32": on_cpu.run}, batch,
                        repeat, 1)
-        print_race(spec.architecture, spec.input_size, 1, timings)
+        print_race(spec.architecture, spec.input_size, 1, timings,
+                   _box_gap(on_gpu.run(batch), on_cpu.run(batch)))
+    for (variant, backbone), bundle in pairs.items():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        on_gpu_pipeline = Pipeline(bundle, "torch", device="cuda")
+        on_cpu_pipeline = Pipeline(bundle, "onnxruntime", threads=threads)
+        refs = [(_REF, image) for image in study]
+        timings = race({"pipeline torch cuda": on_gpu_pipeline.run,
+                        "pipeline ort cpu": on_cpu_pipeline.run}, refs,
+                       max(3, repeat // 2), len(study))
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        reserved = torch.cuda.max_memory_reserved() / 2**20
+        print_race(f"{variant} + {backbone}", bundle.manifest.classifier.input_size,
+                   len(study), timings,
+                   f"GPU memory peak {peak:.0f} MB allocated, {reserved:.0f} MB reserved")
+
+
+def _gap(found: tuple[np.ndarray, ...], reference: tuple[np.ndarray, ...]) -> float:
+    """The largest logit difference between two classifier runs."""
+    return float(np.abs(found[0] - reference[0]).max())
+
+
+def _box_gap(found: Any, reference: Any) -> str:
+    """How far one detector run's boxes are from another's: counts and pixels."""
+    boxes, scores, _ = found
+    ref_boxes, ref_scores, _ = reference
+    count, ref_count = int((scores > 0).sum()), int((ref_scores > 0).sum())
+    if count != ref_count:
+        return f"{count} boxes vs {ref_count}"
+    keep = scores > 0
+    gap = float(np.abs(boxes[keep] - ref_boxes[ref_scores > 0]).max(initial=0.0))
+    return f"{count} boxes, <= {gap:.2g} px apart"
 
 
 def _label(opened: Engines) -> str:
@@ -506,6 +549,8 @@ def main() -> None:
     parser.add_argument("--peer-bundle", type=Path,
                         help="with --bundle: race it against this bundle on ONNX Runtime, "
                              "e.g. an INT8 bundle against its float32 source")
+    parser.add_argument("--gpu-only", action="store_true",
+                        help="only the CUDA section (the untrained bundles are still built)")
     parser.add_argument("--probe-memory", nargs=4, help=argparse.SUPPRESS,
                         metavar=("BUNDLE", "BACKEND", "STUDY", "THREADS"))
     args = parser.parse_args()
@@ -550,11 +595,12 @@ def main() -> None:
         if variants or detectors:
             print("\nUntrained bundles (BatchNorm calibrated):")
             classifiers, boxers, pairs = build_bundles(variants, detectors, work)
+        if (variants or detectors) and not args.gpu_only:
             print("\nModels, CPU (torch eager vs ONNX Runtime, same inputs, same process):")
             print(HEADER)
             bench_classifiers(classifiers, study, batches, args.threads, args.repeat)
             bench_detectors(boxers, study, args.threads, args.repeat)
-        if pairs:
+        if pairs and not args.gpu_only:
             print("\nEnd to end, Pipeline.run (letterbox, classifier, detector, map back):")
             print(HEADER)
             bench_pipelines(pairs, study, args.threads, args.repeat)
@@ -566,8 +612,9 @@ def main() -> None:
                   "runs it):")
             print(HEADER)
             bench_bundle(shipped, peer, study, batches, args.threads, args.repeat, work)
-        print("\nCUDA (torch backend; FP16 channels-last classifier vs FP32 eager):")
-        bench_cuda(classifiers, boxers, study, batches, args.repeat)
+        print("\nCUDA (torch backend: FP16 channels-last classifier as a CUDA graph, eager, and "
+              "FP32 eager; FP32 detector; pipeline against ONNX Runtime on the CPU):")
+        bench_cuda(classifiers, boxers, pairs, study, batches, args.threads, args.repeat)
     print(f"\nTotal {time.perf_counter() - started:.0f} s; load average (1 min) at the end: "
           f"{_load()}")
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fractured.engine.backends import Engines, open_engines
+from fractured.engine.backends import Device, Engines, open_engines
 from fractured.engine.bundle import FRACTURE_LABEL, Bundle
 from fractured.engine.findings import Box, DecisionLevel, Finding, ImageRef, ModelInfo
 from fractured.engine.preprocess import Letterbox, letterbox, to_model_input
@@ -42,12 +42,13 @@ class Pipeline:
     `max_batch` bounds the images sent to a backend at once, which bounds memory
     whatever the size of the study; `tta` adds the TTA_VARIANTS and reports the spread
     of the probability over them; `boxes` (a BOX_GATES key) chooses the images whose
-    boxes are reported.
+    boxes are reported; `device` places the torch backend ("auto": a CUDA GPU if torch
+    sees one).
     """
 
     def __init__(self, bundle: Bundle, backend: str = "auto", max_batch: int = 8,
                  threads: int | None = None, *, tta: bool = False,
-                 boxes: str = "likely") -> None:
+                 boxes: str = "likely", device: Device = "auto") -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         if boxes not in BOX_GATES:
@@ -56,7 +57,7 @@ class Pipeline:
         self.max_batch = max_batch
         self.tta = tta
         self.box_levels = BOX_GATES[boxes]
-        self.engines: Engines = open_engines(bundle, backend, threads=threads)
+        self.engines: Engines = open_engines(bundle, backend, threads=threads, device=device)
         self._fracture = bundle.manifest.classifier.labels.index(FRACTURE_LABEL)
 
     @property

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
+
+#: Where the torch backend runs: "auto" is a CUDA GPU when torch sees one, else the CPU.
+Device = Literal["auto", "cpu", "cuda"]
 
 
 class ClassifierBackend(Protocol):

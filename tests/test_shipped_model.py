@@ -28,18 +28,18 @@ from fractured.training.export import is_quantized
 from tests import factory
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = REPO / "engines" / "fractured-0.5.0"
+SHIPPED = REPO / "engines" / "fractured-0.8.0"
 #: the same bundle in float32 arithmetic (float16-stored weights), kept for rollback
-ROLLBACK = REPO / "engines" / "fractured-0.4.0"
+ROLLBACK = REPO / "engines" / "fractured-0.7.0"
 #: the shipped bundle's held-out report (`fractured quantize`, ONNX Runtime)
-QUANTIZED = REPO / "docs" / "training" / "fracatlas-int8" / "test"
+QUANTIZED = REPO / "docs" / "training" / "fracatlas-int8-det512" / "test"
 #: the rollback bundle's (`fractured fuse`, ONNX Runtime)
-FUSION = REPO / "docs" / "training" / "fracatlas-fusion" / "test"
+FUSION = REPO / "docs" / "training" / "fracatlas-fusion-det512" / "test"
 #: the classifier's held-out evaluation (PyTorch, float32; 0.2.0's run, whose classifier
-#: 0.3.0 and 0.4.0 hold byte for byte)
+#: 0.3.0, 0.6.0 and 0.7.0 hold byte for byte)
 EVALUATION = REPO / "docs" / "training" / "fracatlas-resnet18-e50" / "test"
-#: the detector's
-DETECTOR_EVALUATION = REPO / "docs" / "training" / "fracatlas-det128" / "test"
+#: the detector's (trained on a GPU: docs/gpu/NOTES.md)
+DETECTOR_EVALUATION = REPO / "docs" / "training" / "fracatlas-gpu-det512" / "test"
 #: images of the held-out split run through predict (half with fracture)
 SAMPLED = 24
 #: float16-stored weights and ONNX Runtime against the float32 PyTorch evaluation
@@ -75,7 +75,7 @@ def test_the_rollback_bundle_is_the_same_model_in_float() -> None:
     assert not any(is_quantized(ROLLBACK / name) for name in ("classifier.onnx",
                                                               "detector.onnx"))
     assert shipped.training["quantization"]["source"] == ROLLBACK.name
-    assert rollback.training["fusion"]["source"] == "fractured-0.3.0"
+    assert rollback.training["fusion"]["source"] == "fractured-0.6.0"
 
 
 def test_each_report_starts_from_the_numbers_of_the_one_before() -> None:

@@ -115,6 +115,9 @@ def test_quantize_builds_a_checked_int8_bundle_that_predicts_as_reported(
     # both detectors scored against the true boxes; the held-out record is the INT8 one's
     detection = summary["detection"]
     assert detection["int8"]["gt_boxes"] == detection["source"]["gt_boxes"] > 0
+    on_validation = summary["detection_validation"]  # where ways of quantizing are chosen
+    assert on_validation["int8"]["gt_boxes"] == on_validation["source"]["gt_boxes"] > 0
+    assert on_validation["int8"]["images"] == len(validation)
     assert new.training["held_out"]["detection"]["ap50"] == detection["int8"]["ap50"]
     metrics = json.loads((report / "metrics.json").read_text())
     assert metrics["detection"]["ap50"] == detection["int8"]["ap50"]

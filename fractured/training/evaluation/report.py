@@ -173,13 +173,14 @@ def _quantization(result: Mapping[str, Any]) -> list[str]:
             for part, changed in result["changes"].items()]
     lines += _table(("Images", "n", "Decisions changed (possible / likely)",
                      "Largest change: probability", "logit", "best box score"), rows)
-    detection = result.get("detection") or {}
-    if detection:
-        lines += _table(("Detector (test)", "AP@0.5", "AP@[.5:.95]", "FROC score",
-                         "Lesion sensitivity"),
-                        [(name, _number(part["ap50"]), _number(part["ap50_95"]),
-                          _number(part["froc_score"]), _percent(part["lesion_sensitivity"]))
-                         for name, part in detection.items()])
+    parts = {"validation": result.get("detection_validation") or {},
+             "test": result.get("detection") or {}}
+    rows = [(f"{name}, {part}", _number(scores["ap50"]), _number(scores["ap50_95"]),
+             _number(scores["froc_score"]), _percent(scores["lesion_sensitivity"]))
+            for part, detectors in parts.items() for name, scores in detectors.items()]
+    if rows:
+        lines += _table(("Detector", "AP@0.5", "AP@[.5:.95]", "FROC score",
+                         "Lesion sensitivity"), rows)
     return lines
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from fractured.engine.backends import choose_backend
 from fractured.engine.bundle import MANIFEST_FILE, Bundle, BundleError
-from fractured.engine.findings import DecisionLevel, ImageRef
+from fractured.engine.findings import DecisionLevel, Finding, ImageRef
 from fractured.engine.pipeline import Pipeline
 from fractured.training.export import synthetic_images
 
@@ -25,6 +25,17 @@ def radiographs(shapes: list[tuple[int, int]]) -> list[tuple[ImageRef, np.ndarra
         (square,) = synthetic_images(max(rows, cols), count=1, seed=i)
         out.append((REF, np.ascontiguousarray(square[:rows, :cols], dtype=np.float32)))
     return out
+
+
+def assert_same_boxes(a: Finding, b: Finding) -> None:
+    """The same number of boxes, paired by score, within 1 source pixel, at one level."""
+    assert len(a.boxes) == len(b.boxes)
+    for box_a, box_b in zip(sorted(a.boxes, key=lambda x: x.score),
+                            sorted(b.boxes, key=lambda x: x.score), strict=True):
+        coords_a = np.array([box_a.x0, box_a.y0, box_a.x1, box_a.y1])
+        coords_b = np.array([box_b.x0, box_b.y0, box_b.x1, box_b.y1])
+        assert np.abs(coords_a - coords_b).max() <= 1.0  # source pixels
+        assert box_a.level == box_b.level
 
 
 def test_auto_picks_onnxruntime_without_tensorrt_or_gpu(untrained_bundle: Path) -> None:
@@ -51,13 +62,7 @@ def test_torch_and_onnxruntime_give_the_same_findings(
     for a, b in zip(ort, ref, strict=True):
         assert a.probability == pytest.approx(b.probability, abs=1e-3)
         np.testing.assert_allclose(a.heatmap, b.heatmap, atol=1e-3)
-        assert len(a.boxes) == len(b.boxes)
-        for box_a, box_b in zip(sorted(a.boxes, key=lambda x: x.score),
-                                sorted(b.boxes, key=lambda x: x.score), strict=True):
-            coords_a = np.array([box_a.x0, box_a.y0, box_a.x1, box_a.y1])
-            coords_b = np.array([box_b.x0, box_b.y0, box_b.x1, box_b.y1])
-            assert np.abs(coords_a - coords_b).max() <= 1.0  # source pixels
-            assert box_a.level == box_b.level
+        assert_same_boxes(a, b)
 
 
 @pytest.mark.slow  # builds the detector bundle (~30 s)

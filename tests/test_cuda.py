@@ -19,7 +19,7 @@ from fractured.engine.bundle import Bundle
 from fractured.engine.pipeline import Pipeline
 from fractured.engine.preprocess import letterbox, to_model_input
 from fractured.training.build import build_untrained_bundle, build_untrained_detector
-from tests.test_backends import radiographs
+from tests.test_backends import assert_same_boxes, radiographs
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.skipif(
@@ -114,12 +114,7 @@ def test_a_study_on_cuda_gives_the_onnxruntime_findings(
         assert a.heatmap.shape == b.heatmap.shape
         assert np.abs(a.heatmap - b.heatmap).max() <= CAM_TOLERANCE * max(
             np.abs(b.heatmap).max(), 1e-6)
-        assert len(a.boxes) == len(b.boxes)
-        for box_a, box_b in zip(sorted(a.boxes, key=lambda x: x.score),
-                                sorted(b.boxes, key=lambda x: x.score), strict=True):
-            coords_a = np.array([box_a.x0, box_a.y0, box_a.x1, box_a.y1])
-            coords_b = np.array([box_b.x0, box_b.y0, box_b.x1, box_b.y1])
-            assert np.abs(coords_a - coords_b).max() <= 1.0  # source pixels
+        assert_same_boxes(a, b)
 
 
 def test_auto_runs_a_bundle_with_torch_weights_on_the_gpu(untrained_bundle: Path) -> None:

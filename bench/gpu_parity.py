@@ -22,7 +22,7 @@ import numpy as np
 
 from fractured.engine.bundle import Bundle
 from fractured.engine.pipeline import Pipeline
-from fractured.training.bundle_scoring import measure, open_split
+from fractured.training.bundle_scoring import changes, measure, open_split
 
 
 def main() -> None:
@@ -53,21 +53,18 @@ def main() -> None:
     print(f"{bundle.path.name}: {len(gpu.samples)} {args.part} images "
           f"({len(gpu.unreadable)} unreadable), {torch.cuda.get_device_name()}, "
           f"torch {torch.__version__}; {time.perf_counter() - started:.0f} s")
-    logit_gap = np.abs(gpu.evidence[:, 0] - cpu.evidence[:, 0])
-    box_gap = np.abs(gpu.evidence[:, 1] - cpu.evidence[:, 1])
     p_gpu = spec.probability(gpu.evidence[:, 0], gpu.evidence[:, 1])
     p_cpu = spec.probability(cpu.evidence[:, 0], cpu.evidence[:, 1])
+    points = {"high_sensitivity": spec.operating_points.high_sensitivity,
+              "high_specificity": spec.operating_points.high_specificity}
+    moved = changes(cpu, gpu, p_cpu, p_gpu, points)
     print(f"  finite: {np.isfinite(gpu.evidence).all()} (gpu), "
           f"{np.isfinite(cpu.evidence).all()} (cpu)")
-    print(f"  calibrated logit |gpu - cpu|: median {np.median(logit_gap):.2g}, "
-          f"max {logit_gap.max():.2g}")
-    print(f"  best box score |gpu - cpu|: median {np.median(box_gap):.2g}, "
-          f"max {box_gap.max():.2g}")
-    print(f"  probability |gpu - cpu|: max {np.abs(p_gpu - p_cpu).max():.2g}")
-    for name, threshold in (("high_sensitivity", spec.operating_points.high_sensitivity),
-                            ("high_specificity", spec.operating_points.high_specificity)):
-        changed = int(((p_gpu >= threshold) != (p_cpu >= threshold)).sum())
-        print(f"  decisions changed at {name} ({threshold:.3f}): {changed} of {len(p_gpu)}")
+    print(f"  largest |gpu - cpu|: calibrated logit {moved['max_logit_change']:.2g}, best box "
+          f"score {moved['max_box_score_change']:.2g}, probability "
+          f"{moved['max_probability_change']:.2g}")
+    for name, changed in moved["decisions_changed"].items():
+        print(f"  decisions changed at {name} ({points[name]:.3f}): {changed} of {len(p_gpu)}")
     counts = [(int((d.scores > 0).sum()), int((c.scores > 0).sum()))
               for d, c in zip(gpu.detections, cpu.detections, strict=True)]
     same = [i for i, (a, b) in enumerate(counts) if a == b]

@@ -125,6 +125,7 @@ def test_auto_runs_a_bundle_with_torch_weights_on_the_gpu(untrained_bundle: Path
         assert choose_backend(bundle) == "onnxruntime"  # ONNX Runtime on the GPU first
         return
     assert choose_backend(bundle) == "torch"
+    assert choose_backend(bundle, device="cpu") == "onnxruntime"  # torch kept off the GPU
     assert Pipeline(bundle).engines.classifier.device.type == "cuda"  # type: ignore[attr-defined]
 
 

@@ -235,3 +235,20 @@ def write_test_report(report_dir: Path, *, title: str, split: SplitParts, test: 
 def masks_for(test: Measured, subsets: Sequence[str]) -> dict[str, np.ndarray]:
     """The subsets' masks over the readable test images."""
     return subset_masks(list(test.samples), subsets)
+
+
+def changes(reference: Measured, other: Measured, before: np.ndarray, after: np.ndarray,
+            points: Mapping[str, float]) -> dict[str, Any]:
+    """How far `other` (INT8 graphs, another device) moved each image's numbers and
+    decisions from `reference`, the same images run by both; `before` and `after` are
+    their probabilities, `points` the operating points by name."""
+    return {
+        "images": len(after),
+        "max_logit_change": float(np.abs(other.evidence[:, 0]
+                                         - reference.evidence[:, 0]).max()),
+        "max_box_score_change": float(np.abs(other.evidence[:, 1]
+                                             - reference.evidence[:, 1]).max()),
+        "max_probability_change": float(np.abs(after - before).max()),
+        "decisions_changed": {name: int(((before >= threshold) != (after >= threshold)).sum())
+                              for name, threshold in points.items()},
+    }

@@ -56,6 +56,7 @@ from fractured.training.bundle_scoring import (
     VALIDATION_FILE,
     Measured,
     Reference,
+    changes,
     detection_scores,
     masks_for,
     measure,
@@ -175,7 +176,7 @@ def quantize(source: Path, split_dir: Path, report_dir: Path, scratch: Path, *,
                         "images": len(chosen), "seed": CALIBRATION_SEED},
         "max_auc_drop": max_auc_drop,
         "auc": comparison,
-        "changes": {part: _changes(runs["source"], runs["int8"], before[part], after[part],
+        "changes": {part: changes(runs["source"], runs["int8"], before[part], after[part],
                                    points)
                     for part, runs in parts.items()},
         "detection": _detection_summary(detection),
@@ -280,17 +281,3 @@ def _staged_bundle(source: Bundle, files: dict[str, Path], where: Path) -> Bundl
     if where.exists():
         shutil.rmtree(where)
     return write_bundle(where, fields, files)
-
-
-def _changes(source: Measured, int8: Measured, before: np.ndarray, after: np.ndarray,
-             points: dict[str, float]) -> dict[str, Any]:
-    """How far the INT8 graphs moved each image's numbers and decisions."""
-    return {
-        "images": len(after),
-        "max_logit_change": float(np.abs(int8.evidence[:, 0] - source.evidence[:, 0]).max()),
-        "max_box_score_change": float(np.abs(int8.evidence[:, 1]
-                                             - source.evidence[:, 1]).max()),
-        "max_probability_change": float(np.abs(after - before).max()),
-        "decisions_changed": {name: int(((before >= threshold) != (after >= threshold)).sum())
-                              for name, threshold in points.items()},
-    }

@@ -42,8 +42,9 @@ class Engines:
     detector: DetectorBackend | None
 
 
-def choose_backend(bundle: Bundle, requested: str = "auto") -> str:
-    """The backend to run `bundle` with; BundleError says why a requested one cannot."""
+def choose_backend(bundle: Bundle, requested: str = "auto", device: Device = "auto") -> str:
+    """The backend to run `bundle` with; BundleError says why a requested one cannot.
+    `device` is where torch would run: "cpu" keeps "auto" off the GPU."""
     if requested not in BACKENDS:
         raise ValueError(f"unknown backend {requested!r}; choose one of {', '.join(BACKENDS)}")
     held = bundle.manifest.backends
@@ -61,7 +62,7 @@ def choose_backend(bundle: Bundle, requested: str = "auto") -> str:
 
         if unavailable_reason() is None:
             return "tensorrt"
-    if "torch" in held and _torch_sees_a_gpu() and not (
+    if "torch" in held and device != "cpu" and _torch_sees_a_gpu() and not (
             "onnxruntime" in held and _onnxruntime_has_cuda()):
         return "torch"
     for name in ("onnxruntime", "torch"):
@@ -89,7 +90,7 @@ def _onnxruntime_has_cuda() -> bool:
 def open_engines(bundle: Bundle, backend: str = "auto", threads: int | None = None,
                  device: Device = "auto") -> Engines:
     """Open the classifier (and detector) of `bundle` on the chosen backend."""
-    name = choose_backend(bundle, backend)
+    name = choose_backend(bundle, backend, device)
     spec = bundle.manifest.detector
     if name == "onnxruntime":
         from fractured.engine.backends.onnxruntime import (

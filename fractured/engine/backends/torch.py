@@ -13,6 +13,7 @@ than the 1e-3 the exported graphs are held to. On the CPU both run FP32 like the
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -92,11 +93,13 @@ class TorchClassifier:
         return self._graphs[shape]
 
 
+@dataclass(frozen=True)
 class _Graph:
     """A captured forward pass: copy a batch into `inputs`, replay, read `outputs`."""
 
-    def __init__(self, graph: Any, inputs: Any, outputs: tuple[Any, Any]) -> None:
-        self.graph, self.inputs, self.outputs = graph, inputs, outputs
+    graph: Any  # torch.cuda.CUDAGraph
+    inputs: Any  # the static input tensor the graph reads
+    outputs: tuple[Any, Any]  # the static (logits, cam) tensors it writes
 
 
 def _capture(torch, model, x) -> _Graph:  # type: ignore[no-untyped-def]

@@ -435,12 +435,16 @@ def fuse(bundle_dir: Path, split_dir: Path, out_dir: Path, bundle_version: str,
               help="Training images whose activations set the INT8 ranges.")
 @click.option("--max-auc-drop", type=click.FloatRange(0, 1), default=0.005, show_default=True,
               help="Refuse the INT8 graphs if they lose more validation AUC than this.")
+@click.option("--keep-float", "keep_float", metavar="PREFIX", multiple=True,
+              help="Leave in float32 the convolutions whose weights' names in the graph "
+                   "start with PREFIX (e.g. model.rpn.head, the detector's proposal head); "
+                   "repeatable.")
 @click.option("--notes", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Markdown added to the model card's notes.")
 def quantize(bundle_dir: Path, split_dir: Path, out_dir: Path, bundle_version: str,
              name: str | None, report_dir: Path, dataset: Path | None,
              subsets: tuple[str, ...], bootstrap: int, calibration_images: int,
-             max_auc_drop: float, notes: Path | None) -> None:
+             max_auc_drop: float, keep_float: tuple[str, ...], notes: Path | None) -> None:
     """Quantize BUNDLE's graphs to INT8 (ONNX Runtime static quantization, calibrated on
     training images), check them against BUNDLE on validation, score them on the test
     split, and write them as a new bundle with BUNDLE's calibration and operating points."""
@@ -461,7 +465,7 @@ def quantize(bundle_dir: Path, split_dir: Path, out_dir: Path, bundle_version: s
             result = quantize_and_check(bundle_dir, split_dir, report_dir, Path(scratch),
                                         dataset=dataset, subsets=subsets, bootstrap=bootstrap,
                                         calibration_images=calibration_images,
-                                        max_auc_drop=max_auc_drop)
+                                        max_auc_drop=max_auc_drop, keep_float=keep_float)
             path = build_quantized_bundle(result, out_dir, name=name, version=bundle_version,
                                           notes=notes)
     except (BundleError, BuildError, DatasetError, config.ConfigError) as exc:

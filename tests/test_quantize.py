@@ -30,7 +30,7 @@ from fractured.training.export import (
     is_quantized,
     store_weights_as_float16,
 )
-from fractured.training.quantize import check_auc_drop
+from fractured.training.quantize import check_auc_drop, kept_float, quantize_graph
 
 
 def rows(path: Path) -> list[dict[str, str]]:
@@ -67,6 +67,28 @@ def test_a_validation_auc_drop_beyond_the_allowed_refuses_the_int8_graphs() -> N
     with pytest.raises(BuildError, match=r"lose 0\.0100 of validation AUC \(0\.9000 -> "
                                          r"0\.8900\), more than the 0\.005 allowed"):
         check_auc_drop({"before": 0.90, "after": 0.89, "difference": -0.01}, 0.005)
+
+
+def test_keep_float_leaves_the_named_convolutions_in_float32(
+        untrained_bundle_with_detector: Path, tmp_path: Path) -> None:
+    source = untrained_bundle_with_detector / DETECTOR_FILE
+    kept = kept_float(source, ["model.rpn.head", "model.no_such_module"])
+    assert kept["model.no_such_module"] == []
+    head = kept["model.rpn.head"]
+    assert len(head) >= 3  # its 3x3 conv, objectness and box deltas, at every FPN level
+    rng = np.random.default_rng(0)
+    batches = (rng.normal(size=(1, 3, 256, 256)).astype(np.float32) for _ in range(2))
+    target = tmp_path / "int8.onnx"
+    quantize_graph(source, target, tmp_path, batches, head)
+    graph = onnx.load(str(target)).graph
+    dequantized = {node.output[0] for node in graph.node if node.op_type == "DequantizeLinear"}
+    int8_weights = {node.name: node.input[1] in dequantized for node in graph.node
+                    if node.op_type == "Conv"}
+    assert not any(int8_weights[name] for name in head)
+    others = [quantized for name, quantized in int8_weights.items() if name not in head]
+    assert others and all(others)
+    boxes, scores, _ = run_graph(target, rng.normal(size=(1, 3, 256, 256)).astype(np.float32))
+    assert boxes.shape[-1] == 4 and len(scores) == len(boxes)
 
 
 @pytest.mark.slow
@@ -138,6 +160,14 @@ def test_quantize_builds_a_checked_int8_bundle_that_predicts_as_reported(
                                       "--out", str(tmp_path / "again"), "--version", "1.0.2",
                                       "--report", str(tmp_path / "r2")])
     assert again.exit_code == 1 and "already quantized" in again.output
+    unnamed = CliRunner().invoke(main, ["quantize", str(source), "--split", str(split_dir),
+                                        "--out", str(tmp_path / "unnamed"), "--version",
+                                        "1.0.2", "--report", str(tmp_path / "r4"),
+                                        "--keep-float", "model.rpn.head",
+                                        "--keep-float", "model.no_such_module"])
+    assert unnamed.exit_code == 1 and (
+        "--keep-float model.no_such_module: no convolution's weights are named so"
+        in unnamed.output)
     copy = tmp_path / "untrained"
     shutil.copytree(source, copy)
     manifest = json.loads((copy / MANIFEST_FILE).read_text())
@@ -147,4 +177,5 @@ def test_quantize_builds_a_checked_int8_bundle_that_predicts_as_reported(
                                           "--out", str(tmp_path / "u"), "--version", "1.0.2",
                                           "--report", str(tmp_path / "r3")])
     assert untrained.exit_code == 1 and "untrained bundle" in untrained.output
-    assert not any((tmp_path / name).exists() for name in ("again", "u", "r2", "r3"))
+    assert not any((tmp_path / name).exists()
+                   for name in ("again", "u", "r2", "r3", "unnamed", "r4"))

@@ -191,6 +191,14 @@ def _fusion(summary: Mapping[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _kept_float(kept: Mapping[str, int] | None) -> str:
+    """The sentence naming the convolutions `--keep-float` left in float32, if any."""
+    if not kept:
+        return ""
+    named = ", ".join(f"`{prefix}` ({count})" for prefix, count in kept.items())
+    return f" Convolutions kept in float32 (weights named, and how many): {named}."
+
+
 def _quantization(summary: Mapping[str, Any]) -> list[str]:
     """What INT8 changed against the float32 bundle it was made from."""
     calibration = summary.get("calibration") or {}
@@ -198,9 +206,10 @@ def _quantization(summary: Mapping[str, Any]) -> list[str]:
              f"The {' and '.join(summary.get('models') or [])} of {summary.get('source')} "
              f"in INT8: {summary.get('method')}, ranges measured on "
              f"{calibration.get('images')} training images (ONNX Runtime "
-             f"{summary.get('onnxruntime')}). Calibration, fusion and operating points are "
-             "the source's. The same images' AUC with the source bundle and with this one, "
-             "and the paired bootstrap interval of the difference:", ""]
+             f"{summary.get('onnxruntime')}).{_kept_float(summary.get('kept_float'))} "
+             "Calibration, fusion and operating points are the source's. The same images' "
+             "AUC with the source bundle and with this one, and the paired bootstrap "
+             "interval of the difference:", ""]
     lines += _comparison_table(summary.get("auc") or {}, "source", "INT8")
     lines += ["", "| Images | Decisions changed (possible / likely) | Largest change: "
               "probability | logit | best box score |", "| --- | --- | --- | --- | --- |"]

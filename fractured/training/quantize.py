@@ -16,7 +16,10 @@ other numbers on an older hospital server than on the machine that checked it. W
 
 Only convolutions are quantized: the detector's box-regression layers (Gemm), RoIAlign
 and NMS, and the classifier's attention and pooling stay float32, where eight bits would
-move boxes and heatmaps most for least time.
+move boxes and heatmaps most for least time. `keep_float` keeps more convolutions in
+float32, named by the prefix of their weights' names in the graph (the exported
+parameter names, e.g. `model.rpn.head` for the detector's region-proposal head), so
+the part that loses most under eight bits can be measured and left out.
 
 The calibration images come from the training part of the bundle's split, never from
 the parts that judge the result. The quantized bundle then runs, as the node runs it,
@@ -92,9 +95,11 @@ class QuantizationResult:
 def quantize(source: Path, split_dir: Path, report_dir: Path, scratch: Path, *,
              dataset: Path | None = None, subsets: Sequence[str] = (),
              bootstrap: int = 1000, calibration_images: int = CALIBRATION_IMAGES,
-             max_auc_drop: float = MAX_AUC_DROP) -> QuantizationResult:
+             max_auc_drop: float = MAX_AUC_DROP,
+             keep_float: Sequence[str] = ()) -> QuantizationResult:
     """Quantize bundle `source`'s graphs into `scratch`, check them on the validation part
-    of `split_dir` and score them on its test part (report in `report_dir`)."""
+    of `split_dir` and score them on its test part (report in `report_dir`).
+    Convolutions whose weights' names start with a prefix in `keep_float` stay float32."""
     from onnxruntime import __version__ as onnxruntime_version
 
     bundle = Bundle.load(source)
@@ -114,12 +119,19 @@ def quantize(source: Path, split_dir: Path, report_dir: Path, scratch: Path, *,
                                                              manifest.classifier.input_size)}
     if manifest.detector is not None:
         graphs[DETECTOR_FILE] = ("detector", manifest.detector.input_size)
+    kept = {name: kept_float(bundle.file(name), keep_float) for name in graphs}
+    unmatched = [prefix for prefix in keep_float
+                 if not any(kept[name][prefix] for name in graphs)]
+    if unmatched:  # before minutes of calibration, not after
+        raise BuildError(f"--keep-float {', '.join(unmatched)}: no convolution's weights "
+                         f"are named so in {source}")
     files: dict[str, Path] = {}
     for name, (kind, size) in graphs.items():
         log.info("quantize.step", step=f"quantize the {kind}", calibration_images=len(chosen))
         files[name] = scratch / name
-        _quantize_graph(bundle.file(name), files[name], scratch,
-                        _calibration_batches(chosen, size, manifest.mean, manifest.std))
+        quantize_graph(bundle.file(name), files[name], scratch,
+                        _calibration_batches(chosen, size, manifest.mean, manifest.std),
+                        [node for nodes in kept[name].values() for node in nodes])
 
     staged = _staged_bundle(bundle, files, scratch / "staged")
     pipelines = {"source": Pipeline(bundle, backend="onnxruntime", boxes="always"),
@@ -141,7 +153,8 @@ def quantize(source: Path, split_dir: Path, report_dir: Path, scratch: Path, *,
     # quantizing (calibration images, what stays float) can be made without the test part
     val_detection = boxes(val)
     log.info("quantize.checked", auc_source=val_auc["before"], auc_int8=val_auc["after"],
-             **{f"ap50_{name}": scores["ap50"] for name, scores in val_detection.items()})
+             **{f"{key}_{name}": scores[key] for name, scores in val_detection.items()
+                for key in ("ap50", "froc_score")})
     check_auc_drop(val_auc, max_auc_drop)
     test = measure(pipelines, split.parts["test"], desc="test")
     detection = boxes(test)
@@ -172,6 +185,8 @@ def quantize(source: Path, split_dir: Path, report_dir: Path, scratch: Path, *,
                    "(min-max ranges)"),
         "onnxruntime": onnxruntime_version,
         "models": [kind for kind, _ in graphs.values()],
+        "kept_float": {prefix: sum(len(kept[name][prefix]) for name in graphs)
+                       for prefix in keep_float},
         "calibration": {"split": "train", "split_source": str(split_dir),
                         "images": len(chosen), "seed": CALIBRATION_SEED},
         "max_auc_drop": max_auc_drop,
@@ -236,9 +251,21 @@ def _calibration_batches(samples: Sequence[Sample], size: int, mean: Sequence[fl
         yield to_model_input([letterbox(pixels, size)[0]], mean, std)
 
 
-def _quantize_graph(source: Path, target: Path, scratch: Path,
-                    batches: Iterator[np.ndarray]) -> None:
-    """Write the QDQ INT8 form of the ONNX graph at `source` to `target`."""
+def kept_float(graph_path: Path, prefixes: Sequence[str]) -> dict[str, list[str]]:
+    """The names of the convolutions in the ONNX graph at `graph_path` whose weights'
+    names start with each prefix (the exported parameter names, e.g. `model.rpn.head`)."""
+    import onnx
+
+    graph = onnx.load(str(graph_path), load_external_data=False).graph
+    return {prefix: [node.name for node in graph.node
+                     if node.op_type == "Conv" and node.input[1].startswith(prefix)]
+            for prefix in prefixes}
+
+
+def quantize_graph(source: Path, target: Path, scratch: Path,
+                    batches: Iterator[np.ndarray], float_nodes: Sequence[str] = ()) -> None:
+    """Write the QDQ INT8 form of the ONNX graph at `source` to `target`, the convolution
+    nodes named in `float_nodes` left in float32."""
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -267,7 +294,8 @@ def _quantize_graph(source: Path, target: Path, scratch: Path,
                         per_channel=True, reduce_range=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax,
-                        op_types_to_quantize=["Conv"])
+                        op_types_to_quantize=["Conv"],
+                        nodes_to_exclude=list(float_nodes))
     finally:
         root.setLevel(level)
     plain.unlink()

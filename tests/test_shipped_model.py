@@ -28,7 +28,7 @@ from fractured.training.export import is_quantized
 from tests import factory
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = REPO / "engines" / "fractured-0.8.0"
+SHIPPED = REPO / "engines" / "fractured-0.8.1"
 #: the same bundle in float32 arithmetic (float16-stored weights), kept for rollback
 ROLLBACK = REPO / "engines" / "fractured-0.7.0"
 #: the shipped bundle's held-out report (`fractured quantize`, ONNX Runtime)
@@ -58,7 +58,7 @@ def held_out_rows(report: Path = QUANTIZED) -> list[dict[str, str]]:
 def test_setup_activates_the_shipped_bundle() -> None:
     setup = (REPO / "tools" / "setup.sh").read_text()
     assert f"engines activate {SHIPPED.name} " in setup
-    manifest = Bundle.load(SHIPPED).manifest  # verifies the schema and every checksum
+    shipped = manifest = Bundle.load(SHIPPED).manifest  # verifies schema and checksums
     assert manifest.trained and f"{manifest.name}-{manifest.version}" == SHIPPED.name
     assert manifest.detector is not None and manifest.detector.architecture == \
         "fasterrcnn_resnet18_fpn"
@@ -67,6 +67,14 @@ def test_setup_activates_the_shipped_bundle() -> None:
     card = (SHIPPED / "MODEL_CARD.md").read_text()
     assert "Box detector" in card and "No box detector" not in card
     assert "The fracture probability is fused" in card and "## INT8 quantization" in card
+    # what was tried on the way, with its effect, and why the classifier is not an
+    # EfficientNet, the product's family: the card holds the project's record of it
+    tried = (REPO / "docs" / "training" / "WHAT-WAS-TRIED.md").read_text().strip()
+    assert "## What was tried" in card and tried in card
+    assert "why not EfficientNet" in tried
+    # every convolution in INT8: keeping some in float32 did not measurably help
+    assert shipped.training["quantization"]["kept_float"] == {}
+    assert "Convolutions kept in float32" not in card
 
 
 def test_the_rollback_bundle_is_the_same_model_in_float() -> None:

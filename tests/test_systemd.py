@@ -280,11 +280,11 @@ def test_install_stages_the_service_keeps_the_admins_config_and_checks_it(tmp_pa
     # The venv serves without torch and runs the shipped model, active and verified.
     venv = root / "opt/fractured/venv/bin"
     engines = root / "opt/fractured/engines"
-    assert (engines / "ACTIVE").read_text().strip() == "fractured-0.8.0"
+    assert (engines / "ACTIVE").read_text().strip() == "fractured-0.8.1"
     listing = subprocess.run([str(venv / "fractured"), "engines", "list", "--engines",
                               str(engines)], capture_output=True, text=True, timeout=120)
     assert listing.returncode == 0, listing.stderr
-    assert "fractured-0.8.0" in listing.stdout
+    assert "fractured-0.8.1" in listing.stdout
     torch = subprocess.run([str(venv / "python"), "-c",
                             "import importlib.util; print(importlib.util.find_spec('torch'))"],
                            capture_output=True, text=True, timeout=120)

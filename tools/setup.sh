@@ -27,12 +27,12 @@ fi
 .venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
 .venv/bin/python -m pip install -q -e '.[train,test]'
 
-# The node's default model ships in the repository: engines/fractured-0.8.0, trained on
+# The node's default model ships in the repository: engines/fractured-0.8.1, trained on
 # FracAtlas (its MODEL_CARD.md has the data, the metrics and the limits; 0.7.0, the same
 # model in float32 arithmetic, stays for `fractured engines rollback` and GPU nodes). A fresh install
 # makes it the active bundle; a node that already has one active keeps it, unless that
 # bundle has left the repository since (older shipped versions are in git history).
 active=$(cat engines/ACTIVE 2>/dev/null || true)
 if [ -z "$active" ] || [ ! -f "engines/$active/manifest.json" ]; then
-  .venv/bin/fractured engines activate fractured-0.8.0 --engines engines
+  .venv/bin/fractured engines activate fractured-0.8.1 --engines engines
 fi

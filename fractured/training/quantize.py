@@ -130,8 +130,8 @@ def quantize(source: Path, split_dir: Path, report_dir: Path, scratch: Path, *,
         log.info("quantize.step", step=f"quantize the {kind}", calibration_images=len(chosen))
         files[name] = scratch / name
         quantize_graph(bundle.file(name), files[name], scratch,
-                        _calibration_batches(chosen, size, manifest.mean, manifest.std),
-                        [node for nodes in kept[name].values() for node in nodes])
+                       _calibration_batches(chosen, size, manifest.mean, manifest.std),
+                       [node for nodes in kept[name].values() for node in nodes])
 
     staged = _staged_bundle(bundle, files, scratch / "staged")
     pipelines = {"source": Pipeline(bundle, backend="onnxruntime", boxes="always"),
@@ -263,7 +263,7 @@ def kept_float(graph_path: Path, prefixes: Sequence[str]) -> dict[str, list[str]
 
 
 def quantize_graph(source: Path, target: Path, scratch: Path,
-                    batches: Iterator[np.ndarray], float_nodes: Sequence[str] = ()) -> None:
+                   batches: Iterator[np.ndarray], float_nodes: Sequence[str] = ()) -> None:
     """Write the QDQ INT8 form of the ONNX graph at `source` to `target`, the convolution
     nodes named in `float_nodes` left in float32."""
     import onnx

@@ -242,14 +242,20 @@ def _megabytes(size: int) -> str:
                    "held-out box scores) instead of a detector checkpoint: a new "
                    "classifier beside a detector already in service, trained on the "
                    "same data and split.")
+@click.option("--tensorrt/--no-tensorrt", default=None,
+              help="Build FP16 TensorRT plans of the graphs, checked against ONNX Runtime "
+                   "(needs an NVIDIA GPU and the tensorrt package) [default: where they "
+                   "can be built; untrained bundles: no].")
 def build_engine(checkpoints: tuple[Path, ...], untrained: bool, out_dir: Path, variant: str,
                  input_size: int | None, detector: str, detector_input_size: int,
                  name: str | None, bundle_version: str | None, evaluation: Path | None,
                  notes: Path | None, float16_weights: bool,
-                 classifier_bundle: Path | None, detector_bundle: Path | None) -> None:
+                 classifier_bundle: Path | None, detector_bundle: Path | None,
+                 tensorrt: bool | None) -> None:
     """Export trained models to an engine bundle: CHECKPOINTS are best.pt files of a
     classifier (and a detector) or a `fractured train` run directory. Writes manifest.json,
-    ONNX graphs checked against PyTorch, their torch weights and MODEL_CARD.md."""
+    ONNX graphs checked against PyTorch, their torch weights, MODEL_CARD.md and, on a GPU
+    with TensorRT, FP16 plans checked against ONNX Runtime."""
     from fractured.engine.bundle import BundleError
     from fractured.training.build import build_bundle, build_untrained_bundle
     from fractured.training.checkpoint import CheckpointError
@@ -269,13 +275,13 @@ def build_engine(checkpoints: tuple[Path, ...], untrained: bool, out_dir: Path, 
                 out_dir, name=name or "fractured-untrained", version=bundle_version or "0.0.0",
                 variant=variant, input_size=input_size,
                 detector=None if detector == "none" else detector,
-                detector_input_size=detector_input_size)
+                detector_input_size=detector_input_size, tensorrt=bool(tensorrt))
         else:
             path = build_bundle(checkpoints, out_dir, name=name or "fractured",
                                 version=bundle_version or "0.1.0", evaluation=evaluation,
                                 notes=notes, float16_weights=float16_weights,
                                 classifier_bundle=classifier_bundle,
-                                detector_bundle=detector_bundle)
+                                detector_bundle=detector_bundle, tensorrt=tensorrt)
     except (BundleError, BuildError, CheckpointError) as exc:
         raise click.ClickException(str(exc)) from None
     if untrained:

@@ -33,6 +33,10 @@ MODEL_CARD_FILE = "MODEL_CARD.md"
 CLASSIFIER_WEIGHTS = "classifier.pt"  # state dict, for the torch backend
 DETECTOR_FILE = "detector.onnx"
 DETECTOR_WEIGHTS = "detector.pt"
+CLASSIFIER_PLAN = "classifier.plan"  # TensorRT plans, built on the GPU that runs them
+DETECTOR_PLAN = "detector.plan"
+#: the manifest's `tensorrt` record: what the plans were built for
+PLAN_TARGET_KEYS = ("gpu_name", "compute_capability", "tensorrt_version")
 FRACTURE_LABEL = "fracture"
 BACKENDS = ("onnxruntime", "torch", "tensorrt")
 
@@ -128,6 +132,10 @@ class Manifest:
     files: Mapping[str, str]  # file name -> sha256 hex digest
     backends: tuple[str, ...]
     training: Mapping[str, Any]  # free-form summary: data, epochs, metrics
+    #: what the TensorRT plans were built for (gpu_name, compute_capability,
+    #: tensorrt_version): a plan runs only there; present when backends has tensorrt
+    tensorrt: Mapping[str, str] | None = field(default=None,
+                                               metadata={"omit_if_none": True})
 
     @classmethod
     def from_dict(cls, data: Any, source: str | Path = MANIFEST_FILE) -> Manifest:
@@ -151,6 +159,7 @@ class Manifest:
             files=top.digests("files"),
             backends=top.choices("backends", BACKENDS),
             training=types.MappingProxyType(dict(top.table("training").data)),
+            tensorrt=_plan_target(top.table("tensorrt")) if "tensorrt" in data else None,
         )
         top.done()
         if manifest.classifier.fusion is not None and manifest.detector is None:
@@ -164,6 +173,13 @@ class Manifest:
             for name in [CLASSIFIER_WEIGHTS] + ([DETECTOR_WEIGHTS] if manifest.detector else []):
                 if name not in manifest.files:
                     raise top.fail("files", f"must include {name!r} for the torch backend")
+        if "tensorrt" in manifest.backends:
+            if manifest.tensorrt is None:
+                raise top.fail("tensorrt", "must record the GPU and TensorRT version the "
+                               "plans were built for (backends has tensorrt)")
+            for name in [CLASSIFIER_PLAN] + ([DETECTOR_PLAN] if manifest.detector else []):
+                if name not in manifest.files:
+                    raise top.fail("files", f"must include {name!r} for the tensorrt backend")
         return manifest
 
     def to_dict(self) -> dict[str, Any]:
@@ -187,6 +203,12 @@ def _fusion(r: _Reader) -> Fusion:
                     intercept=r.finite("intercept"))
     r.done()
     return fusion
+
+
+def _plan_target(r: _Reader) -> Mapping[str, str]:
+    target = {key: r.text(key) for key in PLAN_TARGET_KEYS}
+    r.done()
+    return types.MappingProxyType(target)
 
 
 def _detector(r: _Reader) -> DetectorSpec:

@@ -61,6 +61,7 @@ from fractured.training.export import (
 from fractured.training.fusion import FusionResult
 from fractured.training.model_card import dataset_credits, model_card
 from fractured.training.quantize import QuantizationResult
+from fractured.training.tensorrt import add_plans
 
 log = structlog.get_logger()
 #: Validation images (fractures first) the detector's ONNX graph is compared on.
@@ -70,14 +71,16 @@ PARITY_IMAGES = 4
 def build_untrained_bundle(out_dir: Path, *, name: str = "fractured-untrained",
                            version: str = "0.0.0", variant: str = "b0",
                            input_size: int | None = None, detector: str | None = None,
-                           detector_input_size: int = 512, seed: int = 0) -> Path:
+                           detector_input_size: int = 512, seed: int = 0,
+                           tensorrt: bool | None = False) -> Path:
     """Build a bundle with random weights, for wiring and tests before a model is trained.
 
     `input_size` defaults to the variant's native size (224 for b0); `detector` names a
     Faster R-CNN backbone (see DETECTOR_BACKBONES) to include one. The bundle holds the
     ONNX graphs and the torch weights they came from (for the torch backend). The
     manifest says trained=false, which every result made with it shows as "UNTRAINED
-    MODEL"; its operating points are placeholders, chosen on no data.
+    MODEL"; its operating points are placeholders, chosen on no data. `tensorrt` as in
+    `build_bundle` (default False: plans only when asked for).
     """
     size = INPUT_SIZES[variant] if input_size is None else input_size
     if size < 32:
@@ -116,6 +119,7 @@ def build_untrained_bundle(out_dir: Path, *, name: str = "fractured-untrained",
             },
             detector=detector_spec,
             training={"note": "random weights, never trained", "seed": seed})
+        add_plans(manifest, files, Path(scratch), required=tensorrt)
         files[MODEL_CARD_FILE] = Path(scratch) / MODEL_CARD_FILE
         files[MODEL_CARD_FILE].write_text(model_card(manifest, []), encoding="utf-8")
         write_bundle(out_dir, manifest, files)
@@ -126,7 +130,8 @@ def build_bundle(checkpoints: Sequence[Path], out_dir: Path, *, name: str,
                  version: str, evaluation: Path | None = None,
                  notes: Path | None = None, float16_weights: bool = False,
                  classifier_bundle: Path | None = None,
-                 detector_bundle: Path | None = None) -> Path:
+                 detector_bundle: Path | None = None,
+                 tensorrt: bool | None = None) -> Path:
     """Build a bundle from trained checkpoints: a classifier best.pt (required) and a
     detector best.pt (optional), or a run directory holding them.
 
@@ -146,6 +151,9 @@ def build_bundle(checkpoints: Sequence[Path], out_dir: Path, *, name: str,
     `detector_bundle` does the same for the detector: a new classifier beside a detector
     already in service (the detector must have been trained on the same data summary,
     split sizes included, and with the same normalisation).
+    `tensorrt`: None builds FP16 TensorRT plans where TensorRT and a GPU are present
+    (each checked against ONNX Runtime, `training.tensorrt.add_plans`), True requires
+    them, False leaves them out.
     Refused: a checkpoint that is not a finished run (no calibration), a smoke run on a
     `[data].limit` subset, two checkpoints of one kind, an evaluation of other
     checkpoints.
@@ -196,6 +204,7 @@ def build_bundle(checkpoints: Sequence[Path], out_dir: Path, *, name: str,
             name, version, trained=True, mean=part.mean, std=part.std,
             classifier=part.entry, detector=detector_spec, training=jsonable(training),
             backends=["onnxruntime"] if onnx_only else ["onnxruntime", "torch"])
+        add_plans(manifest, files, Path(scratch), required=tensorrt)
         log.info("build.step", step="write manifest, model card and checksums")
         card = Path(scratch) / MODEL_CARD_FILE
         card.write_text(model_card(manifest, dataset_credits(part.dataset)), encoding="utf-8")

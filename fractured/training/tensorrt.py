@@ -9,13 +9,23 @@ bundle made by `fractured quantize` holds QDQ graphs (calibrated on training ima
 checked against their float32 source), which TensorRT builds as an explicitly
 quantized INT8 plan, its other layers FP16.
 
+`add_plans` is build-engine's step: where TensorRT runs it builds a plan of each of the
+bundle's graphs, checks it against ONNX Runtime on the same inputs (refusing the build
+past tolerance, as the ONNX graphs are refused against PyTorch), and records the target
+in the manifest, which the node compares with its own GPU before it uses the plans.
+
 Written against the TensorRT 10 Python API; tensorrt is imported only when a plan is
 built, so this module imports on machines without it.
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
 
 from fractured.durable import write_durably
 from fractured.engine.backends.tensorrt import (
@@ -24,9 +34,113 @@ from fractured.engine.backends.tensorrt import (
     trt_logger,
     unavailable_reason,
 )
-from fractured.training.export import BuildError, is_quantized
+from fractured.engine.bundle import (
+    CLASSIFIER_FILE,
+    CLASSIFIER_PLAN,
+    DETECTOR_FILE,
+    DETECTOR_PLAN,
+)
+from fractured.engine.preprocess import to_model_input
+from fractured.training.export import BuildError, is_quantized, synthetic_images
 
-__all__ = ["PlanTarget", "build_plan", "plan_is_usable"]
+__all__ = ["PlanTarget", "add_plans", "build_plan", "plan_is_usable"]
+
+log = structlog.get_logger()
+#: An FP16 plan's outputs against ONNX Runtime's FP32 ones: within this share of the
+#: output's scale (its largest magnitude, at least 1); a box's score within it too.
+PLAN_TOLERANCE = 5e-2
+#: ... and a box's corners within this many model-input pixels.
+PLAN_BOX_PIXELS = 2.0
+#: Synthetic images each plan is checked on.
+PLAN_CHECK_IMAGES = 2
+
+
+def add_plans(manifest: dict[str, Any], files: dict[str, Path], scratch: Path, *,
+              required: bool | None = None) -> None:
+    """Build and check a TensorRT plan of each ONNX graph in `files` (into `scratch`),
+    and record them in `manifest` (`backends` gains tensorrt; `tensorrt` says what they
+    were built for). `required`: None builds them where TensorRT runs and logs why not
+    elsewhere; True makes a machine without TensorRT a BuildError; False skips them."""
+    if required is False:
+        return
+    if reason := unavailable_reason():
+        if required:
+            raise BuildError(f"cannot build TensorRT plans here: {reason}")
+        log.info("build.step", step="TensorRT plans skipped", reason=reason)
+        return
+    graphs = {CLASSIFIER_PLAN: ("classifier", CLASSIFIER_FILE,
+                                manifest["classifier"]["input_size"])}
+    if manifest.get("detector"):
+        graphs[DETECTOR_PLAN] = ("detector", DETECTOR_FILE, manifest["detector"]["input_size"])
+    target = None
+    for plan, (kind, graph, size) in graphs.items():
+        log.info("build.step", step=f"build and check the {kind}'s TensorRT plan")
+        files[plan] = scratch / plan
+        target = build_plan(files[graph], files[plan])
+        batch = to_model_input(synthetic_images(size, PLAN_CHECK_IMAGES), manifest["mean"],
+                               manifest["std"])
+        check_plan(kind, files[graph], files[plan], batch)
+    manifest["backends"] = [*manifest["backends"], "tensorrt"]
+    manifest["tensorrt"] = asdict(target) if target is not None else None
+
+
+def check_plan(kind: str, graph: Path, plan: Path, batch: np.ndarray) -> None:
+    """BuildError when the plan at `plan` computes other outputs than ONNX Runtime runs
+    the graph at `graph` to, on `batch`, past PLAN_TOLERANCE / PLAN_BOX_PIXELS."""
+    from fractured.engine.backends.onnxruntime import (
+        OnnxRuntimeClassifier,
+        OnnxRuntimeDetector,
+    )
+    from fractured.engine.backends.tensorrt import TensorRTClassifier, TensorRTDetector
+
+    if kind == "classifier":
+        actual = TensorRTClassifier(plan).run(batch)
+        expected = OnnxRuntimeClassifier(graph).run(batch)
+        for name, got, want in zip(("logits", "CAM"), actual, expected, strict=True):
+            difference, allowed = output_gap(got, want)
+            if difference > allowed:
+                raise BuildError(f"{plan}: the plan's {name} differ from ONNX Runtime's by "
+                                 f"{difference:.3g}, more than the {allowed:.3g} allowed")
+        return
+    actual, expected = TensorRTDetector(plan).run(batch), OnnxRuntimeDetector(graph).run(batch)
+    for image in range(len(batch)):
+        mine = [part[image] for part in actual]
+        theirs = [part[image] for part in expected]
+        for reference, other, lacking in ((theirs, mine, "the plan lacks"),
+                                          (mine, theirs, "ONNX Runtime lacks")):
+            missing, _ = unpaired_boxes(reference, other)
+            if missing:
+                raise BuildError(f"{plan}: image {image}: boxes {lacking}: "
+                                 + "; ".join(missing))
+
+
+def output_gap(actual: np.ndarray, expected: np.ndarray) -> tuple[float, float]:
+    """The largest difference of two outputs, and what PLAN_TOLERANCE allows for them."""
+    if actual.shape != expected.shape:
+        return float("inf"), 0.0
+    scale = max(1.0, float(np.abs(expected).max(initial=0.0)))
+    return float(np.abs(actual - expected).max(initial=0.0)), PLAN_TOLERANCE * scale
+
+
+def unpaired_boxes(reference: list[np.ndarray], other: list[np.ndarray],
+                   ) -> tuple[list[str], int]:
+    """Detections (boxes, scores, labels of one image) of `reference` with no detection
+    in `other` of the same label, every corner within PLAN_BOX_PIXELS and the score
+    within PLAN_TOLERANCE; and how many were checked. Detections near the last slot's
+    score are not checked: there a near-tie decides which makes the fixed-K list."""
+    (boxes, scores, labels), (other_boxes, other_scores, other_labels) = reference, other
+    if not len(scores) or not len(other_scores):
+        return [], 0
+    cutoff = max(0.05, float(min(scores[-1], other_scores[-1]))) + PLAN_TOLERANCE
+    missing, checked = [], 0
+    for index in np.flatnonzero(scores > cutoff):
+        checked += 1
+        near = ((other_labels == labels[index])
+                & (np.abs(other_boxes - boxes[index]).max(axis=1) <= PLAN_BOX_PIXELS)
+                & (np.abs(other_scores - scores[index]) <= PLAN_TOLERANCE))
+        if not near.any():
+            missing.append(f"{np.round(boxes[index], 1).tolist()} score {scores[index]:.3f}")
+    return missing, checked
 
 
 def build_plan(onnx_path: Path, plan_path: Path, *, fp16: bool = True, max_batch: int = 8,

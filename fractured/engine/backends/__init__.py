@@ -14,11 +14,15 @@ import importlib.util
 from dataclasses import dataclass
 from typing import Literal
 
+import structlog
+
 from fractured.engine.backends.base import ClassifierBackend, DetectorBackend, Device
 from fractured.engine.bundle import (
     CLASSIFIER_FILE,
+    CLASSIFIER_PLAN,
     CLASSIFIER_WEIGHTS,
     DETECTOR_FILE,
+    DETECTOR_PLAN,
     DETECTOR_WEIGHTS,
     Bundle,
     BundleError,
@@ -26,8 +30,7 @@ from fractured.engine.bundle import (
 
 BackendName = Literal["auto", "onnxruntime", "torch", "tensorrt"]
 BACKENDS: tuple[str, ...] = ("auto", "onnxruntime", "torch", "tensorrt")
-CLASSIFIER_PLAN = "classifier.plan"
-DETECTOR_PLAN = "detector.plan"
+log = structlog.get_logger()
 
 __all__ = ["BACKENDS", "ClassifierBackend", "DetectorBackend", "Device", "Engines",
            "choose_backend", "open_engines"]
@@ -54,14 +57,18 @@ def choose_backend(bundle: Bundle, requested: str = "auto", device: Device = "au
         if requested == "tensorrt":
             from fractured.engine.backends.tensorrt import unavailable_reason
 
-            if reason := unavailable_reason():
+            if reason := unavailable_reason() or _plans_unusable(bundle):
                 raise BundleError(f"tensorrt backend unavailable: {reason}")
         return requested
     if "tensorrt" in held:
         from fractured.engine.backends.tensorrt import unavailable_reason
 
         if unavailable_reason() is None:
-            return "tensorrt"
+            if (reason := _plans_unusable(bundle)) is None:
+                return "tensorrt"
+            # the plans were built for another GPU or TensorRT: the next backend runs
+            log.warning("engine.tensorrt_plans_skipped", bundle=str(bundle.path),
+                        reason=reason)
     if "torch" in held and device != "cpu" and _torch_sees_a_gpu() and not (
             "onnxruntime" in held and _onnxruntime_has_cuda()):
         return "torch"
@@ -69,6 +76,21 @@ def choose_backend(bundle: Bundle, requested: str = "auto", device: Device = "au
         if name in held:
             return name
     raise BundleError(f"{bundle.path}: no backend this node can run ({', '.join(held)})")
+
+
+def _plans_unusable(bundle: Bundle) -> str | None:
+    """Why the bundle's TensorRT plans cannot run on this machine's GPU (built for another
+    TensorRT version or compute capability), or None; asked where TensorRT is present.
+    Another GPU model of the same capability runs them, with a warning."""
+    from fractured.engine.backends.tensorrt import PlanTarget, plan_is_usable
+
+    built_for = bundle.manifest.tensorrt
+    assert built_for is not None  # Manifest.from_dict requires it with the backend
+    usable, message = plan_is_usable(PlanTarget(**built_for), PlanTarget.current())
+    if usable and message:
+        log.warning("engine.tensorrt_plans_for_another_gpu", bundle=str(bundle.path),
+                    note=message)
+    return None if usable else message
 
 
 def _torch_sees_a_gpu() -> bool:

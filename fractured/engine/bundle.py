@@ -118,7 +118,7 @@ class DetectorSpec:
 
 @dataclass(frozen=True)
 class Manifest:
-    """The contents of manifest.json (see ARCHITECTURE.md, "Engine bundle")."""
+    """The contents of manifest.json (see docs/architecture.md, "Engine bundle")."""
 
     schema_version: int
     name: str

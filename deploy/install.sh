@@ -7,7 +7,8 @@
 #   /opt/fractured/engines   the shipped engine bundles, one active (fractured engines ...)
 #   /etc/fractured/          config.toml (root:fractured 0640), made once from config.toml
 #   /var/lib/fractured/      the queue database and the spool (fractured 0700)
-#   /etc/systemd/system/fractured.service (+ fractured.service.d/ from the config)
+#   /etc/systemd/system/fractured.service (+ fractured.service.d/ from the config,
+#   and gpu.conf on a node with an NVIDIA GPU)
 #
 # Usage: deploy/install.sh [--root DIR]
 #   --root DIR  stage the same tree under DIR and leave the system alone: no apt-get,
@@ -178,6 +179,18 @@ elif [ -e "$ROOT$DROPIN" ]; then
   rm "$ROOT$DROPIN"
   rmdir --ignore-fail-on-non-empty "$(dirname "$ROOT$DROPIN")"
   say "removed $DROPIN (the configuration no longer needs it)"
+fi
+
+# A GPU node: the unit hides /dev, so the GPU's devices are let in by a drop-in.
+GPU_DROPIN=$UNIT_DIR/$UNIT.d/gpu.conf
+if [ -e /dev/nvidiactl ]; then
+  mkdir -p "$(dirname "$ROOT$GPU_DROPIN")"
+  install -m 0644 "$SRC/deploy/gpu.conf" "$ROOT$GPU_DROPIN"
+  say "wrote $GPU_DROPIN (an NVIDIA GPU is present: /dev/nvidiactl)"
+elif [ -e "$ROOT$GPU_DROPIN" ]; then
+  rm "$ROOT$GPU_DROPIN"
+  rmdir --ignore-fail-on-non-empty "$(dirname "$ROOT$GPU_DROPIN")"
+  say "removed $GPU_DROPIN (no NVIDIA GPU here)"
 fi
 
 # --- start it ------------------------------------------------------------------------

@@ -197,6 +197,20 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     assert proc.stderr.strip() == "", proc.stderr
 
 
+def test_gpu_drop_in_lets_in_only_the_nvidia_devices(tmp_path: Path) -> None:
+    """deploy/gpu.conf, which install.sh adds on a GPU node, is valid with the unit and
+    replaces the hidden /dev by a closed device list naming the NVIDIA devices."""
+    drop_in = (REPO / "deploy" / "gpu.conf").read_text()
+    settings = unit_settings(drop_in)
+    assert settings["PrivateDevices"] == ["no"] and settings["DevicePolicy"] == ["closed"]
+    assert settings["DeviceAllow"] == ["char-nvidia-frontend rw", "char-nvidia-uvm rw"]
+    combined = UNIT.read_text() + "\n" + drop_in  # as systemd merges it: a later [Service]
+    proc = verify(combined, tmp_path, sys.executable)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip() == "", proc.stderr
+    assert "gpu.conf" in INSTALL.read_text() and "/dev/nvidiactl" in INSTALL.read_text()
+
+
 def test_systemd_analyze_verify_catches_a_broken_unit(tmp_path: Path) -> None:
     """The check above can fail: a misspelt setting makes verify complain."""
     broken = UNIT.read_text().replace("Type=notify", "Type=notfiy")

@@ -1,6 +1,6 @@
 """Loops over the data: a training epoch, or the model's outputs on a split.
 
-Kept apart from the run orchestration (train.py) as torchvision's detection references
+Kept apart from the run orchestration (run.py) as torchvision's detection references
 do, so `fractured evaluate` computes its outputs with the very loop validation used.
 """
 

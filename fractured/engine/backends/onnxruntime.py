@@ -1,7 +1,7 @@
 """ONNX Runtime backend: the default, with no torch needed on the node.
 
-On CPU it runs the classifier 2-3x faster than torch eager (`python -m bench.engine`); with the
-onnxruntime-gpu package installed it uses CUDA instead.
+On CPU it runs the classifier 2-3x faster than torch eager (`python -m bench.engine`);
+with the onnxruntime-gpu package installed it uses CUDA instead.
 """
 
 from __future__ import annotations

@@ -72,16 +72,15 @@ def add_plans(manifest: dict[str, Any], files: dict[str, Path], scratch: Path, *
                                 manifest["classifier"]["input_size"])}
     if manifest.get("detector"):
         graphs[DETECTOR_PLAN] = ("detector", DETECTOR_FILE, manifest["detector"]["input_size"])
-    target = None
     for plan, (kind, graph, size) in graphs.items():
         log.info("build.step", step=f"build and check the {kind}'s TensorRT plan")
         files[plan] = scratch / plan
-        target = build_plan(files[graph], files[plan])
+        build_plan(files[graph], files[plan])
         batch = to_model_input(synthetic_images(size, PLAN_CHECK_IMAGES), manifest["mean"],
                                manifest["std"])
         check_plan(kind, files[graph], files[plan], batch)
     manifest["backends"] = [*manifest["backends"], "tensorrt"]
-    manifest["tensorrt"] = asdict(target) if target is not None else None
+    manifest["tensorrt"] = asdict(PlanTarget.current())  # every plan's: built here
 
 
 def check_plan(kind: str, graph: Path, plan: Path, batch: np.ndarray) -> None:

@@ -328,12 +328,13 @@ def train(dataset: Path, out_dir: Path, train_config: Path | None, task: str, re
     if limit is not None:
         flags.append(f"data.limit={limit}")
     saved = out_dir / SETTINGS_FILE
-    if resume and train_config is None and saved.is_file():
+    resumed_from_saved = resume and train_config is None and saved.is_file()
+    if resumed_from_saved:
         # A resumed run keeps the settings it was started with; --set and --epochs
         # still apply on top (a longer budget, another device).
         train_config = saved
     try:
-        settings = train_config_module.load(train_config, flags)
+        settings = train_config_module.load(train_config, flags, saved_run=resumed_from_saved)
         results = run_training(dataset, out_dir, settings, task=task,  # type: ignore[arg-type]
                                resume=resume)
     except (config.ConfigError, DatasetError, RunError, CheckpointError) as exc:

@@ -68,7 +68,8 @@ def predict(paths: Sequence[Path], pipeline: Pipeline) -> Iterator[Outcome]:
 def _run(pending: list[LoadedImage | Unreadable], pipeline: Pipeline) -> Iterator[Outcome]:
     """`pending` in order, the readable images with their findings from one run."""
     images = [item for item in pending if isinstance(item, LoadedImage)]
-    findings = iter(pipeline.run([(image.ref, image.pixels) for image in images]))
+    findings = iter(pipeline.run([(image.ref, image.pixels) for image in images],
+                                 [image.dataset for image in images]))
     for item in pending:
         yield (Prediction(item.path, item, next(findings)) if isinstance(item, LoadedImage)
                else item)

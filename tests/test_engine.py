@@ -153,9 +153,10 @@ def test_logits_are_exactly_the_mean_of_the_cam() -> None:
 
 
 def test_model_rejects_an_unknown_variant() -> None:
-    assert list(INPUT_SIZES) == ["b0", "b1", "b2", "b3", "b4", "resnet18", "resnet34",
-                                 "resnet50"]
-    with pytest.raises(ValueError, match="b0, b1, b2, b3, b4, resnet18, resnet34, resnet50"):
+    assert list(INPUT_SIZES) == ["b0", "b1", "b2", "b3", "b4", "lite0", "lite1", "lite2",
+                                 "resnet18", "resnet34", "resnet50"]
+    with pytest.raises(ValueError, match="b0, b1, b2, b3, b4, lite0, lite1, lite2, resnet18, "
+                                         "resnet34, resnet50"):
         FractureClassifier("b9")
 
 
@@ -232,6 +233,11 @@ def test_missing_model_file_is_refused_naming_it(bundle_copy: Path) -> None:
     (lambda m: m["files"].pop(CLASSIFIER_WEIGHTS), "files"),  # needed by "torch"
     (lambda m: m.update(detector={"architecture": "x"}), "detector.backbone"),
     (lambda m: m["files"].update({"../escape.onnx": "0" * 64}), "files"),
+    (lambda m: m.update(preprocessing={"crop": "collimator"}), "preprocessing.crop"),
+    (lambda m: m.update(preprocessing={"crop": "exposed_field", "zoom": 2}),
+     "preprocessing.zoom"),
+    (lambda m: m.update(preprocessing={}), "preprocessing.crop"),
+    (lambda m: m.update(preprocessing="exposed_field"), "preprocessing"),
 ])
 def test_bad_manifest_is_refused_naming_the_key_and_file(bundle_copy: Path,
                                                          change: ManifestEdit,

@@ -100,6 +100,7 @@ def test_overrides_parse_as_toml_values(tmp_path: Path) -> None:
     ("", ["data.val=0.6", "data.test=0.5"], r"must leave images to train on"),
     ("", ["detector.input_size=16"], r"\[detector\]\.input_size: at least 32"),
     ("", ["classifier.target_sensitivity=1.0"], r"\[classifier\]\.target_sensitivity"),
+    ("", ["data.crop=collimator"], r"\[data\]\.crop"),
     ("", ["classifier.lr"], r"expected section\.key=value"),
     ("[classifier\n", [], r"not valid TOML"),
 ])
@@ -567,6 +568,7 @@ def test_build_engine_bundles_a_run_that_predicts_as_it_trained(smoke_run,
     manifest = bundle.manifest
     state = checkpoint.load(run / "classifier" / checkpoint.BEST)
     assert manifest.trained and manifest.name == "fractured-smoke"
+    assert manifest.crop == "none" and manifest.preprocessing is None  # [data].crop's default
     assert manifest.classifier.temperature == state["calibration"]["temperature"]
     points = state["calibration"]["operating_points"]
     assert manifest.classifier.operating_points.high_sensitivity == points["high_sensitivity"]
@@ -731,6 +733,33 @@ def test_a_new_detector_joins_the_classifier_of_a_shipped_bundle(smoke_run,
     assert alone.exit_code == 1 and "--classifier-bundle" in alone.output
 
 
+@pytest.mark.slow
+def test_the_crop_goes_from_train_toml_to_the_manifest_and_must_match(smoke_run,
+                                                                      tmp_path: Path) -> None:
+    """[data].crop is recorded in the checkpoint and written to the bundle's manifest,
+    where the node reads it; a classifier and a detector cropped apart make no bundle."""
+    data, run, runner = smoke_run
+    cropped = tmp_path / "cropped"
+    result = runner.invoke(main, ["train", str(data), "--out", str(cropped), "--task",
+                                  "classifier", "--epochs", "1", "--device", "cpu",
+                                  *SMOKE_FLAGS, "--set", "data.crop=exposed_field"])
+    assert result.exit_code == 0, result.output
+    best = cropped / "classifier" / checkpoint.BEST
+    assert checkpoint.load(best)["model_spec"]["crop"] == "exposed_field"
+    assert "crop" not in checkpoint.load(run / "classifier" / checkpoint.BEST)["model_spec"]
+    out = tmp_path / "fractured-cropped"
+    built = runner.invoke(main, ["build-engine", str(best), "--out", str(out)])
+    assert built.exit_code == 0, built.output
+    assert Bundle.load(out).manifest.crop == "exposed_field"
+    assert json.loads((out / "manifest.json").read_text())["preprocessing"] == \
+        {"crop": "exposed_field"}
+    apart = runner.invoke(main, ["build-engine", str(best),
+                                 str(run / "detector" / checkpoint.BEST),
+                                 "--out", str(tmp_path / "apart")])
+    assert apart.exit_code == 1 and "trained with crop 'none'" in apart.output
+    assert not (tmp_path / "apart").exists()
+
+
 def test_build_engine_refuses_unfinished_and_smoke_checkpoints(tmp_path: Path) -> None:
     base = {"kind": "classifier", "epoch": 0, "model": {}, "settings": {}, "model_spec": {}}
     checkpoint.save(tmp_path / "last.pt", base)
@@ -800,6 +829,24 @@ def test_a_setting_added_later_counts_as_its_default_on_resume() -> None:
     longer = dataclasses.asdict(config.load(None, ["classifier.epochs=99",
                                                    "detector.lr=0.5"]))
     assert checkpoint.changed_settings(now, longer, "classifier") == []  # free / other task
+
+
+def test_augmentation_added_later_stays_off_for_a_run_saved_before_it(tmp_path: Path) -> None:
+    saved = tmp_path / "train.toml"
+    config.save(config.load(None), saved)
+    text = saved.read_text()
+    saved.write_text("\n".join(line for line in text.splitlines()
+                               if not line.startswith(("gamma_p", "jpeg_p"))) + "\n")
+    resumed = config.load(saved, saved_run=True)
+    assert resumed.augment.gamma_p == 0.0 and resumed.augment.jpeg_p == 0.0
+    assert resumed.augment.window_p == config.load(None).augment.window_p  # it was saved
+    assert config.load(saved).augment.gamma_p > 0  # a train.toml to start a run from
+    older = dataclasses.asdict(resumed)
+    del older["augment"]["gamma_p"]  # a checkpoint from before the key existed
+    assert checkpoint.changed_settings(older, dataclasses.asdict(resumed), "classifier") == []
+    assert checkpoint.changed_settings(older, dataclasses.asdict(config.load(None)),
+                                       "classifier") == ["[augment].gamma_p",
+                                                         "[augment].jpeg_p"]
 
 
 def test_box_supervision_heats_box_cells_cools_normal_images_and_leaves_the_rest() -> None:

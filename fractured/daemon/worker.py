@@ -116,10 +116,10 @@ class Worker:
         # One model for the whole study, even if a roll-out happens meanwhile.
         pipeline = self.model.current()
         inference_started = time.monotonic()
-        findings = pipeline.run([(image_ref(ds), pixels) for ds, pixels in sources])
+        datasets = [ds for ds, _ in sources]
+        findings = pipeline.run([(image_ref(ds), pixels) for ds, pixels in sources], datasets)
         self.metrics.inference(pipeline.backend_name, pipeline.model, len(sources),
                                time.monotonic() - inference_started)
-        datasets = [ds for ds, _ in sources]
         sr = make_sr(findings, datasets, series_instance_uid=generate_uid(),
                      series_number=SR_SERIES_NUMBER, device_uid=self.device_uid,
                      predecessors=self._earlier_report(claim))
@@ -154,17 +154,19 @@ class Worker:
                   boxes=sum(len(f.boxes) for f in findings), model=findings[0].model.label,
                   backend=pipeline.backend_name, objects=len(results),
                   seconds=round(time.monotonic() - started, 3), **log_ctx)
-        self._shadow(claim, [pixels for _, pixels in sources], findings, log_ctx)
+        self._shadow(claim, sources, findings, log_ctx)
 
-    def _shadow(self, claim: ClaimedStudy, pixels: list[np.ndarray], findings: list[Finding],
-                log_ctx: dict[str, object]) -> None:
+    def _shadow(self, claim: ClaimedStudy, sources: list[tuple[Dataset, np.ndarray]],
+                findings: list[Finding], log_ctx: dict[str, object]) -> None:
         """Run the shadow model, if any, on the study just delivered; store, never send."""
         shadow = self.model.shadow()
         if shadow is None:
             return
         started = time.monotonic()
         try:
-            candidate = shadow.run([(f.image, p) for f, p in zip(findings, pixels, strict=True)])
+            candidate = shadow.run(
+                [(f.image, pixels) for f, (_, pixels) in zip(findings, sources, strict=True)],
+                [ds for ds, _ in sources])
             rows = record_shadow(self.queue, claim.run, findings, candidate)
         except Exception as exc:  # the study is done and delivered: never fail it now
             _log.exception("shadow.failed", model=shadow.model.label, error=str(exc), **log_ctx)

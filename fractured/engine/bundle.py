@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from fractured.durable import fsync_path
+from fractured.engine.exposed_field import CROPS, NO_CROP
 from fractured.engine.findings import ModelInfo, OperatingPoints
 
 SCHEMA_VERSION = 2
@@ -117,6 +118,15 @@ class DetectorSpec:
 
 
 @dataclass(frozen=True)
+class Preprocessing:
+    """What is done to a display image before it is letterboxed, as the models were
+    trained: `crop` "exposed_field" crops it to its exposed field (engine.exposed_field),
+    "none" keeps it whole."""
+
+    crop: str
+
+
+@dataclass(frozen=True)
 class Manifest:
     """The contents of manifest.json (see docs/architecture.md, "Engine bundle")."""
 
@@ -136,6 +146,14 @@ class Manifest:
     #: tensorrt_version): a plan runs only there; present when backends has tensorrt
     tensorrt: Mapping[str, str] | None = field(default=None,
                                                metadata={"omit_if_none": True})
+    #: absent in bundles built before the crop (and in those trained without it): the
+    #: image is letterboxed whole
+    preprocessing: Preprocessing | None = field(default=None, metadata=OMIT_IF_NONE)
+
+    @property
+    def crop(self) -> str:
+        """The crop the models were trained with (a CROPS value)."""
+        return self.preprocessing.crop if self.preprocessing is not None else NO_CROP
 
     @classmethod
     def from_dict(cls, data: Any, source: str | Path = MANIFEST_FILE) -> Manifest:
@@ -160,6 +178,8 @@ class Manifest:
             backends=top.choices("backends", BACKENDS),
             training=types.MappingProxyType(dict(top.table("training").data)),
             tensorrt=_plan_target(top.table("tensorrt")) if "tensorrt" in data else None,
+            preprocessing=(_preprocessing(top.table("preprocessing"))
+                           if "preprocessing" in data else None),
         )
         top.done()
         if manifest.classifier.fusion is not None and manifest.detector is None:
@@ -203,6 +223,12 @@ def _fusion(r: _Reader) -> Fusion:
                     intercept=r.finite("intercept"))
     r.done()
     return fusion
+
+
+def _preprocessing(r: _Reader) -> Preprocessing:
+    preprocessing = Preprocessing(crop=r.choice("crop", CROPS))
+    r.done()
+    return preprocessing
 
 
 def _plan_target(r: _Reader) -> Mapping[str, str]:
@@ -305,6 +331,12 @@ class _Reader:
         if not (isinstance(value, list) and value and all(item in allowed for item in value)):
             raise self.fail(key, f"must be a non-empty list of {', '.join(allowed)}")
         return tuple(value)
+
+    def choice(self, key: str, allowed: tuple[str, ...]) -> str:
+        value = self._get(key)
+        if value not in allowed:
+            raise self.fail(key, f"must be one of {', '.join(map(repr, allowed))}")
+        return value
 
     def points(self, key: str) -> OperatingPoints:
         r = self.table(key)

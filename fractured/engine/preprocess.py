@@ -4,8 +4,9 @@
 VOI LUT, MONOCHROME1 inversion), so the model sees bone bright whatever the vendor wrote,
 and overlays show the X-ray as the radiologist is used to seeing it.
 
-`letterbox` fits such an image into the model's square input, and the `Letterbox` it
-returns maps heatmaps and points from the model input back onto the source pixels.
+`letterbox` fits such an image (or a rectangle of it: its exposed field, see
+engine.exposed_field) into the model's square input, and the `Letterbox` it returns maps
+heatmaps and points from the model input back onto the whole source image's pixels.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+from fractured.engine.exposed_field import Field
 
 
 class DecodeError(Exception):
@@ -155,6 +158,10 @@ class Letterbox:
     pixel (row r, column c) covers [c, c + 1) x [r, r + 1), so its centre is c + 0.5.
     That is the convention cv2.resize samples with, which makes the point mapping below
     agree with where the pixels actually went.
+
+    With a `field`, only that rectangle of the source was fitted (a crop to the exposed
+    field); every mapping still speaks of the whole source image's pixel grid, which the
+    SR's boxes and the overlays are drawn on.
     """
 
     src_rows: int
@@ -163,50 +170,63 @@ class Letterbox:
     scale: float
     pad_top: int
     pad_left: int
+    field: Field | None = None  # the source rectangle fitted; None = the whole image
+
+    @property
+    def region(self) -> Field:
+        """The source rectangle that was fitted into the model input."""
+        return self.field if self.field is not None else Field.whole(self.src_rows,
+                                                                     self.src_cols)
 
     @property
     def content_rows(self) -> int:
         """Rows the scaled image occupies in the model input (the rest is padding)."""
-        return _scaled_length(self.src_rows, self.scale, self.size)
+        return _scaled_length(self.region.rows, self.scale, self.size)
 
     @property
     def content_cols(self) -> int:
         """Columns the scaled image occupies in the model input."""
-        return _scaled_length(self.src_cols, self.scale, self.size)
+        return _scaled_length(self.region.cols, self.scale, self.size)
 
     def point_to_model(self, x: float, y: float) -> tuple[float, float]:
         """Source pixel coordinates (x = column, y = row) to model-input coordinates."""
-        return (self.pad_left + x * self.content_cols / self.src_cols,
-                self.pad_top + y * self.content_rows / self.src_rows)
+        region = self.region
+        return (self.pad_left + (x - region.left) * self.content_cols / region.cols,
+                self.pad_top + (y - region.top) * self.content_rows / region.rows)
 
     def point_to_source(self, x: float, y: float) -> tuple[float, float]:
         """Model-input coordinates (x = column, y = row) to source pixel coordinates.
 
         Uses each axis's actual scale (the scaled lengths are rounded to whole pixels),
         so it is the exact inverse of `point_to_model`. Points in the padding map outside
-        the source image; callers clip boxes as they need.
+        the fitted region; callers clip boxes as they need.
         """
-        return ((x - self.pad_left) * self.src_cols / self.content_cols,
-                (y - self.pad_top) * self.src_rows / self.content_rows)
+        region = self.region
+        return ((x - self.pad_left) * region.cols / self.content_cols + region.left,
+                (y - self.pad_top) * region.rows / self.content_rows + region.top)
 
     def box_to_source(self, x0: float, y0: float, x1: float,
                       y1: float) -> tuple[float, float, float, float]:
-        """A model-input box (x0, y0, x1, y1) in source pixel coordinates, clipped to the image.
+        """A model-input box (x0, y0, x1, y1) in source pixel coordinates, clipped to the
+        fitted region (the whole image, or its field).
 
         A detector may put part of a box on the letterbox padding; clipping keeps every
-        box that reaches a result on pixels the source image actually has.
+        box that reaches a result on pixels the model actually saw.
         """
         left, top = self.point_to_source(x0, y0)
         right, bottom = self.point_to_source(x1, y1)
-        return (_clip(left, self.src_cols), _clip(top, self.src_rows),
-                _clip(right, self.src_cols), _clip(bottom, self.src_rows))
+        region = self.region
+        return (_clip(left, region.left, region.right), _clip(top, region.top, region.bottom),
+                _clip(right, region.left, region.right),
+                _clip(bottom, region.top, region.bottom))
 
     def heatmap_to_source(self, heatmap: np.ndarray) -> np.ndarray:
         """Resample a map over the whole model input (any resolution) to the source grid.
 
         The map is brought to model-input resolution, the padding is cropped away, and
-        the rest is resized to src_rows x src_cols: the same geometry `letterbox` used,
-        run backwards, so a hot spot lands on the source pixels that produced it.
+        the rest is resized onto the fitted region of a src_rows x src_cols map: the same
+        geometry `letterbox` used, run backwards, so a hot spot lands on the source pixels
+        that produced it. Outside a field the map is 0: the model saw nothing there.
         """
         if heatmap.ndim != 2:
             raise ValueError(f"heatmap must be 2-D, got shape {heatmap.shape}")
@@ -214,13 +234,19 @@ class Letterbox:
                           interpolation=_interpolation(heatmap.shape, (self.size, self.size)))
         content = full[self.pad_top:self.pad_top + self.content_rows,
                        self.pad_left:self.pad_left + self.content_cols]
-        target = (self.src_rows, self.src_cols)
-        return cv2.resize(content, (self.src_cols, self.src_rows),
-                          interpolation=_interpolation(content.shape, target))
+        region = self.region
+        target = (region.rows, region.cols)
+        out = np.zeros((self.src_rows, self.src_cols), dtype=np.float32)
+        out[region.top:region.bottom, region.left:region.right] = cv2.resize(
+            content, (region.cols, region.rows),
+            interpolation=_interpolation(content.shape, target))
+        return out
 
 
-def letterbox(image: np.ndarray, size: int) -> tuple[np.ndarray, Letterbox]:
-    """Fit a 2-D image into size x size, keeping its aspect ratio, centred on black.
+def letterbox(image: np.ndarray, size: int,
+              field: Field | None = None) -> tuple[np.ndarray, Letterbox]:
+    """Fit a 2-D image (or its `field`, a rectangle inside it) into size x size, keeping
+    its aspect ratio, centred on black.
 
     Padding rather than stretching keeps bone shapes (and so fracture lines) undistorted;
     black is what the air around a limb looks like, so padding reads as background.
@@ -230,14 +256,20 @@ def letterbox(image: np.ndarray, size: int) -> tuple[np.ndarray, Letterbox]:
     if size < 1:
         raise ValueError(f"size must be positive, got {size}")
     rows, cols = image.shape
-    scale = size / max(rows, cols)
+    if field is not None and not (0 <= field.top < field.bottom <= rows
+                                  and 0 <= field.left < field.right <= cols):
+        raise ValueError(f"field {field} is not a non-empty rectangle of the "
+                         f"{rows} x {cols} image")
+    part = image if field is None else image[field.top:field.bottom, field.left:field.right]
+    scale = size / max(part.shape)
     box = Letterbox(src_rows=rows, src_cols=cols, size=size, scale=scale,
-                    pad_top=(size - _scaled_length(rows, scale, size)) // 2,
-                    pad_left=(size - _scaled_length(cols, scale, size)) // 2)
+                    pad_top=(size - _scaled_length(part.shape[0], scale, size)) // 2,
+                    pad_left=(size - _scaled_length(part.shape[1], scale, size)) // 2,
+                    field=field)
     target = (box.content_rows, box.content_cols)
-    resized = image if target == image.shape else cv2.resize(
-        image, (box.content_cols, box.content_rows),
-        interpolation=_interpolation(image.shape, target))
+    resized = part if target == part.shape else cv2.resize(
+        part, (box.content_cols, box.content_rows),
+        interpolation=_interpolation(part.shape, target))
     out = np.zeros((size, size), dtype=image.dtype)
     out[box.pad_top:box.pad_top + box.content_rows,
         box.pad_left:box.pad_left + box.content_cols] = resized
@@ -261,8 +293,8 @@ def to_model_input(images: Sequence[np.ndarray], mean: Sequence[float],
     return batch
 
 
-def _clip(value: float, high: int) -> float:
-    return min(max(float(value), 0.0), float(high))
+def _clip(value: float, low: int, high: int) -> float:
+    return min(max(float(value), float(low)), float(high))
 
 
 def _scaled_length(length: int, scale: float, size: int) -> int:

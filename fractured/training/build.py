@@ -33,6 +33,7 @@ from fractured.engine.bundle import (
     Bundle,
     write_bundle,
 )
+from fractured.engine.exposed_field import NO_CROP
 from fractured.engine.models import (
     INPUT_SIZES,
     FractureClassifier,
@@ -40,6 +41,7 @@ from fractured.engine.models import (
     build_classifier,
 )
 from fractured.training import checkpoint
+from fractured.training.data import trained_crop
 from fractured.training.evaluation.report import jsonable
 from fractured.training.export import (
     DETECTOR_SCORE_TOLERANCE,
@@ -176,13 +178,16 @@ def build_bundle(checkpoints: Sequence[Path], out_dir: Path, *, name: str,
         detector_spec = None
         if "detector" in states:
             det_path, det_state = states["detector"]
+            _same_crop(part, trained_crop(det_state["model_spec"]), str(det_path))
             detector_spec = _export_detector(det_state, Path(scratch), files,
                                              float16_weights=float16_weights)
             training["detector"] = _training_summary(det_path, det_state)
         if part.held_out is not None:  # the reused classifier's, with this build's boxes
             held_out = _joined_held_out(part.held_out, held_out)
         if detector_bundle is not None:  # this build's classification, the reused boxes
-            reused = _reused_detector(Bundle.load(detector_bundle), part)
+            boxes_from = Bundle.load(detector_bundle)
+            _same_crop(part, boxes_from.manifest.crop, str(detector_bundle))
+            reused = _reused_detector(boxes_from, part)
             files |= reused.files
             detector_spec = reused.entry
             training["detector"] = reused.training
@@ -203,7 +208,8 @@ def build_bundle(checkpoints: Sequence[Path], out_dir: Path, *, name: str,
         manifest = _manifest(
             name, version, trained=True, mean=part.mean, std=part.std,
             classifier=part.entry, detector=detector_spec, training=jsonable(training),
-            backends=["onnxruntime"] if onnx_only else ["onnxruntime", "torch"])
+            backends=["onnxruntime"] if onnx_only else ["onnxruntime", "torch"],
+            crop=part.crop)
         add_plans(manifest, files, Path(scratch), required=tensorrt)
         log.info("build.step", step="write manifest, model card and checksums")
         card = Path(scratch) / MODEL_CARD_FILE
@@ -273,7 +279,7 @@ def _derived_bundle(source: Bundle, out_dir: Path, *, name: str | None, version:
     manifest = _manifest(name or raw["name"], version, trained=True, mean=raw["mean"],
                          std=raw["std"], classifier={**raw["classifier"], **classifier},
                          detector=raw["detector"], training=jsonable(training),
-                         backends=backends or raw["backends"])
+                         backends=backends or raw["backends"], crop=source.manifest.crop)
     dataset = (training.get("classifier", {}).get("data") or {}).get("dataset")
     with tempfile.TemporaryDirectory(prefix="fractured-build-") as scratch:
         card = Path(scratch) / MODEL_CARD_FILE
@@ -295,7 +301,16 @@ class _ClassifierPart:
     mean: Sequence[float]
     std: Sequence[float]
     dataset: Path | None  # whose credits the model card gives
+    crop: str  # what the classifier was trained on (exposed_field.CROPS)
     held_out: dict[str, Any] | None = None  # a reused classifier's held-out scores
+
+
+def _same_crop(classifier: _ClassifierPart, crop: str, detector: str) -> None:
+    """One crop for both models: the pipeline crops each image once, for both."""
+    if crop != classifier.crop:
+        raise BuildError(f"{detector}: the detector was trained with crop {crop!r}, the "
+                         f"classifier with {classifier.crop!r}; a bundle crops its images "
+                         "one way for both (retrain one with the other's [data].crop)")
 
 
 def _built_classifier(path: Path, state: dict[str, Any], scratch: Path, *,
@@ -327,7 +342,8 @@ def _built_classifier(path: Path, state: dict[str, Any], scratch: Path, *,
                "members": spec.get("members", 1)},
         files=files, training=_training_summary(path, state), mean=spec["mean"],
         std=spec["std"],
-        dataset=Path(provenance["dataset"]) if provenance.get("dataset") else None)
+        dataset=Path(provenance["dataset"]) if provenance.get("dataset") else None,
+        crop=trained_crop(spec))
 
 
 def _reused_classifier(bundle: Bundle) -> _ClassifierPart:
@@ -351,7 +367,7 @@ def _reused_classifier(bundle: Bundle) -> _ClassifierPart:
         training={**training.get("classifier", {}),
                   "from_bundle": f"{raw['name']}-{raw['version']}"},
         mean=raw["mean"], std=raw["std"], dataset=Path(dataset) if dataset else None,
-        held_out=training.get("held_out"))
+        crop=bundle.manifest.crop, held_out=training.get("held_out"))
 
 
 _BOX_SCORES = ("detection", "detection_report")  # a held-out summary's detector part
@@ -405,13 +421,17 @@ def _reused_detector(bundle: Bundle, classifier: _ClassifierPart) -> _DetectorPa
 def _manifest(name: str, version: str, *, trained: bool, mean: Sequence[float],
               std: Sequence[float], classifier: dict[str, Any],
               detector: dict[str, Any] | None, training: dict[str, Any],
-              backends: Sequence[str] = ("onnxruntime", "torch")) -> dict[str, Any]:
+              backends: Sequence[str] = ("onnxruntime", "torch"),
+              crop: str = NO_CROP) -> dict[str, Any]:
     """Every manifest key but `files` (write_bundle adds the checksums); the ONNX graphs
-    are always in the bundle, the torch weights where `backends` has torch."""
+    are always in the bundle, the torch weights where `backends` has torch. A crop
+    other than "none" is written as `preprocessing`; without one the manifest reads as
+    those of bundles built before crops existed."""
     return {"schema_version": SCHEMA_VERSION, "name": name, "version": version,
             "created": datetime.now(UTC).isoformat(timespec="seconds"), "trained": trained,
             "mean": list(mean), "std": list(std), "classifier": classifier,
-            "detector": detector, "backends": list(backends), "training": training}
+            "detector": detector, "backends": list(backends), "training": training,
+            **({"preprocessing": {"crop": crop}} if crop != NO_CROP else {})}
 
 
 def _trained_states(paths: Sequence[Path], *, classifier_required: bool = True,
@@ -570,7 +590,8 @@ def _parity_images(state: dict[str, Any], size: int) -> list[np.ndarray]:
         val = load_split(provenance["split"], sample_set).samples(sample_set, "val")
         chosen = sorted(val, key=lambda sample: -sample.label)[:PARITY_IMAGES]
         images = [image.astype(np.float32) for image in
-                  letterbox_samples(chosen, size, desc="parity images").images]
+                  letterbox_samples(chosen, size, crop=trained_crop(state["model_spec"]),
+                                    desc="parity images").images]
     except (KeyError, OSError, DatasetError) as exc:
         log.warning("build.parity_data_unavailable", reason=str(exc))
     return images + synthetic_images(size)
@@ -587,6 +608,7 @@ def _training_summary(path: Path, state: dict[str, Any]) -> dict[str, Any]:
         "epoch": state["epoch"],
         "best_metric": settings["best_metric"],
         "initial_weights": settings["initial_weights"],
+        **({"pretrained": provenance["pretrained"]} if provenance.get("pretrained") else {}),
         "validation": state.get("metrics", {}),
         "achieved_on_val": state["calibration"].get("achieved_on_val", {}),
         # the shift is already in the weights; recorded so a reader knows it was applied

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from fractured.engine.bundle import Bundle, DetectorSpec
 from fractured.engine.pipeline import Detections, Pipeline
 from fractured.engine.preprocess import DecodeError
-from fractured.engine.sources import load_image
+from fractured.engine.sources import LoadedImage, load_image
 from fractured.training.data import model_boxes
 from fractured.training.datasets import DatasetError, open_dataset
 from fractured.training.datasets.base import Sample
@@ -120,13 +120,14 @@ def measure(pipelines: Mapping[str, Pipeline], samples: Sequence[Sample], *,
     rows: dict[str, list[np.ndarray]] = {name: [] for name in pipelines}
     found: dict[str, list[Detections]] = {name: [] for name in pipelines}
     unreadable: list[tuple[str, str]] = []
-    batch: list[tuple[Sample, np.ndarray]] = []
+    batch: list[tuple[Sample, LoadedImage]] = []
     size = min(pipeline.max_batch for pipeline in pipelines.values())
 
     def flush() -> None:
         if batch:
             for name, pipeline in pipelines.items():
-                evidence, detections = pipeline.examine([pixels for _, pixels in batch])
+                evidence, detections = pipeline.examine([image.pixels for _, image in batch],
+                                                        [image.dataset for _, image in batch])
                 rows[name].append(evidence)
                 found[name] += detections
             kept.extend(sample for sample, _ in batch)
@@ -138,7 +139,7 @@ def measure(pipelines: Mapping[str, Pipeline], samples: Sequence[Sample], *,
             log.info("score.progress", part=desc, done=index, total=len(samples),
                      models=[pipeline.model.label for pipeline in pipelines.values()])
         try:
-            batch.append((sample, load_image(sample.path).pixels))
+            batch.append((sample, load_image(sample.path)))
         except DecodeError as exc:
             unreadable.append((str(sample.path), str(exc)))
             log.warning("score.image_unreadable", path=str(sample.path), reason=str(exc))

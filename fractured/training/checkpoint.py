@@ -80,16 +80,17 @@ def check_settings(path: Path, settings: Mapping[str, Any], kind: Kind) -> None:
 
 def changed_settings(before: Mapping[str, Any], now: Mapping[str, Any], kind: Kind) -> list[str]:
     """The `[section].key`s that differ and matter to a `kind` run. A key the checkpoint
-    does not have (added in a later version) counts as its default, which is what the
-    older version trained with."""
-    from fractured.training.config import TrainSettings
+    does not have (added in a later version) counts as what the older version did: its
+    BEFORE_IT_EXISTED value, else its default."""
+    from fractured.training.config import BEFORE_IT_EXISTED, TrainSettings
 
     defaults = dataclasses.asdict(TrainSettings())
     free = {(kind, "epochs"), (kind, "early_stopping")}
     return [f"[{section}].{key}" for section in ("data", "augment", kind)
             for key, value in now[section].items()
             if (section, key) not in free
-            and before[section].get(key, defaults[section][key]) != value]
+            and before[section].get(key, BEFORE_IT_EXISTED.get(
+                (section, key), defaults[section][key])) != value]
 
 
 def _refuse(changed: list[str], path: Path) -> None:

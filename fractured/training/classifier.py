@@ -24,7 +24,12 @@ from fractured.engine.bundle import FRACTURE_LABEL
 from fractured.engine.models import INPUT_SIZES, FractureClassifier, build_classifier
 from fractured.training import checkpoint
 from fractured.training.config import ClassifierSettings, TrainSettings
-from fractured.training.data import BoxedClassifierImages, ClassifierImages, letterbox_samples
+from fractured.training.data import (
+    BoxedClassifierImages,
+    ClassifierImages,
+    crop_entry,
+    letterbox_samples,
+)
 from fractured.training.datasets.base import DatasetError, Sample
 from fractured.training.evaluation.calibration import (
     choose_operating_points,
@@ -33,6 +38,7 @@ from fractured.training.evaluation.calibration import (
 from fractured.training.export import IMAGENET_MEAN, IMAGENET_STD
 from fractured.training.loops import Device, classifier_logits, train_classifier_epoch
 from fractured.training.losses import BoxSupervision, FractureLoss
+from fractured.training.pretrained import describe, is_pretrained_name
 from fractured.training.schedule import (
     BestTracker,
     extend_schedule,
@@ -65,8 +71,9 @@ def train_classifier(train: Sequence[Sample], val: Sequence[Sample], settings: T
     size = cfg.input_size or INPUT_SIZES[cfg.variant]
     seed_everything(settings.run.seed)
     norm = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
-    train_images = letterbox_samples(train, size, desc="decoding train")
-    val_images = letterbox_samples(val, size, desc="decoding val")
+    crop = settings.data.crop
+    train_images = letterbox_samples(train, size, crop=crop, desc="decoding train")
+    val_images = letterbox_samples(val, size, crop=crop, desc="decoding val")
     _require_both_labels(train_images.samples, "train")
     _require_both_labels(val_images.samples, "val")
     train_set: ClassifierImages | BoxedClassifierImages
@@ -90,6 +97,9 @@ def train_classifier(train: Sequence[Sample], val: Sequence[Sample], settings: T
              unreadable=len(train_images.unreadable) + len(val_images.unreadable))
     provenance = {**(provenance or {}),
                   "unreadable": [*train_images.unreadable, *val_images.unreadable]}
+    if is_pretrained_name(cfg.initial_weights):  # origin, version, checksum and licence
+        provenance["pretrained"] = describe(cfg.initial_weights,
+                                            "[classifier].initial_weights")
 
     model = FractureClassifier(variant=cfg.variant, num_labels=1)
     last, best = out_dir / checkpoint.LAST, out_dir / checkpoint.BEST
@@ -107,7 +117,7 @@ def train_classifier(train: Sequence[Sample], val: Sequence[Sample], settings: T
                   if cfg.imbalance == "class_weights" else None)
     loss_fn = FractureLoss(focal_weight=cfg.focal_weight, gamma=cfg.focal_gamma,
                            pos_weight=pos_weight)
-    optimizer = optimiser(model.parameters(), cfg)
+    optimizer = optimiser(model.parameters(), cfg, backbone=model.features.parameters())
     schedule = lr_schedule(optimizer, cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=device.amp)
     tracker = BestTracker(patience=cfg.early_stopping)
@@ -209,7 +219,8 @@ def _metadata(cfg: ClassifierSettings, size: int, settings: TrainSettings,
         "kind": "classifier",
         "model_spec": {"architecture": probe.architecture, "variant": cfg.variant,
                        "labels": [FRACTURE_LABEL], "input_size": size,
-                       "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+                       "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+                       **crop_entry(settings.data.crop)},
         "settings": dataclasses.asdict(settings),
         # A run on a `[data].limit` subset is a smoke test, never a model to ship.
         "limited": settings.data.limit > 0,

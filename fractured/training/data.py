@@ -1,17 +1,19 @@
 """Samples to tensors: decoded once, letterboxed as the node does, then augmented per epoch.
 
-Every image goes through `engine.sources.load_image` and `engine.preprocess.letterbox`,
-the node's own door, so a model is trained on exactly the pixels it will be given in
-service (MONOCHROME1 inverted, VOI applied, aspect kept). Decoding and resizing happen
+Every image goes through `engine.sources.load_image`, `engine.exposed_field.field_for`
+(where `[data].crop` asks for it) and `engine.preprocess.letterbox`, the node's own door,
+so a model is trained on exactly the pixels it will be given in service (MONOCHROME1
+inverted, VOI applied, cropped alike, aspect kept). Decoding and resizing happen
 once, up front, into an in-memory float16 array: on a 2-core machine decoding every
 JPEG every epoch would cost more than the network's forward pass at 224 px.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import structlog
@@ -20,6 +22,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from tqdm import tqdm
 
+from fractured.engine.exposed_field import NO_CROP, field_for
 from fractured.engine.preprocess import DecodeError, Letterbox, letterbox
 from fractured.engine.sources import load_image
 from fractured.training.datasets.base import Sample
@@ -43,9 +46,10 @@ class Letterboxed:
         return len(self.samples)
 
 
-def letterbox_samples(samples: Sequence[Sample], size: int, *, threads: int = 2,
-                      desc: str = "decoding") -> Letterboxed:
-    """Decode and letterbox every sample, leaving out the ones that cannot be decoded.
+def letterbox_samples(samples: Sequence[Sample], size: int, *, crop: str = NO_CROP,
+                      threads: int = 2, desc: str = "decoding") -> Letterboxed:
+    """Decode, crop (`crop`: an exposed_field.CROPS value, as the model's spec records)
+    and letterbox every sample, leaving out the ones that cannot be decoded.
 
     Those are logged one by one and listed in `unreadable`, which the checkpoint and the
     evaluation report record. They are left out rather than repaired: FracAtlas has 51
@@ -58,11 +62,12 @@ def letterbox_samples(samples: Sequence[Sample], size: int, *, threads: int = 2,
 
     def one(index: int) -> None:
         try:
-            pixels = load_image(samples[index].path).pixels
+            loaded = load_image(samples[index].path)
         except DecodeError as exc:
             reasons[index] = str(exc)
             return
-        image, fit = letterbox(pixels, size)
+        image, fit = letterbox(loaded.pixels, size,
+                               field_for(crop, loaded.pixels, loaded.dataset))
         images[index] = image
         fits[index] = fit
 
@@ -79,12 +84,35 @@ def letterbox_samples(samples: Sequence[Sample], size: int, *, threads: int = 2,
                        tuple(fits[i] for i in kept if fits[i] is not None), unreadable)
 
 
+def crop_entry(crop: str) -> dict[str, str]:
+    """What a checkpoint's model_spec says of `crop`: nothing for "none", so a model
+    trained whole reads (and resumes) like those trained before crops existed."""
+    return {} if crop == NO_CROP else {"crop": crop}
+
+
+def trained_crop(spec: Mapping[str, Any]) -> str:
+    """The crop a checkpoint's model_spec (or an ensemble member's) was trained with."""
+    return str(spec.get("crop", NO_CROP))
+
+
 def model_boxes(sample: Sample, fit: Letterbox) -> np.ndarray:
-    """A sample's boxes in model-input pixels (M, 4), x0 y0 x1 y1."""
+    """A sample's boxes in model-input pixels (M, 4), x0 y0 x1 y1.
+
+    Each box is first clipped to the source rectangle that was letterboxed (its exposed
+    field, or the whole image); a box wholly outside it marks nothing the model sees
+    and is left out.
+    """
+    region = fit.region
     rows = []
     for box in sample.boxes or ():
-        x0, y0 = fit.point_to_model(box.x0 * fit.src_cols, box.y0 * fit.src_rows)
-        x1, y1 = fit.point_to_model(box.x1 * fit.src_cols, box.y1 * fit.src_rows)
+        left = min(max(box.x0 * fit.src_cols, region.left), region.right)
+        right = min(max(box.x1 * fit.src_cols, region.left), region.right)
+        top = min(max(box.y0 * fit.src_rows, region.top), region.bottom)
+        bottom = min(max(box.y1 * fit.src_rows, region.top), region.bottom)
+        if right <= left or bottom <= top:
+            continue
+        x0, y0 = fit.point_to_model(left, top)
+        x1, y1 = fit.point_to_model(right, bottom)
         rows.append((x0, y0, x1, y1))
     return np.asarray(rows, dtype=np.float32).reshape(-1, 4)
 

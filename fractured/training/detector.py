@@ -27,6 +27,7 @@ from fractured.training.config import DetectorSettings, TrainSettings
 from fractured.training.data import (
     DetectorImages,
     collate_detection,
+    crop_entry,
     letterbox_samples,
 )
 from fractured.training.datasets.base import DatasetError, Sample
@@ -68,8 +69,9 @@ def train_detector(train: Sequence[Sample], val: Sequence[Sample], settings: Tra
     seed_everything(settings.run.seed)
     size = cfg.input_size
     norm = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
-    train_images = letterbox_samples(train, size, desc="decoding train")
-    val_images = letterbox_samples(val, size, desc="decoding val")
+    crop = settings.data.crop
+    train_images = letterbox_samples(train, size, crop=crop, desc="decoding train")
+    val_images = letterbox_samples(val, size, crop=crop, desc="decoding val")
     train_set = DetectorImages(train_images, **norm,
                                transform=train_transform(settings.augment, boxes=True))
     val_set = DetectorImages(val_images, **norm)
@@ -87,7 +89,8 @@ def train_detector(train: Sequence[Sample], val: Sequence[Sample], settings: Tra
     if cfg.initial_weights:
         load_initial_weights(model.model, cfg.initial_weights, where="[detector].initial_weights")
     model = device.prepare(model)
-    optimizer = optimiser([p for p in model.parameters() if p.requires_grad], cfg)
+    optimizer = optimiser([p for p in model.parameters() if p.requires_grad], cfg,
+                          backbone=model.model.backbone.body.parameters())
     schedule = lr_schedule(optimizer, cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=device.amp)
     tracker = BestTracker(patience=cfg.early_stopping)
@@ -197,7 +200,8 @@ def _metadata(model: FractureDetector, cfg: DetectorSettings, settings: TrainSet
         "model_spec": {"architecture": model.architecture, "backbone": cfg.backbone,
                        "labels": [FRACTURE_LABEL], "input_size": cfg.input_size,
                        "detections_per_image": model.detections_per_image,
-                       "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+                       "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+                       **crop_entry(settings.data.crop)},
         "settings": dataclasses.asdict(settings),
         "limited": settings.data.limit > 0,
         "provenance": provenance,

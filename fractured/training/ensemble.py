@@ -41,7 +41,12 @@ from fractured.engine.models import ClassifierEnsemble, FractureClassifier
 from fractured.training import checkpoint
 from fractured.training import config as train_config
 from fractured.training.classifier import calibrate
-from fractured.training.data import ClassifierImages, letterbox_samples
+from fractured.training.data import (
+    ClassifierImages,
+    crop_entry,
+    letterbox_samples,
+    trained_crop,
+)
 from fractured.training.datasets import DatasetError, open_dataset
 from fractured.training.loops import Device, classifier_logits
 from fractured.training.run import SETTINGS_FILE, SPLIT_DIR
@@ -69,7 +74,7 @@ class Member:
     """One network of the ensemble and where it came from."""
 
     source: Path
-    spec: dict[str, Any]  # model_spec keys: variant, input_size, labels, mean, std
+    spec: dict[str, Any]  # model_spec keys: variant, input_size, labels, mean, std, crop
     weights: dict[str, torch.Tensor]
     record: dict[str, Any]  # what the ensemble's checkpoint says about it
     run: Path | None = None  # a run's directory (None for a bundle)
@@ -196,7 +201,7 @@ def _bundle_member(source: Path) -> Member:
               "data": {key: data.get(key) for key in _SAME_DATA}}
     model_spec = {"variant": spec.variant, "input_size": spec.input_size,
                   "labels": list(spec.labels), "mean": list(manifest.mean),
-                  "std": list(manifest.std)}
+                  "std": list(manifest.std), **crop_entry(manifest.crop)}
     return Member(source, model_spec, network.state_dict(), record)
 
 
@@ -209,6 +214,9 @@ def _check_compatible(members: Sequence[Member], reference: Member) -> None:
             if _plain(member.spec[key]) != _plain(reference.spec[key]):
                 raise EnsembleError(f"{member.source}: {key} {member.spec[key]!r} differs from "
                                     f"{reference.source}'s {reference.spec[key]!r}")
+        if trained_crop(member.spec) != trained_crop(reference.spec):
+            raise EnsembleError(f"{member.source}: crop {trained_crop(member.spec)!r} differs "
+                                f"from {reference.source}'s {trained_crop(reference.spec)!r}")
         if member.run is not None and _split_digest(member.run) != split:
             raise EnsembleError(f"{member.source}: trained on another split than "
                                 f"{reference.source}; members must share one "
@@ -261,7 +269,8 @@ def _validation_images(reference: Member, settings: train_config.TrainSettings,
         raise EnsembleError(f"{reference.source}: its data set cannot be read ({exc})") from None
     samples = load_split(reference.run / SPLIT_DIR, sample_set).samples(sample_set, "val")
     spec = reference.spec
-    images = letterbox_samples(samples, spec["input_size"], desc="decoding val")
+    images = letterbox_samples(samples, spec["input_size"], crop=trained_crop(spec),
+                               desc="decoding val")
     return ClassifierImages(images, mean=spec["mean"], std=spec["std"])
 
 

@@ -30,6 +30,7 @@ from fractured.training.data import (
     Letterboxed,
     collate_detection,
     letterbox_samples,
+    trained_crop,
 )
 from fractured.training.datasets import DatasetError, open_dataset
 from fractured.training.datasets.base import Sample
@@ -139,7 +140,8 @@ def _classifier_part(state: dict[str, Any], samples: list[Sample], subsets: Sequ
                                          "did not finish; resume it with --resume")
     model = build_classifier(spec["variant"], 1, spec.get("members", 1))
     model.load_state_dict(state["model"])
-    images = letterbox_samples(samples, spec["input_size"], desc="decoding")
+    images = letterbox_samples(samples, spec["input_size"], crop=trained_crop(spec),
+                               desc="decoding")
     loader = DataLoader(ClassifierImages(images, mean=spec["mean"], std=spec["std"]),
                         batch_size=BATCH)
     logits, labels = classifier_logits(runner.prepare(model), loader, runner)
@@ -203,7 +205,8 @@ def _detector_part(state: dict[str, Any], samples: list[Sample], runner: Device,
     boxed = [sample for sample in samples if sample.boxes is not None]
     model = FractureDetector(spec["backbone"], num_labels=1, input_size=spec["input_size"])
     model.load_state_dict(state["model"])
-    images = letterbox_samples(boxed, spec["input_size"], desc="decoding")
+    images = letterbox_samples(boxed, spec["input_size"], crop=trained_crop(spec),
+                               desc="decoding")
     loader = DataLoader(DetectorImages(images, mean=spec["mean"], std=spec["std"]),
                         batch_size=BATCH, collate_fn=collate_detection)
     found = list(detector_outputs(runner.prepare(model), loader, runner))

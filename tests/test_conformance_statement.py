@@ -45,6 +45,7 @@ from fractured.engine.findings import (
     OperatingPoints,
 )
 from fractured.engine.preprocess import display_pixels
+from fractured.engine.regions import PointsRegion, Region
 from fractured.results.overlay import make_overlay
 from fractured.results.sr import make_sr
 from fractured.results.summary import make_summary
@@ -69,13 +70,14 @@ def checked_table(name: str) -> list[list[str]]:
 
 
 def finding(source: Dataset, model: ModelInfo, probability: float,
-            boxes: tuple[Box, ...] = (), spread: float | None = None) -> Finding:
+            boxes: tuple[Box, ...] = (), spread: float | None = None,
+            region: PointsRegion | None = None) -> Finding:
     image = ImageRef(str(source.StudyInstanceUID), str(source.SeriesInstanceUID),
                      str(source.SOPInstanceUID), str(source.SOPClassUID))
     heat = np.zeros((source.Rows, source.Columns), np.float32)
     heat[:, : source.Columns // 2] = 1.0
     return Finding(image, np.float32(probability), OperatingPoints(0.3, 0.7), heat, model,
-                   boxes, spread)
+                   boxes, spread, operating_region=region)
 
 
 def written(ds: Dataset) -> Dataset:
@@ -89,14 +91,14 @@ def written(ds: Dataset) -> Dataset:
 @pytest.fixture(scope="module")
 def results() -> dict[str, Dataset]:
     """One of each result object, with every optional item the SR can hold: boxes of
-    both levels, a TTA spread, the untrained warning."""
+    both levels, a TTA spread, the untrained warning, whose operating points decided."""
     sources = dx_study(2)
     model = ModelInfo("fractured-test", "0.0.1", trained=False)
     findings = [
         finding(sources[0], model, 0.8, spread=0.05, boxes=(
             Box(10, 20, 80, 90, 0.9, DecisionLevel.LIKELY),
             Box(100, 120, 150, 200, 0.4, DecisionLevel.POSSIBLE))),
-        finding(sources[1], model, 0.1),
+        finding(sources[1], model, 0.1, region=Region.HAND),
     ]
     series = generate_uid()
     return {

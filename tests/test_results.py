@@ -41,6 +41,7 @@ from fractured.engine.findings import (
     OperatingPoints,
 )
 from fractured.engine.preprocess import display_pixels
+from fractured.engine.regions import POOLED, PointsRegion, Region
 from fractured.results import codes
 from fractured.results.header import header_repairs
 from fractured.results.overlay import _verdict_text, make_overlay, render_overlay
@@ -63,10 +64,10 @@ PROBABILITIES = [0.91234567, 0.1, 0.5, 0.49999]
 def finding_for(
     source: Dataset, probability: float, model: ModelInfo, heatmap: np.ndarray | None = None,
     *, points: OperatingPoints = ONE_THRESHOLD, boxes: tuple[Box, ...] = (),
-    spread: float | None = None,
+    spread: float | None = None, region: PointsRegion | None = None,
 ) -> Finding:
     """A Finding as the engine makes one: the left half of the image hot, the right cold
-    unless `heatmap` says otherwise."""
+    unless `heatmap` says otherwise; `region` is whose operating points decided."""
     if heatmap is None:
         heatmap = np.zeros((source.Rows, source.Columns), np.float32)
         heatmap[:, : source.Columns // 2] = 1.0
@@ -76,7 +77,8 @@ def finding_for(
         sop_instance_uid=str(source.SOPInstanceUID),
         sop_class_uid=str(source.SOPClassUID),
     )
-    return Finding(image, np.float32(probability), points, heatmap, model, boxes, spread)
+    return Finding(image, np.float32(probability), points, heatmap, model, boxes, spread,
+                   operating_region=region)
 
 
 # -- tools -----------------------------------------------------------------------------
@@ -173,6 +175,17 @@ def check_sr(
         assert evaluations[codes.FRACTURE_AT_HIGH_SPECIFICITY] == (
             codes.PRESENT if level is DecisionLevel.LIKELY else codes.ABSENT)
         assert evaluations[codes.DECISION_LEVEL] == codes.LEVELS[level]
+        # whose operating points decided: cited only where the bundle has regions
+        assert evaluations.get(codes.OPERATING_POINTS_REGION) == (
+            None if finding.operating_region is None
+            else codes.OPERATING_POINTS_FROM[finding.operating_region])
+        parameters = [item.value for item in group[0].ContentSequence
+                      if item.name.meaning == "Algorithm Parameters"]
+        assert parameters[:2] == [
+            f"high-sensitivity threshold {finding.operating_points.high_sensitivity:.6g}",
+            f"high-specificity threshold {finding.operating_points.high_specificity:.6g}"]
+        assert parameters[2:] == ([] if finding.operating_region is None
+                                  else [f"{finding.operating_region} operating points"])
         spread = group.get_measurements(name=codes.PROBABILITY_SPREAD)
         assert [m.value for m in spread] == pytest.approx(
             [] if finding.spread is None else [finding.spread])
@@ -426,6 +439,40 @@ def test_verdict_states_the_level_probability_and_both_points(
     (source,) = dx_study(1)
     finding = finding_for(source, probability, TRAINED, points=TWO_POINTS, spread=spread)
     assert _verdict_text(finding) == expected
+
+
+@pytest.mark.parametrize("region", [Region.HAND, Region.SHOULDER, POOLED])
+def test_sr_and_overlay_cite_whose_operating_points_decided(tmp_path: Path,
+                                                            region: PointsRegion) -> None:
+    """A bundle with points per region: the SR (coded evaluation, algorithm parameter,
+    summary) and the overlay's verdict line say whose; both stay valid."""
+    sources = dx_study(2)
+    sources[0].BodyPartExamined = "HAND"
+    findings = [finding_for(sources[0], 0.35, TRAINED, points=TWO_POINTS, region=region),
+                finding_for(sources[1], 0.35, TRAINED, points=TWO_POINTS, region=POOLED)]
+    device_uid = hd.UID()
+    sr = make_sr(findings, sources, series_instance_uid=hd.UID(), series_number=901,
+                 device_uid=device_uid)
+    raw = validate(sr, tmp_path / "sr.dcm")
+    check_sr(tmp_path / "sr.dcm", findings, sources, device_uid)
+    (summary,) = [item.TextValue for item in raw.ContentSequence if item.ValueType == "TEXT"
+                  and item.ConceptNameCodeSequence[0].CodeValue == codes.SUMMARY.value]
+    assert f"Image 1: possible fracture (probability 0.35, {region} operating points)." \
+        in summary
+    assert "Image 2: possible fracture (probability 0.35, pooled operating points)." in summary
+
+    finding = findings[0]
+    assert _verdict_text(finding) == (f"Possible fracture: probability 0.35 ({region} "
+                                      "operating points: possible from 0.30, likely from 0.70)")
+    overlay = make_overlay(finding, sources[0], series_instance_uid=hd.UID(),
+                           series_number=902, instance_number=1)
+    back = validate(overlay, tmp_path / "sc.dcm")
+    check_overlay_file(tmp_path / "sc.dcm", sources[0], finding)
+    banner, _ = split_overlay(back.pixel_array, sources[0], 1024)
+    check_banner(banner, trained=True)
+    plain = finding_for(sources[0], 0.35, TRAINED, points=TWO_POINTS)
+    assert not np.array_equal(render_overlay(finding, display_pixels(sources[0])),
+                              render_overlay(plain, display_pixels(sources[0])))
 
 
 def test_overlay_refuses_a_mismatched_finding() -> None:

@@ -1,4 +1,5 @@
-"""Splits: related images never straddle a line, stratified, reproducible, and reused."""
+"""Splits: related images never straddle a line, stratified, reproducible, and reused;
+k-fold splits derived from a base split."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ import pytest
 from structlog.testing import capture_logs
 
 from fractured.training.datasets.base import DatasetError, Sample, SampleSet
+from fractured.training.folds import BASE_DIR, fold_of, fold_split_for, make_fold_split
 from fractured.training.splits import (
     CSV_NAME,
     JSON_NAME,
+    FoldRecord,
     SplitParameters,
     load_split,
     make_split,
@@ -245,3 +248,115 @@ def test_hashes_are_computed_from_the_images_when_not_given(tmp_path: Path) -> N
     assert "images/truncated.jpg" in split.assignment
     write_split(split, tmp_path / "split")
     assert load_split(tmp_path / "split", data) == split
+
+
+# -- k-fold splits derived from a base split (training.folds) ---------------------------
+
+K = 5
+
+
+def parts_of(split) -> dict[str, set[str]]:
+    parts: dict[str, set[str]] = {"train": set(), "val": set(), "test": set()}
+    for path, name in split.assignment.items():
+        parts[name].add(path)
+    return parts
+
+
+def test_folds_partition_train_and_val_by_whole_groups_and_keep_the_test_part(
+        data: SampleSet) -> None:
+    base = make_split(data, hashes=hashes_for())
+    pool = parts_of(base)["train"] | parts_of(base)["val"]
+    splits = [make_fold_split(base, "ab" * 32, k=K, fold=fold, seed=0) for fold in range(K)]
+    vals = [parts_of(split)["val"] for split in splits]
+    assert sorted(path for val in vals for path in val) == sorted(pool)  # each once
+    base_test = [entry for entry in base.entries if entry.split == "test"]
+    labels = {entry.path: entry.label for entry in base.entries}
+    strata = Counter((entry.label, entry.body_part) for entry in base.entries
+                     if entry.path in pool)
+    share = np.mean([labels[path] for path in pool])
+    for fold, (split, val) in enumerate(zip(splits, vals, strict=True)):
+        assert parts_of(split)["train"] == pool - val
+        assert [entry for entry in split.entries if entry.split == "test"] == base_test
+        assert split.groups == base.groups and split.cross_split_groups() == []
+        for group in RELATED:
+            assert len({split_of(split, data, i) for i in group}) == 1, (fold, group)
+        assert split.folds == FoldRecord("ab" * 32, K, fold, 0)
+        assert abs(len(val) - len(pool) / K) <= 4
+        assert abs(np.mean([labels[path] for path in val]) - share) < 0.03, fold
+        in_val = Counter((entry.label, entry.body_part) for entry in split.entries
+                         if entry.split == "val")
+        for stratum, total in strata.items():
+            assert abs(in_val[stratum] - total / K) <= 3, (fold, stratum)
+
+
+def test_folds_are_dealt_by_the_seed_alone_never_by_the_fold(data: SampleSet) -> None:
+    base = make_split(data, hashes=hashes_for())
+    dealt = fold_of(base, k=K, seed=0)
+    assert fold_of(base, k=K, seed=0) == dealt
+    other = fold_of(base, k=K, seed=1)
+    assert sum(dealt[path] != other[path] for path in dealt) > len(dealt) // 2
+    for fold in range(K):
+        split = make_fold_split(base, "0" * 64, k=K, fold=fold, seed=0)
+        assert parts_of(split)["val"] == {path for path, i in dealt.items() if i == fold}
+
+
+def test_more_folds_than_groups_are_refused(tmp_path: Path) -> None:
+    small = dataset(tmp_path / "data", n=20)  # ten near-duplicate pairs: ten groups
+    base = make_split(small, val=0.0, test=0.5, hashes=hashes_for(20))
+    with pytest.raises(DatasetError, match=r"\[data\]\.folds: 7 folds need at least 7 groups"
+                                           r".*there are 5"):
+        fold_of(base, k=7, seed=0)
+    assert set(fold_of(base, k=5, seed=0).values()) == set(range(5))
+
+
+def test_fold_split_for_makes_the_base_beside_the_fold_and_reuses_it(
+        data: SampleSet, tmp_path: Path) -> None:
+    directory = tmp_path / "run" / "split"
+    split = fold_split_for(data, directory, folds=K, fold=2, seed=3, hashes=hashes_for())
+    base_meta = json.loads((directory / BASE_DIR / JSON_NAME).read_text())
+    meta = json.loads((directory / JSON_NAME).read_text())
+    assert meta["folds"] == {"base_csv_sha256": base_meta["csv_sha256"], "k": K, "fold": 2,
+                             "seed": 3}
+    assert load_split(directory, data) == split
+    # The base is the split a plain run of these settings makes: same test images.
+    plain = make_split(data, seed=3, hashes=hashes_for())
+    assert parts_of(split)["test"] == parts_of(plain)["test"]
+    assert load_split(directory / BASE_DIR, data).assignment == plain.assignment
+    with capture_logs() as logs:  # no hashes and no images: only a reuse can succeed
+        again = fold_split_for(data, directory, folds=K, fold=2, seed=3)
+    assert again == split and [entry["event"] for entry in logs] == ["split.fold_reused"]
+    for asked, key in (({"folds": 4, "fold": 2, "seed": 3}, "folds"),
+                       ({"folds": K, "fold": 1, "seed": 3}, "fold"),
+                       ({"folds": K, "fold": 2, "seed": 0}, "split_seed")):
+        with pytest.raises(DatasetError, match=rf"fold 2 of {K}.*\[data\]\.{key} asks for"):
+            fold_split_for(data, directory, **asked)
+
+
+def test_a_given_base_is_copied_as_it_is_and_must_stay_the_same(data: SampleSet,
+                                                                 tmp_path: Path) -> None:
+    given = tmp_path / "given"
+    write_split(make_split(data, seed=9, val=0.1, test=0.2, hashes=hashes_for()), given)
+    directory = tmp_path / "run" / "split"
+    split = fold_split_for(data, directory, folds=3, fold=0, seed=1, base_split=given,
+                           val=0.3, test=0.3)  # the base's own fractions hold
+    for name in (CSV_NAME, JSON_NAME):
+        assert (directory / BASE_DIR / name).read_bytes() == (given / name).read_bytes()
+    assert split.parameters == SplitParameters(seed=9, val=0.1, test=0.2)
+    assert parts_of(split)["test"] == parts_of(load_split(given, data))["test"]
+    assert split.folds is not None and split.folds.base_csv_sha256 == \
+        json.loads((given / JSON_NAME).read_text())["csv_sha256"]
+    # A run stopped after its base was copied, resumed with another base_split:
+    (directory / JSON_NAME).unlink()
+    other = tmp_path / "other"
+    write_split(make_split(data, seed=8, hashes=hashes_for()), other)
+    with pytest.raises(DatasetError, match=r"\[data\]\.base_split: .*other is another split"):
+        fold_split_for(data, directory, folds=3, fold=0, seed=1, base_split=other)
+
+
+def test_a_plain_split_where_the_fold_split_belongs_is_refused(data: SampleSet,
+                                                               tmp_path: Path) -> None:
+    directory = tmp_path / "run" / "split"
+    write_split(make_split(data, hashes=hashes_for()), directory)  # copied in by hand
+    with pytest.raises(DatasetError, match=r"not a fold split.*as \[data\]\.base_split"):
+        fold_split_for(data, directory, folds=3, fold=0, seed=0, hashes=hashes_for())
+    assert not (directory / BASE_DIR).exists()

@@ -99,6 +99,8 @@ def coded_concepts() -> str:
     named: list[tuple[str, Code]] = [(k, v) for k, v in vars(codes).items()
                                      if isinstance(v, Code)]
     named += [(f"LEVELS[{level.name}]", code) for level, code in codes.LEVELS.items()]
+    named += [(f"OPERATING_POINTS_FROM[{region}]", code)
+              for region, code in codes.OPERATING_POINTS_FROM.items()]
     return _table(["Code Value", "Coding Scheme", "Code Meaning", "codes.py"],
                   [[f"`{c.value}`", c.scheme_designator, c.meaning, f"`{k}`"]
                    for k, c in named])

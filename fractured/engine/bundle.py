@@ -19,13 +19,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 
 from fractured.durable import fsync_path
 from fractured.engine.exposed_field import CROPS, NO_CROP
 from fractured.engine.findings import ModelInfo, OperatingPoints
+from fractured.engine.regions import POOLED, PointsRegion, Region
 
 SCHEMA_VERSION = 2
 MANIFEST_FILE = "manifest.json"
@@ -40,6 +41,12 @@ DETECTOR_PLAN = "detector.plan"
 PLAN_TARGET_KEYS = ("gpu_name", "compute_capability", "tensorrt_version")
 FRACTURE_LABEL = "fracture"
 BACKENDS = ("onnxruntime", "torch", "tensorrt")
+#: The classifier's optional points per body region (see RegionPoints)
+BY_REGION = "operating_points_by_region"
+#: A region's `source`: its own points, fitted on its validation images, or the pooled
+#: pair it fell back to (regions.POOLED) for want of cases
+OWN_POINTS: Final = "region"
+POINT_SOURCES = (OWN_POINTS, POOLED)
 
 
 class BundleError(Exception):
@@ -80,6 +87,53 @@ class Fusion:
 
 
 @dataclass(frozen=True)
+class Reached:
+    """What an operating point reached on a region's validation images: None where the
+    region had no image of that class (a fallback region may have no fracture at all)."""
+
+    sensitivity: float | None
+    specificity: float | None
+
+
+@dataclass(frozen=True)
+class RegionFit:
+    """The validation images a region's points were fitted on (or, for a fallback, the
+    pooled points were measured on), and what each point reached there.
+
+    `floor_applied`: the high-sensitivity threshold was raised to keep the region's
+    specificity at the configured floor, so its sensitivity is below the target (the
+    reached sensitivity says how far)."""
+
+    fractures: int
+    normals: int
+    high_sensitivity: Reached
+    high_specificity: Reached
+    floor_applied: bool
+
+
+@dataclass(frozen=True)
+class RegionPoints:
+    """One body region's two thresholds on the image probability, and their record.
+
+    `source` "region": fitted on the region's own validation images; "pooled": the
+    region had too few of them, so it carries the pooled points (the node then cites
+    "pooled", since nothing about them is the region's)."""
+
+    high_sensitivity: float
+    high_specificity: float
+    source: str  # POINT_SOURCES
+    fitted_on: RegionFit
+
+    @property
+    def points(self) -> OperatingPoints:
+        return OperatingPoints(self.high_sensitivity, self.high_specificity)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest entry as plain JSON-ready data (what build-engine writes)."""
+        return _plain(self)
+
+
+@dataclass(frozen=True)
 class ClassifierSpec:
     """The image-level classifier: what it is, what it outputs and how to read it."""
 
@@ -92,9 +146,26 @@ class ClassifierSpec:
     # Networks averaged into one (engine.models.ClassifierEnsemble); absent = 1, as in
     # bundles written before ensembles.
     members: int = 1
+    # Points per body region, fitted on each region's validation images; absent = the
+    # pooled points for every image, as in bundles written before regions.
+    operating_points_by_region: Mapping[Region, RegionPoints] | None = field(
+        default=None, metadata=OMIT_IF_NONE)
     # The probability fused with the detector's best box score; absent = the classifier's
     # calibrated probability alone, as in bundles written before fusion.
     fusion: Fusion | None = field(default=None, metadata=OMIT_IF_NONE)
+
+    def points_for(self, region: Region | None) -> tuple[OperatingPoints, PointsRegion | None]:
+        """The operating points for an image of `region` (None: not known), and whose
+        they are, as a Finding records it: the region where it has points of its own,
+        "pooled" where the bundle has regions but not this one's, None where the bundle
+        has no regions at all."""
+        by_region = self.operating_points_by_region
+        if by_region is None:
+            return self.operating_points, None
+        entry = by_region.get(region) if region is not None else None
+        if entry is None or entry.source != OWN_POINTS:
+            return self.operating_points, POOLED
+        return entry.points, region
 
     def probability(self, scaled_logit: Any, box_score: Any) -> Any:
         """The image's fracture probability from its calibrated logit (logit / T) and its
@@ -208,14 +279,61 @@ class Manifest:
 
 
 def _classifier(r: _Reader) -> ClassifierSpec:
+    points = r.points("operating_points")
     spec = ClassifierSpec(
         architecture=r.text("architecture"), variant=r.text("variant"),
         labels=r.labels("labels"), input_size=r.integer("input_size"),
-        temperature=r.positive("temperature"), operating_points=r.points("operating_points"),
+        temperature=r.positive("temperature"), operating_points=points,
         members=r.integer("members") if "members" in r.data else 1,
+        operating_points_by_region=(_by_region(r.table(BY_REGION), points)
+                                    if BY_REGION in r.data else None),
         fusion=_fusion(r.table("fusion")) if "fusion" in r.data else None)
     r.done()
     return spec
+
+
+def _by_region(r: _Reader, pooled: OperatingPoints) -> Mapping[Region, RegionPoints]:
+    """The points per region; a name that is no Region is refused, not ignored, since
+    the node would never use it and nobody would notice."""
+    known = [region.value for region in Region]
+    for name in r.data:
+        if name not in known:
+            raise BundleError(f"{r.source}: key '{r.prefix}{name}' is not a region (known: "
+                              f"{', '.join(known)})")
+    if not r.data:
+        raise BundleError(f"{r.source}: key '{r.prefix.removesuffix('.')}' names no region "
+                          "(leave it out for the pooled points alone)")
+    entries = {Region(name): _region_points(r.table(name), pooled)
+               for name in known if name in r.data}
+    r.done()
+    return types.MappingProxyType(entries)
+
+
+def _region_points(r: _Reader, pooled: OperatingPoints) -> RegionPoints:
+    sensitive, specific = r.fraction("high_sensitivity"), r.fraction("high_specificity")
+    if specific < sensitive:
+        raise r.fail("high_specificity", f"is below high_sensitivity ({sensitive})")
+    source = r.choice("source", POINT_SOURCES)
+    if source == POOLED and (sensitive, specific) != (pooled.high_sensitivity,
+                                                      pooled.high_specificity):
+        raise r.fail("source", "says the pooled points, but the thresholds are not "
+                     "classifier.operating_points'")
+    fit = r.table("fitted_on")
+    entry = RegionPoints(
+        high_sensitivity=sensitive, high_specificity=specific, source=source,
+        fitted_on=RegionFit(fractures=fit.count("fractures"), normals=fit.count("normals"),
+                            high_sensitivity=_reached(fit.table("high_sensitivity")),
+                            high_specificity=_reached(fit.table("high_specificity")),
+                            floor_applied=fit.boolean("floor_applied")))
+    fit.done()
+    r.done()
+    return entry
+
+
+def _reached(r: _Reader) -> Reached:
+    reached = Reached(sensitivity=r.rate("sensitivity"), specificity=r.rate("specificity"))
+    r.done()
+    return reached
 
 
 def _fusion(r: _Reader) -> Fusion:
@@ -296,6 +414,25 @@ class _Reader:
         if not _is_number(value) or not 0 < value < float("inf"):
             raise self.fail(key, "must be a positive finite number")
         return float(value)
+
+    def count(self, key: str) -> int:
+        value = self._get(key)
+        if not _is_int(value) or value < 0:
+            raise self.fail(key, "must be an integer, 0 or more")
+        return value
+
+    def fraction(self, key: str) -> float:
+        value = self._get(key)
+        if not _is_number(value) or not 0 < value < 1:
+            raise self.fail(key, "must be a number between 0 and 1, both excluded")
+        return float(value)
+
+    def rate(self, key: str) -> float | None:
+        """A proportion in [0, 1], or null where it is undefined (no case to count)."""
+        value = self._get(key)
+        if value is not None and (not _is_number(value) or not 0 <= value <= 1):
+            raise self.fail(key, "must be a number from 0 to 1, or null")
+        return None if value is None else float(value)
 
     def finite(self, key: str) -> float:
         value = self._get(key)

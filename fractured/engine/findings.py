@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fractured.engine.regions import PointsRegion
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -91,7 +93,10 @@ class Finding:
     source's pixel grid (rows x columns, float32 in [0, 1]). `boxes` come from the
     detector, when the bundle has one, at or above its high-sensitivity point. `spread`
     is the standard deviation of the probability over test-time augmentations, when
-    they were run.
+    they were run. `operating_region` says whose operating points these are, where the
+    bundle has points per body region: the image's region, or "pooled" (regions.POOLED)
+    when the pooled pair applied; None when the bundle has only the pooled pair, which
+    then needs no citing.
     """
 
     image: ImageRef
@@ -101,6 +106,7 @@ class Finding:
     model: ModelInfo
     boxes: tuple[Box, ...] = ()
     spread: float | None = None
+    operating_region: PointsRegion | None = None
 
     @property
     def level(self) -> DecisionLevel:

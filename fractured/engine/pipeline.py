@@ -3,8 +3,9 @@ and detect, map back.
 
 The pipeline is the only place that knows how model outputs become clinical numbers
 (temperature-scaled probability, fused with the detector's best box score where the
-bundle says so, the manifest's operating points, a heatmap and boxes on the source
-pixel grid), so every consumer of a Finding sees the same interpretation.
+bundle says so, the manifest's operating points, those of the image's body region where
+the bundle has them, a heatmap and boxes on the source pixel grid), so every consumer
+of a Finding sees the same interpretation.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from fractured.engine.bundle import FRACTURE_LABEL, Bundle
 from fractured.engine.exposed_field import Field, field_for
 from fractured.engine.findings import Box, DecisionLevel, Finding, ImageRef, ModelInfo
 from fractured.engine.preprocess import Letterbox, letterbox, to_model_input
+from fractured.engine.regions import dataset_region
 
 #: Test-time augmentations: (horizontal flip, zoom) — the image as it is, mirrored, and
 #: shrunk to 90 % inside the letterbox. Small on purpose: a radiograph's anatomy is not
@@ -82,22 +84,23 @@ class Pipeline:
         `datasets`, one per image where given, are the DICOM objects they came from.
         """
         findings: list[Finding] = []
-        points = self.bundle.manifest.classifier.operating_points
+        spec = self.bundle.manifest.classifier
         sources = _datasets(datasets, len(images))
         for start in range(0, len(images), self.max_batch):
             chunk = images[start:start + self.max_batch]
-            outputs = self._infer([image for _, image in chunk],
-                                  sources[start:start + self.max_batch])
+            chunk_sources = sources[start:start + self.max_batch]
+            outputs = self._infer([image for _, image in chunk], chunk_sources)
             probabilities = self._probabilities(outputs)
             for i, (ref, _) in enumerate(chunk):
                 spread = float(np.std(probabilities[i])) if self.tta else None
                 probability = float(np.mean(probabilities[i]))
+                points, region = spec.points_for(dataset_region(chunk_sources[i]))
                 shown = (outputs.boxes[i] if points.level(probability) in self.box_levels
                          else ())
                 findings.append(Finding(
                     image=ref, probability=probability, operating_points=points,
                     heatmap=outputs.heatmaps[i], model=self.model, boxes=shown,
-                    spread=spread))
+                    spread=spread, operating_region=region))
         return findings
 
     def evidence(self, images: Sequence[np.ndarray],

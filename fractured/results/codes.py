@@ -36,6 +36,10 @@ Choices, and why:
   Annex L pairs them (the codes come from pydicom's DICOM code dictionary, not typed
   here); an unknown or missing body part gives no finding site rather than a guess.
 - Study summary text: DCM 121111 "Summary", the one TEXT item a text-only viewer shows.
+- Whose operating points decided, where a bundle has a pair per body region: a private
+  concept valued by a private code per region (or "pooled"), beside the decision level
+  it qualifies. No standard concept names a threshold's scope, and the regions are the
+  training data's groups of anatomy, not anatomic sites (which the finding site codes).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from pydicom.sr.coding import Code
 
 import fractured
 from fractured.engine.findings import DecisionLevel, ModelInfo
+from fractured.engine.regions import POOLED, Region
 
 PRIVATE_SCHEME = "99FRACTURED"
 
@@ -70,6 +75,15 @@ LEVELS: dict[DecisionLevel, Code] = {
 PROBABILITY_SPREAD = Code("FRACTURE-PROB-SD", PRIVATE_SCHEME,
                           "Fracture probability SD under test-time augmentation")
 BOX_SCORE = Code("FRACTURE-BOX-SCORE", PRIVATE_SCHEME, "Fracture box score")
+OPERATING_POINTS_REGION = Code("OP-REGION", PRIVATE_SCHEME, "Operating points body region")
+#: Finding.operating_region (a Region, or POOLED) to its code; values fit VR SH (16).
+OPERATING_POINTS_FROM: dict[str, Code] = {
+    Region.HAND: Code("OPR-HAND", PRIVATE_SCHEME, "Hand region operating points"),
+    Region.LEG: Code("OPR-LEG", PRIVATE_SCHEME, "Leg region operating points"),
+    Region.HIP: Code("OPR-HIP", PRIVATE_SCHEME, "Hip region operating points"),
+    Region.SHOULDER: Code("OPR-SHOULDER", PRIVATE_SCHEME, "Shoulder region operating points"),
+    POOLED: Code("OPR-POOLED", PRIVATE_SCHEME, "Pooled operating points"),
+}
 SUMMARY = dicom_codes.DCM.Summary
 
 #: BodyPartExamined defined terms (PS3.3 C.7.3.1.1) of the skeleton X-ray studies the

@@ -314,14 +314,17 @@ def probability_text(finding: Finding) -> tuple[str, int]:
 def _verdict_text(finding: Finding) -> str:
     """The banner's verdict line: level, probability (with its TTA spread) and both
     operating points, e.g. "Possible fracture: probability 0.53 ± 0.04 (possible from
-    0.30, likely from 0.70)".
+    0.30, likely from 0.70)"; where the bundle has points per body region, whose they
+    are: "(hand operating points: possible from ...)", or "pooled operating points".
 
     Numbers have two decimals, or more where two would show the probability equal to
     a threshold it is below (`distinct_decimals`).
     """
     points = finding.operating_points
     shown, decimals = probability_text(finding)
-    return (f"{_VERDICTS[finding.level]}: probability {shown} (possible from "
+    whose = (f"{finding.operating_region} operating points: "
+             if finding.operating_region is not None else "")
+    return (f"{_VERDICTS[finding.level]}: probability {shown} ({whose}possible from "
             f"{points.high_sensitivity:.{decimals}f}, likely from "
             f"{points.high_specificity:.{decimals}f})")
 

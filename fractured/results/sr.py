@@ -2,8 +2,9 @@
 
 The SR is the machine-readable result: a PACS, a worklist or a registry can read, per
 source image, the decision (Fracture of bone = Present/Absent at the high-sensitivity
-operating point, then Present/Absent at each operating point and the decision level),
-the calibrated probability (and its spread under test-time augmentation), the finding
+operating point, then Present/Absent at each operating point and the decision level;
+whose operating points decided, where the bundle has a pair per body region), the
+calibrated probability (and its spread under test-time augmentation), the finding
 site from BodyPartExamined, and per detected fracture a planar ROI: the box as a closed
 polyline in the source image's pixels (SR has no rectangle type) with its score and
 level. Each image and each box gets its own group that references the exact SOP
@@ -21,7 +22,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as dicom_codes
 from pydicom.sr.coding import Code
 
-from fractured.engine.findings import Box, DecisionLevel, Finding, ModelInfo, OperatingPoints
+from fractured.engine.findings import Box, DecisionLevel, Finding
 from fractured.results import codes
 from fractured.results.header import carry_character_set, study_header
 
@@ -130,20 +131,25 @@ def _measurement_group(
         measurements.append(hd.sr.Measurement(name=codes.PROBABILITY_SPREAD,
                                               value=float(finding.spread), unit=codes.NO_UNITS))
     level = finding.level
+    evaluations = [
+        _present(codes.FRACTURE, finding.fracture),
+        _present(codes.FRACTURE_AT_HIGH_SENSITIVITY, level is not DecisionLevel.NEGATIVE),
+        _present(codes.FRACTURE_AT_HIGH_SPECIFICITY, level is DecisionLevel.LIKELY),
+        hd.sr.QualitativeEvaluation(name=codes.DECISION_LEVEL, value=codes.LEVELS[level]),
+    ]
+    if finding.operating_region is not None:
+        evaluations.append(hd.sr.QualitativeEvaluation(
+            name=codes.OPERATING_POINTS_REGION,
+            value=codes.OPERATING_POINTS_FROM[finding.operating_region]))
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=hd.UID(), identifier=f"Fracture classification, image {number} of {total}"
         ),
         finding_type=codes.FRACTURE,
-        algorithm_id=_algorithm(finding.model, finding.operating_points),
+        algorithm_id=_algorithm(finding),
         finding_sites=_sites(source),
         measurements=measurements,
-        qualitative_evaluations=[
-            _present(codes.FRACTURE, finding.fracture),
-            _present(codes.FRACTURE_AT_HIGH_SENSITIVITY, level is not DecisionLevel.NEGATIVE),
-            _present(codes.FRACTURE_AT_HIGH_SPECIFICITY, level is DecisionLevel.LIKELY),
-            hd.sr.QualitativeEvaluation(name=codes.DECISION_LEVEL, value=codes.LEVELS[level]),
-        ],
+        qualitative_evaluations=evaluations,
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
     )
     if not finding.model.trained:
@@ -163,7 +169,7 @@ def _box_group(finding: Finding, box: Box, source: Dataset, number: int,
             graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=corners,
             source_image=hd.sr.SourceImageForRegion.from_source_image(source)),
         finding_type=codes.FRACTURE,
-        algorithm_id=_algorithm(finding.model, finding.operating_points),
+        algorithm_id=_algorithm(finding),
         finding_sites=_sites(source),
         measurements=[hd.sr.Measurement(name=codes.BOX_SCORE, value=float(box.score),
                                         unit=codes.NO_UNITS)],
@@ -186,8 +192,10 @@ def summary_text(findings: Sequence[Finding]) -> str:
                    DecisionLevel.POSSIBLE: "possible fracture",
                    DecisionLevel.NEGATIVE: "no fracture found"}[finding.level]
         boxes = f", {len(finding.boxes)} box(es)" if finding.boxes else ""
+        whose = (f", {finding.operating_region} operating points"
+                 if finding.operating_region is not None else "")
         lines.append(f"Image {number}: {verdict} (probability {finding.probability:.2f}"
-                     f"{boxes}).")
+                     f"{boxes}{whose}).")
     return " ".join(lines)
 
 
@@ -215,12 +223,16 @@ def _warn_untrained(group: hd.sr.MeasurementsAndQualitativeEvaluations
     )
 
 
-def _algorithm(model: ModelInfo, points: OperatingPoints) -> hd.sr.AlgorithmIdentification:
-    """TID 4019 with the operating points as parameters: the decisions depend on them."""
+def _algorithm(finding: Finding) -> hd.sr.AlgorithmIdentification:
+    """TID 4019 with the operating points as parameters: the decisions depend on them;
+    and whose they are, where the bundle has points per body region."""
+    model, points = finding.model, finding.operating_points
+    whose = ([f"{finding.operating_region} operating points"]
+             if finding.operating_region is not None else [])
     return hd.sr.AlgorithmIdentification(
         name=model.name,
         version=model.version,
         manufacturer=codes.MANUFACTURER,
         parameters=[f"high-sensitivity threshold {points.high_sensitivity:.6g}",
-                    f"high-specificity threshold {points.high_specificity:.6g}"],
+                    f"high-specificity threshold {points.high_specificity:.6g}", *whose],
     )

@@ -22,6 +22,7 @@ import structlog
 import torch
 
 from fractured.engine.bundle import (
+    BY_REGION,
     CLASSIFIER_FILE,
     CLASSIFIER_WEIGHTS,
     DETECTOR_FILE,
@@ -226,14 +227,16 @@ def build_fused_bundle(result: FusionResult, out_dir: Path, *, name: str | None 
                        version: str, notes: Path | None = None) -> Path:
     """A new bundle of `result.source`'s model files whose classifier probability is fused
     with the detector's best box score (`fusion.fuse` fitted it): the manifest gains
-    `classifier.fusion` and the operating points chosen on the fused probability; the
-    held-out scores are the fused ones beside the source's box scores; the model card
-    says the probability is fused and what that changed. `notes` (Markdown) are added
-    to the source's."""
+    `classifier.fusion` and the operating points chosen on the fused probability, per
+    region too where fuse fitted them (the source's, on the unfused scale, never carry
+    over); the held-out scores are the fused ones beside the source's box scores; the
+    model card says the probability is fused and what that changed. `notes` (Markdown)
+    are added to the source's."""
     source = result.source
     files: dict[str, str | Path] = {key: source.file(key) for key in source.manifest.files
                                     if key != MODEL_CARD_FILE}
     classifier = {"operating_points": result.operating_points,
+                  BY_REGION: result.operating_points_by_region or None,
                   "fusion": result.summary["weights"]}
     return _derived_bundle(source, out_dir, name=name, version=version, files=files,
                            classifier=classifier, backends=None, kind="fusion",
@@ -245,7 +248,9 @@ def build_quantized_bundle(result: QuantizationResult, out_dir: Path, *,
                            name: str | None = None, version: str,
                            notes: Path | None = None) -> Path:
     """A new bundle of `result.source` with its graphs in INT8 (`quantize.quantize` made
-    and checked them): the same calibration, fusion and operating points; ONNX only (the
+    and checked them): the same calibration, fusion and operating points (per region
+    too, where the source has them: INT8 must not move the probability, which the
+    check measures, so the thresholds fitted on it still hold); ONNX only (the
     torch weights are the float32 model's, another model); the held-out classification
     scores are the INT8 bundle's, the box scores the source's, marked as such."""
     files: dict[str, str | Path] = dict(result.files)
@@ -260,8 +265,9 @@ def _derived_bundle(source: Bundle, out_dir: Path, *, name: str | None, version:
                     backends: list[str] | None, kind: str, summary: dict[str, Any],
                     report: dict[str, Any], report_path: Path, notes: Path | None) -> Path:
     """A bundle made from another by `kind` (fusion, quantization): its manifest with the
-    `classifier` keys replaced, `training[kind]` = `summary`, the held-out record from
-    `report` (the source's box scores kept), a new model card."""
+    `classifier` keys replaced (a key given as None is removed), `training[kind]` =
+    `summary`, the held-out record from `report` (the source's box scores kept), a new
+    model card."""
     raw = json.loads((source.path / MANIFEST_FILE).read_text(encoding="utf-8"))
     label = f"{raw['name']}-{raw['version']}"
     training = dict(raw.get("training") or {})
@@ -277,7 +283,10 @@ def _derived_bundle(source: Bundle, out_dir: Path, *, name: str | None, version:
     if notes is not None:
         training["notes"] = "\n\n".join(filter(None, [training.get("notes"), _notes(notes)]))
     manifest = _manifest(name or raw["name"], version, trained=True, mean=raw["mean"],
-                         std=raw["std"], classifier={**raw["classifier"], **classifier},
+                         std=raw["std"],
+                         classifier={key: value for key, value in
+                                     {**raw["classifier"], **classifier}.items()
+                                     if value is not None},
                          detector=raw["detector"], training=jsonable(training),
                          backends=backends or raw["backends"], crop=source.manifest.crop)
     dataset = (training.get("classifier", {}).get("data") or {}).get("dataset")
@@ -339,7 +348,9 @@ def _built_classifier(path: Path, state: dict[str, Any], scratch: Path, *,
                "labels": list(spec["labels"]), "input_size": size,
                "temperature": float(state["calibration"]["temperature"]),
                "operating_points": dict(state["calibration"]["operating_points"]),
-               "members": spec.get("members", 1)},
+               "members": spec.get("members", 1),
+               **({BY_REGION: state["calibration"][BY_REGION]}
+                  if BY_REGION in state["calibration"] else {})},
         files=files, training=_training_summary(path, state), mean=spec["mean"],
         std=spec["std"],
         dataset=Path(provenance["dataset"]) if provenance.get("dataset") else None,

@@ -27,11 +27,13 @@ from fractured.engine.bundle import Bundle, DetectorSpec
 from fractured.engine.pipeline import Detections, Pipeline
 from fractured.engine.preprocess import DecodeError
 from fractured.engine.sources import LoadedImage, load_image
+from fractured.training.config import ClassifierSettings
 from fractured.training.data import model_boxes
 from fractured.training.datasets import DatasetError, open_dataset
 from fractured.training.datasets.base import Sample
 from fractured.training.evaluate import achieved_points, subset_masks
 from fractured.training.evaluation import (
+    RegionRule,
     classification_metrics,
     detection_metrics,
     expected_calibration_error,
@@ -72,6 +74,7 @@ class SplitParts:
     split_dir: Path
     parts: Mapping[str, list[Sample]]  # train, val, test
     targets: Mapping[str, float]  # the classifier's sensitivity / specificity targets
+    region_rule: RegionRule  # and its region settings, for points per body region
 
 
 def open_split(bundle: Bundle, split_dir: Path, dataset: Path | None,
@@ -108,7 +111,10 @@ def open_split(bundle: Bundle, split_dir: Path, dataset: Path | None,
                                            DEFAULT_TARGETS["sensitivity"]),
                "specificity": settings.get("target_specificity",
                                            DEFAULT_TARGETS["specificity"])}
-    return SplitParts(dataset, sample_set.format, Path(split_dir), parts, targets)
+    defaults = ClassifierSettings()
+    rule = RegionRule(*(settings.get(key, getattr(defaults, key)) for key in (
+        "region_min_fractures", "region_min_normals", "region_min_specificity")))
+    return SplitParts(dataset, sample_set.format, Path(split_dir), parts, targets, rule)
 
 
 def measure(pipelines: Mapping[str, Pipeline], samples: Sequence[Sample], *,

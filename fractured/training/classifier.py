@@ -1,8 +1,9 @@
 """Train the fracture classifier on a split, checkpoint every epoch, calibrate on validation.
 
 The run ends with `best.pt` (the epoch with the best validation metric) carrying the
-temperature and the two operating points fitted on the validation split; test images
-are never looked at here (that is `fractured evaluate`'s job).
+temperature and the two operating points fitted on the validation split (and a pair per
+body region where the data says each image's); test images are never looked at here
+(that is `fractured evaluate`'s job).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
-from fractured.engine.bundle import FRACTURE_LABEL
+from fractured.engine.bundle import BY_REGION, FRACTURE_LABEL
 from fractured.engine.models import INPUT_SIZES, FractureClassifier, build_classifier
 from fractured.training import checkpoint
 from fractured.training.config import ClassifierSettings, TrainSettings
@@ -32,7 +33,9 @@ from fractured.training.data import (
 )
 from fractured.training.datasets.base import DatasetError, Sample
 from fractured.training.evaluation.calibration import (
+    RegionRule,
     choose_operating_points,
+    fit_region_points,
     fit_shift_and_temperature,
 )
 from fractured.training.export import IMAGENET_MEAN, IMAGENET_STD
@@ -176,7 +179,9 @@ def calibrate(best: Path, val_set: ClassifierImages, cfg: ClassifierSettings, de
               workers: int) -> Path:
     """Fit the logit shift, temperature and operating points on validation with the best
     weights; store them in best.pt (the shift in the head's bias, the rest under
-    `calibration`), which build-engine copies into the bundle."""
+    `calibration`), which build-engine copies into the bundle. Where validation images
+    have a body part of a region (engine.regions), each region's points too
+    (`choose_region_operating_points`); none are written where none has."""
     state = checkpoint.load(best, "classifier")
     spec = state["model_spec"]
     model = build_classifier(spec["variant"], 1, spec.get("members", 1))
@@ -193,6 +198,11 @@ def calibrate(best: Path, val_set: ClassifierImages, cfg: ClassifierSettings, de
     points, achieved = choose_operating_points(labels, prob,
                                                sensitivity=cfg.target_sensitivity,
                                                specificity=cfg.target_specificity)
+    by_region = fit_region_points(
+        labels, prob, [sample.body_part for sample in val_set.data.samples], points,
+        RegionRule(cfg.region_min_fractures, cfg.region_min_normals,
+                   cfg.region_min_specificity),
+        sensitivity=cfg.target_sensitivity, specificity=cfg.target_specificity)
     previous = state.get("calibration", {}).get("logit_shift", 0.0)
     state["calibration"] = {
         "temperature": float(temperature),
@@ -200,6 +210,7 @@ def calibrate(best: Path, val_set: ClassifierImages, cfg: ClassifierSettings, de
         "logit_shift": float(previous + shift),
         "operating_points": {"high_sensitivity": points.high_sensitivity,
                              "high_specificity": points.high_specificity},
+        **({BY_REGION: by_region} if by_region else {}),
         "achieved_on_val": achieved,
         "val_images": len(labels),
     }

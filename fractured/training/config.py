@@ -43,6 +43,14 @@ class DataSettings:
     # before it is letterboxed; the checkpoint records it and build-engine writes it to
     # the bundle's manifest, so the node crops alike. "none": the whole image.
     crop: Literal["none", "exposed_field"] = "none"
+    # K-fold cross-validation (training.folds): 0 = off (the split's own val part), K >= 3
+    # = the base split's train and val parts dealt into K folds, of which `fold` (0..K-1)
+    # is this run's val part and the rest its train part; the test part stays the base's.
+    folds: int = 0
+    fold: int = 0
+    # The base split of a fold run: a folder holding split.csv and split.json (a run's
+    # split/); "" = made in RUN/split/base from val, test and split_seed.
+    base_split: str = ""
 
 
 @dataclass(frozen=True)
@@ -125,6 +133,18 @@ class ClassifierSettings(Optimisation):
     # Operating points fitted on validation: the thresholds reaching these targets.
     target_sensitivity: float = 0.95
     target_specificity: float = 0.90
+    # Points per body region (engine.regions), fitted on each region's validation images
+    # with the same targets: a region with fewer fractures or normals than these keeps
+    # the pooled points (20 fractures: the fewest at which a 0.95 sensitivity target
+    # leaves one out rather than sitting on the lowest fracture score; 30 normals: a
+    # specificity of 0.40 measured on them has an exact 95 % interval of about
+    # 0.23-0.59, still clear of "flags nearly every normal").
+    region_min_fractures: int = 20
+    region_min_normals: int = 30
+    # The specificity a region's high-sensitivity point keeps at least (0 = no floor):
+    # where the sensitivity target would flag more normals, the threshold rises to the
+    # floor and the sensitivity reached is recorded instead.
+    region_min_specificity: float = 0.40
 
 
 @dataclass(frozen=True)
@@ -257,6 +277,7 @@ def _check(s: TrainSettings) -> None:
             raise ConfigError(f"{where}: a fraction in [0, 1), got {value}")
     if s.data.val + s.data.test >= 1.0:
         raise ConfigError("[data].val + [data].test must leave images to train on")
+    _check_folds(s.data)
     _check_augment(s.augment)
     for name in ("classifier", "detector"):
         opt: Optimisation = getattr(s, name)
@@ -286,6 +307,7 @@ def _check(s: TrainSettings) -> None:
     for key in ("target_sensitivity", "target_specificity"):
         if not 0.0 < getattr(s.classifier, key) < 1.0:
             raise ConfigError(f"[classifier].{key}: in (0, 1), got {getattr(s.classifier, key)}")
+    _check_regions(s.classifier)
     if s.classifier.input_size and s.classifier.input_size < 32:
         raise ConfigError(f"[classifier].input_size: 0 (native) or at least 32, "
                           f"got {s.classifier.input_size}")
@@ -295,6 +317,34 @@ def _check(s: TrainSettings) -> None:
         raise ConfigError("[detector].negatives_per_positive: 0 or more")
     if s.run.workers < 0:
         raise ConfigError(f"[run].workers: 0 or more, got {s.run.workers}")
+
+
+def _check_folds(d: DataSettings) -> None:
+    """K-fold settings that would not give K disjoint validation folds."""
+    if d.folds < 0 or d.folds in (1, 2):
+        raise ConfigError(f"[data].folds: 0 (off) or at least 3 folds, got {d.folds}")
+    if not d.folds:
+        if d.fold:
+            raise ConfigError(f"[data].fold: only with [data].folds (K >= 3), got fold = "
+                              f"{d.fold} with folds = 0")
+        if d.base_split:
+            raise ConfigError("[data].base_split: only with [data].folds (K >= 3); to reuse "
+                              "a split as it is, copy it into RUN/split/ before the first run")
+    elif not 0 <= d.fold < d.folds:
+        raise ConfigError(f"[data].fold: from 0 to {d.folds - 1} with {d.folds} folds, "
+                          f"got {d.fold}")
+
+
+def _check_regions(c: ClassifierSettings) -> None:
+    """Region settings that would fit no region, or a floor above the high-specificity
+    point's own target (the floor would then decide both points)."""
+    for key in ("region_min_fractures", "region_min_normals"):
+        if getattr(c, key) < 1:
+            raise ConfigError(f"[classifier].{key}: at least 1, got {getattr(c, key)}")
+    if not 0.0 <= c.region_min_specificity <= c.target_specificity:
+        raise ConfigError(f"[classifier].region_min_specificity: from 0 to "
+                          f"[classifier].target_specificity ({c.target_specificity}), got "
+                          f"{c.region_min_specificity}")
 
 
 def _check_augment(a: AugmentSettings) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,7 @@ def evaluate_run(run_dir: Path, out_dir: Path, *, split_name: str = "test",
         raise checkpoint.CheckpointError(f"{run_dir}: no classifier/best.pt or "
                                          "detector/best.pt (has the run been trained?)")
     states = {kind: checkpoint.load(path, kind) for kind, path in found.items()}  # type: ignore[arg-type]
-    samples, data = _samples(run_dir, settings, states, split_name, dataset)
+    samples, data = samples_to_score(run_dir, settings, states, split_name, dataset)
     runner = Device.choose(device, amp=False, channels_last=False)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, Any] = {}
@@ -103,10 +104,11 @@ def evaluate_run(run_dir: Path, out_dir: Path, *, split_name: str = "test",
     return report
 
 
-def _samples(run_dir: Path, settings: train_config.TrainSettings,
-             states: dict[str, dict[str, Any]], split_name: str,
-             dataset: Path | None) -> tuple[list[Sample], dict[str, Any]]:
-    """The images to score, and how they were chosen (for the report)."""
+def samples_to_score(run_dir: Path, settings: train_config.TrainSettings,
+                     states: dict[str, dict[str, Any]], split_name: str,
+                     dataset: Path | None) -> tuple[list[Sample], dict[str, Any]]:
+    """The images to score (part `split_name` of the run's split, or all of `dataset`),
+    and how they were chosen (for the report)."""
     if dataset is not None:
         sample_set = open_dataset(dataset, None)
         return list(sample_set.samples), {"dataset": str(dataset), "format": sample_set.format,
@@ -126,14 +128,29 @@ def _samples(run_dir: Path, settings: train_config.TrainSettings,
             "split": split_name, "split_source": summary["source"],
             "evaluated": f"its {split_name} split",
             "images": len(samples), "fracture": sum(s.label for s in samples)}
+    if split.folds is not None:
+        data["fold"] = split.folds.describe()
     if summary["warning"]:
         data["leakage_warning"] = summary["warning"]
     return samples, data
 
 
-def _classifier_part(state: dict[str, Any], samples: list[Sample], subsets: Sequence[str],
-                     bootstrap: int, runner: Device, out_dir: Path, metrics: dict[str, Any],
-                     figures: dict[str, Path]) -> Letterboxed:
+@dataclass(frozen=True)
+class ClassifierScores:
+    """A classifier checkpoint's output on the images it could decode (`images.samples`;
+    the rest are in `images.unreadable`), one value per image."""
+
+    images: Letterboxed
+    labels: np.ndarray  # 0/1
+    prob: np.ndarray  # calibrated, sigmoid(logit / temperature): what the node reports
+    raw: np.ndarray  # before calibration (the head's logit shift taken back out)
+
+
+def score_classifier(state: dict[str, Any], samples: Sequence[Sample],
+                     runner: Device) -> ClassifierScores:
+    """Score `samples` with a calibrated classifier checkpoint as the node would: its own
+    input size, crop and normalisation, its temperature. `evaluate` reports on these
+    numbers and `fractured cv` pools them, so both score alike."""
     spec, calibration = state["model_spec"], state.get("calibration")
     if calibration is None:
         raise checkpoint.CheckpointError("classifier/best.pt has no calibration: the run "
@@ -145,11 +162,20 @@ def _classifier_part(state: dict[str, Any], samples: list[Sample], subsets: Sequ
     loader = DataLoader(ClassifierImages(images, mean=spec["mean"], std=spec["std"]),
                         batch_size=BATCH)
     logits, labels = classifier_logits(runner.prepare(model), loader, runner)
-    labels = labels.astype(int)
-    temperature = calibration["temperature"]
     shift = calibration.get("logit_shift", 0.0)  # already in the head's bias
-    raw = _sigmoid(logits - shift)
-    prob = _sigmoid(logits / temperature)
+    return ClassifierScores(images=images, labels=labels.astype(int),
+                            prob=_sigmoid(logits / calibration["temperature"]),
+                            raw=_sigmoid(logits - shift))
+
+
+def _classifier_part(state: dict[str, Any], samples: list[Sample], subsets: Sequence[str],
+                     bootstrap: int, runner: Device, out_dir: Path, metrics: dict[str, Any],
+                     figures: dict[str, Path]) -> Letterboxed:
+    scores = score_classifier(state, samples, runner)
+    images, labels, prob, raw = scores.images, scores.labels, scores.prob, scores.raw
+    calibration = state["calibration"]
+    temperature = calibration["temperature"]
+    shift = calibration.get("logit_shift", 0.0)
     points = calibration["operating_points"]
     headline = classification_metrics(labels, prob, threshold=points["high_sensitivity"],
                                       bootstrap=bootstrap)

@@ -11,7 +11,9 @@ module fits that regression for a bundle that has both models and scores it:
 - they are fitted on the validation part of the split the classifier was trained with
   (refused when the split's counts differ from the bundle's training record: fitting on
   training images would flatter the fusion), and the two operating points are chosen
-  again on the fused probability with the classifier's own targets;
+  again on the fused probability with the classifier's own targets, and so are those
+  per body region where the validation images have one (the source's, fitted on the
+  unfused probability, would mean other things on the fused one);
 - the test part is scored as `fractured evaluate` scores a run (metrics.json, report.md,
   plots, predictions.csv), the classifier alone beside it and a paired bootstrap
   interval of the AUC difference, so ML staff see whether fusion helped on images it
@@ -45,6 +47,7 @@ from fractured.training.bundle_scoring import (
     write_test_report,
 )
 from fractured.training.evaluation import choose_operating_points, paired_auc_difference
+from fractured.training.evaluation.calibration import fit_region_points
 from fractured.training.export import BuildError
 
 log = structlog.get_logger()
@@ -63,6 +66,8 @@ class FusionResult:
     source: Bundle
     fusion: Fusion
     operating_points: dict[str, float]  # high_sensitivity, high_specificity
+    # the manifest's operating_points_by_region on the fused probability; {} = none
+    operating_points_by_region: dict[str, dict[str, Any]]
     summary: dict[str, Any]  # training.fusion of the new manifest
     report: dict[str, Any]  # the metrics.json written (for the held-out summary)
     report_path: Path
@@ -120,6 +125,9 @@ def fuse(source: Path, split_dir: Path, report_dir: Path, *, dataset: Path | Non
     points, achieved = choose_operating_points(val.labels, val_prob, **split.targets)
     chosen = {"high_sensitivity": points.high_sensitivity,
               "high_specificity": points.high_specificity}
+    by_region = fit_region_points(val.labels, val_prob,
+                                  [sample.body_part for sample in val.samples], points,
+                                  split.region_rule, **split.targets)
     log.info("fuse.fitted", logit_weight=round(fusion.logit_weight, 4),
              box_weight=round(fusion.box_weight, 4), intercept=round(fusion.intercept, 4),
              high_sensitivity=round(points.high_sensitivity, 4),
@@ -168,4 +176,5 @@ def fuse(source: Path, split_dir: Path, report_dir: Path, *, dataset: Path | Non
                 for part in ("validation", "test") for key in ("before", "after")
                 if comparison[part][key] is not None})
     return FusionResult(source=bundle, fusion=fusion, operating_points=chosen,
-                        summary=summary, report=report, report_path=report_dir / "metrics.json")
+                        operating_points_by_region=by_region, summary=summary, report=report,
+                        report_path=report_dir / "metrics.json")

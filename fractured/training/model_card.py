@@ -12,7 +12,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fractured.engine.bundle import Fusion
+from fractured.engine.bundle import BY_REGION, OWN_POINTS, Fusion
+from fractured.engine.regions import BODY_PART_REGIONS
 
 INTENDED_USE = (
     "Decision support for reading adult musculoskeletal radiographs (CR/DX) for "
@@ -32,6 +33,9 @@ def model_card(manifest: Mapping[str, Any], credits: Sequence[tuple[str, str]]) 
     lines += ["## Intended use", "", INTENDED_USE, ""]
     lines += _models(manifest)
     training = manifest.get("training", {})
+    if manifest["classifier"].get(BY_REGION):
+        lines += _by_region(manifest["classifier"][BY_REGION],
+                            (training.get("classifier") or {}).get("settings") or {})
     if "held_out" in training:
         lines += _held_out(training["held_out"])
     if "fusion" in training:
@@ -94,6 +98,48 @@ def _models(manifest: Mapping[str, Any]) -> list[str]:
         lines += [f"- Box detector: {d['architecture']} ({d['backbone']}), {d['input_size']} "
                   f"px; dashed boxes at score >= {points['high_sensitivity']:.3f}, solid at "
                   f">= {points['high_specificity']:.3f}."]
+    return [*lines, ""]
+
+
+def _by_region(by_region: Mapping[str, Mapping[str, Any]],
+               settings: Mapping[str, Any]) -> list[str]:
+    """The points per body region: what each region's threshold is, what it reached on
+    the region's validation images, on how many, and whether it is the region's own."""
+    terms = {region: ", ".join(term for term, mapped in BODY_PART_REGIONS.items()
+                               if mapped == region) for region in by_region}
+    lines = ["## Operating points per body region", "",
+             "The node applies the points of the image's body region, taken from its Body "
+             "Part Examined (" + "; ".join(f"{region}: {names}" for region, names in
+                                          terms.items()) + "); any other image, and a "
+             "region with too few validation cases, gets the pooled points above. The SR "
+             "and the overlay say whose points decided."]
+    if "region_min_fractures" in settings:
+        lines[-1] += (f" A region's own points need at least "
+                      f"{settings['region_min_fractures']} fractures and "
+                      f"{settings['region_min_normals']} normals among its validation "
+                      "images.")
+    if settings.get("region_min_specificity"):
+        lines[-1] += (f" Each region's *possible fracture* point keeps a validation "
+                      f"specificity of at least {settings['region_min_specificity']:.2f}; "
+                      "where the sensitivity target would have cost more, the threshold "
+                      "was raised to that floor (\"own, floor\") and the sensitivity it "
+                      "reached is shown below the target.")
+    lines += ["", "| Region | Points | Possible from | Sensitivity / specificity there | "
+              "Likely from | Sensitivity / specificity there | Fractures / normals |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for region, entry in by_region.items():
+        fit = entry["fitted_on"]
+        source = ("pooled (too few cases)" if entry["source"] != OWN_POINTS
+                  else "own, floor" if fit["floor_applied"] else "own")
+        reached = {name: f"{_num(fit[name]['sensitivity'])} / "
+                         f"{_num(fit[name]['specificity'])}"
+                   for name in ("high_sensitivity", "high_specificity")}
+        lines.append(f"| {region} | {source} | {entry['high_sensitivity']:.3f} | "
+                     f"{reached['high_sensitivity']} | {entry['high_specificity']:.3f} | "
+                     f"{reached['high_specificity']} | {fit['fractures']} / "
+                     f"{fit['normals']} |")
+    lines += ["", "Sensitivity and specificity are the region's validation images' (the "
+              "images the thresholds were chosen on, so they flatter them)."]
     return [*lines, ""]
 
 

@@ -4,13 +4,15 @@
 RUN/
   train.toml        the resolved settings (every key), as this run used them
   split/            split.csv + split.json: which image is in train, val and test
+    base/           a fold run's base split ([data].folds: training.folds)
   classifier/       last.pt, best.pt (calibrated), history.csv
   detector/         the same for the box detector
 ```
 
 The split is made once (leakage-safe: near-duplicates and patients grouped) and reused
 by every later command on the run, so `fractured evaluate` scores exactly the images
-training never saw. A run directory is never overwritten: continue it with `--resume`
+training never saw. A cross-validation fold run's split is one fold of a base split
+(training.folds), reused alike. A run directory is never overwritten: continue it with `--resume`
 or start another.
 """
 
@@ -29,6 +31,7 @@ from fractured.training.classifier import train_classifier
 from fractured.training.datasets import SampleSet, open_dataset
 from fractured.training.datasets.base import Sample
 from fractured.training.detector import train_detector
+from fractured.training.folds import fold_split_for
 from fractured.training.splits import Split, split_for
 
 log = structlog.get_logger()
@@ -88,12 +91,17 @@ def train(dataset: Path, out: Path, settings: config.TrainSettings, *, task: Tas
 
 
 def run_split(sample_set: SampleSet, out: Path, settings: config.TrainSettings) -> Split:
-    """The run's split, made on first use and reused after (see training.splits)."""
-    seed = settings.data.split_seed if settings.data.split_seed >= 0 else settings.run.seed
-    params: dict[str, Any] = {"val": settings.data.val, "test": settings.data.test,
-                              "seed": seed}
-    if settings.data.duplicate_threshold >= 0:
-        params["duplicate_threshold"] = settings.data.duplicate_threshold
+    """The run's split, made on first use and reused after (see training.splits); with
+    [data].folds, its fold of the base split (see training.folds)."""
+    data = settings.data
+    seed = data.split_seed if data.split_seed >= 0 else settings.run.seed
+    params: dict[str, Any] = {"val": data.val, "test": data.test, "seed": seed}
+    if data.duplicate_threshold >= 0:
+        params["duplicate_threshold"] = data.duplicate_threshold
+    if data.folds:
+        base = Path(data.base_split).expanduser() if data.base_split else None
+        return fold_split_for(sample_set, out / SPLIT_DIR, folds=data.folds, fold=data.fold,
+                              base_split=base, **params)
     return split_for(sample_set, out / SPLIT_DIR, **params)
 
 

@@ -21,7 +21,7 @@ import io
 import json
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -88,13 +88,30 @@ class SplitEntry:
 
 
 @dataclass(frozen=True)
+class FoldRecord:
+    """Which fold of which base split a fold split is (training.folds): the base split's
+    csv_sha256, the number of folds `k`, this split's validation fold, and the seed that
+    dealt the folds. Runs with the same base, k and seed hold disjoint validation folds."""
+
+    base_csv_sha256: str
+    k: int
+    fold: int
+    seed: int
+
+    def describe(self) -> str:
+        return f"fold {self.fold} of {self.k} (seed {self.seed}, base split " \
+               f"{self.base_csv_sha256[:12]})"
+
+
+@dataclass(frozen=True)
 class Split:
     """A split of one dataset. `shipped` when the dataset's own split was kept.
 
     `entries` follow the dataset's sample order; `duplicate_groups` are the near-duplicate
     groups (relative paths) found at the parameters' threshold; `unreadable` the images
     that could not be decoded, so were not checked for duplicates (the training loader
-    leaves them out too).
+    leaves them out too). `folds` says which fold of a base split this is, for a split
+    `training.folds` derived (its parameters, duplicates and test part are the base's).
     """
 
     entries: tuple[SplitEntry, ...]
@@ -104,6 +121,7 @@ class Split:
     unreadable: tuple[str, ...]
     dataset_format: str
     created: str
+    folds: FoldRecord | None = None
 
     @property
     def assignment(self) -> dict[str, str]:
@@ -151,6 +169,7 @@ class Split:
             "cross_split_groups": len(crossing),
             "cross_split_images": crossing_images,
             "warning": warning,
+            "folds": asdict(self.folds) if self.folds else None,
         }
 
     def samples(self, sample_set: SampleSet, name: str) -> list[Sample]:
@@ -222,7 +241,8 @@ def make_split(sample_set: SampleSet, *, val: float = 0.15, test: float = 0.15, 
     if with_split:
         assigned: list[str] = [str(split) for split in shipped]
     else:
-        assigned = _assign(samples, group_of, parameters)
+        assigned = place_groups([(sample.label, sample.body_part) for sample in samples],
+                                group_of, parameters.fractions, parameters.seed)
     split = Split(
         entries=tuple(SplitEntry(path, name, group, sample.label, sample.body_part)
                       for path, name, group, sample in zip(paths, assigned, group_of, samples,
@@ -271,33 +291,45 @@ def _leakage_groups(samples: Sequence[Sample], near: list[list[int]]) -> list[in
     return [ids.setdefault(root(index), len(ids)) for index in range(len(samples))]
 
 
-def _assign(samples: Sequence[Sample], group_of: list[int],
-            parameters: SplitParameters) -> list[str]:
-    """Place whole groups so each split gets its fraction of every (label, body part)."""
-    fractions = parameters.fractions
-    strata = [(sample.label, sample.body_part) for sample in samples]
+def place_groups(strata: Sequence[tuple[int, str]], group_of: Sequence[int],
+                 fractions: Mapping[str, float], seed: int, *,
+                 ties_by_size: bool = False) -> list[str]:
+    """A part name per sample, placing whole groups so each part gets its fraction of
+    every stratum (label, body part): a split's train/val/test, or the K folds that
+    `training.folds` deals a split's train and val into.
+
+    Groups are placed largest first (in seed-shuffled order among equal sizes), each in
+    the part whose per-stratum count is furthest below its target. Ties go to the part
+    named first, or with `ties_by_size` to the part furthest below its share of all
+    images: equal folds tie on every stratum none of them holds yet, and the first fold
+    would take the first group of each (make_split keeps the first rule, so a seed still
+    makes the split it made before). A fraction of 0 leaves that part empty.
+    """
     totals = Counter(strata)
-    target = {name: {stratum: fractions[name] * count for stratum, count in totals.items()}
-              for name in SPLITS}
-    placed: dict[str, Counter[tuple[int, str]]] = {name: Counter() for name in SPLITS}
+    target = {name: {stratum: share * count for stratum, count in totals.items()}
+              for name, share in fractions.items()}
+    placed: dict[str, Counter[tuple[int, str]]] = {name: Counter() for name in fractions}
+    sizes = dict.fromkeys(fractions, 0)
     members: dict[int, list[int]] = {}
     for index, group in enumerate(group_of):
         members.setdefault(group, []).append(index)
     keys = list(members)
-    shuffled = [keys[i] for i in np.random.default_rng(parameters.seed).permutation(len(keys))]
+    shuffled = [keys[i] for i in np.random.default_rng(seed).permutation(len(keys))]
     shuffled.sort(key=lambda group: -len(members[group]))  # stable: seed order within a size
-    assigned = [""] * len(samples)
+    assigned = [""] * len(strata)
     for group in shuffled:
         need = Counter(strata[index] for index in members[group])
 
-        def deficit(name: str, need: Counter[tuple[int, str]] = need) -> float:
-            return sum(count * (target[name][stratum] - placed[name][stratum])
-                       for stratum, count in need.items())
+        def deficit(name: str, need: Counter[tuple[int, str]] = need) -> tuple[float, float]:
+            own = sum(count * (target[name][stratum] - placed[name][stratum])
+                      for stratum, count in need.items())
+            return own, fractions[name] * len(strata) - sizes[name] if ties_by_size else 0.0
 
-        # The deficits of all splits add up to what of the group's strata is still
-        # unplaced, so one is positive; a split with fraction 0 stays at 0, never chosen.
-        chosen = max(SPLITS, key=deficit)
+        # The deficits of all parts add up to what of the group's strata is still
+        # unplaced, so one is positive; a part with fraction 0 stays at 0, never chosen.
+        chosen = max(fractions, key=deficit)
         placed[chosen].update(need)
+        sizes[chosen] += len(members[group])
         for index in members[group]:
             assigned[index] = chosen
     return assigned
@@ -346,6 +378,8 @@ def write_split(split: Split, directory: str | Path) -> Path:
         "duplicate_groups": [list(group) for group in split.duplicate_groups],
         "unreadable": list(split.unreadable),
     }
+    if split.folds is not None:
+        meta["folds"] = asdict(split.folds)
     _write_atomic(csv_path, text)
     _write_atomic(json_path, json.dumps(meta, indent=2) + "\n")
     return json_path
@@ -376,13 +410,10 @@ def _parameters(meta: dict[str, Any]) -> SplitParameters:
                            duplicate_threshold=meta["duplicate_threshold"])
 
 
-def load_split(directory: str | Path, sample_set: SampleSet) -> Split:
-    """Read a written split back, refusing it when the dataset is not the one it split.
-
-    The DatasetError says how many images were added, are missing or changed label
-    since, with the first few names: training on a changed dataset with an old split
-    would silently put new images nowhere, or compare models on different test sets.
-    """
+def read_written(directory: str | Path) -> tuple[dict[str, Any], dict[str, SplitEntry]]:
+    """A written split's split.json record and its entries by relative path, the CSV
+    checked against the record's sha256. Needs no data set: what compares splits by
+    their files (`fractured cv`) reads them so, and `load_split` checks the data too."""
     directory = Path(directory)
     meta = _read_meta(directory)
     csv_path = directory / CSV_NAME
@@ -400,6 +431,18 @@ def load_split(directory: str | Path, sample_set: SampleSet) -> Split:
                                                 int(row["group"]), int(row["label"]),
                                                 row["body_part"])
                for row in reader}
+    return meta, written
+
+
+def load_split(directory: str | Path, sample_set: SampleSet) -> Split:
+    """Read a written split back, refusing it when the dataset is not the one it split.
+
+    The DatasetError says how many images were added, are missing or changed label
+    since, with the first few names: training on a changed dataset with an old split
+    would silently put new images nowhere, or compare models on different test sets.
+    """
+    directory = Path(directory)
+    meta, written = read_written(directory)
     current = {relative_path(sample_set, sample): sample.label for sample in sample_set.samples}
     _check_unchanged(directory, {path: entry.label for path, entry in written.items()}, current)
     return Split(
@@ -410,6 +453,7 @@ def load_split(directory: str | Path, sample_set: SampleSet) -> Split:
         unreadable=tuple(meta["unreadable"]),
         dataset_format=meta["format"],
         created=meta["created"],
+        folds=FoldRecord(**meta["folds"]) if "folds" in meta else None,
     )
 
 

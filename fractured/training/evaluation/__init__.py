@@ -9,7 +9,9 @@ record, report.md the reading copy.
 from __future__ import annotations
 
 from fractured.training.evaluation.calibration import (
+    RegionRule,
     choose_operating_points,
+    choose_region_operating_points,
     expected_calibration_error,
     fit_temperature,
     reliability_curve,
@@ -23,7 +25,9 @@ from fractured.training.evaluation.detection import detection_metrics
 from fractured.training.evaluation.report import write_report
 
 __all__ = [
+    "RegionRule",
     "choose_operating_points",
+    "choose_region_operating_points",
     "classification_metrics",
     "detection_metrics",
     "expected_calibration_error",

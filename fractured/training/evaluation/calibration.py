@@ -13,20 +13,33 @@ ranks, and no temperature can undo a shift. `fit_shift_and_temperature` fits bot
 Platt scaling does (p = sigmoid((logit + shift) / T)); the shift is folded into the
 classifier head's bias, so the bundle keeps one temperature and the CAM's zero level
 moves with the logit's.
+
+One pair of thresholds fitted on every validation image can mean little in one body
+region: where a region's normals score higher than the rest (hands, on FracAtlas), the
+pooled high-sensitivity point flags most of them. `choose_region_operating_points` fits
+a pair per region on that region's images, with a specificity floor under the
+high-sensitivity point and a minimum of cases below which the pooled pair is kept.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import structlog
 from numpy.typing import ArrayLike
 from scipy.optimize import minimize_scalar
 from scipy.special import expit
 
+from fractured.engine.bundle import OWN_POINTS, Reached, RegionFit, RegionPoints
 from fractured.engine.findings import OperatingPoints
+from fractured.engine.regions import POOLED, Region, region_of
 from fractured.training.evaluation.classification import validate_binary
+
+log = structlog.get_logger()
 
 #: log T is searched in this range (T from about 0.007 to 150): any fitted T near its
 #: ends means the logits carry no usable signal, not that the bound is too tight.
@@ -147,11 +160,7 @@ def choose_operating_points(y_true: ArrayLike, prob: ArrayLike, *, sensitivity: 
     negative = np.sort(scores[labels == 0])
     # The k-th highest fracture score: thresholds above it call fewer than k fractures.
     sensitive = float(positive[math.ceil(sensitivity * len(positive) - 1e-9) - 1])
-    # Just above the m-th lowest normal score: m normals fall below it. The lowest such
-    # threshold is the next score up, or the next float when no score is higher.
-    cleared = negative[math.ceil(specificity * len(negative) - 1e-9) - 1]
-    above = scores[scores > cleared]
-    specific = float(above.min()) if len(above) else float(np.nextafter(cleared, np.inf))
+    specific, cleared = _specific_threshold(scores, negative, specificity)
     if specific > 1.0:
         raise ValueError(f"specificity {specificity:g} is unreachable: a normal image scores "
                          f"{cleared:g} and thresholds stop at 1")
@@ -172,6 +181,121 @@ def choose_operating_points(y_true: ArrayLike, prob: ArrayLike, *, sensitivity: 
         "note": note,
     }
     return points, description
+
+
+def _specific_threshold(scores: np.ndarray, negative: np.ndarray,
+                        specificity: float) -> tuple[float, float]:
+    """The lowest threshold clearing at least `specificity` of the normals (`negative`:
+    their scores, ascending), and the normal score it clears.
+
+    Just above the m-th lowest normal score: m normals fall below it. The lowest such
+    threshold is the next score up, or the next float when no score is higher.
+    """
+    cleared = float(negative[math.ceil(specificity * len(negative) - 1e-9) - 1])
+    above = scores[scores > cleared]
+    return (float(above.min()) if len(above) else float(np.nextafter(cleared, np.inf)),
+            cleared)
+
+
+@dataclass(frozen=True)
+class RegionRule:
+    """When a region's validation images carry operating points of their own, and the
+    specificity its high-sensitivity point keeps at least (train.toml's
+    [classifier].region_min_fractures, region_min_normals, region_min_specificity)."""
+
+    min_fractures: int
+    min_normals: int
+    min_specificity: float
+
+
+def choose_region_operating_points(
+        y_true: ArrayLike, prob: ArrayLike, regions: Sequence[Region | None],
+        pooled: OperatingPoints, rule: RegionRule, *, sensitivity: float = 0.95,
+        specificity: float = 0.90) -> dict[Region, RegionPoints]:
+    """Each region's two thresholds, chosen on its own validation images as the pooled
+    ones are on all of them (`choose_operating_points`, the same targets).
+
+    `regions` gives each image's region (None: of none; such images count for the
+    pooled points only). Where a region's high-sensitivity threshold would leave its
+    specificity below `rule.min_specificity`, the threshold rises to the lowest that
+    keeps it, and the sensitivity reached there is recorded (`floor_applied`): a
+    "possible fracture" that flags most normals of a region tells its readers nothing.
+    A region with fewer than `rule.min_fractures` fractures or `rule.min_normals`
+    normals keeps `pooled` (source "pooled"), with what those reach on its images.
+    Returns the regions that have images, in Region order; none where no image has one.
+    """
+    labels, scores = validate_binary(y_true, prob)
+    if len(regions) != len(labels):
+        raise ValueError(f"{len(regions)} regions for {len(labels)} images")
+    if not 0.0 <= rule.min_specificity <= specificity:
+        raise ValueError(f"the specificity floor must lie in [0, {specificity:g}] (the "
+                         f"high-specificity target), got {rule.min_specificity}")
+    chosen: dict[Region, RegionPoints] = {}
+    for region in Region:
+        mask = np.array([found is region for found in regions], dtype=bool)
+        if mask.any():
+            chosen[region] = _region_points(labels[mask], scores[mask], pooled, rule,
+                                            sensitivity=sensitivity, specificity=specificity)
+    return chosen
+
+
+def _region_points(labels: np.ndarray, scores: np.ndarray, pooled: OperatingPoints,
+                   rule: RegionRule, *, sensitivity: float,
+                   specificity: float) -> RegionPoints:
+    """One region's points (see choose_region_operating_points)."""
+    fractures = int(labels.sum())
+    normals = len(labels) - fractures
+    if fractures < rule.min_fractures or normals < rule.min_normals:
+        return _region_entry(labels, scores, pooled, POOLED, floor_applied=False)
+    points, achieved = choose_operating_points(labels, scores, sensitivity=sensitivity,
+                                               specificity=specificity)
+    floor_applied = achieved["high_sensitivity"]["specificity"] < rule.min_specificity
+    if floor_applied:  # never above high_specificity: its target is at least the floor
+        floor, _ = _specific_threshold(scores, np.sort(scores[labels == 0]),
+                                       rule.min_specificity)
+        points = OperatingPoints(floor, points.high_specificity)
+    return _region_entry(labels, scores, points, OWN_POINTS, floor_applied=floor_applied)
+
+
+def _region_entry(labels: np.ndarray, scores: np.ndarray, points: OperatingPoints,
+                  source: str, *, floor_applied: bool) -> RegionPoints:
+    """The manifest's record of a region's points and what they reach on its images."""
+    def reached(threshold: float) -> Reached:
+        called = scores >= threshold
+        fractured, normal = called[labels == 1], ~called[labels == 0]
+        return Reached(sensitivity=float(fractured.mean()) if len(fractured) else None,
+                       specificity=float(normal.mean()) if len(normal) else None)
+
+    fractures = int(labels.sum())
+    return RegionPoints(
+        high_sensitivity=points.high_sensitivity, high_specificity=points.high_specificity,
+        source=source,
+        fitted_on=RegionFit(fractures=fractures, normals=len(labels) - fractures,
+                            high_sensitivity=reached(points.high_sensitivity),
+                            high_specificity=reached(points.high_specificity),
+                            floor_applied=floor_applied))
+
+
+def fit_region_points(labels: ArrayLike, prob: ArrayLike, body_parts: Sequence[str],
+                      pooled: OperatingPoints, rule: RegionRule, *, sensitivity: float,
+                      specificity: float) -> dict[str, dict[str, Any]]:
+    """The manifest's `classifier.operating_points_by_region` (as best.pt's calibration
+    keeps it too) for validation images with these `body_parts` (the data's labels,
+    mapped by engine.regions), each region logged; {} where no image has a region, so
+    nothing per region is written. Calibration and `fractured fuse` both fit so."""
+    chosen = choose_region_operating_points(
+        labels, prob, [region_of(part) for part in body_parts], pooled, rule,
+        sensitivity=sensitivity, specificity=specificity)
+    for region, entry in chosen.items():
+        fit = entry.fitted_on
+        log.info("calibration.region_points", region=region.value, source=entry.source,
+                 high_sensitivity=round(entry.high_sensitivity, 4),
+                 high_specificity=round(entry.high_specificity, 4),
+                 fractures=fit.fractures, normals=fit.normals,
+                 floor_applied=fit.floor_applied,
+                 sensitivity=fit.high_sensitivity.sensitivity,
+                 specificity=fit.high_sensitivity.specificity)
+    return {region.value: entry.to_dict() for region, entry in chosen.items()}
 
 
 def _achieved(labels: np.ndarray, scores: np.ndarray, threshold: float, *,

@@ -13,8 +13,10 @@ from fractured import __version__, config, log
 
 # Mirror fractured.engine.models' DETECTOR_BACKBONES and CLASSIFIER_VARIANTS without
 # importing torch for --help.
-DETECTOR_BACKBONES = ("mobilenet_v3_large_fpn", "resnet50_fpn_v2", "resnet18_fpn", "resnet34_fpn")
-CLASSIFIER_VARIANTS = ("b0", "b1", "b2", "b3", "b4", "resnet18", "resnet34", "resnet50")
+DETECTOR_BACKBONES = ("mobilenet_v3_large_fpn", "resnet50_fpn_v2", "resnet18_fpn", "resnet34_fpn",
+                      "lite0_fpn", "lite1_fpn", "lite2_fpn")
+CLASSIFIER_VARIANTS = ("b0", "b1", "b2", "b3", "b4", "lite0", "lite1", "lite2", "resnet18",
+                       "resnet34", "resnet50")
 
 CONFIG_ENV = "FRACTURED_CONFIG"
 

@@ -34,14 +34,12 @@ def optimiser(parameters: Iterable[nn.Parameter], settings: Optimisation,
               backbone: Iterable[nn.Parameter] = ()) -> torch.optim.AdamW:
     """AdamW (decoupled weight decay) over the trainable parameters; those also in
     `backbone` form a second group at `backbone_lr` times the learning rate."""
-    slow = {id(parameter) for parameter in backbone}
+    slow = {id(parameter) for parameter in backbone} if settings.backbone_lr != 1.0 else set()
     parameters = list(parameters)
     groups = [{"params": [p for p in parameters if id(p) not in slow]}]
-    if slow and settings.backbone_lr != 1.0:
-        groups = [groups[0], {"params": [p for p in parameters if id(p) in slow],
-                              "lr": settings.lr * settings.backbone_lr}]
-    else:
-        groups[0]["params"] = parameters
+    if len(groups[0]["params"]) < len(parameters):
+        groups.append({"params": [p for p in parameters if id(p) in slow],
+                       "lr": settings.lr * settings.backbone_lr})
     return torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
 
 

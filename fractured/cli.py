@@ -57,6 +57,13 @@ def derived_bundle_options(parts: str):  # -> a decorator
         subset_option,
         click.option("--bootstrap", type=click.IntRange(0), default=1000, show_default=True,
                      help="Bootstrap resamples for the AUC intervals (0 = none)."),
+        click.option("--dicom-check", "dicom_check",
+                     type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     help="A `fractured check-dicom` dicom-check.json of BUNDLE (or of the "
+                          "bundle BUNDLE was made from) for the model card."),
+        click.option("--test-looks", type=click.IntRange(0),
+                     help="How many scorings the split's test part had before this one "
+                          "(the test ledger's count), for the model card."),
     ]
 
     def apply(command):  # click passes the command function through each option
@@ -438,8 +445,9 @@ def check_dicom(bundle_dir: Path, split_dir: Path, part: str, dataset: Path | No
         samples = open_split(bundle, split_dir, dataset).parts[part][:limit]
     except (BundleError, BuildError, DatasetError, config.ConfigError) as exc:
         raise click.ClickException(str(exc)) from None
-    result = run_check(Pipeline(bundle, backend="onnxruntime"), samples)
     label = f"{bundle.manifest.name}-{bundle.manifest.version}"
+    result = {"bundle": label, "part": part,
+              **run_check(Pipeline(bundle, backend="onnxruntime"), samples)}
     out_dir.mkdir(parents=True, exist_ok=True)
     write_durably(out_dir / "dicom-check.json",
                   (json.dumps(result, indent=2) + "\n").encode())
@@ -481,14 +489,15 @@ def ensemble(members: tuple[Path, ...], out_dir: Path, detector: Path | None,
               help="Markdown added to the model card's notes.")
 def fuse(bundle_dir: Path, split_dir: Path, out_dir: Path, bundle_version: str,
          name: str | None, report_dir: Path, dataset: Path | None, subsets: tuple[str, ...],
-         bootstrap: int, notes: Path | None) -> None:
+         bootstrap: int, dicom_check: Path | None, test_looks: int | None,
+         notes: Path | None) -> None:
     """Fuse BUNDLE's detector into its fracture probability: fit a logistic regression of
     the classifier's logit and the best box score on validation, choose the operating
     points again, score the test split against the classifier alone, and write the
     result as a new bundle of the same model files."""
     log.configure("INFO", "console")
     from fractured.engine.bundle import BundleError
-    from fractured.training.build import build_fused_bundle
+    from fractured.training.build import CardRecord, build_fused_bundle
     from fractured.training.datasets import DatasetError
     from fractured.training.export import BuildError
     from fractured.training.fusion import fuse as fit_and_score
@@ -497,10 +506,11 @@ def fuse(bundle_dir: Path, split_dir: Path, out_dir: Path, bundle_version: str,
         raise click.ClickException(f"{out_dir}: already exists; a bundle is never "
                                    "overwritten (build a new version)")
     try:
+        record = CardRecord.read(dicom_check, test_looks, bundle_dir)
         result = fit_and_score(bundle_dir, split_dir, report_dir, dataset=dataset,
                                subsets=subsets, bootstrap=bootstrap)
         path = build_fused_bundle(result, out_dir, name=name, version=bundle_version,
-                                  notes=notes)
+                                  notes=notes, record=record)
     except (BundleError, BuildError, DatasetError, config.ConfigError) as exc:
         raise click.ClickException(str(exc)) from None
     _print_auc_comparison(result.summary["auc"], "alone", "fused")
@@ -525,8 +535,9 @@ def fuse(bundle_dir: Path, split_dir: Path, out_dir: Path, bundle_version: str,
               help="Markdown added to the model card's notes.")
 def quantize(bundle_dir: Path, split_dir: Path, out_dir: Path, bundle_version: str,
              name: str | None, report_dir: Path, dataset: Path | None,
-             subsets: tuple[str, ...], bootstrap: int, calibration_images: int,
-             max_auc_drop: float, keep_float: tuple[str, ...], notes: Path | None) -> None:
+             subsets: tuple[str, ...], bootstrap: int, dicom_check: Path | None,
+             test_looks: int | None, calibration_images: int, max_auc_drop: float,
+             keep_float: tuple[str, ...], notes: Path | None) -> None:
     """Quantize BUNDLE's graphs to INT8 (ONNX Runtime static quantization, calibrated on
     training images), check them against BUNDLE on validation, score them on the test
     split, and write them as a new bundle with BUNDLE's calibration and operating points."""
@@ -534,7 +545,7 @@ def quantize(bundle_dir: Path, split_dir: Path, out_dir: Path, bundle_version: s
 
     log.configure("INFO", "console")
     from fractured.engine.bundle import BundleError
-    from fractured.training.build import build_quantized_bundle
+    from fractured.training.build import CardRecord, build_quantized_bundle
     from fractured.training.datasets import DatasetError
     from fractured.training.export import BuildError
     from fractured.training.quantize import quantize as quantize_and_check
@@ -543,13 +554,14 @@ def quantize(bundle_dir: Path, split_dir: Path, out_dir: Path, bundle_version: s
         raise click.ClickException(f"{out_dir}: already exists; a bundle is never "
                                    "overwritten (build a new version)")
     try:
+        record = CardRecord.read(dicom_check, test_looks, bundle_dir)
         with tempfile.TemporaryDirectory(prefix="fractured-quantize-") as scratch:
             result = quantize_and_check(bundle_dir, split_dir, report_dir, Path(scratch),
                                         dataset=dataset, subsets=subsets, bootstrap=bootstrap,
                                         calibration_images=calibration_images,
                                         max_auc_drop=max_auc_drop, keep_float=keep_float)
             path = build_quantized_bundle(result, out_dir, name=name, version=bundle_version,
-                                          notes=notes)
+                                          notes=notes, record=record)
     except (BundleError, BuildError, DatasetError, config.ConfigError) as exc:
         raise click.ClickException(str(exc)) from None
     _print_auc_comparison(result.summary["auc"], "source", "INT8")

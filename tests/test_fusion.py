@@ -198,6 +198,15 @@ def test_the_paired_auc_difference_brackets_a_real_gain() -> None:
 
 # -- fractured fuse end to end ------------------------------------------------------------------
 
+def dicom_check(bundle: str) -> dict:
+    """A `fractured check-dicom` result of `bundle`, as dicom-check.json holds it."""
+    return {"bundle": bundle, "part": "test", "images": 4, "unreadable": 0,
+            "tolerance": 0.05, "tolerance_share": 0.95, "passed": False,
+            "variants": [{"variant": "collimated", "images": 4, "mean_abs_change": 0.026,
+                          "p95_abs_change": 0.08, "max_abs_change": 0.29,
+                          "within_tolerance": 0.75, "decisions_changed": 1}]}
+
+
 def rows(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh))
@@ -210,10 +219,13 @@ def test_fuse_fits_on_validation_scores_the_test_split_and_builds_a_bundle(
     out, report = tmp_path / "fractured-1.1.0", tmp_path / "report"
     notes = tmp_path / "notes.md"
     notes.write_text("- Fused on a made-up rule.\n")
+    check = tmp_path / "dicom-check.json"
+    check.write_text(json.dumps(dicom_check("fractured-1.0.0")))
     result = CliRunner().invoke(main, ["fuse", str(source), "--split", str(split_dir),
                                        "--out", str(out), "--version", "1.1.0", "--report",
                                        str(report), "--bootstrap", "30", "--notes",
-                                       str(notes)])
+                                       str(notes), "--dicom-check", str(check),
+                                       "--test-looks", "3"])
     assert result.exit_code == 0, result.output
     assert "test: AUC" in result.output and f"built {out}" in result.output
     old, new = Bundle.load(source).manifest, Bundle.load(out).manifest
@@ -267,6 +279,19 @@ def test_fuse_fits_on_validation_scores_the_test_split_and_builds_a_bundle(
     assert "The fracture probability is fused" in card
     assert "## Fusion with the box detector" in card and "Fused on a made-up rule." in card
 
+    # what the node shows, per region, on the test part and pooled with validation
+    node = metrics["node"]
+    assert node["test"]["regions"]["all"]["images"] == len(test)
+    assert node["validation_and_test"]["images"] == len(test) + len(validation)
+    possible = fused >= new.classifier.operating_points.high_sensitivity
+    assert node["test"]["regions"]["all"]["high_sensitivity"]["sensitivity"]["k"] == int(
+        (possible & (y == 1)).sum())
+    assert held_out["node"] == node and "### As the node shows it" in card
+    assert "## Where it may be used" in card and "## Known failure modes" in card
+    assert "## Stored as DICOM" in card and "| collimated | 0.026 |" in card
+    assert "had been scored 3 times before these figures" in card
+    assert new.training["dicom_check"]["bundle"] == "fractured-1.0.0"
+
     # predict on the new bundle says what the report says of the same images
     predicted = CliRunner().invoke(main, ["predict", *(row["image"] for row in test),
                                           "--bundle", str(out), "--json"])
@@ -312,6 +337,13 @@ def test_fuse_refuses_what_it_cannot_fit_honestly(scored_bundle,
     assert "no image has a 'hardware' column" in fuse(source, "new", "--subset", "hardware=0")
     (tmp_path / "taken").mkdir()
     assert "already exists" in fuse(source, "taken")
+    check = tmp_path / "dicom-check.json"
+    check.write_text(json.dumps(dicom_check("fractured-0.8.1")))
+    assert "a DICOM check of fractured-0.8.1, not of fractured-1.0.0" in fuse(
+        source, "new", "--dicom-check", str(check))
+    check.write_text("{}")
+    assert "not a `fractured check-dicom` result" in fuse(source, "new", "--dicom-check",
+                                                           str(check))
     # a fused classifier does not move to another detector: its weights fit this one's
     with pytest.raises(BuildError, match=r"take the classifier of fractured-1\.0\.0"):
         build_bundle([], tmp_path / "moved", name="fractured", version="9.0.0",

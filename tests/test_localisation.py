@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from scipy.stats import binomtest
 
+from fractured.engine.pipeline import heatmap_peak
 from fractured.training.evaluation.classification import clopper_pearson
-from fractured.training.evaluation.localisation import peak, pointing_game, points_into
+from fractured.training.evaluation.localisation import pointing_game, points_into
 
 
 @pytest.mark.parametrize(("k", "n"), [(0, 10), (3, 10), (10, 10), (41, 143), (1, 1)])
@@ -28,22 +29,25 @@ def _heatmap(shape: tuple[int, int], hot: tuple[int, int]) -> np.ndarray:
 
 
 def test_the_peak_is_found_in_x_y_order() -> None:
-    assert peak(_heatmap((40, 60), (50, 7))) == (50.0, 7.0)
+    assert heatmap_peak(_heatmap((40, 60), (50, 7))) == (50.0, 7.0)
+    assert heatmap_peak(np.zeros((40, 60), dtype=np.float32)) is None  # nothing hot
     assert points_into((50, 7), [[45, 0, 55, 10]]) and not points_into((50, 7), [[0, 0, 5, 5]])
     assert points_into((50, 7), [[60, 0, 70, 10]], tolerance=10.0)
 
 
 def test_the_pointing_game_counts_hits_strictly_and_within_tolerance() -> None:
-    heatmaps = [_heatmap((100, 100), (20, 20)),  # inside its box
-                _heatmap((100, 100), (60, 20)),  # 10 px right of its box
-                _heatmap((100, 100), (90, 90)),  # far from its box
-                _heatmap((100, 100), (5, 5))]  # a normal image: not counted
-    boxes = [[[10, 10, 30, 30]], [[30, 10, 50, 30]], [[10, 10, 30, 30]], np.zeros((0, 4))]
-    result = pointing_game(heatmaps, boxes)
-    assert result["images"] == 3 and result["hits"] == 1
-    assert result["hits_within_tolerance"] == 2
-    assert result["rate"] == pytest.approx(1 / 3)
-    assert result["interval"] == pytest.approx(clopper_pearson(1, 3))
-    assert pointing_game(heatmaps, boxes, tolerance=0.0)["hits_within_tolerance"] == 1
-    with pytest.raises(ValueError, match="2 heatmaps for 1 box sets"):
-        pointing_game(heatmaps[:2], boxes[:1])
+    peaks = [(20.0, 20.0),  # inside its box
+             (60.0, 20.0),  # 10 px right of its box
+             (90.0, 90.0),  # far from its box
+             None,  # no peak: a miss
+             (5.0, 5.0)]  # a normal image: not counted
+    boxes = [[[10, 10, 30, 30]], [[30, 10, 50, 30]], [[10, 10, 30, 30]], [[0, 0, 99, 99]],
+             np.zeros((0, 4))]
+    result = pointing_game(peaks, boxes)
+    assert result["images"] == 4 and result["strict"]["k"] == 1
+    assert result["within_tolerance"]["k"] == 2
+    assert result["strict"]["rate"] == pytest.approx(1 / 4)
+    assert result["strict"]["interval"] == pytest.approx(clopper_pearson(1, 4))
+    assert pointing_game(peaks, boxes, tolerance=0.0)["within_tolerance"]["k"] == 1
+    with pytest.raises(ValueError, match="2 peaks for 1 box sets"):
+        pointing_game(peaks[:2], boxes[:1])

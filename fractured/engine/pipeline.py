@@ -111,15 +111,18 @@ class Pipeline:
         `fractured fuse` fits those weights on these, so they are the node's own numbers
         for the same pixels rather than a re-implementation's.
         """
-        return self.examine(images, datasets)[0]
+        return self.examine(images, datasets).evidence
 
     def examine(self, images: Sequence[np.ndarray],
-                datasets: Sequence[Dataset | None] | None = None,
-                ) -> tuple[np.ndarray, list[Detections]]:
-        """`evidence`, and every box the detector's graph returned on each image (none
-        without a detector): what a bundle is scored on, from the node's own pass."""
+                datasets: Sequence[Dataset | None] | None = None) -> Examination:
+        """`evidence`, every box the detector's graph returned on each image, the boxes
+        the node would draw before any decision gates them, and the heatmap's peak: what
+        a bundle is scored on, from the node's own pass, before a probability (which
+        fusion may refit) decides anything."""
         rows = np.empty((len(images), 2))
         detections: list[Detections] = []
+        boxes: list[tuple[Box, ...]] = []
+        peaks: list[tuple[float, float] | None] = []
         sources = _datasets(datasets, len(images))
         for start in range(0, len(images), self.max_batch):
             outputs = self._infer(list(images[start:start + self.max_batch]),
@@ -127,7 +130,9 @@ class Pipeline:
             rows[start:start + len(outputs.best_box), 0] = outputs.logits[:, 0]
             rows[start:start + len(outputs.best_box), 1] = outputs.best_box
             detections += outputs.detections
-        return rows, detections
+            boxes += outputs.boxes
+            peaks += [heatmap_peak(heatmap) for heatmap in outputs.heatmaps]
+        return Examination(rows, detections, boxes, peaks)
 
     def _infer(self, images: list[np.ndarray], datasets: Sequence[Dataset | None]) -> _Outputs:
         fields = [field_for(self.bundle.manifest.crop, image, dataset)
@@ -210,6 +215,16 @@ class Detections:
 
 
 @dataclass(frozen=True)
+class Examination:
+    """What `Pipeline.examine` found on each of a batch of images."""
+
+    evidence: np.ndarray  # (n, 2): calibrated classifier logit, best box score
+    detections: list[Detections]  # every box returned, per image (none without detector)
+    boxes: list[tuple[Box, ...]]  # at or above the detector's high-sensitivity point
+    peaks: list[tuple[float, float] | None]  # (x, y) of the heatmap's peak, source pixels
+
+
+@dataclass(frozen=True)
 class _Outputs:
     """Both models' outputs for a batch of images, before any decision."""
 
@@ -243,6 +258,16 @@ def _letterbox(image: np.ndarray, size: int, field: Field | None, *, flip: bool,
     top = left = (size - inner) // 2
     out[top:top + inner, left:left + inner] = small
     return out, box
+
+
+def heatmap_peak(heatmap: np.ndarray) -> tuple[float, float] | None:
+    """(x, y) of a heatmap's maximum in its own pixels (the first of ties): where the
+    overlay is hottest, which the pointing game and the exposed-field check score.
+    None where nothing is hot (the CAM was nowhere positive: the overlay shows none)."""
+    if not heatmap.size or float(heatmap.max()) <= 0.0:
+        return None
+    row, column = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+    return float(column), float(row)
 
 
 def _heatmap(cam: np.ndarray, box: Letterbox) -> np.ndarray:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -223,15 +223,57 @@ def build_bundle(checkpoints: Sequence[Path], out_dir: Path, *, name: str,
     return Path(out_dir)
 
 
+@dataclass(frozen=True)
+class CardRecord:
+    """What a derived bundle's card cites beside its own scoring: a `fractured
+    check-dicom` result (dicom-check.json) and how many scorings the split's test part
+    had before this one (the test ledger's count)."""
+
+    dicom_check: Mapping[str, Any] | None = None
+    test_looks: int | None = None
+
+    @classmethod
+    def read(cls, dicom_check: Path | None, test_looks: int | None,
+             source: Path) -> CardRecord:
+        """BuildError where `dicom_check` is not a check-dicom result, or one of a bundle
+        other than `source` or the one `source` was made from (before any scoring)."""
+        check = None
+        if dicom_check is not None:
+            try:
+                check = json.loads(dicom_check.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise BuildError(f"{dicom_check}: not readable as JSON ({exc})") from None
+            if not isinstance(check, dict) or not {"bundle", "variants",
+                                                   "passed"} <= set(check):
+                raise BuildError(f"{dicom_check}: not a `fractured check-dicom` result "
+                                 "(it needs bundle, variants and passed)")
+            manifest = Bundle.load(source).manifest
+            allowed = {f"{manifest.name}-{manifest.version}",
+                       (manifest.training.get("classifier") or {}).get("from_bundle")}
+            if check["bundle"] not in allowed:
+                raise BuildError(f"{dicom_check}: a DICOM check of {check['bundle']}, not "
+                                 f"of {' or '.join(sorted(filter(None, allowed)))}")
+        return cls(check, test_looks)
+
+    def apply(self, training: dict[str, Any]) -> None:
+        """Add the record to a derived bundle's `training`."""
+        if self.dicom_check is not None:
+            training["dicom_check"] = dict(self.dicom_check)
+        if self.test_looks is not None:
+            training["held_out"] = {**training["held_out"],
+                                    "test_looks_before": self.test_looks}
+
+
 def build_fused_bundle(result: FusionResult, out_dir: Path, *, name: str | None = None,
-                       version: str, notes: Path | None = None) -> Path:
+                       version: str, notes: Path | None = None,
+                       record: CardRecord = CardRecord()) -> Path:
     """A new bundle of `result.source`'s model files whose classifier probability is fused
     with the detector's best box score (`fusion.fuse` fitted it): the manifest gains
     `classifier.fusion` and the operating points chosen on the fused probability, per
     region too where fuse fitted them (the source's, on the unfused scale, never carry
     over); the held-out scores are the fused ones beside the source's box scores; the
     model card says the probability is fused and what that changed. `notes` (Markdown)
-    are added to the source's."""
+    are added to the source's, and `record` to its training record."""
     source = result.source
     files: dict[str, str | Path] = {key: source.file(key) for key in source.manifest.files
                                     if key != MODEL_CARD_FILE}
@@ -241,12 +283,13 @@ def build_fused_bundle(result: FusionResult, out_dir: Path, *, name: str | None 
     return _derived_bundle(source, out_dir, name=name, version=version, files=files,
                            classifier=classifier, backends=None, kind="fusion",
                            summary=result.summary, report=result.report,
-                           report_path=result.report_path, notes=notes)
+                           report_path=result.report_path, notes=notes, record=record)
 
 
 def build_quantized_bundle(result: QuantizationResult, out_dir: Path, *,
                            name: str | None = None, version: str,
-                           notes: Path | None = None) -> Path:
+                           notes: Path | None = None,
+                           record: CardRecord = CardRecord()) -> Path:
     """A new bundle of `result.source` with its graphs in INT8 (`quantize.quantize` made
     and checked them): the same calibration, fusion and operating points (per region
     too, where the source has them: INT8 must not move the probability, which the
@@ -257,17 +300,18 @@ def build_quantized_bundle(result: QuantizationResult, out_dir: Path, *,
     return _derived_bundle(result.source, out_dir, name=name, version=version, files=files,
                            classifier={}, backends=["onnxruntime"], kind="quantization",
                            summary=result.summary, report=result.report,
-                           report_path=result.report_path, notes=notes)
+                           report_path=result.report_path, notes=notes, record=record)
 
 
 def _derived_bundle(source: Bundle, out_dir: Path, *, name: str | None, version: str,
                     files: dict[str, str | Path], classifier: dict[str, Any],
                     backends: list[str] | None, kind: str, summary: dict[str, Any],
-                    report: dict[str, Any], report_path: Path, notes: Path | None) -> Path:
+                    report: dict[str, Any], report_path: Path, notes: Path | None,
+                    record: CardRecord) -> Path:
     """A bundle made from another by `kind` (fusion, quantization): its manifest with the
     `classifier` keys replaced (a key given as None is removed), `training[kind]` =
-    `summary`, the held-out record from `report` (the source's box scores kept), a new
-    model card."""
+    `summary`, the held-out record from `report` (the source's box scores kept) and
+    `record`, a new model card."""
     raw = json.loads((source.path / MANIFEST_FILE).read_text(encoding="utf-8"))
     label = f"{raw['name']}-{raw['version']}"
     training = dict(raw.get("training") or {})
@@ -280,6 +324,7 @@ def _derived_bundle(source: Bundle, out_dir: Path, *, name: str | None, version:
     # source's (fusion leaves the detector as it was)
     boxes = held_out if "detection" in held_out else training.get("held_out")
     training["held_out"] = _joined_held_out(held_out, boxes)
+    record.apply(training)
     if notes is not None:
         training["notes"] = "\n\n".join(filter(None, [training.get("notes"), _notes(notes)]))
     manifest = _manifest(name or raw["name"], version, trained=True, mean=raw["mean"],
@@ -544,7 +589,8 @@ def held_out_summary(report: dict[str, Any], source: Path) -> dict[str, Any]:
     """What the manifest keeps of an evaluation report (`fractured evaluate`'s, or the
     one `fractured fuse` writes) read from `source`: the split, the image-level scores
     with their confidence intervals, the operating points as reached there, the
-    calibration error, every subset and the detector's AP and FROC."""
+    calibration error, every subset, the detector's AP and FROC, and what the node
+    shows per body region where the report assessed it (fuse, quantize)."""
     data = report["data"]
     scores = report.get("classification") or {}  # absent for a detector-only run
 
@@ -565,6 +611,8 @@ def held_out_summary(report: dict[str, Any], source: Path) -> dict[str, Any]:
         "subsets": {name: image_level(part)
                     for name, part in (report.get("subsets") or {}).items()},
     }
+    if report.get("node"):
+        summary["node"] = report["node"]
     detection = report.get("detection")
     if detection:
         summary["detection_report"] = str(source)

@@ -17,14 +17,16 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import structlog
 from tqdm import tqdm
 
 from fractured.engine.bundle import Bundle, DetectorSpec
-from fractured.engine.pipeline import Detections, Pipeline
+from fractured.engine.exposed_field import Field, exposed_field
+from fractured.engine.findings import Box
+from fractured.engine.pipeline import Detections, Examination, Pipeline
 from fractured.engine.preprocess import DecodeError
 from fractured.engine.sources import LoadedImage, load_image
 from fractured.training.config import ClassifierSettings
@@ -43,6 +45,9 @@ from fractured.training.evaluation import (
 )
 from fractured.training.export import BuildError
 from fractured.training.splits import load_split
+
+if TYPE_CHECKING:  # node_assessment reads this module's Measured
+    from fractured.training.node_assessment import NodeView
 
 log = structlog.get_logger()
 
@@ -63,6 +68,10 @@ class Measured:
     labels: np.ndarray  # (n,) 0/1
     unreadable: tuple[tuple[str, str], ...]  # (path, reason)
     detections: tuple[Detections, ...]  # every box returned per image; () without detector
+    boxes: tuple[tuple[Box, ...], ...]  # per image, the boxes the node draws before gating
+    peaks: tuple[tuple[float, float] | None, ...]  # per image, the heatmap's peak (x, y)
+    fields: tuple[Field, ...]  # per image, its exposed field (engine.exposed_field)
+    shapes: tuple[tuple[int, int], ...]  # per image, (rows, columns) of the source
 
 
 @dataclass(frozen=True)
@@ -123,8 +132,9 @@ def measure(pipelines: Mapping[str, Pipeline], samples: Sequence[Sample], *,
     sent to each in batches; images that cannot be decoded are left out and listed, as
     evaluate does."""
     kept: list[Sample] = []
-    rows: dict[str, list[np.ndarray]] = {name: [] for name in pipelines}
-    found: dict[str, list[Detections]] = {name: [] for name in pipelines}
+    found: dict[str, list[Examination]] = {name: [] for name in pipelines}
+    fields: list[Field] = []
+    shapes: list[tuple[int, int]] = []
     unreadable: list[tuple[str, str]] = []
     batch: list[tuple[Sample, LoadedImage]] = []
     size = min(pipeline.max_batch for pipeline in pipelines.values())
@@ -132,11 +142,11 @@ def measure(pipelines: Mapping[str, Pipeline], samples: Sequence[Sample], *,
     def flush() -> None:
         if batch:
             for name, pipeline in pipelines.items():
-                evidence, detections = pipeline.examine([image.pixels for _, image in batch],
-                                                        [image.dataset for _, image in batch])
-                rows[name].append(evidence)
-                found[name] += detections
+                found[name].append(pipeline.examine([image.pixels for _, image in batch],
+                                                    [image.dataset for _, image in batch]))
             kept.extend(sample for sample, _ in batch)
+            fields.extend(exposed_field(image.pixels, image.dataset) for _, image in batch)
+            shapes.extend(image.pixels.shape for _, image in batch)
             batch.clear()
 
     for index, sample in enumerate(tqdm(samples, desc=desc, unit="img", disable=None,
@@ -154,10 +164,13 @@ def measure(pipelines: Mapping[str, Pipeline], samples: Sequence[Sample], *,
             flush()
     flush()
     labels = np.array([s.label for s in kept], dtype=np.int64)
-    return {name: Measured(tuple(kept), np.concatenate(rows[name]) if rows[name]
-                           else np.empty((0, 2)), labels, tuple(unreadable),
-                           tuple(found[name]))
-            for name in pipelines}
+    return {name: Measured(
+        tuple(kept), np.concatenate([one.evidence for one in found[name]]) if found[name]
+        else np.empty((0, 2)), labels, tuple(unreadable),
+        tuple(d for one in found[name] for d in one.detections),
+        tuple(b for one in found[name] for b in one.boxes),
+        tuple(p for one in found[name] for p in one.peaks), tuple(fields), tuple(shapes))
+        for name in pipelines}
 
 
 def detection_scores(measured: Measured, spec: DetectorSpec) -> dict[str, Any]:
@@ -197,10 +210,13 @@ def write_test_report(report_dir: Path, *, title: str, split: SplitParts, test: 
                       probability: np.ndarray, reference: Reference,
                       points: Mapping[str, float], temperature: float, formula: str,
                       subsets: Sequence[str], bootstrap: int, sections: Mapping[str, Any],
-                      model: Mapping[str, Any], data: Mapping[str, Any]) -> dict[str, Any]:
+                      model: Mapping[str, Any], data: Mapping[str, Any],
+                      node: NodeView) -> dict[str, Any]:
     """metrics.json, report.md and the plots of `probability` on the test part, with
     `reference` as the calibration's "before"; `sections` (e.g. "fusion") are added to
-    metrics.json and the report. Returns what metrics.json holds."""
+    metrics.json and the report, and so is `node`'s assessment of what the node shows
+    (per region, boxes, heatmap) on the test part and on validation and test pooled.
+    Returns what metrics.json holds."""
     headline = classification_metrics(test.labels, probability,
                                       threshold=points["high_sensitivity"],
                                       bootstrap=bootstrap)
@@ -214,6 +230,7 @@ def write_test_report(report_dir: Path, *, title: str, split: SplitParts, test: 
             "ece_before": expected_calibration_error(test.labels, reference.probability),
             "ece_after": expected_calibration_error(test.labels, probability)},
         **sections,
+        "node": node.assessed(test, probability, bootstrap),
     }
     masks = subset_masks(list(test.samples), subsets)
     if masks:

@@ -49,6 +49,7 @@ from fractured.training.bundle_scoring import (
 from fractured.training.evaluation import choose_operating_points, paired_auc_difference
 from fractured.training.evaluation.calibration import fit_region_points
 from fractured.training.export import BuildError
+from fractured.training.node_assessment import NodeView, points_rule
 
 log = structlog.get_logger()
 
@@ -170,7 +171,8 @@ def fuse(source: Path, split_dir: Path, report_dir: Path, *, dataset: Path | Non
         bootstrap=bootstrap, sections={"fusion": summary},
         model={"bundle": str(source), "backend": pipeline.backend_name},
         data={"fitted_on": f"its val split ({len(val.labels)} readable images, "
-                           f"{len(val.unreadable)} unreadable)"})
+                           f"{len(val.unreadable)} unreadable)"},
+        node=NodeView(val, val_prob, points_rule(chosen, by_region or None)))
     log.info("fuse.scored", report=str(report_dir / "report.md"),
              **{f"{part}_auc_{key}": round(comparison[part][key], 4)
                 for part in ("validation", "test") for key in ("before", "after")

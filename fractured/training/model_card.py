@@ -14,6 +14,8 @@ from typing import Any
 
 from fractured.engine.bundle import BY_REGION, OWN_POINTS, Fusion
 from fractured.engine.regions import BODY_PART_REGIONS
+from fractured.training.evaluation.node_report import node_markdown
+from fractured.training.intended_use import scope
 
 INTENDED_USE = (
     "Decision support for reading adult musculoskeletal radiographs (CR/DX) for "
@@ -31,6 +33,8 @@ def model_card(manifest: Mapping[str, Any], credits: Sequence[tuple[str, str]]) 
     if not manifest["trained"]:
         lines += ["**UNTRAINED MODEL: random weights; every output is meaningless.**", ""]
     lines += ["## Intended use", "", INTENDED_USE, ""]
+    if manifest["trained"]:
+        lines += scope(manifest)
     lines += _models(manifest)
     training = manifest.get("training", {})
     if manifest["classifier"].get(BY_REGION):
@@ -38,6 +42,8 @@ def model_card(manifest: Mapping[str, Any], credits: Sequence[tuple[str, str]]) 
                             (training.get("classifier") or {}).get("settings") or {})
     if "held_out" in training:
         lines += _held_out(training["held_out"])
+    if "dicom_check" in training:
+        lines += _dicom_check(training["dicom_check"])
     if "fusion" in training:
         lines += _fusion(training["fusion"])
     if "quantization" in training:
@@ -202,7 +208,7 @@ def _held_out(summary: Mapping[str, Any]) -> list[str]:
              f"On the run's {summary.get('split')} split: {summary.get('images')} images "
              f"({summary.get('fracture')} with fracture; {summary.get('unreadable', 0)} "
              "unreadable left out), never used for training, epoch choice or thresholds. "
-             "95 % confidence intervals by bootstrap.", "",
+             "95 % confidence intervals by bootstrap." + _looks(summary), "",
              "| Images | n | Fractures | ROC AUC (95 % CI) | Average precision |",
              "| --- | --- | --- | --- | --- |",
              _held_out_row("all", scores)]
@@ -224,6 +230,40 @@ def _held_out(summary: Mapping[str, Any]) -> list[str]:
                   f"{_num(detection.get('froc_score'))}, lesion sensitivity (any score) "
                   f"{_num(detection.get('lesion_sensitivity'))} over "
                   f"{detection.get('gt_boxes')} fracture boxes."]
+    if summary.get("node"):
+        lines += ["", *node_markdown(summary["node"], heading="###")]
+    return [*lines, ""]
+
+
+def _looks(summary: Mapping[str, Any]) -> str:
+    """The sentence on how often the test part had been scored before these figures."""
+    before = summary.get("test_looks_before")
+    if before is None:
+        return ""
+    if before == 0:
+        return " This was the first scoring of this test part."
+    return (f" This test part had been scored {before} times before these figures (the "
+            "project's test ledger); where earlier scorings helped choose the model, "
+            "these figures are optimistic.")
+
+
+def _dicom_check(check: Mapping[str, Any]) -> list[str]:
+    """`fractured check-dicom`: how far storing the images as DICOM moves the output."""
+    verdict = "meets" if check.get("passed") else "does not meet"
+    lines = ["## Stored as DICOM", "",
+             f"The images of the {check.get('part')} part were written again as 12-bit "
+             f"DICOM in the ways modalities store them and read back through the node's "
+             f"reader ({check.get('images')} images, checked on {check.get('bundle')}); "
+             "the probability is compared with the one the JPEG export gets. Tolerance: "
+             f"a change of at most {check.get('tolerance')} on at least "
+             f"{100 * float(check.get('tolerance_share') or 0):.0f} % of images in every "
+             f"variant, which this model {verdict}. No label is read.", "",
+             "| Variant | Mean change | 95th percentile | Largest | Within tolerance | "
+             "Decisions changed |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {v['variant']} | {_num(v.get('mean_abs_change'))} | "
+              f"{_num(v.get('p95_abs_change'))} | {_num(v.get('max_abs_change'))} | "
+              f"{100 * v['within_tolerance']:.0f} % | {v.get('decisions_changed')} |"
+              for v in check.get("variants") or ()]
     return [*lines, ""]
 
 
@@ -321,11 +361,9 @@ def _limits(manifest: Mapping[str, Any]) -> list[str]:
     if "fracatlas" in formats:
         limits.append("FracAtlas gives no patient identifiers: views of one patient may "
                       "sit on both sides of the split despite near-duplicate grouping.")
-        limits.append("Orthopaedic hardware appears almost only on fractured FracAtlas "
-                      "images; check the evaluation on the `hardware=0` subset.")
     if not any(summary.get("initial_weights") for summary in training.values()
                if isinstance(summary, Mapping)):
-        limits.append("Trained from random weights (no pretrained weights were available).")
+        limits.append("Trained from random weights, not from a pretrained start.")
     if not manifest.get("detector"):
         limits.append("No box detector in this bundle: the heatmap (CAM) is its only "
                       "localisation; the SR and overlays carry no fracture boxes.")

@@ -72,6 +72,7 @@ from fractured.training.bundle_scoring import (
 from fractured.training.datasets.base import Sample
 from fractured.training.evaluation import paired_auc_difference
 from fractured.training.export import BuildError, float32_graph, is_quantized
+from fractured.training.node_assessment import NodeView
 
 log = structlog.get_logger()
 
@@ -212,7 +213,8 @@ def quantize(source: Path, split_dir: Path, report_dir: Path, scratch: Path, *,
                   **({"detection": detection["int8"]} if detection else {})},
         model={"bundle": str(source), "quantized": ", ".join(summary["models"]),
                "backend": "onnxruntime"},
-        data={"calibrated_on": f"{len(chosen)} images of its train split"})
+        data={"calibrated_on": f"{len(chosen)} images of its train split"},
+        node=NodeView(val["int8"], after["validation"], spec.points_for))
     log.info("quantize.scored", report=str(report_dir / "report.md"),
              test_auc_source=comparison["test"]["before"],
              test_auc_int8=comparison["test"]["after"])

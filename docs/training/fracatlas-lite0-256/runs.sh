@@ -3,7 +3,8 @@
 # split of fracatlas-resnet18-e50, 256 px, 15 epochs (1 of linear warm-up, then cosine),
 # AdamW 1e-3, batch 32, EMA 0.995, bf16 autocast on the CPU, the augmentation as it was
 # before the DICOM-look steps (their probabilities 0). Only the backbone and its start
-# differ. Then each is scored on the validation part and compared, paired, with the
+# differ. lite0-dicom then adds the exposed-field crop and the DICOM-look augmentation
+# at its defaults. Each is scored on the validation part and compared, paired, with the
 # shipped models (compare.py). The test part is not read.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
@@ -11,9 +12,12 @@ common=(--task classifier --epochs 15
         --set classifier.input_size=256 --set classifier.warmup_epochs=1
         --set classifier.ema_decay=0.995 --set classifier.early_stopping=6
         --set run.cpu_bf16=true)
+jpeg_only=()
 for step in gamma_p window_p bits_p jpeg_p sharpness_p border_p; do
-  common+=(--set "augment.$step=0")
+  jpeg_only+=(--set "augment.$step=0")
 done
+lite0=(--set 'classifier.variant="lite0"'
+       --set 'classifier.initial_weights="imagenet:efficientnet-lite0"')
 run() {  # NAME, then extra settings
   local out="runs/$1"; shift
   mkdir -p "$out/split"
@@ -23,8 +27,8 @@ run() {  # NAME, then extra settings
   .venv/bin/python docs/training/fracatlas-lite0-256/compare.py "$out/eval-val/predictions.csv"
 }
 case "${1:-all}" in
-  lite0) run lite0-256-e15 --set 'classifier.variant="lite0"' \
-           --set 'classifier.initial_weights="imagenet:efficientnet-lite0"' ;;
-  resnet18) run resnet18-256-e15 --set 'classifier.variant="resnet18"' ;;
-  all) "$0" lite0; "$0" resnet18 ;;
+  lite0) run lite0-256-e15 "${jpeg_only[@]}" "${lite0[@]}" ;;
+  resnet18) run resnet18-256-e15 "${jpeg_only[@]}" --set 'classifier.variant="resnet18"' ;;
+  lite0-dicom) run lite0-dicom-256-e15 "${lite0[@]}" --set 'data.crop="exposed_field"' ;;
+  all) "$0" lite0; "$0" resnet18; "$0" lite0-dicom ;;
 esac

@@ -306,6 +306,13 @@ def clopper_pearson(successes: int, trials: int,
     return low, high
 
 
+def proportion(k: int, n: int) -> dict[str, Any]:
+    """k of n, its rate and its exact 95 % interval (rate and interval None when n is
+    0): how every count the card reports is recorded."""
+    return {"k": int(k), "n": int(n), "rate": k / n if n else None,
+            "interval": list(clopper_pearson(int(k), int(n))) if n else None}
+
+
 def _ratio(numerator: int, denominator: int) -> float | None:
     return numerator / denominator if denominator else None
 

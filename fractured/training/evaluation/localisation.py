@@ -2,8 +2,8 @@
 
 A class activation map that is hot on a collimator edge or a letterbox border while the
 score says "fracture" tells the radiologist the wrong place and hints that the score
-itself came from a shortcut. Two checks measure it from the heatmap the node shows
-(`Finding.heatmap`, on the source image's pixel grid):
+itself came from a shortcut. Two checks measure it from the peak of the heatmap the
+node shows (`Finding.heatmap`, on the source image's pixel grid; `heatmap_peak`):
 
 - the pointing game (Zhang et al., "Top-down neural attention by excitation backprop",
   ECCV 2016): on each image with true fracture boxes, a hit when the heatmap's maximum
@@ -20,16 +20,10 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from fractured.training.evaluation.classification import clopper_pearson
+from fractured.training.evaluation.classification import proportion
 
 #: Pixels around a box within which a peak still counts as a hit (the paper's 15 px).
 POINTING_TOLERANCE = 15.0
-
-
-def peak(heatmap: np.ndarray) -> tuple[float, float]:
-    """(x, y) of the heatmap's maximum, in the heatmap's pixels (the first of ties)."""
-    row, column = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
-    return float(column), float(row)
 
 
 def points_into(point: tuple[float, float], boxes: ArrayLike, tolerance: float = 0.0) -> bool:
@@ -41,21 +35,20 @@ def points_into(point: tuple[float, float], boxes: ArrayLike, tolerance: float =
     return False
 
 
-def pointing_game(heatmaps: Sequence[np.ndarray], boxes: Sequence[ArrayLike], *,
-                  tolerance: float = POINTING_TOLERANCE) -> dict[str, Any]:
-    """The share of images with boxes whose heatmap peak hits one, strictly and within
-    `tolerance` pixels, each with its exact (Clopper-Pearson) 95 % interval. Images
-    without a true box are left out (there is nothing to point at)."""
-    if len(heatmaps) != len(boxes):
-        raise ValueError(f"{len(heatmaps)} heatmaps for {len(boxes)} box sets")
-    scored = [(peak(heatmap), np.asarray(truth, dtype=float).reshape(-1, 4))
-              for heatmap, truth in zip(heatmaps, boxes, strict=True)
+def pointing_game(peaks: Sequence[tuple[float, float] | None], boxes: Sequence[ArrayLike],
+                  *, tolerance: float = POINTING_TOLERANCE) -> dict[str, Any]:
+    """The share of images with boxes whose heatmap peak (x, y) hits one, strictly and
+    within `tolerance` pixels, each with its exact (Clopper-Pearson) 95 % interval.
+    Images without a true box are left out (there is nothing to point at); an image
+    whose heatmap has no peak (None: nowhere hot) counts as a miss."""
+    if len(peaks) != len(boxes):
+        raise ValueError(f"{len(peaks)} peaks for {len(boxes)} box sets")
+    scored = [(point, np.asarray(truth, dtype=float).reshape(-1, 4))
+              for point, truth in zip(peaks, boxes, strict=True)
               if np.asarray(truth).size]
-    strict = sum(points_into(point, truth) for point, truth in scored)
-    near = sum(points_into(point, truth, tolerance) for point, truth in scored)
+    strict = sum(point is not None and points_into(point, truth) for point, truth in scored)
+    near = sum(point is not None and points_into(point, truth, tolerance)
+               for point, truth in scored)
     return {"images": len(scored), "tolerance_px": tolerance,
-            "hits": strict, "rate": strict / len(scored) if scored else None,
-            "interval": clopper_pearson(strict, len(scored)) if scored else None,
-            "hits_within_tolerance": near,
-            "rate_within_tolerance": near / len(scored) if scored else None,
-            "interval_within_tolerance": clopper_pearson(near, len(scored)) if scored else None}
+            "strict": proportion(strict, len(scored)),
+            "within_tolerance": proportion(near, len(scored))}

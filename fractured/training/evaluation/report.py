@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from fractured.training.evaluation.node_report import node_markdown
+
 UNTRAINED_BANNER = (
     "> [!WARNING]\n"
     "> **UNTRAINED MODEL: THESE NUMBERS MEAN NOTHING.** The weights were never trained, "
@@ -37,7 +39,8 @@ def write_report(out_dir: Path, *, title: str, metrics: Mapping[str, Any],
     `metrics` sections the report knows, each optional: classification
     (`classification_metrics`), operating_points (`choose_operating_points`'
     description), calibration ({temperature, ece_before, ece_after}), subsets
-    (`subset_metrics`), detection (`detection_metrics`). Other sections go to
+    (`subset_metrics`), detection (`detection_metrics`), node
+    (`node_assessment.NodeView.assessed`). Other sections go to
     metrics.json only. `plots` names PNGs to embed (relative links, so the folder can
     be moved or zipped); a named plot that was not written is listed as missing.
     """
@@ -77,6 +80,8 @@ def write_report(out_dir: Path, *, title: str, metrics: Mapping[str, Any],
         lines += _subsets(metrics["subsets"])
     if "detection" in metrics:
         lines += _detection(metrics["detection"])
+    if "node" in metrics:
+        lines += node_markdown(metrics["node"])
     lines += _plots(out_dir, plots, links)
     lines += _unreadable(unreadable)
     report = out_dir / "report.md"

@@ -1,0 +1,215 @@
+"""A bundle's held-out numbers as the radiologist meets them, per body region.
+
+An AUC says how well a score ranks; a radiologist never sees a ranking. The node shows
+a decision at the operating points of the image's body region, boxes only on images
+whose decision passes the box gate ([engine].boxes), and a heatmap. A hospital's AI
+governance committee asks what those do: in each region, how many fractures the flag
+finds and how many normal images it flags, with exact (Clopper-Pearson) intervals,
+since a region may have a few dozen fractures or fewer; how many true boxes a drawn box
+touches and how many boxes land on normal images; whether the heatmap's peak lies in
+a true box (the pointing game) and inside the exposed field at all.
+
+Everything here is computed from the node's own pass (`Pipeline.examine`, through
+`bundle_scoring.measure`) and a probability per image, so a refitted probability (fuse)
+is assessed with the points fitted for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+from fractured.engine.bundle import OWN_POINTS
+from fractured.engine.findings import Box, DecisionLevel, OperatingPoints
+from fractured.engine.pipeline import BOX_GATES
+from fractured.engine.regions import POOLED, PointsRegion, Region, region_of
+from fractured.training.bundle_scoring import Measured
+from fractured.training.evaluation.classification import auc_interval, proportion
+from fractured.training.evaluation.localisation import pointing_game, points_into
+
+#: The rows of the region table besides the regions: images of no region (FracAtlas's
+#: "mixed", a body part of no region), which always get the pooled points, and all.
+OTHER = "other"
+ALL = "all"
+#: Overlap a drawn box needs with a true one to count as finding it: any (the box
+#: points the reader at the fracture), and IoU >= 0.5 (it also outlines it).
+STRICT_IOU = 0.5
+#: The node's default box gate ([engine].boxes).
+DEFAULT_GATE = "likely"
+
+PointsRule = Callable[[Region | None], tuple[OperatingPoints, PointsRegion | None]]
+
+
+def points_rule(pooled: Mapping[str, float],
+                by_region: Mapping[str, Mapping[str, Any]] | None) -> PointsRule:
+    """`ClassifierSpec.points_for` for points not yet in a manifest (`fractured fuse`
+    fits them): the region's own pair where its entry is its own, else the pooled."""
+    pooled_points = OperatingPoints(pooled["high_sensitivity"], pooled["high_specificity"])
+
+    def rule(region: Region | None) -> tuple[OperatingPoints, PointsRegion | None]:
+        if by_region is None:
+            return pooled_points, None
+        entry = by_region.get(region.value) if region is not None else None
+        if entry is None or entry.get("source") != OWN_POINTS:
+            return pooled_points, POOLED
+        return OperatingPoints(entry["high_sensitivity"], entry["high_specificity"]), region
+
+    return rule
+
+
+def assess(measured: Measured, probability: np.ndarray, points_for: PointsRule, *,
+           gate: str = DEFAULT_GATE, bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """The node's decisions, boxes and heatmap peaks on `measured`'s images scored
+    against their labels and true boxes (see the module docstring)."""
+    if len(probability) != len(measured.samples):
+        raise ValueError(f"{len(probability)} probabilities for {len(measured.samples)} "
+                         "images")
+    regions = [region_of(sample.body_part) if sample.body_part else None
+               for sample in measured.samples]
+    decided = [points_for(region) for region in regions]
+    levels = [points.level(float(p)) for (points, _), p in zip(decided, probability,
+                                                             strict=True)]
+    rows = {name: np.array([row == name for row in (r.value if r else OTHER
+                                                    for r in regions)])
+            for name in (*(region.value for region in Region), OTHER)}
+    rows[ALL] = np.ones(len(regions), dtype=bool)
+    table = {name: _region_row(measured.labels[mask], probability[mask],
+                               [levels[i] for i in np.flatnonzero(mask)],
+                               {decided[i][1] for i in np.flatnonzero(mask)},
+                               bootstrap=bootstrap, seed=seed)
+             for name, mask in rows.items() if mask.any()}
+    truth = [_true_boxes(sample, shape) for sample, shape in zip(
+        measured.samples, measured.shapes, strict=True)]
+    shown = [boxes if level in BOX_GATES[gate] else ()
+             for boxes, level in zip(measured.boxes, levels, strict=True)]
+    fractured = [i for i, sample in enumerate(measured.samples) if sample.label == 1]
+    return {
+        "images": len(measured.samples),
+        "regions": table,
+        "boxes": _boxes(shown, truth, measured.labels, gate) if measured.detections else None,
+        "pointing_game": pointing_game([measured.peaks[i] for i in fractured],
+                                       [truth[i] for i in fractured]),
+        "peak_in_field": _peaks_in_field(measured),
+    }
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """What `assess` needs beside the test part: the validation part
+    and its probability (for the pooled rows) and the operating points per region."""
+
+    val: Measured
+    val_probability: np.ndarray
+    points_for: PointsRule
+
+    def assessed(self, test: Measured, probability: np.ndarray,
+                 bootstrap: int) -> dict[str, Any]:
+        both = pooled(self.val, test)
+        return {"gate": DEFAULT_GATE,
+                "test": assess(test, probability, self.points_for, bootstrap=bootstrap),
+                "validation_and_test": assess(
+                    both, np.concatenate([self.val_probability, probability]),
+                    self.points_for, bootstrap=bootstrap)}
+
+
+def pooled(first: Measured, second: Measured) -> Measured:
+    """Two parts' measurements as one (validation and test pooled)."""
+    return Measured(
+        first.samples + second.samples, np.concatenate([first.evidence, second.evidence]),
+        np.concatenate([first.labels, second.labels]), first.unreadable + second.unreadable,
+        first.detections + second.detections, first.boxes + second.boxes,
+        first.peaks + second.peaks, first.fields + second.fields,
+        first.shapes + second.shapes)
+
+
+def _region_row(labels: np.ndarray, probability: np.ndarray, levels: Sequence[DecisionLevel],
+                sources: set[PointsRegion | None], *, bootstrap: int,
+                seed: int) -> dict[str, Any]:
+    fracture = labels == 1
+    possible = np.array([level is not DecisionLevel.NEGATIVE for level in levels])
+    likely = np.array([level is DecisionLevel.LIKELY for level in levels])
+    row: dict[str, Any] = {
+        "images": len(labels), "fractures": int(fracture.sum()),
+        "normals": int((~fracture).sum()),
+        "points": ("own" if sources and all(s not in (None, POOLED) for s in sources)
+                   else "pooled" if sources <= {None, POOLED} else "mixed"),
+        "roc_auc": None, "roc_auc_ci95": None}
+    if fracture.any() and (~fracture).any():
+        row["roc_auc"] = float(roc_auc_score(labels, probability))
+        if bootstrap:
+            row["roc_auc_ci95"] = auc_interval(labels, probability, bootstrap, seed)
+    for name, called in (("high_sensitivity", possible), ("high_specificity", likely)):
+        row[name] = {"sensitivity": proportion((called & fracture).sum(), fracture.sum()),
+                     "specificity": proportion((~called & ~fracture).sum(),
+                                               (~fracture).sum()),
+                     "flagged": proportion(called.sum(), len(labels))}
+    return row
+
+
+def _true_boxes(sample: Any, shape: tuple[int, int]) -> np.ndarray:
+    """A sample's true boxes in its source pixels, (k, 4); none where it has none."""
+    rows, cols = shape
+    return np.array([[b.x0 * cols, b.y0 * rows, b.x1 * cols, b.y1 * rows]
+                     for b in (sample.boxes or ())], dtype=float).reshape(-1, 4)
+
+
+def _iou(box: Box, truth: np.ndarray) -> np.ndarray:
+    """IoU of one drawn box with each true box (k,)."""
+    x0 = np.maximum(box.x0, truth[:, 0])
+    y0 = np.maximum(box.y0, truth[:, 1])
+    x1 = np.minimum(box.x1, truth[:, 2])
+    y1 = np.minimum(box.y1, truth[:, 3])
+    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+    union = ((box.x1 - box.x0) * (box.y1 - box.y0)
+             + (truth[:, 2] - truth[:, 0]) * (truth[:, 3] - truth[:, 1]) - inter)
+    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+
+
+def _boxes(shown: Sequence[tuple[Box, ...]], truth: Sequence[np.ndarray],
+           labels: np.ndarray, gate: str) -> dict[str, Any]:
+    """True boxes touched (and outlined) by a drawn box, fractured images with one,
+    and drawn boxes that touch no true box, per normal image and on fractured ones."""
+    true_boxes = touched = outlined = 0
+    images = found_images = 0
+    stray_on_normals = stray_on_fractured = 0
+    for boxes, real, label in zip(shown, truth, labels, strict=True):
+        overlaps = (np.stack([_iou(box, real) for box in boxes]) if boxes and len(real)
+                    else np.zeros((len(boxes), len(real))))
+        stray = int((overlaps <= 0).all(axis=1).sum()) if len(real) else len(boxes)
+        if label == 0:
+            stray_on_normals += stray
+            continue
+        stray_on_fractured += stray
+        if not len(real):
+            continue  # a fracture without a drawn truth box: nothing to find
+        images += 1
+        true_boxes += len(real)
+        hit = (overlaps > 0).any(axis=0)
+        touched += int(hit.sum())
+        outlined += int((overlaps >= STRICT_IOU).any(axis=0).sum())
+        found_images += int(hit.any())
+    normals = int((labels == 0).sum())
+    return {
+        "gate": gate,
+        "fracture_boxes_touched": proportion(touched, true_boxes),
+        "fracture_boxes_outlined": proportion(outlined, true_boxes),
+        "fractured_images_found": proportion(found_images, images),
+        "normal_images": normals,
+        "boxes_on_normal_images": stray_on_normals,
+        "boxes_per_normal_image": stray_on_normals / normals if normals else None,
+        "stray_boxes_on_fractured_images": stray_on_fractured,
+    }
+
+
+def _peaks_in_field(measured: Measured) -> dict[str, Any]:
+    """How many heatmap peaks lie inside the image's exposed field, of the images whose
+    heatmap has a peak at all."""
+    pairs = [(point, field) for point, field in zip(measured.peaks, measured.fields,
+                                                    strict=True) if point is not None]
+    inside = sum(points_into(point, [[field.left, field.top, field.right - 1,
+                                      field.bottom - 1]]) for point, field in pairs)
+    return proportion(inside, len(pairs))

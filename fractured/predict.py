@@ -90,6 +90,13 @@ def to_json(outcome: Outcome) -> dict[str, object]:
             "high_sensitivity": finding.level is not DecisionLevel.NEGATIVE,
             "high_specificity": finding.level is DecisionLevel.LIKELY,
         },
+        # the thresholds that decided, and whose they are: the image's body region, or
+        # "pooled"; null where the bundle has only the pooled pair
+        "operating_points": {
+            "high_sensitivity": float(finding.operating_points.high_sensitivity),
+            "high_specificity": float(finding.operating_points.high_specificity),
+            "region": None if finding.operating_region is None
+            else str(finding.operating_region)},
         "boxes": [
             {"x0": float(box.x0), "y0": float(box.y0), "x1": float(box.x1),
              "y1": float(box.y1), "score": float(box.score), "level": box.level.value}

@@ -11,12 +11,12 @@ import pytest
 from fractured.engine.exposed_field import Field
 from fractured.engine.findings import Box, DecisionLevel, OperatingPoints
 from fractured.engine.regions import POOLED, Region
-from fractured.training.bundle_scoring import Measured
+from fractured.training.bundle_scoring import Measured, changes
 from fractured.training.datasets.base import BoxLabel, Sample
 from fractured.training.evaluation.classification import clopper_pearson
 from fractured.training.evaluation.node_report import node_markdown
 from fractured.training.model_card import model_card
-from fractured.training.node_assessment import NodeView, assess, pooled, points_rule
+from fractured.training.node_assessment import NodeView, assess, points_rule, pooled
 
 POOLED_POINTS = {"high_sensitivity": 0.3, "high_specificity": 0.7}
 HAND_POINTS = {"high_sensitivity": 0.5, "high_specificity": 0.9, "source": "region"}
@@ -136,3 +136,14 @@ def test_the_report_and_the_card_show_the_same_rows() -> None:
     card = model_card(manifest, [])
     assert "### As the node shows it, per body region" in card
     assert "| hand | own | 2 / 1 |" in card
+
+
+def test_decisions_changed_by_int8_are_counted_at_each_regions_points() -> None:
+    measured, before = _measured()
+    after = before.copy()
+    after[2] = 0.55  # a normal hand moves from 0.40 across the hand's own 0.5 only
+    rule = points_rule(POOLED_POINTS, {"hand": HAND_POINTS})
+    changed = changes(measured, measured, before, after, rule)
+    assert changed["decisions_changed"] == {"high_sensitivity": 1, "high_specificity": 0}
+    pooled_only = changes(measured, measured, before, after, points_rule(POOLED_POINTS, None))
+    assert pooled_only["decisions_changed"]["high_sensitivity"] == 0  # 0.40 -> 0.55 > 0.3

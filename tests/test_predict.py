@@ -20,7 +20,8 @@ from fractured.results.overlay import BOX_COLOUR
 from tests.factory import phantom, write_study
 
 UNTRAINED_LINE = "UNTRAINED MODEL: these results mean nothing"
-READABLE_KEYS = {"file", "probability", "spread", "level", "decisions", "boxes", "model"}
+READABLE_KEYS = {"file", "probability", "spread", "level", "decisions", "operating_points",
+                 "boxes", "model"}
 
 
 def png(path: Path, rows: int = 200, cols: int = 160, seed: int = 0) -> Path:

@@ -33,6 +33,7 @@ from fractured.engine.models import FractureClassifier
 from fractured.engine.pipeline import Pipeline
 from fractured.engine.preprocess import display_pixels
 from fractured.engine.regions import POOLED, Region, dataset_region, region_of
+from fractured.predict import Prediction, to_json
 from fractured.training import checkpoint, config
 from fractured.training.build import (
     build_bundle,
@@ -315,6 +316,20 @@ def test_an_image_of_no_region_or_of_a_fallback_region_gets_the_pooled_points(
     finding = run_on(regional_pipeline, body_part)
     assert finding.operating_points == POOLED_POINTS
     assert finding.operating_region == POOLED
+
+
+def test_predict_json_names_the_points_that_decided_and_whose(
+        regional_pipeline: Pipeline, untrained_bundle: Path) -> None:
+    def points(pipeline: Pipeline, body_part: str) -> dict[str, Any]:
+        finding = run_on(pipeline, body_part)
+        return to_json(Prediction(Path("x.dcm"), None, finding))[  # type: ignore[arg-type]
+            "operating_points"]
+
+    assert points(regional_pipeline, "HAND") == {
+        "high_sensitivity": 0.001, "high_specificity": 0.002, "region": "hand"}
+    assert points(regional_pipeline, "ELBOW")["region"] == "pooled"
+    plain = points(Pipeline(Bundle.load(untrained_bundle)), "HAND")
+    assert plain["region"] is None  # a bundle with the pooled pair only cites no one
 
 
 def test_a_bundle_without_regions_decides_and_records_as_before(untrained_bundle: Path) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,9 +25,10 @@ from tqdm import tqdm
 
 from fractured.engine.bundle import Bundle, DetectorSpec
 from fractured.engine.exposed_field import Field, exposed_field
-from fractured.engine.findings import Box
+from fractured.engine.findings import Box, OperatingPoints
 from fractured.engine.pipeline import Detections, Examination, Pipeline
 from fractured.engine.preprocess import DecodeError
+from fractured.engine.regions import Region, region_of
 from fractured.engine.sources import LoadedImage, load_image
 from fractured.training.config import ClassifierSettings
 from fractured.training.data import model_boxes
@@ -262,10 +263,16 @@ def masks_for(test: Measured, subsets: Sequence[str]) -> dict[str, np.ndarray]:
 
 
 def changes(reference: Measured, other: Measured, before: np.ndarray, after: np.ndarray,
-            points: Mapping[str, float]) -> dict[str, Any]:
+            points_for: Callable[[Region | None], tuple[OperatingPoints, Any]],
+            ) -> dict[str, Any]:
     """How far `other` (INT8 graphs, another device) moved each image's numbers and
     decisions from `reference`, the same images run by both; `before` and `after` are
-    their probabilities, `points` the operating points by name."""
+    their probabilities. Each image is decided at the points the node gives its body
+    region (`points_for`, as `ClassifierSpec.points_for`)."""
+    points = [points_for(region_of(sample.body_part))[0]
+              for sample in other.samples]
+    thresholds = {name: np.array([getattr(p, name) for p in points]) for name in (
+        "high_sensitivity", "high_specificity")}
     return {
         "images": len(after),
         "max_logit_change": float(np.abs(other.evidence[:, 0]
@@ -273,6 +280,6 @@ def changes(reference: Measured, other: Measured, before: np.ndarray, after: np.
         "max_box_score_change": float(np.abs(other.evidence[:, 1]
                                              - reference.evidence[:, 1]).max()),
         "max_probability_change": float(np.abs(after - before).max()),
-        "decisions_changed": {name: int(((before >= threshold) != (after >= threshold)).sum())
-                              for name, threshold in points.items()},
+        "decisions_changed": {name: int(((before >= t) != (after >= t)).sum())
+                              for name, t in thresholds.items()},
     }

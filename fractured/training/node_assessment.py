@@ -68,8 +68,7 @@ def assess(measured: Measured, probability: np.ndarray, points_for: PointsRule, 
     if len(probability) != len(measured.samples):
         raise ValueError(f"{len(probability)} probabilities for {len(measured.samples)} "
                          "images")
-    regions = [region_of(sample.body_part) if sample.body_part else None
-               for sample in measured.samples]
+    regions = [region_of(sample.body_part) for sample in measured.samples]
     decided = [points_for(region) for region in regions]
     levels = [points.level(float(p)) for (points, _), p in zip(decided, probability,
                                                              strict=True)]

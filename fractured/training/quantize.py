@@ -195,7 +195,7 @@ def quantize(source: Path, split_dir: Path, report_dir: Path, scratch: Path, *,
         "max_auc_drop": max_auc_drop,
         "auc": comparison,
         "changes": {part: changes(runs["source"], runs["int8"], before[part], after[part],
-                                   points)
+                                   spec.points_for)
                     for part, runs in parts.items()},
         "detection": _detection_summary(detection),
         "detection_validation": _detection_summary(val_detection),

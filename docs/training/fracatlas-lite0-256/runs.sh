@@ -5,7 +5,9 @@
 # before the DICOM-look steps (their probabilities 0). Only the backbone and its start
 # differ. lite0-dicom then adds the exposed-field crop and the DICOM-look augmentation
 # at its defaults. Each is scored on the validation part and compared, paired, with the
-# shipped models (compare.py). The test part is not read.
+# shipped models (compare.py). `runs.sh cv NAME FOLD...` runs a recipe's 5-fold
+# cross-validation (resumable fold by fold) and `fractured cv` over the folds done. The
+# test part is not read.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 common=(--task classifier --epochs 15
@@ -26,9 +28,31 @@ run() {  # NAME, then extra settings
   .venv/bin/fractured evaluate "$out" --split val
   .venv/bin/python docs/training/fracatlas-lite0-256/compare.py "$out/eval-val/predictions.csv"
 }
+recipe() {  # NAME: that recipe's settings, one per line
+  case "$1" in
+    lite0) printf '%s\n' "${jpeg_only[@]}" "${lite0[@]}" ;;
+    resnet18) printf '%s\n' "${jpeg_only[@]}" --set 'classifier.variant="resnet18"' ;;
+    lite0-dicom) printf '%s\n' "${lite0[@]}" --set 'data.crop="exposed_field"' ;;
+    *) echo "no recipe $1" >&2; exit 2 ;;
+  esac
+}
+folds() {  # NAME FOLD...: 5-fold cross-validation runs over the base split's train+val
+  # (its test part untouched), each resumed where a session ended; then `fractured cv`
+  local name="$1"; shift
+  mapfile -t settings < <(recipe "$name")
+  for f in "$@"; do
+    local out="runs/$name-f$f" resume=()
+    [ -f "$out/classifier/last.pt" ] && resume=(--resume)
+    .venv/bin/fractured train ../shared/data/fracatlas --out "$out" "${common[@]}" \
+      "${resume[@]}" --set data.folds=5 --set "data.fold=$f" \
+      --set data.base_split=docs/training/fracatlas-resnet18-e50 "${settings[@]}"
+  done
+  .venv/bin/fractured cv runs/"$name"-f? --out "runs/$name-cv"
+}
 case "${1:-all}" in
-  lite0) run lite0-256-e15 "${jpeg_only[@]}" "${lite0[@]}" ;;
-  resnet18) run resnet18-256-e15 "${jpeg_only[@]}" --set 'classifier.variant="resnet18"' ;;
-  lite0-dicom) run lite0-dicom-256-e15 "${lite0[@]}" --set 'data.crop="exposed_field"' ;;
+  lite0|resnet18|lite0-dicom)
+    mapfile -t settings < <(recipe "$1")
+    run "$1-256-e15" "${settings[@]}" ;;
+  cv) shift; folds "$@" ;;  # e.g. runs.sh cv lite0-dicom 0 1 2 3 4
   all) "$0" lite0; "$0" resnet18; "$0" lite0-dicom ;;
 esac

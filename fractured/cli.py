@@ -634,14 +634,16 @@ def predict(ctx: click.Context, files: tuple[Path, ...], bundle_path: Path | Non
             tta: bool, boxes: str | None) -> None:
     """Run the engine on DICOM, PNG or JPEG FILES and print what it finds, in input order.
 
-    A file that cannot be read is reported in its place and the others still run; the
-    exit status is then 1.
+    A file outside the bundle's intended use (a DICOM body part it was not made for, a
+    patient under its age) gets no verdict, only the reason. A file that cannot be read
+    is reported in its place and the others still run; the exit status is then 1.
     """
     from fractured.engine.bundle import BundleError
     from fractured.engine.pipeline import Pipeline
     from fractured.engine.registry import resolve_bundle
     from fractured.predict import (
         Prediction,
+        Unreadable,
         overlay_paths,
         table_header,
         table_row,
@@ -656,12 +658,12 @@ def predict(ctx: click.Context, files: tuple[Path, ...], bundle_path: Path | Non
             targets = overlay_paths(files, overlay_dir)
         except ValueError as exc:
             raise click.UsageError(f"--overlay: {exc}") from None
-    if bundle_path is None or boxes is None:
-        engine = _settings(config_path).engine
-        bundle_path = bundle_path or engine.bundle
-        boxes = boxes or engine.boxes
+    engine = _settings(config_path).engine
+    bundle_path = bundle_path or engine.bundle
+    boxes = boxes or engine.boxes
     try:
-        pipeline = Pipeline(resolve_bundle(bundle_path), backend=backend, tta=tta, boxes=boxes)
+        pipeline = Pipeline(resolve_bundle(bundle_path), backend=backend, tta=tta, boxes=boxes,
+                            extra_body_parts=engine.extra_body_parts)
     except (BundleError, FileNotFoundError) as exc:
         raise click.ClickException(f"cannot load engine bundle: {exc}") from None
     if not pipeline.model.trained:
@@ -674,9 +676,9 @@ def predict(ctx: click.Context, files: tuple[Path, ...], bundle_path: Path | Non
         click.echo(table_header(file_width))
     failed = 0
     for outcome in run_predict(files, pipeline):
-        if not isinstance(outcome, Prediction):
+        if isinstance(outcome, Unreadable):
             failed += 1
-        elif overlay_dir is not None:
+        elif overlay_dir is not None and isinstance(outcome, Prediction):
             write_overlay(outcome, targets[outcome.path])
         click.echo(json.dumps(to_json(outcome)) if as_json else table_row(outcome, file_width))
     if failed:

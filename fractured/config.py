@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 import tomllib
 import types
 import typing
@@ -120,6 +121,10 @@ class EngineSettings:
     #: Which images show the detector's boxes (engine.pipeline.BOX_GATES): only those the
     #: classifier calls a likely fracture (default), at least a possible one, or every image.
     boxes: Literal["possible", "likely", "always"] = "likely"
+    #: Body Part Examined terms analysed beyond the bundle's intended use
+    #: (engine.intended_use): outside what the model was validated on, so only by an
+    #: operator's explicit choice, logged at every start. Empty: the bundle's own.
+    extra_body_parts: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -377,6 +382,10 @@ def _check(s: Settings) -> None:
     for name in names:
         if names.count(name) > 1:
             raise ConfigError(f"[[destinations]].name: {name!r} is used twice")
+    for i, term in enumerate(s.engine.extra_body_parts):
+        if not re.fullmatch(r"[A-Za-z0-9_ ]{1,16}", term) or not term.strip():
+            raise ConfigError(f"[engine].extra_body_parts[{i}]: a Body Part Examined term "
+                              f"(letters, digits, _ and spaces; 16 at most), got {term!r}")
     for i, uid in enumerate(s.node.extra_sop_classes):
         if not is_uid(uid):
             raise ConfigError(f"[node].extra_sop_classes[{i}]: not a UID, got {uid!r}")

@@ -16,6 +16,7 @@ from pathlib import Path
 import cv2
 
 from fractured.engine.findings import DecisionLevel, Finding
+from fractured.engine.intended_use import ScopeCheck
 from fractured.engine.pipeline import Pipeline
 from fractured.engine.preprocess import DecodeError
 from fractured.engine.sources import LoadedImage, load_image
@@ -42,7 +43,15 @@ class Unreadable:
     error: str
 
 
-Outcome = Prediction | Unreadable
+@dataclass(frozen=True)
+class NotAnalysed:
+    """A readable input outside the bundle's intended use: no verdict, only why."""
+
+    path: Path
+    scope: ScopeCheck
+
+
+Outcome = Prediction | NotAnalysed | Unreadable
 
 
 def predict(paths: Sequence[Path], pipeline: Pipeline) -> Iterator[Outcome]:
@@ -66,19 +75,31 @@ def predict(paths: Sequence[Path], pipeline: Pipeline) -> Iterator[Outcome]:
 
 
 def _run(pending: list[LoadedImage | Unreadable], pipeline: Pipeline) -> Iterator[Outcome]:
-    """`pending` in order, the readable images with their findings from one run."""
-    images = [item for item in pending if isinstance(item, LoadedImage)]
+    """`pending` in order, the readable images inside the intended use with their
+    findings from one run, the others with why they were not analysed."""
+    scopes = {id(item): pipeline.scope(item.dataset) for item in pending
+              if isinstance(item, LoadedImage)}
+    images = [item for item in pending
+              if isinstance(item, LoadedImage) and scopes[id(item)].analyse]
     findings = iter(pipeline.run([(image.ref, image.pixels) for image in images],
                                  [image.dataset for image in images]))
     for item in pending:
-        yield (Prediction(item.path, item, next(findings)) if isinstance(item, LoadedImage)
-               else item)
+        if isinstance(item, Unreadable):
+            yield item
+        elif scopes[id(item)].analyse:
+            yield Prediction(item.path, item, next(findings))
+        else:
+            yield NotAnalysed(item.path, scopes[id(item)])
 
 
 def to_json(outcome: Outcome) -> dict[str, object]:
     """The JSON object of one input: the finding in plain numbers, or the error."""
     if isinstance(outcome, Unreadable):
         return {"file": str(outcome.path), "error": outcome.error}
+    if isinstance(outcome, NotAnalysed):
+        return {"file": str(outcome.path),
+                "not_analysed": {"reason": str(outcome.scope.reason),
+                                 "detail": outcome.scope.detail}}
     finding = outcome.finding
     model = finding.model
     return {
@@ -122,6 +143,8 @@ def table_row(outcome: Outcome, file_width: int) -> str:
     file = str(outcome.path).ljust(file_width)
     if isinstance(outcome, Unreadable):
         return f"{file}  error: {outcome.error}"
+    if isinstance(outcome, NotAnalysed):
+        return f"{file}  not analysed: {outcome.scope.detail}"
     finding = outcome.finding
     shown, _ = probability_text(finding)
     best = max((box.score for box in finding.boxes), default=None)

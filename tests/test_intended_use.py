@@ -1,69 +1,210 @@
-"""The card's scope: regions with the counts behind their figures, the source
-population, the known failure modes, the test part's looks and the DICOM check."""
+"""The model speaks only where it was validated: a bundle's intended use (body parts,
+adults), derived at build from its training data, checked by the node and by predict
+before any verdict."""
 
 from __future__ import annotations
 
-from typing import Any
+import json
+import re
+import shutil
+from pathlib import Path
 
-from fractured.training.evaluation.classification import proportion
-from fractured.training.intended_use import FEW_FRACTURES, scope
-from fractured.training.model_card import model_card
+import pydicom
+import pytest
+from click.testing import CliRunner
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
+from fractured.cli import main
+from fractured.daemon.metrics import NodeMetrics
+from fractured.engine.bundle import MANIFEST_FILE, Bundle, BundleError
+from fractured.engine.intended_use import IntendedUse, ScopeReason, age_in_years
+from fractured.engine.pipeline import Pipeline
+from fractured.engine.regions import Region
+from fractured.training.datasets.base import Sample
+from fractured.training.intended_use import (
+    MIN_TRAINING_FRACTURES,
+    body_part_counts,
+    intended_use,
+)
+from tests import factory
+from tests.peers import NodeProcess, c_store_statuses, storescu, wait_for
 
-def _row(fractures: int, found: int, normals: int) -> dict[str, Any]:
-    point = {"sensitivity": proportion(found, fractures),
-             "specificity": proportion(normals // 2, normals),
-             "flagged": proportion(found, fractures + normals)}
-    return {"images": fractures + normals, "fractures": fractures, "normals": normals,
-            "points": "own", "roc_auc": None, "roc_auc_ci95": None,
-            "high_sensitivity": point, "high_specificity": point}
-
-
-def _manifest(fmt: str = "fracatlas", **held_out: Any) -> dict[str, Any]:
-    return {"name": "fractured", "version": "9.0.0", "trained": True,
-            "classifier": {"architecture": "a", "variant": "lite0", "input_size": 256,
-                           "labels": ["fracture"], "temperature": 1.0,
-                           "operating_points": {"high_sensitivity": 0.2,
-                                                "high_specificity": 0.7}},
-            "detector": None, "mean": [0.5] * 3, "std": [0.2] * 3,
-            "training": {"classifier": {"data": {"format": fmt}},
-                         "held_out": {"split": "test", "classification": {}, **held_out}}}
-
-
-def test_each_region_says_how_many_fractures_its_figures_rest_on() -> None:
-    node = {"gate": "likely", "validation_and_test": {"images": 500, "regions": {
-        "hand": _row(90, 84, 300), "hip": _row(3, 2, 40)}}}
-    text = "\n".join(scope(_manifest(node=node)))
-    assert "| hand | HAND, WRIST, FINGER, THUMB | 90 / 300 | sensitivity 0.93 (" in text
-    assert "| hip | HIP, PELVIS | 3 / 40 | little: too few fractures; sensitivity could " \
-           "be anywhere in 0.09-0.99 |" in text
-    assert "| shoulder | " in text and "none measured" in text  # no images of it
-    assert f"fewer than {FEW_FRACTURES} fractures" in text
-    assert "**Adults only.**" in text
-    assert "three hospitals in Bangladesh" in text and "**Growth plates**" in text
+LIMBS = IntendedUse.for_regions([Region.HAND, Region.LEG])
 
 
-def test_a_data_set_of_unknown_origin_says_nothing_is_known() -> None:
-    text = "\n".join(scope(_manifest(fmt="csv")))
-    assert "## Source population" not in text
-    assert "None recorded for `csv` data" in text
-    assert "none measured" in text  # no held-out assessment: no region is measured
+def header(body_part: str | None = "LEG", **attributes: str) -> Dataset:
+    ds = factory.xray(generate_uid())
+    if body_part is None:
+        del ds.BodyPartExamined
+    else:
+        ds.BodyPartExamined = body_part
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    return ds
 
 
-def test_the_card_counts_the_test_parts_looks_and_cites_the_dicom_check() -> None:
-    first = model_card(_manifest(test_looks_before=0), [])
-    assert "This was the first scoring of this test part." in first
-    manifest = _manifest(test_looks_before=19)
-    manifest["training"]["dicom_check"] = {
-        "bundle": "fractured-9.0.0", "part": "val", "images": 120, "tolerance": 0.05,
-        "tolerance_share": 0.95, "passed": True,
-        "variants": [{"variant": "windowed", "mean_abs_change": 0.003,
-                      "p95_abs_change": 0.013, "max_abs_change": 0.04,
-                      "within_tolerance": 1.0, "decisions_changed": 2}]}
-    card = model_card(manifest, [])
-    assert "had been scored 19 times before these figures" in card
-    assert "which this model meets" in card
-    assert "| windowed | 0.003 | 0.013 | 0.040 | 100 % | 2 |" in card
-    assert "## Where it may be used" in card
-    untrained = {**_manifest(), "trained": False}
-    assert "## Where it may be used" not in model_card(untrained, [])
+@pytest.mark.parametrize(("body_part", "analyse", "reason"), [
+    ("LEG", True, ScopeReason.IN_SCOPE),
+    ("wrist", True, ScopeReason.IN_SCOPE),  # case is folded
+    ("CHEST", False, ScopeReason.BODY_PART_OUTSIDE),
+    ("ELBOW", False, ScopeReason.BODY_PART_OUTSIDE),  # a known part of no region
+    ("SHOULDER", False, ScopeReason.BODY_PART_OUTSIDE),  # a region not intended
+    ("EXTREMITY", True, ScopeReason.UNKNOWN_BODY_PART),  # too general to decide
+    ("BEIN LINKS", True, ScopeReason.UNKNOWN_BODY_PART),  # free text
+    ("", True, ScopeReason.UNKNOWN_BODY_PART),
+    (None, True, ScopeReason.UNKNOWN_BODY_PART),
+])
+def test_the_body_part_decides_where_the_header_can(body_part: str | None, analyse: bool,
+                                                    reason: ScopeReason) -> None:
+    check = LIMBS.check(header(body_part))
+    assert (check.analyse, check.reason) == (analyse, reason)
+    if reason is ScopeReason.BODY_PART_OUTSIDE:
+        assert check.detail == f"body part {body_part} is outside the intended use"
+
+
+def test_a_child_is_not_analysed_and_the_age_is_not_said() -> None:
+    for attributes in ({"PatientAge": "012Y"}, {"PatientAge": "006M"},
+                       {"PatientAge": "", "PatientBirthDate": "20150301",
+                        "StudyDate": "20261124"}):
+        check = LIMBS.check(header(**attributes))
+        assert (check.analyse, check.reason) == (False, ScopeReason.UNDER_AGE)
+        assert check.detail == "patient younger than 18 years"  # never the age itself
+    assert LIMBS.check(header(PatientAge="018Y")).analyse
+    assert age_in_years(header(PatientAge="010W")) == pytest.approx(70 / 365.25)
+    # unreadable or missing ages decide nothing: the body part does
+    for attributes in ({"PatientAge": "12 years", "PatientBirthDate": ""},
+                       {"PatientBirthDate": "2015-03-01"},
+                       {"PatientBirthDate": "20300101"}):  # born after the study
+        assert age_in_years(header(**attributes)) is None
+
+
+def test_no_header_and_no_declaration_analyse_as_before(untrained_bundle: Path) -> None:
+    assert LIMBS.check(None).reason is ScopeReason.UNKNOWN_BODY_PART
+    pipeline = Pipeline(Bundle.load(untrained_bundle))
+    check = pipeline.scope(header("CHEST"))
+    assert (check.analyse, check.reason) == (True, ScopeReason.NOT_DECLARED)
+
+
+def test_an_operator_widens_the_use_explicitly() -> None:
+    wider = LIMBS.widened(["elbow", "fore arm", "LEG"])
+    assert wider.body_parts[-2:] == ("ELBOW", "FOREARM")
+    assert wider.check(header("ELBOW")).analyse
+    assert wider.body_parts.count("LEG") == 1
+
+
+def declared(bundle: Path, target: Path, use: object) -> Path:
+    """A copy of `bundle` whose manifest declares `use` (manifest.json is not among
+    the checksummed files)."""
+    shutil.copytree(bundle, target)
+    manifest = json.loads((target / MANIFEST_FILE).read_text())
+    manifest["intended_use"] = use
+    (target / MANIFEST_FILE).write_text(json.dumps(manifest))
+    return target
+
+
+def test_the_manifest_declares_it_and_a_bad_one_is_refused(untrained_bundle: Path,
+                                                         tmp_path: Path) -> None:
+    use = {"body_parts": ["HAND", "WRIST"], "min_age_years": 18}
+    bundle = Bundle.load(declared(untrained_bundle, tmp_path / "ok", use))
+    assert bundle.manifest.intended_use == IntendedUse(("HAND", "WRIST"), 18)
+    assert bundle.manifest.to_dict()["intended_use"] == use
+    assert "intended_use" not in Bundle.load(untrained_bundle).manifest.to_dict()
+    for i, (bad, message) in enumerate([
+            ({"body_parts": [], "min_age_years": 18}, "intended_use.body_parts"),
+            ({"body_parts": ["hand"], "min_age_years": 18}, "intended_use.body_parts"),
+            ({"body_parts": ["HAND"], "min_age_years": -1}, "intended_use.min_age_years"),
+            ({"body_parts": ["HAND"]}, "missing key 'intended_use.min_age_years'"),
+            ({"body_parts": ["HAND"], "min_age_years": 18, "views": []},
+             "unknown key(s) 'intended_use.views'")]):
+        with pytest.raises(BundleError, match=re.escape(message)):
+            Bundle.load(declared(untrained_bundle, tmp_path / f"bad{i}", bad))
+
+
+def test_build_takes_the_regions_with_enough_training_fractures() -> None:
+    samples = ([Sample(Path(f"h{i}.png"), int(i < 30), body_part="hand") for i in range(80)]
+               + [Sample(Path(f"s{i}.png"), int(i < 6), body_part="shoulder")
+                  for i in range(50)]
+               + [Sample(Path(f"m{i}.png"), 1, body_part="mixed") for i in range(40)])
+    counts = body_part_counts(samples)
+    assert counts["hand"] == {"images": 80, "fractures": 30}
+    use = intended_use({"body_parts": counts})
+    assert use == IntendedUse.for_regions([Region.HAND])  # 6 shoulder fractures < 20
+    assert "WRIST" in use.body_parts and "SHOULDER" not in use.body_parts
+    few = {"hand": {"images": 40, "fractures": MIN_TRAINING_FRACTURES - 1}}
+    assert intended_use({"body_parts": few}) is None
+    # a checkpoint without the record, whose data cannot be read again: none, logged
+    assert intended_use({"dataset": "/nowhere", "split": "/nowhere"}) is None
+
+
+def test_the_scope_metric_starts_every_reason_at_zero() -> None:
+    metrics = NodeMetrics()
+    metrics.scope_checked(ScopeReason.BODY_PART_OUTSIDE)
+    value = metrics.registry.get_sample_value
+    assert value("fractured_images_scope_checked_total", {"reason": "body_part_outside"}) == 1
+    assert value("fractured_images_scope_checked_total", {"reason": "under_age"}) == 0
+
+
+def test_predict_gives_no_verdict_outside_and_says_why(untrained_bundle: Path,
+                                                       tmp_path: Path) -> None:
+    bundle = declared(untrained_bundle, tmp_path / "limbs",
+                      {"body_parts": ["LEG"], "min_age_years": 18})
+    files = []
+    for name, ds in (("leg", header("LEG")), ("chest", header("CHEST")),
+                     ("child", header("LEG", PatientAge="009Y"))):
+        ds.save_as(tmp_path / f"{name}.dcm", enforce_file_format=True)
+        files.append(str(tmp_path / f"{name}.dcm"))
+    result = CliRunner().invoke(main, ["predict", *files, "--bundle", str(bundle), "--json"])
+    assert result.exit_code == 0, result.output  # not analysed is no error
+    leg, chest, child = (json.loads(line) for line in result.stdout.splitlines())
+    assert "probability" in leg
+    assert chest == {"file": files[1], "not_analysed": {
+        "reason": "body_part_outside",
+        "detail": "body part CHEST is outside the intended use"}}
+    assert child["not_analysed"]["reason"] == "under_age" and "probability" not in child
+    table = CliRunner().invoke(main, ["predict", files[1], "--bundle", str(bundle)])
+    assert "not analysed: body part CHEST is outside the intended use" in table.output
+
+
+@pytest.mark.peers
+def test_the_node_speaks_only_inside_the_intended_use(untrained_bundle: Path,
+                                                      tmp_path: Path) -> None:
+    bundle = declared(untrained_bundle, tmp_path / "limbs",
+                      {"body_parts": ["LEG"], "min_age_years": 18})
+    node = NodeProcess(tmp_path / "node", bundle, []).start()
+    try:
+        leg, chest = factory.dx_study(2)
+        chest.BodyPartExamined = "CHEST"
+        child = factory.xray(generate_uid(), patient_id="TEST-0002")
+        child.PatientAge = "007Y"
+        files = []
+        for name, ds in (("leg", leg), ("chest", chest), ("child", child)):
+            ds.save_as(tmp_path / f"{name}.dcm", enforce_file_format=True)
+            files.append(tmp_path / f"{name}.dcm")
+        proc = storescu(node.port, files)
+        assert c_store_statuses(proc.stdout + proc.stderr) == [0, 0, 0]
+        rows = wait_for("both studies to be settled", lambda: (lambda r: r if len(r) == 2 and all(
+            s["state"] in ("done", "skipped") for s in r.values()) else None)(
+            {s["study_instance_uid"]: s for s in node.status()["study_list"]}), 60)
+        assert rows[str(leg.StudyInstanceUID)]["state"] == "done"
+        skipped = rows[str(child.StudyInstanceUID)]
+        assert skipped["state"] == "skipped"
+        assert skipped["reason"] == ("no image to analyse: 1 outside the intended use "
+                                     "(patient younger than 18 years)")
+        events = {e["sop_instance_uid"]: e for e in node.events("image.skipped")}
+        assert events[str(chest.SOPInstanceUID)]["scope"] == "body_part_outside"
+        assert "007" not in json.dumps(events[str(child.SOPInstanceUID)])
+        processed = node.events("study.processed")
+        assert [e["images"] for e in processed] == [1]  # the leg alone
+        assert node.events("model.intended_use")[0]["body_parts"] == ["LEG"]
+        # the leg's SR says the chest beside it was not analysed, and why
+        reports = [pydicom.dcmread(p) for p in (node.folder / "spool").rglob("*.dcm")
+                   if pydicom.dcmread(p, stop_before_pixels=True).Modality == "SR"]
+        assert len(reports) == 1 and reports[0].CompletionFlag == "PARTIAL"
+        summary = next(item.TextValue for item in reports[0].ContentSequence
+                       if item.ValueType == "TEXT"
+                       and item.ConceptNameCodeSequence[0].CodeMeaning == "Summary")
+        assert summary.endswith("Not analysed, outside the model's intended use: 1 image(s) "
+                                "(body part CHEST is outside the intended use).")
+    finally:
+        node.stop()

@@ -45,7 +45,7 @@ from fractured.engine.regions import POOLED, PointsRegion, Region
 from fractured.results import codes
 from fractured.results.header import header_repairs
 from fractured.results.overlay import _verdict_text, make_overlay, render_overlay
-from fractured.results.sr import make_sr
+from fractured.results.sr import make_sr, summary_text
 from tests.factory import SHARED_DICOM, dx_study, real_file
 from tests.peers import dciodvfy
 
@@ -257,6 +257,24 @@ def test_sr_for_real_file(tmp_path: Path, name: str, model: ModelInfo) -> None:
                  device_uid=device_uid)
     validate(sr, tmp_path / "sr.dcm")
     check_sr(tmp_path / "sr.dcm", findings, [source], device_uid)
+
+
+def test_sr_names_the_images_outside_the_intended_use_and_is_partial(tmp_path: Path) -> None:
+    sources = dx_study(1)
+    findings = [finding_for(sources[0], 0.7, TRAINED)]
+    outside = ["body part CHEST is outside the intended use"] * 2
+    sr = make_sr(findings, sources, series_instance_uid=hd.UID(), series_number=901,
+                 device_uid=hd.UID(), not_analysed=outside)
+    back = validate(sr, tmp_path / "sr.dcm")
+    assert back.CompletionFlag == "PARTIAL"
+    summary = next(item.TextValue for item in back.ContentSequence
+                   if item.ValueType == "TEXT"
+                   and item.ConceptNameCodeSequence[0].CodeMeaning == "Summary")
+    assert summary.endswith("Not analysed, outside the model's intended use: 2 image(s) "
+                            "(body part CHEST is outside the intended use).")
+    whole = make_sr(findings, sources, series_instance_uid=hd.UID(), series_number=901,
+                    device_uid=hd.UID())
+    assert whole.CompletionFlag == "COMPLETE" and "Not analysed" not in summary_text(findings)
 
 
 def test_sr_refuses_what_it_cannot_report() -> None:

@@ -462,6 +462,10 @@ def test_smoke_run_writes_settings_split_and_calibrated_checkpoints(smoke_run) -
     assert split["samples"] == 32  # on disk, reused by resume and evaluate
     assert set(split_parts(run).values()) == {"train", "val", "test"}
     classifier = checkpoint.load(run / "classifier" / checkpoint.BEST, "classifier")
+    # the training part's body parts (none in a YOLO set): build-engine's intended use
+    parts = classifier["provenance"]["body_parts"]
+    assert list(parts) == [""] and parts[""]["images"] == sum(
+        part == "train" for part in split_parts(run).values())
     calibration = classifier["calibration"]
     assert calibration["temperature"] > 0
     points = calibration["operating_points"]
@@ -617,6 +621,9 @@ def test_build_engine_carries_the_held_out_evaluation_and_notes_into_the_card(
                                   "--float16-weights"])
     assert result.exit_code == 0, result.output
     manifest = Bundle.load(out).manifest
+    # no body part in the training data: no region to intend, so none is declared
+    assert manifest.intended_use is None
+    assert manifest.training["classifier"]["data"]["body_parts"][""]["images"] > 0
     # float16 storage: an ONNX-only bundle whose large weights are float16 on disk
     assert manifest.backends == ("onnxruntime",)
     assert not (out / CLASSIFIER_WEIGHTS).exists() and not (out / DETECTOR_WEIGHTS).exists()

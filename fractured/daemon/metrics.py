@@ -21,6 +21,7 @@ from fractured import log
 from fractured.daemon.active_model import ActiveModel
 from fractured.daemon.queue import DeliveryState, Queue, StudyState
 from fractured.engine.findings import ModelInfo
+from fractured.engine.intended_use import ScopeReason
 
 #: How an established association ended (audit.AssociationAudit), or that it was refused.
 ASSOCIATION_OUTCOMES = ("released", "aborted", "connection_closed", "rejected")
@@ -77,10 +78,16 @@ class NodeMetrics:
         self._deliveries = Counter(
             "fractured_delivery_attempts", "Attempts to deliver a result object, by outcome.",
             ["outcome"], registry=r)
+        self._scope = Counter(
+            "fractured_images_scope_checked",
+            "Images checked against the model's intended use, by outcome (analysed: "
+            "in_scope, not_declared, unknown_body_part; not: body_part_outside, under_age).",
+            ["reason"], registry=r)
         # Known outcomes start at 0, so a rate over them exists before the first event.
         for counter, outcomes in ((self._associations, ASSOCIATION_OUTCOMES),
                                   (self._received, RECEIVED_OUTCOMES),
-                                  (self._deliveries, DELIVERY_OUTCOMES)):
+                                  (self._deliveries, DELIVERY_OUTCOMES),
+                                  (self._scope, tuple(ScopeReason))):
             for outcome in outcomes:
                 counter.labels(outcome)
 
@@ -111,6 +118,9 @@ class NodeMetrics:
         per_image = self._image_seconds.labels(*labels)
         for _ in range(images):
             per_image.observe(seconds / images)
+
+    def scope_checked(self, reason: ScopeReason) -> None:
+        self._scope.labels(str(reason)).inc()
 
     def delivery_attempt(self, outcome: str) -> None:
         self._deliveries.labels(outcome).inc()

@@ -42,7 +42,8 @@ class Node:
         engine = settings.engine
         self.model = ActiveModel(engine.bundle, lambda bundle: Pipeline(
             bundle, backend=engine.backend, max_batch=engine.max_batch,
-            threads=engine.threads or None, tta=engine.tta, boxes=engine.boxes))
+            threads=engine.threads or None, tta=engine.tta, boxes=engine.boxes,
+            extra_body_parts=engine.extra_body_parts))
         self.metrics = NodeMetrics()
         self.metrics.watch(self.queue, self.model)
         self.worker = Worker(settings, self.queue, self.model, self.metrics)
@@ -102,6 +103,14 @@ class Node:
         if not model.trained:
             _log.warning("model.untrained", model=model.label,
                          detail="results are marked UNTRAINED MODEL and mean nothing")
+        intended = pipeline.intended_use
+        _log.info("model.intended_use", model=model.label,
+                  body_parts=list(intended.body_parts) if intended else None,
+                  min_age_years=intended.min_age_years if intended else None)
+        if self.settings.engine.extra_body_parts:
+            _log.warning("scope.widened", body_parts=self.settings.engine.extra_body_parts,
+                         detail="[engine].extra_body_parts: the model speaks on body "
+                         "parts it was not validated on")
         self.notifier.ready(f"serving as {self.settings.node.ae_title} on "
                             f"{self.settings.node.host}:{self.settings.node.port}, "
                             f"model {model.label} ({pipeline.backend_name})")

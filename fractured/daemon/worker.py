@@ -26,6 +26,7 @@ from fractured.daemon.routing import Router, skipped_reason
 from fractured.daemon.shadow import record as record_shadow
 from fractured.durable import write_durably
 from fractured.engine.findings import Finding
+from fractured.engine.intended_use import ScopeReason
 from fractured.engine.preprocess import DecodeError, display_pixels, read_dataset
 from fractured.engine.sources import image_ref
 from fractured.results.header import header_repairs
@@ -84,8 +85,12 @@ class Worker:
 
     def _process(self, claim: ClaimedStudy, log_ctx: dict[str, object]) -> None:
         started = time.monotonic()
+        # One model for the whole study, even if a roll-out happens meanwhile; its
+        # intended use decides which images it may speak about.
+        pipeline = self.model.current()
         sources: list[tuple[Dataset, np.ndarray]] = []
         outcomes: list[str] = []  # why images were not analysed
+        outside: list[str] = []  # of those, the intended use's reasons, for the SR
         for instance in claim.instances:
             sop_uid, path = instance.sop_instance_uid, instance.path
             decision = self.router.decide(instance)
@@ -96,6 +101,17 @@ class Worker:
                 continue
             try:
                 ds = read_dataset(path)
+                scope = pipeline.scope(ds)
+                self.metrics.scope_checked(scope.reason)
+                if not scope.analyse:
+                    _log.info("image.skipped", reason="intended_use", scope=str(scope.reason),
+                              detail=scope.detail, sop_instance_uid=sop_uid, **log_ctx)
+                    outcomes.append(f"outside the intended use ({scope.detail})")
+                    outside.append(scope.detail)
+                    continue
+                if scope.reason is ScopeReason.UNKNOWN_BODY_PART:
+                    _log.info("image.scope_unknown", detail=scope.detail,
+                              sop_instance_uid=sop_uid, **log_ctx)
                 sources.append((ds, display_pixels(ds, path.name)))
             except DecodeError as exc:
                 _log.warning("image.skipped", reason="undecodable", error=str(exc),
@@ -113,8 +129,6 @@ class Worker:
             _log.info("study.skipped", state=str(state), **log_ctx)
             return
 
-        # One model for the whole study, even if a roll-out happens meanwhile.
-        pipeline = self.model.current()
         inference_started = time.monotonic()
         datasets = [ds for ds, _ in sources]
         findings = pipeline.run([(image_ref(ds), pixels) for ds, pixels in sources], datasets)
@@ -122,7 +136,7 @@ class Worker:
                                time.monotonic() - inference_started)
         sr = make_sr(findings, datasets, series_instance_uid=generate_uid(),
                      series_number=SR_SERIES_NUMBER, device_uid=self.device_uid,
-                     predecessors=self._earlier_report(claim))
+                     predecessors=self._earlier_report(claim), not_analysed=outside)
         overlay_series = generate_uid()
         overlays = [
             make_overlay(finding, ds, series_instance_uid=overlay_series,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import shutil
 import tempfile
 import types
@@ -26,6 +27,7 @@ import numpy as np
 from fractured.durable import fsync_path
 from fractured.engine.exposed_field import CROPS, NO_CROP
 from fractured.engine.findings import ModelInfo, OperatingPoints
+from fractured.engine.intended_use import IntendedUse
 from fractured.engine.regions import POOLED, PointsRegion, Region
 
 SCHEMA_VERSION = 2
@@ -220,6 +222,9 @@ class Manifest:
     #: absent in bundles built before the crop (and in those trained without it): the
     #: image is letterboxed whole
     preprocessing: Preprocessing | None = field(default=None, metadata=OMIT_IF_NONE)
+    #: the body parts and ages the model may analyse (engine.intended_use); absent in
+    #: bundles built before it, whose every image is analysed
+    intended_use: IntendedUse | None = field(default=None, metadata=OMIT_IF_NONE)
 
     @property
     def crop(self) -> str:
@@ -251,6 +256,8 @@ class Manifest:
             tensorrt=_plan_target(top.table("tensorrt")) if "tensorrt" in data else None,
             preprocessing=(_preprocessing(top.table("preprocessing"))
                            if "preprocessing" in data else None),
+            intended_use=(_intended_use(top.table("intended_use"))
+                          if "intended_use" in data else None),
         )
         top.done()
         if manifest.classifier.fusion is not None and manifest.detector is None:
@@ -347,6 +354,12 @@ def _preprocessing(r: _Reader) -> Preprocessing:
     preprocessing = Preprocessing(crop=r.choice("crop", CROPS))
     r.done()
     return preprocessing
+
+
+def _intended_use(r: _Reader) -> IntendedUse:
+    intended = IntendedUse(r.terms("body_parts"), r.count("min_age_years"))
+    r.done()
+    return intended
 
 
 def _plan_target(r: _Reader) -> Mapping[str, str]:
@@ -461,6 +474,14 @@ class _Reader:
             raise self.fail(key, "must be a non-empty list of strings")
         if FRACTURE_LABEL not in value:
             raise self.fail(key, f"must include {FRACTURE_LABEL!r}")
+        return tuple(value)
+
+    def terms(self, key: str) -> tuple[str, ...]:
+        value = self._get(key)
+        if not (isinstance(value, list) and value and all(
+                isinstance(term, str) and re.fullmatch(r"[A-Z0-9_]+", term) for term in value)):
+            raise self.fail(key, "must be a non-empty list of Body Part Examined terms "
+                            "(upper case letters, digits, underscores)")
         return tuple(value)
 
     def choices(self, key: str, allowed: tuple[str, ...]) -> tuple[str, ...]:

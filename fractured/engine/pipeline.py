@@ -20,6 +20,7 @@ from fractured.engine.backends import Device, Engines, open_engines
 from fractured.engine.bundle import FRACTURE_LABEL, Bundle
 from fractured.engine.exposed_field import Field, field_for
 from fractured.engine.findings import Box, DecisionLevel, Finding, ImageRef, ModelInfo
+from fractured.engine.intended_use import NOT_DECLARED_CHECK, IntendedUse, ScopeCheck
 from fractured.engine.preprocess import Letterbox, letterbox, to_model_input
 from fractured.engine.regions import dataset_region
 
@@ -50,12 +51,15 @@ class Pipeline:
     boxes are reported; `device` places the torch backend ("auto": a CUDA GPU if torch
     sees one). A bundle whose `preprocessing.crop` is "exposed_field" sees each image
     cropped to its exposed field, found from the DICOM `datasets` given beside the images
-    (shutter and collimator attributes) or else from the pixels.
+    (shutter and collimator attributes) or else from the pixels. `scope` checks an image
+    against the bundle's intended use, widened by `extra_body_parts` (an operator's
+    explicit choice), before anything is run on it.
     """
 
     def __init__(self, bundle: Bundle, backend: str = "auto", max_batch: int = 8,
                  threads: int | None = None, *, tta: bool = False,
-                 boxes: str = "likely", device: Device = "auto") -> None:
+                 boxes: str = "likely", device: Device = "auto",
+                 extra_body_parts: Sequence[str] = ()) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         if boxes not in BOX_GATES:
@@ -66,6 +70,17 @@ class Pipeline:
         self.box_levels = BOX_GATES[boxes]
         self.engines: Engines = open_engines(bundle, backend, threads=threads, device=device)
         self._fracture = bundle.manifest.classifier.labels.index(FRACTURE_LABEL)
+        declared = bundle.manifest.intended_use
+        self.intended_use: IntendedUse | None = (
+            declared.widened(extra_body_parts) if declared is not None else None)
+
+    def scope(self, dataset: Dataset | None) -> ScopeCheck:
+        """Whether an image (its DICOM header; None for a PNG or JPEG) is inside what
+        this bundle may analyse (engine.intended_use); every image is, for a bundle that
+        declares nothing."""
+        if self.intended_use is None:
+            return NOT_DECLARED_CHECK
+        return self.intended_use.check(dataset)
 
     @property
     def backend_name(self) -> str:

@@ -14,6 +14,7 @@ text item says it all in words for viewers that show only text.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 
 import highdicom as hd
@@ -36,6 +37,7 @@ def make_sr(
     instance_number: int = 1,
     device_uid: str,
     predecessors: Sequence[Dataset] = (),
+    not_analysed: Sequence[str] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """Build the study's SR: one measurement group per finding, in the sources' study.
 
@@ -45,7 +47,10 @@ def make_sr(
     identifies this node as the observer device (it should stay the same across runs).
     `predecessors` are this study's earlier SRs that this one supersedes (a study analysed
     again after a late image): they go into the Predecessor Documents Sequence, so a
-    viewer can tell the current report from the replaced one.
+    viewer can tell the current report from the replaced one. `not_analysed` says why
+    each image of the study left out was (outside the model's intended use, e.g. "body
+    part CHEST is outside the intended use"): the summary names them and the report is
+    then marked partial, since it does not cover every image.
 
     Raises ValueError when there are no findings, the sources span several studies, a
     finding's image is not among the sources, or the findings come from several models.
@@ -87,7 +92,7 @@ def make_sr(
         title=codes.REPORT_TITLE,
     )
     report[0].ContentSequence.append(hd.sr.TextContentItem(
-        name=codes.SUMMARY, value=summary_text(findings),
+        name=codes.SUMMARY, value=summary_text(findings, not_analysed),
         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
     header = study_header(sources[0])
     sr = hd.sr.Comprehensive3DSR(
@@ -102,9 +107,9 @@ def make_sr(
         manufacturer_model_name=codes.MANUFACTURER_MODEL_NAME,
         software_versions=codes.SOFTWARE_VERSION,
         series_description=codes.series_description("AI fracture SR", model),
-        # Every image of the study was assessed: the report is complete, but it is the
-        # output of an algorithm that nobody has verified, hence not final.
-        is_complete=True,
+        # Complete where every image was assessed (partial when some were outside the
+        # intended use); never final: the output of an algorithm nobody has verified.
+        is_complete=not not_analysed,
         coding_schemes=[codes.coding_scheme()],
         previous_versions=list(predecessors) or None,
         contributing_equipment=[codes.model_equipment(model)],
@@ -181,8 +186,9 @@ def _box_group(finding: Finding, box: Box, source: Dataset, number: int,
     return group
 
 
-def summary_text(findings: Sequence[Finding]) -> str:
-    """The report in one paragraph, for viewers that show only text."""
+def summary_text(findings: Sequence[Finding], not_analysed: Sequence[str] = ()) -> str:
+    """The report in one paragraph, for viewers that show only text; images left out
+    are counted by reason, after the verdicts."""
     model = findings[0].model
     lines = [f"{codes.DISCLAIMER}. Model {model.name} {model.version}."]
     if not model.trained:
@@ -196,6 +202,9 @@ def summary_text(findings: Sequence[Finding]) -> str:
                  if finding.operating_region is not None else "")
         lines.append(f"Image {number}: {verdict} (probability {finding.probability:.2f}"
                      f"{boxes}{whose}).")
+    for reason, count in Counter(not_analysed).items():
+        lines.append(f"Not analysed, outside the model's intended use: {count} image(s) "
+                     f"({reason}).")
     return " ".join(lines)
 
 

@@ -35,6 +35,7 @@ from fractured.engine.bundle import (
     write_bundle,
 )
 from fractured.engine.exposed_field import NO_CROP
+from fractured.engine.intended_use import IntendedUse
 from fractured.engine.models import (
     INPUT_SIZES,
     FractureClassifier,
@@ -62,6 +63,7 @@ from fractured.training.export import (
     synthetic_images,
 )
 from fractured.training.fusion import FusionResult
+from fractured.training.intended_use import intended_use
 from fractured.training.model_card import dataset_credits, model_card
 from fractured.training.quantize import QuantizationResult
 from fractured.training.tensorrt import add_plans
@@ -210,7 +212,7 @@ def build_bundle(checkpoints: Sequence[Path], out_dir: Path, *, name: str,
             name, version, trained=True, mean=part.mean, std=part.std,
             classifier=part.entry, detector=detector_spec, training=jsonable(training),
             backends=["onnxruntime"] if onnx_only else ["onnxruntime", "torch"],
-            crop=part.crop)
+            crop=part.crop, intended_use=part.intended_use)
         add_plans(manifest, files, Path(scratch), required=tensorrt)
         log.info("build.step", step="write manifest, model card and checksums")
         card = Path(scratch) / MODEL_CARD_FILE
@@ -333,7 +335,8 @@ def _derived_bundle(source: Bundle, out_dir: Path, *, name: str | None, version:
                                      {**raw["classifier"], **classifier}.items()
                                      if value is not None},
                          detector=raw["detector"], training=jsonable(training),
-                         backends=backends or raw["backends"], crop=source.manifest.crop)
+                         backends=backends or raw["backends"], crop=source.manifest.crop,
+                         intended_use=raw.get("intended_use"))
     dataset = (training.get("classifier", {}).get("data") or {}).get("dataset")
     with tempfile.TemporaryDirectory(prefix="fractured-build-") as scratch:
         card = Path(scratch) / MODEL_CARD_FILE
@@ -356,6 +359,7 @@ class _ClassifierPart:
     std: Sequence[float]
     dataset: Path | None  # whose credits the model card gives
     crop: str  # what the classifier was trained on (exposed_field.CROPS)
+    intended_use: dict[str, Any] | None  # the manifest's "intended_use", if any
     held_out: dict[str, Any] | None = None  # a reused classifier's held-out scores
 
 
@@ -399,7 +403,7 @@ def _built_classifier(path: Path, state: dict[str, Any], scratch: Path, *,
         files=files, training=_training_summary(path, state), mean=spec["mean"],
         std=spec["std"],
         dataset=Path(provenance["dataset"]) if provenance.get("dataset") else None,
-        crop=trained_crop(spec))
+        crop=trained_crop(spec), intended_use=_plain_use(intended_use(provenance)))
 
 
 def _reused_classifier(bundle: Bundle) -> _ClassifierPart:
@@ -423,7 +427,8 @@ def _reused_classifier(bundle: Bundle) -> _ClassifierPart:
         training={**training.get("classifier", {}),
                   "from_bundle": f"{raw['name']}-{raw['version']}"},
         mean=raw["mean"], std=raw["std"], dataset=Path(dataset) if dataset else None,
-        crop=bundle.manifest.crop, held_out=training.get("held_out"))
+        crop=bundle.manifest.crop, intended_use=raw.get("intended_use"),
+        held_out=training.get("held_out"))
 
 
 _BOX_SCORES = ("detection", "detection_report")  # a held-out summary's detector part
@@ -461,7 +466,9 @@ def _reused_detector(bundle: Bundle, classifier: _ClassifierPart) -> _DetectorPa
                          f"{list(classifier.mean)} / {list(classifier.std)}")
     training = raw.get("training") or {}
     summary = training.get("detector") or {}
-    theirs, ours = summary.get("data"), classifier.training.get("data")
+    # the training part's body parts follow from the rest (records before them lack them)
+    theirs, ours = ({key: value for key, value in (data or {}).items() if key != "body_parts"}
+                    for data in (summary.get("data"), classifier.training.get("data")))
     if theirs != ours:
         raise BuildError(f"{bundle.path}: its detector was trained on other data or another "
                          f"split ({theirs}) than this classifier ({ours})")
@@ -478,16 +485,23 @@ def _manifest(name: str, version: str, *, trained: bool, mean: Sequence[float],
               std: Sequence[float], classifier: dict[str, Any],
               detector: dict[str, Any] | None, training: dict[str, Any],
               backends: Sequence[str] = ("onnxruntime", "torch"),
-              crop: str = NO_CROP) -> dict[str, Any]:
+              crop: str = NO_CROP,
+              intended_use: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every manifest key but `files` (write_bundle adds the checksums); the ONNX graphs
     are always in the bundle, the torch weights where `backends` has torch. A crop
     other than "none" is written as `preprocessing`; without one the manifest reads as
-    those of bundles built before crops existed."""
+    those of bundles built before crops existed; so does one without an intended use."""
     return {"schema_version": SCHEMA_VERSION, "name": name, "version": version,
             "created": datetime.now(UTC).isoformat(timespec="seconds"), "trained": trained,
             "mean": list(mean), "std": list(std), "classifier": classifier,
             "detector": detector, "backends": list(backends), "training": training,
-            **({"preprocessing": {"crop": crop}} if crop != NO_CROP else {})}
+            **({"preprocessing": {"crop": crop}} if crop != NO_CROP else {}),
+            **({"intended_use": intended_use} if intended_use is not None else {})}
+
+
+def _plain_use(use: IntendedUse | None) -> dict[str, Any] | None:
+    return None if use is None else {"body_parts": list(use.body_parts),
+                                     "min_age_years": use.min_age_years}
 
 
 def _trained_states(paths: Sequence[Path], *, classifier_required: bool = True,
@@ -674,6 +688,7 @@ def _training_summary(path: Path, state: dict[str, Any]) -> dict[str, Any]:
         "logit_shift": state["calibration"].get("logit_shift", 0.0),
         "data": {key: provenance.get(key) for key in (
             "dataset", "format", "images", "train_images", "train_positive",
-            "val_images", "val_positive")} | {"unreadable": len(provenance.get("unreadable", ()))},
+            "val_images", "val_positive", "body_parts")}
+        | {"unreadable": len(provenance.get("unreadable", ()))},
         "settings": settings,
     }

@@ -1,110 +1,77 @@
-"""The model card's scope: where a bundle may be used, on whom, and where it fails.
+"""The intended use `fractured build-engine` writes into a bundle, from its training data.
 
-A hospital's AI governance committee approves a model for some images and not others.
-The card says which: the body regions and views its data had, with how many fractures
-each region's figures rest on (a region with a handful cannot show that the model
-works there, whatever its point estimate), the population the data came from, the
-images it never saw (children, other projections) and the failure modes known from
-its data. The counts come from the bundle's own held-out assessment
-(`node_assessment`), so they are those of the figures beside them.
+A model may speak for a body region only where its training data held enough fractures
+of it to learn what one looks like there: FracAtlas's training part has hundreds of
+hand and leg fractures but six of the hip and six of the shoulder, and its validation
+and test parts one of each, so nothing could show that the model finds fractures
+there. The regions with at least MIN_TRAINING_FRACTURES fractures in the classifier's
+training part become the bundle's intended use (every Body Part Examined term
+engine.regions maps to them), adults only; an operator may widen it on the node
+([engine].extra_body_parts), explicitly and logged.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from fractured.engine.regions import BODY_PART_REGIONS, Region
+import structlog
 
-#: Below this many fractures among the validation and test images, a region's figures
-#: are called too few to show anything (the calibration's default for points of its own).
-FEW_FRACTURES = 20
+from fractured.engine.intended_use import IntendedUse
+from fractured.engine.regions import Region, region_of
+from fractured.training.datasets import open_dataset
+from fractured.training.datasets.base import Sample
+from fractured.training.splits import load_split
 
-#: What is known of a data set format's source population, from its publication.
-SOURCE_POPULATIONS: Mapping[str, str] = {
-    "fracatlas": (
-        "FracAtlas (Abedeen et al., Scientific Data 10, 521, 2023): 4,083 musculoskeletal "
-        "radiographs from three hospitals in Bangladesh, labelled and boxed by two "
-        "radiologists and an orthopaedist; 3,268 of them are the project's development "
-        "part, exported as JPEG with the long side at most 1,024 px. The publication gives "
-        "no ages, sexes, equipment or acquisition settings, and no patient identifiers."),
-}
+log = structlog.get_logger()
 
-#: Failure modes known from a format's data, each a (title, what happens) pair.
-FAILURE_MODES: Mapping[str, tuple[tuple[str, str], ...]] = {
-    "fracatlas": (
-        ("Hands and wrists", "small bones, many joints and subtle fractures: the weakest "
-         "region on every model the project has trained (see the region table)."),
-        ("Orthopaedic hardware", "plates, screws and nails appear almost only on fractured "
-         "images, so the model can score metal rather than a fracture; an operated "
-         "limb's probability says little about a new fracture."),
-        ("Casts and splints", "not labelled in the data; plaster changes the contrast "
-         "over the bone and may hide or mimic a fracture line."),
-        ("Growth plates", "the data's ages are unknown and the intended use is adults: an "
-         "open physis can look like a fracture line to the model."),
-        ("Projections and anatomy not in the data", "skull, spine, chest, ribs and "
-         "abdomen were not trained on; the node still scores them, with the pooled "
-         "points, and the number means nothing there."),
-        ("Acquisition the data lacks", "trained on 8-bit JPEG exports; the node reads "
-         "12-16-bit DICOM with its own windowing, collimation and shutters. The DICOM "
-         "check (where this card has one) measures how far that moves the probability."),
-    ),
-}
+#: Fractures of a region the training part must hold for the region to be intended.
+MIN_TRAINING_FRACTURES = 20
 
 
-def scope(manifest: Mapping[str, Any]) -> list[str]:
-    """The card's "Where it may be used", "Source population" and "Known failure modes"
-    sections for a trained bundle."""
-    training = manifest.get("training") or {}
-    data = (training.get("classifier") or {}).get("data") or {}
-    fmt = data.get("format")
-    held_out = training.get("held_out") or {}
-    node = held_out.get("node") or {}
-    regions = (node.get("validation_and_test") or node.get("test") or {}).get("regions") or {}
-    lines = ["## Where it may be used", "",
-             "- **Adults only.** Not validated on children: growth plates and paediatric "
-             "fracture patterns were not measured.",
-             "- **Radiographs (CR, DX) of the regions below**, in the views the training "
-             "data had (frontal, lateral and oblique). The node takes the region from the "
-             "image's Body Part Examined; an image of any other part, or without one, is "
-             "still scored, with the pooled operating points, and its result is outside "
-             "the intended use."]
-    lines += ["", "| Region | Body Part Examined terms | Fractures / normals behind the "
-              "figures | What the figures can show |", "| --- | --- | --- | --- |"]
-    for region in Region:
-        terms = ", ".join(t for t, r in BODY_PART_REGIONS.items() if r is region)
-        row = regions.get(region.value)
-        if row is None:
-            lines.append(f"| {region.value} | {terms} | none measured | nothing: no "
-                         "held-out images of this region |")
-            continue
-        lines.append(f"| {region.value} | {terms} | {row['fractures']} / {row['normals']} "
-                     f"| {_strength(row)} |")
-    if regions:
-        lines += ["", "Counts are the validation and test images of the held-out "
-                  "assessment below. A region with fewer than "
-                  f"{FEW_FRACTURES} fractures gets the pooled operating points, and its "
-                  "sensitivity interval is too wide to say the model finds fractures "
-                  "there: a flag is weak evidence and no flag is no evidence of no "
-                  "fracture."]
-    lines.append("")
-    if fmt in SOURCE_POPULATIONS:
-        lines += ["## Source population", "", SOURCE_POPULATIONS[fmt], ""]
-    lines += ["## Known failure modes", ""]
-    lines += [f"- **{title}**: {text}" for title, text in FAILURE_MODES.get(fmt, ())]
-    if fmt not in FAILURE_MODES:
-        lines.append(f"- None recorded for `{fmt}` data: measure the model on local images "
-                     "(`fractured evaluate RUN --dataset LOCAL_DATA`) before relying on it.")
-    return [*lines, ""]
+def body_part_counts(samples: Sequence[Sample]) -> dict[str, dict[str, int]]:
+    """{body part label: {images, fractures}} of a split part, as a checkpoint records
+    it ("" for images without a body part)."""
+    images = Counter(sample.body_part for sample in samples)
+    fractures = Counter(sample.body_part for sample in samples if sample.label)
+    return {part: {"images": images[part], "fractures": fractures[part]}
+            for part in sorted(images)}
 
 
-def _strength(row: Mapping[str, Any]) -> str:
-    """What a region's numbers can support, from its fracture count and sensitivity."""
-    sensitivity = row["high_sensitivity"]["sensitivity"]
-    if row["fractures"] < FEW_FRACTURES:
-        interval = sensitivity.get("interval")
-        spans = (f"; sensitivity could be anywhere in {interval[0]:.2f}-{interval[1]:.2f}"
-                 if interval else "")
-        return f"little: too few fractures{spans}"
-    low, high = sensitivity["interval"]
-    return f"sensitivity {sensitivity['rate']:.2f} ({low:.2f}-{high:.2f}) at *possible*"
+def intended_use(provenance: Mapping[str, Any]) -> IntendedUse | None:
+    """The intended use of a model whose checkpoint records `provenance`: from its
+    training part's body parts (recorded, or else read again from its data set and
+    split); None where neither can be read or no region has enough fractures, which
+    build-engine logs (the node then analyses every image, as before intended uses)."""
+    counts = provenance.get("body_parts")
+    if counts is None:
+        counts = _counted_again(provenance)
+    if counts is None:
+        return None
+    fractures: Counter[Region] = Counter()
+    for part, count in counts.items():
+        region = region_of(part)
+        if region is not None:
+            fractures[region] += int(count["fractures"])
+    regions = [region for region, n in fractures.items() if n >= MIN_TRAINING_FRACTURES]
+    if not regions:
+        log.warning("build.no_intended_use", reason="no body region has "
+                    f"{MIN_TRAINING_FRACTURES} training fractures",
+                    fractures={region.value: n for region, n in fractures.items()})
+        return None
+    return IntendedUse.for_regions(regions)
+
+
+def _counted_again(provenance: Mapping[str, Any]) -> dict[str, dict[str, int]] | None:
+    """The training part's body parts, for a checkpoint written before they were
+    recorded: its data set and split read again."""
+    try:
+        sample_set = open_dataset(Path(provenance["dataset"]), provenance.get("format"))
+        split = load_split(Path(provenance["split"]), sample_set)
+        return body_part_counts(split.samples(sample_set, "train"))
+    except (KeyError, OSError, ValueError) as exc:  # DatasetError is a ValueError
+        log.warning("build.no_intended_use", reason="the training data's body parts are "
+                    f"not recorded and cannot be read again: {exc}")
+        return None

@@ -14,8 +14,8 @@ from typing import Any
 
 from fractured.engine.bundle import BY_REGION, OWN_POINTS, Fusion
 from fractured.engine.regions import BODY_PART_REGIONS
+from fractured.training.card_scope import scope
 from fractured.training.evaluation.node_report import node_markdown
-from fractured.training.intended_use import scope
 
 INTENDED_USE = (
     "Decision support for reading adult musculoskeletal radiographs (CR/DX) for "

@@ -32,6 +32,7 @@ from fractured.training.datasets import SampleSet, open_dataset
 from fractured.training.datasets.base import Sample
 from fractured.training.detector import train_detector
 from fractured.training.folds import fold_split_for
+from fractured.training.intended_use import body_part_counts
 from fractured.training.splits import Split, split_for
 
 log = structlog.get_logger()
@@ -114,6 +115,7 @@ def _provenance(sample_set: SampleSet, split: Split, out: Path, train_part: Sequ
         "split_summary": split.summary(),
         "train_images": len(train_part), "train_positive": sum(s.label for s in train_part),
         "val_images": len(val_part), "val_positive": sum(s.label for s in val_part),
+        "body_parts": body_part_counts(train_part),
     }
 
 

@@ -1,0 +1,124 @@
+"""The model card's scope: where a bundle may be used, on whom, and where it fails.
+
+A hospital's AI governance committee approves a model for some images and not others.
+The card says which: the body regions and views its data had, with how many fractures
+each region's figures rest on (a region with a handful cannot show that the model
+works there, whatever its point estimate), the population the data came from, the
+images it never saw (children, other projections) and the failure modes known from
+its data. The counts come from the bundle's own held-out assessment
+(`node_assessment`), so they are those of the figures beside them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from fractured.engine.regions import BODY_PART_REGIONS, Region
+
+#: Below this many fractures among the validation and test images, a region's figures
+#: are called too few to show anything (the calibration's default for points of its own).
+FEW_FRACTURES = 20
+
+#: What is known of a data set format's source population, from its publication.
+SOURCE_POPULATIONS: Mapping[str, str] = {
+    "fracatlas": (
+        "FracAtlas (Abedeen et al., Scientific Data 10, 521, 2023): 4,083 musculoskeletal "
+        "radiographs from three hospitals in Bangladesh, labelled and boxed by two "
+        "radiologists and an orthopaedist; 3,268 of them are the project's development "
+        "part, exported as JPEG with the long side at most 1,024 px. The publication gives "
+        "no ages, sexes, equipment or acquisition settings, and no patient identifiers."),
+}
+
+#: Failure modes known from a format's data, each a (title, what happens) pair.
+FAILURE_MODES: Mapping[str, tuple[tuple[str, str], ...]] = {
+    "fracatlas": (
+        ("Hands and wrists", "small bones, many joints and subtle fractures: the weakest "
+         "region on every model the project has trained (see the region table)."),
+        ("Orthopaedic hardware", "plates, screws and nails appear almost only on fractured "
+         "images, so the model can score metal rather than a fracture; an operated "
+         "limb's probability says little about a new fracture."),
+        ("Casts and splints", "not labelled in the data; plaster changes the contrast "
+         "over the bone and may hide or mimic a fracture line."),
+        ("Growth plates", "the data's ages are unknown and the intended use is adults: an "
+         "open physis can look like a fracture line to the model."),
+        ("Projections and anatomy not in the data", "skull, spine, chest, ribs and "
+         "abdomen were not trained on; the node still scores them, with the pooled "
+         "points, and the number means nothing there."),
+        ("Acquisition the data lacks", "trained on 8-bit JPEG exports; the node reads "
+         "12-16-bit DICOM with its own windowing, collimation and shutters. The DICOM "
+         "check (where this card has one) measures how far that moves the probability."),
+    ),
+}
+
+
+def scope(manifest: Mapping[str, Any]) -> list[str]:
+    """The card's "Where it may be used", "Source population" and "Known failure modes"
+    sections for a trained bundle."""
+    training = manifest.get("training") or {}
+    data = (training.get("classifier") or {}).get("data") or {}
+    fmt = data.get("format")
+    held_out = training.get("held_out") or {}
+    node = held_out.get("node") or {}
+    regions = (node.get("validation_and_test") or node.get("test") or {}).get("regions") or {}
+    lines = ["## Where it may be used", "", *_declared(manifest.get("intended_use")),
+             "- **Adults only.** Not validated on children: growth plates and paediatric "
+             "fracture patterns were not measured.",
+             "- **Radiographs (CR, DX) of the regions below**, in the views the training "
+             "data had (frontal, lateral and oblique). The node takes the region from the "
+             "image's Body Part Examined; an image of any other part, or without one, is "
+             "still scored, with the pooled operating points, and its result is outside "
+             "the intended use."]
+    lines += ["", "| Region | Body Part Examined terms | Fractures / normals behind the "
+              "figures | What the figures can show |", "| --- | --- | --- | --- |"]
+    for region in Region:
+        terms = ", ".join(t for t, r in BODY_PART_REGIONS.items() if r is region)
+        row = regions.get(region.value)
+        if row is None:
+            lines.append(f"| {region.value} | {terms} | none measured | nothing: no "
+                         "held-out images of this region |")
+            continue
+        lines.append(f"| {region.value} | {terms} | {row['fractures']} / {row['normals']} "
+                     f"| {_strength(row)} |")
+    if regions:
+        lines += ["", "Counts are the validation and test images of the held-out "
+                  "assessment below. A region with fewer than "
+                  f"{FEW_FRACTURES} fractures gets the pooled operating points, and its "
+                  "sensitivity interval is too wide to say the model finds fractures "
+                  "there: a flag is weak evidence and no flag is no evidence of no "
+                  "fracture."]
+    lines.append("")
+    if fmt in SOURCE_POPULATIONS:
+        lines += ["## Source population", "", SOURCE_POPULATIONS[fmt], ""]
+    lines += ["## Known failure modes", ""]
+    lines += [f"- **{title}**: {text}" for title, text in FAILURE_MODES.get(fmt, ())]
+    if fmt not in FAILURE_MODES:
+        lines.append(f"- None recorded for `{fmt}` data: measure the model on local images "
+                     "(`fractured evaluate RUN --dataset LOCAL_DATA`) before relying on it.")
+    return [*lines, ""]
+
+
+def _declared(use: Mapping[str, Any] | None) -> list[str]:
+    """What the node enforces (the manifest's intended_use), or that it enforces nothing."""
+    if not use:
+        return ["- **This bundle declares no intended use**: the node analyses every image "
+                "it is sent, whatever its body part or the patient's age."]
+    return [f"- **The node analyses only** images whose Body Part Examined is one of "
+            f"{', '.join(use['body_parts'])}, of patients at least {use['min_age_years']} "
+            "years old (Patient's Age, or the birth date against the study date). Other "
+            "known body parts and younger patients get no verdict, with the reason "
+            "logged and counted; an image without a usable body part or age is analysed. "
+            "An operator can widen the list ([engine].extra_body_parts), logged at every "
+            "start."]
+
+
+def _strength(row: Mapping[str, Any]) -> str:
+    """What a region's numbers can support, from its fracture count and sensitivity."""
+    sensitivity = row["high_sensitivity"]["sensitivity"]
+    if row["fractures"] < FEW_FRACTURES:
+        interval = sensitivity.get("interval")
+        spans = (f"; sensitivity could be anywhere in {interval[0]:.2f}-{interval[1]:.2f}"
+                 if interval else "")
+        return f"little: too few fractures{spans}"
+    low, high = sensitivity["interval"]
+    return f"sensitivity {sensitivity['rate']:.2f} ({low:.2f}-{high:.2f}) at *possible*"

@@ -1,0 +1,75 @@
+"""The card's scope: regions with the counts behind their figures, the source
+population, the known failure modes, the test part's looks and the DICOM check."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fractured.training.card_scope import FEW_FRACTURES, scope
+from fractured.training.evaluation.classification import proportion
+from fractured.training.model_card import model_card
+
+
+def _row(fractures: int, found: int, normals: int) -> dict[str, Any]:
+    point = {"sensitivity": proportion(found, fractures),
+             "specificity": proportion(normals // 2, normals),
+             "flagged": proportion(found, fractures + normals)}
+    return {"images": fractures + normals, "fractures": fractures, "normals": normals,
+            "points": "own", "roc_auc": None, "roc_auc_ci95": None,
+            "high_sensitivity": point, "high_specificity": point}
+
+
+def _manifest(fmt: str = "fracatlas", **held_out: Any) -> dict[str, Any]:
+    return {"name": "fractured", "version": "9.0.0", "trained": True,
+            "classifier": {"architecture": "a", "variant": "lite0", "input_size": 256,
+                           "labels": ["fracture"], "temperature": 1.0,
+                           "operating_points": {"high_sensitivity": 0.2,
+                                                "high_specificity": 0.7}},
+            "detector": None, "mean": [0.5] * 3, "std": [0.2] * 3,
+            "training": {"classifier": {"data": {"format": fmt}},
+                         "held_out": {"split": "test", "classification": {}, **held_out}}}
+
+
+def test_each_region_says_how_many_fractures_its_figures_rest_on() -> None:
+    node = {"gate": "likely", "validation_and_test": {"images": 500, "regions": {
+        "hand": _row(90, 84, 300), "hip": _row(3, 2, 40)}}}
+    text = "\n".join(scope(_manifest(node=node)))
+    assert "| hand | HAND, WRIST, FINGER, THUMB | 90 / 300 | sensitivity 0.93 (" in text
+    assert "| hip | HIP, PELVIS | 3 / 40 | little: too few fractures; sensitivity could " \
+           "be anywhere in 0.09-0.99 |" in text
+    assert "| shoulder | " in text and "none measured" in text  # no images of it
+    assert f"fewer than {FEW_FRACTURES} fractures" in text
+    assert "**Adults only.**" in text
+    assert "**This bundle declares no intended use**" in text
+    declared = _manifest(node=node)
+    declared["intended_use"] = {"body_parts": ["HAND", "WRIST"], "min_age_years": 18}
+    text = "\n".join(scope(declared))
+    assert "**The node analyses only** images whose Body Part Examined is one of HAND, " \
+           "WRIST, of patients at least 18 years old" in text
+    assert "three hospitals in Bangladesh" in text and "**Growth plates**" in text
+
+
+def test_a_data_set_of_unknown_origin_says_nothing_is_known() -> None:
+    text = "\n".join(scope(_manifest(fmt="csv")))
+    assert "## Source population" not in text
+    assert "None recorded for `csv` data" in text
+    assert "none measured" in text  # no held-out assessment: no region is measured
+
+
+def test_the_card_counts_the_test_parts_looks_and_cites_the_dicom_check() -> None:
+    first = model_card(_manifest(test_looks_before=0), [])
+    assert "This was the first scoring of this test part." in first
+    manifest = _manifest(test_looks_before=19)
+    manifest["training"]["dicom_check"] = {
+        "bundle": "fractured-9.0.0", "part": "val", "images": 120, "tolerance": 0.05,
+        "tolerance_share": 0.95, "passed": True,
+        "variants": [{"variant": "windowed", "mean_abs_change": 0.003,
+                      "p95_abs_change": 0.013, "max_abs_change": 0.04,
+                      "within_tolerance": 1.0, "decisions_changed": 2}]}
+    card = model_card(manifest, [])
+    assert "had been scored 19 times before these figures" in card
+    assert "which this model meets" in card
+    assert "| windowed | 0.003 | 0.013 | 0.040 | 100 % | 2 |" in card
+    assert "## Where it may be used" in card
+    untrained = {**_manifest(), "trained": False}
+    assert "## Where it may be used" not in model_card(untrained, [])

@@ -16,7 +16,7 @@ from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 from structlog.testing import capture_logs
 
-from fractured.engine.bundle import MANIFEST_FILE, Bundle
+from fractured.engine.bundle import MANIFEST_FILE, Bundle, BundleError
 from fractured.engine.exposed_field import MIN_FRACTION, Field, exposed_field, field_for
 from fractured.engine.findings import ImageRef
 from fractured.engine.pipeline import Pipeline
@@ -483,6 +483,31 @@ def test_a_manifest_opts_into_the_crop(untrained_bundle: Path, tmp_path: Path) -
     assert manifest.crop == "exposed_field"
     assert manifest.to_dict()["preprocessing"] == {"crop": "exposed_field"}
     assert json.loads((tmp_path / "b" / MANIFEST_FILE).read_text()) == manifest.to_dict()
+    assert manifest.detector_crop == "exposed_field"  # absent: as the classifier
+    apart = Bundle.load(cropping_copy(untrained_bundle, tmp_path / "c", {
+        "crop": "exposed_field", "detector_crop": "none"})).manifest
+    assert (apart.crop, apart.detector_crop) == ("exposed_field", "none")
+    with pytest.raises(BundleError, match=r"preprocessing\.detector_crop"):
+        Bundle.load(cropping_copy(untrained_bundle, tmp_path / "d", {
+            "crop": "none", "detector_crop": "zoom"}))
+
+
+@pytest.mark.slow
+def test_a_detector_kept_whole_beside_a_cropping_classifier_sees_the_whole_image(
+        untrained_bundle_with_detector: Path, tmp_path: Path) -> None:
+    plain = Pipeline(Bundle.load(untrained_bundle_with_detector), boxes="always")
+    cropping = Pipeline(Bundle.load(cropping_copy(untrained_bundle_with_detector,
+                                                  tmp_path / "b", {"crop": "exposed_field"})),
+                        boxes="always")
+    apart = Pipeline(Bundle.load(cropping_copy(
+        untrained_bundle_with_detector, tmp_path / "c",
+        {"crop": "exposed_field", "detector_crop": "none"})), boxes="always")
+    ref = ImageRef("1.2.3", "1.2.3.4", "1.2.3.4.5", "1.2.840.10008.5.1.4.1.1.1.1")
+    banded, _ = collimated(300, 240, {"top": (30, DARK), "left": (50, BRIGHT)})
+    [whole], [cropped], [both] = (p.run([(ref, banded)]) for p in (plain, cropping, apart))
+    assert both.probability == pytest.approx(cropped.probability, abs=1e-6)
+    assert both.probability != pytest.approx(whole.probability, abs=1e-6)
+    assert both.boxes == whole.boxes and both.boxes != cropped.boxes
 
 
 @pytest.mark.slow

@@ -741,10 +741,10 @@ def test_a_new_detector_joins_the_classifier_of_a_shipped_bundle(smoke_run,
 
 
 @pytest.mark.slow
-def test_the_crop_goes_from_train_toml_to_the_manifest_and_must_match(smoke_run,
+def test_the_crop_goes_from_train_toml_to_the_manifest_per_model(smoke_run,
                                                                       tmp_path: Path) -> None:
     """[data].crop is recorded in the checkpoint and written to the bundle's manifest,
-    where the node reads it; a classifier and a detector cropped apart make no bundle."""
+    where the node reads it; a detector trained the other way keeps its own crop."""
     data, run, runner = smoke_run
     cropped = tmp_path / "cropped"
     result = runner.invoke(main, ["train", str(data), "--out", str(cropped), "--task",
@@ -763,8 +763,11 @@ def test_the_crop_goes_from_train_toml_to_the_manifest_and_must_match(smoke_run,
     apart = runner.invoke(main, ["build-engine", str(best),
                                  str(run / "detector" / checkpoint.BEST),
                                  "--out", str(tmp_path / "apart")])
-    assert apart.exit_code == 1 and "trained with crop 'none'" in apart.output
-    assert not (tmp_path / "apart").exists()
+    assert apart.exit_code == 0, apart.output
+    manifest = Bundle.load(tmp_path / "apart").manifest
+    assert (manifest.crop, manifest.detector_crop) == ("exposed_field", "none")
+    assert json.loads((tmp_path / "apart" / "manifest.json").read_text())["preprocessing"] == \
+        {"crop": "exposed_field", "detector_crop": "none"}
 
 
 def test_build_engine_refuses_unfinished_and_smoke_checkpoints(tmp_path: Path) -> None:

@@ -194,9 +194,12 @@ class DetectorSpec:
 class Preprocessing:
     """What is done to a display image before it is letterboxed, as the models were
     trained: `crop` "exposed_field" crops it to its exposed field (engine.exposed_field),
-    "none" keeps it whole."""
+    "none" keeps it whole. `detector_crop`, where given, is the detector's own (a
+    detector trained one way beside a classifier trained the other); absent, the
+    detector crops as the classifier."""
 
     crop: str
+    detector_crop: str | None = field(default=None, metadata=OMIT_IF_NONE)
 
 
 @dataclass(frozen=True)
@@ -228,8 +231,15 @@ class Manifest:
 
     @property
     def crop(self) -> str:
-        """The crop the models were trained with (a CROPS value)."""
+        """The crop the classifier was trained with (a CROPS value)."""
         return self.preprocessing.crop if self.preprocessing is not None else NO_CROP
+
+    @property
+    def detector_crop(self) -> str:
+        """The crop the detector was trained with: its own where the manifest names one,
+        else the classifier's."""
+        own = self.preprocessing.detector_crop if self.preprocessing is not None else None
+        return own if own is not None else self.crop
 
     @classmethod
     def from_dict(cls, data: Any, source: str | Path = MANIFEST_FILE) -> Manifest:
@@ -351,7 +361,9 @@ def _fusion(r: _Reader) -> Fusion:
 
 
 def _preprocessing(r: _Reader) -> Preprocessing:
-    preprocessing = Preprocessing(crop=r.choice("crop", CROPS))
+    preprocessing = Preprocessing(
+        crop=r.choice("crop", CROPS),
+        detector_crop=r.choice("detector_crop", CROPS) if "detector_crop" in r.data else None)
     r.done()
     return preprocessing
 

@@ -51,7 +51,8 @@ class Pipeline:
     boxes are reported; `device` places the torch backend ("auto": a CUDA GPU if torch
     sees one). A bundle whose `preprocessing.crop` is "exposed_field" sees each image
     cropped to its exposed field, found from the DICOM `datasets` given beside the images
-    (shutter and collimator attributes) or else from the pixels. `scope` checks an image
+    (shutter and collimator attributes) or else from the pixels; its detector likewise,
+    or as `preprocessing.detector_crop` says where that is given. `scope` checks an image
     against the bundle's intended use, widened by `extra_body_parts` (an operator's
     explicit choice), before anything is run on it.
     """
@@ -150,10 +151,14 @@ class Pipeline:
         return Examination(rows, detections, boxes, peaks)
 
     def _infer(self, images: list[np.ndarray], datasets: Sequence[Dataset | None]) -> _Outputs:
-        fields = [field_for(self.bundle.manifest.crop, image, dataset)
-                  for image, dataset in zip(images, datasets, strict=True)]
+        manifest = self.bundle.manifest
+        pairs = list(zip(images, datasets, strict=True))
+        fields = [field_for(manifest.crop, image, dataset) for image, dataset in pairs]
+        detector_fields = (fields if manifest.detector_crop == manifest.crop else
+                           [field_for(manifest.detector_crop, image, dataset)
+                            for image, dataset in pairs])
         logits, heatmaps = self._classify(images, fields)
-        boxes, best, detections = self._detect(images, fields)
+        boxes, best, detections = self._detect(images, detector_fields)
         return _Outputs(logits=logits, heatmaps=heatmaps, boxes=boxes, best_box=best,
                         detections=detections)
 

@@ -179,9 +179,10 @@ def build_bundle(checkpoints: Sequence[Path], out_dir: Path, *, name: str,
         files = dict(part.files)
         training: dict[str, Any] = {"classifier": part.training}
         detector_spec = None
+        detector_crop = part.crop  # the detector's own crop, where it has one
         if "detector" in states:
             det_path, det_state = states["detector"]
-            _same_crop(part, trained_crop(det_state["model_spec"]), str(det_path))
+            detector_crop = trained_crop(det_state["model_spec"])
             detector_spec = _export_detector(det_state, Path(scratch), files,
                                              float16_weights=float16_weights)
             training["detector"] = _training_summary(det_path, det_state)
@@ -189,7 +190,7 @@ def build_bundle(checkpoints: Sequence[Path], out_dir: Path, *, name: str,
             held_out = _joined_held_out(part.held_out, held_out)
         if detector_bundle is not None:  # this build's classification, the reused boxes
             boxes_from = Bundle.load(detector_bundle)
-            _same_crop(part, boxes_from.manifest.crop, str(detector_bundle))
+            detector_crop = boxes_from.manifest.detector_crop
             reused = _reused_detector(boxes_from, part)
             files |= reused.files
             detector_spec = reused.entry
@@ -212,7 +213,7 @@ def build_bundle(checkpoints: Sequence[Path], out_dir: Path, *, name: str,
             name, version, trained=True, mean=part.mean, std=part.std,
             classifier=part.entry, detector=detector_spec, training=jsonable(training),
             backends=["onnxruntime"] if onnx_only else ["onnxruntime", "torch"],
-            crop=part.crop, intended_use=part.intended_use)
+            crop=part.crop, detector_crop=detector_crop, intended_use=part.intended_use)
         add_plans(manifest, files, Path(scratch), required=tensorrt)
         log.info("build.step", step="write manifest, model card and checksums")
         card = Path(scratch) / MODEL_CARD_FILE
@@ -336,6 +337,7 @@ def _derived_bundle(source: Bundle, out_dir: Path, *, name: str | None, version:
                                      if value is not None},
                          detector=raw["detector"], training=jsonable(training),
                          backends=backends or raw["backends"], crop=source.manifest.crop,
+                         detector_crop=source.manifest.detector_crop,
                          intended_use=raw.get("intended_use"))
     dataset = (training.get("classifier", {}).get("data") or {}).get("dataset")
     with tempfile.TemporaryDirectory(prefix="fractured-build-") as scratch:
@@ -361,14 +363,6 @@ class _ClassifierPart:
     crop: str  # what the classifier was trained on (exposed_field.CROPS)
     intended_use: dict[str, Any] | None  # the manifest's "intended_use", if any
     held_out: dict[str, Any] | None = None  # a reused classifier's held-out scores
-
-
-def _same_crop(classifier: _ClassifierPart, crop: str, detector: str) -> None:
-    """One crop for both models: the pipeline crops each image once, for both."""
-    if crop != classifier.crop:
-        raise BuildError(f"{detector}: the detector was trained with crop {crop!r}, the "
-                         f"classifier with {classifier.crop!r}; a bundle crops its images "
-                         "one way for both (retrain one with the other's [data].crop)")
 
 
 def _built_classifier(path: Path, state: dict[str, Any], scratch: Path, *,
@@ -485,17 +479,21 @@ def _manifest(name: str, version: str, *, trained: bool, mean: Sequence[float],
               std: Sequence[float], classifier: dict[str, Any],
               detector: dict[str, Any] | None, training: dict[str, Any],
               backends: Sequence[str] = ("onnxruntime", "torch"),
-              crop: str = NO_CROP,
+              crop: str = NO_CROP, detector_crop: str | None = None,
               intended_use: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every manifest key but `files` (write_bundle adds the checksums); the ONNX graphs
     are always in the bundle, the torch weights where `backends` has torch. A crop
-    other than "none" is written as `preprocessing`; without one the manifest reads as
-    those of bundles built before crops existed; so does one without an intended use."""
+    other than "none" is written as `preprocessing` (with `detector_crop` where the
+    detector's differs: a detector kept from a bundle trained the other way); without
+    one the manifest reads as those of bundles built before crops existed; so does one
+    without an intended use."""
+    preprocessing = {"crop": crop, **({"detector_crop": detector_crop}
+                                      if detector_crop not in (None, crop) else {})}
     return {"schema_version": SCHEMA_VERSION, "name": name, "version": version,
             "created": datetime.now(UTC).isoformat(timespec="seconds"), "trained": trained,
             "mean": list(mean), "std": list(std), "classifier": classifier,
             "detector": detector, "backends": list(backends), "training": training,
-            **({"preprocessing": {"crop": crop}} if crop != NO_CROP else {}),
+            **({"preprocessing": preprocessing} if preprocessing != {"crop": NO_CROP} else {}),
             **({"intended_use": intended_use} if intended_use is not None else {})}
 
 

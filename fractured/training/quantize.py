@@ -118,10 +118,11 @@ def quantize(source: Path, split_dir: Path, report_dir: Path, scratch: Path, *,
     split = open_split(bundle, split_dir, dataset, subsets)
     chosen = _calibration_samples(split.parts["train"], calibration_images)
 
-    graphs: dict[str, tuple[str, int]] = {CLASSIFIER_FILE: ("classifier",
-                                                             manifest.classifier.input_size)}
+    graphs: dict[str, tuple[str, int, str]] = {
+        CLASSIFIER_FILE: ("classifier", manifest.classifier.input_size, manifest.crop)}
     if manifest.detector is not None:
-        graphs[DETECTOR_FILE] = ("detector", manifest.detector.input_size)
+        graphs[DETECTOR_FILE] = ("detector", manifest.detector.input_size,
+                                 manifest.detector_crop)
     kept = {name: kept_float(bundle.file(name), keep_float) for name in graphs}
     unmatched = [prefix for prefix in keep_float
                  if not any(kept[name][prefix] for name in graphs)]
@@ -129,11 +130,11 @@ def quantize(source: Path, split_dir: Path, report_dir: Path, scratch: Path, *,
         raise BuildError(f"--keep-float {', '.join(unmatched)}: no convolution's weights "
                          f"are named so in {source}")
     files: dict[str, Path] = {}
-    for name, (kind, size) in graphs.items():
+    for name, (kind, size, crop) in graphs.items():
         log.info("quantize.step", step=f"quantize the {kind}", calibration_images=len(chosen))
         files[name] = scratch / name
         quantize_graph(bundle.file(name), files[name], scratch,
-                       _calibration_batches(chosen, size, manifest),
+                       _calibration_batches(chosen, size, crop, manifest),
                        [node for nodes in kept[name].values() for node in nodes])
 
     staged = _staged_bundle(bundle, files, scratch / "staged")
@@ -187,7 +188,7 @@ def quantize(source: Path, split_dir: Path, report_dir: Path, scratch: Path, *,
                    "with a 7-bit range per output channel, activations uint8 per tensor "
                    "(min-max ranges)"),
         "onnxruntime": onnxruntime_version,
-        "models": [kind for kind, _ in graphs.values()],
+        "models": [kind for kind, _, _ in graphs.values()],
         "kept_float": {prefix: sum(len(kept[name][prefix]) for name in graphs)
                        for prefix in keep_float},
         "calibration": {"split": "train", "split_source": str(split_dir),
@@ -244,16 +245,16 @@ def _calibration_samples(train: Sequence[Sample], count: int) -> list[Sample]:
     return [train[i] for i in order[:count]]
 
 
-def _calibration_batches(samples: Sequence[Sample], size: int,
+def _calibration_batches(samples: Sequence[Sample], size: int, crop: str,
                          manifest: Manifest) -> Iterator[np.ndarray]:
-    """Each readable calibration image as the model sees it (cropped as the bundle says,
-    letterboxed, normalised)."""
+    """Each readable calibration image as the model sees it (cropped as it was trained,
+    letterboxed, normalised as the bundle says)."""
     for sample in samples:
         try:
             image = load_image(sample.path)
         except DecodeError:
             continue  # listed where the split's images are scored; nothing to calibrate on
-        field = field_for(manifest.crop, image.pixels, image.dataset)
+        field = field_for(crop, image.pixels, image.dataset)
         yield to_model_input([letterbox(image.pixels, size, field)[0]], manifest.mean,
                              manifest.std)
 

@@ -18,6 +18,7 @@ from pydicom.uid import generate_uid
 from fractured.cli import main
 from fractured.daemon.metrics import NodeMetrics
 from fractured.engine.bundle import MANIFEST_FILE, Bundle, BundleError
+from fractured.engine.findings import DecisionLevel
 from fractured.engine.intended_use import IntendedUse, ScopeReason, age_in_years
 from fractured.engine.pipeline import Pipeline
 from fractured.engine.regions import Region
@@ -29,6 +30,7 @@ from fractured.training.intended_use import (
 )
 from tests import factory
 from tests.peers import NodeProcess, c_store_statuses, storescu, wait_for
+from tests.test_metrics import get, parse, value
 
 LIMBS = IntendedUse.for_regions([Region.HAND, Region.LEG])
 
@@ -39,8 +41,8 @@ def header(body_part: str | None = "LEG", **attributes: str) -> Dataset:
         del ds.BodyPartExamined
     else:
         ds.BodyPartExamined = body_part
-    for keyword, value in attributes.items():
-        setattr(ds, keyword, value)
+    for keyword, given in attributes.items():
+        setattr(ds, keyword, given)
     return ds
 
 
@@ -206,5 +208,26 @@ def test_the_node_speaks_only_inside_the_intended_use(untrained_bundle: Path,
                        and item.ConceptNameCodeSequence[0].CodeMeaning == "Summary")
         assert summary.endswith("Not analysed, outside the model's intended use: 1 image(s) "
                                 "(body part CHEST is outside the intended use).")
+        # counted at /metrics: each check by its outcome, the analysed leg by its region
+        status, _, text = get(node.metrics_port, "/metrics")
+        samples = parse(text)
+        assert status == 200
+        for reason, count in (("in_scope", 1), ("body_part_outside", 1), ("under_age", 1)):
+            assert value(samples, "fractured_images_scope_checked_total",
+                         reason=reason) == count
+        assert sum(value(samples, "fractured_findings_total", region="leg", level=level)
+                   for level in ("negative", "possible", "likely")) == 1
     finally:
         node.stop()
+
+
+def test_findings_are_counted_per_region_and_level_for_drift() -> None:
+    metrics = NodeMetrics()
+    metrics.finding(Region.HAND, DecisionLevel.POSSIBLE, 0.42)
+    metrics.finding(None, DecisionLevel.NEGATIVE, 0.03)
+    value = metrics.registry.get_sample_value
+    assert value("fractured_findings_total", {"region": "hand", "level": "possible"}) == 1
+    assert value("fractured_findings_total", {"region": "other", "level": "negative"}) == 1
+    assert value("fractured_findings_total", {"region": "leg", "level": "likely"}) == 0
+    assert value("fractured_finding_probability_bucket", {"region": "hand", "le": "0.5"}) == 1
+    assert value("fractured_finding_probability_bucket", {"region": "hand", "le": "0.4"}) == 0

@@ -727,6 +727,14 @@ def test_a_new_detector_joins_the_classifier_of_a_shipped_bundle(smoke_run,
                                       "--detector-bundle", str(other), "--out",
                                       str(tmp_path / "b5")])
     assert mismatched.exit_code == 1 and "other data or another split" in mismatched.output
+    # ... but not one whose training machine decoded a different number of images
+    manifest["training"]["detector"]["data"]["train_images"] -= 1
+    manifest["training"]["detector"]["data"]["unreadable"] += 43
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    decoded = runner.invoke(main, ["build-engine", str(run / "classifier" / checkpoint.BEST),
+                                   "--detector-bundle", str(other), "--out",
+                                   str(tmp_path / "b6")])
+    assert decoded.exit_code == 0, decoded.output
     # one model of each kind per bundle, and a detector alone is no bundle
     both = runner.invoke(main, ["build-engine", str(run), "--classifier-bundle", str(first),
                                 "--out", str(tmp_path / "b3")])

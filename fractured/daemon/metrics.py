@@ -20,8 +20,9 @@ from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
 from fractured import log
 from fractured.daemon.active_model import ActiveModel
 from fractured.daemon.queue import DeliveryState, Queue, StudyState
-from fractured.engine.findings import ModelInfo
+from fractured.engine.findings import DecisionLevel, ModelInfo
 from fractured.engine.intended_use import ScopeReason
+from fractured.engine.regions import Region
 
 #: How an established association ended (audit.AssociationAudit), or that it was refused.
 ASSOCIATION_OUTCOMES = ("released", "aborted", "connection_closed", "rejected")
@@ -38,6 +39,11 @@ STUDY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 3
 #: (10 s by default) plus the queue ahead of it, up to hours when a PACS was down.
 LATENCY_BUCKETS = (5.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
                    3600.0, 14400.0)
+
+#: A finding's region label: its body region, or "other" (no region, or none known).
+FINDING_REGIONS = (*(region.value for region in Region), "other")
+#: The probability's histogram edges: fine enough to see a distribution move.
+PROBABILITY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 
 _log = log.get("fractured.metrics")
 
@@ -78,6 +84,19 @@ class NodeMetrics:
         self._deliveries = Counter(
             "fractured_delivery_attempts", "Attempts to deliver a result object, by outcome.",
             ["outcome"], registry=r)
+        # Drift: how often each region's images are flagged, and their probabilities. A
+        # share far from what the model showed on validation (its card) means the images,
+        # the population or the equipment changed (docs/monitoring.md has the alert).
+        self._findings = Counter(
+            "fractured_findings", "Images analysed, by body region and decision level.",
+            ["region", "level"], registry=r)
+        self._probability = Histogram(
+            "fractured_finding_probability", "Fracture probability of analysed images, by "
+            "body region.", ["region"], buckets=PROBABILITY_BUCKETS, registry=r)
+        for region in FINDING_REGIONS:
+            for level in DecisionLevel:
+                self._findings.labels(region, str(level))
+            self._probability.labels(region)
         self._scope = Counter(
             "fractured_images_scope_checked",
             "Images checked against the model's intended use, by outcome (analysed: "
@@ -118,6 +137,13 @@ class NodeMetrics:
         per_image = self._image_seconds.labels(*labels)
         for _ in range(images):
             per_image.observe(seconds / images)
+
+    def finding(self, region: Region | None, level: DecisionLevel,
+                probability: float) -> None:
+        """One analysed image: its body region (None: other), decision and probability."""
+        label = region.value if region is not None else "other"
+        self._findings.labels(label, str(level)).inc()
+        self._probability.labels(label).observe(probability)
 
     def scope_checked(self, reason: ScopeReason) -> None:
         self._scope.labels(str(reason)).inc()

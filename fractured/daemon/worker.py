@@ -28,6 +28,7 @@ from fractured.durable import write_durably
 from fractured.engine.findings import Finding
 from fractured.engine.intended_use import ScopeReason
 from fractured.engine.preprocess import DecodeError, display_pixels, read_dataset
+from fractured.engine.regions import dataset_region
 from fractured.engine.sources import image_ref
 from fractured.results.header import header_repairs
 from fractured.results.overlay import make_overlay
@@ -134,6 +135,8 @@ class Worker:
         findings = pipeline.run([(image_ref(ds), pixels) for ds, pixels in sources], datasets)
         self.metrics.inference(pipeline.backend_name, pipeline.model, len(sources),
                                time.monotonic() - inference_started)
+        for finding, ds in zip(findings, datasets, strict=True):
+            self.metrics.finding(dataset_region(ds), finding.level, finding.probability)
         sr = make_sr(findings, datasets, series_instance_uid=generate_uid(),
                      series_number=SR_SERIES_NUMBER, device_uid=self.device_uid,
                      predecessors=self._earlier_report(claim), not_analysed=outside)

@@ -460,8 +460,10 @@ def _reused_detector(bundle: Bundle, classifier: _ClassifierPart) -> _DetectorPa
                          f"{list(classifier.mean)} / {list(classifier.std)}")
     training = raw.get("training") or {}
     summary = training.get("detector") or {}
-    # the training part's body parts follow from the rest (records before them lack them)
-    theirs, ours = ({key: value for key, value in (data or {}).items() if key != "body_parts"}
+    # the split's identity; not the body parts (they follow from it, and records before
+    # them lack them) nor how many images the training machine could not decode
+    theirs, ours = ({key: value for key, value in (data or {}).items()
+                     if key not in ("body_parts", "unreadable")}
                     for data in (summary.get("data"), classifier.training.get("data")))
     if theirs != ours:
         raise BuildError(f"{bundle.path}: its detector was trained on other data or another "

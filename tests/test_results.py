@@ -152,7 +152,10 @@ def check_sr(
         assert [img.referenced_sop_instance_uid for img in group.source_images] == [uid]
         assert group.finding_type == codes.FRACTURE
         (evaluation,) = group.get_qualitative_evaluations(name=codes.FRACTURE)
-        expected = codes.PRESENT if finding.fracture else codes.ABSENT
+        # the standard item in plain terms: Present only where a fracture is likely
+        expected = {DecisionLevel.LIKELY: codes.PRESENT,
+                    DecisionLevel.POSSIBLE: codes.UNDETERMINED,
+                    DecisionLevel.NEGATIVE: codes.ABSENT}[finding.level]
         assert evaluation.value == expected
         (measurement,) = group.get_measurements(name=codes.FRACTURE_PROBABILITY)
         assert measurement.value == pytest.approx(float(finding.probability), abs=1e-9)
@@ -275,6 +278,33 @@ def test_sr_names_the_images_outside_the_intended_use_and_is_partial(tmp_path: P
     whole = make_sr(findings, sources, series_instance_uid=hd.UID(), series_number=901,
                     device_uid=hd.UID())
     assert whole.CompletionFlag == "COMPLETE" and "Not analysed" not in summary_text(findings)
+
+
+@pytest.mark.parametrize(("probability", "shown", "hidden"), [
+    (0.85, "Present", ("Undetermined", "Absent")),
+    (0.45, "Undetermined", ("Present", "Absent")),
+    (0.10, "Absent", ("Present", "Undetermined")),
+])
+def test_dcmtk_shows_present_only_for_a_likely_fracture(
+        tmp_path: Path, probability: float, shown: str, hidden: tuple[str, ...]) -> None:
+    """What a reader of standard codes sees, rendered by DCMTK's dsrdump and dsr2html
+    (points 0.3 / 0.7): 'Fracture of bone' is Present only where a fracture is likely."""
+    sources = dx_study(1)
+    finding = finding_for(sources[0], probability, TRAINED, points=OperatingPoints(0.3, 0.7))
+    path = tmp_path / "sr.dcm"
+    validate(make_sr([finding], sources, series_instance_uid=hd.UID(), series_number=901,
+                     device_uid=hd.UID()), path)
+    dump = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True,
+                          check=True).stdout
+    line = next(text for text in dump.splitlines()
+                if 'CODE:(,,"Fracture of bone")=' in text)
+    assert f'"{shown}"' in line, line
+    html = subprocess.run(["dsr2html", str(path)], capture_output=True, text=True,
+                          check=True).stdout
+    plain = re.sub(r"<[^>]+>", " ", html)
+    assert "Fracture of bone" in plain and shown in plain
+    for text in hidden:
+        assert text not in line
 
 
 def test_sr_refuses_what_it_cannot_report() -> None:

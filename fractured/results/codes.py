@@ -11,9 +11,12 @@ Choices, and why:
   morphology" attribute of 125605004, not a concept meant to record that a patient has
   a fracture. The classifier answers "is there a fracture of bone in this image", which
   is 125605004.
-- Present/Absent: SNOMED CT 52101004 "Present" and 272519000 "Absent", the members of
-  DICOM CID 241 "Present-Absent Only". The older 2667000 "Absent" is an inactive SNOMED
-  concept that DICOM replaced by 272519000.
+- Present/Undetermined/Absent: SNOMED CT 52101004 "Present", 373068000 "Undetermined"
+  and 272519000 "Absent", the members of DICOM CID 240 "Present-Absent". "Fracture of
+  bone" is Present only for a likely fracture (the high-specificity point); a possible
+  one is Undetermined, which no reader of standard codes can take for Present (at the
+  high-sensitivity point the model flags many normal images). The older 2667000
+  "Absent" is an inactive SNOMED concept that DICOM replaced by 272519000.
 - Probability: no standard code names "probability of fracture" (DCM 111047 is
   "Probability of cancer", a mammography CAD concept). As DICOM and IHE AIR allow, the
   algorithm's own concept lives in our private coding scheme "99FRACTURED" (a "99"
@@ -30,8 +33,8 @@ Choices, and why:
   operation" (CID 7202).
 - Decisions at each operating point, the decision level, the probability's spread under
   test-time augmentation and a box's score are the algorithm's own concepts, in the
-  private scheme like the probability; the standard "Fracture of bone" Present/Absent
-  stays as the primary (high-sensitivity) evaluation for readers that know only it.
+  private scheme like the probability; the standard "Fracture of bone" stays as the
+  primary evaluation, in plain terms, for readers that know only it.
 - Finding site: BodyPartExamined mapped to its SNOMED CT anatomic concept as PS3.16
   Annex L pairs them (the codes come from pydicom's DICOM code dictionary, not typed
   here); an unknown or missing body part gives no finding site rather than a guess.
@@ -58,6 +61,7 @@ PRIVATE_SCHEME = "99FRACTURED"
 # -- the finding and its evaluation ----------------------------------------------------
 FRACTURE = Code("125605004", "SCT", "Fracture of bone")
 PRESENT = Code("52101004", "SCT", "Present")
+UNDETERMINED = Code("373068000", "SCT", "Undetermined")
 ABSENT = Code("272519000", "SCT", "Absent")
 FRACTURE_PROBABILITY = Code("FRACTURE-PROB", PRIVATE_SCHEME, "Fracture probability")
 NO_UNITS = Code("1", "UCUM", "no units")
@@ -71,6 +75,12 @@ LEVELS: dict[DecisionLevel, Code] = {
     DecisionLevel.LIKELY: Code("LEVEL-LIKELY", PRIVATE_SCHEME, "Likely fracture"),
     DecisionLevel.POSSIBLE: Code("LEVEL-POSSIBLE", PRIVATE_SCHEME, "Possible fracture"),
     DecisionLevel.NEGATIVE: Code("LEVEL-NEGATIVE", PRIVATE_SCHEME, "No fracture found"),
+}
+#: "Fracture of bone" per decision level: Present only where a fracture is likely.
+FRACTURE_VALUES: dict[DecisionLevel, Code] = {
+    DecisionLevel.LIKELY: PRESENT,
+    DecisionLevel.POSSIBLE: UNDETERMINED,
+    DecisionLevel.NEGATIVE: ABSENT,
 }
 PROBABILITY_SPREAD = Code("FRACTURE-PROB-SD", PRIVATE_SCHEME,
                           "Fracture probability SD under test-time augmentation")

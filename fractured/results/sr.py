@@ -1,8 +1,9 @@
 """One Comprehensive 3D SR per study (TID 1500 Measurement Report) from the Findings.
 
 The SR is the machine-readable result: a PACS, a worklist or a registry can read, per
-source image, the decision (Fracture of bone = Present/Absent at the high-sensitivity
-operating point, then Present/Absent at each operating point and the decision level;
+source image, the decision (Fracture of bone = Present for a likely fracture,
+Undetermined for a possible one, Absent otherwise; then Present/Absent at each
+operating point and the decision level;
 whose operating points decided, where the bundle has a pair per body region), the
 calibrated probability (and its spread under test-time augmentation), the finding
 site from BodyPartExamined, and per detected fracture a planar ROI: the box as a closed
@@ -137,7 +138,7 @@ def _measurement_group(
                                               value=float(finding.spread), unit=codes.NO_UNITS))
     level = finding.level
     evaluations = [
-        _present(codes.FRACTURE, finding.fracture),
+        hd.sr.QualitativeEvaluation(name=codes.FRACTURE, value=codes.FRACTURE_VALUES[level]),
         _present(codes.FRACTURE_AT_HIGH_SENSITIVITY, level is not DecisionLevel.NEGATIVE),
         _present(codes.FRACTURE_AT_HIGH_SPECIFICITY, level is DecisionLevel.LIKELY),
         hd.sr.QualitativeEvaluation(name=codes.DECISION_LEVEL, value=codes.LEVELS[level]),

@@ -39,6 +39,8 @@ from fractured.engine.findings import (
     ImageRef,
     ModelInfo,
     OperatingPoints,
+    study_level,
+    study_verdict,
 )
 from fractured.engine.preprocess import display_pixels
 from fractured.engine.regions import POOLED, PointsRegion, Region
@@ -948,3 +950,25 @@ def test_overlay_with_boxes_is_valid_and_says_what_it_drew(tmp_path: Path) -> No
     assert "detected fracture boxes drawn" in back.DerivationDescription
     banner, xray = split_overlay(back.pixel_array, source, 1024)
     assert magenta(xray).any() and magenta(banner).any()  # the boxes and their legend
+
+
+def test_the_study_verdict_is_its_highest_image_and_says_how(tmp_path: Path) -> None:
+    sources = dx_study(3)
+    points = OperatingPoints(0.3, 0.7)
+    findings = [finding_for(ds, p, TRAINED, points=points)
+                for ds, p in zip(sources, (0.1, 0.45, 0.2), strict=True)]
+    assert study_level(findings) is DecisionLevel.POSSIBLE
+    verdict = ("Study: possible fracture (the highest of its 3 analysed images: likely on "
+               "0, possible on 1)")
+    assert study_verdict(findings) == verdict
+    assert study_verdict(findings[:1]) == "Study: no fracture found (its one analysed image)"
+    assert f"{verdict}. Image 1: no fracture found" in summary_text(findings)
+    with pytest.raises(ValueError, match="at least one finding"):
+        study_level([])
+    # the study's first overlay carries it on its banner (one line more) and in its comments
+    first, plain = (make_overlay(findings[0], sources[0], series_instance_uid=hd.UID(),
+                                 series_number=902, instance_number=1, study=study)
+                    for study in (verdict, None))
+    assert first.ImageComments == verdict and "ImageComments" not in plain
+    assert first.Rows > plain.Rows
+    validate(first, tmp_path / "first.dcm")

@@ -25,7 +25,7 @@ from fractured.daemon.queue import ClaimedStudy, Queue, ResultObject
 from fractured.daemon.routing import Router, skipped_reason
 from fractured.daemon.shadow import record as record_shadow
 from fractured.durable import write_durably
-from fractured.engine.findings import Finding
+from fractured.engine.findings import Finding, study_verdict
 from fractured.engine.intended_use import ScopeReason
 from fractured.engine.preprocess import DecodeError, display_pixels, read_dataset
 from fractured.engine.regions import dataset_region
@@ -145,7 +145,8 @@ class Worker:
             make_overlay(finding, ds, series_instance_uid=overlay_series,
                          series_number=OVERLAY_SERIES_NUMBER, instance_number=i,
                          max_size=self.settings.results.overlay_max_size,
-                         colormap=self.settings.results.colormap, display=pixels)
+                         colormap=self.settings.results.colormap, display=pixels,
+                         study=study_verdict(findings) if i == 1 else None)
             for i, (finding, (ds, pixels)) in enumerate(zip(findings, sources, strict=True),
                                                         start=1)
         ]

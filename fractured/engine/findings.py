@@ -7,6 +7,7 @@ they never disagree about what the model said.
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -115,3 +116,30 @@ class Finding:
     @property
     def fracture(self) -> bool:
         return self.level is not DecisionLevel.NEGATIVE
+
+
+#: Decision levels from least to most: a study's level is the highest of its images'.
+LEVEL_ORDER = (DecisionLevel.NEGATIVE, DecisionLevel.POSSIBLE, DecisionLevel.LIKELY)
+
+
+def study_level(findings: Sequence[Finding]) -> DecisionLevel:
+    """The study's decision: the highest level among its analysed images (a fracture
+    seen on one view is a fracture of the study). ValueError without findings."""
+    if not findings:
+        raise ValueError("a study's level needs at least one finding")
+    return max((finding.level for finding in findings), key=LEVEL_ORDER.index)
+
+
+def study_verdict(findings: Sequence[Finding]) -> str:
+    """The study's decision in words, with how it was combined, for the SR summary and
+    the banners: e.g. "Study: likely fracture (the highest of its 3 analysed images:
+    likely on 1, possible on 1)"."""
+    levels = [finding.level for finding in findings]
+    words = {DecisionLevel.LIKELY: "likely fracture", DecisionLevel.POSSIBLE:
+             "possible fracture", DecisionLevel.NEGATIVE: "no fracture found"}
+    count = len(findings)
+    how = ("its one analysed image" if count == 1 else
+           f"the highest of its {count} analysed images: likely on "
+           f"{levels.count(DecisionLevel.LIKELY)}, possible on "
+           f"{levels.count(DecisionLevel.POSSIBLE)}")
+    return f"Study: {words[study_level(findings)]} ({how})"

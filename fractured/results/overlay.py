@@ -50,14 +50,16 @@ COLORMAPS: dict[str, int] = {"jet": cv2.COLORMAP_JET, "turbo": cv2.COLORMAP_TURB
 
 
 def render_overlay(finding: Finding, display: np.ndarray, *, max_size: int = 1024,
-                   colormap: str = "jet") -> np.ndarray:
+                   colormap: str = "jet", study: str | None = None) -> np.ndarray:
     """The overlay picture: banner above the X-ray with heatmap and boxes, RGB uint8.
 
     `display` is the source's display image (`display_pixels` or `load_image`: float in
     [0, 1], bone bright, on the source's pixel grid). It is downscaled (never enlarged)
     so its long side is at most `max_size`; the heatmap and the boxes, which are on the
-    source's grid, are scaled the same way; `colormap` is one of COLORMAPS. Raises
-    ValueError when the heatmap does not match the display's rows x columns.
+    source's grid, are scaled the same way; `colormap` is one of COLORMAPS; `study`,
+    the study's verdict (`study_verdict`), is a banner line of the study's first
+    overlay. Raises ValueError when the heatmap does not match the display's rows x
+    columns.
     """
     if finding.heatmap.shape != display.shape:
         raise ValueError(
@@ -71,7 +73,7 @@ def render_overlay(finding: Finding, display: np.ndarray, *, max_size: int = 102
     xray = _blend(grey, heat, COLORMAPS[colormap])
     shown = _shown_boxes(finding)
     _draw_boxes(xray, shown, (size[0] / display.shape[1], size[1] / display.shape[0]))
-    return np.vstack([_banner(finding, size[0], legend=bool(shown)), xray])
+    return np.vstack([_banner(finding, size[0], legend=bool(shown), study=study), xray])
 
 
 def make_overlay(
@@ -84,12 +86,14 @@ def make_overlay(
     max_size: int = 1024,
     colormap: str = "jet",
     display: np.ndarray | None = None,
+    study: str | None = None,
 ) -> hd.sc.SCImage:
     """Build the RGB Secondary Capture for one finding, in the source's study and patient.
 
     The picture is `render_overlay`'s. `display` is the source's `display_pixels`, when
     the caller already has it (decoding a large compressed radiograph twice costs more
-    than the whole overlay).
+    than the whole overlay). `study` (the study's verdict) goes on the banner and into
+    Image Comments: the worker gives it to the study's first overlay.
 
     Raises ValueError when the finding is about another image or its heatmap does not
     match the source's rows x columns; DecodeError (from `display_pixels`) when the
@@ -101,7 +105,7 @@ def make_overlay(
             f"source is {source.SOPInstanceUID}"
         )
     grey = display_pixels(source) if display is None else display
-    image = render_overlay(finding, grey, max_size=max_size, colormap=colormap)
+    image = render_overlay(finding, grey, max_size=max_size, colormap=colormap, study=study)
     scale, _ = _scaled_size(grey.shape, max_size)
     model = finding.model
     header = study_header(source)
@@ -126,6 +130,8 @@ def make_overlay(
         + ("detected fracture boxes drawn, " if _shown_boxes(finding) else "")
         + "text banner added."
     )
+    if study is not None:
+        overlay.ImageComments = study
     # The banner names the model and its verdict, never the patient or the date.
     overlay.BurnedInAnnotation = "NO"
     return overlay
@@ -248,7 +254,8 @@ def _label(xray: np.ndarray, text: str, left: int, top_row: int, clearance: int,
                 _WHITE, 1, cv2.LINE_AA)
 
 
-def _banner(finding: Finding, width: int, *, legend: bool) -> np.ndarray:
+def _banner(finding: Finding, width: int, *, legend: bool,
+            study: str | None = None) -> np.ndarray:
     """Black strip with white text (and a red/yellow line when untrained), `width` wide;
     the box legend, in the boxes' colour, when `legend`.
 
@@ -256,6 +263,8 @@ def _banner(finding: Finding, width: int, *, legend: bool) -> np.ndarray:
     the image to the screen; lines that do not fit are wrapped at spaces.
     """
     lines = header_lines(finding.model)
+    if study is not None:
+        lines.append((study, _WHITE, _BLACK))
     lines.append((_verdict_text(finding), _WHITE, _BLACK))
     if legend:
         lines.append((BOX_LEGEND, BOX_COLOUR, _BLACK))

@@ -24,7 +24,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as dicom_codes
 from pydicom.sr.coding import Code
 
-from fractured.engine.findings import Box, DecisionLevel, Finding
+from fractured.engine.findings import Box, DecisionLevel, Finding, study_verdict
 from fractured.results import codes
 from fractured.results.header import carry_character_set, study_header
 
@@ -194,6 +194,7 @@ def summary_text(findings: Sequence[Finding], not_analysed: Sequence[str] = ()) 
     lines = [f"{codes.DISCLAIMER}. Model {model.name} {model.version}."]
     if not model.trained:
         lines.append(f"{codes.UNTRAINED_WARNING}.")
+    lines.append(f"{study_verdict(findings)}.")
     for number, finding in enumerate(findings, start=1):
         verdict = {DecisionLevel.LIKELY: "likely fracture",
                    DecisionLevel.POSSIBLE: "possible fracture",

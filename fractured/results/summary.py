@@ -2,7 +2,8 @@
 
 Optional (`[results].summary_image`): in a viewer that shows one image per series at a
 time, a radiologist sees the whole study's result at a glance, with a study banner
-(how many images, how many likely and possible fractures) above the per-image overlays
+(the study's level, the highest of its images', and how many likely and possible
+fractures) above the per-image overlays
 laid out in a grid. It references every source image, and sits in the overlay series
 after the per-image overlays.
 """
@@ -16,7 +17,7 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 
-from fractured.engine.findings import DecisionLevel, Finding
+from fractured.engine.findings import Finding, study_verdict
 from fractured.results import codes
 from fractured.results.header import study_header
 from fractured.results.overlay import (
@@ -45,12 +46,8 @@ def render_summary(findings: Sequence[Finding], displays: Sequence[np.ndarray], 
     for index, tile in enumerate(tiles):
         top, left = (index // columns) * cell_height, (index % columns) * cell
         grid[top:top + tile.shape[0], left:left + tile.shape[1]] = tile
-    levels = [f.level for f in findings]
-    verdict = (f"Study: {len(findings)} image{'s' if len(findings) != 1 else ''}; "
-               f"likely fracture on {levels.count(DecisionLevel.LIKELY)}, possible on "
-               f"{levels.count(DecisionLevel.POSSIBLE)}")
-    banner = text_banner([*header_lines(findings[0].model), (verdict, _WHITE, _BLACK)],
-                         grid.shape[1])
+    banner = text_banner([*header_lines(findings[0].model),
+                          (study_verdict(findings), _WHITE, _BLACK)], grid.shape[1])
     return np.vstack([banner, grid])
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ from fractured.training.evaluation import (
     choose_operating_points,
     choose_region_operating_points,
 )
-from fractured.training.evaluation.calibration import fit_region_points
+from fractured.training.evaluation.calibration import expected_flag_rates, fit_region_points
 from fractured.training.export import IMAGENET_MEAN, IMAGENET_STD
 from fractured.training.fusion import FusionResult, fuse
 from fractured.training.loops import Device
@@ -391,6 +392,10 @@ def test_calibration_fits_regions_and_build_engine_carries_them_into_the_bundle(
                        version="0.0.1", tensorrt=False)
     manifest = Bundle.load(out).manifest
     assert manifest.to_dict()["classifier"][BY_REGION] == by_region
+    # the shares flagged per region go with them, for the node's drift watch
+    rates = manifest.classifier.expected_flag_rates
+    assert rates is not None and set(rates) <= {"hand", "leg", "hip", "shoulder", "other"}
+    assert sum(rate.images for rate in rates.values()) == calibration["val_images"]
     card = (out / MODEL_CARD_FILE).read_text()
     assert "## Operating points per body region" in card
     assert "| hand | own" in card and "| leg | pooled (too few cases)" in card
@@ -433,12 +438,14 @@ def test_a_fusion_without_regions_drops_the_sources_points_per_region(
     weights = {"logit_weight": 1.0, "box_weight": 0.5, "intercept": 0.0}
     result = FusionResult(source=source, fusion=Fusion(**weights),
                           operating_points={"high_sensitivity": 0.3, "high_specificity": 0.7},
-                          operating_points_by_region={}, summary={"weights": weights},
-                          report=report, report_path=report_path)
+                          operating_points_by_region={}, expected_flag_rates={},
+                          summary={"weights": weights}, report=report,
+                          report_path=report_path)
     out = build_fused_bundle(result, tmp_path / "fused", version="0.0.2")
     classifier = Bundle.load(out).manifest.classifier
     assert classifier.fusion == Fusion(**weights)
     assert classifier.operating_points_by_region is None
+    assert classifier.expected_flag_rates is None
 
 
 @pytest.fixture
@@ -496,6 +503,17 @@ def test_fuse_fits_the_points_per_region_again_on_the_fused_probability(
     written = json.loads((out / MANIFEST_FILE).read_text())["classifier"][BY_REGION]
     assert written == result.operating_points_by_region
     assert written["hand"]["high_sensitivity"] > 0.1  # not the source's stale 0.001
+    # the shares flagged on validation, each image at its region's fused points
+    rates = Bundle.load(out).manifest.classifier.expected_flag_rates
+    parts = [row["body_part"] for row in rows]
+    hands = np.array([part == "hand" for part in parts])
+    hand_points = written["hand"]
+    assert rates["hand"].images == hands.sum()
+    # (validation.csv's 6 decimals may move an image sitting on the threshold)
+    assert rates["hand"].high_sensitivity == pytest.approx(
+        (fused[hands] >= hand_points["high_sensitivity"]).mean(), abs=1.01 / hands.sum())
+    assert rates["hand"].high_sensitivity == result.expected_flag_rates["hand"][
+        "high_sensitivity"]
 
 
 def flat(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -506,3 +524,35 @@ def flat(tree: Any, prefix: str = "") -> dict[str, Any]:
                 for key, value in flat(item, f"{prefix}{name}.").items()}
     value = float(tree) if isinstance(tree, int | float) else hash(tree)
     return {prefix: value}
+
+
+def test_expected_flag_rates_decide_each_image_at_its_regions_points() -> None:
+    probs = [0.05, 0.2, 0.6, 0.95, 0.2, 0.6, 0.95, 0.5]
+    parts = ["hand", "hand", "hand", "hand", "leg", "leg", "leg", "mixed"]
+    by_region = {"hand": own_points(0.1, 0.9),
+                 "leg": {**own_points(0.01, 0.02), "source": "pooled"}}
+    rates = expected_flag_rates(probs, parts, POOLED_POINTS, by_region)
+    assert rates["hand"] == {"images": 4, "high_sensitivity": 0.75, "high_specificity": 0.25}
+    # leg falls back to the pooled 0.4 / 0.6; mixed has no region: "other", pooled
+    assert rates["leg"] == {"images": 3, "high_sensitivity": 2 / 3,
+                            "high_specificity": 2 / 3}
+    assert rates["other"] == {"images": 1, "high_sensitivity": 1.0, "high_specificity": 0.0}
+    assert set(rates) == {"hand", "leg", "other"}  # no hip or shoulder image
+
+
+@pytest.mark.parametrize(("rates", "message"), [
+    ({"knee": {"images": 3, "high_sensitivity": 0.5, "high_specificity": 0.1}},
+     "expected_flag_rates.knee"),
+    ({"hand": {"images": 3, "high_sensitivity": 1.5, "high_specificity": 0.1}},
+     "expected_flag_rates.hand.high_sensitivity"),
+    ({"hand": {"images": 3, "high_sensitivity": 0.5}},
+     "expected_flag_rates.hand.high_specificity"),
+])
+def test_bad_expected_flag_rates_are_refused_naming_the_key(
+        untrained_bundle: Path, tmp_path: Path, rates: dict, message: str) -> None:
+    copy = Path(shutil.copytree(untrained_bundle, tmp_path / "b"))
+    manifest = json.loads((copy / MANIFEST_FILE).read_text())
+    manifest["classifier"]["expected_flag_rates"] = rates
+    (copy / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=re.escape(message)):
+        Bundle.load(copy)

@@ -2,7 +2,8 @@
 # Install what the node and its tests need on a fresh Debian machine, idempotently:
 # the DICOM peers the tests talk to (DCMTK, Orthanc, dicom3tools; openssl makes their
 # TLS certificates), PostgreSQL's server (the tests start a cluster of their own: no
-# service is needed), systemd (systemd-analyze checks the unit) and a venv in .venv
+# service is needed), systemd (systemd-analyze checks the unit), prometheus (promtool
+# checks the alert rules in docs/monitoring) and a venv in .venv
 # with the package, its training extra (torch) and its test extra.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,7 +11,7 @@ cd "$(dirname "$0")/.."
 # By package, not by command: pynetdicom installs its own `storescu` and `echoscu`
 # into the venv, which would hide a missing DCMTK from an activated shell.
 need_apt=()
-for package in dcmtk orthanc dicom3tools openssl postgresql systemd; do
+for package in dcmtk orthanc dicom3tools openssl postgresql systemd prometheus; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
     || need_apt+=("$package")
 done

@@ -202,3 +202,14 @@ class _ModelCollector:
             "shows once the next study starts).",
             value={"name": info.name, "version": info.version,
                    "backend": pipeline.backend_name, "trained": str(info.trained).lower()})
+        rates = pipeline.bundle.manifest.classifier.expected_flag_rates
+        if rates:
+            expected = GaugeMetricFamily(
+                "fractured_expected_flagged_share", "Share of the active model's validation "
+                "images flagged, by body region and operating point (high_sensitivity: "
+                "possible or likely; high_specificity: likely): what the shares of "
+                "fractured_findings_total are watched against.", labels=["region", "point"])
+            for region, rate in rates.items():
+                expected.add_metric([region, "high_sensitivity"], rate.high_sensitivity)
+                expected.add_metric([region, "high_specificity"], rate.high_specificity)
+            yield expected

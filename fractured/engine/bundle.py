@@ -135,6 +135,23 @@ class RegionPoints:
         return _plain(self)
 
 
+#: The groups `expected_flag_rates` has: each body region, and "other" (images of no
+#: region: FracAtlas's mixed images, a body part of no region).
+FLAG_RATE_GROUPS: tuple[str, ...] = (*(region.value for region in Region), "other")
+
+
+@dataclass(frozen=True)
+class FlagRates:
+    """What share of a group's validation images each operating point flagged, as the
+    node decides them (each image at its region's points): the rate a site's own share
+    is watched against for drift. It depends on the validation part's prevalence, which a
+    site's need not share: a difference is a question, not proof of a fault."""
+
+    images: int
+    high_sensitivity: float
+    high_specificity: float
+
+
 @dataclass(frozen=True)
 class ClassifierSpec:
     """The image-level classifier: what it is, what it outputs and how to read it."""
@@ -155,6 +172,10 @@ class ClassifierSpec:
     # The probability fused with the detector's best box score; absent = the classifier's
     # calibrated probability alone, as in bundles written before fusion.
     fusion: Fusion | None = field(default=None, metadata=OMIT_IF_NONE)
+    # Per FLAG_RATE_GROUPS key, the share of validation images flagged at each point;
+    # absent in bundles written before it (their drift has no expectation to meet).
+    expected_flag_rates: Mapping[str, FlagRates] | None = field(
+        default=None, metadata=OMIT_IF_NONE)
 
     def points_for(self, region: Region | None) -> tuple[OperatingPoints, PointsRegion | None]:
         """The operating points for an image of `region` (None: not known), and whose
@@ -304,9 +325,26 @@ def _classifier(r: _Reader) -> ClassifierSpec:
         members=r.integer("members") if "members" in r.data else 1,
         operating_points_by_region=(_by_region(r.table(BY_REGION), points)
                                     if BY_REGION in r.data else None),
-        fusion=_fusion(r.table("fusion")) if "fusion" in r.data else None)
+        fusion=_fusion(r.table("fusion")) if "fusion" in r.data else None,
+        expected_flag_rates=(_flag_rates(r.table("expected_flag_rates"))
+                             if "expected_flag_rates" in r.data else None))
     r.done()
     return spec
+
+
+def _flag_rates(r: _Reader) -> Mapping[str, FlagRates]:
+    unknown = [name for name in r.data if name not in FLAG_RATE_GROUPS]
+    if unknown:
+        raise r.fail(unknown[0], f"is no group; expected_flag_rates has "
+                     f"{', '.join(FLAG_RATE_GROUPS)}")
+    rates = {}
+    for name in list(r.data):
+        entry = r.table(name)
+        rates[name] = FlagRates(entry.count("images"), entry.share("high_sensitivity"),
+                                entry.share("high_specificity"))
+        entry.done()
+    r.done()
+    return types.MappingProxyType(rates)
 
 
 def _by_region(r: _Reader, pooled: OperatingPoints) -> Mapping[Region, RegionPoints]:
@@ -450,6 +488,13 @@ class _Reader:
         value = self._get(key)
         if not _is_number(value) or not 0 < value < 1:
             raise self.fail(key, "must be a number between 0 and 1, both excluded")
+        return float(value)
+
+    def share(self, key: str) -> float:
+        """A proportion in [0, 1]."""
+        value = self._get(key)
+        if not _is_number(value) or not 0 <= value <= 1:
+            raise self.fail(key, "must be a number from 0 to 1")
         return float(value)
 
     def rate(self, key: str) -> float | None:

@@ -282,7 +282,8 @@ def build_fused_bundle(result: FusionResult, out_dir: Path, *, name: str | None 
                                     if key != MODEL_CARD_FILE}
     classifier = {"operating_points": result.operating_points,
                   BY_REGION: result.operating_points_by_region or None,
-                  "fusion": result.summary["weights"]}
+                  "fusion": result.summary["weights"],
+                  "expected_flag_rates": result.expected_flag_rates or None}
     return _derived_bundle(source, out_dir, name=name, version=version, files=files,
                            classifier=classifier, backends=None, kind="fusion",
                            summary=result.summary, report=result.report,
@@ -393,7 +394,9 @@ def _built_classifier(path: Path, state: dict[str, Any], scratch: Path, *,
                "operating_points": dict(state["calibration"]["operating_points"]),
                "members": spec.get("members", 1),
                **({BY_REGION: state["calibration"][BY_REGION]}
-                  if BY_REGION in state["calibration"] else {})},
+                  if BY_REGION in state["calibration"] else {}),
+               **({"expected_flag_rates": state["calibration"]["expected_flag_rates"]}
+                  if "expected_flag_rates" in state["calibration"] else {})},
         files=files, training=_training_summary(path, state), mean=spec["mean"],
         std=spec["std"],
         dataset=Path(provenance["dataset"]) if provenance.get("dataset") else None,

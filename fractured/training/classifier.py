@@ -35,6 +35,7 @@ from fractured.training.datasets.base import DatasetError, Sample
 from fractured.training.evaluation.calibration import (
     RegionRule,
     choose_operating_points,
+    expected_flag_rates,
     fit_region_points,
     fit_shift_and_temperature,
 )
@@ -198,8 +199,9 @@ def calibrate(best: Path, val_set: ClassifierImages, cfg: ClassifierSettings, de
     points, achieved = choose_operating_points(labels, prob,
                                                sensitivity=cfg.target_sensitivity,
                                                specificity=cfg.target_specificity)
+    body_parts = [sample.body_part for sample in val_set.data.samples]
     by_region = fit_region_points(
-        labels, prob, [sample.body_part for sample in val_set.data.samples], points,
+        labels, prob, body_parts, points,
         RegionRule(cfg.region_min_fractures, cfg.region_min_normals,
                    cfg.region_min_specificity),
         sensitivity=cfg.target_sensitivity, specificity=cfg.target_specificity)
@@ -211,6 +213,7 @@ def calibrate(best: Path, val_set: ClassifierImages, cfg: ClassifierSettings, de
         "operating_points": {"high_sensitivity": points.high_sensitivity,
                              "high_specificity": points.high_specificity},
         **({BY_REGION: by_region} if by_region else {}),
+        "expected_flag_rates": expected_flag_rates(prob, body_parts, points, by_region),
         "achieved_on_val": achieved,
         "val_images": len(labels),
     }

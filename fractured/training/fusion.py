@@ -47,7 +47,7 @@ from fractured.training.bundle_scoring import (
     write_test_report,
 )
 from fractured.training.evaluation import choose_operating_points, paired_auc_difference
-from fractured.training.evaluation.calibration import fit_region_points
+from fractured.training.evaluation.calibration import expected_flag_rates, fit_region_points
 from fractured.training.export import BuildError
 from fractured.training.node_assessment import NodeView, points_rule
 
@@ -69,6 +69,8 @@ class FusionResult:
     operating_points: dict[str, float]  # high_sensitivity, high_specificity
     # the manifest's operating_points_by_region on the fused probability; {} = none
     operating_points_by_region: dict[str, dict[str, Any]]
+    # the manifest's expected_flag_rates at those points, on the fused probability
+    expected_flag_rates: dict[str, dict[str, Any]]
     summary: dict[str, Any]  # training.fusion of the new manifest
     report: dict[str, Any]  # the metrics.json written (for the held-out summary)
     report_path: Path
@@ -177,6 +179,9 @@ def fuse(source: Path, split_dir: Path, report_dir: Path, *, dataset: Path | Non
              **{f"{part}_auc_{key}": round(comparison[part][key], 4)
                 for part in ("validation", "test") for key in ("before", "after")
                 if comparison[part][key] is not None})
+    rates = expected_flag_rates(val_prob, [sample.body_part for sample in val.samples],
+                                points, by_region)
     return FusionResult(source=bundle, fusion=fusion, operating_points=chosen,
-                        operating_points_by_region=by_region, summary=summary, report=report,
+                        operating_points_by_region=by_region, expected_flag_rates=rates,
+                        summary=summary, report=report,
                         report_path=report_dir / "metrics.json")

@@ -24,7 +24,7 @@ high-sensitivity point and a minimum of cases below which the pooled pair is kep
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -296,6 +296,31 @@ def fit_region_points(labels: ArrayLike, prob: ArrayLike, body_parts: Sequence[s
                  sensitivity=fit.high_sensitivity.sensitivity,
                  specificity=fit.high_sensitivity.specificity)
     return {region.value: entry.to_dict() for region, entry in chosen.items()}
+
+
+def expected_flag_rates(prob: ArrayLike, body_parts: Sequence[str],
+                        pooled: OperatingPoints,
+                        by_region: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The manifest's `classifier.expected_flag_rates`: per body region (and "other"),
+    the share of these validation images each point flags, each image decided at its
+    region's points (its own, where `by_region` fitted them; else `pooled`), as the
+    node decides. Groups without an image are left out."""
+    prob = np.asarray(prob, dtype=float)
+    groups: dict[str, list[int]] = {}
+    for index, part in enumerate(body_parts):
+        region = region_of(part)
+        groups.setdefault(region.value if region is not None else "other", []).append(index)
+    rates = {}
+    for name, indices in groups.items():
+        entry = by_region.get(name)
+        own = entry is not None and entry.get("source") == OWN_POINTS
+        points = (OperatingPoints(entry["high_sensitivity"], entry["high_specificity"])
+                  if own else pooled)
+        scores = prob[indices]
+        rates[name] = {"images": len(indices),
+                       "high_sensitivity": float((scores >= points.high_sensitivity).mean()),
+                       "high_specificity": float((scores >= points.high_specificity).mean())}
+    return rates
 
 
 def _achieved(labels: np.ndarray, scores: np.ndarray, threshold: float, *,

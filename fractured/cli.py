@@ -142,17 +142,60 @@ def _engine_status(location: Path) -> dict[str, str | None]:
         return {"location": str(location), "active": None, "shadow": None}
 
 
+def _expected_rates(location: Path) -> dict[str, dict[str, float]] | None:
+    """The active bundle's expected flag rates per region (None: none recorded, or no
+    bundle to read)."""
+    from fractured.engine.bundle import BundleError
+    from fractured.engine.registry import resolve_bundle
+
+    try:
+        rates = resolve_bundle(location).manifest.classifier.expected_flag_rates
+    except (BundleError, OSError):
+        return None
+    return None if rates is None else {
+        region: {"high_sensitivity": rate.high_sensitivity,
+                 "high_specificity": rate.high_specificity} for region, rate in rates.items()}
+
+
+def _week_text(week: dict) -> str:
+    """The last 7 days in lines: per region, the share flagged at each point beside the
+    model's expected share; the images not analysed, by reason."""
+    regions, outside, expected = week["regions"], week["not_analysed"], week["expected"]
+    analysed = sum(entry["images"] for entry in regions.values())
+    lines = [f"last 7 days: {analysed} images analysed, {sum(outside.values())} not analysed"
+             + (" (" + ", ".join(f"{k} {v}" for k, v in sorted(outside.items())) + ")"
+                if outside else "")]
+    for region, entry in sorted(regions.items()):
+        flagged = {"high_sensitivity": entry["possible"] + entry["likely"],
+                   "high_specificity": entry["likely"]}
+        cells = []
+        for point, words in (("high_sensitivity", "possible or likely"),
+                             ("high_specificity", "likely")):
+            share = flagged[point] / entry["images"]
+            rate = (expected or {}).get(region, {}).get(point)
+            cells.append(f"{words} {100 * share:.1f} %"
+                         + (f" (expected {100 * rate:.1f} %)" if rate is not None else ""))
+        lines.append(f"  {region}: {entry['images']} images, " + ", ".join(cells))
+    return "\n".join(lines)
+
+
 @main.command()
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def status(config_path: Path | None, as_json: bool) -> None:
-    """The engine in use, studies and deliveries by state (UIDs only: no patient data)."""
+    """The engine in use, studies and deliveries by state (UIDs only: no patient data),
+    and the last 7 days' images: the share flagged per body region against the model's
+    expected share, and the images not analysed by reason."""
     settings = _settings(config_path)
-    from fractured.daemon.queue import Queue, make_engine
+    from datetime import timedelta
+
+    from fractured.daemon.queue import Queue, make_engine, utcnow
 
     queue = Queue(make_engine(settings.database.url))
     report = {"engine": _engine_status(settings.engine.bundle), **queue.counts(),
-              "study_list": queue.studies(), "dead_letters": queue.dead_letters()}
+              "study_list": queue.studies(), "dead_letters": queue.dead_letters(),
+              "last_7_days": {**queue.outcomes_since(utcnow() - timedelta(days=7)),
+                              "expected": _expected_rates(settings.engine.bundle)}}
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -167,6 +210,7 @@ def status(config_path: Path | None, as_json: bool) -> None:
                    f"images {row['instances']:<4} runs {row['runs']:<3} "
                    f"delivered {row['delivered']}" + (f"  ({row['reason']})"
                                                       if row["reason"] else ""))
+    click.echo(_week_text(report["last_7_days"]))
     if report["dead_letters"]:
         click.echo(f"dead letters ({len(report['dead_letters'])}; `fractured retry` sends "
                    "them again):")

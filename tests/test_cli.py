@@ -73,8 +73,10 @@ def test_status_on_an_empty_node(tmp_path: Path, untrained_bundle: Path) -> None
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["engine"]["active"] == Path(report["engine"]["location"]).name
+    week = report.pop("last_7_days")
     assert {k: v for k, v in report.items() if k != "engine"} == {
         "studies": {}, "deliveries": {}, "study_list": [], "dead_letters": []}
+    assert (week["regions"], week["not_analysed"], week["expected"]) == ({}, {}, None)
 
 
 def test_cli_lists_the_backbones_the_models_have() -> None:

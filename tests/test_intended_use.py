@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pydicom
@@ -173,6 +175,10 @@ def test_the_node_speaks_only_inside_the_intended_use(untrained_bundle: Path,
                                                       tmp_path: Path) -> None:
     bundle = declared(untrained_bundle, tmp_path / "limbs",
                       {"body_parts": ["LEG"], "min_age_years": 18})
+    manifest = json.loads((bundle / MANIFEST_FILE).read_text())
+    manifest["classifier"]["expected_flag_rates"] = {
+        "leg": {"images": 256, "high_sensitivity": 0.5, "high_specificity": 0.25}}
+    (bundle / MANIFEST_FILE).write_text(json.dumps(manifest))
     node = NodeProcess(tmp_path / "node", bundle, []).start()
     try:
         leg, chest = factory.dx_study(2)
@@ -196,7 +202,8 @@ def test_the_node_speaks_only_inside_the_intended_use(untrained_bundle: Path,
         events = {e["sop_instance_uid"]: e for e in node.events("image.skipped")}
         assert events[str(chest.SOPInstanceUID)]["scope"] == "body_part_outside"
         assert "007" not in json.dumps(events[str(child.SOPInstanceUID)])
-        processed = node.events("study.processed")
+        processed = wait_for("the processed study's log line",
+                             lambda: node.events("study.processed"), 30)
         assert [e["images"] for e in processed] == [1]  # the leg alone
         assert node.events("model.intended_use")[0]["body_parts"] == ["LEG"]
         # the leg's SR says the chest beside it was not analysed, and why
@@ -217,6 +224,19 @@ def test_the_node_speaks_only_inside_the_intended_use(untrained_bundle: Path,
                          reason=reason) == count
         assert sum(value(samples, "fractured_findings_total", region="leg", level=level)
                    for level in ("negative", "possible", "likely")) == 1
+        # fractured status: the week's images per region and per reason not analysed,
+        # beside the model's expected shares (this bundle declares its own)
+        week = node.status()["last_7_days"]
+        assert week["not_analysed"] == {"body_part_outside": 1, "under_age": 1}
+        assert sum(week["regions"]["leg"][k] for k in ("images",)) == 1
+        assert week["expected"] == {"leg": {"high_sensitivity": 0.5,
+                                            "high_specificity": 0.25}}
+        text = subprocess.run([sys.executable, "-m", "fractured", "status", "--config",
+                               str(node.config)], capture_output=True, text=True,
+                              check=True).stdout
+        assert "last 7 days: 1 images analysed, 2 not analysed (body_part_outside 1, " \
+               "under_age 1)" in text
+        assert "  leg: 1 images, possible or likely " in text and "(expected 50.0 %)" in text
     finally:
         node.stop()
 

@@ -27,6 +27,7 @@ from fractured.cli import main
 from fractured.daemon import retention
 from fractured.daemon.queue import (
     Delivery,
+    ImageOutcome,
     Instance,
     Queue,
     ReceivedInstance,
@@ -112,7 +113,12 @@ def process(node: Node, *, results: int = 2, destinations: tuple[str, ...] = ("p
         path = path.rename(path.with_name(f"{uid}.dcm"))
         objects.append(ResultObject(uid, factory.BASIC_TEXT_SR, path))
     before = {d.id for d in node.queue.due_deliveries()}
-    node.queue.finish(claim, WORKER, objects, list(destinations), skipped=skipped)
+    outcome = ImageOutcome(  # what `fractured status` reads of the run's image
+        study_instance_uid=claim.study_instance_uid, sop_instance_uid="1.2.3.4",
+        run=claim.run, recorded_at=utcnow(), model="m-1", region="leg", scope="in_scope",
+        level="possible", probability=0.4)
+    node.queue.finish(claim, WORKER, objects, list(destinations), skipped=skipped,
+                      outcomes=[outcome])
     if objects and destinations:
         write_durably(objects[0].path.parent / "committed", b"")
     return claim.study_instance_uid, [d.id for d in node.queue.due_deliveries()
@@ -152,7 +158,8 @@ def spool_files(node: Node) -> set[str]:
 def rows(node: Node) -> dict[str, set[tuple[object, ...]]]:
     with node.queue.engine.connect() as db:
         return {table: {tuple(r) for r in db.execute(text(f"SELECT * FROM {table}"))}
-                for table in ("studies", "instances", "deliveries", "shadow_findings")}
+                for table in ("studies", "instances", "deliveries", "shadow_findings",
+                              "image_outcomes")}
 
 
 def files_of(node: Node, study_uid: str) -> set[str]:
@@ -264,6 +271,9 @@ def test_each_kind_goes_at_its_age_and_studies_in_work_never(node: Node) -> None
     assert node.queue.dead_letters()  # still listed, its files still there to retry
     assert node.queue.shadow_findings() == []
     after = rows(node)
+    # a study's outcome rows go with its records, and only then (of the two studies
+    # whose records went, the failed one never finished a run, so it had none)
+    assert len(before_rows["image_outcomes"]) - len(after["image_outcomes"]) == 1
     assert after["studies"] <= before_rows["studies"]
     assert len(before_rows["studies"]) - len(after["studies"]) == 2
     removed = sum(len(before_rows[t] - after[t]) for t in after)

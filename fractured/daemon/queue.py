@@ -23,6 +23,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import (
     DateTime,
@@ -145,6 +146,27 @@ class ShadowFinding(Base):
     shadow_probability: Mapped[float] = mapped_column(Float)
     shadow_level: Mapped[str] = mapped_column(String(16))
     shadow_boxes: Mapped[int] = mapped_column(Integer)
+
+
+class ImageOutcome(Base):
+    """What one run concluded about one routed image: its body region ("other" where
+    none), its decision level and probability, or, for an image outside the model's
+    intended use, no level and why (`scope`). Written with the run's results, in the
+    same transaction; read by `fractured status` for the last 7 days against the
+    model's expected flag rates. UIDs, a region and numbers: no patient data."""
+
+    __tablename__ = "image_outcomes"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    run: Mapped[int] = mapped_column(Integer)
+    recorded_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+    model: Mapped[str] = mapped_column(String(128))
+    region: Mapped[str] = mapped_column(String(16))
+    scope: Mapped[str] = mapped_column(String(32))  # engine.intended_use.ScopeReason
+    level: Mapped[str | None] = mapped_column(String(16))  # None: not analysed
+    probability: Mapped[float | None] = mapped_column(Float)
 
 
 @dataclass(frozen=True)
@@ -491,9 +513,10 @@ class Queue:
                              .values(last_received_at=utcnow())).rowcount
 
     def finish(self, claim: ClaimedStudy, worker: str, results: Sequence[ResultObject],
-               destinations: Sequence[str], *, skipped: str | None = None
-               ) -> StudyState | None:
-        """Commit a run's results and queue their deliveries, in one transaction.
+               destinations: Sequence[str], *, skipped: str | None = None,
+               outcomes: Sequence[ImageOutcome] = ()) -> StudyState | None:
+        """Commit a run's results, queue their deliveries and record its images'
+        `outcomes`, in one transaction.
 
         Returns the study's new state, or None when the lease was lost (another worker
         took over): the study is left alone, that worker's run is the one that counts.
@@ -505,6 +528,7 @@ class Queue:
             study = s.get(Study, claim.id, with_for_update=True)
             if study is None or study.claimed_by != worker or study.runs != claim.run:
                 return None
+            s.add_all(outcomes)
             for result in results:
                 for name in destinations:
                     s.add(Delivery(study_id=study.id, run=claim.run, destination=name,
@@ -616,6 +640,28 @@ class Queue:
                                         .group_by(Delivery.state)).all())
         return {"studies": {str(k): v for k, v in studies.items()},
                 "deliveries": {str(k): v for k, v in deliveries.items()}}
+
+    def outcomes_since(self, since: datetime) -> dict[str, Any]:
+        """Routed images recorded since `since`, for `fractured status`: analysed ones
+        per region and level, the others per reason (each run of a study counts its
+        images: a study analysed again after a late image counts twice)."""
+        with self._tx() as s:
+            rows = s.execute(
+                select(ImageOutcome.region, ImageOutcome.level, ImageOutcome.scope,
+                       func.count())
+                .where(ImageOutcome.recorded_at >= since)
+                .group_by(ImageOutcome.region, ImageOutcome.level, ImageOutcome.scope)).all()
+        regions: dict[str, dict[str, int]] = {}
+        outside: dict[str, int] = {}
+        for region, level, scope, count in rows:
+            if level is None:
+                outside[scope] = outside.get(scope, 0) + count
+                continue
+            entry = regions.setdefault(region, {"images": 0, "possible": 0, "likely": 0})
+            entry["images"] += count
+            if level in entry:
+                entry[level] += count
+        return {"since": since.isoformat(), "regions": regions, "not_analysed": outside}
 
     def studies(self) -> list[dict[str, object]]:
         """One row per study (no patient data: UIDs and states only), in two queries

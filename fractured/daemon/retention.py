@@ -46,6 +46,7 @@ from fractured.config import RetentionSettings, Settings
 from fractured.daemon.queue import (
     Delivery,
     DeliveryState,
+    ImageOutcome,
     Instance,
     Queue,
     ShadowFinding,
@@ -249,7 +250,8 @@ def _plan_study(conn: Connection, keep: RetentionSettings, spool: Path, now: dat
     if records:
         rows += 1 + sum(conn.execute(select(func.count()).where(where)).scalar_one()
                         for where in (Delivery.study_id == study_id,
-                                      ShadowFinding.study_instance_uid == uid))
+                                      ShadowFinding.study_instance_uid == uid,
+                                      ImageOutcome.study_instance_uid == uid))
     return StudyPurge(study_id, uid, finished, reasons, images, results, len(sizes),
                       sum(sizes), rows)
 
@@ -343,6 +345,7 @@ def _delete_rows(conn: Connection, study: StudyPurge) -> int:
                             ).rowcount
     return sum(conn.execute(statement).rowcount for statement in (
         delete(ShadowFinding).where(ShadowFinding.study_instance_uid == study.study_instance_uid),
+        delete(ImageOutcome).where(ImageOutcome.study_instance_uid == study.study_instance_uid),
         delete(Delivery).where(Delivery.study_id == study.study_id),
         delete(Instance).where(Instance.study_id == study.study_id),
         delete(Study).where(Study.id == study.study_id)))

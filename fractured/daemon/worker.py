@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import socket
 import time
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +22,13 @@ from fractured import log
 from fractured.config import Settings
 from fractured.daemon.active_model import ActiveModel
 from fractured.daemon.metrics import NodeMetrics
-from fractured.daemon.queue import ClaimedStudy, Queue, ResultObject
+from fractured.daemon.queue import ClaimedStudy, ImageOutcome, Queue, ResultObject, utcnow
 from fractured.daemon.routing import Router, skipped_reason
 from fractured.daemon.shadow import record as record_shadow
 from fractured.durable import write_durably
 from fractured.engine.findings import Finding, study_verdict
-from fractured.engine.intended_use import ScopeReason
+from fractured.engine.intended_use import ScopeCheck, ScopeReason
+from fractured.engine.pipeline import Pipeline
 from fractured.engine.preprocess import DecodeError, display_pixels, read_dataset
 from fractured.engine.regions import dataset_region
 from fractured.engine.sources import image_ref
@@ -92,6 +94,8 @@ class Worker:
         sources: list[tuple[Dataset, np.ndarray]] = []
         outcomes: list[str] = []  # why images were not analysed
         outside: list[str] = []  # of those, the intended use's reasons, for the SR
+        records: list[ImageOutcome] = []  # every scope-checked image, for status
+        recorded = utcnow()
         for instance in claim.instances:
             sop_uid, path = instance.sop_instance_uid, instance.path
             decision = self.router.decide(instance)
@@ -109,6 +113,7 @@ class Worker:
                               detail=scope.detail, sop_instance_uid=sop_uid, **log_ctx)
                     outcomes.append(f"outside the intended use ({scope.detail})")
                     outside.append(scope.detail)
+                    records.append(_outcome(claim, sop_uid, recorded, pipeline, ds, scope))
                     continue
                 if scope.reason is ScopeReason.UNKNOWN_BODY_PART:
                     _log.info("image.scope_unknown", detail=scope.detail,
@@ -126,7 +131,7 @@ class Worker:
                           actions=[action for _, action in repairs], **log_ctx)
         if not sources:
             state = self.queue.finish(claim, self.id, [], [],
-                                      skipped=skipped_reason(outcomes))
+                                      skipped=skipped_reason(outcomes), outcomes=records)
             _log.info("study.skipped", state=str(state), **log_ctx)
             return
 
@@ -137,6 +142,8 @@ class Worker:
                                time.monotonic() - inference_started)
         for finding, ds in zip(findings, datasets, strict=True):
             self.metrics.finding(dataset_region(ds), finding.level, finding.probability)
+            records.append(_outcome(claim, finding.image.sop_instance_uid, recorded, pipeline,
+                                    ds, pipeline.scope(ds), finding))
         sr = make_sr(findings, datasets, series_instance_uid=generate_uid(),
                      series_number=SR_SERIES_NUMBER, device_uid=self.device_uid,
                      predecessors=self._earlier_report(claim), not_analysed=outside)
@@ -161,7 +168,8 @@ class Worker:
                    / str(claim.run))
         results = [_write(run_dir, obj) for obj in (sr, *overlays)]
         state = self.queue.finish(claim, self.id, results,
-                                  [d.name for d in self.settings.destinations])
+                                  [d.name for d in self.settings.destinations],
+                                  outcomes=records)
         if state is None:
             _log.warning("study.lease_lost", detail="another worker took the study over; "
                          "its run counts", **log_ctx)
@@ -192,6 +200,19 @@ class Worker:
         _log.info("shadow.processed", model=shadow.model.label, images=rows,
                   fractures=sum(f.fracture for f in candidate),
                   seconds=round(time.monotonic() - started, 3), **log_ctx)
+
+
+def _outcome(claim: ClaimedStudy, sop_uid: str, recorded: datetime, pipeline: Pipeline,
+             ds: Dataset, scope: ScopeCheck, finding: Finding | None = None) -> ImageOutcome:
+    """The status record of one scope-checked image: its finding's level and
+    probability, or none where it was not analysed."""
+    region = dataset_region(ds)
+    return ImageOutcome(
+        study_instance_uid=claim.study_instance_uid, sop_instance_uid=sop_uid,
+        run=claim.run, recorded_at=recorded, model=pipeline.model.label,
+        region=region.value if region is not None else "other", scope=str(scope.reason),
+        level=str(finding.level) if finding is not None else None,
+        probability=float(finding.probability) if finding is not None else None)
 
 
 #: Marker file of a run folder whose results were committed (queue.finish) as the study's.

@@ -16,7 +16,13 @@ from fractured.training.datasets.base import BoxLabel, Sample
 from fractured.training.evaluation.classification import clopper_pearson
 from fractured.training.evaluation.node_report import node_markdown
 from fractured.training.model_card import model_card
-from fractured.training.node_assessment import NodeView, assess, points_rule, pooled
+from fractured.training.node_assessment import (
+    NodeView,
+    assess,
+    points_rule,
+    pooled,
+    simulated_studies,
+)
 
 POOLED_POINTS = {"high_sensitivity": 0.3, "high_specificity": 0.7}
 HAND_POINTS = {"high_sensitivity": 0.5, "high_specificity": 0.9, "source": "region"}
@@ -147,3 +153,24 @@ def test_decisions_changed_by_int8_are_counted_at_each_regions_points() -> None:
     assert changed["decisions_changed"] == {"high_sensitivity": 1, "high_specificity": 0}
     pooled_only = changes(measured, measured, before, after, points_rule(POOLED_POINTS, None))
     assert pooled_only["decisions_changed"]["high_sensitivity"] == 0  # 0.40 -> 0.55 > 0.3
+
+
+def test_the_study_verdict_is_scored_on_studies_made_within_each_region() -> None:
+    # region a: 2 images, one study; region b: 3 images, whose lone last one joins
+    labels = np.array([1, 0, 0, 0, 0])
+    levels = [DecisionLevel.NEGATIVE, DecisionLevel.LIKELY,
+              DecisionLevel.POSSIBLE, DecisionLevel.NEGATIVE, DecisionLevel.NEGATIVE]
+    row = simulated_studies(labels, levels, ["a", "a", "b", "b", "b"])
+    assert (row["studies"], row["fractured"]) == (2, 1)
+    # a: fractured, highest level likely; b: normal, highest possible
+    assert row["high_sensitivity"]["sensitivity"]["k"] == 1
+    assert row["high_sensitivity"]["specificity"]["k"] == 0
+    assert row["high_specificity"]["specificity"]["k"] == 1
+    many = simulated_studies(np.zeros(90, dtype=int), [DecisionLevel.NEGATIVE] * 90,
+                             ["hand"] * 90)
+    assert many["studies"] == 30  # 2 + 3 + 4 = 9 images make 3 studies
+    measured, probability = _measured()
+    assessed = assess(measured, probability, points_rule(POOLED_POINTS, None), bootstrap=0)
+    assert assessed["studies"]["studies"] >= 2
+    assert "Study-level verdict" in "\n".join(node_markdown(
+        {"gate": "likely", "test": assessed}))

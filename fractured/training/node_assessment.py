@@ -24,7 +24,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from fractured.engine.bundle import OWN_POINTS
-from fractured.engine.findings import Box, DecisionLevel, OperatingPoints
+from fractured.engine.findings import LEVEL_ORDER, Box, DecisionLevel, OperatingPoints
 from fractured.engine.pipeline import BOX_GATES
 from fractured.engine.regions import POOLED, PointsRegion, Region, region_of
 from fractured.training.bundle_scoring import Measured
@@ -93,6 +93,8 @@ def assess(measured: Measured, probability: np.ndarray, points_for: PointsRule, 
         "pointing_game": pointing_game([measured.peaks[i] for i in fractured],
                                        [truth[i] for i in fractured]),
         "peak_in_field": _peaks_in_field(measured),
+        "studies": simulated_studies(measured.labels, levels,
+                                     [r.value if r else OTHER for r in regions], seed=seed),
     }
 
 
@@ -113,6 +115,40 @@ class NodeView:
                 "validation_and_test": assess(
                     both, np.concatenate([self.val_probability, probability]),
                     self.points_for, bootstrap=bootstrap)}
+
+
+def simulated_studies(labels: np.ndarray, levels: Sequence[DecisionLevel],
+                      groups: Sequence[str], *, seed: int = 0) -> dict[str, Any]:
+    """The study-level verdict (`findings.study_level`: the highest level of a study's
+    images) scored on studies made from single images, since the data has no patients:
+    within each region, the images in a seeded random order are dealt into studies of
+    2, 3, 4, 2, 3, 4... images (a last one of a single image joins the one before). A
+    study is fractured when any of its images is."""
+    rng = np.random.default_rng(seed)
+    studies: list[list[int]] = []
+    for name in sorted(set(groups)):
+        members = [i for i, group in enumerate(groups) if group == name]
+        order = [members[i] for i in rng.permutation(len(members))]
+        start, size = 0, 2
+        while start < len(order):
+            studies.append(order[start:start + size])
+            start, size = start + size, 2 + (size - 1) % 3
+        if len(studies[-1]) == 1 and len(order) > 1:
+            lone = studies.pop()
+            studies[-1] += lone
+    fractured = np.array([labels[study].any() for study in studies])
+    top = [max((levels[i] for i in study), key=LEVEL_ORDER.index) for study in studies]
+    row: dict[str, Any] = {
+        "how": "images of one region dealt into studies of 2-4 (seeded); a study is "
+               "fractured when any image is; its level is the highest of its images'",
+        "studies": len(studies), "fractured": int(fractured.sum())}
+    for name, passed in (("high_sensitivity", (DecisionLevel.POSSIBLE, DecisionLevel.LIKELY)),
+                         ("high_specificity", (DecisionLevel.LIKELY,))):
+        called = np.array([level in passed for level in top])
+        row[name] = {"sensitivity": proportion((called & fractured).sum(), fractured.sum()),
+                     "specificity": proportion((~called & ~fractured).sum(),
+                                               (~fractured).sum())}
+    return row
 
 
 def pooled(first: Measured, second: Measured) -> Measured:

@@ -72,6 +72,16 @@ def _localisation(part: Mapping[str, Any]) -> list[str]:
     if field and field.get("n"):
         lines.append(f"- The heatmap's peak lies inside the exposed field (not on "
                      f"collimation or a border) on {_share(field)} of images.")
+    studies = part.get("studies")
+    if studies and studies.get("studies"):
+        lines.append(
+            f"- Study-level verdict (the highest level of a study's images) on "
+            f"{studies['studies']} simulated studies ({studies['fractured']} fractured; "
+            f"{studies['how']}): at *possible* sensitivity "
+            f"{_share(studies['high_sensitivity']['sensitivity'])}, specificity "
+            f"{_share(studies['high_sensitivity']['specificity'])}; at *likely* "
+            f"sensitivity {_share(studies['high_specificity']['sensitivity'])}, "
+            f"specificity {_share(studies['high_specificity']['specificity'])}.")
     return lines
 
 

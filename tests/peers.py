@@ -23,6 +23,7 @@ from typing import Any
 
 import pydicom
 import pytest
+from pydicom.dataset import Dataset
 
 # Debian's DCMTK keeps Nagle's algorithm on: ~40 ms lost per object without this.
 PEER_ENV = {**os.environ, "TCP_NODELAY": "1"}
@@ -306,6 +307,25 @@ class NodeProcess:
             found = self.events(name)
             return found if len(found) >= count else None
         return wait_for(f"{count} {name} event(s)", enough, timeout)
+
+    def store_and_settle(self, folder: Path, named: Sequence[tuple[str, Dataset]],
+                         studies: int) -> dict[str, dict[str, Any]]:
+        """Write each (name, dataset) to `folder`, store them all with storescu (every
+        C-STORE must succeed) and wait for `studies` studies to be done or skipped: their
+        `status` rows by Study Instance UID."""
+        files = []
+        for name, ds in named:
+            ds.save_as(folder / f"{name}.dcm", enforce_file_format=True)
+            files.append(folder / f"{name}.dcm")
+        proc = storescu(self.port, files)
+        assert c_store_statuses(proc.stdout + proc.stderr) == [0] * len(files)
+
+        def settled() -> dict[str, dict[str, Any]] | None:
+            rows = {s["study_instance_uid"]: s for s in self.status()["study_list"]}
+            done = all(s["state"] in ("done", "skipped") for s in rows.values())
+            return rows if len(rows) == studies and done else None
+
+        return wait_for(f"{studies} studies to be settled", settled, 60)
 
     def status(self) -> dict[str, Any]:
         proc = subprocess.run([sys.executable, "-m", "fractured", "status", "--json",

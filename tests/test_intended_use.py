@@ -31,7 +31,7 @@ from fractured.training.intended_use import (
     intended_use,
 )
 from tests import factory
-from tests.peers import NodeProcess, c_store_statuses, storescu, wait_for
+from tests.peers import NodeProcess, wait_for
 from tests.test_metrics import get, parse, value
 
 LIMBS = IntendedUse.for_regions([Region.HAND, Region.LEG])
@@ -185,15 +185,8 @@ def test_the_node_speaks_only_inside_the_intended_use(untrained_bundle: Path,
         chest.BodyPartExamined = "CHEST"
         child = factory.xray(generate_uid(), patient_id="TEST-0002")
         child.PatientAge = "007Y"
-        files = []
-        for name, ds in (("leg", leg), ("chest", chest), ("child", child)):
-            ds.save_as(tmp_path / f"{name}.dcm", enforce_file_format=True)
-            files.append(tmp_path / f"{name}.dcm")
-        proc = storescu(node.port, files)
-        assert c_store_statuses(proc.stdout + proc.stderr) == [0, 0, 0]
-        rows = wait_for("both studies to be settled", lambda: (lambda r: r if len(r) == 2 and all(
-            s["state"] in ("done", "skipped") for s in r.values()) else None)(
-            {s["study_instance_uid"]: s for s in node.status()["study_list"]}), 60)
+        rows = node.store_and_settle(tmp_path, [("leg", leg), ("chest", chest),
+                                                ("child", child)], studies=2)
         assert rows[str(leg.StudyInstanceUID)]["state"] == "done"
         skipped = rows[str(child.StudyInstanceUID)]
         assert skipped["state"] == "skipped"

@@ -13,7 +13,7 @@ from fractured import config
 from fractured.daemon.queue import ClaimedInstance
 from fractured.daemon.routing import Router, skipped_reason
 from tests import factory
-from tests.peers import NodeProcess, c_store_statuses, storescu, wait_for
+from tests.peers import NodeProcess
 
 CR = "1.2.840.10008.5.1.4.1.1.1"
 DX = "1.2.840.10008.5.1.4.1.1.1.1"
@@ -103,15 +103,8 @@ def test_node_analyses_what_the_rules_select_and_skips_the_rest(
         chest.BodyPartExamined = "CHEST"
         only_chest = factory.xray(generate_uid())
         only_chest.BodyPartExamined = "CHEST"
-        files = []
-        for name, ds in (("leg", leg), ("chest", chest), ("only-chest", only_chest)):
-            ds.save_as(tmp_path / f"{name}.dcm", enforce_file_format=True)
-            files.append(tmp_path / f"{name}.dcm")
-        proc = storescu(node.port, files)
-        assert c_store_statuses(proc.stdout + proc.stderr) == [0, 0, 0]
-        rows = wait_for("both studies to be settled", lambda: (lambda r: r if len(r) == 2 and all(
-            s["state"] in ("done", "skipped") for s in r.values()) else None)(
-            {s["study_instance_uid"]: s for s in node.status()["study_list"]}), 60)
+        rows = node.store_and_settle(tmp_path, [("leg", leg), ("chest", chest),
+                                                ("only-chest", only_chest)], studies=2)
         mixed, skipped = rows[str(leg.StudyInstanceUID)], rows[str(only_chest.StudyInstanceUID)]
         assert mixed["state"] == "done"
         assert skipped["state"] == "skipped"

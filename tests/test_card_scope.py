@@ -46,6 +46,9 @@ def test_each_region_says_how_many_fractures_its_figures_rest_on() -> None:
     text = "\n".join(scope(declared))
     assert "**The node analyses only** images whose Body Part Examined is one of HAND, " \
            "WRIST, of patients at least 18 years old" in text
+    # hip is outside this intended use: its few figures are shown, and it is not analysed
+    assert "| hip | HIP, PELVIS | 3 / 40 | not analysed: outside the intended use |" in text
+    assert "| hand | HAND, WRIST, FINGER, THUMB | 90 / 300 | sensitivity 0.93 (" in text
     assert "three hospitals in Bangladesh" in text and "**Growth plates**" in text
 
 

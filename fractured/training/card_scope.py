@@ -71,9 +71,16 @@ def scope(manifest: Mapping[str, Any]) -> list[str]:
              "the intended use."]
     lines += ["", "| Region | Body Part Examined terms | Fractures / normals behind the "
               "figures | What the figures can show |", "| --- | --- | --- | --- |"]
+    intended = set((manifest.get("intended_use") or {}).get("body_parts") or ())
     for region in Region:
-        terms = ", ".join(t for t, r in BODY_PART_REGIONS.items() if r is region)
+        region_terms = [t for t, r in BODY_PART_REGIONS.items() if r is region]
+        terms = ", ".join(region_terms)
         row = regions.get(region.value)
+        if intended and not intended & set(region_terms):
+            counts = f"{row['fractures']} / {row['normals']}" if row else "none measured"
+            lines.append(f"| {region.value} | {terms} | {counts} | not analysed: outside "
+                         "the intended use |")
+            continue
         if row is None:
             lines.append(f"| {region.value} | {terms} | none measured | nothing: no "
                          "held-out images of this region |")

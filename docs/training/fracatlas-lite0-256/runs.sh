@@ -37,22 +37,29 @@ recipe() {  # NAME: that recipe's settings, one per line
   esac
 }
 folds() {  # NAME FOLD...: 5-fold cross-validation runs over the base split's train+val
-  # (its test part untouched), each resumed where a session ended; then `fractured cv`
+  # (its test part untouched), each resumed where a session ended and skipped once
+  # done; then `fractured cv` when all five are
   local name="$1"; shift
   mapfile -t settings < <(recipe "$name")
   for f in "$@"; do
     local out="runs/$name-f$f" resume=()
+    [ -f "$out/done" ] && continue
     [ -f "$out/classifier/last.pt" ] && resume=(--resume)
     .venv/bin/fractured train ../shared/data/fracatlas --out "$out" "${common[@]}" \
       "${resume[@]}" --set data.folds=5 --set "data.fold=$f" \
       --set data.base_split=docs/training/fracatlas-resnet18-e50 "${settings[@]}"
+    touch "$out/done"
   done
-  .venv/bin/fractured cv runs/"$name"-f? --out "runs/$name-cv"
+  if [ "$(ls runs/"$name"-f?/done 2>/dev/null | wc -l)" -eq 5 ]; then
+    .venv/bin/fractured cv runs/"$name"-f? --out "runs/$name-cv"
+  fi
 }
 case "${1:-all}" in
   lite0|resnet18|lite0-dicom)
     mapfile -t settings < <(recipe "$1")
     run "$1-256-e15" "${settings[@]}" ;;
   cv) shift; folds "$@" ;;  # e.g. runs.sh cv lite0-dicom 0 1 2 3 4
+  cv-both)  # the two candidates' folds interleaved, so a session's worth compares
+    for f in 0 1 2 3 4; do "$0" cv lite0-dicom "$f"; "$0" cv lite0 "$f"; done ;;
   all) "$0" lite0; "$0" resnet18; "$0" lite0-dicom ;;
 esac

@@ -44,6 +44,7 @@ KNOWN_BODY_PARTS = frozenset({
     "MAXILLA", "NECK", "NECKCHEST", "NOSE", "ORBIT", "RADIUS", "RIB", "SACRUM", "SELLA",
     "SINUS", "SJOINT", "SKULL", "SPINE", "SSPINE", "STERNUM", "TLSPINE", "TMJ", "TSPINE",
     "ULNA", "WHOLEBODY", "ZYGOMA",
+    "THORAX",  # not a defined term, but what some modalities write for a chest film
 })
 #: Terms that name a part without saying which: the header cannot decide.
 GENERIC_BODY_PARTS = frozenset({"EXTREMITY"})

@@ -733,7 +733,7 @@ def test_a_new_detector_joins_the_classifier_of_a_shipped_bundle(smoke_run,
     (other / "manifest.json").write_text(json.dumps(manifest))
     decoded = runner.invoke(main, ["build-engine", str(run / "classifier" / checkpoint.BEST),
                                    "--detector-bundle", str(other), "--out",
-                                   str(tmp_path / "b6")])
+                                   str(tmp_path / "decoded")])
     assert decoded.exit_code == 0, decoded.output
     # one model of each kind per bundle, and a detector alone is no bundle
     both = runner.invoke(main, ["build-engine", str(run), "--classifier-bundle", str(first),

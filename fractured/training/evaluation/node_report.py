@@ -20,9 +20,9 @@ def node_markdown(node: Mapping[str, Any], heading: str = "##") -> list[str]:
              "Each image is decided at the operating points the node applies to it: its "
              "body region's own where the bundle has them, otherwise the pooled pair "
              "(column *Points*). *Possible* is the high-sensitivity point, *likely* the "
-             "high-specificity point. Boxes are drawn only on images the node calls "
-             f"{gate} or above ([engine].boxes = \"{gate}\"). Proportions are k/n with "
-             "exact (Clopper-Pearson) 95 % intervals; AUC intervals by bootstrap. The "
+             "high-specificity point. Boxes are drawn only on images whose decision "
+             f"passes the node's box gate ([engine].boxes = \"{gate}\"). Proportions are k/n "
+             "with exact (Clopper-Pearson) 95 % intervals; AUC intervals by bootstrap. The "
              "validation part chose the epoch, the temperature and the thresholds, so "
              "the pooled rows flatter the model; the test part alone does not.", ""]
     for key, title in PARTS.items():

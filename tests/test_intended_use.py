@@ -38,7 +38,10 @@ LIMBS = IntendedUse.for_regions([Region.HAND, Region.LEG])
 
 
 def header(body_part: str | None = "LEG", **attributes: str) -> Dataset:
+    """A DX header whose body part is `body_part` alone (the factory's Anatomic Region
+    Sequence, which would also say "leg", removed)."""
     ds = factory.xray(generate_uid())
+    del ds.AnatomicRegionSequence
     if body_part is None:
         del ds.BodyPartExamined
     else:
@@ -244,3 +247,21 @@ def test_findings_are_counted_per_region_and_level_for_drift() -> None:
     assert value("fractured_findings_total", {"region": "leg", "level": "likely"}) == 0
     assert value("fractured_finding_probability_bucket", {"region": "hand", "le": "0.5"}) == 1
     assert value("fractured_finding_probability_bucket", {"region": "hand", "le": "0.4"}) == 0
+
+
+def test_an_anatomic_region_code_decides_where_body_part_examined_is_empty() -> None:
+    from pydicom.dataset import Dataset as Item
+
+    def coded(value: str, scheme: str = "SCT") -> Dataset:
+        ds = header("")
+        item = Item()
+        item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, "x"
+        ds.AnatomicRegionSequence = [item]
+        return ds
+
+    assert LIMBS.check(coded("85562004")).reason is ScopeReason.IN_SCOPE  # hand
+    chest = LIMBS.check(coded("816094009"))  # chest
+    assert (chest.analyse, chest.detail) == (False, "body part CHEST is outside the "
+                                                    "intended use")
+    assert LIMBS.check(coded("T-D8700", "SRT")).reason is ScopeReason.UNKNOWN_BODY_PART
+    assert LIMBS.check(coded("12345")).reason is ScopeReason.UNKNOWN_BODY_PART

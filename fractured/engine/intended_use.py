@@ -6,7 +6,8 @@ looks like an answer. A bundle therefore declares its intended use (manifest
 `intended_use`, written by `fractured build-engine` from the body parts its training
 data had) and the node checks each image against it before any verdict:
 
-- Body Part Examined (0018,0015) among the intended terms: analysed;
+- Body Part Examined (0018,0015), or where it is empty the Anatomic Region Sequence's
+  SNOMED CT code, among the intended terms: analysed;
 - a known term outside them (CHEST, SKULL, ELBOW, ...): not analysed;
 - no term, an empty one, a generic one (EXTREMITY) or free text no list defines: the
   header cannot say, and the image is analysed as before; the check records that it
@@ -29,7 +30,7 @@ from datetime import date
 
 from pydicom.dataset import Dataset
 
-from fractured.engine.regions import BODY_PART_REGIONS, Region
+from fractured.engine.regions import BODY_PART_CODES, BODY_PART_REGIONS, Region
 
 #: Adults: the age from which an image is analysed, unless the bundle says otherwise.
 ADULT_AGE_YEARS = 18
@@ -110,7 +111,8 @@ class IntendedUse:
         if age is not None and age < self.min_age_years:
             return ScopeCheck(False, ScopeReason.UNDER_AGE,
                               f"patient younger than {self.min_age_years} years")
-        term = _term(str(dataset.get("BodyPartExamined", "") or ""))
+        term = (_term(str(dataset.get("BodyPartExamined", "") or ""))
+                or _anatomic_region_term(dataset))
         if term in self.body_parts:
             return ScopeCheck(True, ScopeReason.IN_SCOPE, f"body part {term}")
         if term in KNOWN_BODY_PARTS:
@@ -139,6 +141,23 @@ def age_in_years(dataset: Dataset) -> float | None:
     if born is None or seen is None or seen < born:
         return None
     return (seen - born).days / 365.25
+
+
+#: SNOMED CT codes of the anatomic regions engine.regions names, to their terms.
+_TERM_OF_CODE = {code.value: term for term, code in BODY_PART_CODES.items()
+                 if code.scheme_designator == "SCT"}
+
+
+def _anatomic_region_term(dataset: Dataset) -> str:
+    """The Body Part Examined term of the image's Anatomic Region Sequence (0008,2218),
+    for a header that codes the region there instead; "" where it names none we know."""
+    regions = dataset.get("AnatomicRegionSequence") or []
+    if not regions:
+        return ""
+    item = regions[0]
+    if str(item.get("CodingSchemeDesignator", "")) != "SCT":
+        return ""
+    return _TERM_OF_CODE.get(str(item.get("CodeValue", "")), "")
 
 
 def _term(value: str) -> str:

@@ -26,6 +26,8 @@ from collections.abc import Mapping
 from typing import Final, Literal
 
 from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 
 
 class Region(enum.StrEnum):
@@ -50,6 +52,30 @@ BODY_PART_REGIONS: Mapping[str, Region] = types.MappingProxyType({
                      "TIBIA", "FIBULA", "THIGH", "FEMUR"), Region.LEG),
     **dict.fromkeys(("HIP", "PELVIS"), Region.HIP),
     **dict.fromkeys(("SHOULDER", "CLAVICLE", "SCAPULA", "HUMERUS"), Region.SHOULDER),
+})
+
+
+#: BodyPartExamined defined terms (PS3.3 C.7.3.1.1) of the skeleton X-ray studies the
+#: node reads, to their anatomic concepts (PS3.16 Annex L).
+BODY_PART_CODES: Mapping[str, Code] = types.MappingProxyType({
+    "HAND": codes.SCT.Hand, "FINGER": codes.SCT.Finger,
+    "WRIST": codes.SCT.WristJoint, "FOREARM": codes.SCT.Forearm,
+    "RADIUS": codes.SCT.Radius, "ULNA": codes.SCT.Ulna,
+    "ELBOW": codes.SCT.ElbowJoint, "ARM": codes.SCT.UpperArm,
+    "HUMERUS": codes.SCT.Humerus, "SHOULDER": codes.SCT.Shoulder,
+    "CLAVICLE": codes.SCT.Clavicle, "SCAPULA": codes.SCT.Scapula,
+    "HIP": codes.SCT.Hip, "PELVIS": codes.SCT.Pelvis,
+    "THIGH": codes.SCT.Thigh, "FEMUR": codes.SCT.Femur,
+    "KNEE": codes.SCT.Knee, "PATELLA": codes.SCT.Patella,
+    "LEG": codes.SCT.LowerLeg, "TIBIA": codes.SCT.Tibia,
+    "FIBULA": codes.SCT.Fibula, "ANKLE": codes.SCT.AnkleJoint,
+    "FOOT": codes.SCT.Foot, "CALCANEUS": codes.SCT.Calcaneus,
+    "TOE": codes.SCT.Toe, "EXTREMITY": codes.SCT.Extremity,
+    "RIB": codes.SCT.Rib, "STERNUM": codes.SCT.Sternum,
+    "SKULL": codes.SCT.Skull, "CHEST": codes.SCT.Chest,
+    "SPINE": codes.SCT.Spine, "CSPINE": codes.SCT.CervicalSpine,
+    "TSPINE": codes.SCT.ThoracicSpine, "LSPINE": codes.SCT.LumbarSpine,
+    "SACRUM": codes.SCT.Sacrum, "COCCYX": codes.SCT.Coccyx,
 })
 
 

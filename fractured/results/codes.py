@@ -54,7 +54,7 @@ from pydicom.sr.coding import Code
 
 import fractured
 from fractured.engine.findings import DecisionLevel, ModelInfo
-from fractured.engine.regions import POOLED, Region
+from fractured.engine.regions import BODY_PART_CODES, POOLED, Region
 
 PRIVATE_SCHEME = "99FRACTURED"
 
@@ -96,28 +96,9 @@ OPERATING_POINTS_FROM: dict[str, Code] = {
 }
 SUMMARY = dicom_codes.DCM.Summary
 
-#: BodyPartExamined defined terms (PS3.3 C.7.3.1.1) of the skeleton X-ray studies the
-#: node reads, to their anatomic concepts (PS3.16 Annex L).
-BODY_PARTS: dict[str, Code] = {
-    "HAND": dicom_codes.SCT.Hand, "FINGER": dicom_codes.SCT.Finger,
-    "WRIST": dicom_codes.SCT.WristJoint, "FOREARM": dicom_codes.SCT.Forearm,
-    "RADIUS": dicom_codes.SCT.Radius, "ULNA": dicom_codes.SCT.Ulna,
-    "ELBOW": dicom_codes.SCT.ElbowJoint, "ARM": dicom_codes.SCT.UpperArm,
-    "HUMERUS": dicom_codes.SCT.Humerus, "SHOULDER": dicom_codes.SCT.Shoulder,
-    "CLAVICLE": dicom_codes.SCT.Clavicle, "SCAPULA": dicom_codes.SCT.Scapula,
-    "HIP": dicom_codes.SCT.Hip, "PELVIS": dicom_codes.SCT.Pelvis,
-    "THIGH": dicom_codes.SCT.Thigh, "FEMUR": dicom_codes.SCT.Femur,
-    "KNEE": dicom_codes.SCT.Knee, "PATELLA": dicom_codes.SCT.Patella,
-    "LEG": dicom_codes.SCT.LowerLeg, "TIBIA": dicom_codes.SCT.Tibia,
-    "FIBULA": dicom_codes.SCT.Fibula, "ANKLE": dicom_codes.SCT.AnkleJoint,
-    "FOOT": dicom_codes.SCT.Foot, "CALCANEUS": dicom_codes.SCT.Calcaneus,
-    "TOE": dicom_codes.SCT.Toe, "EXTREMITY": dicom_codes.SCT.Extremity,
-    "RIB": dicom_codes.SCT.Rib, "STERNUM": dicom_codes.SCT.Sternum,
-    "SKULL": dicom_codes.SCT.Skull, "CHEST": dicom_codes.SCT.Chest,
-    "SPINE": dicom_codes.SCT.Spine, "CSPINE": dicom_codes.SCT.CervicalSpine,
-    "TSPINE": dicom_codes.SCT.ThoracicSpine, "LSPINE": dicom_codes.SCT.LumbarSpine,
-    "SACRUM": dicom_codes.SCT.Sacrum, "COCCYX": dicom_codes.SCT.Coccyx,
-}
+#: BodyPartExamined defined terms to their anatomic concepts (engine.regions, which the
+#: intended-use check reads too).
+BODY_PARTS = BODY_PART_CODES
 
 # -- the report as a whole (TID 1500) --------------------------------------------------
 REPORT_TITLE = Code("126000", "DCM", "Imaging Measurement Report")

@@ -13,16 +13,11 @@ from fractured.engine.findings import Box, DecisionLevel, OperatingPoints
 from fractured.engine.regions import POOLED, Region
 from fractured.training.bundle_scoring import Measured, changes
 from fractured.training.datasets.base import BoxLabel, Sample
+from fractured.training.evaluation.calibration import points_rule
 from fractured.training.evaluation.classification import clopper_pearson
 from fractured.training.evaluation.node_report import node_markdown
 from fractured.training.model_card import model_card
-from fractured.training.node_assessment import (
-    NodeView,
-    assess,
-    points_rule,
-    pooled,
-    simulated_studies,
-)
+from fractured.training.node_assessment import NodeView, assess, pooled, simulated_studies
 
 POOLED_POINTS = {"high_sensitivity": 0.3, "high_specificity": 0.7}
 HAND_POINTS = {"high_sensitivity": 0.5, "high_specificity": 0.9, "source": "region"}

@@ -50,7 +50,11 @@ from fractured.training.evaluation import (
     choose_operating_points,
     choose_region_operating_points,
 )
-from fractured.training.evaluation.calibration import expected_flag_rates, fit_region_points
+from fractured.training.evaluation.calibration import (
+    expected_flag_rates,
+    fit_region_points,
+    points_rule,
+)
 from fractured.training.export import IMAGENET_MEAN, IMAGENET_STD
 from fractured.training.fusion import FusionResult, fuse
 from fractured.training.loops import Device
@@ -531,7 +535,9 @@ def test_expected_flag_rates_decide_each_image_at_its_regions_points() -> None:
     parts = ["hand", "hand", "hand", "hand", "leg", "leg", "leg", "mixed"]
     by_region = {"hand": own_points(0.1, 0.9),
                  "leg": {**own_points(0.01, 0.02), "source": "pooled"}}
-    rates = expected_flag_rates(probs, parts, POOLED_POINTS, by_region)
+    pooled = {"high_sensitivity": POOLED_POINTS.high_sensitivity,
+              "high_specificity": POOLED_POINTS.high_specificity}
+    rates = expected_flag_rates(probs, parts, points_rule(pooled, by_region))
     assert rates["hand"] == {"images": 4, "high_sensitivity": 0.75, "high_specificity": 0.25}
     # leg falls back to the pooled 0.4 / 0.6; mixed has no region: "other", pooled
     assert rates["leg"] == {"images": 3, "high_sensitivity": 2 / 3,

@@ -22,7 +22,7 @@ from fractured.daemon.active_model import ActiveModel
 from fractured.daemon.queue import DeliveryState, Queue, StudyState
 from fractured.engine.findings import DecisionLevel, ModelInfo
 from fractured.engine.intended_use import ScopeReason
-from fractured.engine.regions import Region
+from fractured.engine.regions import REGION_GROUPS, Region, region_group
 
 #: How an established association ended (audit.AssociationAudit), or that it was refused.
 ASSOCIATION_OUTCOMES = ("released", "aborted", "connection_closed", "rejected")
@@ -40,8 +40,6 @@ STUDY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 3
 LATENCY_BUCKETS = (5.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
                    3600.0, 14400.0)
 
-#: A finding's region label: its body region, or "other" (no region, or none known).
-FINDING_REGIONS = (*(region.value for region in Region), "other")
 #: The probability's histogram edges: fine enough to see a distribution move.
 PROBABILITY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 
@@ -93,7 +91,7 @@ class NodeMetrics:
         self._probability = Histogram(
             "fractured_finding_probability", "Fracture probability of analysed images, by "
             "body region.", ["region"], buckets=PROBABILITY_BUCKETS, registry=r)
-        for region in FINDING_REGIONS:
+        for region in REGION_GROUPS:
             for level in DecisionLevel:
                 self._findings.labels(region, str(level))
             self._probability.labels(region)
@@ -141,7 +139,7 @@ class NodeMetrics:
     def finding(self, region: Region | None, level: DecisionLevel,
                 probability: float) -> None:
         """One analysed image: its body region (None: other), decision and probability."""
-        label = region.value if region is not None else "other"
+        label = region_group(region)
         self._findings.labels(label, str(level)).inc()
         self._probability.labels(label).observe(probability)
 

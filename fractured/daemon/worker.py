@@ -26,11 +26,10 @@ from fractured.daemon.queue import ClaimedStudy, ImageOutcome, Queue, ResultObje
 from fractured.daemon.routing import Router, skipped_reason
 from fractured.daemon.shadow import record as record_shadow
 from fractured.durable import write_durably
-from fractured.engine.findings import Finding, study_verdict
+from fractured.engine.findings import Finding, ModelInfo, study_verdict
 from fractured.engine.intended_use import ScopeCheck, ScopeReason
-from fractured.engine.pipeline import Pipeline
 from fractured.engine.preprocess import DecodeError, display_pixels, read_dataset
-from fractured.engine.regions import dataset_region
+from fractured.engine.regions import Region, dataset_region, region_group
 from fractured.engine.sources import image_ref
 from fractured.results.header import header_repairs
 from fractured.results.overlay import make_overlay
@@ -92,6 +91,7 @@ class Worker:
         # intended use decides which images it may speak about.
         pipeline = self.model.current()
         sources: list[tuple[Dataset, np.ndarray]] = []
+        scopes: list[ScopeCheck] = []  # of each source
         outcomes: list[str] = []  # why images were not analysed
         outside: list[str] = []  # of those, the intended use's reasons, for the SR
         records: list[ImageOutcome] = []  # every scope-checked image, for status
@@ -113,12 +113,14 @@ class Worker:
                               detail=scope.detail, sop_instance_uid=sop_uid, **log_ctx)
                     outcomes.append(f"outside the intended use ({scope.detail})")
                     outside.append(scope.detail)
-                    records.append(_outcome(claim, sop_uid, recorded, pipeline, ds, scope))
+                    records.append(_outcome(claim, sop_uid, recorded, pipeline.model,
+                                            dataset_region(ds), scope))
                     continue
                 if scope.reason is ScopeReason.UNKNOWN_BODY_PART:
                     _log.info("image.scope_unknown", detail=scope.detail,
                               sop_instance_uid=sop_uid, **log_ctx)
                 sources.append((ds, display_pixels(ds, path.name)))
+                scopes.append(scope)
             except DecodeError as exc:
                 _log.warning("image.skipped", reason="undecodable", error=str(exc),
                              sop_instance_uid=sop_uid, **log_ctx)
@@ -140,10 +142,11 @@ class Worker:
         findings = pipeline.run([(image_ref(ds), pixels) for ds, pixels in sources], datasets)
         self.metrics.inference(pipeline.backend_name, pipeline.model, len(sources),
                                time.monotonic() - inference_started)
-        for finding, ds in zip(findings, datasets, strict=True):
-            self.metrics.finding(dataset_region(ds), finding.level, finding.probability)
-            records.append(_outcome(claim, finding.image.sop_instance_uid, recorded, pipeline,
-                                    ds, pipeline.scope(ds), finding))
+        for finding, ds, scope in zip(findings, datasets, scopes, strict=True):
+            region = dataset_region(ds)
+            self.metrics.finding(region, finding.level, finding.probability)
+            records.append(_outcome(claim, finding.image.sop_instance_uid, recorded,
+                                    pipeline.model, region, scope, finding))
         sr = make_sr(findings, datasets, series_instance_uid=generate_uid(),
                      series_number=SR_SERIES_NUMBER, device_uid=self.device_uid,
                      predecessors=self._earlier_report(claim), not_analysed=outside)
@@ -202,15 +205,15 @@ class Worker:
                   seconds=round(time.monotonic() - started, 3), **log_ctx)
 
 
-def _outcome(claim: ClaimedStudy, sop_uid: str, recorded: datetime, pipeline: Pipeline,
-             ds: Dataset, scope: ScopeCheck, finding: Finding | None = None) -> ImageOutcome:
+def _outcome(claim: ClaimedStudy, sop_uid: str, recorded: datetime, model: ModelInfo,
+             region: Region | None, scope: ScopeCheck,
+             finding: Finding | None = None) -> ImageOutcome:
     """The status record of one scope-checked image: its finding's level and
     probability, or none where it was not analysed."""
-    region = dataset_region(ds)
     return ImageOutcome(
         study_instance_uid=claim.study_instance_uid, sop_instance_uid=sop_uid,
-        run=claim.run, recorded_at=recorded, model=pipeline.model.label,
-        region=region.value if region is not None else "other", scope=str(scope.reason),
+        run=claim.run, recorded_at=recorded, model=model.label,
+        region=region_group(region), scope=str(scope.reason),
         level=str(finding.level) if finding is not None else None,
         probability=float(finding.probability) if finding is not None else None)
 

@@ -28,7 +28,7 @@ from fractured.durable import fsync_path
 from fractured.engine.exposed_field import CROPS, NO_CROP
 from fractured.engine.findings import ModelInfo, OperatingPoints
 from fractured.engine.intended_use import IntendedUse
-from fractured.engine.regions import POOLED, PointsRegion, Region
+from fractured.engine.regions import POOLED, REGION_GROUPS, PointsRegion, Region
 
 SCHEMA_VERSION = 2
 MANIFEST_FILE = "manifest.json"
@@ -135,11 +135,6 @@ class RegionPoints:
         return _plain(self)
 
 
-#: The groups `expected_flag_rates` has: each body region, and "other" (images of no
-#: region: FracAtlas's mixed images, a body part of no region).
-FLAG_RATE_GROUPS: tuple[str, ...] = (*(region.value for region in Region), "other")
-
-
 @dataclass(frozen=True)
 class FlagRates:
     """What share of a group's validation images each operating point flagged, as the
@@ -172,7 +167,7 @@ class ClassifierSpec:
     # The probability fused with the detector's best box score; absent = the classifier's
     # calibrated probability alone, as in bundles written before fusion.
     fusion: Fusion | None = field(default=None, metadata=OMIT_IF_NONE)
-    # Per FLAG_RATE_GROUPS key, the share of validation images flagged at each point;
+    # Per regions.REGION_GROUPS key, the share of validation images flagged at each point;
     # absent in bundles written before it (their drift has no expectation to meet).
     expected_flag_rates: Mapping[str, FlagRates] | None = field(
         default=None, metadata=OMIT_IF_NONE)
@@ -333,10 +328,10 @@ def _classifier(r: _Reader) -> ClassifierSpec:
 
 
 def _flag_rates(r: _Reader) -> Mapping[str, FlagRates]:
-    unknown = [name for name in r.data if name not in FLAG_RATE_GROUPS]
+    unknown = [name for name in r.data if name not in REGION_GROUPS]
     if unknown:
         raise r.fail(unknown[0], f"is no group; expected_flag_rates has "
-                     f"{', '.join(FLAG_RATE_GROUPS)}")
+                     f"{', '.join(REGION_GROUPS)}")
     rates = {}
     for name in list(r.data):
         entry = r.table(name)

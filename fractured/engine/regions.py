@@ -79,6 +79,19 @@ BODY_PART_CODES: Mapping[str, Code] = types.MappingProxyType({
 })
 
 
+#: The group of an image of no region (FracAtlas's "mixed" images, a body part of no
+#: region, none at all) wherever images are counted per region: the metrics, the
+#: expected flag rates, status and the card.
+OTHER: Final = "other"
+#: Every per-region group: the regions, then OTHER.
+REGION_GROUPS: tuple[str, ...] = (*(region.value for region in Region), OTHER)
+
+
+def region_group(region: Region | None) -> str:
+    """The per-region group an image of `region` (None: no region) is counted in."""
+    return region.value if region is not None else OTHER
+
+
 def region_of(body_part: str) -> Region | None:
     """The region of a Body Part Examined term or a training label (case and spaces
     ignored); None where it maps to no region."""

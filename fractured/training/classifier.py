@@ -38,6 +38,7 @@ from fractured.training.evaluation.calibration import (
     expected_flag_rates,
     fit_region_points,
     fit_shift_and_temperature,
+    points_rule,
 )
 from fractured.training.export import IMAGENET_MEAN, IMAGENET_STD
 from fractured.training.loops import Device, classifier_logits, train_classifier_epoch
@@ -205,15 +206,17 @@ def calibrate(best: Path, val_set: ClassifierImages, cfg: ClassifierSettings, de
         RegionRule(cfg.region_min_fractures, cfg.region_min_normals,
                    cfg.region_min_specificity),
         sensitivity=cfg.target_sensitivity, specificity=cfg.target_specificity)
+    pooled = {"high_sensitivity": points.high_sensitivity,
+              "high_specificity": points.high_specificity}
     previous = state.get("calibration", {}).get("logit_shift", 0.0)
     state["calibration"] = {
         "temperature": float(temperature),
         # total added to the head's bias by every calibration of this checkpoint
         "logit_shift": float(previous + shift),
-        "operating_points": {"high_sensitivity": points.high_sensitivity,
-                             "high_specificity": points.high_specificity},
+        "operating_points": pooled,
         **({BY_REGION: by_region} if by_region else {}),
-        "expected_flag_rates": expected_flag_rates(prob, body_parts, points, by_region),
+        "expected_flag_rates": expected_flag_rates(
+            prob, body_parts, points_rule(pooled, by_region)),
         "achieved_on_val": achieved,
         "val_images": len(labels),
     }

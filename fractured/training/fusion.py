@@ -47,9 +47,13 @@ from fractured.training.bundle_scoring import (
     write_test_report,
 )
 from fractured.training.evaluation import choose_operating_points, paired_auc_difference
-from fractured.training.evaluation.calibration import expected_flag_rates, fit_region_points
+from fractured.training.evaluation.calibration import (
+    expected_flag_rates,
+    fit_region_points,
+    points_rule,
+)
 from fractured.training.export import BuildError
-from fractured.training.node_assessment import NodeView, points_rule
+from fractured.training.node_assessment import NodeView
 
 log = structlog.get_logger()
 
@@ -180,7 +184,7 @@ def fuse(source: Path, split_dir: Path, report_dir: Path, *, dataset: Path | Non
                 for part in ("validation", "test") for key in ("before", "after")
                 if comparison[part][key] is not None})
     rates = expected_flag_rates(val_prob, [sample.body_part for sample in val.samples],
-                                points, by_region)
+                                points_rule(chosen, by_region))
     return FusionResult(source=bundle, fusion=fusion, operating_points=chosen,
                         operating_points_by_region=by_region, expected_flag_rates=rates,
                         summary=summary, report=report,

@@ -16,50 +16,28 @@ is assessed with the points fitted for it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from fractured.engine.bundle import OWN_POINTS
-from fractured.engine.findings import LEVEL_ORDER, Box, DecisionLevel, OperatingPoints
+from fractured.engine.findings import LEVEL_ORDER, Box, DecisionLevel
 from fractured.engine.pipeline import BOX_GATES
-from fractured.engine.regions import POOLED, PointsRegion, Region, region_of
+from fractured.engine.regions import POOLED, REGION_GROUPS, PointsRegion, region_group, region_of
 from fractured.training.bundle_scoring import Measured
+from fractured.training.evaluation.calibration import PointsRule
 from fractured.training.evaluation.classification import auc_interval, proportion
 from fractured.training.evaluation.localisation import pointing_game, points_into
 
-#: The rows of the region table besides the regions: images of no region (FracAtlas's
-#: "mixed", a body part of no region), which always get the pooled points, and all.
-OTHER = "other"
+#: The region table's last row: every image.
 ALL = "all"
 #: Overlap a drawn box needs with a true one to count as finding it: any (the box
 #: points the reader at the fracture), and IoU >= 0.5 (it also outlines it).
 STRICT_IOU = 0.5
 #: The node's default box gate ([engine].boxes).
 DEFAULT_GATE = "likely"
-
-PointsRule = Callable[[Region | None], tuple[OperatingPoints, PointsRegion | None]]
-
-
-def points_rule(pooled: Mapping[str, float],
-                by_region: Mapping[str, Mapping[str, Any]] | None) -> PointsRule:
-    """`ClassifierSpec.points_for` for points not yet in a manifest (`fractured fuse`
-    fits them): the region's own pair where its entry is its own, else the pooled."""
-    pooled_points = OperatingPoints(pooled["high_sensitivity"], pooled["high_specificity"])
-
-    def rule(region: Region | None) -> tuple[OperatingPoints, PointsRegion | None]:
-        if by_region is None:
-            return pooled_points, None
-        entry = by_region.get(region.value) if region is not None else None
-        if entry is None or entry.get("source") != OWN_POINTS:
-            return pooled_points, POOLED
-        return OperatingPoints(entry["high_sensitivity"], entry["high_specificity"]), region
-
-    return rule
-
 
 def assess(measured: Measured, probability: np.ndarray, points_for: PointsRule, *,
            gate: str = DEFAULT_GATE, bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
@@ -72,9 +50,8 @@ def assess(measured: Measured, probability: np.ndarray, points_for: PointsRule, 
     decided = [points_for(region) for region in regions]
     levels = [points.level(float(p)) for (points, _), p in zip(decided, probability,
                                                              strict=True)]
-    rows = {name: np.array([row == name for row in (r.value if r else OTHER
-                                                    for r in regions)])
-            for name in (*(region.value for region in Region), OTHER)}
+    groups = np.array([region_group(region) for region in regions])
+    rows = {name: groups == name for name in REGION_GROUPS}
     rows[ALL] = np.ones(len(regions), dtype=bool)
     table = {name: _region_row(measured.labels[mask], probability[mask],
                                [levels[i] for i in np.flatnonzero(mask)],
@@ -93,8 +70,7 @@ def assess(measured: Measured, probability: np.ndarray, points_for: PointsRule, 
         "pointing_game": pointing_game([measured.peaks[i] for i in fractured],
                                        [truth[i] for i in fractured]),
         "peak_in_field": _peaks_in_field(measured),
-        "studies": simulated_studies(measured.labels, levels,
-                                     [r.value if r else OTHER for r in regions], seed=seed),
+        "studies": simulated_studies(measured.labels, levels, list(groups), seed=seed),
     }
 
 

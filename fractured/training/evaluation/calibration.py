@@ -24,7 +24,7 @@ high-sensitivity point and a minimum of cases below which the pooled pair is kep
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +36,7 @@ from scipy.special import expit
 
 from fractured.engine.bundle import OWN_POINTS, Reached, RegionFit, RegionPoints
 from fractured.engine.findings import OperatingPoints
-from fractured.engine.regions import POOLED, Region, region_of
+from fractured.engine.regions import POOLED, PointsRegion, Region, region_group, region_of
 from fractured.training.evaluation.classification import validate_binary
 
 log = structlog.get_logger()
@@ -298,24 +298,43 @@ def fit_region_points(labels: ArrayLike, prob: ArrayLike, body_parts: Sequence[s
     return {region.value: entry.to_dict() for region, entry in chosen.items()}
 
 
+#: `ClassifierSpec.points_for`'s signature: a region (None: no region) to the points
+#: that decide its images and whose they are.
+PointsRule = Callable[[Region | None], tuple[OperatingPoints, PointsRegion | None]]
+
+
+def points_rule(pooled: Mapping[str, float],
+                by_region: Mapping[str, Mapping[str, Any]] | None) -> PointsRule:
+    """`ClassifierSpec.points_for` for points not yet in a manifest (calibration and
+    `fractured fuse` fit them): the region's own pair where its entry is its own, else
+    the pooled."""
+    pooled_points = OperatingPoints(pooled["high_sensitivity"], pooled["high_specificity"])
+
+    def rule(region: Region | None) -> tuple[OperatingPoints, PointsRegion | None]:
+        if by_region is None:
+            return pooled_points, None
+        entry = by_region.get(region.value) if region is not None else None
+        if entry is None or entry.get("source") != OWN_POINTS:
+            return pooled_points, POOLED
+        return OperatingPoints(entry["high_sensitivity"], entry["high_specificity"]), region
+
+    return rule
+
+
 def expected_flag_rates(prob: ArrayLike, body_parts: Sequence[str],
-                        pooled: OperatingPoints,
-                        by_region: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The manifest's `classifier.expected_flag_rates`: per body region (and "other"),
-    the share of these validation images each point flags, each image decided at its
-    region's points (its own, where `by_region` fitted them; else `pooled`), as the
-    node decides. Groups without an image are left out."""
+                        rule: PointsRule) -> dict[str, dict[str, Any]]:
+    """The manifest's `classifier.expected_flag_rates`: per body region (and OTHER), the
+    share of these validation images each point flags, each image decided at its
+    region's points (`rule`, as `points_rule` makes it), as the node decides. Groups
+    without an image are left out."""
     prob = np.asarray(prob, dtype=float)
+    regions = [region_of(part) for part in body_parts]
     groups: dict[str, list[int]] = {}
-    for index, part in enumerate(body_parts):
-        region = region_of(part)
-        groups.setdefault(region.value if region is not None else "other", []).append(index)
+    for index, region in enumerate(regions):
+        groups.setdefault(region_group(region), []).append(index)
     rates = {}
     for name, indices in groups.items():
-        entry = by_region.get(name)
-        own = entry is not None and entry.get("source") == OWN_POINTS
-        points = (OperatingPoints(entry["high_sensitivity"], entry["high_specificity"])
-                  if own else pooled)
+        points, _ = rule(regions[indices[0]])
         scores = prob[indices]
         rates[name] = {"images": len(indices),
                        "high_sensitivity": float((scores >= points.high_sensitivity).mean()),

@@ -299,12 +299,17 @@ def _megabytes(size: int) -> str:
               help="Build FP16 TensorRT plans of the graphs, checked against ONNX Runtime "
                    "(needs an NVIDIA GPU and the tensorrt package) [default: where they "
                    "can be built; untrained bundles: no].")
+@click.option("--region-check/--no-region-check", default=True, show_default=True,
+              help="Fit the intended use's region check, which decides from the image "
+                   "what an image without a usable Body Part Examined shows (needs the "
+                   "`train` extra's ImageNet EfficientNet-Lite0 weights and the "
+                   "classifier's data set).")
 def build_engine(checkpoints: tuple[Path, ...], untrained: bool, out_dir: Path, variant: str,
                  input_size: int | None, detector: str, detector_input_size: int,
                  name: str | None, bundle_version: str | None, evaluation: Path | None,
                  notes: Path | None, float16_weights: bool,
                  classifier_bundle: Path | None, detector_bundle: Path | None,
-                 tensorrt: bool | None) -> None:
+                 tensorrt: bool | None, region_check: bool) -> None:
     """Export trained models to an engine bundle: CHECKPOINTS are best.pt files of a
     classifier (and a detector) or a `fractured train` run directory. Writes manifest.json,
     ONNX graphs checked against PyTorch, their torch weights, MODEL_CARD.md and, on a GPU
@@ -334,7 +339,8 @@ def build_engine(checkpoints: tuple[Path, ...], untrained: bool, out_dir: Path, 
                                 version=bundle_version or "0.1.0", evaluation=evaluation,
                                 notes=notes, float16_weights=float16_weights,
                                 classifier_bundle=classifier_bundle,
-                                detector_bundle=detector_bundle, tensorrt=tensorrt)
+                                detector_bundle=detector_bundle, tensorrt=tensorrt,
+                                region_check=region_check)
     except (BundleError, BuildError, CheckpointError) as exc:
         raise click.ClickException(str(exc)) from None
     if untrained:

@@ -86,10 +86,12 @@ def _run(pending: list[LoadedImage | Unreadable], pipeline: Pipeline) -> Iterato
     for item in pending:
         if isinstance(item, Unreadable):
             yield item
-        elif scopes[id(item)].analyse:
-            yield Prediction(item.path, item, next(findings))
-        else:
+        elif not scopes[id(item)].analyse:
             yield NotAnalysed(item.path, scopes[id(item)])
+        elif (finding := next(findings)).scope is not None and not finding.scope.analyse:
+            yield NotAnalysed(item.path, finding.scope)  # the region check decided
+        else:
+            yield Prediction(item.path, item, finding)
 
 
 def to_json(outcome: Outcome) -> dict[str, object]:
@@ -118,6 +120,10 @@ def to_json(outcome: Outcome) -> dict[str, object]:
             "high_specificity": float(finding.operating_points.high_specificity),
             "region": None if finding.operating_region is None
             else str(finding.operating_region)},
+        # how the image was found inside the intended use (from its header, or from
+        # the image by the region check); null from a bundle that declares none
+        "scope": None if finding.scope is None else {"reason": str(finding.scope.reason),
+                                                     "detail": finding.scope.detail},
         "boxes": [
             {"x0": float(box.x0), "y0": float(box.y0), "x1": float(box.x1),
              "y1": float(box.y1), "score": float(box.score), "level": box.level.value}

@@ -3,6 +3,7 @@ behind the gate, heatmap peaks; checked against counts worked out by hand."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 
 from fractured.engine.exposed_field import Field
 from fractured.engine.findings import Box, DecisionLevel, OperatingPoints
+from fractured.engine.region_check import RegionSeen
 from fractured.engine.regions import POOLED, Region
 from fractured.training.bundle_scoring import Measured, changes
 from fractured.training.datasets.base import BoxLabel, Sample
@@ -169,3 +171,25 @@ def test_the_study_verdict_is_scored_on_studies_made_within_each_region() -> Non
     assert assessed["studies"]["studies"] >= 2
     assert "Study-level verdict" in "\n".join(node_markdown(
         {"gate": "likely", "test": assessed}))
+
+
+def test_the_region_check_is_scored_with_the_body_part_hidden() -> None:
+    measured, probability = _measured()
+    assert assess(measured, probability, points_rule(POOLED_POINTS, None),
+                  bootstrap=0)["region_check"] is None  # a bundle without one
+    seen = tuple(RegionSeen(group, None if group == "other" else Region(group), distance,
+                            familiar)
+                 for group, distance, familiar in (
+                     ("hand", 1.0, True), ("hand", 2.0, True), ("leg", 9.0, False),
+                     ("leg", 1.0, True), ("leg", 1.5, True), ("hip", 3.0, True)))
+    checked = replace(measured, seen=seen)
+    result = assess(checked, probability, points_rule(POOLED_POINTS, None), bootstrap=0)
+    check = result["region_check"]
+    assert (check["accepted"]["k"], check["accepted"]["n"]) == (5, 6)
+    # hands: 2 of 3 placed right (the third was seen as a leg); mixed seen as hip: wrong
+    assert check["per_region"]["hand"]["k"] == 2 and check["per_region"]["other"]["k"] == 0
+    assert check["region_correct"]["k"] == 4
+    text = "\n".join(node_markdown({"gate": "likely", "test": result}))
+    assert "Region check, with the body part hidden from the node: it accepts 0.833 (5/6;" \
+        in text
+    assert len(pooled(checked, checked).seen) == 12

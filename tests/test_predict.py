@@ -21,7 +21,7 @@ from tests.factory import phantom, write_study
 
 UNTRAINED_LINE = "UNTRAINED MODEL: these results mean nothing"
 READABLE_KEYS = {"file", "probability", "spread", "level", "decisions", "operating_points",
-                 "boxes", "model"}
+                 "scope", "boxes", "model"}
 
 
 def png(path: Path, rows: int = 200, cols: int = 160, seed: int = 0) -> Path:

@@ -98,7 +98,8 @@ class NodeMetrics:
         self._scope = Counter(
             "fractured_images_scope_checked",
             "Images checked against the model's intended use, by outcome (analysed: "
-            "in_scope, not_declared, unknown_body_part; not: body_part_outside, under_age).",
+            "in_scope, not_declared, unknown_body_part, region_from_image; not: "
+            "body_part_outside, under_age, region_outside, unfamiliar_image).",
             ["reason"], registry=r)
         # Known outcomes start at 0, so a rate over them exists before the first event.
         for counter, outcomes in ((self._associations, ASSOCIATION_OUTCOMES),

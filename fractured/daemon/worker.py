@@ -27,7 +27,8 @@ from fractured.daemon.routing import Router, skipped_reason
 from fractured.daemon.shadow import record as record_shadow
 from fractured.durable import write_durably
 from fractured.engine.findings import Finding, ModelInfo, study_verdict
-from fractured.engine.intended_use import ScopeCheck, ScopeReason
+from fractured.engine.intended_use import NOT_DECLARED_CHECK, ScopeCheck, ScopeReason
+from fractured.engine.pipeline import Pipeline
 from fractured.engine.preprocess import DecodeError, display_pixels, read_dataset
 from fractured.engine.regions import Region, dataset_region, region_group
 from fractured.engine.sources import image_ref
@@ -91,7 +92,6 @@ class Worker:
         # intended use decides which images it may speak about.
         pipeline = self.model.current()
         sources: list[tuple[Dataset, np.ndarray]] = []
-        scopes: list[ScopeCheck] = []  # of each source
         outcomes: list[str] = []  # why images were not analysed
         outside: list[str] = []  # of those, the intended use's reasons, for the SR
         records: list[ImageOutcome] = []  # every scope-checked image, for status
@@ -107,20 +107,11 @@ class Worker:
             try:
                 ds = read_dataset(path)
                 scope = pipeline.scope(ds)
-                self.metrics.scope_checked(scope.reason)
                 if not scope.analyse:
-                    _log.info("image.skipped", reason="intended_use", scope=str(scope.reason),
-                              detail=scope.detail, sop_instance_uid=sop_uid, **log_ctx)
-                    outcomes.append(f"outside the intended use ({scope.detail})")
-                    outside.append(scope.detail)
-                    records.append(_outcome(claim, sop_uid, recorded, pipeline.model,
-                                            dataset_region(ds), scope))
+                    self._outside(scope, claim, sop_uid, ds, pipeline, log_ctx,
+                                  outcomes, outside, records, recorded)
                     continue
-                if scope.reason is ScopeReason.UNKNOWN_BODY_PART:
-                    _log.info("image.scope_unknown", detail=scope.detail,
-                              sop_instance_uid=sop_uid, **log_ctx)
                 sources.append((ds, display_pixels(ds, path.name)))
-                scopes.append(scope)
             except DecodeError as exc:
                 _log.warning("image.skipped", reason="undecodable", error=str(exc),
                              sop_instance_uid=sop_uid, **log_ctx)
@@ -131,22 +122,38 @@ class Worker:
                 _log.info("source.repaired", sop_instance_uid=sop_uid,
                           attributes=[name for name, _ in repairs],
                           actions=[action for _, action in repairs], **log_ctx)
-        if not sources:
+        findings: list[Finding] = []
+        if sources:
+            inference_started = time.monotonic()
+            verdicts = pipeline.run([(image_ref(ds), pixels) for ds, pixels in sources],
+                                    [ds for ds, _ in sources])
+            self.metrics.inference(pipeline.backend_name, pipeline.model, len(sources),
+                                   time.monotonic() - inference_started)
+            analysed: list[tuple[Dataset, np.ndarray]] = []
+            for finding, (ds, pixels) in zip(verdicts, sources, strict=True):
+                scope = finding.scope or NOT_DECLARED_CHECK
+                sop_uid = finding.image.sop_instance_uid
+                if not scope.analyse:  # the region check decided: no verdict
+                    self._outside(scope, claim, sop_uid, ds, pipeline, log_ctx,
+                                  outcomes, outside, records, recorded)
+                    continue
+                if scope.reason is not ScopeReason.IN_SCOPE:  # analysed, but how
+                    _log.info("image.scope", scope=str(scope.reason), detail=scope.detail,
+                              sop_instance_uid=sop_uid, **log_ctx)
+                self.metrics.scope_checked(scope.reason)
+                region = dataset_region(ds) or scope.region
+                self.metrics.finding(region, finding.level, finding.probability)
+                records.append(_outcome(claim, sop_uid, recorded, pipeline.model, region,
+                                        scope, finding))
+                findings.append(finding)
+                analysed.append((ds, pixels))
+            sources = analysed
+        if not findings:
             state = self.queue.finish(claim, self.id, [], [],
                                       skipped=skipped_reason(outcomes), outcomes=records)
             _log.info("study.skipped", state=str(state), **log_ctx)
             return
-
-        inference_started = time.monotonic()
         datasets = [ds for ds, _ in sources]
-        findings = pipeline.run([(image_ref(ds), pixels) for ds, pixels in sources], datasets)
-        self.metrics.inference(pipeline.backend_name, pipeline.model, len(sources),
-                               time.monotonic() - inference_started)
-        for finding, ds, scope in zip(findings, datasets, scopes, strict=True):
-            region = dataset_region(ds)
-            self.metrics.finding(region, finding.level, finding.probability)
-            records.append(_outcome(claim, finding.image.sop_instance_uid, recorded,
-                                    pipeline.model, region, scope, finding))
         sr = make_sr(findings, datasets, series_instance_uid=generate_uid(),
                      series_number=SR_SERIES_NUMBER, device_uid=self.device_uid,
                      predecessors=self._earlier_report(claim), not_analysed=outside)
@@ -184,6 +191,19 @@ class Worker:
                   backend=pipeline.backend_name, objects=len(results),
                   seconds=round(time.monotonic() - started, 3), **log_ctx)
         self._shadow(claim, sources, findings, log_ctx)
+
+    def _outside(self, scope: ScopeCheck, claim: ClaimedStudy, sop_uid: str, ds: Dataset,
+                 pipeline: Pipeline, log_ctx: dict[str, object], outcomes: list[str],
+                 outside: list[str], records: list[ImageOutcome], recorded: datetime) -> None:
+        """Record an image outside the intended use: counted, logged with the reason,
+        named in the SR and in status, and given no verdict."""
+        self.metrics.scope_checked(scope.reason)
+        _log.info("image.skipped", reason="intended_use", scope=str(scope.reason),
+                  detail=scope.detail, sop_instance_uid=sop_uid, **log_ctx)
+        outcomes.append(f"outside the intended use ({scope.detail})")
+        outside.append(scope.detail)
+        records.append(_outcome(claim, sop_uid, recorded, pipeline.model,
+                                dataset_region(ds) or scope.region, scope))
 
     def _shadow(self, claim: ClaimedStudy, sources: list[tuple[Dataset, np.ndarray]],
                 findings: list[Finding], log_ctx: dict[str, object]) -> None:

@@ -28,6 +28,7 @@ from fractured.durable import fsync_path
 from fractured.engine.exposed_field import CROPS, NO_CROP
 from fractured.engine.findings import ModelInfo, OperatingPoints
 from fractured.engine.intended_use import IntendedUse
+from fractured.engine.region_check import REGION_CHECK_FILE, RegionCheck
 from fractured.engine.regions import POOLED, REGION_GROUPS, PointsRegion, Region
 
 SCHEMA_VERSION = 2
@@ -289,7 +290,9 @@ class Manifest:
         if manifest.classifier.fusion is not None and manifest.detector is None:
             raise top.fail("classifier", "has a fusion with the detector's box score, but "
                            "the bundle has no detector")
-        required = [CLASSIFIER_FILE] + ([DETECTOR_FILE] if manifest.detector else [])
+        required = ([CLASSIFIER_FILE] + ([DETECTOR_FILE] if manifest.detector else [])
+                    + ([REGION_CHECK_FILE] if manifest.intended_use is not None
+                       and manifest.intended_use.region_check is not None else []))
         for name in required:
             if name not in manifest.files:
                 raise top.fail("files", f"must include {name!r}")
@@ -402,9 +405,22 @@ def _preprocessing(r: _Reader) -> Preprocessing:
 
 
 def _intended_use(r: _Reader) -> IntendedUse:
-    intended = IntendedUse(r.terms("body_parts"), r.count("min_age_years"))
+    check = r.table("region_check") if "region_check" in r.data else None
+    intended = IntendedUse(r.terms("body_parts"), r.count("min_age_years"),
+                           _region_check(check) if check is not None else None)
     r.done()
     return intended
+
+
+def _region_check(r: _Reader) -> RegionCheck:
+    classes = r.choices("classes", REGION_GROUPS)
+    if len(set(classes)) != len(classes):
+        raise r.fail("classes", "must not repeat a class")
+    check = RegionCheck(classes=classes, threshold=r.positive("threshold"),
+                        backbone=r.text("backbone"),
+                        validation=types.MappingProxyType(dict(r.table("validation").data)))
+    r.done()
+    return check
 
 
 def _plan_target(r: _Reader) -> Mapping[str, str]:

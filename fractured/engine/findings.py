@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fractured.engine.intended_use import ScopeCheck
 from fractured.engine.regions import PointsRegion
 
 
@@ -97,7 +98,9 @@ class Finding:
     they were run. `operating_region` says whose operating points these are, where the
     bundle has points per body region: the image's region, or "pooled" (regions.POOLED)
     when the pooled pair applied; None when the bundle has only the pooled pair, which
-    then needs no citing.
+    then needs no citing. `scope` is the image's intended-use check as the pipeline
+    settled it: for an image whose header could not say what it shows, the region
+    check's decision; one with `analyse` false is a verdict nobody may see.
     """
 
     image: ImageRef
@@ -108,6 +111,7 @@ class Finding:
     boxes: tuple[Box, ...] = ()
     spread: float | None = None
     operating_region: PointsRegion | None = None
+    scope: ScopeCheck | None = None
 
     @property
     def level(self) -> DecisionLevel:

@@ -10,8 +10,10 @@ data had) and the node checks each image against it before any verdict:
   SNOMED CT code, among the intended terms: analysed;
 - a known term outside them (CHEST, SKULL, ELBOW, ...): not analysed;
 - no term, an empty one, a generic one (EXTREMITY) or free text no list defines: the
-  header cannot say, and the image is analysed as before; the check records that it
-  could not decide (`UNKNOWN_BODY_PART`), so the node's logs and metrics count how
+  header cannot say (`UNKNOWN_BODY_PART`). Where the bundle has a region check
+  (engine.region_check) the image decides (`decide_from_image`): analysed if it looks
+  like the training images and shows an intended region, not analysed otherwise. A
+  bundle without one analyses such an image, and the node's logs and metrics count how
   often that happens;
 - a patient younger than `min_age_years`, from Patient's Age (0010,1010), else Patient's
   Birth Date against the Study (or Acquisition, Content) Date: not analysed.
@@ -25,12 +27,13 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 
 from pydicom.dataset import Dataset
 
-from fractured.engine.regions import BODY_PART_CODES, BODY_PART_REGIONS, Region
+from fractured.engine.region_check import RegionCheck, RegionSeen
+from fractured.engine.regions import BODY_PART_CODES, BODY_PART_REGIONS, Region, region_of
 
 #: Adults: the age from which an image is analysed, unless the bundle says otherwise.
 ADULT_AGE_YEARS = 18
@@ -60,6 +63,9 @@ class ScopeReason(enum.StrEnum):
     IN_SCOPE = "in_scope"  # its body part is intended
     NOT_DECLARED = "not_declared"  # analysed: the bundle declares no intended use
     UNKNOWN_BODY_PART = "unknown_body_part"  # analysed: the header cannot say
+    REGION_FROM_IMAGE = "region_from_image"  # analysed: the image shows an intended region
+    REGION_OUTSIDE = "region_outside"  # the image shows a region the model was not made for
+    UNFAMILIAR_IMAGE = "unfamiliar_image"  # the image is unlike every training image
     BODY_PART_OUTSIDE = "body_part_outside"  # a known part the model was not made for
     UNDER_AGE = "under_age"  # younger than the intended age
 
@@ -67,11 +73,13 @@ class ScopeReason(enum.StrEnum):
 @dataclass(frozen=True)
 class ScopeCheck:
     """The check of one image: whether to analyse it, why, and the reason in words
-    (never a patient's data: the body part, but not the age)."""
+    (never a patient's data: the body part, but not the age); `region`, where the
+    region check decided, the body region it saw."""
 
     analyse: bool
     reason: ScopeReason
     detail: str
+    region: Region | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,8 @@ class IntendedUse:
 
     body_parts: tuple[str, ...]
     min_age_years: int = ADULT_AGE_YEARS
+    #: decides images whose header cannot (absent in bundles built before it)
+    region_check: RegionCheck | None = field(default=None, metadata={"omit_if_none": True})
 
     def __post_init__(self) -> None:
         if not self.body_parts:
@@ -99,7 +109,31 @@ class IntendedUse:
         """This intended use with more terms (an operator's explicit, logged choice)."""
         extra = [term for term in (_term(t) for t in body_parts)
                  if term and term not in self.body_parts]
-        return IntendedUse((*self.body_parts, *extra), self.min_age_years)
+        return IntendedUse((*self.body_parts, *extra), self.min_age_years, self.region_check)
+
+    @property
+    def regions(self) -> frozenset[Region]:
+        """The body regions its terms map to (engine.regions)."""
+        return frozenset(region for term in self.body_parts
+                         if (region := region_of(term)) is not None)
+
+    def decide_from_image(self, seen: RegionSeen) -> ScopeCheck:
+        """The check of an image whose header could not decide (`check` said
+        UNKNOWN_BODY_PART), from what the region check saw in its pixels."""
+        if not seen.familiar:
+            assert self.region_check is not None  # seen came from it
+            return ScopeCheck(False, ScopeReason.UNFAMILIAR_IMAGE,
+                              "the image is unlike the model's training images "
+                              f"(distance {seen.distance:.0f}, limit "
+                              f"{self.region_check.threshold:.0f})")
+        if seen.region in self.regions:
+            return ScopeCheck(True, ScopeReason.REGION_FROM_IMAGE,
+                              f"body region {seen.group}, decided from the image",
+                              seen.region)
+        shown = ("several regions" if seen.region is None else f"body region {seen.group}")
+        return ScopeCheck(False, ScopeReason.REGION_OUTSIDE,
+                          f"{shown}, decided from the image, is outside the intended use",
+                          seen.region)
 
     def check(self, dataset: Dataset | None) -> ScopeCheck:
         """Whether the image whose DICOM header is `dataset` (None: a PNG or JPEG

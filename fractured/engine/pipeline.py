@@ -20,8 +20,14 @@ from fractured.engine.backends import Device, Engines, open_engines
 from fractured.engine.bundle import FRACTURE_LABEL, Bundle
 from fractured.engine.exposed_field import Field, field_for
 from fractured.engine.findings import Box, DecisionLevel, Finding, ImageRef, ModelInfo
-from fractured.engine.intended_use import NOT_DECLARED_CHECK, IntendedUse, ScopeCheck
+from fractured.engine.intended_use import (
+    NOT_DECLARED_CHECK,
+    IntendedUse,
+    ScopeCheck,
+    ScopeReason,
+)
 from fractured.engine.preprocess import Letterbox, letterbox, to_model_input
+from fractured.engine.region_check import RegionSeen
 from fractured.engine.regions import dataset_region
 
 #: Test-time augmentations: (horizontal flip, zoom) — the image as it is, mirrored, and
@@ -98,6 +104,9 @@ class Pipeline:
         Each array is a 2-D float32 display image in [0, 1] of any size; the heatmap of
         its finding has the same shape and its boxes are in its pixel coordinates.
         `datasets`, one per image where given, are the DICOM objects they came from.
+        Each finding's `scope` is the image's intended-use check: the header's, or where
+        the header cannot say, the region check's (whose region then also picks the
+        operating points).
         """
         findings: list[Finding] = []
         spec = self.bundle.manifest.classifier
@@ -105,19 +114,30 @@ class Pipeline:
         for start in range(0, len(images), self.max_batch):
             chunk = images[start:start + self.max_batch]
             chunk_sources = sources[start:start + self.max_batch]
-            outputs = self._infer([image for _, image in chunk], chunk_sources)
+            headers = [self.scope(dataset) for dataset in chunk_sources]
+            outputs = self._infer([image for _, image in chunk], chunk_sources,
+                                  see=[self._needs_region_check(h) for h in headers])
             probabilities = self._probabilities(outputs)
             for i, (ref, _) in enumerate(chunk):
                 spread = float(np.std(probabilities[i])) if self.tta else None
                 probability = float(np.mean(probabilities[i]))
-                points, region = spec.points_for(dataset_region(chunk_sources[i]))
+                scope, region = headers[i], dataset_region(chunk_sources[i])
+                if (seen := outputs.seen[i]) is not None:
+                    assert self.intended_use is not None  # seen only where it has a check
+                    scope, region = self.intended_use.decide_from_image(seen), seen.region
+                points, points_region = spec.points_for(region)
                 shown = (outputs.boxes[i] if points.level(probability) in self.box_levels
                          else ())
                 findings.append(Finding(
                     image=ref, probability=probability, operating_points=points,
                     heatmap=outputs.heatmaps[i], model=self.model, boxes=shown,
-                    spread=spread, operating_region=region))
+                    spread=spread, operating_region=points_region, scope=scope))
         return findings
+
+    def _needs_region_check(self, header: ScopeCheck) -> bool:
+        """Whether an image's header left its scope to the region check."""
+        return (header.reason is ScopeReason.UNKNOWN_BODY_PART
+                and self.engines.region_check is not None)
 
     def evidence(self, images: Sequence[np.ndarray],
                  datasets: Sequence[Dataset | None] | None = None) -> np.ndarray:
@@ -134,33 +154,40 @@ class Pipeline:
         """`evidence`, every box the detector's graph returned on each image, the boxes
         the node would draw before any decision gates them, and the heatmap's peak: what
         a bundle is scored on, from the node's own pass, before a probability (which
-        fusion may refit) decides anything."""
+        fusion may refit) decides anything; and what the region check saw where the
+        header could not say (every image without one)."""
         rows = np.empty((len(images), 2))
         detections: list[Detections] = []
         boxes: list[tuple[Box, ...]] = []
         peaks: list[tuple[float, float] | None] = []
+        seen: list[RegionSeen | None] = []
         sources = _datasets(datasets, len(images))
         for start in range(0, len(images), self.max_batch):
-            outputs = self._infer(list(images[start:start + self.max_batch]),
-                                  sources[start:start + self.max_batch])
+            chunk_sources = sources[start:start + self.max_batch]
+            outputs = self._infer(list(images[start:start + self.max_batch]), chunk_sources,
+                                  see=[self._needs_region_check(self.scope(dataset))
+                                       for dataset in chunk_sources])
             rows[start:start + len(outputs.best_box), 0] = outputs.logits[:, 0]
             rows[start:start + len(outputs.best_box), 1] = outputs.best_box
             detections += outputs.detections
             boxes += outputs.boxes
             peaks += [heatmap_peak(heatmap) for heatmap in outputs.heatmaps]
-        return Examination(rows, detections, boxes, peaks)
+            seen += outputs.seen
+        return Examination(rows, detections, boxes, peaks, seen)
 
-    def _infer(self, images: list[np.ndarray], datasets: Sequence[Dataset | None]) -> _Outputs:
+    def _infer(self, images: list[np.ndarray], datasets: Sequence[Dataset | None], *,
+               see: Sequence[bool] = ()) -> _Outputs:
+        """Both models on a batch, and the region check on the images `see` marks."""
         manifest = self.bundle.manifest
         pairs = list(zip(images, datasets, strict=True))
         fields = [field_for(manifest.crop, image, dataset) for image, dataset in pairs]
         detector_fields = (fields if manifest.detector_crop == manifest.crop else
                            [field_for(manifest.detector_crop, image, dataset)
                             for image, dataset in pairs])
-        logits, heatmaps = self._classify(images, fields)
+        logits, heatmaps, seen = self._classify(images, fields, see)
         boxes, best, detections = self._detect(images, detector_fields)
         return _Outputs(logits=logits, heatmaps=heatmaps, boxes=boxes, best_box=best,
-                        detections=detections)
+                        detections=detections, seen=seen)
 
     def _probabilities(self, outputs: _Outputs) -> np.ndarray:
         """(n, variants): the calibrated probability of each pass, fused with the image's
@@ -169,12 +196,15 @@ class Pipeline:
                                                            outputs.best_box[:, None])
 
     def _classify(self, images: list[np.ndarray], fields: list[Field | None],
-                  ) -> tuple[np.ndarray, list[np.ndarray]]:
-        """(logits / temperature (n, variants), heatmaps from the unaugmented pass)."""
+                  see: Sequence[bool]) -> tuple[np.ndarray, list[np.ndarray],
+                                                list[RegionSeen | None]]:
+        """(logits / temperature (n, variants), heatmaps from the unaugmented pass, what
+        the region check saw on the images `see` marks, from the same batch)."""
         spec = self.bundle.manifest.classifier
         variants = TTA_VARIANTS if self.tta else TTA_VARIANTS[:1]
         scaled = np.empty((len(images), len(variants)))
         heatmaps: list[np.ndarray] = []
+        seen: list[RegionSeen | None] = [None] * len(images)
         for v, (flip, zoom) in enumerate(variants):
             boxed = [_letterbox(image, spec.input_size, field, flip=flip, zoom=zoom)
                      for image, field in zip(images, fields, strict=True)]
@@ -185,7 +215,20 @@ class Pipeline:
             if v == 0:
                 heatmaps = [_heatmap(one[self._fracture], box)
                             for one, (_, box) in zip(cam, boxed, strict=True)]
-        return scaled, heatmaps
+                seen = self._see(batch, see)
+        return scaled, heatmaps, seen
+
+    def _see(self, batch: np.ndarray, see: Sequence[bool]) -> list[RegionSeen | None]:
+        """The region check on the images of `batch` that `see` marks, None elsewhere."""
+        marked = [i for i, wanted in enumerate(see) if wanted]
+        seen: list[RegionSeen | None] = [None] * len(batch)
+        if not marked or self.engines.region_check is None or self.intended_use is None:
+            return seen
+        check = self.intended_use.region_check
+        assert check is not None  # open_engines opens the graph only with its spec
+        for i, row in zip(marked, self.engines.region_check.run(batch[marked]), strict=True):
+            seen[i] = check.nearest(row)
+        return seen
 
     def _detect(self, images: list[np.ndarray], fields: list[Field | None],
                 ) -> tuple[list[tuple[Box, ...]], np.ndarray, list[Detections]]:
@@ -242,6 +285,7 @@ class Examination:
     detections: list[Detections]  # every box returned, per image (none without detector)
     boxes: list[tuple[Box, ...]]  # at or above the detector's high-sensitivity point
     peaks: list[tuple[float, float] | None]  # (x, y) of the heatmap's peak, source pixels
+    seen: list[RegionSeen | None]  # the region check's view (None: not asked, or none)
 
 
 @dataclass(frozen=True)
@@ -253,6 +297,7 @@ class _Outputs:
     boxes: list[tuple[Box, ...]]  # at or above the detector's high-sensitivity point
     best_box: np.ndarray  # (n,): each image's best box score at any score, else 0
     detections: list[Detections]  # every box returned, per image (none without detector)
+    seen: list[RegionSeen | None]  # the region check's view, where it was asked
 
 
 def _datasets(datasets: Sequence[Dataset | None] | None, count: int) -> list[Dataset | None]:

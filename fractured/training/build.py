@@ -42,6 +42,7 @@ from fractured.engine.models import (
     FractureDetector,
     build_classifier,
 )
+from fractured.engine.region_check import REGION_CHECK_FILE
 from fractured.training import checkpoint
 from fractured.training.data import trained_crop
 from fractured.training.evaluation.report import jsonable
@@ -65,7 +66,8 @@ from fractured.training.export import (
 from fractured.training.fusion import FusionResult
 from fractured.training.intended_use import intended_use
 from fractured.training.model_card import dataset_credits, model_card
-from fractured.training.quantize import QuantizationResult
+from fractured.training.quantize import QuantizationResult, carried_files
+from fractured.training.region_check import build_region_check
 from fractured.training.tensorrt import add_plans
 
 log = structlog.get_logger()
@@ -136,7 +138,7 @@ def build_bundle(checkpoints: Sequence[Path], out_dir: Path, *, name: str,
                  notes: Path | None = None, float16_weights: bool = False,
                  classifier_bundle: Path | None = None,
                  detector_bundle: Path | None = None,
-                 tensorrt: bool | None = None) -> Path:
+                 tensorrt: bool | None = None, region_check: bool = True) -> Path:
     """Build a bundle from trained checkpoints: a classifier best.pt (required) and a
     detector best.pt (optional), or a run directory holding them.
 
@@ -159,6 +161,9 @@ def build_bundle(checkpoints: Sequence[Path], out_dir: Path, *, name: str,
     `tensorrt`: None builds FP16 TensorRT plans where TensorRT and a GPU are present
     (each checked against ONNX Runtime, `training.tensorrt.add_plans`), True requires
     them, False leaves them out.
+    `region_check` fits the intended use's region check (training.region_check) on the
+    classifier checkpoint's data, where it declares an intended use; a reused classifier
+    brings its own.
     Refused: a checkpoint that is not a finished run (no calibration), a smoke run on a
     `[data].limit` subset, two checkpoints of one kind, an evaluation of other
     checkpoints.
@@ -175,7 +180,8 @@ def build_bundle(checkpoints: Sequence[Path], out_dir: Path, *, name: str,
         part = (_reused_classifier(Bundle.load(classifier_bundle))
                 if classifier_bundle is not None else
                 _built_classifier(*states["classifier"], Path(scratch),
-                                  float16_weights=float16_weights))
+                                  float16_weights=float16_weights,
+                                  region_check=region_check))
         files = dict(part.files)
         training: dict[str, Any] = {"classifier": part.training}
         detector_spec = None
@@ -184,7 +190,7 @@ def build_bundle(checkpoints: Sequence[Path], out_dir: Path, *, name: str,
             det_path, det_state = states["detector"]
             detector_crop = trained_crop(det_state["model_spec"])
             detector_spec = _export_detector(det_state, Path(scratch), files,
-                                             float16_weights=float16_weights)
+                                            float16_weights=float16_weights)
             training["detector"] = _training_summary(det_path, det_state)
         if part.held_out is not None:  # the reused classifier's, with this build's boxes
             held_out = _joined_held_out(part.held_out, held_out)
@@ -300,7 +306,7 @@ def build_quantized_bundle(result: QuantizationResult, out_dir: Path, *,
     check measures, so the thresholds fitted on it still hold); ONNX only (the
     torch weights are the float32 model's, another model); the held-out classification
     scores are the INT8 bundle's, the box scores the source's, marked as such."""
-    files: dict[str, str | Path] = dict(result.files)
+    files: dict[str, str | Path] = {**carried_files(result.source), **result.files}
     return _derived_bundle(result.source, out_dir, name=name, version=version, files=files,
                            classifier={}, backends=["onnxruntime"], kind="quantization",
                            summary=result.summary, report=result.report,
@@ -367,8 +373,9 @@ class _ClassifierPart:
 
 
 def _built_classifier(path: Path, state: dict[str, Any], scratch: Path, *,
-                      float16_weights: bool) -> _ClassifierPart:
-    """Export the checkpoint's classifier and check the graph against PyTorch."""
+                      float16_weights: bool, region_check: bool = False) -> _ClassifierPart:
+    """Export the checkpoint's classifier and check the graph against PyTorch; with
+    `region_check`, fit its intended use's region check."""
     spec = state["model_spec"]
     model = build_classifier(spec["variant"], len(spec["labels"]), spec.get("members", 1))
     model.load_state_dict(state["model"])
@@ -387,6 +394,14 @@ def _built_classifier(path: Path, state: dict[str, Any], scratch: Path, *,
              cam_difference=cam_diff)
     torch.save(model.state_dict(), files[CLASSIFIER_WEIGHTS])
     provenance = state.get("provenance", {})
+    use = _plain_use(intended_use(provenance))
+    if use is not None and region_check:
+        log.info("build.step", step="fit the region check")
+        check = build_region_check(state, scratch / REGION_CHECK_FILE,
+                                   float16_weights=float16_weights)
+        if check is not None:
+            use["region_check"] = jsonable(check)
+            files[REGION_CHECK_FILE] = scratch / REGION_CHECK_FILE
     return _ClassifierPart(
         entry={"architecture": spec["architecture"], "variant": spec["variant"],
                "labels": list(spec["labels"]), "input_size": size,
@@ -400,7 +415,7 @@ def _built_classifier(path: Path, state: dict[str, Any], scratch: Path, *,
         files=files, training=_training_summary(path, state), mean=spec["mean"],
         std=spec["std"],
         dataset=Path(provenance["dataset"]) if provenance.get("dataset") else None,
-        crop=trained_crop(spec), intended_use=_plain_use(intended_use(provenance)))
+        crop=trained_crop(spec), intended_use=use)
 
 
 def _reused_classifier(bundle: Bundle) -> _ClassifierPart:
@@ -413,7 +428,8 @@ def _reused_classifier(bundle: Bundle) -> _ClassifierPart:
         raise BuildError(f"{bundle.path}: its probability and operating points are fused "
                          f"with its own detector's box score; take the classifier of "
                          f"{source}, then fuse the new pair with fractured fuse")
-    files = {key: bundle.file(key) for key in (CLASSIFIER_FILE, CLASSIFIER_WEIGHTS)
+    files = {key: bundle.file(key) for key in (CLASSIFIER_FILE, CLASSIFIER_WEIGHTS,
+                                               REGION_CHECK_FILE)
              if key in bundle.manifest.files}
     training = raw.get("training") or {}
     dataset = (training.get("classifier") or {}).get("data", {}).get("dataset")

@@ -28,6 +28,7 @@ from fractured.engine.exposed_field import Field, exposed_field
 from fractured.engine.findings import Box, OperatingPoints
 from fractured.engine.pipeline import Detections, Examination, Pipeline
 from fractured.engine.preprocess import DecodeError
+from fractured.engine.region_check import RegionSeen
 from fractured.engine.regions import Region, region_of
 from fractured.engine.sources import LoadedImage, load_image
 from fractured.training.config import ClassifierSettings
@@ -73,6 +74,8 @@ class Measured:
     peaks: tuple[tuple[float, float] | None, ...]  # per image, the heatmap's peak (x, y)
     fields: tuple[Field, ...]  # per image, its exposed field (engine.exposed_field)
     shapes: tuple[tuple[int, int], ...]  # per image, (rows, columns) of the source
+    #: per image, what the bundle's region check saw (none without one)
+    seen: tuple[RegionSeen | None, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -170,7 +173,8 @@ def measure(pipelines: Mapping[str, Pipeline], samples: Sequence[Sample], *,
         else np.empty((0, 2)), labels, tuple(unreadable),
         tuple(d for one in found[name] for d in one.detections),
         tuple(b for one in found[name] for b in one.boxes),
-        tuple(p for one in found[name] for p in one.peaks), tuple(fields), tuple(shapes))
+        tuple(p for one in found[name] for p in one.peaks), tuple(fields), tuple(shapes),
+        tuple(s for one in found[name] for s in one.seen))
         for name in pipelines}
 
 

@@ -66,9 +66,9 @@ def scope(manifest: Mapping[str, Any]) -> list[str]:
              "fracture patterns were not measured.",
              "- **Radiographs (CR, DX) of the regions below**, in the views the training "
              "data had (frontal, lateral and oblique). The node takes the region from the "
-             "image's Body Part Examined; an image of any other part, or without one, is "
-             "still scored, with the pooled operating points, and its result is outside "
-             "the intended use."]
+             "image's Body Part Examined, else from the region check where the bundle has "
+             "one; an image it cannot place is scored with the pooled operating points, "
+             "and its result is outside the intended use."]
     lines += ["", "| Region | Body Part Examined terms | Fractures / normals behind the "
               "figures | What the figures can show |", "| --- | --- | --- | --- |"]
     intended = set((manifest.get("intended_use") or {}).get("body_parts") or ())
@@ -110,13 +110,39 @@ def _declared(use: Mapping[str, Any] | None) -> list[str]:
     if not use:
         return ["- **This bundle declares no intended use**: the node analyses every image "
                 "it is sent, whatever its body part or the patient's age."]
-    return [f"- **The node analyses only** images whose Body Part Examined is one of "
-            f"{', '.join(use['body_parts'])}, of patients at least {use['min_age_years']} "
-            "years old (Patient's Age, or the birth date against the study date). Other "
-            "known body parts and younger patients get no verdict, with the reason "
-            "logged and counted; an image without a usable body part or age is analysed. "
-            "An operator can widen the list ([engine].extra_body_parts), logged at every "
-            "start."]
+    check = use.get("region_check")
+    silent = ("an image without a usable body part is decided from its pixels by the "
+              "region check below; one without an age is analysed." if check else
+              "an image without a usable body part or age is analysed.")
+    lines = [f"- **The node analyses only** images whose Body Part Examined is one of "
+             f"{', '.join(use['body_parts'])}, of patients at least {use['min_age_years']} "
+             "years old (Patient's Age, or the birth date against the study date). Other "
+             f"known body parts and younger patients get no verdict, with the reason "
+             f"logged and counted; {silent} An operator can widen the list "
+             "([engine].extra_body_parts), logged at every start."]
+    return lines + (_region_check(check) if check else [])
+
+
+def _region_check(check: Mapping[str, Any]) -> list[str]:
+    """The region check's sentence: what it measures and how it did on validation."""
+    val = check["validation"]
+    accuracy = val.get("region_accuracy")
+    per_class = ", ".join(f"{group} {entry['correct']}/{entry['images']}"
+                          for group, entry in (val.get("per_class") or {}).items())
+    said = (f"its region was the labelled one on {accuracy:.1%} of {val['region_images']} "
+            f"images ({per_class})" if accuracy is not None
+            else "no validation image had a region label")
+    return [f"- **Region check** (where the header cannot say what an image shows: no, "
+            f"a generic or a made-up Body Part Examined, or a PNG/JPEG): the image's "
+            f"distance to each body-region class of the training images "
+            f"({', '.join(check['classes'])}), "
+            f"on the pooled features of {check['backbone']}. Farther than "
+            f"{check['threshold']:.0f} from every class, which {val['accepted']:.1%} of the "
+            f"{val['images']} validation images are within, it is unlike the training "
+            f"images (a chest film, an abdomen) and gets no verdict; nearest a region "
+            f"outside the intended use (or \"other\", several regions in one image), no "
+            f"verdict either; else it is analysed with that region's operating points. "
+            f"On validation {said}."]
 
 
 def _strength(row: Mapping[str, Any]) -> str:

@@ -71,7 +71,25 @@ def assess(measured: Measured, probability: np.ndarray, points_for: PointsRule, 
                                        [truth[i] for i in fractured]),
         "peak_in_field": _peaks_in_field(measured),
         "studies": simulated_studies(measured.labels, levels, list(groups), seed=seed),
+        "region_check": _region_check(measured, groups),
     }
+
+
+def _region_check(measured: Measured, groups: np.ndarray) -> dict[str, Any] | None:
+    """The region check on images without a header (as these are: the body part hidden
+    from the node): the share it accepts as like the training images, and the share
+    whose nearest class is the labelled region, per region group. None where the bundle
+    has none."""
+    seen = measured.seen
+    if not seen or any(one is None for one in seen):
+        return None
+    familiar = np.array([one.familiar for one in seen])
+    right = np.array([one.group == group for one, group in zip(seen, groups, strict=True)])
+    return {"accepted": proportion(int(familiar.sum()), len(seen)),
+            "region_correct": proportion(int(right.sum()), len(seen)),
+            "per_region": {name: proportion(int(right[groups == name].sum()),
+                                            int((groups == name).sum()))
+                           for name in REGION_GROUPS if (groups == name).any()}}
 
 
 @dataclass(frozen=True)
@@ -134,7 +152,7 @@ def pooled(first: Measured, second: Measured) -> Measured:
         np.concatenate([first.labels, second.labels]), first.unreadable + second.unreadable,
         first.detections + second.detections, first.boxes + second.boxes,
         first.peaks + second.peaks, first.fields + second.fields,
-        first.shapes + second.shapes)
+        first.shapes + second.shapes, first.seen + second.seen)
 
 
 def _region_row(labels: np.ndarray, probability: np.ndarray, levels: Sequence[DecisionLevel],

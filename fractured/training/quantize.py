@@ -55,6 +55,7 @@ from fractured.engine.bundle import (
 from fractured.engine.exposed_field import field_for
 from fractured.engine.pipeline import Pipeline
 from fractured.engine.preprocess import DecodeError, letterbox, to_model_input
+from fractured.engine.region_check import REGION_CHECK_FILE
 from fractured.engine.sources import load_image
 from fractured.training.bundle_scoring import (
     PREDICTIONS_FILE,
@@ -309,8 +310,18 @@ def quantize_graph(source: Path, target: Path, scratch: Path,
     plain.unlink()
 
 
+def carried_files(source: Bundle) -> dict[str, Path]:
+    """The source's files an INT8 bundle keeps as they are: the region check, whose
+    threshold was measured on its float graph (INT8 would move the distances it is
+    compared with), and which runs only on images without a usable header."""
+    return {name: source.file(name) for name in (REGION_CHECK_FILE,)
+            if name in source.manifest.files}
+
+
 def _staged_bundle(source: Bundle, files: dict[str, Path], where: Path) -> Bundle:
-    """The quantized graphs as a bundle the pipeline can run, for the checks only."""
+    """The quantized graphs as a bundle the pipeline can run, for the checks only (with
+    the source's region check, which stays float: see `carried_files`)."""
+    files = {**carried_files(source), **files}
     fields = {key: value for key, value in source.manifest.to_dict().items() if key != "files"}
     fields["backends"] = ["onnxruntime"]
     fields["version"] = f"{fields['version']}+int8-check"  # its log lines say which is which

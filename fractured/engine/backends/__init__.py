@@ -11,8 +11,8 @@ so logs and results can say what ran.
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Literal
 
 import structlog
 
@@ -27,6 +27,10 @@ from fractured.engine.bundle import (
     Bundle,
     BundleError,
 )
+from fractured.engine.region_check import REGION_CHECK_FILE
+
+if TYPE_CHECKING:
+    from fractured.engine.backends.onnxruntime import OnnxRuntimeRegionCheck
 
 BackendName = Literal["auto", "onnxruntime", "torch", "tensorrt"]
 BACKENDS: tuple[str, ...] = ("auto", "onnxruntime", "torch", "tensorrt")
@@ -43,6 +47,8 @@ class Engines:
     backend: str
     classifier: ClassifierBackend
     detector: DetectorBackend | None
+    #: the intended use's region check, on ONNX Runtime whatever `backend` is
+    region_check: OnnxRuntimeRegionCheck | None = None
 
 
 def choose_backend(bundle: Bundle, requested: str = "auto", device: Device = "auto") -> str:
@@ -111,7 +117,20 @@ def _onnxruntime_has_cuda() -> bool:
 
 def open_engines(bundle: Bundle, backend: str = "auto", threads: int | None = None,
                  device: Device = "auto") -> Engines:
-    """Open the classifier (and detector) of `bundle` on the chosen backend."""
+    """Open the classifier (and detector) of `bundle` on the chosen backend, and its
+    region check where its intended use has one."""
+    engines = _open_models(bundle, backend, threads, device)
+    use = bundle.manifest.intended_use
+    if use is None or use.region_check is None:
+        return engines
+    from fractured.engine.backends.onnxruntime import OnnxRuntimeRegionCheck
+
+    return replace(engines, region_check=OnnxRuntimeRegionCheck(
+        bundle.file(REGION_CHECK_FILE), threads))
+
+
+def _open_models(bundle: Bundle, backend: str, threads: int | None,
+                 device: Device) -> Engines:
     name = choose_backend(bundle, backend, device)
     spec = bundle.manifest.detector
     if name == "onnxruntime":

@@ -12,6 +12,7 @@ import numpy as np
 import onnxruntime as ort
 
 from fractured.engine.bundle import BundleError
+from fractured.engine.region_check import DISTANCES_OUTPUT
 
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("logits", "cam")
@@ -36,6 +37,23 @@ class OnnxRuntimeClassifier:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         logits, cam = self._session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch})
         return logits, cam
+
+
+class OnnxRuntimeRegionCheck:
+    """An ONNX Runtime session over a region check graph (engine.region_check): input
+    `image`, the classifier's normalised batch; output `distances` (B, classes). It runs
+    here whatever backend runs the models: only images whose header cannot say what
+    they show pass through it."""
+
+    name = "onnxruntime"
+
+    def __init__(self, model_path: str | Path, threads: int | None = None) -> None:
+        self._session = _open_session(model_path, threads, (DISTANCES_OUTPUT,))
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        (distances,) = self._session.run([DISTANCES_OUTPUT], {INPUT_NAME: batch})
+        return distances
 
 
 class OnnxRuntimeDetector:

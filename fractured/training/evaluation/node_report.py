@@ -82,6 +82,14 @@ def _localisation(part: Mapping[str, Any]) -> list[str]:
             f"{_share(studies['high_sensitivity']['specificity'])}; at *likely* "
             f"sensitivity {_share(studies['high_specificity']['sensitivity'])}, "
             f"specificity {_share(studies['high_specificity']['specificity'])}.")
+    check = part.get("region_check")
+    if check:
+        regions = ", ".join(f"{name} {_share(share)}"
+                            for name, share in check["per_region"].items())
+        lines.append(
+            f"- Region check, with the body part hidden from the node: it accepts "
+            f"{_share(check['accepted'])} of images as like the training images, and its "
+            f"region is the labelled one on {_share(check['region_correct'])} ({regions}).")
     return lines
 
 

@@ -17,8 +17,8 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from fractured.daemon import database_url
-from fractured.daemon.spool import is_uid
+from fractured import database_url
+from fractured.dicom_uids import is_uid
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config.toml"
 

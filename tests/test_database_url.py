@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from fractured.daemon.database_url import DatabaseUrlError, normalise
+from fractured.database_url import DatabaseUrlError, normalise
 
 
 @pytest.mark.parametrize(("written", "used"), [

@@ -48,7 +48,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from fractured.daemon import database_url
+from fractured import database_url
 from fractured.daemon.prepared import Prepared, dbapi_transaction, integrity_errors
 
 

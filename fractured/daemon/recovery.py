@@ -26,7 +26,8 @@ import pydicom
 
 from fractured import log
 from fractured.daemon.queue import InstanceHeld, Queue, ReceivedInstance
-from fractured.daemon.spool import incoming_files, incoming_path, is_uid
+from fractured.daemon.spool import incoming_files, incoming_path
+from fractured.dicom_uids import is_uid
 from fractured.durable import temporary_writer
 
 #: _record's outcomes besides the reason a file cannot be recorded.

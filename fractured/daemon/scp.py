@@ -37,7 +37,8 @@ from fractured.daemon.audit import AssociationAudit
 from fractured.daemon.file_meta import file_header
 from fractured.daemon.metrics import NodeMetrics
 from fractured.daemon.queue import HeldInstance, InstanceHeld, Queue, ReceivedInstance
-from fractured.daemon.spool import incoming_path, is_uid
+from fractured.daemon.spool import incoming_path
+from fractured.dicom_uids import is_uid
 from fractured.durable import write_durably
 
 # C-STORE response statuses (PS3.4 Annex B.2.3, PS3.7 Annex C).

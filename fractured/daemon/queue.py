@@ -1,22 +1,17 @@
-"""The durable study queue: SQLAlchemy models and the study/delivery state machine.
+"""The durable study queue: SQLAlchemy models, and the state machines of daemon.states
+applied to their rows.
 
-Every step of a study's path that must survive a crash is a row here:
-
-    RECEIVING --quiet period--> READY --claim (lease)--> PROCESSING
-    PROCESSING --results written--> DELIVERING --all delivered--> DONE
-    PROCESSING --no image to analyse--> SKIPPED      PROCESSING --error--> FAILED
-    DELIVERING --a delivery gave up--> FAILED
-
-A new instance re-opens a finished study (back to RECEIVING), so late images are
-analysed with the rest. Claims are compare-and-set updates guarded by state and lease
-expiry, which is safe with several workers on SQLite and PostgreSQL alike; on PostgreSQL,
-where several nodes share one database, the claimed row is also locked FOR UPDATE SKIP
-LOCKED, and so are the deliveries a node takes to send (Queue.shared).
+Every step of a study's path that must survive a crash is a row here, and every change
+of a study's or a delivery's state is a transition of the tables in daemon.states (the
+updates' WHERE clauses are the states the table lets an event leave). Claims are
+compare-and-set updates guarded by state and lease expiry, which is safe with several
+workers on SQLite and PostgreSQL alike; on PostgreSQL, where several nodes share one
+database, the claimed row is also locked FOR UPDATE SKIP LOCKED, and so are the
+deliveries a node takes to send (Queue.shared).
 """
 
 from __future__ import annotations
 
-import enum
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -50,27 +45,22 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 from fractured import database_url
 from fractured.daemon.prepared import Prepared, dbapi_transaction, integrity_errors
+from fractured.daemon.states import (
+    DELIVERY,
+    STUDY,
+    DeliveryEvent,
+    DeliveryState,
+    StudyEvent,
+    StudyState,
+    next_state,
+    only_target,
+    sources,
+)
 
 
 def utcnow() -> datetime:
     """Naive UTC: SQLite keeps no time zone, so every stored time is UTC by convention."""
     return datetime.now(UTC).replace(tzinfo=None)
-
-
-class StudyState(enum.StrEnum):
-    RECEIVING = "receiving"
-    READY = "ready"
-    PROCESSING = "processing"
-    DELIVERING = "delivering"
-    DONE = "done"
-    SKIPPED = "skipped"
-    FAILED = "failed"
-
-
-class DeliveryState(enum.StrEnum):
-    PENDING = "pending"
-    DONE = "done"
-    FAILED = "failed"
 
 
 class Base(DeclarativeBase):
@@ -297,8 +287,9 @@ _TOUCH_STUDY = (
     update(Study).where(Study.study_instance_uid == bindparam("uid"))
     .values(last_received_at=bindparam("now", type_=Study.last_received_at.type),
             # typed, so the enum is stored as the column stores it (by name)
-            state=case((Study.state == StudyState.PROCESSING, Study.state),
-                       else_=literal(StudyState.RECEIVING, Study.state.type)))
+            state=case(*((Study.state == state, literal(target, Study.state.type))
+                         for (state, event), target in STUDY.items()
+                         if event is StudyEvent.IMAGE_RECEIVED)))
     .returning(Study.id))
 _INSERT_STUDY = insert(Study).returning(Study.id)
 _STUDY_COLUMNS = ("study_instance_uid", "state", "first_received_at", "last_received_at",
@@ -455,8 +446,10 @@ class Queue:
         with self._tx() as s:
             return list(s.scalars(
                 update(Study)
-                .where(Study.state == StudyState.RECEIVING, Study.last_received_at <= cutoff)
-                .values(state=StudyState.READY).returning(Study.study_instance_uid),
+                .where(Study.state.in_(sources(STUDY, StudyEvent.QUIET)),
+                       Study.last_received_at <= cutoff)
+                .values(state=only_target(STUDY, StudyEvent.QUIET))
+                .returning(Study.study_instance_uid),
                 execution_options={"synchronize_session": False}))
 
     def claim(self, worker: str, lease_s: float) -> ClaimedStudy | None:
@@ -470,15 +463,19 @@ class Queue:
         state and lease expiry.
         """
         now = utcnow()
-        claimable = or_(Study.state == StudyState.READY,
-                        (Study.state == StudyState.PROCESSING) & (Study.lease_until < now))
+        # a study the table lets a worker claim; one being processed only once its
+        # worker's lease ran out
+        claimable = or_(*((Study.state == state) & (Study.lease_until < now)
+                          if state is StudyState.PROCESSING else Study.state == state
+                          for state in sources(STUDY, StudyEvent.CLAIMED)))
         candidates = select(Study.id).where(claimable).order_by(Study.last_received_at)
         candidates = (candidates.limit(1).with_for_update(skip_locked=True) if self.shared
                       else candidates.limit(5))
         with self._tx() as s:
             for study_id in s.scalars(candidates):
                 won = s.execute(update(Study).where(Study.id == study_id, claimable).values(
-                    state=StudyState.PROCESSING, claimed_by=worker, claimed_at=now,
+                    state=only_target(STUDY, StudyEvent.CLAIMED), claimed_by=worker,
+                    claimed_at=now,
                     lease_until=now + timedelta(seconds=lease_s), runs=Study.runs + 1,
                 )).rowcount
                 if won:
@@ -498,8 +495,10 @@ class Queue:
         """Give back the studies this worker held when it stopped (or crashed)."""
         with self._tx() as s:
             return s.execute(update(Study).where(
-                Study.state == StudyState.PROCESSING, Study.claimed_by == worker,
-            ).values(state=StudyState.READY, claimed_by=None, lease_until=None)).rowcount
+                Study.state.in_(sources(STUDY, StudyEvent.RELEASED)),
+                Study.claimed_by == worker,
+            ).values(state=only_target(STUDY, StudyEvent.RELEASED), claimed_by=None,
+                     lease_until=None)).rowcount
 
     def restart_quiet_periods(self) -> int:
         """Start the quiet period again for every study still receiving.
@@ -536,23 +535,27 @@ class Queue:
                                    sop_class_uid=result.sop_class_uid, path=str(result.path),
                                    state=DeliveryState.PENDING, attempts=0,
                                    next_attempt_at=now))
-            if skipped is not None:
-                study.state, study.reason = StudyState.SKIPPED, skipped
+            if study.last_received_at > claim.claimed_at:  # images arrived meanwhile
+                ended = StudyEvent.LATE_IMAGES
+            elif skipped is not None:
+                ended = StudyEvent.NOTHING_TO_ANALYSE
             elif results and destinations:
-                study.state, study.reason = StudyState.DELIVERING, None
+                ended = StudyEvent.QUEUED
             else:
-                study.state, study.reason = StudyState.DONE, None
-            if study.last_received_at > claim.claimed_at:
-                study.state = StudyState.RECEIVING  # images arrived while we worked
+                ended = StudyEvent.NOTHING_TO_SEND
+            study.state = next_state(STUDY, StudyState(study.state), ended)
+            study.reason = skipped
             study.processed_at = now
             study.claimed_by = study.lease_until = None
             return StudyState(study.state)
 
     def fail(self, claim: ClaimedStudy, worker: str, reason: str) -> None:
         with self._tx() as s:
-            s.execute(update(Study).where(Study.id == claim.id, Study.claimed_by == worker)
-                      .values(state=StudyState.FAILED, reason=reason, claimed_by=None,
-                              lease_until=None, processed_at=utcnow()))
+            failed = StudyEvent.PROCESSING_FAILED
+            s.execute(update(Study).where(Study.id == claim.id, Study.claimed_by == worker,
+                                          Study.state.in_(sources(STUDY, failed)))
+                      .values(state=only_target(STUDY, failed), reason=reason,
+                              claimed_by=None, lease_until=None, processed_at=utcnow()))
 
     def due_deliveries(self, limit: int = 100) -> list[PendingDelivery]:
         """The deliveries due now, oldest first (a look: nothing is held)."""
@@ -601,11 +604,13 @@ class Queue:
             d.attempts += 1
             d.last_status, d.last_error = status, error
             if error is None:
-                d.state, d.done_at = DeliveryState.DONE, now
+                attempt, d.done_at = DeliveryEvent.SENT, now
             elif d.attempts >= max_attempts:
-                d.state = DeliveryState.FAILED
+                attempt = DeliveryEvent.GAVE_UP
             else:
-                d.next_attempt_at = now + timedelta(seconds=retry_in_s)
+                attempt, d.next_attempt_at = (DeliveryEvent.RETRY,
+                                              now + timedelta(seconds=retry_in_s))
+            d.state = next_state(DELIVERY, DeliveryState(d.state), attempt)
             done = self._settle(s, d.study_id)
             state = DeliveryState(d.state)
         if done is not None and on_study_done is not None:
@@ -618,16 +623,16 @@ class Queue:
         its last image's arrival when this made it DONE. The row is locked (PostgreSQL),
         so a late image recorded meanwhile (RECEIVING again) is not overwritten by DONE."""
         study = s.get(Study, study_id, with_for_update=True)
-        if study is None or study.state != StudyState.DELIVERING:
+        if study is None or study.state not in sources(STUDY, StudyEvent.DELIVERED):
             return None
         s.flush()
         states = set(s.scalars(select(Delivery.state).where(
             Delivery.study_id == study_id, Delivery.run == study.runs)))
         if states == {DeliveryState.DONE}:
-            study.state = StudyState.DONE
+            study.state = next_state(STUDY, StudyState(study.state), StudyEvent.DELIVERED)
             return study.last_received_at
         if DeliveryState.PENDING not in states:
-            study.state = StudyState.FAILED
+            study.state = next_state(STUDY, StudyState(study.state), StudyEvent.GAVE_UP)
             study.reason = "delivery failed after all attempts"
         return None
 
@@ -706,8 +711,11 @@ class Queue:
                 query = query.where(Delivery.destination == destination)
             deliveries = list(s.scalars(query))
             for d in deliveries:
-                d.state, d.attempts, d.next_attempt_at = DeliveryState.PENDING, 0, now
+                d.state = next_state(DELIVERY, DeliveryState(d.state), DeliveryEvent.REQUEUED)
+                d.attempts, d.next_attempt_at = 0, now
                 study = s.get(Study, d.study_id)
-                if study is not None and study.state == StudyState.FAILED:
-                    study.state, study.reason = StudyState.DELIVERING, None
+                if study is not None and study.state in sources(STUDY, StudyEvent.REQUEUED):
+                    study.state = next_state(STUDY, StudyState(study.state),
+                                             StudyEvent.REQUEUED)
+                    study.reason = None
             return len(deliveries)

@@ -53,10 +53,12 @@ from fractured.daemon.queue import (
     Study,
     StudyState,
 )
+from fractured.daemon.states import SETTLED
 from fractured.durable import fsync_path
 
-#: The states a study rests in once its work is over.
-FINISHED = (StudyState.DONE, StudyState.SKIPPED, StudyState.FAILED)
+#: The states a study rests in once its work is over (daemon.states: only a late image
+#: or an operator moves it on).
+FINISHED = SETTLED
 #: A spool image rewritten this recently, and after its row, is a copy being recorded now.
 RECENT_WRITE_S = 300.0
 #: Slack between a file's modification time and the row written just after it.

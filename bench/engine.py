@@ -70,7 +70,8 @@ ROUNDS = 2  # blocks of timed runs per contender, alternating between contenders
 STUDY_SHAPES = ((2000, 1700), (1700, 2000), (2048, 1680), (1950, 1750))
 DEFAULT_VARIANTS = "b0,b3"
 DEFAULT_DETECTORS = "mobilenet_v3_large_fpn"
-BACKENDS = ("torch", "onnxruntime")
+#: The backends each CPU benchmark compares, side by side in one process.
+COMPARED = ("torch", "onnxruntime")
 _REF = ImageRef("", "", "", "")
 
 
@@ -220,7 +221,7 @@ def combine(classifier: Bundle, detector: Bundle, out_dir: Path) -> Bundle:
 def engines(bundle: Bundle, threads: int) -> dict[str, Engines]:
     """The bundle on each backend, torch pinned to the CPU (the GPU has its own section)."""
     return {name: open_engines(bundle, name, threads=threads, device="cpu")
-            for name in BACKENDS}
+            for name in COMPARED}
 
 
 # --- sections ----------------------------------------------------------------------------
@@ -270,7 +271,7 @@ def bench_pipelines(pairs: dict[tuple[str, str], Bundle], study: list[np.ndarray
     print(f"  one study: {len(study)} images of {shape} px, max_batch 8, no TTA")
     for (variant, backbone), bundle in pairs.items():
         pipelines = {name: Pipeline(bundle, name, threads=threads, device="cpu")
-                     for name in BACKENDS}
+                     for name in COMPARED}
         runs = {_label(p.engines): p.run for p in pipelines.values()}
         timings = race(runs, images, max(3, repeat // 2), len(study))
         print_race(f"{variant} + {backbone}", bundle.manifest.classifier.input_size,
@@ -278,7 +279,7 @@ def bench_pipelines(pairs: dict[tuple[str, str], Bundle], study: list[np.ndarray
 
 
 def bench_memory(pairs: dict[tuple[str, str], Bundle], study: list[np.ndarray], threads: int,
-                 work: Path, backends: Sequence[str] = BACKENDS) -> None:
+                 work: Path, backends: Sequence[str] = COMPARED) -> None:
     """Peak resident memory of a fresh node process per backend (see `probe_memory`)."""
     study_file = work / "study.npz"
     np.savez(study_file, *study)

@@ -43,6 +43,7 @@ DETECTOR_PLAN = "detector.plan"
 #: the manifest's `tensorrt` record: what the plans were built for
 PLAN_TARGET_KEYS = ("gpu_name", "compute_capability", "tensorrt_version")
 FRACTURE_LABEL = "fracture"
+#: The backends a bundle may hold (manifest `backends`); a node may also ask for "auto".
 BACKENDS = ("onnxruntime", "torch", "tensorrt")
 #: The classifier's optional points per body region (see RegionPoints)
 BY_REGION = "operating_points_by_region"

@@ -18,6 +18,7 @@ import structlog
 
 from fractured.engine.backends.base import ClassifierBackend, DetectorBackend, Device
 from fractured.engine.bundle import (
+    BACKENDS,
     CLASSIFIER_FILE,
     CLASSIFIER_PLAN,
     CLASSIFIER_WEIGHTS,
@@ -33,10 +34,11 @@ if TYPE_CHECKING:
     from fractured.engine.backends.onnxruntime import OnnxRuntimeRegionCheck
 
 BackendName = Literal["auto", "onnxruntime", "torch", "tensorrt"]
-BACKENDS: tuple[str, ...] = ("auto", "onnxruntime", "torch", "tensorrt")
+#: What a node may ask for: a bundle's backends (engine.bundle.BACKENDS), or "auto".
+BACKEND_CHOICES: tuple[str, ...] = ("auto", *BACKENDS)
 log = structlog.get_logger()
 
-__all__ = ["BACKENDS", "ClassifierBackend", "DetectorBackend", "Device", "Engines",
+__all__ = ["BACKEND_CHOICES", "ClassifierBackend", "DetectorBackend", "Device", "Engines",
            "choose_backend", "open_engines"]
 
 
@@ -54,8 +56,9 @@ class Engines:
 def choose_backend(bundle: Bundle, requested: str = "auto", device: Device = "auto") -> str:
     """The backend to run `bundle` with; BundleError says why a requested one cannot.
     `device` is where torch would run: "cpu" keeps "auto" off the GPU."""
-    if requested not in BACKENDS:
-        raise ValueError(f"unknown backend {requested!r}; choose one of {', '.join(BACKENDS)}")
+    if requested not in BACKEND_CHOICES:
+        raise ValueError(f"unknown backend {requested!r}; choose one of "
+                         f"{', '.join(BACKEND_CHOICES)}")
     held = bundle.manifest.backends
     if requested != "auto":
         if requested not in held:

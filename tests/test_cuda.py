@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(
     reason=f"no CUDA GPU visible to torch {torch.__version__} (CUDA {torch.version.cuda})")
 
 #: FP16 keeps 11 significant bits: a logit of a few units moves by ~1e-3 per rounding,
-#: and ResNet18's 20 layers compound that. Measured on an H200: see README, "GPU".
+#: and ResNet18's 20 layers compound that. Measured on an H200: see docs/gpu/NOTES.md.
 LOGIT_TOLERANCE = 2e-2
 PROBABILITY_TOLERANCE = 5e-3
 #: Of the CAM's largest magnitude (the map is what the overlay colours, relative): the

@@ -3,10 +3,7 @@
 The check measures an image by the pooled features of an ImageNet-trained
 EfficientNet-Lite0, frozen: features made to tell apart a thousand kinds of object tell
 a hand from a chest film, which a fracture classifier's own features, tuned to one
-question, do not. Measured on the FracAtlas validation part and the shared vendor
-DICOM (docs/training/region-check.md): with the fine-tuned classifier's pooled features every
-chest film sat nearer the training classes than the median validation image; with the
-ImageNet features every one was at least 1.7 times the 98 % threshold away.
+question, do not (the comparison is in docs/training/region-check.md).
 
 The model over those features is a probabilistic PCA with one Gaussian per body-region
 class (Lee et al. 2018's Mahalanobis score, kept to the leading principal directions

@@ -5,8 +5,8 @@ study twice, or send one delivery twice."""
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -34,9 +34,27 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return request.getfixturevalue("postgres").new_database()
 
 
+class Clock:
+    """A clock the test moves: quiet periods, leases and retries pass without sleeping."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2026, 12, 1, 8, 0)  # naive UTC, as queue.utcnow gives
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
 @pytest.fixture
-def queue(database_url: str) -> Iterator[Queue]:
-    queue = Queue(make_engine(database_url))
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def queue(database_url: str, clock: Clock) -> Iterator[Queue]:
+    queue = Queue(make_engine(database_url), clock)
     yield queue
     queue.close()
 
@@ -91,16 +109,17 @@ def test_failed_delivery_is_retried_then_given_up(queue: Queue) -> None:
     assert state(queue) == "failed"
 
 
-def test_restart_starts_the_quiet_period_of_receiving_studies_again(queue: Queue) -> None:
+def test_restart_starts_the_quiet_period_of_receiving_studies_again(
+        queue: Queue, clock: Clock) -> None:
     queue.record_instance(received("1.1", "9.1"))  # cut off by a crash, still receiving
     queue.record_instance(received("2.1", "9.2"))
     assert sorted(queue.mark_ready(0)) == ["9.1", "9.2"]
     queue.record_instance(received("3.1", "9.3"))
-    time.sleep(0.05)
+    clock.advance(50)
     assert queue.restart_quiet_periods() == 1  # only 9.3 is still receiving
-    assert queue.mark_ready(0.04) == []  # its silence counts from the restart
-    time.sleep(0.05)
-    assert queue.mark_ready(0.04) == ["9.3"]
+    assert queue.mark_ready(40) == []  # its silence counts from the restart
+    clock.advance(50)
+    assert queue.mark_ready(40) == ["9.3"]
 
 
 def test_late_image_reopens_a_done_study(queue: Queue) -> None:
@@ -116,23 +135,25 @@ def test_late_image_reopens_a_done_study(queue: Queue) -> None:
     assert again is not None and again.run == 2 and len(again.instances) == 2
 
 
-def test_image_arriving_during_processing_reopens_after_the_run(queue: Queue) -> None:
+def test_image_arriving_during_processing_reopens_after_the_run(queue: Queue,
+                                                                clock: Clock) -> None:
     queue.record_instance(received("1.1"))
     queue.mark_ready(0)
     claim = queue.claim("w1", 60)
     assert claim is not None
-    time.sleep(0.01)
+    clock.advance(1)
     queue.record_instance(received("1.2"))
     assert state(queue) == "processing"  # the running worker is not disturbed
     assert queue.finish(claim, "w1", [], []) == StudyState.RECEIVING
 
 
-def test_expired_lease_is_taken_over_and_the_old_run_is_ignored(queue: Queue) -> None:
+def test_expired_lease_is_taken_over_and_the_old_run_is_ignored(queue: Queue,
+                                                                 clock: Clock) -> None:
     queue.record_instance(received("1.1"))
     queue.mark_ready(0)
-    first = queue.claim("w1", lease_s=0.001)
+    first = queue.claim("w1", lease_s=1)
     assert first is not None
-    time.sleep(0.01)
+    clock.advance(2)
     second = queue.claim("w2", lease_s=60)
     assert second is not None and second.run == 2
     # The first worker comes back late: its results are not recorded.
@@ -248,9 +269,10 @@ def test_a_claim_skips_a_study_another_node_holds_locked(postgres: PostgresClust
     """A study whose row another node has locked (finishing it, or claiming it) is
     passed over at once, not waited for: SKIP LOCKED."""
     url = postgres.new_database()
-    node, other = Queue(make_engine(url)), Queue(make_engine(url))
+    clock = Clock()
+    node, other = Queue(make_engine(url), clock), Queue(make_engine(url), clock)
     node.record_instance(received("6.1.1", "6.1"))
-    time.sleep(0.01)
+    clock.advance(1)
     node.record_instance(received("6.2.1", "6.2"))
     node.mark_ready(0)
     got: list[str | None] = []
@@ -277,15 +299,16 @@ def queued_deliveries(queue: Queue, count: int) -> None:
                                for i in range(count)], ["pacs"])
 
 
-def test_deliveries_taken_by_one_node_are_held_from_the_others(queue: Queue) -> None:
+def test_deliveries_taken_by_one_node_are_held_from_the_others(queue: Queue,
+                                                                clock: Clock) -> None:
     queued_deliveries(queue, 2)
-    assert len(queue.take_due_deliveries(lease_s=0.2)) == 2
+    assert len(queue.take_due_deliveries(lease_s=20)) == 2
     if not queue.shared:  # one node, one delivery job at a time: nothing to hold
-        assert len(queue.take_due_deliveries(lease_s=0.2)) == 2
+        assert len(queue.take_due_deliveries(lease_s=20)) == 2
         return
-    assert queue.take_due_deliveries(lease_s=0.2) == []  # another node's sender
+    assert queue.take_due_deliveries(lease_s=20) == []  # another node's sender
     assert queue.due_deliveries() == []
-    time.sleep(0.3)  # the taker died: after the hold, any node sends them
+    clock.advance(30)  # the taker died: after the hold, any node sends them
     again = queue.take_due_deliveries(lease_s=60)
     assert len(again) == 2
     for item in again:

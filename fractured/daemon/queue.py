@@ -324,10 +324,16 @@ def _create_tables(engine: Engine) -> None:
 
 
 class Queue:
-    """All reads and writes of the study state machine; one short transaction each."""
+    """All reads and writes of the study state machine; one short transaction each.
 
-    def __init__(self, engine: Engine) -> None:
+    `clock` gives every time the queue records and compares (naive UTC, as `utcnow`): the
+    wall clock for the node, a clock a test moves by hand so that quiet periods, leases
+    and retries pass without sleeping.
+    """
+
+    def __init__(self, engine: Engine, clock: Callable[[], datetime] = utcnow) -> None:
         self.engine = engine
+        self.clock = clock
         #: Whether several nodes may use this database at once: PostgreSQL, where claims
         #: lock rows (FOR UPDATE SKIP LOCKED) and deliveries being sent are held. A SQLite
         #: file serves the one node on its host.
@@ -403,7 +409,7 @@ class Queue:
                 raise
 
     def _record_instance(self, item: ReceivedInstance, unheld: bool) -> str:
-        now = utcnow()
+        now = self.clock()
         with self._intake_lock, dbapi_transaction(self.intake) as cur:
             cur.execute(self._touch_study.sql,
                         self._touch_study.parameters({"uid": item.study_instance_uid,
@@ -442,7 +448,7 @@ class Queue:
         the UPDATE would not hold its study back, and the sweeps of several nodes would
         each report the same studies.
         """
-        cutoff = utcnow() - timedelta(seconds=quiet_period_s)
+        cutoff = self.clock() - timedelta(seconds=quiet_period_s)
         with self._tx() as s:
             return list(s.scalars(
                 update(Study)
@@ -462,7 +468,7 @@ class Queue:
         candidates are tried in turn. Either way the update is a compare-and-set on
         state and lease expiry.
         """
-        now = utcnow()
+        now = self.clock()
         # a study the table lets a worker claim; one being processed only once its
         # worker's lease ran out
         claimable = or_(*((Study.state == state) & (Study.lease_until < now)
@@ -509,7 +515,7 @@ class Queue:
         """
         with self._tx() as s:
             return s.execute(update(Study).where(Study.state == StudyState.RECEIVING)
-                             .values(last_received_at=utcnow())).rowcount
+                             .values(last_received_at=self.clock())).rowcount
 
     def finish(self, claim: ClaimedStudy, worker: str, results: Sequence[ResultObject],
                destinations: Sequence[str], *, skipped: str | None = None,
@@ -522,7 +528,7 @@ class Queue:
         The study's row is locked (PostgreSQL) from the check to the commit, so no other
         worker takes it over, and no listener records a late image unseen, in between.
         """
-        now = utcnow()
+        now = self.clock()
         with self._tx() as s:
             study = s.get(Study, claim.id, with_for_update=True)
             if study is None or study.claimed_by != worker or study.runs != claim.run:
@@ -555,7 +561,7 @@ class Queue:
             s.execute(update(Study).where(Study.id == claim.id, Study.claimed_by == worker,
                                           Study.state.in_(sources(STUDY, failed)))
                       .values(state=only_target(STUDY, failed), reason=reason,
-                              claimed_by=None, lease_until=None, processed_at=utcnow()))
+                              claimed_by=None, lease_until=None, processed_at=self.clock()))
 
     def due_deliveries(self, limit: int = 100) -> list[PendingDelivery]:
         """The deliveries due now, oldest first (a look: nothing is held)."""
@@ -576,16 +582,15 @@ class Queue:
             return self.due_deliveries(limit)
         with self._tx() as s:
             rows = list(s.scalars(self._due(limit).with_for_update(skip_locked=True)))
-            held_until = utcnow() + timedelta(seconds=lease_s)
+            held_until = self.clock() + timedelta(seconds=lease_s)
             for d in rows:
                 d.next_attempt_at = held_until
             return [_pending(d) for d in rows]
 
-    @staticmethod
-    def _due(limit: int) -> Select[tuple[Delivery]]:
+    def _due(self, limit: int) -> Select[tuple[Delivery]]:
         return (select(Delivery)
                 .where(Delivery.state == DeliveryState.PENDING,
-                       Delivery.next_attempt_at <= utcnow())
+                       Delivery.next_attempt_at <= self.clock())
                 .order_by(Delivery.id).limit(limit))
 
     def record_attempt(self, delivery_id: int, *, status: int | None, error: str | None,
@@ -597,7 +602,7 @@ class Queue:
         image arrived when this attempt delivered the study's last result (the metrics'
         end-to-end latency).
         """
-        now = utcnow()
+        now = self.clock()
         with self._tx() as s:
             d = s.get(Delivery, delivery_id, with_for_update=True)
             assert d is not None
@@ -701,7 +706,7 @@ class Queue:
                              destination: str | None = None) -> int:
         """Send dead letters again (all, one study's, or one destination's): their
         attempts start over now, and their studies go back to DELIVERING."""
-        now = utcnow()
+        now = self.clock()
         with self._tx() as s:
             query = (select(Delivery).join(Study)
                      .where(Delivery.state == DeliveryState.FAILED, Delivery.run == Study.runs))

@@ -37,10 +37,9 @@ TTA_VARIANTS: tuple[tuple[bool, float], ...] = ((False, 1.0), (True, 1.0), (Fals
 
 #: The image decision a box needs to be reported ([engine].boxes). A box on an image
 #: the classifier calls negative contradicts the verdict beside it, and most boxes on
-#: such images are false: on FracAtlas's held-out split the shipped detector's dashed
-#: boxes gave 0.88 false boxes per normal image ungated, 0.70 gated at "possible" and
-#: 0.14 at "likely" (lesion recall 23 %, 22 %, 16 %). The default is "likely";
-#: "always" keeps every box at the detector's own operating point.
+#: such images are false (the measured trade of each gate is in docs/bundles.md and each
+#: bundle's model card). The default is "likely"; "always" keeps every box at the
+#: detector's own operating point.
 BOX_GATES: dict[str, tuple[DecisionLevel, ...]] = {
     "possible": (DecisionLevel.POSSIBLE, DecisionLevel.LIKELY),
     "likely": (DecisionLevel.LIKELY,),

@@ -19,30 +19,10 @@ combinations. The flipped hashes cost nothing extra: mirroring the 32 x 32 image
 only the signs of its DCT coefficients, (-1)^v across and (-1)^u down. Every hash has
 exactly 31 of its 63 bits set (a median split), so distances are even.
 
-The default threshold, measured on FracAtlas (3,268 radiographs). Hashing the 3,217
-that load_image decodes (51 are truncated JPEGs) takes 2.2 s with 2 workers, 3.8 s with
-1; grouping all pairs 0.3 s. With all 3,268 decoded leniently (cv2.imread), the
-nearest-neighbour distance is 0 for 132 images (69 pairs, 58 pixel-identical:
-FracAtlas ships copies, two of them with opposite labels), <= 2 for 252, <= 4 for 608;
-the median is 10. Groups (images in them, largest) by threshold: 0: 63 (132, 5);
-2: 109 (252, 8); 4: 181 (608, 115); 6: 201 (1,228, 669); 8: 153 (1,833, 1,272);
-10: 107 (2,334, 1,983); 12: 74 (2,814, 2,625). Looking at the pairs: at 0 they are the
-same radiograph; from 2 on, most are different patients in the same standard position
-(an AP foot, a PA hand; one patient's left limb matches another's right through the
-flips), at 4 even a forearm and a foot. Copies made of 300 FracAtlas images land at:
-brightness/gamma 0-6 (97 % <= 4); 3-8 % crops median 6 (46 % <= 4); rotations within
-5° median 6 (36 % <= 4, at most 20); flip + rotation + zoom median 6 (42 % <= 4).
-
-So no threshold tells copies from look-alikes: 63 low-frequency bits see the layout of
-a radiograph, not the patient. The default, 4, is the largest before one chain
-swallows the set: it keeps exact, flipped and re-exposed copies and about 40 % of
-lightly rotated or cropped ones together, at the price of grouping some distinct
-patients (608 images in 181 groups, the largest a 115-image chain of similar legs, 3.5 %
-of the set, which a split places whole). At 6 one group holds 20 % of the set and
-would pull the common positions out of validation and test. Grouping too much costs a
-little stratification; grouping too little is the leakage this module exists to stop.
-A second look at candidate pairs (fine detail correlated after alignment) could tell
-copies from look-alikes; it is not done here.
+The default threshold, 4, is the largest before one chain of look-alikes swallows the
+set: no threshold tells copies from look-alikes, since 63 low-frequency bits see the
+layout of a radiograph, not the patient. The measurements on FracAtlas behind it are in
+docs/training/dedup.md.
 """
 
 from __future__ import annotations

@@ -4,11 +4,11 @@ torch is an optional dependency of the node (the `train` extra): it is imported 
 backend is opened, never at module import, so a node that runs ONNX Runtime does not
 pay for it. On CUDA the classifier runs in FP16 with channels-last memory, the layout
 cuDNN's fastest convolution kernels want, replayed from a CUDA graph per batch size: eager
-PyTorch launches each layer's kernels from Python, and on an H200 that launching, not the
-arithmetic, was the time (EfficientNet-B0, 4 images: 11.0 ms eager, 1.7 ms as a graph;
-bench/engine.py). The detector runs FP32 on CUDA with cuDNN's TF32 convolutions turned
-off: with them its box scores were 2.5e-3 away from the CPU's (tests/test_cuda.py), more
-than the 1e-3 the exported graphs are held to. On the CPU both run FP32 like the graphs.
+PyTorch launches each layer's kernels from Python, and on a fast GPU that launching, not
+the arithmetic, is the time (docs/gpu/NOTES.md). The detector runs FP32 on CUDA with
+cuDNN's TF32 convolutions turned off: with them its box scores moved further from the
+CPU's than the 1e-3 the exported graphs are held to (tests/test_cuda.py). On the CPU
+both run FP32 like the graphs.
 """
 
 from __future__ import annotations

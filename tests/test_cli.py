@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import typing
 from pathlib import Path
@@ -80,7 +81,7 @@ def test_status_on_an_empty_node(tmp_path: Path, untrained_bundle: Path) -> None
 
 
 def test_cli_lists_the_backbones_the_models_have() -> None:
-    from fractured import cli
+    from fractured.cli import options as cli
     from fractured.engine.models import CLASSIFIER_VARIANTS, DETECTOR_BACKBONES
     from fractured.training.config import ClassifierSettings
 
@@ -107,3 +108,17 @@ def test_serve_refuses_an_unreachable_database_naming_it(tmp_path: Path) -> None
     assert result.exit_code == 1, result.output
     assert "cannot open the database ([database].url)" in result.output
     assert "Connection refused" in result.output and "secret" not in result.output
+
+
+def test_help_lists_the_commands_by_audience() -> None:
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0
+    operators, staff = result.output.split("Run the node (operators):")[1].split(
+        "Train and build models (ML staff):")
+    names = {section: re.findall(r"^  ([a-z-]+) ", text, re.M)
+             for section, text in (("operators", operators), ("staff", staff))}
+    assert names["operators"] == ["serve", "status", "retry", "purge", "engines"]
+    assert set(names["staff"]) == {"data", "train", "evaluate", "cv", "ensemble",
+                                   "build-engine", "check-dicom", "fuse", "quantize",
+                                   "predict"}
+    assert set(main.commands) == set(names["operators"]) | set(names["staff"])

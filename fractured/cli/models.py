@@ -1,264 +1,26 @@
-"""The `fractured` command: serve the node, inspect its queue, build engine bundles, run
-an engine on image files."""
+"""The ML staff's commands: look at data, train, evaluate, cross-validate, build, fuse and
+quantize engine bundles, run one on image files."""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import click
 
-from fractured import __version__, config, log
-
-# Mirror fractured.engine.models' DETECTOR_BACKBONES and CLASSIFIER_VARIANTS without
-# importing torch for --help.
-DETECTOR_BACKBONES = ("mobilenet_v3_large_fpn", "resnet50_fpn_v2", "resnet18_fpn", "resnet34_fpn",
-                      "lite0_fpn", "lite1_fpn", "lite2_fpn")
-CLASSIFIER_VARIANTS = ("b0", "b1", "b2", "b3", "b4", "lite0", "lite1", "lite2", "resnet18",
-                       "resnet34", "resnet50")
-
-CONFIG_ENV = "FRACTURED_CONFIG"
-
-
-def _settings(path: Path | None) -> config.Settings:
-    """Load the config named by --config, $FRACTURED_CONFIG, or the shipped default."""
-    chosen = path or Path(os.environ.get(CONFIG_ENV) or config.DEFAULT_CONFIG)
-    try:
-        return config.load(chosen)
-    except config.ConfigError as exc:
-        raise click.ClickException(f"configuration error: {exc}") from None
+from fractured import config, log
+from fractured.cli.options import (
+    CLASSIFIER_VARIANTS,
+    DETECTOR_BACKBONES,
+    config_option,
+    derived_bundle_options,
+    load_settings,
+    subset_option,
+)
+from fractured.cli.reports import print_auc_comparison
 
 
-subset_option = click.option(
-    "--subset", "subsets", multiple=True, metavar="COLUMN=VALUE",
-    help="Also report on images whose attribute matches, e.g. hardware=0.")
-
-def derived_bundle_options(parts: str):  # -> a decorator
-    """The options of a command that makes a new bundle from BUNDLE and scores it on the
-    split of BUNDLE's classifier (`fuse`, `quantize`); `parts` says what each part is for."""
-    options = [
-        click.option("--split", "split_dir", required=True,
-                     type=click.Path(exists=True, file_okay=False, path_type=Path),
-                     help=f"The split the classifier was trained with (split.csv and "
-                          f"split.json: a run's split/ folder): {parts}."),
-        click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
-                     required=True, help="Bundle directory to create (must not exist)."),
-        click.option("--version", "bundle_version", required=True,
-                     help="The new bundle's version."),
-        click.option("--name", help="The new bundle's name [default: BUNDLE's]."),
-        click.option("--report", "report_dir", required=True,
-                     type=click.Path(path_type=Path, file_okay=False),
-                     help="Where metrics.json, report.md, plots and the per-image "
-                          "predictions.csv / validation.csv go."),
-        click.option("--dataset", type=click.Path(exists=True, path_type=Path),
-                     help="The data set [default: the one BUNDLE's classifier was trained "
-                          "on]."),
-        subset_option,
-        click.option("--bootstrap", type=click.IntRange(0), default=1000, show_default=True,
-                     help="Bootstrap resamples for the AUC intervals (0 = none)."),
-        click.option("--dicom-check", "dicom_check",
-                     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-                     help="A `fractured check-dicom` dicom-check.json of BUNDLE (or of the "
-                          "bundle BUNDLE was made from) for the model card."),
-        click.option("--test-looks", type=click.IntRange(0),
-                     help="How many scorings the split's test part had before this one "
-                          "(the test ledger's count), for the model card."),
-    ]
-
-    def apply(command):  # click passes the command function through each option
-        for option in reversed(options):
-            command = option(command)
-        return command
-
-    return apply
-
-
-config_option = click.option(
-    "--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
-    help=f"config.toml to use (default: ${CONFIG_ENV}, else the shipped config.toml).")
-
-
-@click.group()
-@click.version_option(__version__, prog_name="fractured")
-def main() -> None:
-    """Fracture-detection node for a hospital PACS (AI decision support, not a diagnosis)."""
-
-
-@main.command()
-@config_option
-def serve(config_path: Path | None) -> None:
-    """Run the node: receive studies, analyse them, send results back to the PACS."""
-    settings = _settings(config_path)
-    log.configure(settings.log.level, settings.log.format)
-    from sqlalchemy.exc import OperationalError
-
-    from fractured.daemon.service import Node  # heavy imports only for the node
-    from fractured.engine.bundle import BundleError
-
-    try:
-        node = Node(settings)
-    except (BundleError, FileNotFoundError) as exc:
-        raise click.ClickException(f"cannot load engine bundle: {exc}") from None
-    except OperationalError as exc:  # PostgreSQL down, a wrong host, role or password
-        raise click.ClickException(f"cannot open the database ([database].url): "
-                                   f"{str(exc.orig).strip()}") from None
-    except config.ConfigError as exc:  # what only loading can tell, e.g. a TLS key
-        raise click.ClickException(f"{settings.source}: {exc}") from None
-    node.run_until_signalled()
-
-
-@main.command()
-@config_option
-@click.option("--study", "study_uid", metavar="STUDY_UID", help="Only this study's.")
-@click.option("--destination", help="Only those for this destination (its name).")
-def retry(config_path: Path | None, study_uid: str | None, destination: str | None) -> None:
-    """Send dead letters (deliveries that gave up) again: all, or by study or destination.
-    A running node picks them up within a second."""
-    settings = _settings(config_path)
-    from fractured.daemon.queue import Queue, make_engine
-
-    names = [d.name for d in settings.destinations]
-    if destination is not None and destination not in names:
-        raise click.UsageError(f"--destination {destination!r} is not configured "
-                               f"(destinations: {', '.join(names) or 'none'})")
-    count = Queue(make_engine(settings.database.url)).requeue_dead_letters(
-        study_instance_uid=study_uid, destination=destination)
-    click.echo(f"requeued {count} dead letter{'s' if count != 1 else ''}")
-
-
-def _engine_status(location: Path) -> dict[str, str | None]:
-    """Which bundle the node runs (and shadows), from the pointers alone: cheap, and
-    `fractured engines list` verifies the bundles."""
-    from fractured.engine.registry import Registry, RegistryError, is_bundle
-
-    if is_bundle(location):
-        return {"location": str(location), "active": location.name, "shadow": None}
-    try:
-        registry = Registry(location)
-        return {"location": str(location), "active": registry.active(),
-                "shadow": registry.shadow()}
-    except (RegistryError, OSError):
-        return {"location": str(location), "active": None, "shadow": None}
-
-
-def _expected_rates(location: Path) -> dict[str, dict[str, float]] | None:
-    """The active bundle's expected flag rates per region (None: none recorded, or no
-    bundle to read)."""
-    from fractured.engine.bundle import BundleError
-    from fractured.engine.registry import resolve_bundle
-
-    try:
-        rates = resolve_bundle(location).manifest.classifier.expected_flag_rates
-    except (BundleError, OSError):
-        return None
-    return None if rates is None else {
-        region: {"high_sensitivity": rate.high_sensitivity,
-                 "high_specificity": rate.high_specificity} for region, rate in rates.items()}
-
-
-def _week_text(week: dict) -> str:
-    """The last 7 days in lines: per region, the share flagged at each point beside the
-    model's expected share; the images not analysed, by reason."""
-    regions, outside, expected = week["regions"], week["not_analysed"], week["expected"]
-    analysed = sum(entry["images"] for entry in regions.values())
-    lines = [f"last 7 days: {analysed} images analysed, {sum(outside.values())} not analysed"
-             + (" (" + ", ".join(f"{k} {v}" for k, v in sorted(outside.items())) + ")"
-                if outside else "")]
-    for region, entry in sorted(regions.items()):
-        flagged = {"high_sensitivity": entry["possible"] + entry["likely"],
-                   "high_specificity": entry["likely"]}
-        cells = []
-        for point, words in (("high_sensitivity", "possible or likely"),
-                             ("high_specificity", "likely")):
-            share = flagged[point] / entry["images"]
-            rate = (expected or {}).get(region, {}).get(point)
-            cells.append(f"{words} {100 * share:.1f} %"
-                         + (f" (expected {100 * rate:.1f} %)" if rate is not None else ""))
-        lines.append(f"  {region}: {entry['images']} images, " + ", ".join(cells))
-    return "\n".join(lines)
-
-
-@main.command()
-@config_option
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def status(config_path: Path | None, as_json: bool) -> None:
-    """The engine in use, studies and deliveries by state (UIDs only: no patient data),
-    and the last 7 days' images: the share flagged per body region against the model's
-    expected share, and the images not analysed by reason."""
-    settings = _settings(config_path)
-    from datetime import timedelta
-
-    from fractured.daemon.queue import Queue, make_engine, utcnow
-
-    queue = Queue(make_engine(settings.database.url))
-    report = {"engine": _engine_status(settings.engine.bundle), **queue.counts(),
-              "study_list": queue.studies(), "dead_letters": queue.dead_letters(),
-              "last_7_days": {**queue.outcomes_since(utcnow() - timedelta(days=7)),
-                              "expected": _expected_rates(settings.engine.bundle)}}
-    if as_json:
-        click.echo(json.dumps(report, indent=2))
-        return
-    engine = report["engine"]
-    click.echo(f"engine: {engine['location']}: active {engine['active'] or 'none'}"
-               + (f", shadow {engine['shadow']}" if engine["shadow"] else ""))
-    for kind in ("studies", "deliveries"):
-        counts = ", ".join(f"{k} {v}" for k, v in sorted(report[kind].items())) or "none"
-        click.echo(f"{kind}: {counts}")
-    for row in report["study_list"]:
-        click.echo(f"  {row['study_instance_uid']:<64} {row['state']:<10} "
-                   f"images {row['instances']:<4} runs {row['runs']:<3} "
-                   f"delivered {row['delivered']}" + (f"  ({row['reason']})"
-                                                      if row["reason"] else ""))
-    click.echo(_week_text(report["last_7_days"]))
-    if report["dead_letters"]:
-        click.echo(f"dead letters ({len(report['dead_letters'])}; `fractured retry` sends "
-                   "them again):")
-    for letter in report["dead_letters"]:
-        click.echo(f"  {letter['study_instance_uid']:<64} to {letter['destination']}: "
-                   f"{letter['attempts']} attempts, {letter['last_error']}")
-
-
-@main.command()
-@config_option
-@click.option("--dry-run", is_flag=True, help="Only show what would be removed.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def purge(config_path: Path | None, dry_run: bool, as_json: bool) -> None:
-    """Remove what [retention] says finished studies have been kept long enough: received
-    images, delivered results, database rows. Shows what goes (UIDs only), and with
-    --dry-run removes nothing. A running node does the same every [retention].interval_s."""
-    settings = _settings(config_path)
-    log.configure(settings.log.level, settings.log.format)  # retention.purged, on stderr
-    from fractured.daemon import retention
-    from fractured.daemon.queue import Queue, make_engine, utcnow
-
-    queue = Queue(make_engine(settings.database.url))
-    plan = retention.plan(queue, settings, utcnow())
-    result = None if dry_run else retention.apply(queue, plan)
-    report = retention.report(plan, result)
-    if as_json:
-        click.echo(json.dumps({"dry_run": dry_run, **report}, indent=2))
-        return
-    keep = settings.retention
-    click.echo(f"retention: images {keep.images_days:g} days, results {keep.results_days:g} "
-               f"days, records {keep.records_days:g} days (0: kept forever)")
-    click.echo(f"{'would remove' if dry_run else 'removing'}: {len(plan.studies)} studies, "
-               f"{plan.files} files ({_megabytes(plan.bytes)}), {plan.rows} rows")
-    for study in plan.studies:
-        click.echo(f"  {study.study_instance_uid:<64} {study.finished.state:<8} "
-                   f"files {study.files:<5} {_megabytes(study.bytes):>9}  rows {study.rows:<5}"
-                   + "; ".join(f"{kind}: {why}" for kind, why in study.reasons.items()))
-    if result is not None:
-        click.echo(f"removed: {result.studies} studies, {result.files} files "
-                   f"({_megabytes(result.bytes)}), {result.rows} rows; {result.changed} "
-                   f"changed since planned (left alone), {result.failed} failed")
-
-
-def _megabytes(size: int) -> str:
-    return f"{size / 1e6:.1f} MB"
-
-
-@main.command("build-engine")
+@click.command("build-engine")
 @click.argument("checkpoints", nargs=-1, type=click.Path(exists=True, path_type=Path))
 @click.option("--untrained", is_flag=True,
               help="Build a bundle with random weights (for tests and first installs); its "
@@ -349,7 +111,7 @@ def build_engine(checkpoints: tuple[Path, ...], untrained: bool, out_dir: Path, 
         click.echo(f"built {path}")
 
 
-@main.command()
+@click.command()
 @click.argument("dataset", type=click.Path(exists=True, path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
               required=True, help="Run directory (settings, split, checkpoints, history).")
@@ -373,10 +135,10 @@ def train(dataset: Path, out_dir: Path, train_config: Path | None, task: str, re
     DICOM + CSV, FracAtlas), with a leakage-safe split written to the run directory."""
     log.configure("INFO", "console")
     from fractured.training import config as train_config_module
+    from fractured.training import run
     from fractured.training.checkpoint import CheckpointError
     from fractured.training.datasets import DatasetError
     from fractured.training.run import SETTINGS_FILE, RunError
-    from fractured.training.run import train as run_training
 
     flags = list(overrides)
     tasks = ("classifier", "detector") if task == "both" else (task,)
@@ -394,7 +156,7 @@ def train(dataset: Path, out_dir: Path, train_config: Path | None, task: str, re
         train_config = saved
     try:
         settings = train_config_module.load(train_config, flags, saved_run=resumed_from_saved)
-        results = run_training(dataset, out_dir, settings, task=task,  # type: ignore[arg-type]
+        results = run.train(dataset, out_dir, settings, task=task,  # type: ignore[arg-type]
                                resume=resume)
     except (config.ConfigError, DatasetError, RunError, CheckpointError) as exc:
         raise click.ClickException(str(exc)) from None
@@ -402,7 +164,7 @@ def train(dataset: Path, out_dir: Path, train_config: Path | None, task: str, re
         click.echo(f"{name}: {path}")
 
 
-@main.command()
+@click.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
               help="Where metrics.json, report.md and the plots go [default: RUN/eval-SPLIT].")
@@ -432,7 +194,7 @@ def evaluate(run_dir: Path, out_dir: Path | None, split_name: str, dataset: Path
     click.echo(f"report: {report}")
 
 
-@main.command()
+@click.command()
 @click.argument("runs", nargs=-1, required=True, metavar="RUN [RUN ...]",
                 type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
@@ -462,7 +224,7 @@ def cv(runs: tuple[Path, ...], out_dir: Path, bootstrap: int, device: str) -> No
     click.echo(f"report: {out_dir / CV_MARKDOWN}")
 
 
-@main.command("check-dicom")
+@click.command("check-dicom")
 @click.argument("bundle_dir", metavar="BUNDLE",
                 type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--split", "split_dir", required=True,
@@ -484,9 +246,9 @@ def check_dicom(bundle_dir: Path, split_dir: Path, part: str, dataset: Path | No
     from fractured.durable import write_durably
     from fractured.engine.bundle import Bundle, BundleError
     from fractured.engine.pipeline import Pipeline
+    from fractured.training import dicom_check
     from fractured.training.bundle_scoring import open_split
     from fractured.training.datasets import DatasetError
-    from fractured.training.dicom_check import check_dicom as run_check
     from fractured.training.dicom_check import report_markdown
     from fractured.training.export import BuildError
 
@@ -497,7 +259,7 @@ def check_dicom(bundle_dir: Path, split_dir: Path, part: str, dataset: Path | No
         raise click.ClickException(str(exc)) from None
     label = f"{bundle.manifest.name}-{bundle.manifest.version}"
     result = {"bundle": label, "part": part,
-              **run_check(Pipeline(bundle, backend="onnxruntime"), samples)}
+              **dicom_check.check_dicom(Pipeline(bundle, backend="onnxruntime"), samples)}
     out_dir.mkdir(parents=True, exist_ok=True)
     write_durably(out_dir / "dicom-check.json",
                   (json.dumps(result, indent=2) + "\n").encode())
@@ -506,7 +268,7 @@ def check_dicom(bundle_dir: Path, split_dir: Path, part: str, dataset: Path | No
     click.echo(markdown)
 
 
-@main.command()
+@click.command()
 @click.argument("members", nargs=-1, required=True,
                 type=click.Path(exists=True, path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
@@ -531,7 +293,7 @@ def ensemble(members: tuple[Path, ...], out_dir: Path, detector: Path | None,
     click.echo(f"classifier: {best}")
 
 
-@main.command()
+@click.command()
 @click.argument("bundle_dir", metavar="BUNDLE",
                 type=click.Path(exists=True, file_okay=False, path_type=Path))
 @derived_bundle_options("fitted on its val part, scored on its test part")
@@ -547,28 +309,28 @@ def fuse(bundle_dir: Path, split_dir: Path, out_dir: Path, bundle_version: str,
     result as a new bundle of the same model files."""
     log.configure("INFO", "console")
     from fractured.engine.bundle import BundleError
+    from fractured.training import fusion
     from fractured.training.build import CardRecord, build_fused_bundle
     from fractured.training.datasets import DatasetError
     from fractured.training.export import BuildError
-    from fractured.training.fusion import fuse as fit_and_score
 
     if out_dir.exists():  # before minutes of inference, not after
         raise click.ClickException(f"{out_dir}: already exists; a bundle is never "
                                    "overwritten (build a new version)")
     try:
         record = CardRecord.read(dicom_check, test_looks, bundle_dir)
-        result = fit_and_score(bundle_dir, split_dir, report_dir, dataset=dataset,
+        result = fusion.fuse(bundle_dir, split_dir, report_dir, dataset=dataset,
                                subsets=subsets, bootstrap=bootstrap)
         path = build_fused_bundle(result, out_dir, name=name, version=bundle_version,
                                   notes=notes, record=record)
     except (BundleError, BuildError, DatasetError, config.ConfigError) as exc:
         raise click.ClickException(str(exc)) from None
-    _print_auc_comparison(result.summary["auc"], "alone", "fused")
+    print_auc_comparison(result.summary["auc"], "alone", "fused")
     click.echo(f"report: {report_dir / 'report.md'}")
     click.echo(f"built {path}")
 
 
-@main.command()
+@click.command()
 @click.argument("bundle_dir", metavar="BUNDLE",
                 type=click.Path(exists=True, file_okay=False, path_type=Path))
 @derived_bundle_options("calibrated on its train part, checked on its val part, scored on "
@@ -595,10 +357,10 @@ def quantize(bundle_dir: Path, split_dir: Path, out_dir: Path, bundle_version: s
 
     log.configure("INFO", "console")
     from fractured.engine.bundle import BundleError
+    from fractured.training import quantize as quantization
     from fractured.training.build import CardRecord, build_quantized_bundle
     from fractured.training.datasets import DatasetError
     from fractured.training.export import BuildError
-    from fractured.training.quantize import quantize as quantize_and_check
 
     if out_dir.exists():  # before minutes of inference, not after
         raise click.ClickException(f"{out_dir}: already exists; a bundle is never "
@@ -606,7 +368,7 @@ def quantize(bundle_dir: Path, split_dir: Path, out_dir: Path, bundle_version: s
     try:
         record = CardRecord.read(dicom_check, test_looks, bundle_dir)
         with tempfile.TemporaryDirectory(prefix="fractured-quantize-") as scratch:
-            result = quantize_and_check(bundle_dir, split_dir, report_dir, Path(scratch),
+            result = quantization.quantize(bundle_dir, split_dir, report_dir, Path(scratch),
                                         dataset=dataset, subsets=subsets, bootstrap=bootstrap,
                                         calibration_images=calibration_images,
                                         max_auc_drop=max_auc_drop, keep_float=keep_float)
@@ -614,7 +376,7 @@ def quantize(bundle_dir: Path, split_dir: Path, out_dir: Path, bundle_version: s
                                           notes=notes, record=record)
     except (BundleError, BuildError, DatasetError, config.ConfigError) as exc:
         raise click.ClickException(str(exc)) from None
-    _print_auc_comparison(result.summary["auc"], "source", "INT8")
+    print_auc_comparison(result.summary["auc"], "source", "INT8")
     for part, changed in result.summary["changes"].items():
         click.echo(f"{part}: decisions changed {changed['decisions_changed']} of "
                    f"{changed['images']} images; largest probability change "
@@ -623,18 +385,9 @@ def quantize(bundle_dir: Path, split_dir: Path, out_dir: Path, bundle_version: s
     click.echo(f"built {path}")
 
 
-def _print_auc_comparison(comparison: dict, before: str, after: str) -> None:
-    """One line per part: the AUC before and after, and the paired interval."""
-    for part, auc in comparison.items():
-        ci = auc["difference_ci95"]
-        if auc["before"] is None:
-            click.echo(f"{part}: {auc['note']}")
-            continue
-        click.echo(f"{part}: AUC {auc['before']:.4f} {before}, {auc['after']:.4f} {after}"
-                   + (f" (difference {ci[0]:+.4f} to {ci[1]:+.4f})" if ci else ""))
 
 
-@main.group()
+@click.group()
 def data() -> None:
     """Look at a training data set before training on it."""
 
@@ -662,7 +415,7 @@ def data_inspect(dataset: Path, out_dir: Path, fmt: str | None, positive: tuple[
     click.echo(f"plots and summary.json in {out_dir}")
 
 
-@main.command()
+@click.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--bundle", "bundle_path", type=click.Path(path_type=Path, file_okay=False),
               help="Engine bundle to run [default: the config's [engine].bundle].")
@@ -688,6 +441,7 @@ def predict(ctx: click.Context, files: tuple[Path, ...], bundle_path: Path | Non
     patient under its age) gets no verdict, only the reason. A file that cannot be read
     is reported in its place and the others still run; the exit status is then 1.
     """
+    from fractured import predict as prediction
     from fractured.engine.bundle import BundleError
     from fractured.engine.pipeline import Pipeline
     from fractured.engine.registry import resolve_bundle
@@ -700,7 +454,6 @@ def predict(ctx: click.Context, files: tuple[Path, ...], bundle_path: Path | Non
         to_json,
         write_overlay,
     )
-    from fractured.predict import predict as run_predict
 
     targets: dict[Path, Path] = {}
     if overlay_dir is not None:
@@ -708,7 +461,7 @@ def predict(ctx: click.Context, files: tuple[Path, ...], bundle_path: Path | Non
             targets = overlay_paths(files, overlay_dir)
         except ValueError as exc:
             raise click.UsageError(f"--overlay: {exc}") from None
-    engine = _settings(config_path).engine
+    engine = load_settings(config_path).engine
     bundle_path = bundle_path or engine.bundle
     boxes = boxes or engine.boxes
     try:
@@ -725,7 +478,7 @@ def predict(ctx: click.Context, files: tuple[Path, ...], bundle_path: Path | Non
     if not as_json:
         click.echo(table_header(file_width))
     failed = 0
-    for outcome in run_predict(files, pipeline):
+    for outcome in prediction.predict(files, pipeline):
         if isinstance(outcome, Unreadable):
             failed += 1
         elif overlay_dir is not None and isinstance(outcome, Prediction):
@@ -736,141 +489,3 @@ def predict(ctx: click.Context, files: tuple[Path, ...], bundle_path: Path | Non
         ctx.exit(1)
 
 
-@main.group()
-def engines() -> None:
-    """Roll models out and back: the bundles of an engines folder, one active.
-
-    The running node switches to a newly activated bundle at its next study, without a
-    restart. The folder is [engine].bundle of the config, or --engines."""
-
-
-engines_option = click.option(
-    "--engines", "engines_dir", type=click.Path(path_type=Path, file_okay=False),
-    help="Engines folder [default: [engine].bundle of the config].")
-
-
-def _registry(config_path: Path | None, engines_dir: Path | None):  # -> Registry
-    from fractured.engine.registry import Registry, RegistryError, is_bundle
-
-    folder = engines_dir or _settings(config_path).engine.bundle
-    if is_bundle(folder):
-        raise click.UsageError(f"{folder} is a single bundle, not an engines folder: set "
-                               "[engine].bundle to the folder holding the bundles, or pass "
-                               "--engines")
-    try:
-        return Registry(folder)
-    except RegistryError as exc:
-        raise click.ClickException(str(exc)) from None
-
-
-@engines.command("list")
-@config_option
-@engines_option
-def engines_list(config_path: Path | None, engines_dir: Path | None) -> None:
-    """Each bundle: name, version, trained or not, created; * marks the active one, s the
-    shadow."""
-    registry = _registry(config_path, engines_dir)
-    entries = registry.entries()
-    if not entries:
-        click.echo(f"{registry.root}: no bundles")
-    for entry in entries:
-        mark = "*" if entry.active else "s" if entry.shadow else " "
-        if entry.manifest is None:
-            click.echo(f"{mark} {entry.name:<32} BROKEN: {entry.error}")
-            continue
-        m = entry.manifest
-        click.echo(f"{mark} {entry.name:<32} {m.name} {m.version:<10} "
-                   f"{'trained' if m.trained else 'UNTRAINED'}  {m.created}")
-
-
-@engines.command("activate")
-@click.argument("name")
-@config_option
-@engines_option
-def engines_activate(name: str, config_path: Path | None, engines_dir: Path | None) -> None:
-    """Make bundle NAME (its folder name) the active one, after verifying it."""
-    from fractured.engine.bundle import BundleError
-    from fractured.engine.registry import RegistryError
-
-    registry = _registry(config_path, engines_dir)
-    try:
-        bundle = registry.activate(name)
-    except (BundleError, RegistryError) as exc:
-        raise click.ClickException(str(exc)) from None
-    click.echo(f"active: {name} ({bundle.model_info.label}); a running node switches at "
-               "its next study")
-
-
-@engines.command("rollback")
-@config_option
-@engines_option
-def engines_rollback(config_path: Path | None, engines_dir: Path | None) -> None:
-    """Make the previously active bundle active again."""
-    from fractured.engine.bundle import BundleError
-    from fractured.engine.registry import RegistryError
-
-    registry = _registry(config_path, engines_dir)
-    try:
-        registry.rollback()
-    except (BundleError, RegistryError) as exc:
-        raise click.ClickException(str(exc)) from None
-    click.echo(f"active: {registry.active()}; a running node switches at its next study")
-
-
-@engines.command("shadow")
-@click.argument("name", required=False)
-@click.option("--off", is_flag=True, help="Stop shadowing.")
-@config_option
-@engines_option
-def engines_shadow(name: str | None, off: bool, config_path: Path | None,
-                   engines_dir: Path | None) -> None:
-    """Run bundle NAME beside the active one on live studies; its findings are stored for
-    `fractured engines compare` and never sent to the PACS."""
-    from fractured.engine.bundle import BundleError
-    from fractured.engine.registry import RegistryError
-
-    if off == (name is not None):
-        raise click.UsageError("give a bundle NAME to shadow, or --off")
-    registry = _registry(config_path, engines_dir)
-    try:
-        bundle = registry.set_shadow(name)
-    except (BundleError, RegistryError) as exc:
-        raise click.ClickException(str(exc)) from None
-    if bundle is None:
-        click.echo("shadow: off")
-    else:
-        click.echo(f"shadow: {name} ({bundle.model_info.label}); a running node starts at "
-                   "its next study")
-
-
-@engines.command("compare")
-@config_option
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per model pair.")
-def engines_compare(config_path: Path | None, as_json: bool) -> None:
-    """How the shadow model's decisions agreed with the active model's on live studies,
-    per image and per study, at both operating points."""
-    import dataclasses
-    import json
-
-    from fractured.daemon.queue import Queue, make_engine
-    from fractured.daemon.shadow import compare
-
-    settings = _settings(config_path)
-    results = compare(Queue(make_engine(settings.database.url)))
-    if not results:
-        click.echo("no shadow findings recorded (fractured engines shadow NAME starts one)")
-    for result in results:
-        if as_json:
-            click.echo(json.dumps(dataclasses.asdict(result)))
-            continue
-        click.echo(f"active {result.active_model}  vs  shadow {result.shadow_model}: "
-                   f"{result.images} images in {result.studies} studies; probability "
-                   f"difference mean {result.mean_abs_difference:.3f}, "
-                   f"max {result.max_abs_difference:.3f}")
-        for level, table in (("images", result.image_agreement),
-                             ("studies", result.study_agreement)):
-            total = result.images if level == "images" else result.studies
-            for point, tally in table.items():
-                click.echo(f"  {level:<8} {point:<17} agree {tally['agree']}/{total} "
-                           f"({100 * tally['agree'] / total:.1f} %), fracture only by active "
-                           f"{tally['active_only']}, only by shadow {tally['shadow_only']}")

@@ -1,0 +1,79 @@
+"""What several commands share: the configuration they load, and their common options."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from fractured import config
+
+# Mirror fractured.engine.models' DETECTOR_BACKBONES and CLASSIFIER_VARIANTS without
+# importing torch for --help.
+DETECTOR_BACKBONES = ("mobilenet_v3_large_fpn", "resnet50_fpn_v2", "resnet18_fpn", "resnet34_fpn",
+                      "lite0_fpn", "lite1_fpn", "lite2_fpn")
+CLASSIFIER_VARIANTS = ("b0", "b1", "b2", "b3", "b4", "lite0", "lite1", "lite2", "resnet18",
+                       "resnet34", "resnet50")
+
+CONFIG_ENV = "FRACTURED_CONFIG"
+
+
+def load_settings(path: Path | None) -> config.Settings:
+    """Load the config named by --config, $FRACTURED_CONFIG, or the shipped default."""
+    chosen = path or Path(os.environ.get(CONFIG_ENV) or config.DEFAULT_CONFIG)
+    try:
+        return config.load(chosen)
+    except config.ConfigError as exc:
+        raise click.ClickException(f"configuration error: {exc}") from None
+
+
+subset_option = click.option(
+    "--subset", "subsets", multiple=True, metavar="COLUMN=VALUE",
+    help="Also report on images whose attribute matches, e.g. hardware=0.")
+
+def derived_bundle_options(parts: str):  # -> a decorator
+    """The options of a command that makes a new bundle from BUNDLE and scores it on the
+    split of BUNDLE's classifier (`fuse`, `quantize`); `parts` says what each part is for."""
+    options = [
+        click.option("--split", "split_dir", required=True,
+                     type=click.Path(exists=True, file_okay=False, path_type=Path),
+                     help=f"The split the classifier was trained with (split.csv and "
+                          f"split.json: a run's split/ folder): {parts}."),
+        click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
+                     required=True, help="Bundle directory to create (must not exist)."),
+        click.option("--version", "bundle_version", required=True,
+                     help="The new bundle's version."),
+        click.option("--name", help="The new bundle's name [default: BUNDLE's]."),
+        click.option("--report", "report_dir", required=True,
+                     type=click.Path(path_type=Path, file_okay=False),
+                     help="Where metrics.json, report.md, plots and the per-image "
+                          "predictions.csv / validation.csv go."),
+        click.option("--dataset", type=click.Path(exists=True, path_type=Path),
+                     help="The data set [default: the one BUNDLE's classifier was trained "
+                          "on]."),
+        subset_option,
+        click.option("--bootstrap", type=click.IntRange(0), default=1000, show_default=True,
+                     help="Bootstrap resamples for the AUC intervals (0 = none)."),
+        click.option("--dicom-check", "dicom_check",
+                     type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     help="A `fractured check-dicom` dicom-check.json of BUNDLE (or of the "
+                          "bundle BUNDLE was made from) for the model card."),
+        click.option("--test-looks", type=click.IntRange(0),
+                     help="How many scorings the split's test part had before this one "
+                          "(the test ledger's count), for the model card."),
+    ]
+
+    def apply(command):  # click passes the command function through each option
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply
+
+
+config_option = click.option(
+    "--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
+    help=f"config.toml to use (default: ${CONFIG_ENV}, else the shipped config.toml).")
+
+

@@ -11,14 +11,14 @@ name, fsynced and renamed, so a crash mid-write leaves the previous checkpoint i
 from __future__ import annotations
 
 import dataclasses
-import os
+import io
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from fractured.durable import fsync_path
+from fractured.durable import write_durably
 
 FORMAT_VERSION = 1
 LAST = "last.pt"
@@ -33,13 +33,9 @@ class CheckpointError(Exception):
 
 def save(path: Path, content: Mapping[str, Any]) -> None:
     """Atomically write a checkpoint dict (adds the format version)."""
-    path = Path(path)
-    scratch = path.with_name(f".{path.name}.tmp")
-    torch.save({"format_version": FORMAT_VERSION, **content}, scratch)
-    with open(scratch, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(scratch, path)
-    fsync_path(path.parent)
+    buffer = io.BytesIO()
+    torch.save({"format_version": FORMAT_VERSION, **content}, buffer)
+    write_durably(Path(path), buffer.getbuffer(), mode=0o644)
 
 
 def load(path: Path, kind: Kind | None = None) -> dict[str, Any]:

@@ -19,7 +19,6 @@ import csv
 import hashlib
 import io
 import json
-import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -30,6 +29,7 @@ from typing import Any
 import numpy as np
 import structlog
 
+from fractured.durable import write_durably
 from fractured.training.datasets.base import SPLITS, DatasetError, Sample, SampleSet
 from fractured.training.dedup import (
     DEFAULT_THRESHOLD,
@@ -380,15 +380,11 @@ def write_split(split: Split, directory: str | Path) -> Path:
     }
     if split.folds is not None:
         meta["folds"] = asdict(split.folds)
-    _write_atomic(csv_path, text)
-    _write_atomic(json_path, json.dumps(meta, indent=2) + "\n")
+    write_durably(csv_path, text.encode(), mode=0o644)
+    write_durably(json_path, (json.dumps(meta, indent=2) + "\n").encode(), mode=0o644)
     return json_path
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
 
 
 def _read_meta(directory: Path) -> dict[str, Any]:

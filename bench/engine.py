@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from fractured.engine.backends import Engines, open_engines
+from fractured.engine.backends import LoadedModels, open_models
 from fractured.engine.bundle import (
     CLASSIFIER_FILE,
     CLASSIFIER_WEIGHTS,
@@ -218,9 +218,9 @@ def combine(classifier: Bundle, detector: Bundle, out_dir: Path) -> Bundle:
     return write_bundle(out_dir, fields, files)
 
 
-def engines(bundle: Bundle, threads: int) -> dict[str, Engines]:
+def engines(bundle: Bundle, threads: int) -> dict[str, LoadedModels]:
     """The bundle on each backend, torch pinned to the CPU (the GPU has its own section)."""
-    return {name: open_engines(bundle, name, threads=threads, device="cpu")
+    return {name: open_models(bundle, name, threads=threads, device="cpu")
             for name in COMPARED}
 
 
@@ -272,7 +272,7 @@ def bench_pipelines(pairs: dict[tuple[str, str], Bundle], study: list[np.ndarray
     for (variant, backbone), bundle in pairs.items():
         pipelines = {name: Pipeline(bundle, name, threads=threads, device="cpu")
                      for name in COMPARED}
-        runs = {_label(p.engines): p.run for p in pipelines.values()}
+        runs = {_label(p.models): p.run for p in pipelines.values()}
         timings = race(runs, images, max(3, repeat // 2), len(study))
         print_race(f"{variant} + {backbone}", bundle.manifest.classifier.input_size,
                    len(study), timings, "times are per study; ms/image is the node's rate")
@@ -315,7 +315,7 @@ def probe_memory(bundle_path: str, backend: str, study_file: str, threads: int) 
     findings = pipeline.run([(_REF, image) for image in study])
     assert len(findings) == len(study)
     peaks["study"] = _peak_mb()
-    print(json.dumps({**peaks, "backend": _label(pipeline.engines),
+    print(json.dumps({**peaks, "backend": _label(pipeline.models),
                       "torch": "torch" in sys.modules}))
 
 
@@ -335,9 +335,9 @@ def bench_bundle(bundle: Bundle, peer: Bundle | None, study: list[np.ndarray],
     from fractured.training.export import is_quantized
 
     spec = bundle.manifest.classifier
-    node = open_engines(bundle, "onnxruntime", threads=threads)
+    node = open_models(bundle, "onnxruntime", threads=threads)
     label = f"{bundle.manifest.name}-{bundle.manifest.version}"
-    other = open_engines(peer, "onnxruntime", threads=threads) if peer is not None else None
+    other = open_models(peer, "onnxruntime", threads=threads) if peer is not None else None
     peer_label = f"{peer.manifest.name}-{peer.manifest.version}" if peer is not None else ""
     classifier_peers: dict[str, Callable[[Any], Any]] = {}
     note = ""
@@ -425,8 +425,8 @@ def bench_cuda(bundles: dict[str, Bundle], detectors: dict[str, Bundle],
     print(HEADER)
     for bundle in bundles.values():
         spec = bundle.manifest.classifier
-        graphed = open_engines(bundle, "torch", device="cuda").classifier
-        eager: Any = open_engines(bundle, "torch", device="cuda").classifier
+        graphed = open_models(bundle, "torch", device="cuda").classifier
+        eager: Any = open_models(bundle, "torch", device="cuda").classifier
         eager.cuda_graphs = False
         model = torch_classifier(bundle)[0].cuda()
 
@@ -448,8 +448,8 @@ def bench_cuda(bundles: dict[str, Bundle], detectors: dict[str, Bundle],
     for bundle in detectors.values():
         spec = bundle.manifest.detector
         assert spec is not None
-        on_gpu = open_engines(bundle, "torch", device="cuda").detector
-        on_cpu = open_engines(bundle, "torch", device="cpu", threads=threads).detector
+        on_gpu = open_models(bundle, "torch", device="cuda").detector
+        on_cpu = open_models(bundle, "torch", device="cpu", threads=threads).detector
         assert on_gpu is not None and on_cpu is not None
         batch = model_batch(study, spec.input_size, 1, bundle)
 
@@ -490,7 +490,7 @@ def _box_gap(found: Any, reference: Any) -> str:
     return f"{count} boxes, <= {gap:.2g} px apart"
 
 
-def _label(opened: Engines) -> str:
+def _label(opened: LoadedModels) -> str:
     """Backend and where it runs, as the tables show it."""
     engine: Any = opened.classifier
     if opened.backend == "torch":

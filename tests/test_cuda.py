@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fractured.engine.backends import choose_backend, open_engines
+from fractured.engine.backends import choose_backend, open_models
 from fractured.engine.backends.torch import TorchDetector
 from fractured.engine.bundle import Bundle
 from fractured.engine.pipeline import Pipeline
@@ -57,8 +57,8 @@ def test_fp16_classifier_matches_fp32_on_the_cpu(which: str, batch: int,
                                                 untrained_bundle: Path,
                                                 resnet_bundle: Path) -> None:
     bundle = Bundle.load(untrained_bundle if which == "b0" else resnet_bundle)
-    gpu = open_engines(bundle, "torch", device="cuda").classifier
-    cpu = open_engines(bundle, "torch", device="cpu").classifier
+    gpu = open_models(bundle, "torch", device="cuda").classifier
+    cpu = open_models(bundle, "torch", device="cpu").classifier
     assert (gpu.device.type, gpu.dtype) == ("cuda", torch.float16)
     x = model_input(bundle, batch)
     (logits, cam), (ref_logits, ref_cam) = gpu.run(x), cpu.run(x)
@@ -106,7 +106,7 @@ def test_a_study_on_cuda_gives_the_onnxruntime_findings(
     bundle = Bundle.load(untrained_bundle_with_detector)
     images = radiographs([(300, 220), (256, 256), (180, 400)])
     on_gpu = Pipeline(bundle, "torch", boxes="always", device="cuda")
-    assert on_gpu.engines.classifier.device.type == "cuda"  # type: ignore[attr-defined]
+    assert on_gpu.models.classifier.device.type == "cuda"  # type: ignore[attr-defined]
     found = on_gpu.run(images)
     reference = Pipeline(bundle, "onnxruntime", boxes="always").run(images)
     for a, b in zip(found, reference, strict=True):
@@ -126,14 +126,14 @@ def test_auto_runs_a_bundle_with_torch_weights_on_the_gpu(untrained_bundle: Path
         return
     assert choose_backend(bundle) == "torch"
     assert choose_backend(bundle, device="cpu") == "onnxruntime"  # torch kept off the GPU
-    assert Pipeline(bundle).engines.classifier.device.type == "cuda"  # type: ignore[attr-defined]
+    assert Pipeline(bundle).models.classifier.device.type == "cuda"  # type: ignore[attr-defined]
 
 
 def test_batches_of_every_size_reuse_the_loaded_model(untrained_bundle: Path) -> None:
     """The node sends studies of 1 to max_batch images in any order: no shape is baked in,
     and GPU memory does not grow from one study to the next once each size was seen."""
     bundle = Bundle.load(untrained_bundle)
-    gpu = open_engines(bundle, "torch", device="cuda").classifier
+    gpu = open_models(bundle, "torch", device="cuda").classifier
     for batch in (1, 4, 8, 2):
         gpu.run(model_input(bundle, batch))
     torch.cuda.synchronize()

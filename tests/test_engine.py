@@ -14,7 +14,7 @@ import pydicom
 import pytest
 import torch
 
-from fractured.engine.backends import open_engines
+from fractured.engine.backends import open_models
 from fractured.engine.bundle import (
     CLASSIFIER_FILE,
     CLASSIFIER_WEIGHTS,
@@ -266,7 +266,7 @@ def test_existing_bundle_is_never_overwritten(untrained_bundle: Path, tmp_path: 
 
 def test_unknown_backend_names_the_choices(untrained_bundle: Path) -> None:
     with pytest.raises(ValueError, match="auto, onnxruntime, torch, tensorrt"):
-        open_engines(Bundle.load(untrained_bundle), "tensorflow")
+        open_models(Bundle.load(untrained_bundle), "tensorflow")
 
 
 def test_parity_check_catches_a_graph_that_differs_from_the_model(

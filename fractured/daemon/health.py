@@ -80,7 +80,7 @@ class HealthChecks:
         return report
 
     def _engine_problem(self) -> str:
-        if self._model.pipeline.engines.classifier is None:
+        if self._model.pipeline.models.classifier is None:
             return "no classifier loaded"
         return ""
 

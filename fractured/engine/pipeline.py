@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from pydicom.dataset import Dataset
 
-from fractured.engine.backends import Device, Engines, open_engines
+from fractured.engine.backends import Device, LoadedModels, open_models
 from fractured.engine.bundle import FRACTURE_LABEL, Bundle
 from fractured.engine.exposed_field import Field, field_for
 from fractured.engine.findings import Box, DecisionLevel, Finding, ImageRef, ModelInfo
@@ -74,7 +74,7 @@ class Pipeline:
         self.max_batch = max_batch
         self.tta = tta
         self.box_levels = BOX_GATES[boxes]
-        self.engines: Engines = open_engines(bundle, backend, threads=threads, device=device)
+        self.models: LoadedModels = open_models(bundle, backend, threads=threads, device=device)
         self._fracture = bundle.manifest.classifier.labels.index(FRACTURE_LABEL)
         declared = bundle.manifest.intended_use
         self.intended_use: IntendedUse | None = (
@@ -90,7 +90,7 @@ class Pipeline:
 
     @property
     def backend_name(self) -> str:
-        return self.engines.backend
+        return self.models.backend
 
     @property
     def model(self) -> ModelInfo:
@@ -136,7 +136,7 @@ class Pipeline:
     def _needs_region_check(self, header: ScopeCheck) -> bool:
         """Whether an image's header left its scope to the region check."""
         return (header.reason is ScopeReason.UNKNOWN_BODY_PART
-                and self.engines.region_check is not None)
+                and self.models.region_check is not None)
 
     def evidence(self, images: Sequence[np.ndarray],
                  datasets: Sequence[Dataset | None] | None = None) -> np.ndarray:
@@ -209,7 +209,7 @@ class Pipeline:
                      for image, field in zip(images, fields, strict=True)]
             batch = to_model_input([b for b, _ in boxed], self.bundle.manifest.mean,
                                    self.bundle.manifest.std)
-            logits, cam = self.engines.classifier.run(batch)
+            logits, cam = self.models.classifier.run(batch)
             scaled[:, v] = [float(row[self._fracture]) / spec.temperature for row in logits]
             if v == 0:
                 heatmaps = [_heatmap(one[self._fracture], box)
@@ -221,11 +221,11 @@ class Pipeline:
         """The region check on the images of `batch` that `see` marks, None elsewhere."""
         marked = [i for i, wanted in enumerate(see) if wanted]
         seen: list[RegionSeen | None] = [None] * len(batch)
-        if not marked or self.engines.region_check is None or self.intended_use is None:
+        if not marked or self.models.region_check is None or self.intended_use is None:
             return seen
         check = self.intended_use.region_check
-        assert check is not None  # open_engines opens the graph only with its spec
-        for i, row in zip(marked, self.engines.region_check.run(batch[marked]), strict=True):
+        assert check is not None  # open_models opens the graph only with its spec
+        for i, row in zip(marked, self.models.region_check.run(batch[marked]), strict=True):
             seen[i] = check.nearest(row)
         return seen
 
@@ -235,7 +235,7 @@ class Pipeline:
         image's best box score at any score (0 without a box or a detector); and every
         box the graph returned, in model-input pixels."""
         spec = self.bundle.manifest.detector
-        detector = self.engines.detector
+        detector = self.models.detector
         best = np.zeros(len(images))
         if spec is None or detector is None:
             return [() for _ in images], best, []

@@ -22,7 +22,7 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from fractured.engine.backends import open_engines
+from fractured.engine.backends import open_models
 from fractured.engine.bundle import Bundle
 from fractured.engine.preprocess import DecodeError, letterbox, to_model_input
 from fractured.engine.sources import load_image
@@ -42,7 +42,7 @@ def measure(bundle: Bundle, split: Path, dataset: Path, part: str, out: Path) ->
         rows = [row for row in csv.DictReader(fh) if row["split"] == part]
     manifest = bundle.manifest
     assert manifest.detector is not None, f"{bundle.path} has no detector"
-    engines = open_engines(bundle, "onnxruntime", threads=2)
+    engines = open_models(bundle, "onnxruntime", threads=2)
     assert engines.detector is not None
     sizes = manifest.classifier.input_size, manifest.detector.input_size
     out.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@
 the tensorrt package and plans built for them); then ONNX Runtime where it has its CUDA
 provider; then PyTorch on a CUDA GPU (a bundle with torch weights: FP16 channels-last,
 faster on any GPU than ONNX Runtime on the CPU); then ONNX Runtime on the CPU, then
-PyTorch on the CPU. The choice is made once per bundle and reported (`Engines.backend`),
+PyTorch on the CPU. The choice is made once per bundle and reported (`LoadedModels.backend`),
 so logs and results can say what ran.
 """
 
@@ -38,12 +38,12 @@ BackendName = Literal["auto", "onnxruntime", "torch", "tensorrt"]
 BACKEND_CHOICES: tuple[str, ...] = ("auto", *BACKENDS)
 log = structlog.get_logger()
 
-__all__ = ["BACKEND_CHOICES", "ClassifierBackend", "DetectorBackend", "Device", "Engines",
-           "choose_backend", "open_engines"]
+__all__ = ["BACKEND_CHOICES", "ClassifierBackend", "DetectorBackend", "Device", "LoadedModels",
+           "choose_backend", "open_models"]
 
 
 @dataclass(frozen=True)
-class Engines:
+class LoadedModels:
     """The bundle's models, opened on one backend (the detector only if it has one)."""
 
     backend: str
@@ -118,11 +118,11 @@ def _onnxruntime_has_cuda() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
-def open_engines(bundle: Bundle, backend: str = "auto", threads: int | None = None,
-                 device: Device = "auto") -> Engines:
+def open_models(bundle: Bundle, backend: str = "auto", threads: int | None = None,
+                 device: Device = "auto") -> LoadedModels:
     """Open the classifier (and detector) of `bundle` on the chosen backend, and its
     region check where its intended use has one."""
-    engines = _open_models(bundle, backend, threads, device)
+    engines = _open_backends(bundle, backend, threads, device)
     use = bundle.manifest.intended_use
     if use is None or use.region_check is None:
         return engines
@@ -132,8 +132,8 @@ def open_engines(bundle: Bundle, backend: str = "auto", threads: int | None = No
         bundle.file(REGION_CHECK_FILE), threads))
 
 
-def _open_models(bundle: Bundle, backend: str, threads: int | None,
-                 device: Device) -> Engines:
+def _open_backends(bundle: Bundle, backend: str, threads: int | None,
+                 device: Device) -> LoadedModels:
     name = choose_backend(bundle, backend, device)
     spec = bundle.manifest.detector
     if name == "onnxruntime":
@@ -142,22 +142,23 @@ def _open_models(bundle: Bundle, backend: str, threads: int | None,
             OnnxRuntimeDetector,
         )
 
-        return Engines(name, OnnxRuntimeClassifier(bundle.file(CLASSIFIER_FILE), threads),
+        return LoadedModels(name, OnnxRuntimeClassifier(bundle.file(CLASSIFIER_FILE), threads),
                        OnnxRuntimeDetector(bundle.file(DETECTOR_FILE), threads)
                        if spec else None)
     if name == "torch":
         from fractured.engine.backends.torch import TorchClassifier, TorchDetector
 
         c = bundle.manifest.classifier
-        return Engines(name, TorchClassifier(bundle.file(CLASSIFIER_WEIGHTS), variant=c.variant,
-                                             num_labels=len(c.labels), members=c.members,
-                                             device=device,
-                                             threads=threads),
-                       TorchDetector(bundle.file(DETECTOR_WEIGHTS), backbone=spec.backbone,
-                                     num_labels=len(spec.labels), input_size=spec.input_size,
-                                     detections_per_image=spec.detections_per_image,
-                                     device=device, threads=threads) if spec else None)
+        classifier = TorchClassifier(bundle.file(CLASSIFIER_WEIGHTS), variant=c.variant,
+                                     num_labels=len(c.labels), members=c.members,
+                                     device=device, threads=threads)
+        return LoadedModels(name, classifier,
+                            TorchDetector(bundle.file(DETECTOR_WEIGHTS), backbone=spec.backbone,
+                                          num_labels=len(spec.labels),
+                                          input_size=spec.input_size,
+                                          detections_per_image=spec.detections_per_image,
+                                          device=device, threads=threads) if spec else None)
     from fractured.engine.backends.tensorrt import TensorRTClassifier, TensorRTDetector
 
-    return Engines(name, TensorRTClassifier(bundle.file(CLASSIFIER_PLAN)),
+    return LoadedModels(name, TensorRTClassifier(bundle.file(CLASSIFIER_PLAN)),
                    TensorRTDetector(bundle.file(DETECTOR_PLAN)) if spec else None)

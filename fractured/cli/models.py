@@ -157,7 +157,7 @@ def train(dataset: Path, out_dir: Path, train_config: Path | None, task: str, re
     try:
         settings = train_config_module.load(train_config, flags, saved_run=resumed_from_saved)
         results = run.train(dataset, out_dir, settings, task=task,  # type: ignore[arg-type]
-                               resume=resume)
+                            resume=resume)
     except (config.ConfigError, DatasetError, RunError, CheckpointError) as exc:
         raise click.ClickException(str(exc)) from None
     for name, path in results.items():
@@ -320,7 +320,7 @@ def fuse(bundle_dir: Path, split_dir: Path, out_dir: Path, bundle_version: str,
     try:
         record = CardRecord.read(dicom_check, test_looks, bundle_dir)
         result = fusion.fuse(bundle_dir, split_dir, report_dir, dataset=dataset,
-                               subsets=subsets, bootstrap=bootstrap)
+                             subsets=subsets, bootstrap=bootstrap)
         path = build_fused_bundle(result, out_dir, name=name, version=bundle_version,
                                   notes=notes, record=record)
     except (BundleError, BuildError, DatasetError, config.ConfigError) as exc:
@@ -368,10 +368,10 @@ def quantize(bundle_dir: Path, split_dir: Path, out_dir: Path, bundle_version: s
     try:
         record = CardRecord.read(dicom_check, test_looks, bundle_dir)
         with tempfile.TemporaryDirectory(prefix="fractured-quantize-") as scratch:
-            result = quantization.quantize(bundle_dir, split_dir, report_dir, Path(scratch),
-                                        dataset=dataset, subsets=subsets, bootstrap=bootstrap,
-                                        calibration_images=calibration_images,
-                                        max_auc_drop=max_auc_drop, keep_float=keep_float)
+            result = quantization.quantize(
+                bundle_dir, split_dir, report_dir, Path(scratch), dataset=dataset,
+                subsets=subsets, bootstrap=bootstrap, calibration_images=calibration_images,
+                max_auc_drop=max_auc_drop, keep_float=keep_float)
             path = build_quantized_bundle(result, out_dir, name=name, version=bundle_version,
                                           notes=notes, record=record)
     except (BundleError, BuildError, DatasetError, config.ConfigError) as exc:
@@ -383,8 +383,6 @@ def quantize(bundle_dir: Path, split_dir: Path, out_dir: Path, bundle_version: s
                    f"{changed['max_probability_change']:.4f}")
     click.echo(f"report: {report_dir / 'report.md'}")
     click.echo(f"built {path}")
-
-
 
 
 @click.group()

@@ -12,9 +12,11 @@ from fractured import config, log
 from fractured.cli.options import (
     CLASSIFIER_VARIANTS,
     DETECTOR_BACKBONES,
+    build_errors,
     config_option,
     derived_bundle_options,
     load_settings,
+    refuse_existing,
     subset_option,
 )
 from fractured.cli.reports import print_auc_comparison
@@ -308,22 +310,17 @@ def fuse(bundle_dir: Path, split_dir: Path, out_dir: Path, bundle_version: str,
     points again, score the test split against the classifier alone, and write the
     result as a new bundle of the same model files."""
     log.configure("INFO", "console")
-    from fractured.engine.bundle import BundleError
     from fractured.training import fusion
     from fractured.training.build import CardRecord, build_fused_bundle
-    from fractured.training.datasets import DatasetError
-    from fractured.training.export import BuildError
 
-    if out_dir.exists():  # before minutes of inference, not after
-        raise click.ClickException(f"{out_dir}: already exists; a bundle is never "
-                                   "overwritten (build a new version)")
+    refuse_existing(out_dir)
     try:
         record = CardRecord.read(dicom_check, test_looks, bundle_dir)
         result = fusion.fuse(bundle_dir, split_dir, report_dir, dataset=dataset,
                              subsets=subsets, bootstrap=bootstrap)
         path = build_fused_bundle(result, out_dir, name=name, version=bundle_version,
                                   notes=notes, record=record)
-    except (BundleError, BuildError, DatasetError, config.ConfigError) as exc:
+    except build_errors() as exc:
         raise click.ClickException(str(exc)) from None
     print_auc_comparison(result.summary["auc"], "alone", "fused")
     click.echo(f"report: {report_dir / 'report.md'}")
@@ -356,15 +353,10 @@ def quantize(bundle_dir: Path, split_dir: Path, out_dir: Path, bundle_version: s
     import tempfile
 
     log.configure("INFO", "console")
-    from fractured.engine.bundle import BundleError
     from fractured.training import quantize as quantization
     from fractured.training.build import CardRecord, build_quantized_bundle
-    from fractured.training.datasets import DatasetError
-    from fractured.training.export import BuildError
 
-    if out_dir.exists():  # before minutes of inference, not after
-        raise click.ClickException(f"{out_dir}: already exists; a bundle is never "
-                                   "overwritten (build a new version)")
+    refuse_existing(out_dir)
     try:
         record = CardRecord.read(dicom_check, test_looks, bundle_dir)
         with tempfile.TemporaryDirectory(prefix="fractured-quantize-") as scratch:
@@ -374,7 +366,7 @@ def quantize(bundle_dir: Path, split_dir: Path, out_dir: Path, bundle_version: s
                 max_auc_drop=max_auc_drop, keep_float=keep_float)
             path = build_quantized_bundle(result, out_dir, name=name, version=bundle_version,
                                           notes=notes, record=record)
-    except (BundleError, BuildError, DatasetError, config.ConfigError) as exc:
+    except build_errors() as exc:
         raise click.ClickException(str(exc)) from None
     print_auc_comparison(result.summary["auc"], "source", "INT8")
     for part, changed in result.summary["changes"].items():

@@ -77,3 +77,20 @@ config_option = click.option(
     help=f"config.toml to use (default: ${CONFIG_ENV}, else the shipped config.toml).")
 
 
+
+
+def refuse_existing(out_dir: Path) -> None:
+    """A bundle is never overwritten: said before minutes of inference, not after."""
+    if out_dir.exists():
+        raise click.ClickException(f"{out_dir}: already exists; a bundle is never "
+                                   "overwritten (build a new version)")
+
+
+def build_errors() -> tuple[type[Exception], ...]:
+    """What a command that builds a bundle reports as the user's error (the message names
+    the file or key), not as a traceback; imported when a command runs, not for --help."""
+    from fractured.engine.bundle import BundleError
+    from fractured.training.datasets import DatasetError
+    from fractured.training.export import BuildError
+
+    return (BundleError, BuildError, DatasetError, config.ConfigError)

@@ -2,8 +2,8 @@
 
 For an untrained MobileNetV3-FPN (or ResNet50-FPN v2) detector: seconds to export,
 ONNX size, ms per image in torch eager and in ONNX Runtime (interleaved runs, so load
-from other processes hits every contender alike), and whether each graph passes the
-how far each graph's outputs are from torch's. The legacy graph is exported here only
+from other processes hits every contender alike), and how far each graph's outputs are
+from torch's. The legacy graph is exported here only
 for comparison.
 
     .venv/bin/python -m bench.detector [--size 512] [--backbone mobilenet_v3_large_fpn]

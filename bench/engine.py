@@ -20,8 +20,8 @@ Times go through the backends' own `.run` (what the node calls), so they include
 numpy <-> tensor conversions the node pays for.
 
     .venv/bin/python -m bench.engine [--variants b0,b3] [--detectors mobilenet_v3_large_fpn]
-        [--threads 2] [--repeat 10] [--batch 1,4] [--bundle engines/fractured-0.5.0
-        [--peer-bundle engines/fractured-0.4.0]]
+        [--threads 2] [--repeat 10] [--batch 1,4] [--bundle engines/fractured-0.8.1
+        [--peer-bundle engines/fractured-0.7.0]]
 
 The ResNet50-FPN v2 detector (~1.3 s per image on 2 cores) runs only when named:
 `--detectors mobilenet_v3_large_fpn,resnet50_fpn_v2`. `--detectors none` skips detectors.
@@ -545,7 +545,7 @@ def main() -> None:
     parser.add_argument("--batch", default="1,4", help="classifier batch sizes")
     parser.add_argument("--bundle", type=Path,
                         help="also a built bundle as the node runs it, e.g. "
-                             "engines/fractured-0.5.0 (ONNX Runtime; untrained ones "
+                             "engines/fractured-0.8.1 (ONNX Runtime; untrained ones "
                              "skipped with --variants none --detectors none)")
     parser.add_argument("--peer-bundle", type=Path,
                         help="with --bundle: race it against this bundle on ONNX Runtime, "

@@ -14,7 +14,6 @@ import pytest
 from fractured.engine.bundle import MANIFEST_FILE, Bundle
 from fractured.engine.pipeline import Pipeline
 from fractured.engine.sources import load_image
-from fractured.training.build import build_untrained_bundle
 from fractured.training.datasets import open_dataset
 from fractured.training.splits import make_split, write_split
 from tests.postgres import PostgresCluster, server_bin
@@ -26,6 +25,8 @@ def untrained_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     Tests must not modify it; copy it to tamper with it.
     """
+    from fractured.training.build import build_untrained_bundle  # torch: only when asked
+
     return build_untrained_bundle(
         tmp_path_factory.mktemp("engines") / "fractured-untrained-0.0.0", input_size=128)
 
@@ -38,6 +39,8 @@ DETECTOR_SIZE = 256
 def untrained_bundle_with_detector(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-weight bundle with a MobileNetV3-FPN detector at 256 px (built once:
     ~25 s, mostly the detector's ONNX export). Tests must not modify it."""
+    from fractured.training.build import build_untrained_bundle  # torch: only when asked
+
     return build_untrained_bundle(
         tmp_path_factory.mktemp("engines") / "fractured-untrained-det-0.0.0",
         input_size=128, detector="mobilenet_v3_large_fpn", detector_input_size=DETECTOR_SIZE)

@@ -58,31 +58,39 @@ FLOAT16_PARITY_TOLERANCE = 3e-2
 PARITY_IMAGES = 16
 
 
-class RegionCheckNet(nn.Module):
-    """Normalised batch (the bundle's mean/std) -> (B, classes) distances.
+class PooledFeatures(nn.Module):
+    """Normalised batch (the bundle's mean/std) -> (B, channels): re-normalised to
+    ImageNet's mean/std (the backbone's, folded into its stem by training.pretrained),
+    through the backbone, averaged over the image."""
 
-    The input is re-normalised to ImageNet's mean/std (the backbone's, folded into its
-    stem by training.pretrained), pooled through the backbone, centred and projected.
-    """
-
-    def __init__(self, features: nn.Module, *, mean: Sequence[float], std: Sequence[float],
-                 centre: np.ndarray, components: np.ndarray, centroids: np.ndarray,
-                 whitening: np.ndarray, residual_variance: float) -> None:
+    def __init__(self, features: nn.Module, *, mean: Sequence[float],
+                 std: Sequence[float]) -> None:
         super().__init__()
         self.features = features
-        bundle_mean, bundle_std = np.asarray(mean), np.asarray(std)
-        scale = bundle_std / np.asarray(IMAGENET_STD)
-        shift = (bundle_mean - np.asarray(IMAGENET_MEAN)) / np.asarray(IMAGENET_STD)
-        for name, value in (("scale", scale.reshape(1, 3, 1, 1)),
-                            ("shift", shift.reshape(1, 3, 1, 1)), ("centre", centre),
-                            ("components", components), ("centroids", centroids @ whitening),
-                            ("whitening", whitening),
+        scale = np.asarray(std) / np.asarray(IMAGENET_STD)
+        shift = (np.asarray(mean) - np.asarray(IMAGENET_MEAN)) / np.asarray(IMAGENET_STD)
+        self.register_buffer("scale", torch.as_tensor(scale.reshape(1, 3, 1, 1),
+                                                      dtype=torch.float32))
+        self.register_buffer("shift", torch.as_tensor(shift.reshape(1, 3, 1, 1),
+                                                      dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x * self.scale + self.shift).mean(dim=(2, 3))
+
+
+class RegionCheckNet(nn.Module):
+    """Normalised batch (the bundle's mean/std) -> (B, classes) distances: the pooled
+    features centred, projected and measured against each class (module docstring)."""
+
+    def __init__(self, pooled: PooledFeatures, *, centre: np.ndarray,
+                 components: np.ndarray, centroids: np.ndarray, whitening: np.ndarray,
+                 residual_variance: float) -> None:
+        super().__init__()
+        self.pooled = pooled
+        for name, value in (("centre", centre), ("components", components),
+                            ("centroids", centroids @ whitening), ("whitening", whitening),
                             ("inverse_residual_variance", np.array(1.0 / residual_variance))):
             self.register_buffer(name, torch.as_tensor(value, dtype=torch.float32))
-
-    def pooled(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, channels): the backbone's features averaged over the image."""
-        return self.features(x * self.scale + self.shift).mean(dim=(2, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         offset = self.pooled(x) - self.centre
@@ -129,14 +137,11 @@ def fit(features: nn.Module, train: Sequence[np.ndarray], train_parts: Sequence[
     if dropped:
         log.warning("region_check.classes_dropped", classes=dropped,
                     min_images=MIN_CLASS_IMAGES)
-    probe = RegionCheckNet(features, mean=mean, std=std, centre=np.zeros(1),
-                           components=np.zeros((1, 1)), centroids=np.zeros((1, 1)),
-                           whitening=np.eye(1), residual_variance=1.0).eval()
+    pooled = PooledFeatures(features, mean=mean, std=std).eval()
     kept = np.isin(groups, classes)
-    pooled = _measure(probe.pooled, [image for image, k in zip(train, kept, strict=True) if k],
-                      mean, std)
-    net = RegionCheckNet(features, mean=mean, std=std,
-                         **_statistics(pooled, groups[kept], classes)).eval()
+    measured = _measure(pooled, [image for image, k in zip(train, kept, strict=True) if k],
+                        mean, std)
+    net = RegionCheckNet(pooled, **_statistics(measured, groups[kept], classes)).eval()
     return Fitted(net, classes)
 
 

@@ -42,7 +42,7 @@ from fractured.training.region_check import (
     threshold,
 )
 from tests import factory
-from tests.peers import NodeProcess, wait_for
+from tests.peers import NodeProcess, dciodvfy, wait_for
 from tests.test_metrics import get, parse, value
 
 SIZE = 128  # the untrained bundle's input size
@@ -247,9 +247,11 @@ def test_the_node_decides_from_the_image_and_counts_why(limbs: Path, tmp_path: P
         processed = wait_for("the processed study's log line",
                              lambda: node.events("study.processed"), 30)
         assert [e["images"] for e in processed] == [1]
-        reports = [pydicom.dcmread(p) for p in (node.folder / "spool").rglob("*.dcm")
-                   if pydicom.dcmread(p, stop_before_pixels=True).Modality == "SR"]
-        assert len(reports) == 1 and reports[0].CompletionFlag == "PARTIAL"
+        paths = [p for p in (node.folder / "spool").rglob("*.dcm")
+                 if pydicom.dcmread(p, stop_before_pixels=True).Modality == "SR"]
+        assert len(paths) == 1 and pydicom.dcmread(paths[0]).CompletionFlag == "PARTIAL"
+        errors, _ = dciodvfy(paths[0])  # the SR naming the refused image is valid
+        assert errors == [], errors
         _, _, text = get(node.metrics_port, "/metrics")
         samples = parse(text)
         for reason, count in (("region_from_image", 1), ("unfamiliar_image", 1),

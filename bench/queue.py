@@ -29,18 +29,11 @@ from pathlib import Path
 
 from sqlalchemy import event, insert
 
-from fractured.daemon.queue import (
-    Delivery,
-    DeliveryState,
-    Instance,
-    Queue,
-    ReceivedInstance,
-    ResultObject,
-    Study,
-    StudyState,
-    make_engine,
-    utcnow,
-)
+from fractured.daemon.connection import make_engine
+from fractured.daemon.intake import ReceivedInstance
+from fractured.daemon.queue import Queue, ResultObject
+from fractured.daemon.schema import Delivery, Instance, Study, utcnow
+from fractured.daemon.states import DeliveryState, StudyState
 
 PER_STUDY = 10
 
@@ -73,8 +66,8 @@ def per_instance(queue: Queue, studies: int, tag: str) -> float:
     for s in range(studies):
         for i in range(PER_STUDY):
             uid = f"1.3.{tag}.{s}.{i}"
-            held = queue.held(uid)
-            queue.record_instance(ReceivedInstance(
+            held = queue.intake.held(uid)
+            queue.intake.record_instance(ReceivedInstance(
                 study_instance_uid=f"1.3.{tag}.{s}", series_instance_uid="1.3.8",
                 sop_instance_uid=uid, sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
                 modality="DX", path=Path(f"/spool/{uid}.dcm"), size=131_000,
@@ -104,7 +97,7 @@ class ScanWatch:
     def __init__(self, queue: Queue) -> None:
         self.queue = queue
         self.statements: dict[str, tuple] = {}
-        for engine in {queue.engine, queue.intake}:  # the listener's pool and the rest
+        for engine in {queue.engine, queue.intake.engine}:  # the listener's pool and the rest
             event.listen(engine, "before_cursor_execute", self._seen)
 
     def _seen(self, _conn, _cursor, statement, parameters, _context, executemany) -> None:  # type: ignore[no-untyped-def]
@@ -145,7 +138,7 @@ def main() -> None:
             for scan in watch.scans():
                 print(f"          full scan: {scan}")
             start = time.perf_counter()  # the start-up spool check reads every path, once
-            paths = queue.recorded_paths()
+            paths = queue.intake.recorded_paths()
             print(f"          start-up spool check: {len(paths)} recorded paths read in "
                   f"{(time.perf_counter() - start) * 1e3:.0f} ms")
             queue.close()

@@ -281,6 +281,6 @@ def test_listener_answers_every_mutated_object_and_keeps_only_whole_ones(
     spool = node.settings.node.spool_dir
     assert not [p for p in spool.rglob("*") if p.name.endswith(".tmp")]
     if status == 0:
-        held = node.queue.held(sop_uid)
+        held = node.queue.intake.held(sop_uid)
         assert held is not None and held.path.is_file()
         assert pydicom.dcmread(held.path).SOPInstanceUID == sop_uid

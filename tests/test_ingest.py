@@ -16,6 +16,7 @@ import pydicom
 import pytest
 
 from fractured import config
+from fractured.daemon import reports
 from fractured.daemon.service import Node
 from tests import factory
 from tests.peers import (
@@ -283,11 +284,11 @@ def test_enospc_at_fsync_leaves_nothing_half_written_and_recovers(
     try:
         files = factory.write_study(tmp_path / "study", 3)
         assert sent(port, files, halt=False) == [0xA700] * 3
-        assert node.queue.studies() == []
+        assert reports.studies(node.queue.engine) == []
         assert no_temporary_files(spool) and not list(spool.rglob("*.dcm"))
         full["on"] = False  # space is back
         assert sent(port, files) == [0] * 3
-        assert [s["instances"] for s in node.queue.studies()] == [3]
+        assert [s["instances"] for s in reports.studies(node.queue.engine)] == [3]
     finally:
         node.stop()
 

@@ -23,12 +23,14 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from fractured import config
 from fractured.config import MetricsSettings, TlsSettings
-from fractured.daemon import tls
+from fractured.daemon import reports, tls
 from fractured.daemon.active_model import ActiveModel
+from fractured.daemon.connection import make_engine
 from fractured.daemon.health import DatabaseProbe, HealthChecks, listener_problem
+from fractured.daemon.intake import ReceivedInstance
 from fractured.daemon.metrics import NodeMetrics
 from fractured.daemon.monitoring import MonitoringServer
-from fractured.daemon.queue import Queue, ReceivedInstance, ResultObject, make_engine
+from fractured.daemon.queue import Queue, ResultObject
 from fractured.engine.bundle import Bundle
 from fractured.engine.pipeline import Pipeline
 from fractured.engine.registry import Registry
@@ -131,7 +133,7 @@ def test_queue_depth_and_latency_come_from_the_database(tmp_path: Path,
     queue = Queue(make_engine(f"sqlite:///{tmp_path / 'q.db'}"))
     metrics = NodeMetrics()
     metrics.watch(queue, ActiveModel(untrained_bundle, build_pipeline))
-    queue.record_instance(received("1.1"))
+    queue.intake.record_instance(received("1.1"))
     got = scrape(metrics)
     assert value(got, "fractured_queue_readable") == 1
     assert value(got, "fractured_studies", state="receiving") == 1
@@ -216,7 +218,7 @@ def test_database_probe_names_a_missing_or_replaced_file_and_creates_nothing(
         tmp_path: Path) -> None:
     db = tmp_path / "q.db"
     queue = Queue(make_engine(f"sqlite:///{db}"))
-    queue.record_instance(received("1.1"))
+    queue.intake.record_instance(received("1.1"))
     probe = DatabaseProbe(queue.engine.url)
     assert probe.problem() == ""
     moved = tmp_path / "moved"
@@ -225,7 +227,7 @@ def test_database_probe_names_a_missing_or_replaced_file_and_creates_nothing(
         path.rename(moved / path.name)
     assert probe.problem() == "unable to open database file"
     assert not db.exists(), "the health check must not create an empty database"
-    assert queue.counts()["studies"] == {"receiving": 1}  # the node's own connections
+    assert reports.counts(queue.engine)["studies"] == {"receiving": 1}  # the node's own connections
     for path in moved.iterdir():
         path.rename(tmp_path / path.name)
     assert probe.problem() == ""

@@ -12,15 +12,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from fractured.daemon.queue import (
-    DeliveryState,
-    Queue,
-    ReceivedInstance,
-    ResultObject,
-    Study,
-    StudyState,
-    make_engine,
-)
+from fractured.daemon import reports
+from fractured.daemon.connection import make_engine
+from fractured.daemon.intake import ReceivedInstance
+from fractured.daemon.queue import Queue, ResultObject
+from fractured.daemon.schema import Study
+from fractured.daemon.states import DeliveryState, StudyState
 from tests.postgres import PostgresCluster
 
 STUDY = "1.2.3.4"
@@ -67,12 +64,13 @@ def received(sop: str, study: str = STUDY) -> ReceivedInstance:
 
 
 def state(queue: Queue, study: str = STUDY) -> str:
-    return next(r["state"] for r in queue.studies() if r["study_instance_uid"] == study)
+    return next(r["state"] for r in reports.studies(queue.engine)
+                if r["study_instance_uid"] == study)
 
 
 def test_quiet_period_then_claim_then_deliver_then_done(queue: Queue) -> None:
-    assert queue.record_instance(received("1.1")) == "new"
-    assert queue.record_instance(received("1.2")) == "new"
+    assert queue.intake.record_instance(received("1.1")) == "new"
+    assert queue.intake.record_instance(received("1.2")) == "new"
     assert queue.mark_ready(quiet_period_s=60) == []  # images still arriving
     assert queue.mark_ready(quiet_period_s=0) == [STUDY]
     claim = queue.claim("w1", lease_s=60)
@@ -91,11 +89,11 @@ def test_quiet_period_then_claim_then_deliver_then_done(queue: Queue) -> None:
     assert queue.record_attempt(due[1].id, status=0, error=None, retry_in_s=0,
                                 max_attempts=3) == DeliveryState.DONE
     assert state(queue) == "done"
-    assert queue.counts()["deliveries"] == {"done": 2}
+    assert reports.counts(queue.engine)["deliveries"] == {"done": 2}
 
 
 def test_failed_delivery_is_retried_then_given_up(queue: Queue) -> None:
-    queue.record_instance(received("1.1"))
+    queue.intake.record_instance(received("1.1"))
     queue.mark_ready(0)
     claim = queue.claim("w1", 60)
     assert claim is not None
@@ -111,10 +109,10 @@ def test_failed_delivery_is_retried_then_given_up(queue: Queue) -> None:
 
 def test_restart_starts_the_quiet_period_of_receiving_studies_again(
         queue: Queue, clock: Clock) -> None:
-    queue.record_instance(received("1.1", "9.1"))  # cut off by a crash, still receiving
-    queue.record_instance(received("2.1", "9.2"))
+    queue.intake.record_instance(received("1.1", "9.1"))  # cut off by a crash, still receiving
+    queue.intake.record_instance(received("2.1", "9.2"))
     assert sorted(queue.mark_ready(0)) == ["9.1", "9.2"]
-    queue.record_instance(received("3.1", "9.3"))
+    queue.intake.record_instance(received("3.1", "9.3"))
     clock.advance(50)
     assert queue.restart_quiet_periods() == 1  # only 9.3 is still receiving
     assert queue.mark_ready(40) == []  # its silence counts from the restart
@@ -123,12 +121,12 @@ def test_restart_starts_the_quiet_period_of_receiving_studies_again(
 
 
 def test_late_image_reopens_a_done_study(queue: Queue) -> None:
-    queue.record_instance(received("1.1"))
+    queue.intake.record_instance(received("1.1"))
     queue.mark_ready(0)
     claim = queue.claim("w1", 60)
     assert claim is not None
     assert queue.finish(claim, "w1", [], []) == StudyState.DONE
-    queue.record_instance(received("1.2"))
+    queue.intake.record_instance(received("1.2"))
     assert state(queue) == "receiving"
     queue.mark_ready(0)
     again = queue.claim("w1", 60)
@@ -137,19 +135,19 @@ def test_late_image_reopens_a_done_study(queue: Queue) -> None:
 
 def test_image_arriving_during_processing_reopens_after_the_run(queue: Queue,
                                                                 clock: Clock) -> None:
-    queue.record_instance(received("1.1"))
+    queue.intake.record_instance(received("1.1"))
     queue.mark_ready(0)
     claim = queue.claim("w1", 60)
     assert claim is not None
     clock.advance(1)
-    queue.record_instance(received("1.2"))
+    queue.intake.record_instance(received("1.2"))
     assert state(queue) == "processing"  # the running worker is not disturbed
     assert queue.finish(claim, "w1", [], []) == StudyState.RECEIVING
 
 
 def test_expired_lease_is_taken_over_and_the_old_run_is_ignored(queue: Queue,
                                                                  clock: Clock) -> None:
-    queue.record_instance(received("1.1"))
+    queue.intake.record_instance(received("1.1"))
     queue.mark_ready(0)
     first = queue.claim("w1", lease_s=1)
     assert first is not None
@@ -165,25 +163,25 @@ def test_expired_lease_is_taken_over_and_the_old_run_is_ignored(queue: Queue,
 
 
 def test_restarted_worker_releases_its_own_leases(queue: Queue) -> None:
-    queue.record_instance(received("1.1"))
-    queue.record_instance(received("2.1", study="1.2.3.5"))
+    queue.intake.record_instance(received("1.1"))
+    queue.intake.record_instance(received("2.1", study="1.2.3.5"))
     queue.mark_ready(0)
     assert queue.claim("w1", 600) is not None
     assert queue.claim("w2", 600) is not None
     assert queue.release_leases("w1") == 1
-    states = sorted(r["state"] for r in queue.studies())
+    states = sorted(r["state"] for r in reports.studies(queue.engine))
     assert states == ["processing", "ready"]
 
 
 def test_same_instance_twice_is_one_row(queue: Queue) -> None:
-    assert queue.record_instance(received("1.1")) == "new"
-    assert queue.record_instance(received("1.1")) == "replaced"
-    assert queue.studies()[0]["instances"] == 1
+    assert queue.intake.record_instance(received("1.1")) == "new"
+    assert queue.intake.record_instance(received("1.1")) == "replaced"
+    assert reports.studies(queue.engine)[0]["instances"] == 1
 
 
 def dead_letters_of(queue: Queue, study: str, destinations: list[str]) -> None:
     """A study whose one result gave up at every destination."""
-    queue.record_instance(received(f"{study}.1", study))
+    queue.intake.record_instance(received(f"{study}.1", study))
     queue.mark_ready(0)
     claim = queue.claim("w1", 60)
     assert claim is not None
@@ -197,7 +195,7 @@ def dead_letters_of(queue: Queue, study: str, destinations: list[str]) -> None:
 def test_dead_letters_are_listed_and_requeued_by_study_and_destination(queue: Queue) -> None:
     dead_letters_of(queue, "1.1", ["pacs", "archive"])
     dead_letters_of(queue, "2.2", ["pacs"])
-    letters = queue.dead_letters()
+    letters = reports.dead_letters(queue.engine)
     assert sorted((d["study_instance_uid"], d["destination"], d["last_error"])
                   for d in letters) == [("1.1", "archive", "down archive"),
                                         ("1.1", "pacs", "down pacs"), ("2.2", "pacs", "down pacs")]
@@ -208,7 +206,7 @@ def test_dead_letters_are_listed_and_requeued_by_study_and_destination(queue: Qu
     assert (due.destination, due.attempts) == ("pacs", 0)  # attempts start over
     assert queue.requeue_dead_letters(destination="pacs") == 1  # 2.2's
     assert queue.requeue_dead_letters() == 1  # the archive's is all that is left
-    assert queue.dead_letters() == [] and len(queue.due_deliveries()) == 3
+    assert reports.dead_letters(queue.engine) == [] and len(queue.due_deliveries()) == 3
 
 
 def test_concurrent_first_images_of_one_study_are_all_recorded(queue: Queue) -> None:
@@ -221,8 +219,8 @@ def test_concurrent_first_images_of_one_study_are_all_recorded(queue: Queue) -> 
     def sender(k: int) -> None:
         for i in range(40):
             try:
-                shared.held(f"{k}.{i}")
-                shared.record_instance(received(f"{k}.{i}", f"9.{i}"))
+                shared.intake.held(f"{k}.{i}")
+                shared.intake.record_instance(received(f"{k}.{i}", f"9.{i}"))
             except Exception as exc:
                 errors.append(exc)
 
@@ -232,13 +230,13 @@ def test_concurrent_first_images_of_one_study_are_all_recorded(queue: Queue) -> 
     for t in threads:
         t.join()
     assert errors == []
-    assert sum(s["instances"] for s in shared.studies()) == 320
+    assert sum(s["instances"] for s in reports.studies(shared.engine)) == 320
 
 
 def ready_studies(queue: Queue, count: int) -> set[str]:
     """`count` studies of one image each, past their quiet period."""
     for i in range(count):
-        queue.record_instance(received(f"5.{i}.1", f"5.{i}"))
+        queue.intake.record_instance(received(f"5.{i}.1", f"5.{i}"))
     assert len(queue.mark_ready(0)) == count
     return {f"5.{i}" for i in range(count)}
 
@@ -271,9 +269,9 @@ def test_a_claim_skips_a_study_another_node_holds_locked(postgres: PostgresClust
     url = postgres.new_database()
     clock = Clock()
     node, other = Queue(make_engine(url), clock), Queue(make_engine(url), clock)
-    node.record_instance(received("6.1.1", "6.1"))
+    node.intake.record_instance(received("6.1.1", "6.1"))
     clock.advance(1)
-    node.record_instance(received("6.2.1", "6.2"))
+    node.intake.record_instance(received("6.2.1", "6.2"))
     node.mark_ready(0)
     got: list[str | None] = []
     with other.engine.begin() as holding:  # the oldest study, locked until this ends
@@ -291,7 +289,7 @@ def test_a_claim_skips_a_study_another_node_holds_locked(postgres: PostgresClust
 
 def queued_deliveries(queue: Queue, count: int) -> None:
     """One study processed, `count` results waiting for one destination."""
-    queue.record_instance(received("7.1"))
+    queue.intake.record_instance(received("7.1"))
     queue.mark_ready(0)
     claim = queue.claim("w1", 60)
     assert claim is not None

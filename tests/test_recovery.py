@@ -16,7 +16,9 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from fractured.daemon.queue import Queue, make_engine
+from fractured.daemon import reports
+from fractured.daemon.connection import make_engine
+from fractured.daemon.queue import Queue
 from fractured.daemon.recovery import check_spool
 from fractured.daemon.spool import incoming_files
 from fractured.durable import HOST, TemporaryWriter, temporary_writer, write_durably
@@ -26,7 +28,7 @@ from tests.peers import NodeProcess, c_store_statuses, dciodvfy, storescu
 
 def test_intake_commits_skip_the_fsync_and_the_rest_keep_it(tmp_path: Path) -> None:
     queue = Queue(make_engine(f"sqlite:///{tmp_path / 'q.db'}"))
-    with queue.intake.connect() as intake, queue.engine.connect() as main:
+    with queue.intake.engine.connect() as intake, queue.engine.connect() as main:
         assert intake.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
         assert main.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
         assert intake.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
@@ -98,8 +100,8 @@ def test_interrupted_writes_go_and_unreadable_files_stay(
         3, 1, 2, 1)
     assert not interrupted.exists() and in_progress.exists()
     assert misnamed.exists() and garbage.exists()  # left for the administrator
-    assert queue.recorded_paths() == {str(good)}
-    (row,) = queue.studies()
+    assert queue.intake.recorded_paths() == {str(good)}
+    (row,) = reports.studies(queue.engine)
     assert (row["study_instance_uid"], row["instances"]) == (str(ds.StudyInstanceUID), 1)
 
     again = check_spool(spool, queue)  # a second start finds nothing more to do

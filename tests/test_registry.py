@@ -13,7 +13,9 @@ from click.testing import CliRunner
 
 from fractured.cli import main
 from fractured.daemon.active_model import ActiveModel
-from fractured.daemon.queue import Queue, ShadowFinding, make_engine, utcnow
+from fractured.daemon.connection import make_engine
+from fractured.daemon.queue import Queue
+from fractured.daemon.schema import ShadowFinding, utcnow
 from fractured.daemon.shadow import compare
 from fractured.engine.bundle import BundleError
 from fractured.engine.pipeline import Pipeline

@@ -24,22 +24,14 @@ from sqlalchemy.orm import Session
 
 from fractured import config
 from fractured.cli import main
-from fractured.daemon import retention
-from fractured.daemon.queue import (
-    Delivery,
-    ImageOutcome,
-    Instance,
-    Queue,
-    ReceivedInstance,
-    ResultObject,
-    ShadowFinding,
-    Study,
-    StudyState,
-    make_engine,
-    utcnow,
-)
+from fractured.daemon import reports, retention
+from fractured.daemon.connection import make_engine
+from fractured.daemon.intake import ReceivedInstance
+from fractured.daemon.queue import Queue, ResultObject
 from fractured.daemon.recovery import check_spool
+from fractured.daemon.schema import Delivery, ImageOutcome, Instance, ShadowFinding, Study, utcnow
 from fractured.daemon.spool import incoming_path
+from fractured.daemon.states import StudyState
 from fractured.durable import write_durably
 from tests import factory
 from tests.peers import NodeProcess, Storescp, storescu, wait_for
@@ -91,7 +83,7 @@ def receive(node: Node, images: int = 2, study_uid: str | None = None) -> str:
         path = incoming_path(node.spool, study_uid, str(ds.SOPInstanceUID))
         ds.save_as(path.parent.mkdir(parents=True, exist_ok=True) or path,
                    enforce_file_format=True)
-        node.queue.record_instance(ReceivedInstance(
+        node.queue.intake.record_instance(ReceivedInstance(
             study_instance_uid=study_uid, series_instance_uid=str(ds.SeriesInstanceUID),
             sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
             modality="DX", path=path, size=path.stat().st_size, calling_ae="MODALITY"))
@@ -167,7 +159,7 @@ def files_of(node: Node, study_uid: str) -> set[str]:
 
 
 def state(node: Node, study_uid: str) -> str | None:
-    return next((s["state"] for s in node.queue.studies()
+    return next((s["state"] for s in reports.studies(node.queue.engine)
                  if s["study_instance_uid"] == study_uid), None)
 
 
@@ -262,13 +254,13 @@ def test_each_kind_goes_at_its_age_and_studies_in_work_never(node: Node) -> None
                 receiving):
         assert not any(uid in f for f in gone)
 
-    studies = {s["study_instance_uid"]: s for s in node.queue.studies()}
+    studies = {s["study_instance_uid"]: s for s in reports.studies(node.queue.engine)}
     assert month_old not in studies and failed not in studies
     assert {uid: studies[uid]["instances"] for uid in (week_old, fortnight_old, skipped,
                                                       dead_letter)} == dict.fromkeys(
         (week_old, fortnight_old, skipped, dead_letter), 0)
     assert studies[fortnight_old]["delivered"] == 2  # its delivery history stays
-    assert node.queue.dead_letters()  # still listed, its files still there to retry
+    assert reports.dead_letters(node.queue.engine)  # still listed, its files still there to retry
     assert node.queue.shadow_findings() == []
     after = rows(node)
     # a study's outcome rows go with its records, and only then (of the two studies
@@ -294,7 +286,7 @@ def test_a_late_image_recorded_after_the_plan_leaves_the_study_alone(node: Node)
     assert (result.studies, result.changed, result.files, result.rows) == (0, 1, 0, 0)
     assert spool_files(node) == before
     assert state(node, uid) == "receiving"
-    assert next(s for s in node.queue.studies())["instances"] == 3
+    assert next(s for s in reports.studies(node.queue.engine))["instances"] == 3
 
 
 def test_an_image_written_while_the_purge_runs_is_kept_and_makes_the_study_anew(
@@ -310,12 +302,12 @@ def test_an_image_written_while_the_purge_runs_is_kept_and_makes_the_study_anew(
     result = retention.apply(node.queue, plan)
     assert (result.studies, result.changed) == (1, 0)
     assert spool_files(node) == {f"incoming/{uid}/{path.name}"}  # the folder stays for it
-    assert node.queue.studies() == []
-    node.queue.record_instance(ReceivedInstance(
+    assert reports.studies(node.queue.engine) == []
+    node.queue.intake.record_instance(ReceivedInstance(
         study_instance_uid=uid, series_instance_uid=str(late.SeriesInstanceUID),
         sop_instance_uid=str(late.SOPInstanceUID), sop_class_uid=str(late.SOPClassUID),
         modality="DX", path=path, size=path.stat().st_size, calling_ae="MODALITY"))
-    (study,) = node.queue.studies()
+    (study,) = reports.studies(node.queue.engine)
     assert (study["study_instance_uid"], study["state"], study["instances"]) == (
         uid, "receiving", 1)
 
@@ -342,7 +334,7 @@ def test_rows_a_crash_left_without_their_files_go_and_nothing_comes_back(node: N
 
     result = retention.apply(node.queue, retention.plan(node.queue, node.settings, clock()))
     assert (result.studies, result.files) == (1, 3)  # the results: 2 objects, "committed"
-    assert node.queue.studies() == [] and spool_files(node) == set()
+    assert reports.studies(node.queue.engine) == [] and spool_files(node) == set()
 
 
 def test_a_row_naming_a_file_outside_the_spool_loses_its_row_not_the_file(
@@ -360,7 +352,7 @@ def test_a_row_naming_a_file_outside_the_spool_loses_its_row_not_the_file(
     assert (plan.studies[0].files, plan.studies[0].rows) == (1, 2)
     retention.apply(node.queue, plan)
     assert elsewhere.read_bytes() == kept
-    assert next(s for s in node.queue.studies())["instances"] == 0
+    assert next(s for s in reports.studies(node.queue.engine))["instances"] == 0
     assert not (node.spool / "incoming" / uid).exists()
 
 

@@ -19,7 +19,11 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from fractured.daemon.queue import Delivery, Queue, Study, StudyState, make_engine
+from fractured.daemon import reports
+from fractured.daemon.connection import make_engine
+from fractured.daemon.queue import Queue
+from fractured.daemon.schema import Delivery, Study
+from fractured.daemon.states import StudyState
 from tests.factory import write_study
 from tests.peers import NodeProcess, Sender, Storescp, c_store_statuses, wait_for
 from tests.postgres import PostgresCluster
@@ -87,7 +91,8 @@ def test_two_nodes_process_each_study_once_and_take_over_a_dead_ones(
 
         taken_over = kill_while_processing(victim, queue)
         wait_for(f"all {STUDIES} studies to be done", lambda: [
-            s["state"] for s in queue.studies()] == ["done"] * STUDIES, 300, every=1.0)
+            s["state"] for s in reports.studies(queue.engine)] == ["done"] * STUDIES, 300,
+                 every=1.0)
 
         received: dict[str, Counter[str]] = {uid: Counter() for uid in studies}
         for path in destination.files():

@@ -44,7 +44,8 @@ def retry(config_path: Path | None, study_uid: str | None, destination: str | No
     """Send dead letters (deliveries that gave up) again: all, or by study or destination.
     A running node picks them up within a second."""
     settings = load_settings(config_path)
-    from fractured.daemon.queue import Queue, make_engine
+    from fractured.daemon.connection import make_engine
+    from fractured.daemon.queue import Queue
 
     names = [d.name for d in settings.destinations]
     if destination is not None and destination not in names:
@@ -99,12 +100,16 @@ def status(config_path: Path | None, as_json: bool) -> None:
     settings = load_settings(config_path)
     from datetime import timedelta
 
-    from fractured.daemon.queue import Queue, make_engine, utcnow
+    from fractured.daemon import reports
+    from fractured.daemon.connection import make_engine
+    from fractured.daemon.schema import create_tables, utcnow
 
-    queue = Queue(make_engine(settings.database.url))
-    report = {"engine": _engine_status(settings.engine.bundle), **queue.counts(),
-              "study_list": queue.studies(), "dead_letters": queue.dead_letters(),
-              "last_7_days": {**queue.outcomes_since(utcnow() - timedelta(days=7)),
+    database = make_engine(settings.database.url)
+    create_tables(database)
+    report = {"engine": _engine_status(settings.engine.bundle), **reports.counts(database),
+              "study_list": reports.studies(database),
+              "dead_letters": reports.dead_letters(database),
+              "last_7_days": {**reports.outcomes_since(database, utcnow() - timedelta(days=7)),
                               "expected": _expected_rates(settings.engine.bundle)}}
     if as_json:
         click.echo(json.dumps(report, indent=2))
@@ -140,7 +145,9 @@ def purge(config_path: Path | None, dry_run: bool, as_json: bool) -> None:
     settings = load_settings(config_path)
     log.configure(settings.log.level, settings.log.format)  # retention.purged, on stderr
     from fractured.daemon import retention
-    from fractured.daemon.queue import Queue, make_engine, utcnow
+    from fractured.daemon.connection import make_engine
+    from fractured.daemon.queue import Queue
+    from fractured.daemon.schema import utcnow
 
     queue = Queue(make_engine(settings.database.url))
     plan = retention.plan(queue, settings, utcnow())
@@ -155,7 +162,7 @@ def purge(config_path: Path | None, dry_run: bool, as_json: bool) -> None:
     click.echo(f"{'would remove' if dry_run else 'removing'}: {len(plan.studies)} studies, "
                f"{plan.files} files ({megabytes(plan.bytes)}), {plan.rows} rows")
     for study in plan.studies:
-        click.echo(f"  {study.study_instance_uid:<64} {study.finished.state:<8} "
+        click.echo(f"  {study.study_instance_uid:<64} {study.study.state:<8} "
                    f"files {study.files:<5} {megabytes(study.bytes):>9}  rows {study.rows:<5}"
                    + "; ".join(f"{kind}: {why}" for kind, why in study.reasons.items()))
     if result is not None:
@@ -282,7 +289,8 @@ def engines_compare(config_path: Path | None, as_json: bool) -> None:
     import dataclasses
     import json
 
-    from fractured.daemon.queue import Queue, make_engine
+    from fractured.daemon.connection import make_engine
+    from fractured.daemon.queue import Queue
     from fractured.daemon.shadow import compare
 
     settings = load_settings(config_path)

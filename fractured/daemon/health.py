@@ -26,7 +26,7 @@ from sqlalchemy.pool import NullPool
 
 from fractured import log
 from fractured.daemon.active_model import ActiveModel
-from fractured.daemon.queue import Study
+from fractured.daemon.schema import Study
 from fractured.daemon.tls import HandshakingServer
 
 OK = "ok"

@@ -18,8 +18,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
 
 from fractured import log
+from fractured.daemon import reports
 from fractured.daemon.active_model import ActiveModel
-from fractured.daemon.queue import DeliveryState, Queue, StudyState
+from fractured.daemon.queue import Queue
+from fractured.daemon.states import DeliveryState, StudyState
 from fractured.engine.findings import DecisionLevel, ModelInfo
 from fractured.engine.intended_use import ScopeReason
 from fractured.engine.regions import REGION_GROUPS, Region, region_group
@@ -167,7 +169,7 @@ class _QueueCollector:
             "fractured_queue_readable", "1 when the studies and deliveries by state could "
             "be counted at this scrape, else 0 (the node log says why).")
         try:
-            counts = self._queue.counts()
+            counts = reports.counts(self._queue.engine)
         except Exception as exc:  # the database is failing: say so, serve the rest
             _log.error("metrics.queue_unreadable", error=str(exc))
             readable.add_metric([], 0)

@@ -1,52 +1,43 @@
-"""The durable study queue: SQLAlchemy models, and the state machines of daemon.states
-applied to their rows.
+"""The durable study queue: the state machines of daemon.states applied to the rows of
+daemon.schema.
 
-Every step of a study's path that must survive a crash is a row here, and every change
-of a study's or a delivery's state is a transition of the tables in daemon.states (the
+Every step of a study's path that must survive a crash is a row, and every change of a
+study's or a delivery's state is a transition of the tables in daemon.states (the
 updates' WHERE clauses are the states the table lets an event leave). Claims are
 compare-and-set updates guarded by state and lease expiry, which is safe with several
 workers on SQLite and PostgreSQL alike; on PostgreSQL, where several nodes share one
 database, the claimed row is also locked FOR UPDATE SKIP LOCKED, and so are the
-deliveries a node takes to send (Queue.shared).
+deliveries a node takes to send (Queue.shared). The listener's records go through
+`Queue.intake` (daemon.intake), what retention removes through `Queue.forget`, and
+`fractured status` reads through daemon.reports.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
-from sqlalchemy import (
-    DateTime,
-    Enum,
-    Float,
-    ForeignKey,
-    Integer,
-    Select,
-    String,
-    Text,
-    bindparam,
-    case,
-    create_engine,
-    event,
-    func,
-    insert,
-    literal,
-    or_,
-    select,
-    update,
+from sqlalchemy import Select, case, delete, func, or_, select, update
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from fractured.daemon.intake import Intake
+from fractured.daemon.schema import (
+    Delivery,
+    ImageOutcome,
+    Instance,
+    ShadowFinding,
+    Study,
+    create_tables,
+    utcnow,
 )
-from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
-
-from fractured import database_url
-from fractured.daemon.prepared import Prepared, dbapi_transaction, integrity_errors
 from fractured.daemon.states import (
     DELIVERY,
+    SETTLED,
     STUDY,
     DeliveryEvent,
     DeliveryState,
@@ -57,132 +48,7 @@ from fractured.daemon.states import (
     sources,
 )
 
-
-def utcnow() -> datetime:
-    """Naive UTC: SQLite keeps no time zone, so every stored time is UTC by convention."""
-    return datetime.now(UTC).replace(tzinfo=None)
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Study(Base):
-    __tablename__ = "studies"
-
-    id: Mapped[int] = mapped_column(primary_key=True)
-    study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
-    state: Mapped[StudyState] = mapped_column(
-        Enum(StudyState, native_enum=False, length=16), index=True)
-    first_received_at: Mapped[datetime] = mapped_column(DateTime)
-    last_received_at: Mapped[datetime] = mapped_column(DateTime)
-    claimed_by: Mapped[str | None] = mapped_column(String(128))
-    claimed_at: Mapped[datetime | None] = mapped_column(DateTime)
-    lease_until: Mapped[datetime | None] = mapped_column(DateTime)
-    runs: Mapped[int] = mapped_column(Integer, default=0)
-    processed_at: Mapped[datetime | None] = mapped_column(DateTime)
-    reason: Mapped[str | None] = mapped_column(Text)
-
-
-class Instance(Base):
-    __tablename__ = "instances"
-
-    id: Mapped[int] = mapped_column(primary_key=True)
-    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
-    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
-    sop_class_uid: Mapped[str] = mapped_column(String(64))
-    series_instance_uid: Mapped[str] = mapped_column(String(64))
-    modality: Mapped[str] = mapped_column(String(16))
-    path: Mapped[str] = mapped_column(Text)
-    size: Mapped[int] = mapped_column(Integer)
-    calling_ae: Mapped[str] = mapped_column(String(16))
-    received_at: Mapped[datetime] = mapped_column(DateTime)
-
-
-class Delivery(Base):
-    __tablename__ = "deliveries"
-
-    id: Mapped[int] = mapped_column(primary_key=True)
-    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
-    run: Mapped[int] = mapped_column(Integer)
-    destination: Mapped[str] = mapped_column(String(64))
-    sop_instance_uid: Mapped[str] = mapped_column(String(64))
-    sop_class_uid: Mapped[str] = mapped_column(String(64))
-    path: Mapped[str] = mapped_column(Text)
-    state: Mapped[DeliveryState] = mapped_column(
-        Enum(DeliveryState, native_enum=False, length=16), index=True)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    next_attempt_at: Mapped[datetime] = mapped_column(DateTime)
-    last_status: Mapped[int | None] = mapped_column(Integer)
-    last_error: Mapped[str | None] = mapped_column(Text)
-    done_at: Mapped[datetime | None] = mapped_column(DateTime)
-
-
-class ShadowFinding(Base):
-    """One image of one study run, as the active and the shadow model saw it (daemon.shadow)."""
-
-    __tablename__ = "shadow_findings"
-
-    id: Mapped[int] = mapped_column(primary_key=True)
-    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
-    sop_instance_uid: Mapped[str] = mapped_column(String(64))
-    run: Mapped[int] = mapped_column(Integer)
-    recorded_at: Mapped[datetime] = mapped_column(DateTime)
-    active_model: Mapped[str] = mapped_column(String(128))
-    active_probability: Mapped[float] = mapped_column(Float)
-    active_level: Mapped[str] = mapped_column(String(16))
-    active_boxes: Mapped[int] = mapped_column(Integer)
-    shadow_model: Mapped[str] = mapped_column(String(128))
-    shadow_probability: Mapped[float] = mapped_column(Float)
-    shadow_level: Mapped[str] = mapped_column(String(16))
-    shadow_boxes: Mapped[int] = mapped_column(Integer)
-
-
-class ImageOutcome(Base):
-    """What one run concluded about one routed image: its body region ("other" where
-    none), its decision level and probability, or, for an image outside the model's
-    intended use, no level and why (`scope`). Written with the run's results, in the
-    same transaction; read by `fractured status` for the last 7 days against the
-    model's expected flag rates. UIDs, a region and numbers: no patient data."""
-
-    __tablename__ = "image_outcomes"
-
-    id: Mapped[int] = mapped_column(primary_key=True)
-    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
-    sop_instance_uid: Mapped[str] = mapped_column(String(64))
-    run: Mapped[int] = mapped_column(Integer)
-    recorded_at: Mapped[datetime] = mapped_column(DateTime, index=True)
-    model: Mapped[str] = mapped_column(String(128))
-    region: Mapped[str] = mapped_column(String(16))
-    scope: Mapped[str] = mapped_column(String(32))  # engine.intended_use.ScopeReason
-    level: Mapped[str | None] = mapped_column(String(16))  # None: not analysed
-    probability: Mapped[float | None] = mapped_column(Float)
-
-
-@dataclass(frozen=True)
-class ReceivedInstance:
-    """What the listener knows of an instance once its file is durably spooled."""
-
-    study_instance_uid: str
-    series_instance_uid: str
-    sop_instance_uid: str
-    sop_class_uid: str
-    modality: str
-    path: Path
-    size: int
-    calling_ae: str
-
-
-class InstanceHeld(Exception):
-    """record_instance(unheld=True) found a row for the instance after all."""
-
-
-@dataclass(frozen=True)
-class HeldInstance:
-    """Where an instance the node already holds belongs, and its spool file."""
-
-    study_instance_uid: str
-    path: Path
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -224,83 +90,20 @@ class PendingDelivery:
     attempts: int
 
 
-#: SQLite's synchronous setting for each kind of transaction. FULL: a commit is on disk
-#: when it returns (the worker's and the sender's state changes). NORMAL for what the
-#: listener records: the commit survives the process being killed, and a power cut may
-#: take the last ones back, but each recorded image's file was fsynced before its row
-#: was written and the start-up scan (daemon.recovery) records a spool file that has no
-#: row. That saves an fsync per received image, the largest part of the listener's
-#: database work (bench/ingest.py).
-#:
-#: PostgreSQL keeps every commit durable (synchronous_commit on), the listener's too. Its
-#: counterpart of NORMAL, `SET LOCAL synchronous_commit = off`, saved 0.3 ms of 0.8 per
-#: recorded image (local server, loopback), but the scan that makes NORMAL safe runs when
-#: a node starts: a PostgreSQL server crashes and restarts alone, and the files whose
-#: rows it lost would wait unseen for the next start of some node.
-SYNCHRONOUS = "FULL"
-INTAKE_SYNCHRONOUS = "NORMAL"
+@dataclass(frozen=True)
+class SettledStudy:
+    """A study at rest (daemon.states.SETTLED) with no delivery pending, as retention
+    plans from it; read again under the study's lock and compared before any of it goes
+    (Queue.forget)."""
 
-
-#: Seconds a node waits for PostgreSQL to accept a connection before the attempt fails
-#: (libpq waits for the operating system's TCP timeout otherwise, minutes).
-CONNECT_TIMEOUT_S = 30
-
-
-def make_engine(url: str, *, synchronous: str = SYNCHRONOUS) -> Engine:
-    """An engine for [database].url (database_url.normalise): SQLite set up for a
-    multi-threaded server (WAL, busy timeout, `synchronous`: see SYNCHRONOUS), or
-    PostgreSQL on psycopg, whose pooled connections are checked before use so that a
-    database restart costs no failed C-STORE."""
-    url = database_url.normalise(url)
-    if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    if not url.startswith("sqlite"):
-        return create_engine(url, pool_pre_ping=True,
-                             connect_args={"connect_timeout": CONNECT_TIMEOUT_S})
-    engine = create_engine(url, connect_args={"timeout": 30})
-
-    @event.listens_for(engine, "connect")
-    def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
-        cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute(f"PRAGMA synchronous={synchronous}")
-        cur.execute("PRAGMA foreign_keys=ON")
-        cur.close()
-    return engine
-
-
-def _intake_engine(engine: Engine) -> Engine:
-    """The engine the listener records with: the same SQLite file with
-    INTAKE_SYNCHRONOUS (the setting is per connection, hence a pool of its own); any
-    other database, or SQLite in memory, uses `engine` itself."""
-    database = engine.url.database
-    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
-        return engine
-    return make_engine(engine.url.render_as_string(hide_password=False),
-                       synchronous=INTAKE_SYNCHRONOUS)
-
-
-# record_instance's statements. A late image re-opens the study; a running worker sees
-# last_received_at > claimed_at and re-opens it when it finishes. RETURNING finds and
-# touches the study in one statement (SQLite 3.35+, PostgreSQL).
-_TOUCH_STUDY = (
-    update(Study).where(Study.study_instance_uid == bindparam("uid"))
-    .values(last_received_at=bindparam("now", type_=Study.last_received_at.type),
-            # typed, so the enum is stored as the column stores it (by name)
-            state=case(*((Study.state == state, literal(target, Study.state.type))
-                         for (state, event), target in STUDY.items()
-                         if event is StudyEvent.IMAGE_RECEIVED)))
-    .returning(Study.id))
-_INSERT_STUDY = insert(Study).returning(Study.id)
-_STUDY_COLUMNS = ("study_instance_uid", "state", "first_received_at", "last_received_at",
-                  "runs")
-_INSTANCE_COLUMNS = ("study_id", "sop_class_uid", "series_instance_uid", "modality", "path",
-                     "size", "calling_ae", "received_at")
-_INSERT_INSTANCE = insert(Instance)
-_REPLACE_INSTANCE = update(Instance).where(Instance.sop_instance_uid == bindparam("uid"))
-_HELD = (select(Study.study_instance_uid, Instance.path)
-         .join(Study, Study.id == Instance.study_id)
-         .where(Instance.sop_instance_uid == bindparam("uid")))
+    id: int
+    study_instance_uid: str
+    state: StudyState
+    last_received_at: datetime
+    runs: int
+    settled_at: datetime  # its last image, run or delivery attempt, whichever is latest
+    images: int  # instance rows
+    dead_letters: bool  # a delivery of its latest run gave up
 
 
 def _pending(d: Delivery) -> PendingDelivery:
@@ -308,19 +111,6 @@ def _pending(d: Delivery) -> PendingDelivery:
                            d.attempts)
 
 
-#: The PostgreSQL advisory lock key under which a node creates missing tables.
-_SCHEMA_LOCK = 0x66726163  # "frac"
-
-
-def _create_tables(engine: Engine) -> None:
-    """Create the tables that do not exist yet. Nodes that start together on an empty
-    PostgreSQL database would each find them missing and all but one fail on the second
-    CREATE TABLE: there they take turns, under an advisory lock held to the commit (DDL is
-    transactional in PostgreSQL)."""
-    with engine.begin() as conn:
-        if engine.dialect.name == "postgresql":
-            conn.execute(select(func.pg_advisory_xact_lock(_SCHEMA_LOCK)))
-        Base.metadata.create_all(conn)
 
 
 class Queue:
@@ -338,27 +128,14 @@ class Queue:
         #: lock rows (FOR UPDATE SKIP LOCKED) and deliveries being sent are held. A SQLite
         #: file serves the one node on its host.
         self.shared = engine.dialect.name != "sqlite"
-        _create_tables(engine)
+        create_tables(engine)
         self._sessions = sessionmaker(engine, expire_on_commit=False)
-        #: what the listener records with (INTAKE_SYNCHRONOUS); `engine` for the rest
-        self.intake = _intake_engine(engine)
-        #: One listener transaction at a time in this process, on SQLite: it has one
-        #: writer anyway, and a thread that finds the file locked sleeps in SQLite's busy
-        #: handler (1, 2, 5 ms...) where a lock hands over at once (bench/ingest.py,
-        #: 8 associations). Other databases lock rows, not the file: no lock.
-        self._intake_lock: AbstractContextManager[object] = (
-            threading.Lock() if self.intake.dialect.name == "sqlite" else nullcontext())
-        dialect = self.intake.dialect
-        self._touch_study = Prepared(_TOUCH_STUDY, dialect)
-        self._insert_study = Prepared(_INSERT_STUDY, dialect, _STUDY_COLUMNS)
-        self._insert_instance = Prepared(_INSERT_INSTANCE, dialect,
-                                         ("sop_instance_uid", *_INSTANCE_COLUMNS))
-        self._replace_instance = Prepared(_REPLACE_INSTANCE, dialect, _INSTANCE_COLUMNS)
-        self._conflicts = integrity_errors(self.intake)
+        #: the listener's records, on a pool of their own (daemon.intake)
+        self.intake = Intake(engine, clock)
 
     def close(self) -> None:
         """Close every database connection (the node is stopping)."""
-        self.intake.dispose()
+        self.intake.close()
         self.engine.dispose()
 
     @contextmanager
@@ -375,71 +152,6 @@ class Queue:
         """Every stored shadow finding, oldest first."""
         with self._tx() as s:
             return list(s.scalars(select(ShadowFinding).order_by(ShadowFinding.id)))
-
-    def held(self, sop_instance_uid: str) -> HeldInstance | None:
-        """The study and spool file of an instance already recorded, if any."""
-        with self.intake.connect() as conn:
-            row = conn.execute(_HELD, {"uid": sop_instance_uid}).first()
-        return None if row is None else HeldInstance(row[0], Path(row[1]))
-
-    def record_instance(self, item: ReceivedInstance, *, unheld: bool = False) -> str:
-        """Record a spooled instance and (re)open its study; returns 'new' or 'replaced'.
-
-        `unheld` says the caller believes no row holds this instance, so the replace is
-        skipped: one statement less for nearly every received image. If a row holds it
-        after all (in another study, or inserted by another association a moment ago),
-        nothing is recorded and InstanceHeld is raised, for the caller's duplicate rule.
-
-        Two associations can bring the first images of one study at the same moment:
-        both find no study and insert one, and the later insert fails on the unique
-        UID. That transaction is then run once more, and finds the study.
-
-        Core statements compiled once and run on the DBAPI cursor (daemon.prepared),
-        committed with INTAKE_SYNCHRONOUS: this runs once per received image while the
-        sender waits for its answer (bench/ingest.py).
-        """
-        try:
-            return self._record_instance(item, unheld)
-        except self._conflicts:
-            try:
-                return self._record_instance(item, unheld)
-            except self._conflicts:
-                if unheld:  # the study exists now: the instance's own row is in the way
-                    raise InstanceHeld(item.sop_instance_uid) from None
-                raise
-
-    def _record_instance(self, item: ReceivedInstance, unheld: bool) -> str:
-        now = self.clock()
-        with self._intake_lock, dbapi_transaction(self.intake) as cur:
-            cur.execute(self._touch_study.sql,
-                        self._touch_study.parameters({"uid": item.study_instance_uid,
-                                                      "now": now}))
-            row = cur.fetchone()
-            if row is None:
-                cur.execute(self._insert_study.sql, self._insert_study.parameters({
-                    "study_instance_uid": item.study_instance_uid,
-                    "state": StudyState.RECEIVING, "first_received_at": now,
-                    "last_received_at": now, "runs": 0}))
-                row = cur.fetchone()
-            columns = {"study_id": row[0], "sop_class_uid": item.sop_class_uid,
-                       "series_instance_uid": item.series_instance_uid,
-                       "modality": item.modality, "path": str(item.path), "size": item.size,
-                       "calling_ae": item.calling_ae, "received_at": now}
-            replaced = False
-            if not unheld:
-                cur.execute(self._replace_instance.sql, self._replace_instance.parameters(
-                    {"uid": item.sop_instance_uid, **columns}))
-                replaced = cur.rowcount > 0
-            if not replaced:
-                cur.execute(self._insert_instance.sql, self._insert_instance.parameters(
-                    {"sop_instance_uid": item.sop_instance_uid, **columns}))
-        return "replaced" if replaced else "new"
-
-    def recorded_paths(self) -> set[str]:
-        """The spool file of every recorded instance, as stored (the start-up scan
-        compares; strings, since 100,000 Path objects cost more than the query)."""
-        with self.engine.connect() as conn:
-            return set(conn.scalars(select(Instance.path)))
 
     def mark_ready(self, quiet_period_s: float) -> list[str]:
         """Studies with no new instance for the quiet period become READY; returns them.
@@ -641,67 +353,6 @@ class Queue:
             study.reason = "delivery failed after all attempts"
         return None
 
-    def counts(self) -> dict[str, dict[str, int]]:
-        """Studies and deliveries by state, for `fractured status`."""
-        with self._tx() as s:
-            studies = dict(s.execute(select(Study.state, func.count()).group_by(Study.state)
-                                     ).all())
-            deliveries = dict(s.execute(select(Delivery.state, func.count())
-                                        .group_by(Delivery.state)).all())
-        return {"studies": {str(k): v for k, v in studies.items()},
-                "deliveries": {str(k): v for k, v in deliveries.items()}}
-
-    def outcomes_since(self, since: datetime) -> dict[str, Any]:
-        """Routed images recorded since `since`, for `fractured status`: analysed ones
-        per region and level, the others per reason (each run of a study counts its
-        images: a study analysed again after a late image counts twice)."""
-        with self._tx() as s:
-            rows = s.execute(
-                select(ImageOutcome.region, ImageOutcome.level, ImageOutcome.scope,
-                       func.count())
-                .where(ImageOutcome.recorded_at >= since)
-                .group_by(ImageOutcome.region, ImageOutcome.level, ImageOutcome.scope)).all()
-        regions: dict[str, dict[str, int]] = {}
-        outside: dict[str, int] = {}
-        for region, level, scope, count in rows:
-            if level is None:
-                outside[scope] = outside.get(scope, 0) + count
-                continue
-            entry = regions.setdefault(region, {"images": 0, "possible": 0, "likely": 0})
-            entry["images"] += count
-            if level in entry:
-                entry[level] += count
-        return {"since": since.isoformat(), "regions": regions, "not_analysed": outside}
-
-    def studies(self) -> list[dict[str, object]]:
-        """One row per study (no patient data: UIDs and states only), in two queries
-        whatever the number of studies."""
-        with self._tx() as s:
-            delivered = dict(s.execute(
-                select(Delivery.study_id, func.count())
-                .where(Delivery.state == DeliveryState.DONE)
-                .group_by(Delivery.study_id)).all())
-            rows = s.execute(
-                select(Study, func.count(Instance.id)).outerjoin(Instance)
-                .group_by(Study.id).order_by(Study.id)).all()
-            return [{"study_instance_uid": study.study_instance_uid,
-                     "state": str(study.state), "instances": n, "runs": study.runs,
-                     "delivered": delivered.get(study.id, 0), "reason": study.reason,
-                     "last_received_at": study.last_received_at.isoformat()}
-                    for study, n in rows]
-
-    def dead_letters(self) -> list[dict[str, object]]:
-        """Deliveries of each study's latest run that gave up (UIDs, states, errors)."""
-        with self._tx() as s:
-            rows = s.execute(
-                select(Delivery, Study.study_instance_uid).join(Study)
-                .where(Delivery.state == DeliveryState.FAILED, Delivery.run == Study.runs)
-                .order_by(Delivery.id)).all()
-            return [{"study_instance_uid": uid, "destination": d.destination,
-                     "sop_instance_uid": d.sop_instance_uid, "sop_class_uid": d.sop_class_uid,
-                     "attempts": d.attempts, "last_status": d.last_status,
-                     "last_error": d.last_error} for d, uid in rows]
-
     def requeue_dead_letters(self, *, study_instance_uid: str | None = None,
                              destination: str | None = None) -> int:
         """Send dead letters again (all, one study's, or one destination's): their
@@ -724,3 +375,100 @@ class Queue:
                                              StudyEvent.REQUEUED)
                     study.reason = None
             return len(deliveries)
+
+    def settled(self, settled_before: datetime, study_id: int | None = None
+                ) -> list[SettledStudy]:
+        """Settled studies with no delivery pending whose last image came before
+        `settled_before` (they cannot have settled later), or only study `study_id`."""
+        with self.engine.connect() as conn:
+            return _settled(conn, settled_before, study_id)
+
+    def study_files(self, study_id: int) -> list[tuple[Path, datetime]]:
+        """Each recorded image file of a study, with when its row was written."""
+        with self.engine.connect() as conn:
+            return [(Path(path), received_at) for path, received_at in conn.execute(
+                select(Instance.path, Instance.received_at)
+                .where(Instance.study_id == study_id))]
+
+    def record_count(self, study: SettledStudy) -> int:
+        """How many rows hold a study: its own, its instances, deliveries, shadow
+        findings and image outcomes."""
+        with self.engine.connect() as conn:
+            return 1 + study.images + sum(
+                conn.execute(select(func.count()).where(where)).scalar_one()
+                for where in (Delivery.study_id == study.id,
+                              ShadowFinding.study_instance_uid == study.study_instance_uid,
+                              ImageOutcome.study_instance_uid == study.study_instance_uid))
+
+    def forget(self, study: SettledStudy, now: datetime, remove: Callable[[], T | None], *,
+               records: bool, images: bool) -> tuple[T, int] | None:
+        """Remove a settled study's files and then its rows, under the study's lock.
+
+        An UPDATE that changes nothing takes the row lock (on SQLite the database's write
+        lock), so a late image for the study waits for the commit, and then finds the
+        study (re-opened) or none (made anew): the image is kept either way. Under the
+        lock the study is read again; if anything changed since `study` was read (its
+        state, an image, a run, a delivery) nothing goes and None is returned. Else
+        `remove` removes the files (None from it: leave everything), and then go the
+        instance rows (`images`) or every row of the study (`records`), children first,
+        in the same transaction: a crash in between leaves rows without files, never
+        files without rows (daemon.recovery would take those for a new study).
+        Returns what `remove` returned and the number of rows deleted.
+        """
+        with self.engine.begin() as conn:
+            conn.execute(update(Study).where(Study.id == study.id).values(state=Study.state))
+            if _settled(conn, now, study.id) != [study]:
+                return None
+            removed = remove()
+            if removed is None:
+                return None
+            if records:
+                statements = (
+                    delete(ShadowFinding)
+                    .where(ShadowFinding.study_instance_uid == study.study_instance_uid),
+                    delete(ImageOutcome)
+                    .where(ImageOutcome.study_instance_uid == study.study_instance_uid),
+                    delete(Delivery).where(Delivery.study_id == study.id),
+                    delete(Instance).where(Instance.study_id == study.id),
+                    delete(Study).where(Study.id == study.id))
+            elif images:
+                statements = (delete(Instance).where(Instance.study_id == study.id),)
+            else:
+                statements = ()
+            return removed, sum(conn.execute(statement).rowcount for statement in statements)
+
+
+def _settled(conn: Connection, settled_before: datetime, study_id: int | None
+             ) -> list[SettledStudy]:
+    """Queue.settled, inside a transaction of the caller's."""
+    deliveries = (
+        select(Delivery.study_id,
+               func.max(Delivery.done_at).label("done_at"),
+               # a failed delivery's last attempt was made when it was due
+               func.max(Delivery.next_attempt_at).label("attempted_at"),
+               func.sum(case((Delivery.state == DeliveryState.PENDING, 1), else_=0))
+               .label("pending"),
+               func.sum(case(((Delivery.state == DeliveryState.FAILED)
+                              & (Delivery.run == Study.runs), 1), else_=0))
+               .label("dead_letters"))
+        .join(Study, Study.id == Delivery.study_id).group_by(Delivery.study_id).subquery())
+    images = (select(Instance.study_id, func.count().label("images"))
+              .group_by(Instance.study_id).subquery())
+    query = (select(Study.id, Study.study_instance_uid, Study.state, Study.last_received_at,
+                    Study.runs, Study.processed_at, deliveries.c.done_at,
+                    deliveries.c.attempted_at, deliveries.c.dead_letters, images.c.images)
+             .outerjoin(deliveries, deliveries.c.study_id == Study.id)
+             .outerjoin(images, images.c.study_id == Study.id)
+             .where(Study.state.in_(SETTLED), Study.last_received_at <= settled_before,
+                    func.coalesce(deliveries.c.pending, 0) == 0)
+             .order_by(Study.id))
+    if study_id is not None:
+        query = query.where(Study.id == study_id)
+    found = []
+    for row in conn.execute(query):
+        settled = max(t for t in (row.last_received_at, row.processed_at, row.done_at,
+                                  row.attempted_at) if t is not None)
+        found.append(SettledStudy(row.id, row.study_instance_uid, StudyState(row.state),
+                                  row.last_received_at, row.runs, settled, row.images or 0,
+                                  bool(row.dead_letters)))
+    return found

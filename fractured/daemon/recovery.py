@@ -25,7 +25,8 @@ from pathlib import Path
 import pydicom
 
 from fractured import log
-from fractured.daemon.queue import InstanceHeld, Queue, ReceivedInstance
+from fractured.daemon.intake import InstanceHeld, ReceivedInstance
+from fractured.daemon.queue import Queue
 from fractured.daemon.spool import incoming_files, incoming_path
 from fractured.dicom_uids import is_uid
 from fractured.durable import temporary_writer
@@ -52,7 +53,7 @@ def check_spool(spool_dir: Path, queue: Queue) -> SpoolCheck:
     started = time.monotonic()
     removed = _remove_interrupted_writes(spool_dir)
     files = incoming_files(spool_dir)
-    known = queue.recorded_paths()
+    known = queue.intake.recorded_paths()
     recorded = unrecoverable = 0
     for path in files:
         if str(path) in known:
@@ -85,12 +86,12 @@ def _record(path: Path, queue: Queue) -> str:
             path.parents[2], study, sop_instance):
         return "not_named_by_its_uids"
     try:
-        queue.record_instance(ReceivedInstance(
+        queue.intake.record_instance(ReceivedInstance(
             study_instance_uid=study, series_instance_uid=series,
             sop_instance_uid=sop_instance, sop_class_uid=sop_class, modality=modality,
             path=path, size=path.stat().st_size, calling_ae=calling_ae), unheld=True)
     except InstanceHeld:
-        held = queue.held(sop_instance)
+        held = queue.intake.held(sop_instance)
         if held is not None and held.path.is_file() and held.path.samefile(path):
             return KNOWN
         return "sop_instance_uid_held_in_another_study"

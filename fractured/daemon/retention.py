@@ -14,19 +14,14 @@ stays until the study's records go, so `fractured retry` can still send it. Ages
 from when the study settled: its last image, run or delivery attempt, whichever is
 latest ([retention] in config.toml).
 
-Each study is purged in one transaction, in this order:
-- lock: an UPDATE of the study's row that changes nothing takes its row lock (on
-  SQLite the database's write lock), so the listener's record of a late image for it
-  waits until the purge commits, and then finds the study (re-opened) or none (made
-  anew): the image is kept either way;
-- compare-and-set: under the lock the study is read again, and anything that changed
-  since the plan (its state, a new image, a run, a delivery retried) leaves it alone
-  this run; so does an image file rewritten after its row in the last minutes (a copy
-  sent again under [node].duplicates = "replace", its row waiting on the lock);
-- files, then rows: the start-up check records any spool image without a row as a
-  new received image (daemon.recovery), so a crash in between must leave rows without
-  files, which the next run removes, never files without rows, which would come back
-  as a study. The study folder is fsynced before the commit for the same reason.
+Each study is purged in one transaction of the queue's (Queue.forget): under the
+study's lock, and only if nothing changed since the plan, its files go and then its
+rows. An image file rewritten after its row in the last minutes (a copy sent again
+under [node].duplicates = "replace", its row waiting on the lock) also leaves the study
+alone this run. The study folder is fsynced before the commit, so that a crash leaves
+rows without files, which the next run removes, never files without rows, which
+daemon.recovery would record as a new study. Retention reads and changes the tables
+only through the queue.
 """
 
 from __future__ import annotations
@@ -39,44 +34,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import Connection, case, delete, func, select, update
-
 from fractured import log
 from fractured.config import RetentionSettings, Settings
-from fractured.daemon.queue import (
-    Delivery,
-    DeliveryState,
-    ImageOutcome,
-    Instance,
-    Queue,
-    ShadowFinding,
-    Study,
-    StudyState,
-)
-from fractured.daemon.states import SETTLED
+from fractured.daemon.queue import Queue, SettledStudy
 from fractured.durable import fsync_path
 
-#: The states a study rests in once its work is over (daemon.states: only a late image
-#: or an operator moves it on).
-FINISHED = SETTLED
 #: A spool image rewritten this recently, and after its row, is a copy being recorded now.
 RECENT_WRITE_S = 300.0
 #: Slack between a file's modification time and the row written just after it.
 CLOCK_SLACK_S = 1.0
 
 _log = log.get("fractured.retention")
-
-
-@dataclass(frozen=True)
-class Finished:
-    """What the plan knew of a finished study; read again under its lock and compared."""
-
-    state: StudyState
-    last_received_at: datetime
-    runs: int
-    settled_at: datetime
-    images: int  # instance rows
-    dead_letters: bool  # a delivery of its latest run gave up
 
 
 @dataclass(frozen=True)
@@ -91,9 +59,7 @@ class SpoolImage:
 class StudyPurge:
     """What goes of one study, and why."""
 
-    study_id: int
-    study_instance_uid: str
-    finished: Finished
+    study: SettledStudy  # as the plan read it
     #: why each kind goes ("images", "results", "records": all of it), e.g.
     #: {"images": "done 8.0 days ago, images_days 7"}
     reasons: dict[str, str]
@@ -102,6 +68,10 @@ class StudyPurge:
     files: int
     bytes: int
     rows: int
+
+    @property
+    def study_instance_uid(self) -> str:
+        return self.study.study_instance_uid
 
     @property
     def records(self) -> bool:
@@ -148,14 +118,9 @@ def plan(queue: Queue, settings: Settings, now: datetime) -> PurgePlan:
     ages = [days for days in (keep.images_days, keep.results_days, keep.records_days) if days]
     if not ages:
         return PurgePlan(now, ())
-    studies = []
-    with queue.engine.connect() as conn:
-        for study_id, uid, finished in _finished(conn, now - timedelta(days=min(ages))):
-            purge = _plan_study(conn, keep, settings.node.spool_dir, now, study_id, uid,
-                                finished)
-            if purge is not None:
-                studies.append(purge)
-    return PurgePlan(now, tuple(studies))
+    studies = (_plan_study(queue, keep, settings.node.spool_dir, now, study)
+               for study in queue.settled(now - timedelta(days=min(ages))))
+    return PurgePlan(now, tuple(purge for purge in studies if purge is not None))
 
 
 def apply(queue: Queue, plan: PurgePlan) -> PurgeResult:
@@ -185,62 +150,25 @@ def apply(queue: Queue, plan: PurgePlan) -> PurgeResult:
     return result
 
 
-def _finished(conn: Connection, settled_before: datetime, study_id: int | None = None
-              ) -> list[tuple[int, str, Finished]]:
-    """Finished studies with no delivery pending whose last image came before
-    `settled_before` (they cannot have settled later), or only study `study_id`."""
-    deliveries = (
-        select(Delivery.study_id,
-               func.max(Delivery.done_at).label("done_at"),
-               # a failed delivery's last attempt was made when it was due
-               func.max(Delivery.next_attempt_at).label("attempted_at"),
-               func.sum(case((Delivery.state == DeliveryState.PENDING, 1), else_=0))
-               .label("pending"),
-               func.sum(case(((Delivery.state == DeliveryState.FAILED)
-                              & (Delivery.run == Study.runs), 1), else_=0))
-               .label("dead_letters"))
-        .join(Study, Study.id == Delivery.study_id).group_by(Delivery.study_id).subquery())
-    images = (select(Instance.study_id, func.count().label("images"))
-              .group_by(Instance.study_id).subquery())
-    query = (select(Study.id, Study.study_instance_uid, Study.state, Study.last_received_at,
-                    Study.runs, Study.processed_at, deliveries.c.done_at,
-                    deliveries.c.attempted_at, deliveries.c.dead_letters, images.c.images)
-             .outerjoin(deliveries, deliveries.c.study_id == Study.id)
-             .outerjoin(images, images.c.study_id == Study.id)
-             .where(Study.state.in_(FINISHED), Study.last_received_at <= settled_before,
-                    func.coalesce(deliveries.c.pending, 0) == 0)
-             .order_by(Study.id))
-    if study_id is not None:
-        query = query.where(Study.id == study_id)
-    found = []
-    for row in conn.execute(query):
-        settled = max(t for t in (row.last_received_at, row.processed_at, row.done_at,
-                                  row.attempted_at) if t is not None)
-        found.append((row.id, row.study_instance_uid, Finished(
-            StudyState(row.state), row.last_received_at, row.runs, settled,
-            row.images or 0, bool(row.dead_letters))))
-    return found
-
-
-def _plan_study(conn: Connection, keep: RetentionSettings, spool: Path, now: datetime,
-                study_id: int, uid: str, finished: Finished) -> StudyPurge | None:
-    """What goes of one finished study at `now`, or None when nothing does."""
-    age_days = (now - finished.settled_at) / timedelta(days=1)
-    results_dir = spool / "results" / uid
+def _plan_study(queue: Queue, keep: RetentionSettings, spool: Path, now: datetime,
+                study: SettledStudy) -> StudyPurge | None:
+    """What goes of one settled study at `now`, or None when nothing does."""
+    age_days = (now - study.settled_at) / timedelta(days=1)
+    results_dir = spool / "results" / study.study_instance_uid
 
     def due(kind: str, days: float, applies: bool = True) -> dict[str, str]:
         if not applies or not days or age_days < days:
             return {}
-        return {kind: f"{finished.state} {age_days:.1f} days ago, {kind}_days {days:g}"}
+        return {kind: f"{study.state} {age_days:.1f} days ago, {kind}_days {days:g}"}
 
     reasons = due("records", keep.records_days) or {
-        **due("images", keep.images_days, finished.images > 0),
+        **due("images", keep.images_days, study.images > 0),
         **due("results", keep.results_days,
-              not finished.dead_letters and results_dir.is_dir())}
+              not study.dead_letters and results_dir.is_dir())}
     if not reasons:
         return None
     records = "records" in reasons
-    images = (_spool_images(conn, spool, study_id, uid)
+    images = (_spool_images(queue, spool, study)
               if records or "images" in reasons else ())
     results = results_dir if (records and results_dir.is_dir()) or "results" in reasons \
         else None
@@ -248,30 +176,25 @@ def _plan_study(conn: Connection, keep: RetentionSettings, spool: Path, now: dat
     if results is not None:
         paths += [p for p in results.rglob("*") if not p.is_dir()]
     sizes = [size for size in map(_size, paths) if size is not None]
-    rows = finished.images if records or "images" in reasons else 0
-    if records:
-        rows += 1 + sum(conn.execute(select(func.count()).where(where)).scalar_one()
-                        for where in (Delivery.study_id == study_id,
-                                      ShadowFinding.study_instance_uid == uid,
-                                      ImageOutcome.study_instance_uid == uid))
-    return StudyPurge(study_id, uid, finished, reasons, images, results, len(sizes),
-                      sum(sizes), rows)
+    rows = (queue.record_count(study) if records
+            else study.images if "images" in reasons else 0)
+    return StudyPurge(study, reasons, images, results, len(sizes), sum(sizes), rows)
 
 
-def _spool_images(conn: Connection, spool: Path, study_id: int, uid: str
+def _spool_images(queue: Queue, spool: Path, study: SettledStudy
                   ) -> tuple[SpoolImage, ...]:
     """The study's image files inside the spool; a row naming a file elsewhere loses
     its row, never the file (retention removes only what the node wrote)."""
     incoming = (spool / "incoming").resolve()
     images, outside = [], 0
-    for path, received_at in conn.execute(select(Instance.path, Instance.received_at)
-                                          .where(Instance.study_id == study_id)):
-        if Path(path).resolve().is_relative_to(incoming):
-            images.append(SpoolImage(Path(path), received_at))
+    for path, received_at in queue.study_files(study.id):
+        if path.resolve().is_relative_to(incoming):
+            images.append(SpoolImage(path, received_at))
         else:
             outside += 1
     if outside:
-        _log.warning("retention.outside_spool", study_instance_uid=uid, images=outside,
+        _log.warning("retention.outside_spool", study_instance_uid=study.study_instance_uid,
+                     images=outside,
                      detail="rows naming files outside the spool: the files are kept")
     return tuple(images)
 
@@ -284,20 +207,24 @@ def _size(path: Path) -> int | None:
         return None
 
 
-def _purge(queue: Queue, now: datetime, study: StudyPurge) -> tuple[int, int, int] | None:
+def _purge(queue: Queue, now: datetime, purge: StudyPurge) -> tuple[int, int, int] | None:
     """Purge one study under its lock: (files, bytes, rows), or None when it changed."""
-    with queue.engine.begin() as conn:
-        conn.execute(update(Study).where(Study.id == study.study_id)
-                     .values(state=Study.state))  # the lock (see the module docstring)
-        still = _finished(conn, now, study.study_id)
-        if still != [(study.study_id, study.study_instance_uid, study.finished)] or any(
-                _rewritten(image, now) for image in study.images):
+
+    def remove() -> tuple[int, int] | None:
+        if any(_rewritten(image, now) for image in purge.images):
             return None
-        files, size = _remove_images(study.images)
-        if study.results is not None:
-            more_files, more_size = _remove_tree(study.results)
+        files, size = _remove_images(purge.images)
+        if purge.results is not None:
+            more_files, more_size = _remove_tree(purge.results)
             files, size = files + more_files, size + more_size
-        return files, size, _delete_rows(conn, study)
+        return files, size
+
+    forgotten = queue.forget(purge.study, now, remove, records=purge.records,
+                             images="images" in purge.reasons)
+    if forgotten is None:
+        return None
+    (files, size), rows = forgotten
+    return files, size, rows
 
 
 def _rewritten(image: SpoolImage, now: datetime) -> bool:
@@ -337,22 +264,6 @@ def _remove_tree(folder: Path) -> tuple[int, int]:
     return len(sizes), sum(sizes)
 
 
-def _delete_rows(conn: Connection, study: StudyPurge) -> int:
-    """The study's instance rows (its images went), or with its records all its rows,
-    children first (foreign keys)."""
-    if not study.records:
-        if "images" not in study.reasons:
-            return 0
-        return conn.execute(delete(Instance).where(Instance.study_id == study.study_id)
-                            ).rowcount
-    return sum(conn.execute(statement).rowcount for statement in (
-        delete(ShadowFinding).where(ShadowFinding.study_instance_uid == study.study_instance_uid),
-        delete(ImageOutcome).where(ImageOutcome.study_instance_uid == study.study_instance_uid),
-        delete(Delivery).where(Delivery.study_id == study.study_id),
-        delete(Instance).where(Instance.study_id == study.study_id),
-        delete(Study).where(Study.id == study.study_id)))
-
-
 def report(plan: PurgePlan, result: PurgeResult | None) -> dict[str, object]:
     """The plan (and what was removed, after apply) as JSON-ready data: UIDs, states,
     counts and reasons only, no patient data."""
@@ -361,8 +272,8 @@ def report(plan: PurgePlan, result: PurgeResult | None) -> dict[str, object]:
         "plan": {"studies": len(plan.studies), "files": plan.files, "bytes": plan.bytes,
                  "rows": plan.rows},
         "studies": [{"study_instance_uid": s.study_instance_uid,
-                     "state": str(s.finished.state),
-                     "settled_at": s.finished.settled_at.isoformat(),
+                     "state": str(s.study.state),
+                     "settled_at": s.study.settled_at.isoformat(),
                      "reasons": s.reasons, "files": s.files, "bytes": s.bytes,
                      "rows": s.rows} for s in plan.studies],
         "removed": None if result is None else dataclasses.asdict(result),

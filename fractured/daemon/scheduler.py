@@ -16,7 +16,8 @@ from fractured import log
 from fractured.config import Settings
 from fractured.daemon import retention
 from fractured.daemon.metrics import NodeMetrics
-from fractured.daemon.queue import Queue, utcnow
+from fractured.daemon.queue import Queue
+from fractured.daemon.schema import utcnow
 from fractured.daemon.sender import deliver_due
 from fractured.daemon.worker import Worker
 

@@ -35,8 +35,9 @@ from fractured.daemon import access
 from fractured.daemon.access import AccessPolicy
 from fractured.daemon.audit import AssociationAudit
 from fractured.daemon.file_meta import file_header
+from fractured.daemon.intake import HeldInstance, InstanceHeld, ReceivedInstance
 from fractured.daemon.metrics import NodeMetrics
-from fractured.daemon.queue import HeldInstance, InstanceHeld, Queue, ReceivedInstance
+from fractured.daemon.queue import Queue
 from fractured.daemon.spool import incoming_path
 from fractured.dicom_uids import is_uid
 from fractured.durable import write_durably
@@ -163,7 +164,7 @@ def _store(event: Event, node: NodeSettings, queue: Queue) -> Stored:
     held: HeldInstance | None = None
     if path.exists():
         try:
-            held = queue.held(sop_instance)
+            held = queue.intake.held(sop_instance)
         except Exception as exc:
             return _failed("database_error", exc, ctx)
         answer = _kept_first(held, study_uid, node, ctx)
@@ -181,15 +182,15 @@ def _store(event: Event, node: NodeSettings, queue: Queue) -> Stored:
         path=path, size=len(data), calling_ae=calling_ae)
     try:
         try:
-            outcome = queue.record_instance(item, unheld=held is None)
+            outcome = queue.intake.record_instance(item, unheld=held is None)
         except InstanceHeld:  # in another study, or just recorded by another association
-            held = queue.held(sop_instance)
+            held = queue.intake.held(sop_instance)
             answer = _kept_first(held, study_uid, node, ctx)
             if answer is not None:
                 if held is not None and held.path != path:
                     _discard(path)
                 return answer
-            outcome = queue.record_instance(item)
+            outcome = queue.intake.record_instance(item)
     except Exception as exc:
         # The file stays (a resend replaces it); without its row it is not acknowledged.
         return _failed("database_error", exc, ctx)

@@ -20,7 +20,8 @@ from fractured import log
 from fractured.config import DeliverySettings, Destination, Settings
 from fractured.daemon import tls
 from fractured.daemon.metrics import NodeMetrics
-from fractured.daemon.queue import DeliveryState, PendingDelivery, Queue
+from fractured.daemon.queue import PendingDelivery, Queue
+from fractured.daemon.states import DeliveryState
 
 SUCCESS = 0x0000
 #: Warning statuses (PS3.4 B.2.3): the peer stored the object, with a remark.

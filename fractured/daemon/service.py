@@ -14,10 +14,11 @@ from fractured.daemon import liveness, recovery, scp, systemd, tls
 from fractured.daemon.access import AccessPolicy
 from fractured.daemon.active_model import ActiveModel
 from fractured.daemon.audit import AssociationAudit
+from fractured.daemon.connection import make_engine
 from fractured.daemon.health import HealthChecks
 from fractured.daemon.metrics import NodeMetrics
 from fractured.daemon.monitoring import MonitoringServer
-from fractured.daemon.queue import Queue, make_engine
+from fractured.daemon.queue import Queue
 from fractured.daemon.scheduler import build_scheduler
 from fractured.daemon.worker import Worker
 from fractured.durable import ensure_dir

@@ -16,7 +16,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from fractured.daemon.queue import Queue, ShadowFinding, utcnow
+from fractured.daemon.queue import Queue
+from fractured.daemon.schema import ShadowFinding, utcnow
 from fractured.engine.findings import DecisionLevel, Finding
 
 #: The two operating points a decision is compared at, and which levels pass each.

@@ -22,8 +22,9 @@ from fractured import log
 from fractured.config import Settings
 from fractured.daemon.active_model import ActiveModel
 from fractured.daemon.metrics import NodeMetrics
-from fractured.daemon.queue import ClaimedStudy, ImageOutcome, Queue, ResultObject, utcnow
+from fractured.daemon.queue import ClaimedStudy, Queue, ResultObject
 from fractured.daemon.routing import Router, skipped_reason
+from fractured.daemon.schema import ImageOutcome, utcnow
 from fractured.daemon.shadow import record as record_shadow
 from fractured.durable import write_durably
 from fractured.engine.findings import Finding, ModelInfo, study_verdict

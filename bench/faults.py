@@ -11,7 +11,7 @@ exactly once (one SR per study, one overlay per image, at DCMTK storescp).
 
     .venv/bin/python -m bench.faults [--cycles 100] [--instances 100] [--seed 0]
 
-tests/test_faults.py runs a few cycles of the same loop.
+tests/integration/test_faults.py runs a few cycles of the same loop.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """A trained bundle on the GPU against ONNX Runtime on the CPU, over real images.
 
-bench/engine.py and tests/test_cuda.py hold the torch backend's CUDA path to the CPU on
+bench/engine.py and tests/gpu/test_cuda.py hold the torch backend's CUDA path to the CPU on
 random-weight models and synthetic images; trained weights have other ranges (FP16 can
 overflow where random ones never reach), so this runs a bundle that keeps its torch
 weights (build-engine from checkpoints) over a part of the split it was trained on, with

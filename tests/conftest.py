@@ -1,4 +1,11 @@
-"""Fixtures shared by the test modules."""
+"""Fixtures shared by the test modules, and each test's tier, from its folder.
+
+The tiers (CONTRIBUTING.md): unit (no torch, no process, no sleeping; tests/unit/conftest.py
+holds it to that), models (torch: training, export, the engine), integration (real DICOM
+peers, PostgreSQL, node processes), artifacts (the shipped model and its reports, through
+their data) and gpu (CUDA, TensorRT; they skip without them). `pytest -m unit` or
+`pytest tests/unit` runs one tier.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +24,19 @@ from fractured.engine.sources import load_image
 from fractured.training.datasets import open_dataset
 from fractured.training.splits import make_split, write_split
 from tests.postgres import PostgresCluster, server_bin
+
+TESTS = Path(__file__).resolve().parent
+TIERS = ("unit", "models", "integration", "artifacts", "gpu")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test with its folder's tier, so `-m` selects tiers as folders do."""
+    for item in items:
+        tier = item.path.resolve().relative_to(TESTS).parts[0]
+        if tier not in TIERS:
+            raise pytest.UsageError(f"{item.nodeid}: a test belongs in a tier's folder "
+                                    f"({', '.join(TIERS)})")
+        item.add_marker(tier)
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ the listener accepts, the codes our results carry, the implementation identity) 
 would silently go stale if they were typed by hand. Each one sits in the statement under
 a marker line `<!-- generated: NAME -->`; this module makes them from the running code
 (the listener's real AE from `fractured.daemon.scp.build_ae`, the constants of
-`fractured.results.codes`), tests/test_conformance_statement.py fails when the statement
+`fractured.results.codes`), tests/unit/test_conformance_statement.py fails when the statement
 and the code differ, and `--write` puts the code's tables back into the statement.
 
     python -m tools.conformance_tables                     # print every table

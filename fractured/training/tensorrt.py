@@ -3,7 +3,7 @@
 A plan holds kernels chosen and compiled for one GPU with one TensorRT version, so it
 is built where it runs (`fractured build-engine` on the node, or an identical machine)
 and the bundle records the `PlanTarget` it returns. Plans are FP16 by default, the
-precision of the GPU's tensor cores; tests/test_tensorrt.py bounds how far FP16 moves
+precision of the GPU's tensor cores; tests/gpu/test_tensorrt.py bounds how far FP16 moves
 logits, CAM and boxes from ONNX Runtime's FP32. INT8 comes from the graph itself: a
 bundle made by `fractured quantize` holds QDQ graphs (calibrated on training images and
 checked against their float32 source), which TensorRT builds as an explicitly

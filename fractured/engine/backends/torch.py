@@ -7,7 +7,7 @@ cuDNN's fastest convolution kernels want, replayed from a CUDA graph per batch s
 PyTorch launches each layer's kernels from Python, and on a fast GPU that launching, not
 the arithmetic, is the time (docs/gpu/NOTES.md). The detector runs FP32 on CUDA with
 cuDNN's TF32 convolutions turned off: with them its box scores moved further from the
-CPU's than the 1e-3 the exported graphs are held to (tests/test_cuda.py). On the CPU
+CPU's than the 1e-3 the exported graphs are held to (tests/gpu/test_cuda.py). On the CPU
 both run FP32 like the graphs.
 """
 

@@ -12,11 +12,12 @@ import pytest
 from pydicom.uid import generate_uid
 
 from tests import factory
+from tests.paths import REPO
 from tests.peers import Orthanc, Storescp, wait_for
 
 pytestmark = [pytest.mark.peers, pytest.mark.slow]
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "orthanc"
+DEPLOY = REPO / "deploy" / "orthanc"
 
 
 def write(folder: Path, datasets: list[pydicom.Dataset]) -> list[Path]:

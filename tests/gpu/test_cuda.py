@@ -19,7 +19,7 @@ from fractured.engine.bundle import Bundle
 from fractured.engine.pipeline import Pipeline
 from fractured.engine.preprocess import letterbox, to_model_input
 from fractured.training.build import build_untrained_bundle, build_untrained_detector
-from tests.test_backends import assert_same_boxes, radiographs
+from tests.models.test_backends import assert_same_boxes, radiographs
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.skipif(

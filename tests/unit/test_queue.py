@@ -1,6 +1,5 @@
-"""The study/delivery state machine on a real SQLite file and a real PostgreSQL database
-(tests.postgres), and what several nodes sharing one database must not do: claim one
-study twice, or send one delivery twice."""
+"""The study/delivery state machine on a real SQLite file, with a clock the tests move
+(tests/integration/test_queue_postgres.py runs the same tests on PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -10,25 +9,20 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
 
 from fractured.daemon import reports
 from fractured.daemon.connection import make_engine
 from fractured.daemon.intake import ReceivedInstance
 from fractured.daemon.queue import Queue, ResultObject
-from fractured.daemon.schema import Study
 from fractured.daemon.states import DeliveryState, StudyState
-from tests.postgres import PostgresCluster
 
 STUDY = "1.2.3.4"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A new, empty database of each kind the node runs on."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'q.db'}"
-    return request.getfixturevalue("postgres").new_database()
+@pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    """A new, empty SQLite file (overridden with PostgreSQL in test_queue_postgres)."""
+    return f"sqlite:///{tmp_path / 'q.db'}"
 
 
 class Clock:
@@ -233,60 +227,6 @@ def test_concurrent_first_images_of_one_study_are_all_recorded(queue: Queue) -> 
     assert sum(s["instances"] for s in reports.studies(shared.engine)) == 320
 
 
-def ready_studies(queue: Queue, count: int) -> set[str]:
-    """`count` studies of one image each, past their quiet period."""
-    for i in range(count):
-        queue.intake.record_instance(received(f"5.{i}.1", f"5.{i}"))
-    assert len(queue.mark_ready(0)) == count
-    return {f"5.{i}" for i in range(count)}
-
-
-def test_workers_of_several_nodes_claim_each_study_once(postgres: PostgresCluster) -> None:
-    """Four nodes' workers (an engine each, as four processes have) claiming at once."""
-    url = postgres.new_database()
-    nodes = [Queue(make_engine(url)) for _ in range(4)]
-    studies = ready_studies(nodes[0], 40)
-    claimed: list[str] = []
-
-    def work(node: Queue, name: str) -> None:
-        while (claim := node.claim(name, lease_s=600)) is not None:
-            claimed.append(claim.study_instance_uid)
-
-    threads = [threading.Thread(target=work, args=(node, f"w{i}"))
-               for i, node in enumerate(nodes)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert sorted(claimed) == sorted(studies)  # every study, none twice
-    for node in nodes:
-        node.close()
-
-
-def test_a_claim_skips_a_study_another_node_holds_locked(postgres: PostgresCluster) -> None:
-    """A study whose row another node has locked (finishing it, or claiming it) is
-    passed over at once, not waited for: SKIP LOCKED."""
-    url = postgres.new_database()
-    clock = Clock()
-    node, other = Queue(make_engine(url), clock), Queue(make_engine(url), clock)
-    node.intake.record_instance(received("6.1.1", "6.1"))
-    clock.advance(1)
-    node.intake.record_instance(received("6.2.1", "6.2"))
-    node.mark_ready(0)
-    got: list[str | None] = []
-    with other.engine.begin() as holding:  # the oldest study, locked until this ends
-        holding.execute(select(Study.id).where(Study.study_instance_uid == "6.1")
-                        .with_for_update())
-        claimer = threading.Thread(target=lambda: got.append(
-            getattr(node.claim("w1", 600), "study_instance_uid", None)))
-        claimer.start()
-        claimer.join(60)
-        assert got == ["6.2"]
-    assert getattr(node.claim("w1", 600), "study_instance_uid", None) == "6.1"
-    node.close()
-    other.close()
-
-
 def queued_deliveries(queue: Queue, count: int) -> None:
     """One study processed, `count` results waiting for one destination."""
     queue.intake.record_instance(received("7.1"))
@@ -312,27 +252,3 @@ def test_deliveries_taken_by_one_node_are_held_from_the_others(queue: Queue,
     for item in again:
         queue.record_attempt(item.id, status=0, error=None, retry_in_s=0, max_attempts=3)
     assert state(queue) == "done"
-
-
-def test_senders_of_several_nodes_send_each_delivery_once(postgres: PostgresCluster) -> None:
-    url = postgres.new_database()
-    nodes = [Queue(make_engine(url)) for _ in range(4)]
-    queued_deliveries(nodes[0], 30)
-    sent: list[int] = []
-
-    def send(node: Queue) -> None:
-        while items := node.take_due_deliveries(lease_s=600, limit=3):
-            for item in items:
-                sent.append(item.id)
-                node.record_attempt(item.id, status=0, error=None, retry_in_s=0,
-                                    max_attempts=3)
-
-    threads = [threading.Thread(target=send, args=(node,)) for node in nodes]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert len(sent) == 30 and len(set(sent)) == 30
-    assert state(nodes[0], "1.2.3.4") == "done"
-    for node in nodes:
-        node.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import re
-from pathlib import Path
 
 import pytest
 
@@ -23,8 +22,9 @@ from fractured.daemon.states import (
     only_target,
     sources,
 )
+from tests.paths import REPO
 
-ARCHITECTURE = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
+ARCHITECTURE = REPO / "docs" / "architecture.md"
 
 
 @pytest.mark.parametrize(("table", "state_type", "event_type"), [

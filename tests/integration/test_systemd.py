@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from fractured.daemon import liveness, systemd
+from tests.paths import REPO
 from tests.peers import NodeProcess, port_open, wait_for
 
-REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "deploy" / "fractured.service"
 
 

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from fractured import config
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.paths import REPO
 
 
 def load_text(tmp_path: Path, text: str) -> config.Settings:

@@ -22,7 +22,7 @@ from fractured.training import checkpoint
 from fractured.training.data import letterbox_samples
 from fractured.training.datasets.base import Sample
 from fractured.training.export import IMAGENET_MEAN, IMAGENET_STD
-from tests.test_training import split_parts, synthetic_yolo
+from tests.models.test_training import split_parts, synthetic_yolo
 
 SIZE = 64  # a ResNet18 at 64 px: a 2 x 2 CAM, a few seconds an epoch here
 FLAGS = ["--epochs", "1", "--device", "cpu", "--set", "classifier.variant=resnet18",

@@ -13,11 +13,11 @@ import pytest
 
 from fractured.results import codes
 from tests import factory
+from tests.paths import REPO
 from tests.peers import NodeProcess, Orthanc, dciodvfy, free_port, wait_for
 
 pytestmark = [pytest.mark.peers, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture

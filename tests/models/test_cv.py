@@ -21,8 +21,8 @@ from fractured.training.evaluation.classification import classification_metrics
 from fractured.training.evaluation.cross_validation import FoldScores, cross_validation_metrics
 from fractured.training.folds import BASE_DIR, make_fold_split
 from fractured.training.splits import Split, make_split, read_written, write_split
-from tests.test_splits import dataset, hashes_for
-from tests.test_training import SMOKE_FLAGS, synthetic_yolo
+from tests.models.test_training import SMOKE_FLAGS, synthetic_yolo
+from tests.unit.test_splits import dataset, hashes_for
 
 # -- settings ------------------------------------------------------------------------------
 

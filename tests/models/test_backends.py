@@ -42,7 +42,7 @@ def test_auto_picks_onnxruntime_without_tensorrt_or_gpu(untrained_bundle: Path) 
     import torch
 
     if torch.cuda.is_available():
-        pytest.skip("a CUDA GPU is visible: auto prefers torch on it (tests/test_cuda.py)")
+        pytest.skip("a CUDA GPU is visible: auto prefers torch on it (tests/gpu/test_cuda.py)")
     assert choose_backend(Bundle.load(untrained_bundle)) == "onnxruntime"
 
 
@@ -57,7 +57,7 @@ def test_torch_and_onnxruntime_give_the_same_findings(
     bundle = Bundle.load(untrained_bundle_with_detector)
     images = radiographs([(300, 220), (256, 256), (180, 400)])
     ort = Pipeline(bundle, "onnxruntime", boxes="always").run(images)
-    # the FP32 reference; the FP16 GPU path has its own tolerance (tests/test_cuda.py)
+    # the FP32 reference; the FP16 GPU path has its own tolerance (tests/gpu/test_cuda.py)
     ref = Pipeline(bundle, "torch", boxes="always", device="cpu").run(images)
     for a, b in zip(ort, ref, strict=True):
         assert a.probability == pytest.approx(b.probability, abs=1e-3)

@@ -49,6 +49,7 @@ from fractured.results.header import header_repairs
 from fractured.results.overlay import _verdict_text, make_overlay, render_overlay
 from fractured.results.sr import make_sr, summary_text
 from tests.factory import SHARED_DICOM, dx_study, real_file
+from tests.paths import REPO
 from tests.peers import dciodvfy
 
 MONOCHROME1_FILES = ["highdicom/dx_image.dcm", "derived_transcoded/RG3_RLE_derived.dcm"]
@@ -870,7 +871,7 @@ def test_no_log_line_carries_a_patient_value() -> None:
     if not paths:
         print(f"{SHARED_DICOM} absent: checking the synthetic source only")
     proc = subprocess.run([sys.executable, "-c", LOG_SCRIPT, *paths], capture_output=True,
-                          text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+                          text=True, timeout=300, cwd=REPO)
     log_text = proc.stderr
     print(log_text)
     assert proc.returncode == 0

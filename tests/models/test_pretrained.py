@@ -38,6 +38,7 @@ from fractured.training.pretrained import (
 )
 from fractured.training.schedule import lr_schedule, optimiser, step_schedule
 from fractured.training.weights import load_initial_weights
+from tests.paths import REPO
 
 reference = pytest.importorskip(
     "efficientnet_lite_pytorch", reason="the reference EfficientNet-Lite (test extra) is needed")
@@ -134,7 +135,7 @@ def test_a_lite_classifier_exports_to_onnx_with_its_heatmap(tmp_path: Path, size
 
 def test_the_model_card_names_the_pretrained_start() -> None:
     _wheel("lite0")
-    shipped = Path(__file__).parent.parent / "engines" / "fractured-0.8.1" / "manifest.json"
+    shipped = REPO / "engines" / "fractured-0.8.1" / "manifest.json"
     manifest = json.loads(shipped.read_text(encoding="utf-8"))
     summary = manifest["training"]["classifier"]
     assert "Pretrained start" not in model_card(manifest, [])

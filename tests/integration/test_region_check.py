@@ -42,8 +42,8 @@ from fractured.training.region_check import (
     threshold,
 )
 from tests import factory
+from tests.integration.test_metrics import get, parse, value
 from tests.peers import NodeProcess, dciodvfy, wait_for
-from tests.test_metrics import get, parse, value
 
 SIZE = 128  # the untrained bundle's input size
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

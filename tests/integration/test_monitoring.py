@@ -17,8 +17,8 @@ from fractured.daemon.active_model import ActiveModel
 from fractured.daemon.metrics import NodeMetrics
 from fractured.engine.bundle import MANIFEST_FILE
 from fractured.engine.pipeline import Pipeline
+from tests.paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 RULES = REPO / "docs" / "monitoring" / "fractured-rules.yml"
 DESCRIPTION = ("Over 7 days the {point} point flagged a share of these images more than "
                "0.15 away from the share it flagged on the model's validation images. "

@@ -53,13 +53,13 @@ from fractured.training.schedule import (
 )
 from fractured.training.transforms import as_box_target, train_transform
 from fractured.training.weights import load_initial_weights, restore_batchnorm
+from tests.paths import REPO
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 # -- settings ------------------------------------------------------------------------------
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_shipped_train_toml_documents_every_key_with_its_default() -> None:

@@ -26,8 +26,8 @@ from fractured.cli import main
 from fractured.engine.bundle import Bundle
 from fractured.training.export import is_quantized
 from tests import factory
+from tests.paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "engines" / "fractured-0.8.1"
 #: the same bundle in float32 arithmetic (float16-stored weights), kept for rollback
 ROLLBACK = REPO / "engines" / "fractured-0.7.0"

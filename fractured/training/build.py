@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,13 +28,19 @@ from fractured.engine.bundle import (
     DETECTOR_FILE,
     DETECTOR_WEIGHTS,
     FRACTURE_LABEL,
-    MANIFEST_FILE,
     MODEL_CARD_FILE,
     SCHEMA_VERSION,
     Bundle,
+    ClassifierSpec,
+    DetectorSpec,
+    Manifest,
+    Preprocessing,
+    flag_rates,
+    points_by_region,
     write_bundle,
 )
 from fractured.engine.exposed_field import NO_CROP
+from fractured.engine.findings import OperatingPoints
 from fractured.engine.intended_use import IntendedUse
 from fractured.engine.models import (
     INPUT_SIZES,
@@ -111,25 +117,21 @@ def build_untrained_bundle(out_dir: Path, *, name: str = "fractured-untrained",
             export_detector(boxer, files[DETECTOR_FILE], detector_input_size)
             check_detector_parity(boxer, files[DETECTOR_FILE], detector_input_size)
             torch.save(boxer.state_dict(), files[DETECTOR_WEIGHTS])
-            detector_spec = {
-                "architecture": boxer.architecture, "backbone": detector,
-                "labels": [FRACTURE_LABEL], "input_size": detector_input_size,
-                "detections_per_image": boxer.detections_per_image,
-                "operating_points": {"high_sensitivity": 0.5, "high_specificity": 0.8},
-            }
+            detector_spec = DetectorSpec(
+                architecture=boxer.architecture, backbone=detector, labels=(FRACTURE_LABEL,),
+                input_size=detector_input_size,
+                detections_per_image=boxer.detections_per_image,
+                operating_points=OperatingPoints(0.5, 0.8))
         manifest = _manifest(
             name, version, trained=False, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-            classifier={
-                "architecture": model.architecture, "variant": variant,
-                "labels": [FRACTURE_LABEL], "input_size": size, "temperature": 1.0,
-                "operating_points": {"high_sensitivity": 0.4, "high_specificity": 0.6},
-            },
+            classifier=ClassifierSpec(
+                architecture=model.architecture, variant=variant, labels=(FRACTURE_LABEL,),
+                input_size=size, temperature=1.0,
+                operating_points=OperatingPoints(0.4, 0.6)),
             detector=detector_spec,
             training={"note": "random weights, never trained", "seed": seed})
-        add_plans(manifest, files, Path(scratch), required=tensorrt)
-        files[MODEL_CARD_FILE] = Path(scratch) / MODEL_CARD_FILE
-        files[MODEL_CARD_FILE].write_text(model_card(manifest, []), encoding="utf-8")
-        write_bundle(out_dir, manifest, files)
+        manifest = add_plans(manifest, files, Path(scratch), required=tensorrt)
+        _write(out_dir, manifest, files, dataset=None)
     return Path(out_dir)
 
 
@@ -218,14 +220,11 @@ def build_bundle(checkpoints: Sequence[Path], out_dir: Path, *, name: str,
         manifest = _manifest(
             name, version, trained=True, mean=part.mean, std=part.std,
             classifier=part.entry, detector=detector_spec, training=jsonable(training),
-            backends=["onnxruntime"] if onnx_only else ["onnxruntime", "torch"],
+            backends=("onnxruntime",) if onnx_only else ("onnxruntime", "torch"),
             crop=part.crop, detector_crop=detector_crop, intended_use=part.intended_use)
-        add_plans(manifest, files, Path(scratch), required=tensorrt)
+        manifest = add_plans(manifest, files, Path(scratch), required=tensorrt)
         log.info("build.step", step="write manifest, model card and checksums")
-        card = Path(scratch) / MODEL_CARD_FILE
-        card.write_text(model_card(manifest, dataset_credits(part.dataset)), encoding="utf-8")
-        files[MODEL_CARD_FILE] = card
-        write_bundle(out_dir, manifest, files)
+        _write(out_dir, manifest, files, dataset=part.dataset)
     log.info("build.done", bundle=str(out_dir), name=name, version=version,
              detector=detector_spec is not None, classifier_from=str(classifier_bundle or ""),
              detector_from=str(detector_bundle or ""))
@@ -286,12 +285,18 @@ def build_fused_bundle(result: FusionResult, out_dir: Path, *, name: str | None 
     source = result.source
     files: dict[str, str | Path] = {key: source.file(key) for key in source.manifest.files
                                     if key != MODEL_CARD_FILE}
-    classifier = {"operating_points": result.operating_points,
-                  BY_REGION: result.operating_points_by_region or None,
-                  "fusion": result.summary["weights"],
-                  "expected_flag_rates": result.expected_flag_rates or None}
+    where = f"{result.report_path} (the fusion's points)"
+    points = _points(result.operating_points)
+    classifier = replace(
+        source.manifest.classifier, operating_points=points, fusion=result.fusion,
+        operating_points_by_region=(points_by_region(result.operating_points_by_region,
+                                                     points, where)
+                                    if result.operating_points_by_region else None),
+        expected_flag_rates=(flag_rates(result.expected_flag_rates, where)
+                             if result.expected_flag_rates else None))
     return _derived_bundle(source, out_dir, name=name, version=version, files=files,
-                           classifier=classifier, backends=None, kind="fusion",
+                           classifier=classifier, backends=source.manifest.backends,
+                           tensorrt=source.manifest.tensorrt, kind="fusion",
                            summary=result.summary, report=result.report,
                            report_path=result.report_path, notes=notes, record=record)
 
@@ -308,23 +313,24 @@ def build_quantized_bundle(result: QuantizationResult, out_dir: Path, *,
     scores are the INT8 bundle's, the box scores the source's, marked as such."""
     files: dict[str, str | Path] = {**carried_files(result.source), **result.files}
     return _derived_bundle(result.source, out_dir, name=name, version=version, files=files,
-                           classifier={}, backends=["onnxruntime"], kind="quantization",
+                           classifier=result.source.manifest.classifier,
+                           backends=("onnxruntime",), tensorrt=None, kind="quantization",
                            summary=result.summary, report=result.report,
                            report_path=result.report_path, notes=notes, record=record)
 
 
 def _derived_bundle(source: Bundle, out_dir: Path, *, name: str | None, version: str,
-                    files: dict[str, str | Path], classifier: dict[str, Any],
-                    backends: list[str] | None, kind: str, summary: dict[str, Any],
-                    report: dict[str, Any], report_path: Path, notes: Path | None,
-                    record: CardRecord) -> Path:
-    """A bundle made from another by `kind` (fusion, quantization): its manifest with the
-    `classifier` keys replaced (a key given as None is removed), `training[kind]` =
-    `summary`, the held-out record from `report` (the source's box scores kept) and
-    `record`, a new model card."""
-    raw = json.loads((source.path / MANIFEST_FILE).read_text(encoding="utf-8"))
-    label = f"{raw['name']}-{raw['version']}"
-    training = dict(raw.get("training") or {})
+                    files: dict[str, str | Path], classifier: ClassifierSpec,
+                    backends: tuple[str, ...], tensorrt: Mapping[str, str] | None,
+                    kind: str, summary: dict[str, Any], report: dict[str, Any],
+                    report_path: Path, notes: Path | None, record: CardRecord) -> Path:
+    """A bundle made from another by `kind` (fusion, quantization): its manifest with
+    `classifier`, `backends` and `tensorrt` replaced, `training[kind]` = `summary`, the
+    held-out record from `report` (the source's box scores kept) and `record`, a new
+    model card."""
+    old = source.manifest
+    label = f"{old.name}-{old.version}"
+    training = dict(old.training)
     for part in ("classifier", "detector"):
         if part in training:
             training[part] = {**training[part], "from_bundle": label}
@@ -337,38 +343,42 @@ def _derived_bundle(source: Bundle, out_dir: Path, *, name: str | None, version:
     record.apply(training)
     if notes is not None:
         training["notes"] = "\n\n".join(filter(None, [training.get("notes"), _notes(notes)]))
-    manifest = _manifest(name or raw["name"], version, trained=True, mean=raw["mean"],
-                         std=raw["std"],
-                         classifier={key: value for key, value in
-                                     {**raw["classifier"], **classifier}.items()
-                                     if value is not None},
-                         detector=raw["detector"], training=jsonable(training),
-                         backends=backends or raw["backends"], crop=source.manifest.crop,
-                         detector_crop=source.manifest.detector_crop,
-                         intended_use=raw.get("intended_use"))
+    manifest = replace(_manifest(name or old.name, version, trained=True, mean=old.mean,
+                                 std=old.std, classifier=classifier, detector=old.detector,
+                                 training=jsonable(training), backends=backends,
+                                 crop=old.crop, detector_crop=old.detector_crop,
+                                 intended_use=old.intended_use),
+                       tensorrt=tensorrt)
     dataset = (training.get("classifier", {}).get("data") or {}).get("dataset")
-    with tempfile.TemporaryDirectory(prefix="fractured-build-") as scratch:
-        card = Path(scratch) / MODEL_CARD_FILE
-        card.write_text(model_card(manifest, dataset_credits(Path(dataset) if dataset else None)),
-                        encoding="utf-8")
-        write_bundle(out_dir, manifest, {**files, MODEL_CARD_FILE: card})
-    log.info("build.done", bundle=str(out_dir), name=manifest["name"], version=version,
+    _write(out_dir, manifest, files, dataset=Path(dataset) if dataset else None)
+    log.info("build.done", bundle=str(out_dir), name=manifest.name, version=version,
              made_from=label, by=kind)
     return Path(out_dir)
+
+
+def _write(out_dir: Path, manifest: Manifest, files: Mapping[str, str | Path], *,
+           dataset: Path | None) -> None:
+    """The one writer of every build: the model card from `manifest` (with the credits
+    of the data set at `dataset`), then the bundle (engine.bundle.write_bundle)."""
+    with tempfile.TemporaryDirectory(prefix="fractured-card-") as scratch:
+        card = Path(scratch) / MODEL_CARD_FILE
+        card.write_text(model_card(manifest.to_dict(), dataset_credits(dataset)),
+                        encoding="utf-8")
+        write_bundle(out_dir, manifest, {**files, MODEL_CARD_FILE: card})
 
 
 @dataclass(frozen=True)
 class _ClassifierPart:
     """A bundle's classifier, built from a checkpoint or taken from another bundle."""
 
-    entry: dict[str, Any]  # the manifest's "classifier"
+    entry: ClassifierSpec
     files: dict[str, Path]
     training: dict[str, Any]
-    mean: Sequence[float]
-    std: Sequence[float]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
     dataset: Path | None  # whose credits the model card gives
     crop: str  # what the classifier was trained on (exposed_field.CROPS)
-    intended_use: dict[str, Any] | None  # the manifest's "intended_use", if any
+    intended_use: IntendedUse | None
     held_out: dict[str, Any] | None = None  # a reused classifier's held-out scores
 
 
@@ -394,53 +404,58 @@ def _built_classifier(path: Path, state: dict[str, Any], scratch: Path, *,
              cam_difference=cam_diff)
     torch.save(model.state_dict(), files[CLASSIFIER_WEIGHTS])
     provenance = state.get("provenance", {})
-    use = _plain_use(intended_use(provenance))
+    use = intended_use(provenance)
     if use is not None and region_check:
         log.info("build.step", step="fit the region check")
         check = build_region_check(state, scratch / REGION_CHECK_FILE,
                                    float16_weights=float16_weights)
         if check is not None:
-            use["region_check"] = jsonable(check)
+            use = replace(use, region_check=replace(
+                check, threshold=float(check.threshold),
+                validation=jsonable(check.validation)))
             files[REGION_CHECK_FILE] = scratch / REGION_CHECK_FILE
+    calibration = state["calibration"]
+    where = f"{path} (its calibration)"
+    points = _points(calibration["operating_points"])
     return _ClassifierPart(
-        entry={"architecture": spec["architecture"], "variant": spec["variant"],
-               "labels": list(spec["labels"]), "input_size": size,
-               "temperature": float(state["calibration"]["temperature"]),
-               "operating_points": dict(state["calibration"]["operating_points"]),
-               "members": spec.get("members", 1),
-               **({BY_REGION: state["calibration"][BY_REGION]}
-                  if BY_REGION in state["calibration"] else {}),
-               **({"expected_flag_rates": state["calibration"]["expected_flag_rates"]}
-                  if "expected_flag_rates" in state["calibration"] else {})},
-        files=files, training=_training_summary(path, state), mean=spec["mean"],
-        std=spec["std"],
+        entry=ClassifierSpec(
+            architecture=spec["architecture"], variant=spec["variant"],
+            labels=tuple(spec["labels"]), input_size=size,
+            temperature=float(calibration["temperature"]), operating_points=points,
+            members=spec.get("members", 1),
+            operating_points_by_region=(points_by_region(calibration[BY_REGION], points, where)
+                                        if BY_REGION in calibration else None),
+            expected_flag_rates=(flag_rates(calibration["expected_flag_rates"], where)
+                                 if "expected_flag_rates" in calibration else None)),
+        files=files, training=_training_summary(path, state), mean=_triple(spec["mean"]),
+        std=_triple(spec["std"]),
         dataset=Path(provenance["dataset"]) if provenance.get("dataset") else None,
         crop=trained_crop(spec), intended_use=use)
 
 
 def _reused_classifier(bundle: Bundle) -> _ClassifierPart:
     """An existing bundle's classifier, unchanged (its files are verified by loading)."""
-    raw = json.loads((bundle.path / MANIFEST_FILE).read_text(encoding="utf-8"))
-    if not raw.get("trained"):
+    manifest = bundle.manifest
+    if not manifest.trained:
         raise BuildError(f"{bundle.path}: an untrained bundle has no classifier to reuse")
-    if bundle.manifest.classifier.fusion is not None:
-        source = (raw.get("training") or {}).get("fusion", {}).get("source", "its source")
+    if manifest.classifier.fusion is not None:
+        source = manifest.training.get("fusion", {}).get("source", "its source")
         raise BuildError(f"{bundle.path}: its probability and operating points are fused "
                          f"with its own detector's box score; take the classifier of "
                          f"{source}, then fuse the new pair with fractured fuse")
     files = {key: bundle.file(key) for key in (CLASSIFIER_FILE, CLASSIFIER_WEIGHTS,
                                                REGION_CHECK_FILE)
-             if key in bundle.manifest.files}
-    training = raw.get("training") or {}
+             if key in manifest.files}
+    training = manifest.training
     dataset = (training.get("classifier") or {}).get("data", {}).get("dataset")
     log.info("build.step", step="take the classifier of another bundle",
-             bundle=str(bundle.path), version=raw["version"])
+             bundle=str(bundle.path), version=manifest.version)
     return _ClassifierPart(
-        entry=raw["classifier"], files=files,
+        entry=manifest.classifier, files=files,
         training={**training.get("classifier", {}),
-                  "from_bundle": f"{raw['name']}-{raw['version']}"},
-        mean=raw["mean"], std=raw["std"], dataset=Path(dataset) if dataset else None,
-        crop=bundle.manifest.crop, intended_use=raw.get("intended_use"),
+                  "from_bundle": f"{manifest.name}-{manifest.version}"},
+        mean=manifest.mean, std=manifest.std, dataset=Path(dataset) if dataset else None,
+        crop=manifest.crop, intended_use=manifest.intended_use,
         held_out=training.get("held_out"))
 
 
@@ -460,7 +475,7 @@ def _joined_held_out(classification: dict[str, Any] | None,
 class _DetectorPart:
     """Another bundle's detector, taken as it is."""
 
-    entry: dict[str, Any]  # the manifest's "detector"
+    entry: DetectorSpec
     files: dict[str, Path]
     training: dict[str, Any]
     held_out: dict[str, Any] | None  # its held-out box scores, among the bundle's
@@ -470,14 +485,14 @@ def _reused_detector(bundle: Bundle, classifier: _ClassifierPart) -> _DetectorPa
     """An existing bundle's detector, unchanged, for a classifier trained on the same
     data: the same normalisation and the same data summary (data set, image counts and
     split sizes), so its boxes and held-out scores describe the same images."""
-    raw = json.loads((bundle.path / MANIFEST_FILE).read_text(encoding="utf-8"))
-    if not raw.get("trained") or raw.get("detector") is None:
+    manifest = bundle.manifest
+    if not manifest.trained or manifest.detector is None:
         raise BuildError(f"{bundle.path}: has no trained detector to reuse")
-    if list(raw["mean"]) != list(classifier.mean) or list(raw["std"]) != list(classifier.std):
+    if manifest.mean != classifier.mean or manifest.std != classifier.std:
         raise BuildError(f"{bundle.path}: its detector normalises images with mean "
-                         f"{raw['mean']} / std {raw['std']}, this classifier with "
-                         f"{list(classifier.mean)} / {list(classifier.std)}")
-    training = raw.get("training") or {}
+                         f"{list(manifest.mean)} / std {list(manifest.std)}, this classifier "
+                         f"with {list(classifier.mean)} / {list(classifier.std)}")
+    training = manifest.training
     summary = training.get("detector") or {}
     # the split's identity; not the body parts (they follow from it, and records before
     # them lack them) nor how many images the training machine could not decode
@@ -488,39 +503,40 @@ def _reused_detector(bundle: Bundle, classifier: _ClassifierPart) -> _DetectorPa
         raise BuildError(f"{bundle.path}: its detector was trained on other data or another "
                          f"split ({theirs}) than this classifier ({ours})")
     files = {key: bundle.file(key) for key in (DETECTOR_FILE, DETECTOR_WEIGHTS)
-             if key in bundle.manifest.files}
+             if key in manifest.files}
     log.info("build.step", step="take the detector of another bundle",
-             bundle=str(bundle.path), version=raw["version"])
-    return _DetectorPart(entry=raw["detector"], files=files,
-                         training={**summary, "from_bundle": f"{raw['name']}-{raw['version']}"},
+             bundle=str(bundle.path), version=manifest.version)
+    return _DetectorPart(entry=manifest.detector, files=files,
+                         training={**summary,
+                                   "from_bundle": f"{manifest.name}-{manifest.version}"},
                          held_out=training.get("held_out"))
 
 
 def _manifest(name: str, version: str, *, trained: bool, mean: Sequence[float],
-              std: Sequence[float], classifier: dict[str, Any],
-              detector: dict[str, Any] | None, training: dict[str, Any],
-              backends: Sequence[str] = ("onnxruntime", "torch"),
+              std: Sequence[float], classifier: ClassifierSpec,
+              detector: DetectorSpec | None, training: Mapping[str, Any],
+              backends: tuple[str, ...] = ("onnxruntime", "torch"),
               crop: str = NO_CROP, detector_crop: str | None = None,
-              intended_use: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Every manifest key but `files` (write_bundle adds the checksums); the ONNX graphs
-    are always in the bundle, the torch weights where `backends` has torch. A crop
-    other than "none" is written as `preprocessing` (with `detector_crop` where the
-    detector's differs: a detector kept from a bundle trained the other way); without
-    one the manifest reads as those of bundles built before crops existed; so does one
-    without an intended use."""
-    preprocessing = {"crop": crop, **({"detector_crop": detector_crop}
-                                      if detector_crop not in (None, crop) else {})}
-    return {"schema_version": SCHEMA_VERSION, "name": name, "version": version,
-            "created": datetime.now(UTC).isoformat(timespec="seconds"), "trained": trained,
-            "mean": list(mean), "std": list(std), "classifier": classifier,
-            "detector": detector, "backends": list(backends), "training": training,
-            **({"preprocessing": preprocessing} if preprocessing != {"crop": NO_CROP} else {}),
-            **({"intended_use": intended_use} if intended_use is not None else {})}
+              intended_use: IntendedUse | None = None) -> Manifest:
+    """A new manifest, created now, without files (write_bundle adds their checksums);
+    the ONNX graphs are always in the bundle, the torch weights where `backends` has
+    torch. The crops are recorded as `Preprocessing.of` says."""
+    return Manifest(schema_version=SCHEMA_VERSION, name=name, version=version,
+                    created=datetime.now(UTC).isoformat(timespec="seconds"),
+                    trained=trained, mean=_triple(mean), std=_triple(std),
+                    classifier=classifier, detector=detector, files={}, backends=backends,
+                    training=training, preprocessing=Preprocessing.of(crop, detector_crop),
+                    intended_use=intended_use)
 
 
-def _plain_use(use: IntendedUse | None) -> dict[str, Any] | None:
-    return None if use is None else {"body_parts": list(use.body_parts),
-                                     "min_age_years": use.min_age_years}
+def _triple(values: Sequence[float]) -> tuple[float, float, float]:
+    first, second, third = values
+    return (float(first), float(second), float(third))
+
+
+def _points(data: Mapping[str, float]) -> OperatingPoints:
+    """Operating points from their plain form (a calibration's record)."""
+    return OperatingPoints(float(data["high_sensitivity"]), float(data["high_specificity"]))
 
 
 def _trained_states(paths: Sequence[Path], *, classifier_required: bool = True,
@@ -574,7 +590,7 @@ def _export_graph(model: torch.nn.Module, path: Path,
 
 
 def _export_detector(state: dict[str, Any], scratch: Path, files: dict[str, Path], *,
-                     float16_weights: bool) -> dict[str, Any]:
+                     float16_weights: bool) -> DetectorSpec:
     """Export and check the detector; its manifest entry."""
     spec = state["model_spec"]
     size = spec["input_size"]
@@ -594,10 +610,10 @@ def _export_detector(state: dict[str, Any], scratch: Path, files: dict[str, Path
     log.info("build.detector_checked", detections=parity.detections,
              box_difference=parity.box_difference, score_difference=parity.score_difference)
     torch.save(boxer.state_dict(), files[DETECTOR_WEIGHTS])
-    return {"architecture": spec["architecture"], "backbone": spec["backbone"],
-            "labels": list(spec["labels"]), "input_size": size,
-            "detections_per_image": boxer.detections_per_image,
-            "operating_points": dict(state["calibration"]["operating_points"])}
+    return DetectorSpec(architecture=spec["architecture"], backbone=spec["backbone"],
+                        labels=tuple(spec["labels"]), input_size=size,
+                        detections_per_image=boxer.detections_per_image,
+                        operating_points=_points(state["calibration"]["operating_points"]))
 
 
 def _held_out_summary(path: Path, checkpoints: dict[str, Path]) -> dict[str, Any]:

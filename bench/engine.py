@@ -43,7 +43,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -210,12 +210,10 @@ def build_bundles(variants: list[str], detectors: list[str], work: Path) -> tupl
 def combine(classifier: Bundle, detector: Bundle, out_dir: Path) -> Bundle:
     """A bundle holding one bundle's classifier and another's detector (files and
     manifest sections copied; checksums recomputed by write_bundle)."""
-    fields = classifier.manifest.to_dict()
-    del fields["files"]
-    fields["detector"] = detector.manifest.to_dict()["detector"]
+    manifest = replace(classifier.manifest, detector=detector.manifest.detector)
     files = {name: classifier.file(name) for name in (CLASSIFIER_FILE, CLASSIFIER_WEIGHTS)}
     files |= {name: detector.file(name) for name in (DETECTOR_FILE, DETECTOR_WEIGHTS)}
-    return write_bundle(out_dir, fields, files)
+    return write_bundle(out_dir, manifest, files)
 
 
 def engines(bundle: Bundle, threads: int) -> dict[str, LoadedModels]:

@@ -5,6 +5,11 @@ files no longer match the sha256 sums in its manifest, so what is named in every
 (name and version) is exactly what produced it. A manifest with an unknown or missing
 key is refused too, rather than guessed at, because a silently ignored `threshold` or
 `temperature` would change clinical decisions without anyone noticing.
+
+`Manifest` is the one type of a manifest both ways: `Manifest.from_dict` reads and
+checks manifest.json, `Manifest.to_dict` gives it back as written, and `write_bundle`
+writes a `Manifest` built in memory (training.build) through the same check, so a
+bundle is never written that the node would refuse to read.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import shutil
 import tempfile
 import types
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
@@ -219,6 +224,15 @@ class Preprocessing:
     crop: str
     detector_crop: str | None = field(default=None, metadata=OMIT_IF_NONE)
 
+    @classmethod
+    def of(cls, crop: str, detector_crop: str | None = None) -> Preprocessing | None:
+        """The manifest's record of these crops: None for the whole image alone (a
+        manifest without it reads as those of bundles built before crops), and
+        `detector_crop` only where it differs from the classifier's."""
+        if crop == NO_CROP and detector_crop in (None, NO_CROP):
+            return None
+        return cls(crop, detector_crop if detector_crop != crop else None)
+
 
 @dataclass(frozen=True)
 class Manifest:
@@ -238,8 +252,7 @@ class Manifest:
     training: Mapping[str, Any]  # free-form summary: data, epochs, metrics
     #: what the TensorRT plans were built for (gpu_name, compute_capability,
     #: tensorrt_version): a plan runs only there; present when backends has tensorrt
-    tensorrt: Mapping[str, str] | None = field(default=None,
-                                               metadata={"omit_if_none": True})
+    tensorrt: Mapping[str, str] | None = field(default=None, metadata=OMIT_IF_NONE)
     #: absent in bundles built before the crop (and in those trained without it): the
     #: image is letterboxed whole
     preprocessing: Preprocessing | None = field(default=None, metadata=OMIT_IF_NONE)
@@ -311,8 +324,24 @@ class Manifest:
         return manifest
 
     def to_dict(self) -> dict[str, Any]:
-        """The manifest as plain JSON-ready data (lists and dicts), keys in field order."""
+        """The manifest as plain JSON-ready data (lists and dicts), keys in field order:
+        the inverse of `from_dict`."""
         return _plain(self)
+
+
+def points_by_region(data: Any, pooled: OperatingPoints,
+                     source: str) -> Mapping[Region, RegionPoints]:
+    """Checked points per region from their plain form (a calibration's record, as
+    `RegionPoints.to_dict` writes each), for a manifest being built; BundleError names
+    `source` and the key."""
+    return _by_region(_Reader({BY_REGION: data}, source, "").table(BY_REGION), pooled)
+
+
+def flag_rates(data: Any, source: str) -> Mapping[str, FlagRates]:
+    """Checked expected flag rates from their plain form (a calibration's record), for
+    a manifest being built; BundleError names `source` and the key."""
+    key = "expected_flag_rates"
+    return _flag_rates(_Reader({key: data}, source, "").table(key))
 
 
 def _classifier(r: _Reader) -> ClassifierSpec:
@@ -649,19 +678,19 @@ class Bundle:
                          trained=self.manifest.trained)
 
 
-def write_bundle(out_dir: str | Path, manifest_fields: Mapping[str, Any],
+def write_bundle(out_dir: str | Path, manifest: Manifest,
                  files: Mapping[str, str | Path]) -> Bundle:
-    """Create a bundle at `out_dir` from model files and every manifest key but `files`.
+    """Create a bundle at `out_dir` from model files and their manifest.
 
     `files` maps each name in the bundle to the file to copy there; the checksums are
-    computed here. Everything is written to a temporary directory beside `out_dir` and
-    renamed into place, so a crash or a failed validation never leaves half a bundle
-    under the final name. An existing non-empty `out_dir` is refused: bundles are
-    immutable, and a new build gets a new version.
+    computed here and replace `manifest.files` (a manifest being built has none yet).
+    The manifest is checked as the node reads it before it is written. Everything is
+    written to a temporary directory beside `out_dir` and renamed into place, so a
+    crash or a failed validation never leaves half a bundle under the final name. An
+    existing non-empty `out_dir` is refused: bundles are immutable, and a new build
+    gets a new version.
     """
     out_dir = Path(out_dir)
-    if "files" in manifest_fields:
-        raise ValueError("manifest_fields must not contain 'files': checksums are computed here")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise BundleError(f"{out_dir}: already exists (and is not an empty directory); "
                           "a bundle is never overwritten (build a new version)")
@@ -676,10 +705,10 @@ def write_bundle(out_dir: str | Path, manifest_fields: Mapping[str, Any],
             shutil.copyfile(source, target)
             fsync_path(target)
             digests[name] = _sha256(target)
-        manifest = Manifest.from_dict({**manifest_fields, "files": digests},
-                                      f"{out_dir / MANIFEST_FILE} (being written)")
+        checked = Manifest.from_dict(replace(manifest, files=digests).to_dict(),
+                                     f"{out_dir / MANIFEST_FILE} (being written)")
         manifest_path = staging / MANIFEST_FILE
-        manifest_path.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n",
+        manifest_path.write_text(json.dumps(checked.to_dict(), indent=2) + "\n",
                                  encoding="utf-8")
         fsync_path(manifest_path)
         fsync_path(staging)

@@ -7,7 +7,7 @@ record names, since fitting or checking on training images would flatter the res
 the pipeline's evidence per image (the node's own numbers: `Pipeline.evidence`), the
 probability a bundle makes of it, and a held-out report in the form `fractured
 evaluate` writes (metrics.json, report.md, plots, predictions.csv), which
-`build.held_out_summary` turns into the new bundle's held-out record.
+`build.records.held_out_summary` turns into the new bundle's held-out record.
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -322,9 +322,9 @@ def _staged_bundle(source: Bundle, files: dict[str, Path], where: Path) -> Bundl
     """The quantized graphs as a bundle the pipeline can run, for the checks only (with
     the source's region check, which stays float: see `carried_files`)."""
     files = {**carried_files(source), **files}
-    fields = {key: value for key, value in source.manifest.to_dict().items() if key != "files"}
-    fields["backends"] = ["onnxruntime"]
-    fields["version"] = f"{fields['version']}+int8-check"  # its log lines say which is which
+    manifest = replace(source.manifest, backends=("onnxruntime",),
+                       # its log lines say which is which
+                       version=f"{source.manifest.version}+int8-check")
     if where.exists():
         shutil.rmtree(where)
-    return write_bundle(where, fields, files)
+    return write_bundle(where, manifest, files)

@@ -20,9 +20,9 @@ built, so this module imports on machines without it.
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import types
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import structlog
@@ -39,6 +39,7 @@ from fractured.engine.bundle import (
     CLASSIFIER_PLAN,
     DETECTOR_FILE,
     DETECTOR_PLAN,
+    Manifest,
 )
 from fractured.engine.preprocess import to_model_input
 from fractured.training.export import BuildError, is_quantized, synthetic_images
@@ -55,32 +56,33 @@ PLAN_BOX_PIXELS = 2.0
 PLAN_CHECK_IMAGES = 2
 
 
-def add_plans(manifest: dict[str, Any], files: dict[str, Path], scratch: Path, *,
-              required: bool | None = None) -> None:
-    """Build and check a TensorRT plan of each ONNX graph in `files` (into `scratch`),
-    and record them in `manifest` (`backends` gains tensorrt; `tensorrt` says what they
-    were built for). `required`: None builds them where TensorRT runs and logs why not
+def add_plans(manifest: Manifest, files: dict[str, Path], scratch: Path, *,
+              required: bool | None = None) -> Manifest:
+    """Build and check a TensorRT plan of each ONNX graph in `files` (into `scratch`,
+    added to `files`); the manifest that records them (`backends` gains tensorrt;
+    `tensorrt` says what they were built for), or `manifest` itself where none was
+    built. `required`: None builds them where TensorRT runs and logs why not
     elsewhere; True makes a machine without TensorRT a BuildError; False skips them."""
     if required is False:
-        return
+        return manifest
     if reason := unavailable_reason():
         if required:
             raise BuildError(f"cannot build TensorRT plans here: {reason}")
         log.info("build.step", step="TensorRT plans skipped", reason=reason)
-        return
-    graphs = {CLASSIFIER_PLAN: ("classifier", CLASSIFIER_FILE,
-                                manifest["classifier"]["input_size"])}
-    if manifest.get("detector"):
-        graphs[DETECTOR_PLAN] = ("detector", DETECTOR_FILE, manifest["detector"]["input_size"])
+        return manifest
+    graphs = {CLASSIFIER_PLAN: ("classifier", CLASSIFIER_FILE, manifest.classifier.input_size)}
+    if manifest.detector is not None:
+        graphs[DETECTOR_PLAN] = ("detector", DETECTOR_FILE, manifest.detector.input_size)
     for plan, (kind, graph, size) in graphs.items():
         log.info("build.step", step=f"build and check the {kind}'s TensorRT plan")
         files[plan] = scratch / plan
         build_plan(files[graph], files[plan])
-        batch = to_model_input(synthetic_images(size, PLAN_CHECK_IMAGES), manifest["mean"],
-                               manifest["std"])
+        batch = to_model_input(synthetic_images(size, PLAN_CHECK_IMAGES), manifest.mean,
+                               manifest.std)
         check_plan(kind, files[graph], files[plan], batch)
-    manifest["backends"] = [*manifest["backends"], "tensorrt"]
-    manifest["tensorrt"] = asdict(PlanTarget.current())  # every plan's: built here
+    # one target for every plan: all were built here
+    return replace(manifest, backends=(*manifest.backends, "tensorrt"),
+                   tensorrt=types.MappingProxyType(asdict(PlanTarget.current())))
 
 
 def check_plan(kind: str, graph: Path, plan: Path, batch: np.ndarray) -> None:

@@ -18,7 +18,8 @@ from fractured.engine.backends.torch import TorchDetector
 from fractured.engine.bundle import Bundle
 from fractured.engine.pipeline import Pipeline
 from fractured.engine.preprocess import letterbox, to_model_input
-from fractured.training.build import build_untrained_bundle, build_untrained_detector
+from fractured.training.build import build_untrained_bundle
+from fractured.training.export import build_untrained_detector
 from tests.models.test_backends import assert_same_boxes, radiographs
 
 torch = pytest.importorskip("torch")

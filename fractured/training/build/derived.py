@@ -1,0 +1,157 @@
+"""The bundles `fractured fuse` and `fractured quantize` derive from another.
+
+A derived bundle keeps its source's models (fusion: the same files; quantization: INT8
+graphs of them) and its manifest, with the classifier entry, backends and training
+record changed by what was derived (the classifier entry with `dataclasses.replace`),
+and the shared writer writes it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from fractured.engine.bundle import (
+    MODEL_CARD_FILE,
+    Bundle,
+    ClassifierSpec,
+    flag_rates,
+    points_by_region,
+)
+from fractured.training.build.records import held_out_summary, joined_held_out, read_notes
+from fractured.training.build.writer import new_manifest, points, write
+from fractured.training.evaluation.report import jsonable
+from fractured.training.export import BuildError
+from fractured.training.fusion import FusionResult
+from fractured.training.quantize import QuantizationResult, carried_files
+
+log = structlog.get_logger()
+
+
+@dataclass(frozen=True)
+class CardRecord:
+    """What a derived bundle's card cites beside its own scoring: a `fractured
+    check-dicom` result (dicom-check.json) and how many scorings the split's test part
+    had before this one (the test ledger's count)."""
+
+    dicom_check: Mapping[str, Any] | None = None
+    test_looks: int | None = None
+
+    @classmethod
+    def read(cls, dicom_check: Path | None, test_looks: int | None,
+             source: Path) -> CardRecord:
+        """BuildError where `dicom_check` is not a check-dicom result, or one of a bundle
+        other than `source` or the one `source` was made from (before any scoring)."""
+        check = None
+        if dicom_check is not None:
+            try:
+                check = json.loads(dicom_check.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise BuildError(f"{dicom_check}: not readable as JSON ({exc})") from None
+            if not isinstance(check, dict) or not {"bundle", "variants",
+                                                   "passed"} <= set(check):
+                raise BuildError(f"{dicom_check}: not a `fractured check-dicom` result "
+                                 "(it needs bundle, variants and passed)")
+            manifest = Bundle.load(source).manifest
+            allowed = {f"{manifest.name}-{manifest.version}",
+                       (manifest.training.get("classifier") or {}).get("from_bundle")}
+            if check["bundle"] not in allowed:
+                raise BuildError(f"{dicom_check}: a DICOM check of {check['bundle']}, not "
+                                 f"of {' or '.join(sorted(filter(None, allowed)))}")
+        return cls(check, test_looks)
+
+    def apply(self, training: dict[str, Any]) -> None:
+        """Add the record to a derived bundle's `training`."""
+        if self.dicom_check is not None:
+            training["dicom_check"] = dict(self.dicom_check)
+        if self.test_looks is not None:
+            training["held_out"] = {**training["held_out"],
+                                    "test_looks_before": self.test_looks}
+
+
+def build_fused_bundle(result: FusionResult, out_dir: Path, *, name: str | None = None,
+                       version: str, notes: Path | None = None,
+                       record: CardRecord = CardRecord()) -> Path:
+    """A new bundle of `result.source`'s model files whose classifier probability is fused
+    with the detector's best box score (`fusion.fuse` fitted it): the manifest gains
+    `classifier.fusion` and the operating points chosen on the fused probability, per
+    region too where fuse fitted them (the source's, on the unfused scale, never carry
+    over); the held-out scores are the fused ones beside the source's box scores; the
+    model card says the probability is fused and what that changed. `notes` (Markdown)
+    are added to the source's, and `record` to its training record."""
+    source = result.source
+    files: dict[str, str | Path] = {key: source.file(key) for key in source.manifest.files
+                                    if key != MODEL_CARD_FILE}
+    where = f"{result.report_path} (the fusion's points)"
+    pooled = points(result.operating_points)
+    classifier = replace(
+        source.manifest.classifier, operating_points=pooled, fusion=result.fusion,
+        operating_points_by_region=(points_by_region(result.operating_points_by_region,
+                                                     pooled, where)
+                                    if result.operating_points_by_region else None),
+        expected_flag_rates=(flag_rates(result.expected_flag_rates, where)
+                             if result.expected_flag_rates else None))
+    return _derived(source, out_dir, name=name, version=version, files=files,
+                    classifier=classifier, backends=source.manifest.backends,
+                    tensorrt=source.manifest.tensorrt, kind="fusion",
+                    summary=result.summary, report=result.report,
+                    report_path=result.report_path, notes=notes, record=record)
+
+
+def build_quantized_bundle(result: QuantizationResult, out_dir: Path, *,
+                           name: str | None = None, version: str,
+                           notes: Path | None = None,
+                           record: CardRecord = CardRecord()) -> Path:
+    """A new bundle of `result.source` with its graphs in INT8 (`quantize.quantize` made
+    and checked them): the same calibration, fusion and operating points (per region
+    too, where the source has them: INT8 must not move the probability, which the
+    check measures, so the thresholds fitted on it still hold); ONNX only (the
+    torch weights are the float32 model's, another model); the held-out classification
+    scores are the INT8 bundle's, the box scores the source's, marked as such."""
+    files: dict[str, str | Path] = {**carried_files(result.source), **result.files}
+    return _derived(result.source, out_dir, name=name, version=version, files=files,
+                    classifier=result.source.manifest.classifier,
+                    backends=("onnxruntime",), tensorrt=None, kind="quantization",
+                    summary=result.summary, report=result.report,
+                    report_path=result.report_path, notes=notes, record=record)
+
+
+def _derived(source: Bundle, out_dir: Path, *, name: str | None, version: str,
+             files: dict[str, str | Path], classifier: ClassifierSpec,
+             backends: tuple[str, ...], tensorrt: Mapping[str, str] | None, kind: str,
+             summary: dict[str, Any], report: dict[str, Any], report_path: Path,
+             notes: Path | None, record: CardRecord) -> Path:
+    """A bundle made from another by `kind` (fusion, quantization): its manifest with
+    `classifier`, `backends` and `tensorrt` replaced, `training[kind]` = `summary`, the
+    held-out record from `report` (the source's box scores kept) and `record`, a new
+    model card."""
+    old = source.manifest
+    label = f"{old.name}-{old.version}"
+    training = dict(old.training)
+    for part in ("classifier", "detector"):
+        if part in training:
+            training[part] = {**training[part], "from_bundle": label}
+    training[kind] = summary
+    held_out = held_out_summary(report, report_path)
+    # box scores: this report's where it measured the detector (quantization), else the
+    # source's (fusion leaves the detector as it was)
+    boxes = held_out if "detection" in held_out else training.get("held_out")
+    training["held_out"] = joined_held_out(held_out, boxes)
+    record.apply(training)
+    if notes is not None:
+        training["notes"] = "\n\n".join(filter(None, [training.get("notes"), read_notes(notes)]))
+    manifest = new_manifest(name or old.name, version, trained=True, mean=old.mean,
+                            std=old.std, classifier=classifier, detector=old.detector,
+                            training=jsonable(training), backends=backends, tensorrt=tensorrt,
+                            crop=old.crop, detector_crop=old.detector_crop,
+                            intended_use=old.intended_use)
+    dataset = (training.get("classifier", {}).get("data") or {}).get("dataset")
+    write(out_dir, manifest, files, dataset=Path(dataset) if dataset else None)
+    log.info("build.done", bundle=str(out_dir), name=manifest.name, version=version,
+             made_from=label, by=kind)
+    return Path(out_dir)

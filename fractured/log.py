@@ -43,10 +43,10 @@ def configure(level: str = "info", fmt: Literal["auto", "json", "console"] = "au
     root.setLevel(level.upper())
     # Libraries that are chatty at INFO: pynetdicom logs every PDU (with patient details
     # in its dataset dumps), highdicom every module it copies, APScheduler every skipped
-    # tick of a job still running (by design: max_instances=1). Our own events say
-    # what matters.
+    # tick of a job still running (by design: max_instances=1), Alembic its database
+    # dialect at every start. Our own events say what matters (database.upgraded).
     for name, floor in (("pynetdicom", logging.WARNING), ("highdicom", logging.WARNING),
-                        ("apscheduler", logging.ERROR)):
+                        ("apscheduler", logging.ERROR), ("alembic", logging.WARNING)):
         logging.getLogger(name).setLevel(max(floor, root.level))
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],

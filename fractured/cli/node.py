@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from fractured import config, log
-from fractured.cli.options import config_option, load_settings
+from fractured.cli.options import config_option, database_error, load_settings, open_queue
 from fractured.cli.reports import megabytes, week_text
 
 
@@ -19,8 +19,6 @@ def serve(config_path: Path | None) -> None:
     """Run the node: receive studies, analyse them, send results back to the PACS."""
     settings = load_settings(config_path)
     log.configure(settings.log.level, settings.log.format)
-    from sqlalchemy.exc import OperationalError
-
     from fractured.daemon.service import Node  # heavy imports only for the node
     from fractured.engine.bundle import BundleError
 
@@ -28,11 +26,12 @@ def serve(config_path: Path | None) -> None:
         node = Node(settings)
     except (BundleError, FileNotFoundError) as exc:
         raise click.ClickException(f"cannot load engine bundle: {exc}") from None
-    except OperationalError as exc:  # PostgreSQL down, a wrong host, role or password
-        raise click.ClickException(f"cannot open the database ([database].url): "
-                                   f"{str(exc.orig).strip()}") from None
     except config.ConfigError as exc:  # what only loading can tell, e.g. a TLS key
         raise click.ClickException(f"{settings.source}: {exc}") from None
+    except Exception as exc:  # the database: down, unreachable, or a newer schema
+        if (error := database_error(exc)) is None:
+            raise
+        raise error from None
     node.run_until_signalled()
 
 
@@ -44,14 +43,11 @@ def retry(config_path: Path | None, study_uid: str | None, destination: str | No
     """Send dead letters (deliveries that gave up) again: all, or by study or destination.
     A running node picks them up within a second."""
     settings = load_settings(config_path)
-    from fractured.daemon.connection import make_engine
-    from fractured.daemon.queue import Queue
-
     names = [d.name for d in settings.destinations]
     if destination is not None and destination not in names:
         raise click.UsageError(f"--destination {destination!r} is not configured "
                                f"(destinations: {', '.join(names) or 'none'})")
-    count = Queue(make_engine(settings.database.url)).requeue_dead_letters(
+    count = open_queue(settings).requeue_dead_letters(
         study_instance_uid=study_uid, destination=destination)
     click.echo(f"requeued {count} dead letter{'s' if count != 1 else ''}")
 
@@ -101,11 +97,9 @@ def status(config_path: Path | None, as_json: bool) -> None:
     from datetime import timedelta
 
     from fractured.daemon import reports
-    from fractured.daemon.connection import make_engine
-    from fractured.daemon.schema import create_tables, utcnow
+    from fractured.daemon.schema import utcnow
 
-    database = make_engine(settings.database.url)
-    create_tables(database)
+    database = open_queue(settings).engine
     report = {"engine": _engine_status(settings.engine.bundle), **reports.counts(database),
               "study_list": reports.studies(database),
               "dead_letters": reports.dead_letters(database),
@@ -145,11 +139,9 @@ def purge(config_path: Path | None, dry_run: bool, as_json: bool) -> None:
     settings = load_settings(config_path)
     log.configure(settings.log.level, settings.log.format)  # retention.purged, on stderr
     from fractured.daemon import retention
-    from fractured.daemon.connection import make_engine
-    from fractured.daemon.queue import Queue
     from fractured.daemon.schema import utcnow
 
-    queue = Queue(make_engine(settings.database.url))
+    queue = open_queue(settings)
     plan = retention.plan(queue, settings, utcnow())
     result = None if dry_run else retention.apply(queue, plan)
     report = retention.report(plan, result)
@@ -289,12 +281,10 @@ def engines_compare(config_path: Path | None, as_json: bool) -> None:
     import dataclasses
     import json
 
-    from fractured.daemon.connection import make_engine
-    from fractured.daemon.queue import Queue
     from fractured.daemon.shadow import compare
 
     settings = load_settings(config_path)
-    results = compare(Queue(make_engine(settings.database.url)))
+    results = compare(open_queue(settings))
     if not results:
         click.echo("no shadow findings recorded (fractured engines shadow NAME starts one)")
     for result in results:

@@ -94,3 +94,33 @@ def build_errors() -> tuple[type[Exception], ...]:
     from fractured.training.export import BuildError
 
     return (BundleError, BuildError, DatasetError, config.ConfigError)
+
+
+def database_error(exc: Exception) -> click.ClickException | None:
+    """A database that cannot be opened or used, as the operator's error naming the
+    setting and why (None for anything else): the server down, a wrong host, role or
+    password, or a schema a newer fractured made."""
+    from sqlalchemy.exc import OperationalError
+
+    from fractured.daemon.migrations import SchemaError
+
+    if isinstance(exc, OperationalError):
+        return click.ClickException(f"cannot open the database ([database].url): "
+                                    f"{str(exc.orig).strip()}")
+    if isinstance(exc, SchemaError):
+        return click.ClickException(f"cannot use the database ([database].url): {exc}")
+    return None
+
+
+def open_queue(settings: config.Settings):  # -> fractured.daemon.queue.Queue
+    """The node's queue, for a command; its schema brought up to date (daemon.migrations),
+    and the database's errors reported as database_error does."""
+    from fractured.daemon.connection import make_engine
+    from fractured.daemon.queue import Queue
+
+    try:
+        return Queue(make_engine(settings.database.url))
+    except Exception as exc:
+        if (error := database_error(exc)) is None:
+            raise
+        raise error from None

@@ -51,12 +51,14 @@ class HeldInstance:
     path: Path
 
 
-# record_instance's statements. A late image re-opens the study; a running worker sees
-# last_received_at > claimed_at and re-opens it when it finishes. RETURNING finds and
-# touches the study in one statement (SQLite 3.35+, PostgreSQL).
+# record_instance's statements. A late image re-opens the study and counts in its
+# `received`; a running worker finds more than its claim saw and re-opens it when it
+# finishes. RETURNING finds and touches the study in one statement (SQLite 3.35+,
+# PostgreSQL).
 _TOUCH_STUDY = (
     update(Study).where(Study.study_instance_uid == bindparam("uid"))
     .values(last_received_at=bindparam("now", type_=Study.last_received_at.type),
+            received=Study.received + 1,
             # typed, so the enum is stored as the column stores it (by name)
             state=case(*((Study.state == state, literal(target, Study.state.type))
                          for (state, event), target in STUDY.items()
@@ -64,7 +66,7 @@ _TOUCH_STUDY = (
     .returning(Study.id))
 _INSERT_STUDY = insert(Study).returning(Study.id)
 _STUDY_COLUMNS = ("study_instance_uid", "state", "first_received_at", "last_received_at",
-                  "runs")
+                  "runs", "received")
 _INSTANCE_COLUMNS = ("study_id", "sop_class_uid", "series_instance_uid", "modality", "path",
                      "size", "calling_ae", "received_at")
 _INSERT_INSTANCE = insert(Instance)
@@ -141,7 +143,7 @@ class Intake:
                 cur.execute(self._insert_study.sql, self._insert_study.parameters({
                     "study_instance_uid": item.study_instance_uid,
                     "state": StudyState.RECEIVING, "first_received_at": now,
-                    "last_received_at": now, "runs": 0}))
+                    "last_received_at": now, "runs": 0, "received": 1}))
                 row = cur.fetchone()
             columns = {"study_id": row[0], "sop_class_uid": item.sop_class_uid,
                        "series_instance_uid": item.series_instance_uid,

@@ -21,18 +21,19 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 
-from sqlalchemy import Select, case, delete, func, or_, select, update
+from sqlalchemy import ColumnElement, Select, case, delete, func, or_, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from fractured import log
 from fractured.daemon.intake import Intake
+from fractured.daemon.migrations import prepare
 from fractured.daemon.schema import (
     Delivery,
     ImageOutcome,
     Instance,
     ShadowFinding,
     Study,
-    create_tables,
     utcnow,
 )
 from fractured.daemon.states import (
@@ -49,6 +50,8 @@ from fractured.daemon.states import (
 )
 
 T = TypeVar("T")
+
+_log = log.get("fractured.queue")
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,7 @@ class ClaimedStudy:
     id: int
     study_instance_uid: str
     run: int
-    claimed_at: datetime
+    received: int  # images recorded for the study when it was claimed (Study.received)
     instances: tuple[ClaimedInstance, ...]
 
 
@@ -128,7 +131,9 @@ class Queue:
         #: lock rows (FOR UPDATE SKIP LOCKED) and deliveries being sent are held. A SQLite
         #: file serves the one node on its host.
         self.shared = engine.dialect.name != "sqlite"
-        create_tables(engine)
+        applied = prepare(engine)
+        if applied:
+            _log.info("database.upgraded", revisions=applied, schema=applied[-1])
         self._sessions = sessionmaker(engine, expire_on_commit=False)
         #: the listener's records, on a pool of their own (daemon.intake)
         self.intake = Intake(engine, clock)
@@ -204,7 +209,8 @@ class Queue:
                                             Instance.path)
                                      .where(Instance.study_id == study_id)
                                      .order_by(Instance.received_at, Instance.id)).all()
-                    return ClaimedStudy(study.id, study.study_instance_uid, study.runs, now,
+                    return ClaimedStudy(study.id, study.study_instance_uid, study.runs,
+                                        study.received,
                                         tuple(ClaimedInstance(u, c, m, a, Path(p))
                                               for u, c, m, a, p in rows))
         return None
@@ -237,12 +243,14 @@ class Queue:
 
         Returns the study's new state, or None when the lease was lost (another worker
         took over): the study is left alone, that worker's run is the one that counts.
-        The study's row is locked (PostgreSQL) from the check to the commit, so no other
-        worker takes it over, and no listener records a late image unseen, in between.
+        The study is locked (`_lock`) from the check to the commit, so no other worker
+        takes it over, and no listener records a late image unseen, in between; an image
+        recorded after the claim, however the clocks stand, re-opens it.
         """
         now = self.clock()
         with self._tx() as s:
-            study = s.get(Study, claim.id, with_for_update=True)
+            _lock(s, Study.id == claim.id)
+            study = s.get(Study, claim.id)
             if study is None or study.claimed_by != worker or study.runs != claim.run:
                 return None
             s.add_all(outcomes)
@@ -253,7 +261,7 @@ class Queue:
                                    sop_class_uid=result.sop_class_uid, path=str(result.path),
                                    state=DeliveryState.PENDING, attempts=0,
                                    next_attempt_at=now))
-            if study.last_received_at > claim.claimed_at:  # images arrived meanwhile
+            if study.received > claim.received:  # images arrived meanwhile
                 ended = StudyEvent.LATE_IMAGES
             elif skipped is not None:
                 ended = StudyEvent.NOTHING_TO_ANALYSE
@@ -339,7 +347,8 @@ class Queue:
         """A DELIVERING study is DONE once every delivery of its latest run is; returns
         its last image's arrival when this made it DONE. The row is locked (PostgreSQL),
         so a late image recorded meanwhile (RECEIVING again) is not overwritten by DONE."""
-        study = s.get(Study, study_id, with_for_update=True)
+        _lock(s, Study.id == study_id)
+        study = s.get(Study, study_id)
         if study is None or study.state not in sources(STUDY, StudyEvent.DELIVERED):
             return None
         s.flush()
@@ -359,6 +368,8 @@ class Queue:
         attempts start over now, and their studies go back to DELIVERING."""
         now = self.clock()
         with self._tx() as s:
+            _lock(s, Study.id.in_(select(Delivery.study_id)
+                                  .where(Delivery.state == DeliveryState.FAILED)))
             query = (select(Delivery).join(Study)
                      .where(Delivery.state == DeliveryState.FAILED, Delivery.run == Study.runs))
             if study_instance_uid is not None:
@@ -436,6 +447,16 @@ class Queue:
             else:
                 statements = ()
             return removed, sum(conn.execute(statement).rowcount for statement in statements)
+
+
+def _lock(s: Session, which: ColumnElement[bool]) -> None:
+    """Lock the studies `which` selects for the rest of the transaction, before it reads
+    them: an UPDATE that changes nothing takes their row locks on PostgreSQL and the
+    database's write lock on SQLite, where a transaction that starts with a read holds
+    no lock until its first write (the driver begins it only then), so a listener's
+    record committed between that read and the write would be overwritten. A
+    listener's record of an image for a locked study waits for the commit."""
+    s.execute(update(Study).where(which).values(state=Study.state))
 
 
 def _settled(conn: Connection, settled_before: datetime, study_id: int | None

@@ -1,17 +1,17 @@
 """The node's tables: what a study's path through the node leaves in the database.
 
 Times are naive UTC (`utcnow`): SQLite keeps no time zone. States are the enums of
-daemon.states, stored by name. The tables are created when a node opens the database
-(`create_tables`); the transitions that change them are daemon.queue's, the listener's
-records daemon.intake's.
+daemon.states, stored by name. The tables are made and kept up to date by the
+revisions of daemon.migrations (a test holds them equal to these classes); the
+transitions that change them are daemon.queue's, the listener's records
+daemon.intake's.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import DateTime, Enum, Float, ForeignKey, Integer, String, Text, func, select
-from sqlalchemy.engine import Engine
+from sqlalchemy import DateTime, Enum, Float, ForeignKey, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from fractured.daemon.states import DeliveryState, StudyState
@@ -41,6 +41,10 @@ class Study(Base):
     runs: Mapped[int] = mapped_column(Integer, default=0)
     processed_at: Mapped[datetime | None] = mapped_column(DateTime)
     reason: Mapped[str | None] = mapped_column(Text)
+    #: images recorded for the study, a copy sent again included: a run whose claim saw
+    #: fewer was overtaken by a late image (clocks, the listener's or other nodes', can
+    #: disagree; this count cannot)
+    received: Mapped[int] = mapped_column(Integer, server_default="0")
 
 
 class Instance(Base):
@@ -116,18 +120,3 @@ class ImageOutcome(Base):
     scope: Mapped[str] = mapped_column(String(32))  # engine.intended_use.ScopeReason
     level: Mapped[str | None] = mapped_column(String(16))  # None: not analysed
     probability: Mapped[float | None] = mapped_column(Float)
-
-
-#: The PostgreSQL advisory lock key under which a node creates missing tables.
-_SCHEMA_LOCK = 0x66726163  # "frac"
-
-
-def create_tables(engine: Engine) -> None:
-    """Create the tables that do not exist yet. Nodes that start together on an empty
-    PostgreSQL database would each find them missing and all but one fail on the second
-    CREATE TABLE: there they take turns, under an advisory lock held to the commit (DDL is
-    transactional in PostgreSQL)."""
-    with engine.begin() as conn:
-        if engine.dialect.name == "postgresql":
-            conn.execute(select(func.pg_advisory_xact_lock(_SCHEMA_LOCK)))
-        Base.metadata.create_all(conn)

@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import select
 
 from fractured.daemon.connection import make_engine
+from fractured.daemon.migrations import prepare
 from fractured.daemon.queue import Queue
 from fractured.daemon.schema import Study
 from tests.postgres import PostgresCluster
@@ -20,6 +21,9 @@ from tests.unit.test_queue import (  # noqa: F401  the SQLite tests, collected a
     queued_deliveries,
     received,
     state,
+    test_an_image_recorded_while_a_run_commits_reopens_the_study,
+    test_an_image_recorded_while_the_last_delivery_settles_reopens_the_study,
+    test_an_image_stamped_before_the_claim_by_a_clock_behind_still_reopens,
     test_concurrent_first_images_of_one_study_are_all_recorded,
     test_dead_letters_are_listed_and_requeued_by_study_and_destination,
     test_deliveries_taken_by_one_node_are_held_from_the_others,
@@ -116,3 +120,17 @@ def test_senders_of_several_nodes_send_each_delivery_once(postgres: PostgresClus
     assert state(nodes[0], "1.2.3.4") == "done"
     for node in nodes:
         node.close()
+
+
+def test_nodes_starting_together_upgrade_the_schema_once(postgres: PostgresCluster) -> None:
+    """Four nodes open an empty database at once: under the advisory lock one runs the
+    revisions, the others find them done."""
+    url = postgres.new_database()
+    applied: list[list[str]] = []
+    threads = [threading.Thread(target=lambda: applied.append(prepare(make_engine(url))))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert sorted(applied) == [[], [], [], ["0001", "0002"]]

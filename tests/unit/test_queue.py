@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import event
 
 from fractured.daemon import reports
 from fractured.daemon.connection import make_engine
@@ -137,6 +139,66 @@ def test_image_arriving_during_processing_reopens_after_the_run(queue: Queue,
     queue.intake.record_instance(received("1.2"))
     assert state(queue) == "processing"  # the running worker is not disturbed
     assert queue.finish(claim, "w1", [], []) == StudyState.RECEIVING
+
+
+def test_an_image_stamped_before_the_claim_by_a_clock_behind_still_reopens(
+        queue: Queue, clock: Clock) -> None:
+    """The listener took its time before it waited for the database, or another node's
+    clock is behind: the late image's time is before the claim's. Counted, not timed."""
+    queue.intake.record_instance(received("1.1"))
+    queue.mark_ready(0)
+    claim = queue.claim("w1", 60)
+    assert claim is not None
+    queue.intake.clock = lambda: clock.now - timedelta(seconds=5)
+    queue.intake.record_instance(received("1.2"))
+    assert queue.finish(claim, "w1", [], []) == StudyState.RECEIVING
+
+
+@contextmanager
+def image_recorded_once_it_reads(queue: Queue, table: str, sop: str) -> Iterator[threading.Thread]:
+    """Record image `sop` from another thread (a listener) the moment the queue's
+    transaction first reads `table`, and give that thread half a second: it finishes at
+    once if nothing holds the study, or waits for the transaction's commit."""
+    listener = threading.Thread(target=queue.intake.record_instance, args=(received(sop),))
+
+    def after_read(_conn, _cursor, statement: str, *_args) -> None:  # type: ignore[no-untyped-def]
+        if listener.ident is None and statement.lstrip().upper().startswith("SELECT") \
+                and f"FROM {table}" in statement:
+            listener.start()
+            listener.join(timeout=0.5)
+
+    event.listen(queue.engine, "after_cursor_execute", after_read)
+    try:
+        yield listener
+    finally:
+        event.remove(queue.engine, "after_cursor_execute", after_read)
+        listener.join()
+
+
+def test_an_image_recorded_while_a_run_commits_reopens_the_study(queue: Queue) -> None:
+    queue.intake.record_instance(received("1.1"))
+    queue.mark_ready(0)
+    claim = queue.claim("w1", 60)
+    assert claim is not None
+    with image_recorded_once_it_reads(queue, "studies", "1.2") as listener:
+        queue.finish(claim, "w1", [ResultObject("9.1", "1.2", Path("/r/9.1.dcm"))], ["pacs"])
+    assert listener.ident is not None
+    assert state(queue) == "receiving"  # analysed again with the late image
+
+
+def test_an_image_recorded_while_the_last_delivery_settles_reopens_the_study(
+        queue: Queue) -> None:
+    queue.intake.record_instance(received("1.1"))
+    queue.mark_ready(0)
+    claim = queue.claim("w1", 60)
+    assert claim is not None
+    queue.finish(claim, "w1", [ResultObject("9.1", "1.2", Path("/r/9.1.dcm"))], ["pacs"])
+    (delivery,) = queue.due_deliveries()
+    with image_recorded_once_it_reads(queue, "studies", "1.2") as listener:
+        queue.record_attempt(delivery.id, status=0, error=None, retry_in_s=0,
+                             max_attempts=3)
+    assert listener.ident is not None
+    assert state(queue) == "receiving"  # not DONE over the late image
 
 
 def test_expired_lease_is_taken_over_and_the_old_run_is_ignored(queue: Queue,

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import re
 
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 
 
 def is_uid(value: str) -> bool:
     """A syntactically valid DICOM UID (also what makes it safe as a file name)."""
-    return len(value) <= 64 and bool(_UID.match(value))
+    return len(value) <= 64 and _UID.fullmatch(value) is not None

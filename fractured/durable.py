@@ -24,12 +24,16 @@ _TEMPORARY = re.compile(r"^\..+\.(?P<pid>[0-9]+)-[0-9]+(@(?P<host>[A-Za-z0-9._-]
 
 
 def ensure_dir(path: Path, mode: int = 0o700) -> Path:
-    """Create `path` and its missing parents with `mode`."""
+    """Create `path` and its missing parents with `mode`, durably: a new folder is an
+    entry in its parent, which POSIX keeps across a power cut only once the parent is
+    fsynced, and a file acknowledged in a lost folder is lost with it."""
     if path.is_dir():  # the common case (a study's folder after its first image): one stat
         return path
     missing = [p for p in (path, *path.parents) if not p.exists()]
     for folder in reversed(missing):
         folder.mkdir(mode=mode, exist_ok=True)
+    for folder in reversed(missing):
+        fsync_path(folder.parent)
     return path
 
 

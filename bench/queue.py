@@ -7,7 +7,7 @@ calls are timed on new studies:
 - per instance: `held` (the duplicate check, which the listener makes only when the
   image's file is already spooled: a resend) and `record_instance`;
 - per study: `mark_ready`, `claim`, `finish` (two result objects, one destination),
-  `due_deliveries` and `record_attempt` for each result, as scheduler, worker and
+  `take_due_deliveries` and `record_attempt` for each result, as scheduler, worker and
   sender make them.
 
 The listener's commits are not fsynced (queue.INTAKE_SYNCHRONOUS), the others are
@@ -86,8 +86,8 @@ def per_study(queue: Queue, studies: int, tag: str) -> float:
         results = [ResultObject(f"1.4.{tag}.{s}.{k}", "1.2.840.10008.5.1.4.1.1.7",
                                 Path(f"/results/{tag}-{s}-{k}.dcm")) for k in range(2)]
         queue.finish(claim, "bench", results, ["pacs"])
-        for item in queue.due_deliveries():
-            queue.record_attempt(item.id, status=0, error=None, retry_in_s=0, max_attempts=3)
+        for item in queue.take_due_deliveries("bench", 300):
+            queue.record_attempt(item, status=0, error=None, retry_in_s=0, max_attempts=3)
     return (time.perf_counter() - start) / studies
 
 

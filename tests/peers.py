@@ -132,6 +132,8 @@ class Storescp:
     syntaxes: str = "+xa"
     #: storescp's TLS options (e.g. "+tls", key, certificate, "+cf", ca); () speaks TCP
     tls: tuple[str, ...] = ()
+    #: more storescp options, e.g. ("--sleep-after", "2"): a PACS slow to answer
+    options: tuple[str, ...] = ()
 
     def start(self) -> Storescp:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -147,12 +149,22 @@ class Storescp:
                 "TransferSyntax2 = LittleEndianImplicit\n[[PresentationContexts]]\n"
                 f"[Only]\n{contexts}\n[[Profiles]]\n[Only]\nPresentationContexts = Only\n")
             negotiation = ["-xf", str(profile), "Only"]
-        self.proc = subprocess.Popen(
-            [need("storescp"), "-aet", self.ae_title, *negotiation, *self.tls, "-uf", "-od",
-             str(self.folder), str(self.port)], env=PEER_ENV, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL)
+        with self.log.open("wb") as log:  # -v: a line for each store request
+            self.proc = subprocess.Popen(
+                [need("storescp"), "-v", "-aet", self.ae_title, *negotiation, *self.tls,
+                 *self.options, "-uf", "-od", str(self.folder), str(self.port)],
+                env=PEER_ENV, stdout=log, stderr=subprocess.STDOUT)
         wait_for("storescp to listen", lambda: port_open(self.port), 10)
         return self
+
+    @property
+    def log(self) -> Path:
+        return self.folder.parent / f"{self.folder.name}-storescp.log"
+
+    def store_requests(self) -> int:
+        """C-STORE requests received, a copy sent again included (files() holds one
+        file per SOP instance)."""
+        return self.log.read_text(errors="replace").count("Received Store Request")
 
     def files(self) -> list[Path]:
         return sorted(p for p in self.folder.iterdir() if p.is_file())

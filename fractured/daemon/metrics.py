@@ -30,8 +30,9 @@ from fractured.engine.regions import REGION_GROUPS, Region, region_group
 ASSOCIATION_OUTCOMES = ("released", "aborted", "connection_closed", "rejected")
 #: What an acknowledged C-STORE did: a new instance, a replaced copy, a duplicate kept.
 RECEIVED_OUTCOMES = ("new", "replaced", "kept_first")
-#: What one delivery attempt came to (sender.deliver_due).
-DELIVERY_OUTCOMES = ("done", "retry", "dead_letter")
+#: What one delivery attempt came to (sender.deliver_due); taken_over: not recorded,
+#: another node had taken the delivery over (Queue.record_attempt).
+DELIVERY_OUTCOMES = ("done", "retry", "dead_letter", "taken_over")
 
 #: Seconds: ONNX Runtime on 2 CPU cores takes 5-50 ms a classifier image and up to a
 #: second with a detector; a GPU is faster, a large study on CPU much slower.

@@ -85,12 +85,16 @@ class ResultObject:
 
 @dataclass(frozen=True)
 class PendingDelivery:
+    """A delivery due to be sent; with `claimed_by`, one a node took to send
+    (Queue.take_due_deliveries), whose attempt it alone may record."""
+
     id: int
     study_id: int
     destination: str
     sop_class_uid: str
     path: Path
-    attempts: int
+    attempts: int  # made before this claim: the claim's compare-and-set value
+    claimed_by: str | None
 
 
 @dataclass(frozen=True)
@@ -111,7 +115,7 @@ class SettledStudy:
 
 def _pending(d: Delivery) -> PendingDelivery:
     return PendingDelivery(d.id, d.study_id, d.destination, d.sop_class_uid, Path(d.path),
-                           d.attempts)
+                           d.attempts, d.claimed_by)
 
 
 
@@ -224,6 +228,17 @@ class Queue:
             ).values(state=only_target(STUDY, StudyEvent.RELEASED), claimed_by=None,
                      lease_until=None)).rowcount
 
+    def renew_study(self, claim: ClaimedStudy, worker: str, lease_s: float) -> bool:
+        """Extend the lease of a study this worker is still processing to `lease_s` from
+        now; False when it is no longer this run's (taken over after the lease ran out,
+        or released)."""
+        now = self.clock()
+        with self._tx() as s:
+            return s.execute(update(Study).where(
+                Study.id == claim.id, Study.claimed_by == worker, Study.runs == claim.run,
+                Study.state.in_(sources(STUDY, StudyEvent.RELEASED)),
+            ).values(lease_until=now + timedelta(seconds=lease_s))).rowcount == 1
+
     def restart_quiet_periods(self) -> int:
         """Start the quiet period again for every study still receiving.
 
@@ -288,24 +303,42 @@ class Queue:
         with self._tx() as s:
             return [_pending(d) for d in s.scalars(self._due(limit))]
 
-    def take_due_deliveries(self, lease_s: float, limit: int = 100) -> list[PendingDelivery]:
-        """The deliveries due now, for this node to send.
+    def take_due_deliveries(self, worker: str, lease_s: float, limit: int = 100
+                            ) -> list[PendingDelivery]:
+        """The deliveries due now, claimed by `worker` to send.
 
-        On a shared database they are held for `lease_s`: their next attempt moves that
-        far ahead, under row locks that other nodes' senders skip, so no other node sends
-        them meanwhile; record_attempt then sets the real next attempt. A node that dies
-        while sending leaves them to any node once the hold has passed. SQLite serves
-        one node, whose delivery job runs one at a time: nothing is held there, and a
-        restarted node sends at once what it was sending.
+        Only that claim's attempt is recorded (record_attempt). On a shared database they
+        are also held for `lease_s`, renewed while the sending goes on (renew_deliveries):
+        their next attempt moves that far ahead, under row locks that other nodes'
+        senders skip, so no other node sends them meanwhile; record_attempt then sets the
+        real next attempt. A node that dies while sending leaves them to any node once
+        the hold has passed, and its claim with them. SQLite serves one node, whose
+        delivery job runs one at a time: nothing is held there, and a restarted node
+        sends at once what it was sending.
         """
-        if not self.shared:
-            return self.due_deliveries(limit)
+        query = self._due(limit)
+        if self.shared:
+            query = query.with_for_update(skip_locked=True)
         with self._tx() as s:
-            rows = list(s.scalars(self._due(limit).with_for_update(skip_locked=True)))
+            rows = list(s.scalars(query))
             held_until = self.clock() + timedelta(seconds=lease_s)
             for d in rows:
-                d.next_attempt_at = held_until
+                d.claimed_by = worker
+                if self.shared:
+                    d.next_attempt_at = held_until
             return [_pending(d) for d in rows]
+
+    def renew_deliveries(self, taken: Sequence[PendingDelivery], lease_s: float) -> int:
+        """Hold the deliveries of `taken` whose attempt is not recorded yet for another
+        `lease_s` from now (a slow PACS); returns how many are still this claim's."""
+        ids = [d.id for d in taken]
+        still_taken = ((Delivery.id.in_(ids)) & (Delivery.state == DeliveryState.PENDING)
+                       & Delivery.claimed_by.in_({d.claimed_by for d in taken}))
+        with self._tx() as s:
+            if not self.shared:  # nothing is held (take_due_deliveries)
+                return s.execute(select(func.count()).where(still_taken)).scalar_one()
+            return s.execute(update(Delivery).where(still_taken).values(
+                next_attempt_at=self.clock() + timedelta(seconds=lease_s))).rowcount
 
     def _due(self, limit: int) -> Select[tuple[Delivery]]:
         return (select(Delivery)
@@ -313,20 +346,30 @@ class Queue:
                        Delivery.next_attempt_at <= self.clock())
                 .order_by(Delivery.id).limit(limit))
 
-    def record_attempt(self, delivery_id: int, *, status: int | None, error: str | None,
-                       retry_in_s: float, max_attempts: int,
-                       on_study_done: Callable[[float], None] | None = None) -> DeliveryState:
-        """Record one C-STORE attempt; success closes the delivery, else retry or give up.
+    def record_attempt(self, taken: PendingDelivery, *, status: int | None,
+                       error: str | None, retry_in_s: float, max_attempts: int,
+                       on_study_done: Callable[[float], None] | None = None
+                       ) -> DeliveryState | None:
+        """Record the C-STORE attempt of the claim `taken`; success closes the delivery,
+        else retry or give up.
 
-        `on_study_done` is called, once committed, with the seconds since the study's last
-        image arrived when this attempt delivered the study's last result (the metrics'
-        end-to-end latency).
+        Returns the delivery's new state, or None when `taken` is no longer the
+        delivery's claim (another node took it over once the hold ran out, and its
+        attempt is the one that counts): nothing is recorded, so a late failure cannot
+        undo the other node's success. `on_study_done` is called, once committed, with
+        the seconds since the study's last image arrived when this attempt delivered the
+        study's last result (the metrics' end-to-end latency).
         """
         now = self.clock()
         with self._tx() as s:
-            d = s.get(Delivery, delivery_id, with_for_update=True)
-            assert d is not None
+            s.execute(update(Delivery).where(Delivery.id == taken.id)  # lock it (_lock)
+                      .values(state=Delivery.state))
+            d = s.get(Delivery, taken.id)
+            if (d is None or d.state != DeliveryState.PENDING or taken.claimed_by is None
+                    or d.claimed_by != taken.claimed_by or d.attempts != taken.attempts):
+                return None
             d.attempts += 1
+            d.claimed_by = None
             d.last_status, d.last_error = status, error
             if error is None:
                 attempt, d.done_at = DeliveryEvent.SENT, now

@@ -43,7 +43,7 @@ def build_scheduler(settings: Settings, queue: Queue, worker: Worker,
             pass
 
     def deliver() -> None:
-        deliver_due(queue, settings, metrics)
+        deliver_due(queue, settings, metrics, worker.id)
 
     def purge() -> None:
         retention.apply(queue, retention.plan(queue, settings, utcnow()))

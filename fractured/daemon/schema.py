@@ -74,6 +74,8 @@ class Delivery(Base):
     path: Mapped[str] = mapped_column(Text)
     state: Mapped[DeliveryState] = mapped_column(
         Enum(DeliveryState, native_enum=False, length=16), index=True)
+    #: the node sending it (Queue.take_due_deliveries) until its attempt is recorded
+    claimed_by: Mapped[str | None] = mapped_column(String(128))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(DateTime)
     last_status: Mapped[int | None] = mapped_column(Integer)

@@ -19,6 +19,7 @@ from pynetdicom import AE
 from fractured import log
 from fractured.config import DeliverySettings, Destination, Settings
 from fractured.daemon import tls
+from fractured.daemon.leases import Renewal
 from fractured.daemon.metrics import NodeMetrics
 from fractured.daemon.queue import PendingDelivery, Queue
 from fractured.daemon.states import DeliveryState
@@ -149,42 +150,63 @@ def retry_delay(attempts: int, settings: DeliverySettings,
     return base * (rng or random).uniform(1.0 - settings.jitter, 1.0 + settings.jitter)
 
 
-def deliver_due(queue: Queue, settings: Settings, metrics: NodeMetrics) -> int:
+def deliver_due(queue: Queue, settings: Settings, metrics: NodeMetrics, node: str) -> int:
     """Send every delivery that is due, one association per destination; returns how many.
-    They are taken for [worker].lease_s: other nodes sharing the database leave them alone
-    meanwhile (Queue.take_due_deliveries)."""
-    due = queue.take_due_deliveries(settings.worker.lease_s)
+
+    They are taken by `node` (the worker id, daemon.worker.node_identity) for
+    [worker].lease_s, renewed while the sending goes on: other nodes sharing the database
+    leave them alone meanwhile (Queue.take_due_deliveries), and an attempt of ours that
+    comes after another node took a delivery over is not recorded.
+    """
+    lease_s = settings.worker.lease_s
+    due = queue.take_due_deliveries(node, lease_s)
+    if not due:
+        return 0
     by_destination: dict[str, list[PendingDelivery]] = {}
     for item in due:
         by_destination.setdefault(item.destination, []).append(item)
     known = {d.name: d for d in settings.destinations}
-    for name, items in by_destination.items():
-        destination = known.get(name)
-        if destination is None:
-            outcomes = [SendOutcome(i.path, None, f"destination {name!r} is no longer "
-                                    "configured") for i in items]
-        else:
-            outcomes = send(settings.node.ae_title, destination, [i.path for i in items],
-                            settings.node.network_timeout_s)
-        for item, outcome in zip(items, outcomes, strict=True):
-            attempt = item.attempts + 1
-            delay = retry_delay(attempt, settings.delivery)
-            state = queue.record_attempt(item.id, status=outcome.status, error=outcome.error,
-                                         retry_in_s=delay,
-                                         max_attempts=(attempt if outcome.permanent else
-                                                       settings.delivery.max_attempts),
-                                         on_study_done=metrics.study_delivered)
-            context = {"destination": name, "sop_class_uid": item.sop_class_uid,
-                       "attempt": attempt, "status": outcome.status, "state": str(state)}
-            if outcome.error is None:
-                metrics.delivery_attempt("done")
-                _log.info("delivery.sent", warning=outcome.status != SUCCESS, **context)
-            elif state == DeliveryState.FAILED:
-                metrics.delivery_attempt("dead_letter")
-                _log.error("delivery.dead_letter", error=outcome.error,
-                           permanent=outcome.permanent, **context)
+    with Renewal(lambda: queue.renew_deliveries(due, lease_s) > 0, lease_s,
+                 deliveries=len(due)):
+        for name, items in by_destination.items():
+            destination = known.get(name)
+            if destination is None:
+                outcomes = [SendOutcome(i.path, None, f"destination {name!r} is no longer "
+                                        "configured") for i in items]
             else:
-                metrics.delivery_attempt("retry")
-                _log.warning("delivery.failed", error=outcome.error,
-                             retry_in_s=round(delay, 1), **context)
+                outcomes = send(settings.node.ae_title, destination,
+                                [i.path for i in items], settings.node.network_timeout_s)
+            for item, outcome in zip(items, outcomes, strict=True):
+                _record(queue, settings, metrics, name, item, outcome)
     return len(due)
+
+
+def _record(queue: Queue, settings: Settings, metrics: NodeMetrics, name: str,
+            item: PendingDelivery, outcome: SendOutcome) -> None:
+    """Record one attempt, count it and log it."""
+    attempt = item.attempts + 1
+    delay = retry_delay(attempt, settings.delivery)
+    state = queue.record_attempt(item, status=outcome.status, error=outcome.error,
+                                 retry_in_s=delay,
+                                 max_attempts=(attempt if outcome.permanent else
+                                               settings.delivery.max_attempts),
+                                 on_study_done=metrics.study_delivered)
+    context = {"destination": name, "sop_class_uid": item.sop_class_uid,
+               "attempt": attempt, "status": outcome.status,
+               "state": None if state is None else str(state)}
+    if state is None:
+        metrics.delivery_attempt("taken_over")
+        _log.warning("delivery.taken_over", error=outcome.error,
+                     detail="another node took this delivery over after our hold ran "
+                     "out; its attempt counts, ours is not recorded", **context)
+    elif outcome.error is None:
+        metrics.delivery_attempt("done")
+        _log.info("delivery.sent", warning=outcome.status != SUCCESS, **context)
+    elif state == DeliveryState.FAILED:
+        metrics.delivery_attempt("dead_letter")
+        _log.error("delivery.dead_letter", error=outcome.error,
+                   permanent=outcome.permanent, **context)
+    else:
+        metrics.delivery_attempt("retry")
+        _log.warning("delivery.failed", error=outcome.error,
+                     retry_in_s=round(delay, 1), **context)

@@ -21,6 +21,7 @@ from pydicom.uid import generate_uid
 from fractured import log
 from fractured.config import Settings
 from fractured.daemon.active_model import ActiveModel
+from fractured.daemon.leases import Renewal
 from fractured.daemon.metrics import NodeMetrics
 from fractured.daemon.queue import ClaimedStudy, Queue, ResultObject
 from fractured.daemon.routing import Router, skipped_reason
@@ -72,8 +73,11 @@ class Worker:
             return False
         log_ctx = {"study_instance_uid": claim.study_instance_uid, "run": claim.run}
         _log.info("study.claimed", instances=len(claim.instances), **log_ctx)
+        lease_s = self.settings.worker.lease_s
         try:
-            self._process(claim, log_ctx)
+            with Renewal(lambda: self.queue.renew_study(claim, self.id, lease_s), lease_s,
+                         **log_ctx):
+                self._process(claim, log_ctx)
         except Exception as exc:
             _log.exception("study.failed", error=str(exc), **log_ctx)
             self.queue.fail(claim, self.id, f"processing error: {exc}")

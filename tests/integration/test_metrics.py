@@ -148,9 +148,9 @@ def test_queue_depth_and_latency_come_from_the_database(tmp_path: Path,
     got = scrape(metrics)
     assert value(got, "fractured_studies", state="delivering") == 1
     assert value(got, "fractured_deliveries", state="pending") == 2
-    first, second = queue.due_deliveries()
+    first, second = queue.take_due_deliveries("w", 60)
     for item in (first, second):
-        queue.record_attempt(item.id, status=0, error=None, retry_in_s=0, max_attempts=3,
+        queue.record_attempt(item, status=0, error=None, retry_in_s=0, max_attempts=3,
                              on_study_done=metrics.study_delivered)
     got = scrape(metrics)
     assert value(got, "fractured_studies", state="done") == 1

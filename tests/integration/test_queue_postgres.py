@@ -21,6 +21,10 @@ from tests.unit.test_queue import (  # noqa: F401  the SQLite tests, collected a
     queued_deliveries,
     received,
     state,
+    test_a_late_attempt_after_a_takeover_is_not_recorded,
+    test_a_late_success_after_a_takeover_is_not_counted_twice,
+    test_a_look_at_the_due_deliveries_records_nothing,
+    test_a_renewed_study_lease_is_not_taken_over,
     test_an_image_recorded_while_a_run_commits_reopens_the_study,
     test_an_image_recorded_while_the_last_delivery_settles_reopens_the_study,
     test_an_image_stamped_before_the_claim_by_a_clock_behind_still_reopens,
@@ -32,6 +36,7 @@ from tests.unit.test_queue import (  # noqa: F401  the SQLite tests, collected a
     test_image_arriving_during_processing_reopens_after_the_run,
     test_late_image_reopens_a_done_study,
     test_quiet_period_then_claim_then_deliver_then_done,
+    test_renewed_deliveries_stay_held,
     test_restart_starts_the_quiet_period_of_receiving_studies_again,
     test_restarted_worker_releases_its_own_leases,
     test_same_instance_twice_is_one_row,
@@ -105,10 +110,10 @@ def test_senders_of_several_nodes_send_each_delivery_once(postgres: PostgresClus
     sent: list[int] = []
 
     def send(node: Queue) -> None:
-        while items := node.take_due_deliveries(lease_s=600, limit=3):
+        while items := node.take_due_deliveries("n", lease_s=600, limit=3):
             for item in items:
                 sent.append(item.id)
-                node.record_attempt(item.id, status=0, error=None, retry_in_s=0,
+                node.record_attempt(item, status=0, error=None, retry_in_s=0,
                                     max_attempts=3)
 
     threads = [threading.Thread(target=send, args=(node,)) for node in nodes]
@@ -133,4 +138,4 @@ def test_nodes_starting_together_upgrade_the_schema_once(postgres: PostgresClust
         t.start()
     for t in threads:
         t.join(120)
-    assert sorted(applied) == [[], [], [], ["0001", "0002"]]
+    assert sorted(applied) == [[], [], [], ["0001", "0002", "0003"]]

@@ -117,9 +117,10 @@ def process(node_state: NodeState, *, results: int = 2, destinations: tuple[str,
 
 
 def deliver(node_state: NodeState, deliveries: list[int], *, error: str | None = None) -> None:
-    for delivery in deliveries:
-        node_state.queue.record_attempt(delivery, status=None if error else 0, error=error,
-                                  retry_in_s=0, max_attempts=1)
+    for delivery in node_state.queue.take_due_deliveries(WORKER, 60):
+        if delivery.id in deliveries:
+            node_state.queue.record_attempt(delivery, status=None if error else 0,
+                                            error=error, retry_in_s=0, max_attempts=1)
 
 
 def age(node_state: NodeState, study_uid: str, days: float) -> None:

@@ -77,28 +77,31 @@ def test_quiet_period_then_claim_then_deliver_then_done(queue: Queue) -> None:
     results = [ResultObject("9.1", "1.2.840.10008.5.1.4.1.1.88.34", Path("/r/9.1.dcm")),
                ResultObject("9.2", "1.2.840.10008.5.1.4.1.1.7", Path("/r/9.2.dcm"))]
     assert queue.finish(claim, "w1", results, ["pacs"]) == StudyState.DELIVERING
-    due = queue.due_deliveries()
+    assert sorted(d.path.name for d in queue.due_deliveries()) == ["9.1.dcm", "9.2.dcm"]
+    due = queue.take_due_deliveries("n1", lease_s=60)
     assert sorted(d.path.name for d in due) == ["9.1.dcm", "9.2.dcm"]
-    assert queue.record_attempt(due[0].id, status=0, error=None, retry_in_s=0,
+    assert queue.record_attempt(due[0], status=0, error=None, retry_in_s=0,
                                 max_attempts=3) == DeliveryState.DONE
     assert state(queue) == "delivering"
-    assert queue.record_attempt(due[1].id, status=0, error=None, retry_in_s=0,
+    assert queue.record_attempt(due[1], status=0, error=None, retry_in_s=0,
                                 max_attempts=3) == DeliveryState.DONE
     assert state(queue) == "done"
     assert reports.counts(queue.engine)["deliveries"] == {"done": 2}
 
 
-def test_failed_delivery_is_retried_then_given_up(queue: Queue) -> None:
+def test_failed_delivery_is_retried_then_given_up(queue: Queue, clock: Clock) -> None:
     queue.intake.record_instance(received("1.1"))
     queue.mark_ready(0)
     claim = queue.claim("w1", 60)
     assert claim is not None
     queue.finish(claim, "w1", [ResultObject("9.1", "1.2", Path("/r/9.1.dcm"))], ["pacs"])
-    (item,) = queue.due_deliveries()
-    assert queue.record_attempt(item.id, status=None, error="no association",
+    (item,) = queue.take_due_deliveries("n1", lease_s=60)
+    assert queue.record_attempt(item, status=None, error="no association",
                                 retry_in_s=3600, max_attempts=2) == DeliveryState.PENDING
     assert queue.due_deliveries() == []  # not due again for an hour
-    assert queue.record_attempt(item.id, status=0xA700, error="refused", retry_in_s=0,
+    clock.advance(3600)
+    (item,) = queue.take_due_deliveries("n1", lease_s=60)
+    assert queue.record_attempt(item, status=0xA700, error="refused", retry_in_s=0,
                                 max_attempts=2) == DeliveryState.FAILED
     assert state(queue) == "failed"
 
@@ -193,9 +196,9 @@ def test_an_image_recorded_while_the_last_delivery_settles_reopens_the_study(
     claim = queue.claim("w1", 60)
     assert claim is not None
     queue.finish(claim, "w1", [ResultObject("9.1", "1.2", Path("/r/9.1.dcm"))], ["pacs"])
-    (delivery,) = queue.due_deliveries()
+    (delivery,) = queue.take_due_deliveries("n1", lease_s=60)
     with image_recorded_once_it_reads(queue, "studies", "1.2") as listener:
-        queue.record_attempt(delivery.id, status=0, error=None, retry_in_s=0,
+        queue.record_attempt(delivery, status=0, error=None, retry_in_s=0,
                              max_attempts=3)
     assert listener.ident is not None
     assert state(queue) == "receiving"  # not DONE over the late image
@@ -243,8 +246,8 @@ def dead_letters_of(queue: Queue, study: str, destinations: list[str]) -> None:
     assert claim is not None
     queue.finish(claim, "w1", [ResultObject(f"{study}.9", "1.2", Path("/r/x.dcm"))],
                  destinations)
-    for item in queue.due_deliveries():
-        queue.record_attempt(item.id, status=None, error=f"down {item.destination}",
+    for item in queue.take_due_deliveries("n1", lease_s=60):
+        queue.record_attempt(item, status=None, error=f"down {item.destination}",
                              retry_in_s=0, max_attempts=1)
 
 
@@ -302,15 +305,98 @@ def queued_deliveries(queue: Queue, count: int) -> None:
 def test_deliveries_taken_by_one_node_are_held_from_the_others(queue: Queue,
                                                                 clock: Clock) -> None:
     queued_deliveries(queue, 2)
-    assert len(queue.take_due_deliveries(lease_s=20)) == 2
+    assert len(queue.take_due_deliveries("n1", lease_s=20)) == 2
     if not queue.shared:  # one node, one delivery job at a time: nothing to hold
-        assert len(queue.take_due_deliveries(lease_s=20)) == 2
+        assert len(queue.take_due_deliveries("n2", lease_s=20)) == 2
         return
-    assert queue.take_due_deliveries(lease_s=20) == []  # another node's sender
+    assert queue.take_due_deliveries("n2", lease_s=20) == []  # another node's sender
     assert queue.due_deliveries() == []
     clock.advance(30)  # the taker died: after the hold, any node sends them
-    again = queue.take_due_deliveries(lease_s=60)
+    again = queue.take_due_deliveries("n2", lease_s=60)
     assert len(again) == 2
     for item in again:
-        queue.record_attempt(item.id, status=0, error=None, retry_in_s=0, max_attempts=3)
+        queue.record_attempt(item, status=0, error=None, retry_in_s=0, max_attempts=3)
     assert state(queue) == "done"
+
+
+def test_a_late_attempt_after_a_takeover_is_not_recorded(queue: Queue, clock: Clock) -> None:
+    """A node whose hold ran out while a slow PACS answered comes back with a failure
+    after another node delivered: the delivery stays done, the study too."""
+    queued_deliveries(queue, 1)
+    (slow,) = queue.take_due_deliveries("n1", lease_s=20)
+    clock.advance(30)  # on SQLite nothing is held: the next take is a takeover anyway
+    (fast,) = queue.take_due_deliveries("n2", lease_s=20)
+    assert queue.record_attempt(fast, status=0, error=None, retry_in_s=0,
+                                max_attempts=3) == DeliveryState.DONE
+    assert queue.record_attempt(slow, status=None, error="no response", retry_in_s=0,
+                                max_attempts=1) is None
+    assert state(queue) == "done"
+    assert reports.counts(queue.engine)["deliveries"] == {"done": 1}
+    assert reports.dead_letters(queue.engine) == []
+
+
+def test_a_late_success_after_a_takeover_is_not_counted_twice(queue: Queue,
+                                                               clock: Clock) -> None:
+    """The other node's attempt failed and is to be retried: the first node's late
+    attempt does not count against the retries, and cannot close it either."""
+    queued_deliveries(queue, 1)
+    (slow,) = queue.take_due_deliveries("n1", lease_s=20)
+    clock.advance(30)
+    (other,) = queue.take_due_deliveries("n2", lease_s=20)
+    assert queue.record_attempt(other, status=None, error="refused", retry_in_s=60,
+                                max_attempts=3) == DeliveryState.PENDING
+    assert queue.record_attempt(slow, status=0, error=None, retry_in_s=0,
+                                max_attempts=3) is None
+    clock.advance(60)
+    (again,) = queue.take_due_deliveries("n1", lease_s=20)
+    assert again.attempts == 1
+    assert queue.record_attempt(slow, status=0, error=None, retry_in_s=0,
+                                max_attempts=3) is None  # an old claim of the same node
+    assert queue.record_attempt(again, status=0, error=None, retry_in_s=0,
+                                max_attempts=3) == DeliveryState.DONE
+
+
+def test_a_look_at_the_due_deliveries_records_nothing(queue: Queue) -> None:
+    queued_deliveries(queue, 1)
+    (looked,) = queue.due_deliveries()
+    assert looked.claimed_by is None
+    assert queue.record_attempt(looked, status=0, error=None, retry_in_s=0,
+                                max_attempts=3) is None
+    assert state(queue) == "delivering"
+
+
+def test_renewed_deliveries_stay_held(queue: Queue, clock: Clock) -> None:
+    queued_deliveries(queue, 2)
+    taken = queue.take_due_deliveries("n1", lease_s=20)
+    clock.advance(15)
+    assert queue.renew_deliveries(taken, lease_s=20) == 2
+    assert queue.record_attempt(taken[0], status=0, error=None, retry_in_s=0,
+                                max_attempts=3) == DeliveryState.DONE
+    clock.advance(15)  # 30 s after the take: held only because it was renewed
+    assert queue.renew_deliveries(taken, lease_s=20) == 1  # the other one is recorded
+    if queue.shared:
+        assert queue.take_due_deliveries("n2", lease_s=20) == []
+    clock.advance(30)  # renewal stopped (the node died): the other node takes it
+    (other,) = queue.take_due_deliveries("n2", lease_s=20)
+    assert queue.renew_deliveries(taken, lease_s=20) == 0
+    assert queue.record_attempt(other, status=0, error=None, retry_in_s=0,
+                                max_attempts=3) == DeliveryState.DONE
+
+
+def test_a_renewed_study_lease_is_not_taken_over(queue: Queue, clock: Clock) -> None:
+    queue.intake.record_instance(received("1.1"))
+    queue.mark_ready(0)
+    claim = queue.claim("w1", lease_s=60)
+    assert claim is not None
+    for _ in range(4):  # four minutes of a lease of one, renewed every 40 s
+        clock.advance(40)
+        assert queue.renew_study(claim, "w1", lease_s=60)
+        assert queue.claim("w2", lease_s=60) is None
+    clock.advance(61)  # renewal stopped: another worker takes it over
+    second = queue.claim("w2", lease_s=60)
+    assert second is not None and second.run == 2
+    assert not queue.renew_study(claim, "w1", lease_s=60)
+    assert queue.finish(claim, "w1", [], []) is None
+    assert queue.renew_study(second, "w2", lease_s=60)
+    assert queue.finish(second, "w2", [], []) == StudyState.DONE
+    assert not queue.renew_study(second, "w2", lease_s=60)  # finished: nothing to hold

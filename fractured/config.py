@@ -58,8 +58,15 @@ class Peer:
 
 @dataclass(frozen=True)
 class AccessSettings:
-    """Who may associate. With no peers listed, anyone may (a warning at start-up)."""
+    """Who may associate: the peers listed, or, only where `allow_any` says so, anyone.
 
+    A node with no peers listed refuses to start (daemon.service): anyone who could
+    reach its port could otherwise have results stored under any patient in the PACS.
+    """
+
+    #: Let any calling AE from any address associate when no peers are listed (a
+    #: warning at every start); for a test bench, never a hospital network.
+    allow_any: bool = False
     require_called_ae_title: bool = False
     peers: list[Peer] = field(default_factory=list)
 
@@ -406,6 +413,9 @@ def _check(s: Settings) -> None:
 
 
 def _check_access(access: AccessSettings) -> None:
+    if access.allow_any and access.peers:
+        raise ConfigError("[access].allow_any: true, yet [[access.peers]] are listed: "
+                          "set allow_any = false to let only them in, or remove them")
     seen: set[str] = set()
     for i, peer in enumerate(access.peers):
         where = f"[[access.peers]][{i}]"

@@ -253,6 +253,8 @@ class NodeProcess:
         "retry_interval_s": 1.0, "max_retry_interval_s": 2.0, "max_attempts": 3})
     results: str = ""  # extra [results] lines, e.g. "summary_image = true"
     sections: str = ""  # more tables, as TOML text: [access], [tls], ...
+    #: [access] lines; "" where `sections` holds the node's own [access] table
+    access: str = "allow_any = true"
     node: str = ""  # extra [node] lines, e.g. 'duplicates = "replace"'
     spool_dir: str = "spool"
     #: [database].url; several nodes given one PostgreSQL URL (and one absolute
@@ -282,7 +284,8 @@ class NodeProcess:
             "[delivery]\n" + "".join(f"{k} = {v}\n" for k, v in self.delivery.items())
             + "\n"
             f'[log]\nlevel = "info"\nformat = "json"\n\n[metrics]\nport = {self.metrics_port}\n'
-            f'{dests}\n{self.sections}')
+            + (f"\n[access]\n{self.access}\n" if self.access else "")
+            + f'{dests}\n{self.sections}')
 
     def start(self) -> NodeProcess:
         self.folder.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ from pynetdicom import evt
 from pynetdicom.events import Event
 
 from fractured import log
-from fractured.config import AccessSettings
+from fractured.config import AccessSettings, ConfigError
 from fractured.daemon.metrics import NodeMetrics
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -35,16 +35,32 @@ class Refusal(StrEnum):
 
     CALLING_AE_NOT_ALLOWED = "calling_ae_not_allowed"
     ADDRESS_NOT_ALLOWED = "address_not_allowed"
+    #: the check itself failed: the request is refused rather than let through
+    ACCESS_CHECK_FAILED = "access_check_failed"
+
+
+class ClosedByDefault(ConfigError):
+    """No peers listed and anyone not explicitly allowed: the node must not start."""
 
 
 @dataclass(frozen=True)
 class AccessPolicy:
-    """The allow-list as parsed networks; an empty one lets every peer in."""
+    """The allow-list as parsed networks; an empty one lets every peer in, and exists
+    only where [access].allow_any says so (`from_settings`)."""
 
     peers: dict[str, tuple[IPNetwork, ...]]
 
     @classmethod
     def from_settings(cls, access: AccessSettings) -> AccessPolicy:
+        """The policy of [access]; ClosedByDefault where it lists no peers and does not
+        set allow_any."""
+        if not access.peers and not access.allow_any:
+            raise ClosedByDefault(
+                "[access]: no [[access.peers]] are listed, so anyone who can reach the "
+                "port could store images and have results sent to the PACS under any "
+                "patient. List the PACS (and modalities) that send here as "
+                "[[access.peers]] with their addresses, or set allow_any = true in "
+                "[access] to let anyone in (a test bench, not a hospital network)")
         return cls({p.ae_title.strip(): tuple(ipaddress.ip_network(a, strict=False)
                                               for a in p.addresses)
                     for p in access.peers})
@@ -74,15 +90,23 @@ def handlers(policy: AccessPolicy, metrics: NodeMetrics
 
 
 def _handle_requested(event: Event, policy: AccessPolicy, metrics: NodeMetrics) -> None:
+    """Refuse a peer the policy does not let in, and any peer when the check fails:
+    pynetdicom logs and swallows an exception of a notification handler and goes on
+    with the association, so one escaping from here would let the peer in."""
     assoc = event.assoc
-    calling_ae = str(assoc.requestor.primitive.calling_ae_title).strip()
-    address = str(assoc.requestor.address)
-    reason = policy.refusal(calling_ae, address)
+    calling_ae, address = "", ""
+    try:
+        calling_ae = str(assoc.requestor.primitive.calling_ae_title).strip()
+        address = str(assoc.requestor.address)
+        reason = policy.refusal(calling_ae, address)
+        error = None
+    except Exception as exc:
+        reason, error = Refusal.ACCESS_CHECK_FAILED, f"{type(exc).__name__}: {exc}"
     if reason is None:
         return
     metrics.association_rejected(str(reason))
     _log.warning("association.rejected", reason=str(reason), calling_ae=calling_ae,
-                 address=address)
+                 address=address, **({} if error is None else {"error": error}))
     # pynetdicom skips negotiation once the request is rejected here; kill() then stops
     # the association's DUL thread as its own rejections do.
     assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, CALLING_AE_NOT_RECOGNISED)

@@ -38,6 +38,8 @@ class Node:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # Before anything opens: a node nobody said who may reach refuses to start.
+        self.access = AccessPolicy.from_settings(settings.access)
         ensure_dir(settings.node.spool_dir)
         self.queue = Queue(make_engine(settings.database.url))
         engine = settings.engine
@@ -52,7 +54,6 @@ class Node:
         self.scheduler = build_scheduler(settings, self.queue, self.worker, self._stop,
                                          self.metrics)
         self.ae = scp.build_ae(settings)
-        self.access = AccessPolicy.from_settings(settings.access)
         self.ssl_context = tls.server_context(settings.tls)
         # Each destination's TLS files are read now too: a bad one stops the node here,
         # naming its key, rather than failing every delivery later.
@@ -99,7 +100,7 @@ class Node:
                   engines=str(self.model.location),
                   destinations=[d.name for d in self.settings.destinations])
         if self.access.open:
-            _log.warning("access.open", detail="no [[access.peers]] listed: any calling AE "
+            _log.warning("access.open", detail="[access].allow_any = true: any calling AE "
                          "from any address may store images here")
         if not model.trained:
             _log.warning("model.untrained", model=model.label,

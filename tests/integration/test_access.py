@@ -10,18 +10,25 @@ import socket
 import subprocess
 import sys
 import tomllib
+from ipaddress import ip_network
 from pathlib import Path
 
 import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+from structlog.testing import capture_logs
 
 from fractured import config
-from fractured.daemon.access import AccessPolicy, Refusal
+from fractured.daemon import access
+from fractured.daemon.access import AccessPolicy, ClosedByDefault, Refusal
+from fractured.daemon.metrics import NodeMetrics
 from tests import factory
 from tests.peers import (
     Certificates,
     NodeProcess,
     c_store_statuses,
     echoscu,
+    free_port,
     make_certificates,
     storescu,
     wait_for,
@@ -60,7 +67,10 @@ def test_policy_decides_by_ae_title_then_address() -> None:
     assert rules.refusal("FARAWAY", "::ffff:10.9.8.7") is None  # dual-stack listener
     assert rules.refusal("FARAWAY", "11.0.0.1") is Refusal.ADDRESS_NOT_ALLOWED
     assert rules.refusal("ECHOSCU", "::1") is None
-    assert policy("").refusal("ANYONE", "192.0.2.1") is None  # no list: open
+    open_bench = policy("[access]\nallow_any = true")
+    assert open_bench.open and open_bench.refusal("ANYONE", "192.0.2.1") is None
+    with pytest.raises(ClosedByDefault, match=r"allow_any = true.*not a hospital network"):
+        policy("")  # no list, and nobody said anyone may come in
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -74,6 +84,8 @@ def test_policy_decides_by_ae_title_then_address() -> None:
     ('[[access.peers]]\nae_title = "A"', r"\[access\].peers\[0\].addresses: required key"),
     ('[[access.peers]]\nae_title = "MUCH_TOO_LONG_AE_TITLE"\naddresses = ["::1"]',
      r"\[\[access.peers\]\]\[0\].ae_title: an AE title is 1-16 characters"),
+    ('[access]\nallow_any = true\n[[access.peers]]\nae_title = "A"\naddresses = ["::1"]',
+     r"\[access\].allow_any: true, yet \[\[access.peers\]\] are listed"),
     ("[tls]\nenabled = true", r"\[tls\].certificate: required when \[tls\].enabled"),
     ('[tls]\nenabled = true\ncertificate = "nope.crt"\nprivate_key = "nope.key"',
      r"\[tls\].certificate: file not found"),
@@ -86,7 +98,7 @@ def test_access_and_tls_mistakes_name_the_key(text: str, message: str) -> None:
 @pytest.fixture
 def guarded_node(tmp_path: Path, untrained_bundle: Path):
     proc = NodeProcess(tmp_path / "node", untrained_bundle, [], quiet_period_s=3600,
-                       sections=ALLOW_LIST)
+                       access="", sections=ALLOW_LIST)
     proc.start()
     yield proc
     proc.stop()
@@ -94,6 +106,55 @@ def guarded_node(tmp_path: Path, untrained_bundle: Path):
 
 def rejections(node: NodeProcess, count: int) -> list[dict]:
     return node.wait_events("association.rejected", count, 10)
+
+
+@pytest.mark.peers
+def test_a_node_with_no_peers_listed_refuses_to_start_naming_the_choice(
+        tmp_path: Path, untrained_bundle: Path) -> None:
+    node = NodeProcess(tmp_path / "node", untrained_bundle, [], access="")
+    node.folder.mkdir(parents=True)
+    node.write_config()
+    proc = subprocess.run([sys.executable, "-m", "fractured", "serve", "--config",
+                           str(node.config)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert f"{node.config}: [access]: no [[access.peers]] are listed" in proc.stderr
+    assert "set allow_any = true in [access]" in proc.stderr
+    assert not (node.folder / "fractured.db").exists()  # refused before anything opened
+
+
+class BrokenPolicy(AccessPolicy):
+    """An allow-list whose check fails (a bug, a resolver error): what the listener's
+    handler must survive by refusing."""
+
+    def refusal(self, calling_ae: str, address: str) -> Refusal | None:
+        raise RuntimeError("check failed")
+
+
+@pytest.mark.peers
+def test_an_access_check_that_fails_rejects_the_association() -> None:
+    """pynetdicom swallows an exception of an EVT_REQUESTED handler and goes on: the
+    handler itself must refuse. A real listener with the node's handlers, echoscu as
+    the peer; the same listener with a working check lets it in."""
+    for checked, accepted in ((BrokenPolicy({"ECHOSCU": ()}), False),
+                              (AccessPolicy({"ECHOSCU": (ip_network("127.0.0.0/8"),)}), True)):
+        ae = AE(ae_title="FRACTURED")
+        ae.add_supported_context(Verification)
+        port = free_port()
+        with capture_logs() as logs:
+            server = ae.start_server(("127.0.0.1", port), block=False,
+                                     evt_handlers=access.handlers(checked, NodeMetrics()))
+            try:
+                proc = echoscu(port)
+            finally:
+                server.shutdown()
+        assert (proc.returncode == 0) is accepted, proc.stdout + proc.stderr
+        refused = [e for e in logs if e["event"] == "association.rejected"]
+        if accepted:
+            assert refused == []
+        else:
+            assert "Calling AE Title Not Recognized" in proc.stdout + proc.stderr
+            assert [(e["reason"], e["error"]) for e in refused] == [
+                ("access_check_failed", "RuntimeError: check failed")]
 
 
 @pytest.mark.peers
@@ -164,7 +225,7 @@ def test_refused_instances_are_counted_in_the_audit(tmp_path: Path,
         assert sorted(c_store_statuses(proc.stdout + proc.stderr)) == [0, 0, 0xA900]
         (event,) = wait_for("association.ended", lambda: node.events("association.ended"), 10)
         assert (event["instances"], event["refused"]) == (2, 1)
-        assert node.events("access.open")  # no allow-list: said at start-up
+        assert node.events("access.open")  # allow_any = true: said at start-up
     finally:
         node.stop()
 

@@ -252,7 +252,8 @@ def live_node(tmp_path_factory: pytest.TempPathFactory, untrained_bundle: Path):
     (folder / "config.toml").write_text(
         f'[node]\nhost = "127.0.0.1"\nport = {port}\nspool_dir = "spool"\n'
         f'[database]\nurl = "sqlite:///q.db"\n[study]\nquiet_period_s = 3600\n'
-        f'[engine]\nbundle = "{untrained_bundle}"\n[metrics]\nenabled = false\n')
+        f'[engine]\nbundle = "{untrained_bundle}"\n[metrics]\nenabled = false\n'
+        '[access]\nallow_any = true\n')
     node = Node(config.load(folder / "config.toml"))
     node.start()
     yield node, port

@@ -18,7 +18,8 @@ from tests.peers import free_port
 def config_with_bundle(tmp_path: Path, bundle: Path) -> Path:
     path = tmp_path / "config.toml"
     path.write_text(f'[node]\nport = 11199\nspool_dir = "spool"\n'
-                    f'[database]\nurl = "sqlite:///q.db"\n[engine]\nbundle = "{bundle}"\n')
+                    f'[database]\nurl = "sqlite:///q.db"\n[engine]\nbundle = "{bundle}"\n'
+                    '[access]\nallow_any = true\n')
     return path
 
 
@@ -103,7 +104,8 @@ def test_build_engine_untrained_resnet_variant_exports_with_parity(tmp_path: Pat
 def test_serve_refuses_an_unreachable_database_naming_it(tmp_path: Path) -> None:
     config = tmp_path / "config.toml"
     config.write_text(f'[node]\nport = 11199\nspool_dir = "spool"\n[database]\n'
-                      f'url = "postgresql://node:secret@127.0.0.1:{free_port()}/q"\n')
+                      f'url = "postgresql://node:secret@127.0.0.1:{free_port()}/q"\n'
+                      '[access]\nallow_any = true\n')
     result = CliRunner().invoke(main, ["serve", "--config", str(config)])
     assert result.exit_code == 1, result.output
     assert "cannot open the database ([database].url)" in result.output

@@ -267,7 +267,8 @@ def test_enospc_at_fsync_leaves_nothing_half_written_and_recovers(
     (tmp_path / "config.toml").write_text(
         f'[node]\nhost = "127.0.0.1"\nport = {port}\nspool_dir = "spool"\n'
         f'[database]\nurl = "sqlite:///q.db"\n[study]\nquiet_period_s = 3600\n'
-        f'[engine]\nbundle = "{untrained_bundle}"\n[metrics]\nenabled = false\n')
+        f'[engine]\nbundle = "{untrained_bundle}"\n[metrics]\nenabled = false\n'
+        '[access]\nallow_any = true\n')
     settings = config.load(tmp_path / "config.toml")
     spool = settings.node.spool_dir
     real_fsync, full = os.fsync, {"on": True}

@@ -340,8 +340,8 @@ def test_metrics_after_a_real_run_count_what_happened(tmp_path: Path,
     pacs = Storescp(tmp_path / "received").start()
     node = NodeProcess(tmp_path / "node", untrained_bundle,
                        [{"name": "pacs", "ae_title": pacs.ae_title, "port": pacs.port}],
-                       sections='[[access.peers]]\nae_title = "STORESCU"\n'
-                                'addresses = ["127.0.0.1"]\n').start()
+                       access='', sections='[[access.peers]]\nae_title = "STORESCU"\n'
+                                          'addresses = ["127.0.0.1"]\n').start()
     try:
         files = factory.write_study(tmp_path / "study", 3)
         sent = storescu(node.port, files)

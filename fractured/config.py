@@ -132,6 +132,9 @@ class EngineSettings:
     #: (engine.intended_use): outside what the model was validated on, so only by an
     #: operator's explicit choice, logged at every start. Empty: the bundle's own.
     extra_body_parts: list[str] = field(default_factory=list)
+    #: Images decoded at most this big (rows x columns x frames x samples, millions;
+    #: engine.preprocess.MAX_MEGAPIXELS): a larger one is refused before decoding.
+    max_image_megapixels: float = 40.0
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,9 @@ class WorkerSettings:
 
     poll_interval_s: float = 1.0
     lease_s: float = 300.0
+    #: A study claimed this many times without its run ending (its worker died: out of
+    #: memory, a decoder crash) is FAILED instead of claimed again.
+    max_claims: int = 3
 
 
 @dataclass(frozen=True)
@@ -370,6 +376,8 @@ def _check(s: Settings) -> None:
         "[engine].max_batch": s.engine.max_batch,
         "[worker].poll_interval_s": s.worker.poll_interval_s,
         "[worker].lease_s": s.worker.lease_s,
+        "[worker].max_claims": s.worker.max_claims,
+        "[engine].max_image_megapixels": s.engine.max_image_megapixels,
         "[results].overlay_max_size": s.results.overlay_max_size,
         "[delivery].max_attempts": s.delivery.max_attempts,
         "[delivery].retry_interval_s": s.delivery.retry_interval_s,

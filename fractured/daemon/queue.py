@@ -179,8 +179,13 @@ class Queue:
                 .returning(Study.study_instance_uid),
                 execution_options={"synchronize_session": False}))
 
-    def claim(self, worker: str, lease_s: float) -> ClaimedStudy | None:
+    def claim(self, worker: str, lease_s: float, max_claims: int = 3) -> ClaimedStudy | None:
         """Take the oldest READY study (or one whose worker's lease ran out).
+
+        A claimable study already claimed `max_claims` times without its run ending
+        (its worker died on it: out of memory, a decoder crash) becomes FAILED instead,
+        with the reason, logged as `study.abandoned`: a poison study is not retried for
+        ever, taking the node down each time.
 
         On a shared database the oldest claimable row is locked FOR UPDATE SKIP LOCKED:
         workers of several nodes claiming at once each get a different study, and none
@@ -199,11 +204,23 @@ class Queue:
         candidates = (candidates.limit(1).with_for_update(skip_locked=True) if self.shared
                       else candidates.limit(5))
         with self._tx() as s:
+            abandoned = s.execute(
+                update(Study).where(claimable, Study.unfinished_claims >= max_claims)
+                .values(state=only_target(STUDY, StudyEvent.ABANDONED), claimed_by=None,
+                        lease_until=None, processed_at=now,
+                        reason=f"worker died {max_claims} times on this study (out of "
+                        "memory, or a decoder crash): not analysed again")
+                .returning(Study.study_instance_uid, Study.unfinished_claims),
+                execution_options={"synchronize_session": False}).all()
+            for uid, claims in abandoned:
+                _log.error("study.abandoned", study_instance_uid=uid, claims=claims,
+                           detail="claimed this many times without its run ending")
             for study_id in s.scalars(candidates):
                 won = s.execute(update(Study).where(Study.id == study_id, claimable).values(
                     state=only_target(STUDY, StudyEvent.CLAIMED), claimed_by=worker,
                     claimed_at=now,
                     lease_until=now + timedelta(seconds=lease_s), runs=Study.runs + 1,
+                    unfinished_claims=Study.unfinished_claims + 1,
                 )).rowcount
                 if won:
                     study = s.get(Study, study_id)
@@ -288,6 +305,7 @@ class Queue:
             study.reason = skipped
             study.processed_at = now
             study.claimed_by = study.lease_until = None
+            study.unfinished_claims = 0
             return StudyState(study.state)
 
     def fail(self, claim: ClaimedStudy, worker: str, reason: str) -> None:
@@ -296,7 +314,8 @@ class Queue:
             s.execute(update(Study).where(Study.id == claim.id, Study.claimed_by == worker,
                                           Study.state.in_(sources(STUDY, failed)))
                       .values(state=only_target(STUDY, failed), reason=reason,
-                              claimed_by=None, lease_until=None, processed_at=self.clock()))
+                              claimed_by=None, lease_until=None, processed_at=self.clock(),
+                              unfinished_claims=0))
 
     def due_deliveries(self, limit: int = 100) -> list[PendingDelivery]:
         """The deliveries due now, oldest first (a look: nothing is held)."""

@@ -22,12 +22,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import pydicom
-
 from fractured import log
 from fractured.daemon.intake import InstanceHeld, ReceivedInstance
 from fractured.daemon.queue import Queue
 from fractured.daemon.spool import incoming_files, incoming_path
+from fractured.dicom_files import read_header
 from fractured.dicom_uids import is_uid
 from fractured.durable import temporary_writer
 
@@ -74,7 +73,7 @@ def check_spool(spool_dir: Path, queue: Queue) -> SpoolCheck:
 def _record(path: Path, queue: Queue) -> str:
     """Record one spool file that no row names: RECORDED, KNOWN, or why it cannot be."""
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        ds = read_header(path)  # a deflated file inflated no further than its header
         study, series = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
         sop_instance, sop_class = str(ds.SOPInstanceUID), str(ds.SOPClassUID)
         modality = str(ds.get("Modality", ""))

@@ -13,10 +13,9 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import pydicom
-
 from fractured.config import RoutingRule, Settings
 from fractured.daemon.queue import ClaimedInstance
+from fractured.dicom_files import read_header
 
 #: The rule name a decision carries when no [[routing.rules]] are configured.
 MODALITIES_RULE = "[study].modalities"
@@ -65,7 +64,7 @@ def skipped_reason(outcomes: Iterable[str]) -> str:
 def _header(instance: ClaimedInstance) -> dict[str, str]:
     """Body part and view of an image, '' where absent or unreadable."""
     try:
-        ds = pydicom.dcmread(instance.path, stop_before_pixels=True)
+        ds = read_header(instance.path)  # a deflated file inflated no further
         return {"body_part": str(ds.get("BodyPartExamined", "")).strip(),
                 "view": str(ds.get("ViewPosition", "")).strip()}
     except Exception:  # an unreadable file is reported when (if) it is analysed

@@ -45,6 +45,8 @@ class Study(Base):
     #: fewer was overtaken by a late image (clocks, the listener's or other nodes', can
     #: disagree; this count cannot)
     received: Mapped[int] = mapped_column(Integer, server_default="0")
+    #: claims whose run has not ended (finished or failed): its worker died on it
+    unfinished_claims: Mapped[int] = mapped_column(Integer, server_default="0")
 
 
 class Instance(Base):

@@ -8,7 +8,6 @@ specific status and a log event that says why.
 from __future__ import annotations
 
 import contextlib
-import zlib
 from io import BytesIO
 from pathlib import Path
 from typing import NamedTuple
@@ -29,7 +28,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     uid_to_service_class,
 )
 
-from fractured import log
+from fractured import dicom_files, log
 from fractured.config import NodeSettings, Settings
 from fractured.daemon import access
 from fractured.daemon.access import AccessPolicy
@@ -151,6 +150,8 @@ def _store(event: Event, node: NodeSettings, queue: Queue) -> Stored:
         modality = str(ds.get("Modality", ""))
         dataset_uid = str(ds.get("SOPInstanceUID", ""))
         dataset_class = str(ds.get("SOPClassUID", ""))
+    except dicom_files.InflateLimitExceeded as exc:
+        return _rejected(CANNOT_UNDERSTAND, "deflated_header_too_large", ctx, error=str(exc))
     except Exception as exc:
         return _rejected(CANNOT_UNDERSTAND, "dataset_unreadable", ctx, error=str(exc))
     problem = _identity_problem(study_uid, series_uid, (dataset_uid, dataset_class),
@@ -235,16 +236,17 @@ def _identity_elements(event: Event) -> Dataset:
     study and series UIDs), read from the received stream without decoding the rest.
 
     pynetdicom's `event.dataset` reads the whole object, pixel data included, for the
-    five elements the listener needs before it answers.
+    five elements the listener needs before it answers; a deflated one it would inflate
+    whole (dicom_files).
     """
     syntax = event.context.transfer_syntax
     stream: BytesIO = event.request.DataSet
-    implicit, little = syntax.is_implicit_VR, syntax.is_little_endian
-    if syntax.is_deflated:
-        stream = BytesIO(zlib.decompress(stream.getvalue(), -zlib.MAX_WBITS))
-        implicit, little = False, True
     stream.seek(0)
-    return read_dataset(stream, implicit, little, stop_when=_past_identity)
+    if syntax.is_deflated:  # inflated only as far as the identity (a deflate bomb)
+        return dicom_files.read_deflated_until(stream, _past_identity,
+                                               dicom_files.HEADER_LIMIT)
+    return read_dataset(stream, syntax.is_implicit_VR, syntax.is_little_endian,
+                        stop_when=_past_identity)
 
 
 def _past_identity(tag: BaseTag, _vr: str | None, _length: int) -> bool:

@@ -40,6 +40,7 @@ class StudyEvent(enum.StrEnum):
     NOTHING_TO_SEND = "results written, no destination"
     LATE_IMAGES = "the run ends after images arrived"
     PROCESSING_FAILED = "the run fails"
+    ABANDONED = "its worker died on it [worker].max_claims times"
     DELIVERED = "every delivery of its run is done"
     GAVE_UP = "a delivery gave up"
     REQUEUED = "an operator retries its dead letters"
@@ -74,6 +75,8 @@ STUDY: Mapping[tuple[StudyState, StudyEvent], StudyState] = types.MappingProxyTy
     (_S.PROCESSING, _E.NOTHING_TO_SEND): _S.DONE,
     (_S.PROCESSING, _E.LATE_IMAGES): _S.RECEIVING,
     (_S.PROCESSING, _E.PROCESSING_FAILED): _S.FAILED,
+    (_S.READY, _E.ABANDONED): _S.FAILED,  # released by its restarted node
+    (_S.PROCESSING, _E.ABANDONED): _S.FAILED,  # its lease ran out
     (_S.DELIVERING, _E.DELIVERED): _S.DONE,
     (_S.DELIVERING, _E.GAVE_UP): _S.FAILED,
     (_S.FAILED, _E.REQUEUED): _S.DELIVERING,

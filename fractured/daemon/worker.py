@@ -31,7 +31,12 @@ from fractured.durable import write_durably
 from fractured.engine.findings import Finding, ModelInfo, study_verdict
 from fractured.engine.intended_use import NOT_DECLARED_CHECK, ScopeCheck, ScopeReason
 from fractured.engine.pipeline import Pipeline
-from fractured.engine.preprocess import DecodeError, display_pixels, read_dataset
+from fractured.engine.preprocess import (
+    DecodeError,
+    ImageTooLarge,
+    display_pixels,
+    read_dataset,
+)
 from fractured.engine.regions import Region, dataset_region, region_group
 from fractured.engine.sources import image_ref
 from fractured.results.header import header_repairs
@@ -68,7 +73,8 @@ class Worker:
 
     def run_once(self) -> bool:
         """Process one study if one is ready; returns whether one was claimed."""
-        claim = self.queue.claim(self.id, self.settings.worker.lease_s)
+        claim = self.queue.claim(self.id, self.settings.worker.lease_s,
+                                 self.settings.worker.max_claims)
         if claim is None:
             return False
         log_ctx = {"study_instance_uid": claim.study_instance_uid, "run": claim.run}
@@ -98,7 +104,7 @@ class Worker:
         pipeline = self.model.current()
         sources: list[tuple[Dataset, np.ndarray]] = []
         outcomes: list[str] = []  # why images were not analysed
-        outside: list[str] = []  # of those, the intended use's reasons, for the SR
+        outside: list[str] = []  # why, in the SR's words (intended use, decoding)
         records: list[ImageOutcome] = []  # every scope-checked image, for status
         recorded = utcnow()
         for instance in claim.instances:
@@ -109,18 +115,27 @@ class Worker:
                           modality=instance.modality, sop_instance_uid=sop_uid, **log_ctx)
                 outcomes.append(decision.outcome)
                 continue
+            limit = self.settings.engine.max_image_megapixels
             try:
-                ds = read_dataset(path)
+                ds = read_dataset(path, limit)
                 scope = pipeline.scope(ds)
                 if not scope.analyse:
                     self._outside(scope, claim, sop_uid, ds, pipeline, log_ctx,
                                   outcomes, outside, records, recorded)
                     continue
-                sources.append((ds, display_pixels(ds, path.name)))
+                sources.append((ds, display_pixels(ds, path.name, limit)))
+            except ImageTooLarge as exc:
+                _log.warning("image.skipped", reason="too_large", error=str(exc),
+                             sop_instance_uid=sop_uid, **log_ctx)
+                outcomes.append("too large to decode")
+                outside.append(f"the image is larger than the {limit:g} megapixels the "
+                               "node decodes")
+                continue
             except DecodeError as exc:
                 _log.warning("image.skipped", reason="undecodable", error=str(exc),
                              sop_instance_uid=sop_uid, **log_ctx)
                 outcomes.append("undecodable")
+                outside.append("the image could not be decoded")
                 continue
             if repairs := header_repairs(ds):
                 # Attribute names and actions only: the values may be patient data.

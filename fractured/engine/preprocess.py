@@ -17,42 +17,75 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
+from fractured.dicom_files import HEADER_LIMIT, InflateLimitExceeded, read_file
 from fractured.engine.exposed_field import Field
+
+#: The largest image decoded by default, in megapixels (rows x columns x frames x
+#: samples): a 43 x 43 cm detector at 0.1 mm is 18.5. Decoding and windowing take about
+#: 25 bytes a pixel at their peak, so 40 megapixels is about 1 GB; a 6 MB RLE file of
+#: 20000 x 20000 pixels asked for 6.5 GB before there was a limit.
+MAX_MEGAPIXELS = 40.0
 
 
 class DecodeError(Exception):
     """Pixel data that cannot be turned into an image; the message names the file and why."""
 
 
-def read_dataset(path: str | Path) -> Dataset:
-    """Read a DICOM file, with a DecodeError naming the file when it is not DICOM."""
+class ImageTooLarge(DecodeError):
+    """An image whose decoded size is over the limit: refused before it is decoded."""
+
+
+def read_dataset(path: str | Path, max_megapixels: float = MAX_MEGAPIXELS) -> Dataset:
+    """Read a DICOM file, with a DecodeError naming the file when it is not DICOM, and
+    ImageTooLarge when it is deflated and would inflate to more than an image of
+    `max_megapixels` at 32 bits a pixel takes (and a header)."""
+    limit = int(max_megapixels * 1e6) * 4 + HEADER_LIMIT
     try:
-        return pydicom.dcmread(path)
+        return read_file(path, max_inflated=limit)
+    except InflateLimitExceeded as exc:
+        raise ImageTooLarge(f"{path}: {exc}, more than an image of {max_megapixels:g} "
+                            "megapixels needs") from exc
     except Exception as exc:  # pydicom raises several types for a bad file
         raise DecodeError(f"{path}: not a readable DICOM file ({exc})") from exc
 
 
-def display_pixels(ds: Dataset, source: str = "") -> np.ndarray:
+def display_pixels(ds: Dataset, source: str = "",
+                   max_megapixels: float = MAX_MEGAPIXELS) -> np.ndarray:
     """Return the first frame as float32 in [0, 1], windowed and with bone bright.
 
     Raises DecodeError naming `source` (a file name or UID) when the pixel data is
-    missing, in an undecodable transfer syntax, or not single-channel.
+    missing, in an undecodable transfer syntax, or not single-channel; ImageTooLarge,
+    before anything is decoded, when its rows x columns x frames x samples are over
+    `max_megapixels`.
     """
     try:
         where = source or str(ds.get("SOPInstanceUID", "dataset"))
     except Exception:  # a corrupt element, decoded only now (pydicom reads lazily)
         where = "dataset"
     try:
+        _check_size(ds, where, max_megapixels)
         return _display_pixels(ds, where)
     except DecodeError:
         raise
     except Exception as exc:  # an element pydicom cannot decode or a LUT it cannot apply
         raise DecodeError(f"{where}: unreadable image attributes ({type(exc).__name__}: "
                           f"{exc})") from exc
+
+
+def _check_size(ds: Dataset, where: str, max_megapixels: float) -> None:
+    """ImageTooLarge when decoding every frame of the pixel data would make more than
+    `max_megapixels` million values (pydicom decodes them all)."""
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    megapixels = rows * cols * frames * samples / 1e6
+    if megapixels > max_megapixels:
+        shape = f"{rows} x {cols}" + (f" x {frames} frames" if frames > 1 else "")
+        raise ImageTooLarge(f"{where}: {shape} pixels ({megapixels:.0f} megapixels) is more "
+                            f"than the {max_megapixels:g} megapixels decoded at most")
 
 
 def _display_pixels(ds: Dataset, where: str) -> np.ndarray:

@@ -49,8 +49,8 @@ def make_sr(
     `predecessors` are this study's earlier SRs that this one supersedes (a study analysed
     again after a late image): they go into the Predecessor Documents Sequence, so a
     viewer can tell the current report from the replaced one. `not_analysed` says why
-    each image of the study left out was (outside the model's intended use, e.g. "body
-    part CHEST is outside the intended use"): the summary names them and the report is
+    each image of the study left out was (e.g. "body part CHEST is outside the intended
+    use", "the image could not be decoded"): the summary names them and the report is
     then marked partial, since it does not cover every image.
 
     Raises ValueError when there are no findings, the sources span several studies, a
@@ -205,8 +205,7 @@ def summary_text(findings: Sequence[Finding], not_analysed: Sequence[str] = ()) 
         lines.append(f"Image {number}: {verdict} (probability {finding.probability:.2f}"
                      f"{boxes}{whose}).")
     for reason, count in Counter(not_analysed).items():
-        lines.append(f"Not analysed, outside the model's intended use: {count} image(s) "
-                     f"({reason}).")
+        lines.append(f"Not analysed: {count} image(s) ({reason}).")
     return " ".join(lines)
 
 

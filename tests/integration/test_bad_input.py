@@ -25,7 +25,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from fractured import config
 from fractured.daemon.service import Node
 from fractured.engine.preprocess import DecodeError, display_pixels, read_dataset
-from tests import factory
+from tests import bombs, factory
 from tests.peers import (
     PEER_ENV,
     NodeProcess,
@@ -164,6 +164,48 @@ def send_file_bytes(port: int, path: Path) -> int | None:
         _config.STORE_SEND_CHUNKED_DATASET = False
         if assoc.is_established:
             assoc.release()
+
+
+def peak_rss_mib(node: NodeProcess) -> int:
+    """The node process's peak resident memory so far (VmHWM), in MiB."""
+    assert node.proc is not None
+    status = Path(f"/proc/{node.proc.pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines()
+                    if line.startswith("VmHWM:"))) >> 10
+
+
+def test_memory_bombs_are_refused_before_they_take_memory(node: NodeProcess,
+                                                          tmp_path: Path) -> None:
+    """A deflate bomb (400 MiB of zeros in 408 kB) and an RLE bomb (20000 x 20000
+    pixels in 6.3 MB) in a study with one real image: stored as received, refused by
+    the worker before decoding, the real image analysed; a deflate bomb before the
+    identity elements is refused by the listener. Before the limits the two bombs grew
+    the node by 4.2 and 6.5 GB."""
+    uid = generate_uid()
+    good = factory.write_study(tmp_path / "good", 1)[0]
+    ds = pydicom.dcmread(good)
+    ds.StudyInstanceUID = uid
+    ds.save_as(good, enforce_file_format=True)
+    deflated = bombs.deflate_bomb(tmp_path / "deflate.dcm", uid)
+    rle = bombs.rle_bomb(tmp_path / "rle.dcm", uid)
+    header = bombs.deflate_bomb(tmp_path / "header.dcm", generate_uid(),
+                                before_identity=True)
+    before = peak_rss_mib(node)
+    assert statuses(storescu(node.port, [good])) == [0]
+    assert [send_file_bytes(node.port, path) for path in (deflated, rle, header)] == [
+        0, 0, 0xC000]
+    (refused,) = node.wait_events("store.rejected")
+    assert refused["reason"] == "deflated_header_too_large"
+    row = analysed(node, uid)
+    assert row["state"] == "done" and row["instances"] == 3
+    skipped = node.events("image.skipped")
+    assert sorted(e["reason"] for e in skipped) == ["too_large", "too_large"]
+    assert any("400 megapixels" in e["error"] for e in skipped)
+    assert any("inflates to more than" in e["error"] for e in skipped)
+    after = peak_rss_mib(node)
+    print(f"node peak memory: {before} MiB before the bombs, {after} MiB after")
+    assert after - before < 300
+    assert echo(node.port) == 0
 
 
 def test_dataset_of_another_sop_class_than_its_request_is_refused(

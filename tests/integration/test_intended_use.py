@@ -121,7 +121,7 @@ def test_the_node_speaks_only_inside_the_intended_use(untrained_bundle: Path,
         summary = next(item.TextValue for item in reports[0].ContentSequence
                        if item.ValueType == "TEXT"
                        and item.ConceptNameCodeSequence[0].CodeMeaning == "Summary")
-        assert summary.endswith("Not analysed, outside the model's intended use: 1 image(s) "
+        assert summary.endswith("Not analysed: 1 image(s) "
                                 "(body part CHEST is outside the intended use).")
         # counted at /metrics: each check by its outcome, the analysed leg by its region
         status, _, text = get(node.metrics_port, "/metrics")

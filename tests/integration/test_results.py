@@ -276,7 +276,7 @@ def test_sr_names_the_images_outside_the_intended_use_and_is_partial(tmp_path: P
     summary = next(item.TextValue for item in back.ContentSequence
                    if item.ValueType == "TEXT"
                    and item.ConceptNameCodeSequence[0].CodeMeaning == "Summary")
-    assert summary.endswith("Not analysed, outside the model's intended use: 2 image(s) "
+    assert summary.endswith("Not analysed: 2 image(s) "
                             "(body part CHEST is outside the intended use).")
     whole = make_sr(findings, sources, series_instance_uid=hd.UID(), series_number=901,
                     device_uid=hd.UID())

@@ -46,7 +46,7 @@ def rows(engine: Engine, table: str, columns: list[str]) -> list[tuple[object, .
 
 def test_the_revisions_make_the_tables_the_code_declares(tmp_path: Path) -> None:
     engine = make_engine(f"sqlite:///{tmp_path / 'q.db'}")
-    assert migrations.prepare(engine) == ["0001", "0002", "0003"]
+    assert migrations.prepare(engine) == ["0001", "0002", "0003", "0004"]
     with engine.connect() as conn:
         assert migrations.current(conn) == migrations.head()
         assert compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}),
@@ -59,7 +59,7 @@ def test_a_released_database_is_upgraded_with_nothing_lost(tmp_path: Path) -> No
     kept = columns(engine)
     before = {table: rows(engine, table, kept[table]) for table in TABLES}
     assert all(before.values())  # every table holds something
-    assert migrations.prepare(engine) == ["0002", "0003"]  # 0.8.1's tables are the baseline
+    assert migrations.prepare(engine) == ["0002", "0003", "0004"]  # 0.8.1's tables are the baseline
     assert {table: rows(engine, table, kept[table]) for table in TABLES} == before
     with engine.connect() as conn:
         counted = conn.execute(text("SELECT study_instance_uid, received FROM studies"))
@@ -82,7 +82,7 @@ def test_a_database_of_a_newer_fractured_is_refused_naming_both(tmp_path: Path) 
     migrations.prepare(engine)
     with engine.begin() as conn:
         conn.execute(text("UPDATE alembic_version SET version_num = '0099'"))
-    with pytest.raises(migrations.SchemaError, match=r"revision 0099.*knows up to 0003"):
+    with pytest.raises(migrations.SchemaError, match=r"revision 0099.*knows up to 0004"):
         migrations.prepare(engine)
     config = tmp_path / "config.toml"
     config.write_text(f'[node]\nspool_dir = "spool"\n[database]\n'

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import event
+from structlog.testing import capture_logs
 
 from fractured.daemon import reports
 from fractured.daemon.connection import make_engine
@@ -400,3 +401,46 @@ def test_a_renewed_study_lease_is_not_taken_over(queue: Queue, clock: Clock) -> 
     assert queue.renew_study(second, "w2", lease_s=60)
     assert queue.finish(second, "w2", [], []) == StudyState.DONE
     assert not queue.renew_study(second, "w2", lease_s=60)  # finished: nothing to hold
+
+
+def test_a_study_its_worker_died_on_max_claims_times_is_failed(queue: Queue,
+                                                               clock: Clock) -> None:
+    """A poison study (its decoding kills the node) is claimed, released by the
+    restarted node, claimed again; at the third death it is FAILED, not claimed a
+    fourth time, and the ordinary study behind it is claimed."""
+    queue.intake.record_instance(received("1.1"))
+    clock.advance(1)
+    queue.intake.record_instance(received("2.1", study="1.2.3.5"))
+    queue.mark_ready(0)
+    for _ in range(3):
+        claim = queue.claim("w1", 60, max_claims=3)
+        assert claim is not None and claim.study_instance_uid == STUDY
+        assert queue.release_leases("w1") == 1  # the node died; its restart releases it
+    with capture_logs() as logs:
+        other = queue.claim("w1", 60, max_claims=3)
+    assert other is not None and other.study_instance_uid == "1.2.3.5"
+    assert state(queue) == "failed"
+    (row,) = [r for r in reports.studies(queue.engine) if r["study_instance_uid"] == STUDY]
+    assert row["reason"].startswith("worker died 3 times on this study")
+    assert [(e["event"], e["study_instance_uid"], e["claims"]) for e in logs] == [
+        ("study.abandoned", STUDY, 3)]
+
+
+def test_a_run_that_ends_resets_the_count_of_unfinished_claims(queue: Queue,
+                                                               clock: Clock) -> None:
+    """Deaths are counted in a row, a lease run out (a dead node of several) too: a
+    study that finished between them (a late image analysed again) starts from nought."""
+    queue.intake.record_instance(received("1.1"))
+    queue.mark_ready(0)
+    for _ in range(2):
+        assert queue.claim("w1", 60, max_claims=3) is not None
+        clock.advance(61)  # its node died: the lease runs out
+    claim = queue.claim("w2", 60, max_claims=3)
+    assert claim is not None  # a third claim after two deaths
+    assert queue.finish(claim, "w2", [], []) == StudyState.DONE
+    queue.intake.record_instance(received("1.2"))
+    queue.mark_ready(0)
+    for _ in range(2):
+        assert queue.claim("w1", 60, max_claims=3) is not None
+        clock.advance(61)
+    assert queue.claim("w3", 60, max_claims=3) is not None  # two deaths, not four

@@ -39,6 +39,12 @@ class NodeSettings:
     shutdown_grace_s: float = 30.0
     #: Associations served at once; one more is rejected transiently (the peer retries).
     max_associations: int = 32
+    #: Connections taken at once from one IP address; more are closed as they come
+    #: (daemon.limits): a peer trickling bytes cannot hold every slot.
+    max_connections_per_peer: int = 8
+    #: The largest data set received, in MiB; a larger one aborts its association
+    #: (daemon.limits): it is held in memory until its last fragment.
+    max_object_mb: int = 128
     #: An instance already held (same SOP Instance UID) sent again: "keep_first"
     #: acknowledges it and keeps the copy held; "replace" stores the new copy and
     #: analyses its study again.
@@ -385,6 +391,8 @@ def _check(s: Settings) -> None:
         "[node].network_timeout_s": s.node.network_timeout_s,
         "[node].shutdown_grace_s": s.node.shutdown_grace_s,
         "[node].max_associations": s.node.max_associations,
+        "[node].max_connections_per_peer": s.node.max_connections_per_peer,
+        "[node].max_object_mb": s.node.max_object_mb,
     }
     for where, value in positive.items():
         if value <= 0:

@@ -30,7 +30,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from fractured import dicom_files, log
 from fractured.config import NodeSettings, Settings
-from fractured.daemon import access
+from fractured.daemon import access, limits
 from fractured.daemon.access import AccessPolicy
 from fractured.daemon.audit import AssociationAudit
 from fractured.daemon.file_meta import file_header
@@ -75,7 +75,7 @@ def build_ae(settings: Settings) -> AE:
     ae.network_timeout = settings.node.network_timeout_s
     ae.acse_timeout = settings.node.network_timeout_s
     ae.dimse_timeout = settings.node.network_timeout_s
-    ae.maximum_pdu_size = 0  # no limit: large radiographs arrive in fewer PDUs
+    ae.maximum_pdu_size = limits.MAXIMUM_PDU_BYTES  # and no longer PDU is read
     ae.require_called_aet = settings.access.require_called_ae_title
     ae.maximum_associations = settings.node.max_associations
     ae.add_supported_context(Verification)
@@ -99,10 +99,11 @@ def _serve_as_storage(uid: str) -> None:
 
 def handlers(node: NodeSettings, queue: Queue, policy: AccessPolicy,
              audit: AssociationAudit, metrics: NodeMetrics) -> list[tuple]:
-    """Every event the listener handles: access at the request, then the services, and
-    the audit trail of each association."""
+    """Every event the listener handles: access at the request, the size of what
+    arrives, then the services, and the audit trail of each association."""
     return [
         *access.handlers(policy, metrics),
+        *limits.ObjectSizeLimit(node.max_object_mb << 20, metrics).handlers(),
         *audit.handlers(),
         (evt.EVT_C_ECHO, _handle_echo),
         (evt.EVT_C_STORE, _handle_store, [node, queue, audit, metrics]),

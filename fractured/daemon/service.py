@@ -10,7 +10,7 @@ import time
 
 from fractured import log
 from fractured.config import Settings
-from fractured.daemon import liveness, recovery, scp, systemd, tls
+from fractured.daemon import limits, liveness, recovery, scp, systemd, tls
 from fractured.daemon.access import AccessPolicy
 from fractured.daemon.active_model import ActiveModel
 from fractured.daemon.audit import AssociationAudit
@@ -86,6 +86,7 @@ class Node:
             self.ae, (self.settings.node.host, self.settings.node.port), self.ssl_context,
             scp.handlers(self.settings.node, self.queue, self.access,
                          AssociationAudit(self.metrics), self.metrics), self.metrics,
+            self.settings.node.max_connections_per_peer,
             on_turn=lambda: self.heartbeats.beat(liveness.LISTENER))
         if self.monitoring is not None:
             self.monitoring.start()
@@ -153,7 +154,11 @@ class Node:
                              calling_ae=assoc.requestor.ae_title)
                 assoc.abort()
             else:  # a connection that never sent a request: pynetdicom refuses an
-                assoc.kill()  # A-ABORT there (Evt15 in Sta2); just stop its thread
+                # A-ABORT there (Evt15 in Sta2); stop its thread, after closing the
+                # connection under it, whose read of a PDU begun but never finished
+                # (a byte, then nothing) would hold the thread for the network timeout
+                limits.close_transport(assoc)
+                assoc.kill()
         # A study being analysed is finished first; it may not take longer than its lease.
         self.notifier.extend_timeout(self.settings.worker.lease_s,
                                      "stopping: finishing the running study and deliveries")

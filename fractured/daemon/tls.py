@@ -23,6 +23,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from fractured import log
 from fractured.config import ConfigError, Destination, TlsSettings
+from fractured.daemon import limits
 from fractured.daemon.metrics import NodeMetrics
 
 _log = log.get("fractured.tls")
@@ -112,10 +113,15 @@ def handshake_error(context: ssl.SSLContext, host: str, port: int, server_name: 
 
 
 class HandshakingServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server with the TLS handshake moved off the accept loop."""
+    """pynetdicom's threaded server with the TLS handshake moved off the accept loop,
+    and connections beyond the limits (daemon.limits) closed as they are accepted."""
 
     #: Counts refused handshakes; set by start_server before the server accepts.
     metrics: NodeMetrics
+    #: Associations served at once ([node].max_associations) and connections taken
+    #: from one address; set by start_server.
+    max_associations: int
+    max_per_peer: int
     #: The accept loop's thread, which the health check watches (daemon.health).
     thread: threading.Thread
     #: Called on every turn of the accept loop (about every 0.5 s, idle or not): the
@@ -127,6 +133,22 @@ class HandshakingServer(ThreadedAssociationServer):
         if self.on_turn is not None:
             self.on_turn()
 
+    def verify_request(self, request, client_address) -> bool:  # type: ignore[no-untyped-def]
+        """Take a connection only within the limits, counting those accepted whose
+        association has not started yet, before any thread is made for it."""
+        address = str(client_address[0])
+        with self._pending_lock:
+            reason = limits.over_connection_limits(
+                self.ae.active_associations, address, self._pending,
+                max_connections=limits.CONNECTIONS_PER_ASSOCIATION * self.max_associations,
+                max_per_peer=self.max_per_peer)
+            if reason is None:
+                self._pending[address] = self._pending.get(address, 0) + 1
+                return True
+        self.metrics.association_rejected(reason)
+        _log.warning("association.rejected", reason=reason, address=address)
+        return False
+
     def get_request(self):  # type: ignore[no-untyped-def]
         assert self.socket is not None
         client, address = self.socket.accept()
@@ -136,6 +158,12 @@ class HandshakingServer(ThreadedAssociationServer):
         return client, address
 
     def process_request_thread(self, request, client_address):  # type: ignore[no-untyped-def]
+        try:
+            self._handshake_then_serve(request, client_address)
+        finally:  # its association's thread runs now, or never will
+            self._release(client_address)
+
+    def _handshake_then_serve(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
         if isinstance(request, ssl.SSLSocket):
             before = request.gettimeout()
             request.settimeout(self.ae.network_timeout)
@@ -156,14 +184,26 @@ class HandshakingServer(ThreadedAssociationServer):
             request.settimeout(before)
         super().process_request_thread(request, client_address)
 
+    def _release(self, client_address) -> None:  # type: ignore[no-untyped-def]
+        address = str(client_address[0])
+        with self._pending_lock:
+            self._pending[address] -= 1
+            if not self._pending[address]:
+                del self._pending[address]
+
 
 def start_server(ae: AE, address: tuple[str, int], ssl_context: ssl.SSLContext | None,
-                 evt_handlers: list, metrics: NodeMetrics,
+                 evt_handlers: list, metrics: NodeMetrics, max_per_peer: int,
                  on_turn: Callable[[], None] | None = None) -> HandshakingServer:
-    """AE.start_server(block=False), with HandshakingServer as the server class."""
+    """AE.start_server(block=False), with HandshakingServer as the server class and
+    LimitedRequestHandler making each association (daemon.limits)."""
     server = ae.make_server(address, ssl_context=ssl_context, evt_handlers=evt_handlers,
-                            server_class=HandshakingServer)
+                            server_class=HandshakingServer,
+                            request_handler=limits.LimitedRequestHandler)
     server.metrics = metrics
+    server.max_associations = ae.maximum_associations
+    server.max_per_peer = max_per_peer
+    server._pending, server._pending_lock = {}, threading.Lock()
     server.on_turn = on_turn
     ae._servers.append(server)  # as AE.start_server does: server.shutdown() expects it
     stamp = datetime.now().strftime("%Y%m%d%H%M%S")

@@ -198,7 +198,7 @@ def test_a_failed_tls_handshake_counts_as_a_rejection(tmp_path: Path) -> None:
     ae.add_supported_context(Verification)
     metrics = NodeMetrics()
     port = free_port()
-    server = tls.start_server(ae, ("127.0.0.1", port), context, [], metrics)
+    server = tls.start_server(ae, ("127.0.0.1", port), context, [], metrics, 8)
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=30) as plain:
             plain.sendall(b"\x01\x00 this is not a TLS client hello\r\n" * 8)
@@ -244,7 +244,7 @@ def test_listener_check_follows_the_real_server() -> None:
     assert listener_problem(None) == "not started"
     ae = AE("TEST")
     ae.add_supported_context(Verification)
-    server = tls.start_server(ae, ("127.0.0.1", free_port()), None, [], NodeMetrics())
+    server = tls.start_server(ae, ("127.0.0.1", free_port()), None, [], NodeMetrics(), 8)
     assert listener_problem(server) == ""
     server.shutdown()
     server.thread.join(10)
@@ -258,7 +258,7 @@ def test_healthz_is_503_naming_the_database_and_200_again_once_it_is_back(
     ae = AE("TEST")
     ae.add_supported_context(Verification)
     metrics = NodeMetrics()
-    listener = tls.start_server(ae, ("127.0.0.1", free_port()), None, [], metrics)
+    listener = tls.start_server(ae, ("127.0.0.1", free_port()), None, [], metrics, 8)
     model = ActiveModel(untrained_bundle, build_pipeline)
     server = MonitoringServer(MetricsSettings(port=free_port()), metrics,
                               HealthChecks(lambda: listener, queue.engine.url, model))

@@ -14,6 +14,8 @@ from typing import Literal
 
 import structlog
 
+from fractured import privacy
+
 
 def configure(level: str = "info", fmt: Literal["auto", "json", "console"] = "auto") -> None:
     """Route structlog and the standard library (pynetdicom, apscheduler) to stderr."""
@@ -40,6 +42,7 @@ def configure(level: str = "info", fmt: Literal["auto", "json", "console"] = "au
     root = logging.getLogger()
     root.handlers[:] = [handler]
     logging.captureWarnings(True)  # library warnings become log lines, not stray stderr
+    privacy.keep_values_out_of_logs()  # ...but none that quotes a patient's value
     root.setLevel(level.upper())
     # Libraries that are chatty at INFO: pynetdicom logs every PDU (with patient details
     # in its dataset dumps), highdicom every module it copies, APScheduler every skipped

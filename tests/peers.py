@@ -264,6 +264,7 @@ class NodeProcess:
     #: /metrics and /healthz: a free port of its own, not the default every node shares
     metrics_port: int = field(default_factory=free_port)
     env: dict[str, str] = field(default_factory=dict)  # added to the node's environment
+    log_level: str = "info"
 
     @property
     def config(self) -> Path:
@@ -283,7 +284,8 @@ class NodeProcess:
             f"[results]\n{self.results}\n\n"
             "[delivery]\n" + "".join(f"{k} = {v}\n" for k, v in self.delivery.items())
             + "\n"
-            f'[log]\nlevel = "info"\nformat = "json"\n\n[metrics]\nport = {self.metrics_port}\n'
+            f'[log]\nlevel = "{self.log_level}"\nformat = "json"\n\n'
+            f"[metrics]\nport = {self.metrics_port}\n"
             + (f"\n[access]\n{self.access}\n" if self.access else "")
             + f'{dests}\n{self.sections}')
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import socket
 import time
+import traceback
 from datetime import datetime
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from fractured.daemon.queue import ClaimedStudy, Queue, ResultObject
 from fractured.daemon.routing import Router, skipped_reason
 from fractured.daemon.schema import ImageOutcome, utcnow
 from fractured.daemon.shadow import record as record_shadow
+from fractured.dicom_files import read_header
 from fractured.durable import write_durably
 from fractured.engine.findings import Finding, ModelInfo, study_verdict
 from fractured.engine.intended_use import NOT_DECLARED_CHECK, ScopeCheck, ScopeReason
@@ -39,6 +41,7 @@ from fractured.engine.preprocess import (
 )
 from fractured.engine.regions import Region, dataset_region, region_group
 from fractured.engine.sources import image_ref
+from fractured.privacy import Redactor
 from fractured.results.header import header_repairs
 from fractured.results.overlay import make_overlay
 from fractured.results.sr import make_sr
@@ -85,8 +88,10 @@ class Worker:
                          **log_ctx):
                 self._process(claim, log_ctx)
         except Exception as exc:
-            _log.exception("study.failed", error=str(exc), **log_ctx)
-            self.queue.fail(claim, self.id, f"processing error: {exc}")
+            redact = _redactor(claim)
+            _log.error("study.failed", error=redact(f"{type(exc).__name__}: {exc}"),
+                       traceback=redact(traceback.format_exc()), **log_ctx)
+            self.queue.fail(claim, self.id, redact(f"processing error: {exc}"))
         return True
 
     def _earlier_report(self, claim: ClaimedStudy) -> list[Dataset]:
@@ -125,15 +130,17 @@ class Worker:
                     continue
                 sources.append((ds, display_pixels(ds, path.name, limit)))
             except ImageTooLarge as exc:
-                _log.warning("image.skipped", reason="too_large", error=str(exc),
-                             sop_instance_uid=sop_uid, **log_ctx)
+                _log.warning("image.skipped", reason="too_large",
+                             error=_redactor(claim)(str(exc)), sop_instance_uid=sop_uid,
+                             **log_ctx)
                 outcomes.append("too large to decode")
                 outside.append(f"the image is larger than the {limit:g} megapixels the "
                                "node decodes")
                 continue
             except DecodeError as exc:
-                _log.warning("image.skipped", reason="undecodable", error=str(exc),
-                             sop_instance_uid=sop_uid, **log_ctx)
+                _log.warning("image.skipped", reason="undecodable",
+                             error=_redactor(claim)(str(exc)), sop_instance_uid=sop_uid,
+                             **log_ctx)
                 outcomes.append("undecodable")
                 outside.append("the image could not be decoded")
                 continue
@@ -238,11 +245,26 @@ class Worker:
                 [ds for ds, _ in sources])
             rows = record_shadow(self.queue, claim.run, findings, candidate)
         except Exception as exc:  # the study is done and delivered: never fail it now
-            _log.exception("shadow.failed", model=shadow.model.label, error=str(exc), **log_ctx)
+            redact = _redactor(claim)
+            _log.error("shadow.failed", model=shadow.model.label,
+                       error=redact(f"{type(exc).__name__}: {exc}"),
+                       traceback=redact(traceback.format_exc()), **log_ctx)
             return
         _log.info("shadow.processed", model=shadow.model.label, images=rows,
                   fractures=sum(f.fracture for f in candidate),
                   seconds=round(time.monotonic() - started, 3), **log_ctx)
+
+
+def _redactor(claim: ClaimedStudy) -> Redactor:
+    """A Redactor of the study's identifying values, for a text about an error (read
+    when one is to be told: errors are rare, headers are read in a millisecond)."""
+    headers = []
+    for instance in claim.instances:
+        try:
+            headers.append(read_header(instance.path))
+        except Exception:
+            continue
+    return Redactor.of(headers)
 
 
 def _outcome(claim: ClaimedStudy, sop_uid: str, recorded: datetime, model: ModelInfo,

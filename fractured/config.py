@@ -60,6 +60,9 @@ class Peer:
     ae_title: str
     #: IP addresses or networks ("10.1.2.3", "10.1.0.0/16", "fd00::/8").
     addresses: list[str]
+    #: With [tls].client_ca: the Common Name the peer's client certificate must carry;
+    #: "" accepts any certificate the CA signed, whatever AE title its holder claims.
+    certificate_cn: str = ""
 
 
 @dataclass(frozen=True)
@@ -419,7 +422,7 @@ def _check(s: Settings) -> None:
                               f"got {rule.name!r}")
     for i, destination in enumerate(s.destinations):
         _check_destination_tls(destination, f"[[destinations]][{i}]")
-    _check_access(s.access)
+    _check_access(s.access, s.tls)
     _check_tls(s.tls)
     _check_retention(s.retention)
     try:
@@ -428,7 +431,11 @@ def _check(s: Settings) -> None:
         raise ConfigError(f"[database].url: {exc}") from None
 
 
-def _check_access(access: AccessSettings) -> None:
+def _check_access(access: AccessSettings, tls: TlsSettings) -> None:
+    for i, peer in enumerate(access.peers):
+        if peer.certificate_cn and tls.client_ca is None:
+            raise ConfigError(f"[[access.peers]][{i}].certificate_cn: needs client "
+                              "certificates: set [tls].client_ca")
     if access.allow_any and access.peers:
         raise ConfigError("[access].allow_any: true, yet [[access.peers]] are listed: "
                           "set allow_any = false to let only them in, or remove them")

@@ -10,7 +10,8 @@ unknown one). The log event names the real reason for the administrator.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+import ssl
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 from pynetdicom import evt
@@ -35,6 +36,8 @@ class Refusal(StrEnum):
 
     CALLING_AE_NOT_ALLOWED = "calling_ae_not_allowed"
     ADDRESS_NOT_ALLOWED = "address_not_allowed"
+    #: the peer's client certificate names another holder than its entry's
+    CERTIFICATE_NOT_ALLOWED = "certificate_not_allowed"
     #: the check itself failed: the request is refused rather than let through
     ACCESS_CHECK_FAILED = "access_check_failed"
 
@@ -49,6 +52,8 @@ class AccessPolicy:
     only where [access].allow_any says so (`from_settings`)."""
 
     peers: dict[str, tuple[IPNetwork, ...]]
+    #: calling AE title -> the Common Name its client certificate must carry
+    certificate_names: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_settings(cls, access: AccessSettings) -> AccessPolicy:
@@ -63,14 +68,18 @@ class AccessPolicy:
                 "[access] to let anyone in (a test bench, not a hospital network)")
         return cls({p.ae_title.strip(): tuple(ipaddress.ip_network(a, strict=False)
                                               for a in p.addresses)
-                    for p in access.peers})
+                    for p in access.peers},
+                   {p.ae_title.strip(): p.certificate_cn for p in access.peers
+                    if p.certificate_cn})
 
     @property
     def open(self) -> bool:
         return not self.peers
 
-    def refusal(self, calling_ae: str, address: str) -> Refusal | None:
-        """Why `calling_ae` connecting from `address` may not associate, or None."""
+    def refusal(self, calling_ae: str, address: str,
+                certificate_cn: str | None = None) -> Refusal | None:
+        """Why `calling_ae` connecting from `address` (with a client certificate naming
+        `certificate_cn`) may not associate, or None."""
         if self.open:
             return None
         networks = self.peers.get(calling_ae.strip())
@@ -81,6 +90,9 @@ class AccessPolicy:
             ip = ip.ipv4_mapped  # a dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d
         if not any(ip in network for network in networks):
             return Refusal.ADDRESS_NOT_ALLOWED
+        required = self.certificate_names.get(calling_ae.strip())
+        if required is not None and certificate_cn != required:
+            return Refusal.CERTIFICATE_NOT_ALLOWED
         return None
 
 
@@ -98,7 +110,7 @@ def _handle_requested(event: Event, policy: AccessPolicy, metrics: NodeMetrics) 
     try:
         calling_ae = str(assoc.requestor.primitive.calling_ae_title).strip()
         address = str(assoc.requestor.address)
-        reason = policy.refusal(calling_ae, address)
+        reason = policy.refusal(calling_ae, address, _certificate_cn(assoc))
         error = None
     except Exception as exc:
         reason, error = Refusal.ACCESS_CHECK_FAILED, f"{type(exc).__name__}: {exc}"
@@ -111,3 +123,17 @@ def _handle_requested(event: Event, policy: AccessPolicy, metrics: NodeMetrics) 
     # the association's DUL thread as its own rejections do.
     assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, CALLING_AE_NOT_RECOGNISED)
     assoc.kill()
+
+
+def _certificate_cn(assoc: object) -> str | None:
+    """The Common Name of the peer's client certificate (TLS with [tls].client_ca),
+    or None."""
+    sock = getattr(getattr(getattr(assoc, "dul", None), "socket", None), "socket", None)
+    if not isinstance(sock, ssl.SSLSocket):
+        return None
+    certificate = sock.getpeercert() or {}
+    for rdn in certificate.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return None

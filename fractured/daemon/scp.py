@@ -8,6 +8,8 @@ specific status and a log event that says why.
 from __future__ import annotations
 
 import contextlib
+import threading
+from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
 from typing import NamedTuple
@@ -160,11 +162,24 @@ def _store(event: Event, node: NodeSettings, queue: Queue) -> Stored:
     if problem:
         return _rejected(DATASET_DOES_NOT_MATCH_SOP_CLASS, problem, ctx)
 
+    # Copies of one instance sent at once (a PACS retrying on a second association)
+    # take turns: else both would write its file and only the first's row be kept,
+    # the disk holding the other's bytes.
+    with _instance_turns.turn(sop_instance):
+        return _spool_and_record(event, node, queue, ctx, study_uid, series_uid, modality,
+                                 sop_class, sop_instance, calling_ae)
+
+
+def _spool_and_record(event: Event, node: NodeSettings, queue: Queue, ctx: dict[str, str],
+                      study_uid: str, series_uid: str, modality: str, sop_class: str,
+                      sop_instance: str, calling_ae: str) -> Stored:
+    """Write the object's file and record its row (the instance's turn is held)."""
     # An instance held in this study has its file at `path`: a stat, not a query, for
     # nearly every image; one held in another study surfaces when its row is inserted.
     path = incoming_path(node.spool_dir, study_uid, sop_instance)
+    existed = path.exists()
     held: HeldInstance | None = None
-    if path.exists():
+    if existed:
         try:
             held = queue.intake.held(sop_instance)
         except Exception as exc:
@@ -185,8 +200,13 @@ def _store(event: Event, node: NodeSettings, queue: Queue) -> Stored:
     try:
         try:
             outcome = queue.intake.record_instance(item, unheld=held is None)
-        except InstanceHeld:  # in another study, or just recorded by another association
-            held = queue.intake.held(sop_instance)
+        except InstanceHeld:  # in another study, or just recorded by another node
+            try:
+                held = queue.intake.held(sop_instance)
+            except Exception:
+                if not existed:  # written here for a study that does not hold it
+                    _discard(path)
+                raise
             answer = _kept_first(held, study_uid, node, ctx)
             if answer is not None:
                 if held is not None and held.path != path:
@@ -201,6 +221,34 @@ def _store(event: Event, node: NodeSettings, queue: Queue) -> Stored:
     _log.info("store.accepted", study_instance_uid=study_uid, modality=modality,
               bytes=len(data), outcome=outcome, **ctx)
     return Stored(SUCCESS, len(data), outcome)
+
+
+class _Turns:
+    """One lock per key while someone holds it: copies of one SOP instance arriving at
+    once on several associations are stored one after the other."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[str, tuple[threading.Lock, int]] = {}
+
+    @contextlib.contextmanager
+    def turn(self, key: str) -> Iterator[None]:
+        with self._guard:
+            lock, users = self._locks.get(key, (threading.Lock(), 0))
+            self._locks[key] = (lock, users + 1)
+        try:
+            with lock:
+                yield
+        finally:
+            with self._guard:
+                lock, users = self._locks[key]
+                if users == 1:
+                    del self._locks[key]
+                else:
+                    self._locks[key] = (lock, users - 1)
+
+
+_instance_turns = _Turns()
 
 
 def _rejected(status: int, reason: str, ctx: dict[str, str], **details: str) -> Stored:

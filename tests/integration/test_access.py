@@ -126,7 +126,8 @@ class BrokenPolicy(AccessPolicy):
     """An allow-list whose check fails (a bug, a resolver error): what the listener's
     handler must survive by refusing."""
 
-    def refusal(self, calling_ae: str, address: str) -> Refusal | None:
+    def refusal(self, calling_ae: str, address: str,
+                certificate_cn: str | None = None) -> Refusal | None:
         raise RuntimeError("check failed")
 
 
@@ -281,6 +282,39 @@ def test_plain_client_and_client_without_certificate_are_refused(
     # ... and the node still serves a proper client.
     proc = storescu(tls_node.port, files, extra=tls_options(pki))
     assert c_store_statuses(proc.stdout + proc.stderr) == [0]
+
+
+@pytest.mark.peers
+def test_a_client_certificate_is_bound_to_its_peer_entry(
+        tmp_path: Path, untrained_bundle: Path, pki: Certificates) -> None:
+    """Any certificate the CA signed used to do for any AE title its holder claimed:
+    with certificate_cn, STORESCU must present the client certificate it was given,
+    and ECHOSCU, bound to another holder's, is refused with that one."""
+    peers = ('[[access.peers]]\nae_title = "STORESCU"\naddresses = ["127.0.0.1"]\n'
+             'certificate_cn = "fractured test client"\n'
+             '[[access.peers]]\nae_title = "ECHOSCU"\naddresses = ["127.0.0.1"]\n'
+             'certificate_cn = "fractured test modality"\n')
+    node = NodeProcess(tmp_path / "node", untrained_bundle, [], quiet_period_s=3600,
+                       access="", sections=tls_section(pki) + peers).start()
+    try:
+        files = factory.write_study(tmp_path / "study", 1)
+        stored = storescu(node.port, files, extra=tls_options(pki))
+        assert c_store_statuses(stored.stdout + stored.stderr) == [0]
+        echoed = echoscu(node.port, extra=tls_options(pki))
+        assert echoed.returncode != 0
+        assert "Calling AE Title Not Recognized" in echoed.stdout + echoed.stderr
+        (event,) = rejections(node, 1)
+        assert (event["reason"], event["calling_ae"]) == ("certificate_not_allowed",
+                                                          "ECHOSCU")
+    finally:
+        node.stop()
+
+
+def test_a_certificate_binding_needs_client_certificates() -> None:
+    with pytest.raises(config.ConfigError, match=r"certificate_cn: needs client "
+                       r"certificates: set \[tls\].client_ca"):
+        policy('[[access.peers]]\nae_title = "A"\naddresses = ["::1"]\n'
+               'certificate_cn = "a"')
 
 
 @pytest.mark.peers

@@ -6,25 +6,31 @@ would see and a file or row the node holds.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import pydicom
 import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 
 from fractured import config
-from fractured.daemon import reports
+from fractured.daemon import reports, scp
 from fractured.daemon.service import Node
 from tests import factory
 from tests.peers import (
+    PEER_ENV,
     NodeProcess,
     Sender,
     c_store_statuses,
     echoscu,
     free_port,
+    need,
     storescu,
     wait_for,
 )
@@ -290,6 +296,80 @@ def test_enospc_at_fsync_leaves_nothing_half_written_and_recovers(
         full["on"] = False  # space is back
         assert sent(port, files) == [0] * 3
         assert [s["instances"] for s in reports.studies(node.queue.engine)] == [3]
+    finally:
+        node.stop()
+
+
+def in_process_node(folder: Path, bundle: Path) -> tuple[Node, int]:
+    """A real Node in this process (keep_first, no analysis for an hour), started."""
+    port = free_port()
+    (folder / "config.toml").write_text(
+        f'[node]\nhost = "127.0.0.1"\nport = {port}\nspool_dir = "spool"\n'
+        f'[database]\nurl = "sqlite:///q.db"\n[study]\nquiet_period_s = 3600\n'
+        f'[engine]\nbundle = "{bundle}"\n[metrics]\nenabled = false\n'
+        '[access]\nallow_any = true\n')
+    node = Node(config.load(folder / "config.toml"))
+    node.start()
+    return node, port
+
+
+def test_copies_of_one_instance_sent_at_once_keep_the_recorded_copy_on_disk(
+        tmp_path: Path, untrained_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two copies of one instance, different bytes, on two associations at once
+    (keep_first): each copy's spool write waits up to a second for the other's, so
+    that without turns both would be written before either is recorded. The row kept
+    and the file on disk must be the same copy, every time."""
+    real_write = scp.write_durably
+    meeting: dict[str, threading.Barrier] = {}
+
+    def write_then_meet(path: Path, data: bytes, mode: int = 0o600) -> None:
+        real_write(path, data, mode)
+        with contextlib.suppress(threading.BrokenBarrierError):
+            meeting[path.stem].wait(timeout=1)
+
+    monkeypatch.setattr(scp, "write_durably", write_then_meet)
+    node, port = in_process_node(tmp_path, untrained_bundle)
+    try:
+        for round_ in range(20):
+            ds = factory.xray(pydicom.uid.generate_uid())
+            copies = []
+            for i, comment in enumerate(("short", "a much longer comment" * 20)):
+                ds.ImageComments = comment
+                ds.save_as(tmp_path / f"copy{round_}-{i}.dcm", enforce_file_format=True)
+                copies.append(tmp_path / f"copy{round_}-{i}.dcm")
+            meeting[str(ds.SOPInstanceUID)] = threading.Barrier(2)
+            senders = [subprocess.Popen(
+                [need("storescu"), "-aec", "FRACTURED", "127.0.0.1", str(port), str(copy)],
+                env=PEER_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                for copy in copies]
+            assert [p.wait(60) for p in senders] == [0, 0]
+            with node.queue.engine.connect() as db:
+                (path, size), = db.execute(text(
+                    "SELECT path, size FROM instances WHERE sop_instance_uid = :uid"),
+                    {"uid": str(ds.SOPInstanceUID)}).all()
+            assert Path(path).stat().st_size == size, f"round {round_}"
+    finally:
+        node.stop()
+
+
+def test_a_copy_written_for_a_study_that_does_not_hold_it_goes_on_a_database_error(
+        tmp_path: Path, untrained_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same instance filed under a new study (keep_first): its row is found in the
+    other study, and the look-up of that row fails (the database went away): the
+    C-STORE fails, and the file written under the new study goes with it."""
+    node, port = in_process_node(tmp_path, untrained_bundle)
+    try:
+        (original,) = factory.write_study(tmp_path / "study", 1)
+        assert sent(port, [original]) == [0]
+        moved, new_uid = moved_copy(original, tmp_path)
+
+        def unreachable(_uid: str) -> None:
+            raise OperationalError("SELECT", {}, Exception("database is gone"))
+
+        monkeypatch.setattr(node.queue.intake, "held", unreachable)
+        assert sent(port, [moved], halt=False) == [0xA700]
+        assert not (tmp_path / "spool" / "incoming" / new_uid).exists() or not list(
+            (tmp_path / "spool" / "incoming" / new_uid).iterdir())
     finally:
         node.stop()
 

@@ -1,3 +1,4 @@
 from fractured.cli import main
 
-main()
+if __name__ == "__main__":  # not when a spawned child (daemon.decoding) imports it
+    main()

@@ -41,7 +41,7 @@ class NodeSettings:
     max_associations: int = 32
     #: Connections taken at once from one IP address; more are closed as they come
     #: (daemon.limits): a peer trickling bytes cannot hold every slot.
-    max_connections_per_peer: int = 8
+    max_connections_per_peer: int = 16
     #: The largest data set received, in MiB; a larger one aborts its association
     #: (daemon.limits): it is held in memory until its last fragment.
     max_object_mb: int = 128

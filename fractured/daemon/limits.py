@@ -128,15 +128,13 @@ class ObjectSizeLimit:
             assoc.abort(block=False)
 
 
-def over_connection_limits(live: list[Association], address: str,
-                           pending: dict[str, int], *, max_connections: int,
+def over_connection_limits(taken: list[str], address: str, *, max_connections: int,
                            max_per_peer: int) -> str | None:
-    """Why one more connection from `address` may not be taken, or None. `live` are
-    the associations running, `pending` the connections taken from each address whose
-    association has not started yet (a TLS handshake, a thread starting)."""
-    if len(live) + sum(pending.values()) >= max_connections:
+    """Why one more connection from `address` may not be taken, or None. `taken` holds
+    the address of each connection taken and not closed yet: running associations and
+    those not started yet (a TLS handshake, a thread starting)."""
+    if len(taken) >= max_connections:
         return "too_many_connections"
-    from_peer = sum(1 for assoc in live if str(assoc.requestor.address) == address)
-    if from_peer + pending.get(address, 0) >= max_per_peer:
+    if taken.count(address) >= max_per_peer:
         return "too_many_connections_from_peer"
     return None

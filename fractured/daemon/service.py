@@ -81,6 +81,7 @@ class Node:
         reopened = self.queue.restart_quiet_periods()
         if reopened:
             _log.info("quiet_periods.restarted", studies=reopened)
+        self.worker.decoder.start()  # importing takes a second: not at the first study
         self.scheduler.start()
         self._server = tls.start_server(
             self.ae, (self.settings.node.host, self.settings.node.port), self.ssl_context,
@@ -163,6 +164,7 @@ class Node:
         self.notifier.extend_timeout(self.settings.worker.lease_s,
                                      "stopping: finishing the running study and deliveries")
         self.scheduler.shutdown(wait=True)
+        self.worker.decoder.close()
         if self.monitoring is not None:
             self.monitoring.stop()
         self.queue.close()

@@ -138,15 +138,21 @@ class HandshakingServer(ThreadedAssociationServer):
         association has not started yet, before any thread is made for it."""
         address = str(client_address[0])
         with self._pending_lock:
+            # an association whose connection is still pending is counted once, there
+            running = [str(assoc.requestor.address) for assoc in self.ae.active_associations
+                       if getattr(assoc.dul.socket, "socket", None) not in self._pending]
+            taken = running + list(self._pending.values())
             reason = limits.over_connection_limits(
-                self.ae.active_associations, address, self._pending,
+                taken, address,
                 max_connections=limits.CONNECTIONS_PER_ASSOCIATION * self.max_associations,
                 max_per_peer=self.max_per_peer)
             if reason is None:
-                self._pending[address] = self._pending.get(address, 0) + 1
+                self._pending[request] = address
                 return True
         self.metrics.association_rejected(reason)
-        _log.warning("association.rejected", reason=reason, address=address)
+        _log.warning("association.rejected", reason=reason, address=address,
+                     connections=len(taken), from_peer=taken.count(address),
+                     starting=len(self._pending))
         return False
 
     def get_request(self):  # type: ignore[no-untyped-def]
@@ -161,7 +167,8 @@ class HandshakingServer(ThreadedAssociationServer):
         try:
             self._handshake_then_serve(request, client_address)
         finally:  # its association's thread runs now, or never will
-            self._release(client_address)
+            with self._pending_lock:
+                del self._pending[request]
 
     def _handshake_then_serve(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
         if isinstance(request, ssl.SSLSocket):
@@ -183,13 +190,6 @@ class HandshakingServer(ThreadedAssociationServer):
                 return
             request.settimeout(before)
         super().process_request_thread(request, client_address)
-
-    def _release(self, client_address) -> None:  # type: ignore[no-untyped-def]
-        address = str(client_address[0])
-        with self._pending_lock:
-            self._pending[address] -= 1
-            if not self._pending[address]:
-                del self._pending[address]
 
 
 def start_server(ae: AE, address: tuple[str, int], ssl_context: ssl.SSLContext | None,

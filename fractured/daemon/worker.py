@@ -22,6 +22,7 @@ from pydicom.uid import generate_uid
 from fractured import log
 from fractured.config import Settings
 from fractured.daemon.active_model import ActiveModel
+from fractured.daemon.decoding import Decoder
 from fractured.daemon.leases import Renewal
 from fractured.daemon.metrics import NodeMetrics
 from fractured.daemon.queue import ClaimedStudy, Queue, ResultObject
@@ -33,12 +34,7 @@ from fractured.durable import write_durably
 from fractured.engine.findings import Finding, ModelInfo, study_verdict
 from fractured.engine.intended_use import NOT_DECLARED_CHECK, ScopeCheck, ScopeReason
 from fractured.engine.pipeline import Pipeline
-from fractured.engine.preprocess import (
-    DecodeError,
-    ImageTooLarge,
-    display_pixels,
-    read_dataset,
-)
+from fractured.engine.preprocess import DecodeError, ImageTooLarge
 from fractured.engine.regions import Region, dataset_region, region_group
 from fractured.engine.sources import image_ref
 from fractured.privacy import Redactor
@@ -73,6 +69,8 @@ class Worker:
         self.metrics = metrics
         self.id, self.device_uid = node_identity(settings)
         self.router = Router(settings)
+        #: decodes pixels in a process of its own (daemon.decoding)
+        self.decoder = Decoder(settings.engine.max_image_megapixels)
 
     def run_once(self) -> bool:
         """Process one study if one is ready; returns whether one was claimed."""
@@ -122,13 +120,13 @@ class Worker:
                 continue
             limit = self.settings.engine.max_image_megapixels
             try:
-                ds = read_dataset(path, limit)
+                ds = _header(path)
                 scope = pipeline.scope(ds)
                 if not scope.analyse:
                     self._outside(scope, claim, sop_uid, ds, pipeline, log_ctx,
                                   outcomes, outside, records, recorded)
                     continue
-                sources.append((ds, display_pixels(ds, path.name, limit)))
+                sources.append((ds, self.decoder.display_pixels(path)))
             except ImageTooLarge as exc:
                 _log.warning("image.skipped", reason="too_large",
                              error=_redactor(claim)(str(exc)), sop_instance_uid=sop_uid,
@@ -137,7 +135,7 @@ class Worker:
                 outside.append(f"the image is larger than the {limit:g} megapixels the "
                                "node decodes")
                 continue
-            except DecodeError as exc:
+            except DecodeError as exc:  # DecoderDied too: the next image gets a new one
                 _log.warning("image.skipped", reason="undecodable",
                              error=_redactor(claim)(str(exc)), sop_instance_uid=sop_uid,
                              **log_ctx)
@@ -253,6 +251,15 @@ class Worker:
         _log.info("shadow.processed", model=shadow.model.label, images=rows,
                   fractures=sum(f.fracture for f in candidate),
                   seconds=round(time.monotonic() - started, 3), **log_ctx)
+
+
+def _header(path: Path) -> Dataset:
+    """An image's header, its pixel data left to the decoder; DecodeError naming the
+    file when it is not DICOM (or deflated past what a header may be)."""
+    try:
+        return read_header(path)
+    except Exception as exc:  # pydicom raises several types for a bad file
+        raise DecodeError(f"{path.name}: not a readable DICOM file ({exc})") from exc
 
 
 def _redactor(claim: ClaimedStudy) -> Redactor:

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from fractured.daemon import liveness, systemd
+from fractured import config
+from fractured.daemon import limits, liveness, systemd
+from fractured.daemon.decoding import address_space
 from tests.paths import REPO
 from tests.peers import NodeProcess, port_open, wait_for
 
@@ -235,8 +237,22 @@ def test_unit_runs_the_installed_node_as_a_notify_service() -> None:
     assert settings["ProtectHome"] == ["yes"]
 
 
+def test_unit_limits_hold_the_decoder_and_every_connection() -> None:
+    """MemoryMax leaves the decoder its whole address space and the node a gigabyte;
+    TasksMax two threads for each connection the node may hold, and room; an OOM kill
+    of the decoder does not stop the service."""
+    settings = unit_settings(UNIT.read_text())
+    defaults = config.from_dict({}, base=REPO)
+    gib = 1 << 30
+    memory_max = int(settings["MemoryMax"][0].removesuffix("G")) * gib
+    assert memory_max >= address_space(defaults.engine.max_image_megapixels) + gib
+    assert int(settings["MemoryHigh"][0].removesuffix("G")) * gib < memory_max
+    connections = limits.CONNECTIONS_PER_ASSOCIATION * defaults.node.max_associations
+    assert int(settings["TasksMax"][0]) >= 2 * connections + 128
+    assert settings["OOMPolicy"] == ["continue"]
+
+
 def test_unit_gives_a_stop_more_time_than_the_shutdown_grace() -> None:
-    from fractured import config
 
     grace = config.load(REPO / "config.toml").node.shutdown_grace_s
     (stop,) = unit_settings(UNIT.read_text())["TimeoutStopSec"]
@@ -270,7 +286,6 @@ def test_install_refuses_an_unknown_option() -> None:
 
 @pytest.mark.slow
 def test_install_stages_the_service_keeps_the_admins_config_and_checks_it(tmp_path: Path) -> None:
-    from fractured import config
 
     root = tmp_path / "root"
     install(root)

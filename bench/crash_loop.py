@@ -84,11 +84,16 @@ def states(node: NodeProcess) -> dict[str, dict[str, Any]]:
     return {s["study_instance_uid"]: s for s in node.status()["study_list"]}
 
 
-def decoder_dies(root: Path, bundle: Path, studies: int) -> None:
-    pacs = Storescp(root / "pacs-a").start()
-    node = NodeProcess(root / "node-a", bundle, [{"name": "pacs", "ae_title": pacs.ae_title,
-                                                  "port": pacs.port}],
+def node_and_pacs(root: Path, bundle: Path, name: str) -> tuple[NodeProcess, Storescp]:
+    pacs = Storescp(root / f"pacs-{name}").start()
+    node = NodeProcess(root / f"node-{name}", bundle,
+                       [{"name": "pacs", "ae_title": pacs.ae_title, "port": pacs.port}],
                        quiet_period_s=1).start()
+    return node, pacs
+
+
+def decoder_dies(root: Path, bundle: Path, studies: int) -> None:
+    node, pacs = node_and_pacs(root, bundle, "a")
     kills = 0
     try:
         with Echoes(node) as echoes:
@@ -118,10 +123,7 @@ def decoder_dies(root: Path, bundle: Path, studies: int) -> None:
 
 
 def node_dies(root: Path, bundle: Path, studies: int) -> None:
-    pacs = Storescp(root / "pacs-b").start()
-    node = NodeProcess(root / "node-b", bundle, [{"name": "pacs", "ae_title": pacs.ae_title,
-                                                  "port": pacs.port}],
-                       quiet_period_s=1).start()
+    node, pacs = node_and_pacs(root, bundle, "b")
     restarts = 0
     try:
         with Echoes(node) as echoes:

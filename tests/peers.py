@@ -360,6 +360,24 @@ class NodeProcess:
         return self.proc.returncode
 
 
+def in_process_node(folder: Path, bundle: Path) -> tuple[Any, int]:
+    """A real Node in this process (anyone may connect, keep_first, no analysis for
+    an hour, no metrics endpoint), started, spooling to `folder`/spool: for tests that
+    look at its queue or inject a fault into it. Returns it and its port."""
+    from fractured import config
+    from fractured.daemon.service import Node
+
+    port = free_port()
+    (folder / "config.toml").write_text(
+        f'[node]\nhost = "127.0.0.1"\nport = {port}\nspool_dir = "spool"\n'
+        f'[database]\nurl = "sqlite:///q.db"\n[study]\nquiet_period_s = 3600\n'
+        f'[engine]\nbundle = "{bundle}"\n[metrics]\nenabled = false\n'
+        '[access]\nallow_any = true\n')
+    node = Node(config.load(folder / "config.toml"))
+    node.start()
+    return node, port
+
+
 def c_store_statuses(output: str) -> list[int]:
     """The C-STORE response statuses that `storescu -d` printed, in order."""
     return [int(s, 16) for s in re.findall(r"DIMSE Status\s*:\s*0x([0-9A-Fa-f]{4})", output)]

@@ -22,7 +22,6 @@ from pydicom.uid import JPEG2000Lossless, generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from fractured import config
 from fractured.daemon.service import Node
 from fractured.engine.preprocess import DecodeError, display_pixels, read_dataset
 from tests import bombs, factory
@@ -31,7 +30,7 @@ from tests.peers import (
     NodeProcess,
     c_store_statuses,
     echoscu,
-    free_port,
+    in_process_node,
     need,
     storescu,
     wait_for,
@@ -289,15 +288,7 @@ def test_decoder_gives_an_image_or_a_decode_error(tmp_path: Path, sample_files: 
 @pytest.fixture(scope="module")
 def live_node(tmp_path_factory: pytest.TempPathFactory, untrained_bundle: Path):
     """A real Node in this process, so the fuzz test can look at its spool and queue."""
-    folder = tmp_path_factory.mktemp("fuzz-node")
-    port = free_port()
-    (folder / "config.toml").write_text(
-        f'[node]\nhost = "127.0.0.1"\nport = {port}\nspool_dir = "spool"\n'
-        f'[database]\nurl = "sqlite:///q.db"\n[study]\nquiet_period_s = 3600\n'
-        f'[engine]\nbundle = "{untrained_bundle}"\n[metrics]\nenabled = false\n'
-        '[access]\nallow_any = true\n')
-    node = Node(config.load(folder / "config.toml"))
-    node.start()
+    node, port = in_process_node(tmp_path_factory.mktemp("fuzz-node"), untrained_bundle)
     yield node, port
     node.stop()
 

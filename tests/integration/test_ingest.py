@@ -19,9 +19,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
-from fractured import config
 from fractured.daemon import reports, scp
-from fractured.daemon.service import Node
 from tests import factory
 from tests.peers import (
     PEER_ENV,
@@ -29,7 +27,7 @@ from tests.peers import (
     Sender,
     c_store_statuses,
     echoscu,
-    free_port,
+    in_process_node,
     need,
     storescu,
     wait_for,
@@ -269,14 +267,7 @@ def test_enospc_at_fsync_leaves_nothing_half_written_and_recovers(
         tmp_path: Path, untrained_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Where no tmpfs can be mounted: the disk error is injected at the fsync of spool
     files (where a full disk with delayed allocation reports it), in a real Node."""
-    port = free_port()
-    (tmp_path / "config.toml").write_text(
-        f'[node]\nhost = "127.0.0.1"\nport = {port}\nspool_dir = "spool"\n'
-        f'[database]\nurl = "sqlite:///q.db"\n[study]\nquiet_period_s = 3600\n'
-        f'[engine]\nbundle = "{untrained_bundle}"\n[metrics]\nenabled = false\n'
-        '[access]\nallow_any = true\n')
-    settings = config.load(tmp_path / "config.toml")
-    spool = settings.node.spool_dir
+    spool = tmp_path / "spool"  # in_process_node's
     real_fsync, full = os.fsync, {"on": True}
 
     def fsync(fd: int) -> None:
@@ -286,8 +277,7 @@ def test_enospc_at_fsync_leaves_nothing_half_written_and_recovers(
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    node = Node(settings)
-    node.start()
+    node, port = in_process_node(tmp_path, untrained_bundle)
     try:
         files = factory.write_study(tmp_path / "study", 3)
         assert sent(port, files, halt=False) == [0xA700] * 3
@@ -298,19 +288,6 @@ def test_enospc_at_fsync_leaves_nothing_half_written_and_recovers(
         assert [s["instances"] for s in reports.studies(node.queue.engine)] == [3]
     finally:
         node.stop()
-
-
-def in_process_node(folder: Path, bundle: Path) -> tuple[Node, int]:
-    """A real Node in this process (keep_first, no analysis for an hour), started."""
-    port = free_port()
-    (folder / "config.toml").write_text(
-        f'[node]\nhost = "127.0.0.1"\nport = {port}\nspool_dir = "spool"\n'
-        f'[database]\nurl = "sqlite:///q.db"\n[study]\nquiet_period_s = 3600\n'
-        f'[engine]\nbundle = "{bundle}"\n[metrics]\nenabled = false\n'
-        '[access]\nallow_any = true\n')
-    node = Node(config.load(folder / "config.toml"))
-    node.start()
-    return node, port
 
 
 def test_copies_of_one_instance_sent_at_once_keep_the_recorded_copy_on_disk(

@@ -42,8 +42,8 @@ class NodeSettings:
     #: Connections taken at once from one IP address; more are closed as they come
     #: (daemon.limits): a peer trickling bytes cannot hold every slot.
     max_connections_per_peer: int = 16
-    #: The largest data set received, in MiB; a larger one aborts its association
-    #: (daemon.limits): it is held in memory until its last fragment.
+    #: The largest data set kept, in MiB: a larger one is answered with a failure
+    #: status, one past twice this aborts its association (daemon.limits).
     max_object_mb: int = 128
     #: An instance already held (same SOP Instance UID) sent again: "keep_first"
     #: acknowledges it and keeps the copy held; "replace" stores the new copy and

@@ -14,9 +14,12 @@ fragment of a data set could grow the node's memory until the OOM killer acts.
   still answered with pynetdicom's transient rejection, which a peer retries.
 - A PDU longer than the node offers (MAXIMUM_PDU_BYTES, sent in its A-ASSOCIATE-AC; a
   peer must keep to it, PS3.8 9.3.3.3) closes the connection before it is read.
-- A data set growing past `[node].max_object_mb` aborts the association
-  (`store.rejected`, reason `object_too_large`): its bytes are held in memory until
-  the last fragment, so it cannot be let through to a failure status.
+- A data set over `[node].max_object_mb` that ends within twice that is received and
+  answered with a failure status (daemon.scp: 0xA700, `object_too_large`); one still
+  growing past twice the limit (a peer that never sends the last fragment) aborts its
+  association (`association.aborted`, reason `object_too_large`). pynetdicom holds a
+  data set in memory until its last fragment: twice the limit is what one association
+  may hold.
 """
 
 from __future__ import annotations
@@ -45,6 +48,10 @@ MAXIMUM_PDU_BYTES = 4 << 20
 #: Connections taken at once, as a multiple of [node].max_associations: those over
 #: max_associations are answered with a transient rejection, the rest closed unread.
 CONNECTIONS_PER_ASSOCIATION = 2
+
+#: An association's data set in progress is aborted past this many times
+#: [node].max_object_mb; up to it, it is answered with a failure status.
+ABORT_FACTOR = 2
 
 #: Message control header bits of a presentation data value (PS3.8 E.2).
 _COMMAND = 0x01
@@ -90,10 +97,10 @@ class LimitedRequestHandler(RequestHandler):
 
 class ObjectSizeLimit:
     """Counts the data set bytes of the message each association is receiving and
-    aborts the association once they pass `max_bytes`."""
+    aborts the association once they pass ABORT_FACTOR times `max_bytes`."""
 
     def __init__(self, max_bytes: int, metrics: NodeMetrics) -> None:
-        self.max_bytes = max_bytes
+        self.max_bytes = max_bytes * ABORT_FACTOR
         self._metrics = metrics
         self._received: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
@@ -121,8 +128,8 @@ class ObjectSizeLimit:
         if size > self.max_bytes:
             self._received[assoc] = 0  # once: abort() is asynchronous
             self._metrics.instance_rejected("object_too_large")
-            _log.warning("store.rejected", reason="object_too_large", received_bytes=size,
-                         limit_bytes=self.max_bytes,
+            _log.warning("association.aborted", reason="object_too_large",
+                         received_bytes=size, limit_bytes=self.max_bytes,
                          calling_ae=str(assoc.requestor.ae_title).strip(),
                          address=str(assoc.requestor.address))
             assoc.abort(block=False)

@@ -146,6 +146,10 @@ def _store(event: Event, node: NodeSettings, queue: Queue) -> Stored:
     if sop_class not in ACCEPTED_SOP_CLASSES and sop_class not in node.extra_sop_classes:
         return _rejected(SOP_CLASS_NOT_SUPPORTED, "sop_class_not_supported", ctx,
                          sop_class_uid=sop_class)
+    size = event.request.DataSet.getbuffer().nbytes
+    if size > node.max_object_mb << 20:  # received whole (daemon.limits), not kept
+        return _rejected(OUT_OF_RESOURCES, "object_too_large", ctx, received_bytes=size,
+                         limit_bytes=node.max_object_mb << 20)
     try:
         ds = _identity_elements(event)
         study_uid = str(ds.get("StudyInstanceUID", ""))
@@ -251,7 +255,7 @@ class _Turns:
 _instance_turns = _Turns()
 
 
-def _rejected(status: int, reason: str, ctx: dict[str, str], **details: str) -> Stored:
+def _rejected(status: int, reason: str, ctx: dict[str, str], **details: object) -> Stored:
     """Refuse an object the node will not keep (its fault, not ours)."""
     _log.warning("store.rejected", reason=reason, **details, **ctx)
     return Stored(status, 0, reason)

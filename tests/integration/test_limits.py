@@ -19,7 +19,7 @@ from pynetdicom import AE
 
 from tests import factory
 from tests.integration.test_bad_input import peak_rss_mib
-from tests.peers import NodeProcess, echoscu, storescu, wait_for
+from tests.peers import NodeProcess, c_store_statuses, echoscu, storescu, wait_for
 
 pytestmark = pytest.mark.peers
 
@@ -104,8 +104,8 @@ def _p_data(context_id: int, control: int, payload: bytes) -> bytes:
 
 def test_a_data_set_that_never_ends_aborts_its_association(node: NodeProcess) -> None:
     """A peer associates, sends a C-STORE request and then data set fragments without
-    the last one: past [node].max_object_mb (2 here) the node aborts it; echoscu is
-    answered meanwhile and the node's memory does not follow the stream."""
+    the last one: past twice [node].max_object_mb (2 here) the node aborts it; echoscu
+    is answered meanwhile and the node's memory does not follow the stream."""
     ae = AE(ae_title="ENDLESS")
     ae.add_requested_context(factory.DX_PRESENTATION, ExplicitVRLittleEndian)
     assoc = ae.associate("127.0.0.1", node.port, ae_title="FRACTURED")
@@ -124,13 +124,28 @@ def test_a_data_set_that_never_ends_aborts_its_association(node: NodeProcess) ->
             sent += 256 << 10
     except OSError:  # the node aborted and closed: sending fails
         pass
-    (event,) = node.wait_events("store.rejected")
+    (event,) = node.wait_events("association.aborted")
     assert (event["reason"], event["calling_ae"]) == ("object_too_large", "ENDLESS")
-    assert event["received_bytes"] > 2 << 20
+    assert event["received_bytes"] > 4 << 20  # twice [node].max_object_mb
     wait_for("the association to be aborted", lambda: assoc.is_aborted, 30)
     assert sent < 64 << 20  # the node stopped reading long before
     assert echoscu(node.port).returncode == 0
     assert peak_rss_mib(node) - before < 64
+
+
+def test_an_object_over_the_limit_is_answered_with_a_failure_status(
+        node: NodeProcess, tmp_path: Path) -> None:
+    """A 3 MiB image to a node keeping 2 MiB at most: received whole, answered 0xA700,
+    not kept; the association goes on (the next image is stored)."""
+    big = factory.xray(generate_uid(), rows=1300, cols=1200)  # 16-bit: 3.0 MiB
+    big.save_as(tmp_path / "big.dcm", enforce_file_format=True)
+    (small,) = factory.write_study(tmp_path / "small", 1)
+    sent = storescu(node.port, [tmp_path / "big.dcm", small], extra=["--no-halt"])
+    assert c_store_statuses(sent.stdout + sent.stderr) == [0xA700, 0]
+    (event,) = node.wait_events("store.rejected")
+    assert event["reason"] == "object_too_large" and event["received_bytes"] > 2 << 20
+    assert not node.events("association.aborted")
+    assert len(list((node.folder / "spool").rglob("*.dcm"))) == 1
 
 
 def test_a_pdu_longer_than_offered_closes_the_connection_unread(node: NodeProcess) -> None:

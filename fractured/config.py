@@ -41,7 +41,7 @@ class NodeSettings:
     max_associations: int = 32
     #: Connections taken at once from one IP address; more are closed as they come
     #: (daemon.limits): a peer trickling bytes cannot hold every slot.
-    max_connections_per_peer: int = 16
+    max_connections_per_peer: int = 24
     #: The largest data set kept, in MiB: a larger one is answered with a failure
     #: status, one past twice this aborts its association (daemon.limits).
     max_object_mb: int = 128

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +28,21 @@ from tests.postgres import PostgresCluster, server_bin
 
 TESTS = Path(__file__).resolve().parent
 TIERS = ("unit", "models", "integration", "artifacts", "gpu")
+
+
+@pytest.fixture(autouse=True)
+def _pydicom_as_it_was() -> Iterator[None]:
+    """A test that runs a command in this process (click's CliRunner) sets the node's
+    logging up, which turns pydicom's value validation off and changes how warnings
+    are shown (fractured.privacy): put both back, so no later test sees it."""
+    from pydicom import config
+
+    settings = config.settings
+    reading, writing = settings._reading_validation_mode, settings._writing_validation_mode
+    show = warnings.showwarning
+    yield
+    settings._reading_validation_mode, settings._writing_validation_mode = reading, writing
+    warnings.showwarning = show
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -138,9 +138,12 @@ class HandshakingServer(ThreadedAssociationServer):
         association has not started yet, before any thread is made for it."""
         address = str(client_address[0])
         with self._pending_lock:
-            # an association whose connection is still pending is counted once, there
+            # an association whose connection is still pending is counted once, there;
+            # one whose connection has closed (a port probe, its thread ending) not at all
             running = [str(assoc.requestor.address) for assoc in self.ae.active_associations
-                       if getattr(assoc.dul.socket, "socket", None) not in self._pending]
+                       if (sock := getattr(assoc.dul.socket, "socket", None)) is not None
+                       and sock not in self._pending
+                       and not (assoc.is_aborted or assoc.is_released)]
             taken = running + list(self._pending.values())
             reason = limits.over_connection_limits(
                 taken, address,

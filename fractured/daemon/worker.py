@@ -7,6 +7,7 @@ leaves a complete one, never half a set of results on the PACS.
 
 from __future__ import annotations
 
+import functools
 import io
 import socket
 import time
@@ -110,6 +111,9 @@ class Worker:
         outside: list[str] = []  # why, in the SR's words (intended use, decoding)
         records: list[ImageOutcome] = []  # every scope-checked image, for status
         recorded = utcnow()
+        limit = self.settings.engine.max_image_megapixels
+        # the study's identifying values, read once and only if an error is to be told
+        redact = functools.cache(lambda: _redactor(claim))
         for instance in claim.instances:
             sop_uid, path = instance.sop_instance_uid, instance.path
             decision = self.router.decide(instance)
@@ -118,7 +122,6 @@ class Worker:
                           modality=instance.modality, sop_instance_uid=sop_uid, **log_ctx)
                 outcomes.append(decision.outcome)
                 continue
-            limit = self.settings.engine.max_image_megapixels
             try:
                 ds = _header(path)
                 scope = pipeline.scope(ds)
@@ -128,17 +131,15 @@ class Worker:
                     continue
                 sources.append((ds, self.decoder.display_pixels(path)))
             except ImageTooLarge as exc:
-                _log.warning("image.skipped", reason="too_large",
-                             error=_redactor(claim)(str(exc)), sop_instance_uid=sop_uid,
-                             **log_ctx)
+                _log.warning("image.skipped", reason="too_large", error=redact()(str(exc)),
+                             sop_instance_uid=sop_uid, **log_ctx)
                 outcomes.append("too large to decode")
                 outside.append(f"the image is larger than the {limit:g} megapixels the "
                                "node decodes")
                 continue
             except DecodeError as exc:  # DecoderDied too: the next image gets a new one
-                _log.warning("image.skipped", reason="undecodable",
-                             error=_redactor(claim)(str(exc)), sop_instance_uid=sop_uid,
-                             **log_ctx)
+                _log.warning("image.skipped", reason="undecodable", error=redact()(str(exc)),
+                             sop_instance_uid=sop_uid, **log_ctx)
                 outcomes.append("undecodable")
                 outside.append("the image could not be decoded")
                 continue

@@ -9,11 +9,15 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fractured.engine.intended_use import ScopeCheck
 from fractured.engine.regions import PointsRegion
+
+if TYPE_CHECKING:  # exposed_field needs OpenCV; findings are plain data
+    from fractured.engine.exposed_field import Field
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,8 @@ class Finding:
     then needs no citing. `scope` is the image's intended-use check as the pipeline
     settled it: for an image whose header could not say what it shows, the region
     check's decision; one with `analyse` false is a verdict nobody may see.
+    `analysed_field` is the rectangle of the image the classifier analysed (its exposed
+    field, where the bundle crops to it); None: the whole image.
     """
 
     image: ImageRef
@@ -112,6 +118,7 @@ class Finding:
     spread: float | None = None
     operating_region: PointsRegion | None = None
     scope: ScopeCheck | None = None
+    analysed_field: Field | None = None
 
     @property
     def level(self) -> DecisionLevel:

@@ -130,7 +130,8 @@ class Pipeline:
                 findings.append(Finding(
                     image=ref, probability=probability, operating_points=points,
                     heatmap=outputs.heatmaps[i], model=self.model, boxes=shown,
-                    spread=spread, operating_region=points_region, scope=scope))
+                    spread=spread, operating_region=points_region, scope=scope,
+                    analysed_field=outputs.fields[i]))
         return findings
 
     def _needs_region_check(self, header: ScopeCheck) -> bool:
@@ -186,7 +187,7 @@ class Pipeline:
         logits, heatmaps, seen = self._classify(images, fields, see)
         boxes, best, detections = self._detect(images, detector_fields)
         return _Outputs(logits=logits, heatmaps=heatmaps, boxes=boxes, best_box=best,
-                        detections=detections, seen=seen)
+                        detections=detections, seen=seen, fields=fields)
 
     def _probabilities(self, outputs: _Outputs) -> np.ndarray:
         """(n, variants): the calibrated probability of each pass, fused with the image's
@@ -297,6 +298,7 @@ class _Outputs:
     best_box: np.ndarray  # (n,): each image's best box score at any score, else 0
     detections: list[Detections]  # every box returned, per image (none without detector)
     seen: list[RegionSeen | None]  # the region check's view, where it was asked
+    fields: list[Field | None]  # what the classifier saw of each image (None: all of it)
 
 
 def _datasets(datasets: Sequence[Dataset | None] | None, count: int) -> list[Dataset | None]:

@@ -159,3 +159,9 @@ def series_description(what: str, model: ModelInfo) -> str:
     if len(label) > room:
         label = label[: room - 3] + "..."
     return f"{what} {label}{suffix}"
+
+
+#: Before each measurement group's Tracking Identifier: the name OHIF gives what its
+#: rectangle tool saves, the only way OHIF takes a group as a rectangle it can show on the
+#: image and list (docs/pacs-setup.md). The rest says which box of which image.
+RECTANGLE_TRACKING_PREFIX = "Cornerstone3DTools@^0.1.0:RectangleROI:"

@@ -3,14 +3,19 @@
 The SR is the machine-readable result: a PACS, a worklist or a registry can read, per
 source image, the decision (Fracture of bone = Present for a likely fracture,
 Undetermined for a possible one, Absent otherwise; then Present/Absent at each
-operating point and the decision level;
-whose operating points decided, where the bundle has a pair per body region), the
-calibrated probability (and its spread under test-time augmentation), the finding
-site from BodyPartExamined, and per detected fracture a planar ROI: the box as a closed
-polyline in the source image's pixels (SR has no rectangle type) with its score and
-level. Each image and each box gets its own group that references the exact SOP
-instance, so a result can never be attached to the wrong image of the study. A Summary
-text item says it all in words for viewers that show only text.
+operating point and the decision level; whose operating points decided, where the
+bundle has a pair per body region), the calibrated probability (and its spread under
+test-time augmentation) inferred from the rectangle the model analysed, the finding
+site from BodyPartExamined, and per detected fracture its score inferred from the box,
+a closed polyline in the source image's pixels (SR has no rectangle type), and its
+level. Each image and each box gets its own TID 1501 group that references the exact
+SOP instance, so a result can never be attached to the wrong image of the study, and a
+Comment that says its verdict in words. A Summary text item says it all for viewers
+that show only text.
+
+Boxes are TID 1501 groups with the score INFERRED FROM the box rather than TID 1410
+planar ROIs, and every group's Tracking Identifier starts with OHIF's name for its
+rectangles: both standard, and what OHIF needs to show them (docs/pacs-setup.md).
 """
 
 from __future__ import annotations
@@ -79,8 +84,7 @@ def make_sr(
             model_name=codes.MANUFACTURER_MODEL_NAME,
         ),
     )
-    groups: list[hd.sr.MeasurementsAndQualitativeEvaluations
-                 | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations] = []
+    groups: list[hd.sr.MeasurementsAndQualitativeEvaluations] = []
     for number, finding in enumerate(findings, start=1):
         source = by_uid[finding.image.sop_instance_uid]
         groups.append(_measurement_group(finding, source, number, len(findings)))
@@ -92,7 +96,11 @@ def make_sr(
         imaging_measurements=groups,
         title=codes.REPORT_TITLE,
     )
-    report[0].ContentSequence.append(hd.sr.TextContentItem(
+    # The Summary before the measurements: a text-only display renders the tree in
+    # order, and the reader should meet the verdict first (DCMTK's dsr2html does).
+    content = report[0].ContentSequence
+    first_container = next(i for i, item in enumerate(content) if item.ValueType == "CONTAINER")
+    content.insert(first_container, hd.sr.TextContentItem(
         name=codes.SUMMARY, value=summary_text(findings, not_analysed),
         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
     header = study_header(sources[0])
@@ -131,6 +139,7 @@ def _measurement_group(
             # Present/Absent decision. float(): highdicom takes only Python numbers.
             value=float(finding.probability),
             unit=codes.NO_UNITS,
+            referenced_coordinates=[_analysed_region(finding, source)],
         )
     ]
     if finding.spread is not None:
@@ -149,8 +158,8 @@ def _measurement_group(
             value=codes.OPERATING_POINTS_FROM[finding.operating_region]))
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=hd.UID(), identifier=f"Fracture classification, image {number} of {total}"
-        ),
+            uid=hd.UID(), identifier=f"{codes.RECTANGLE_TRACKING_PREFIX}Fracture "
+                                     f"classification, image {number} of {total}"),
         finding_type=codes.FRACTURE,
         algorithm_id=_algorithm(finding),
         finding_sites=_sites(source),
@@ -158,33 +167,63 @@ def _measurement_group(
         qualitative_evaluations=evaluations,
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
     )
-    if not finding.model.trained:
-        _warn_untrained(group)
+    _label(group, f"{_VERDICTS[level]} (probability {finding.probability:.2f})",
+           finding)
     return group
 
 
+def _analysed_region(finding: Finding, source: Dataset) -> hd.sr.CoordinatesForMeasurement:
+    """TID 300's INFERRED FROM: the rectangle of the image the probability came from.
+
+    The standard lets an image-level measurement go without one, but OHIF (3.13) reads
+    every measurement group of a TID 1500 report as having a spatial coordinate and
+    stops the whole viewer on one that has none (docs/pacs-setup.md); this one is true
+    and tells a reader which part of the image was analysed.
+    """
+    field = finding.analysed_field
+    top, bottom, left, right = ((0, int(source.Rows), 0, int(source.Columns)) if field is None
+                                else (field.top, field.bottom, field.left, field.right))
+    return hd.sr.CoordinatesForMeasurement(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=_rectangle(left, top, right, bottom),
+        source_image=hd.sr.SourceImageForRegion.from_source_image(source))
+
+
+def _rectangle(x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
+    """A closed polyline round a rectangle (SR has no rectangle type), in image
+    coordinates: columns, rows; 0, 0 the top left corner of the top left pixel."""
+    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=np.float64)
+
+
 def _box_group(finding: Finding, box: Box, source: Dataset, number: int,
-               index: int) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
-    """TID 1410 for one detected fracture: its box on the exact image, score and level."""
-    corners = np.array([[box.x0, box.y0], [box.x1, box.y0], [box.x1, box.y1],
-                        [box.x0, box.y1], [box.x0, box.y0]], dtype=np.float64)
-    group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+               index: int) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 for one detected fracture: its score INFERRED FROM the box on the exact
+    image, and its level."""
+    region = hd.sr.CoordinatesForMeasurement(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=_rectangle(box.x0, box.y0, box.x1, box.y1),
+        source_image=hd.sr.SourceImageForRegion.from_source_image(source))
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=hd.UID(), identifier=f"Fracture box {index} on image {number}"),
-        referenced_region=hd.sr.ImageRegion(
-            graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=corners,
-            source_image=hd.sr.SourceImageForRegion.from_source_image(source)),
+            uid=hd.UID(),
+            identifier=f"{codes.RECTANGLE_TRACKING_PREFIX}Fracture box {index} "
+                       f"on image {number}"),
         finding_type=codes.FRACTURE,
         algorithm_id=_algorithm(finding),
         finding_sites=_sites(source),
         measurements=[hd.sr.Measurement(name=codes.BOX_SCORE, value=float(box.score),
-                                        unit=codes.NO_UNITS)],
+                                        unit=codes.NO_UNITS, referenced_coordinates=[region])],
         qualitative_evaluations=[
             hd.sr.QualitativeEvaluation(name=codes.DECISION_LEVEL, value=codes.LEVELS[box.level])],
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
     )
-    if not finding.model.trained:
-        _warn_untrained(group)
+    _label(group, f"{_VERDICTS[box.level]} here (box score {box.score:.2f})", finding)
     return group
+
+
+#: A decision level in the words of the summary, the labels and the overlay's banner.
+_VERDICTS = {DecisionLevel.LIKELY: "likely fracture", DecisionLevel.POSSIBLE: "possible fracture",
+             DecisionLevel.NEGATIVE: "no fracture found"}
 
 
 def summary_text(findings: Sequence[Finding], not_analysed: Sequence[str] = ()) -> str:
@@ -196,9 +235,7 @@ def summary_text(findings: Sequence[Finding], not_analysed: Sequence[str] = ()) 
         lines.append(f"{codes.UNTRAINED_WARNING}.")
     lines.append(f"{study_verdict(findings)}.")
     for number, finding in enumerate(findings, start=1):
-        verdict = {DecisionLevel.LIKELY: "likely fracture",
-                   DecisionLevel.POSSIBLE: "possible fracture",
-                   DecisionLevel.NEGATIVE: "no fracture found"}[finding.level]
+        verdict = _VERDICTS[finding.level]
         boxes = f", {len(finding.boxes)} box(es)" if finding.boxes else ""
         whose = (f", {finding.operating_region} operating points"
                  if finding.operating_region is not None else "")
@@ -220,17 +257,16 @@ def _sites(source: Dataset) -> list[hd.sr.FindingSite] | None:
     return [hd.sr.FindingSite(codes.BODY_PARTS[part])] if part in codes.BODY_PARTS else None
 
 
-def _warn_untrained(group: hd.sr.MeasurementsAndQualitativeEvaluations
-                    | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations) -> None:
-    # highdicom's QualitativeEvaluation takes coded values only; TID 1501 row 12 also
-    # allows a TEXT value, which a reader of the SR cannot miss.
-    group[0].ContentSequence.append(
-        hd.sr.TextContentItem(
-            name=codes.COMMENT,
-            value=codes.UNTRAINED_WARNING,
-            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-        )
-    )
+def _label(group: hd.sr.MeasurementsAndQualitativeEvaluations, verdict: str,
+           finding: Finding) -> None:
+    """A Comment (TID 1501's TEXT row) that says the group's verdict in words, first:
+    viewers that list measurements show it as the measurement's label, cut to the
+    panel's width (OHIF does). An untrained model's warning is part of it."""
+    text = f"{verdict[0].upper()}{verdict[1:]} - {codes.DISCLAIMER}"
+    if not finding.model.trained:
+        text += f". {codes.UNTRAINED_WARNING}"
+    group[0].ContentSequence.append(hd.sr.TextContentItem(
+        name=codes.COMMENT, value=text, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
 
 
 def _algorithm(finding: Finding) -> hd.sr.AlgorithmIdentification:

@@ -105,6 +105,32 @@ def text_items(group: hd.sr.MeasurementsAndQualitativeEvaluations) -> list[str]:
     ]
 
 
+def image_groups(report: hd.sr.MeasurementReport,
+                 uid: str) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
+    """The groups with an image's classification (its probability)."""
+    return [g for g in report.get_image_measurement_groups(referenced_sop_instance_uid=uid)
+            if g.get_measurements(name=codes.FRACTURE_PROBABILITY)]
+
+
+def box_groups(report: hd.sr.MeasurementReport,
+               uid: str) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
+    """The groups with one of an image's boxes (its score)."""
+    return [g for g in report.get_image_measurement_groups(referenced_sop_instance_uid=uid)
+            if g.get_measurements(name=codes.BOX_SCORE)]
+
+
+def check_rectangle(measurement: hd.sr.Measurement, uid: str,
+                    corners: tuple[float, float, float, float]) -> None:
+    """`measurement` is INFERRED FROM the closed rectangle x0, y0, x1, y1 on image `uid`."""
+    x0, y0, x1, y1 = corners
+    (region,) = measurement.referenced_coordinates
+    assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+    np.testing.assert_allclose(region.value, [[x0, y0], [x1, y0], [x1, y1], [x0, y1],
+                                              [x0, y0]], rtol=0, atol=1e-4)
+    (image,) = region.ContentSequence  # SELECTED FROM the exact image
+    assert image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == uid
+
+
 def check_sr(
     path: Path, findings: Sequence[Finding], sources: Sequence[Dataset], device_uid: str
 ) -> None:
@@ -148,10 +174,10 @@ def check_sr(
     assert observer.observer_identifying_attributes.manufacturer_name == codes.MANUFACTURER
 
     groups = report.get_image_measurement_groups()
-    assert len(groups) == len(findings)
+    assert len(groups) == len(findings) + sum(len(f.boxes) for f in findings)
     for finding in findings:
         uid = finding.image.sop_instance_uid
-        (group,) = report.get_image_measurement_groups(referenced_sop_instance_uid=uid)
+        (group,) = image_groups(report, uid)
         assert [img.referenced_sop_instance_uid for img in group.source_images] == [uid]
         assert group.finding_type == codes.FRACTURE
         (evaluation,) = group.get_qualitative_evaluations(name=codes.FRACTURE)
@@ -163,6 +189,10 @@ def check_sr(
         (measurement,) = group.get_measurements(name=codes.FRACTURE_PROBABILITY)
         assert measurement.value == pytest.approx(float(finding.probability), abs=1e-9)
         assert measurement.unit == codes.NO_UNITS
+        # INFERRED FROM the rectangle analysed: the whole image, here (no crop)
+        source = next(ds for ds in sources if ds.SOPInstanceUID == uid)
+        check_rectangle(measurement, uid, (0, 0, source.Columns, source.Rows))
+        assert group.tracking_identifier.startswith(codes.RECTANGLE_TRACKING_PREFIX)
         algorithm = [
             (item.name.meaning, item.value)
             for item in group[0].ContentSequence
@@ -172,8 +202,13 @@ def check_sr(
             ("Algorithm Name", model.name),
             ("Algorithm Version", model.version),
         ]
-        comments = text_items(group)
-        assert comments == ([] if model.trained else [codes.UNTRAINED_WARNING])
+        (comment,) = text_items(group)  # the label a viewer lists: verdict first
+        verdict = {DecisionLevel.LIKELY: "Likely fracture",
+                   DecisionLevel.POSSIBLE: "Possible fracture",
+                   DecisionLevel.NEGATIVE: "No fracture found"}[finding.level]
+        assert comment.startswith(f"{verdict} (probability {finding.probability:.2f})")
+        assert codes.DISCLAIMER in comment
+        assert (codes.UNTRAINED_WARNING in comment) is (not model.trained)
         level = finding.level
         evaluations = {item.name: item.value for item in group.get_qualitative_evaluations()}
         assert evaluations[codes.FRACTURE_AT_HIGH_SENSITIVITY] == (
@@ -195,26 +230,25 @@ def check_sr(
         spread = group.get_measurements(name=codes.PROBABILITY_SPREAD)
         assert [m.value for m in spread] == pytest.approx(
             [] if finding.spread is None else [finding.spread])
-        source = next(ds for ds in sources if ds.SOPInstanceUID == uid)
         part = codes.BODY_PARTS.get(str(source.get("BodyPartExamined", "")).upper())
         assert [site.value for site in group.finding_sites] == ([part] if part else [])
-        # Each box is a planar ROI on the exact image: a closed rectangle, score, level.
-        rois = report.get_planar_roi_measurement_groups(referenced_sop_instance_uid=uid)
+        # Each box is a group of its own on the exact image: its score INFERRED FROM the
+        # closed rectangle, its level, and a label.
+        rois = box_groups(report, uid)
         assert len(rois) == len(finding.boxes)
         for roi, box in zip(sorted(rois, key=lambda r: r.tracking_identifier),
                             finding.boxes, strict=True):
             assert roi.finding_type == codes.FRACTURE
-            region = roi.roi
-            assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
-            np.testing.assert_allclose(region.value, [
-                [box.x0, box.y0], [box.x1, box.y0], [box.x1, box.y1], [box.x0, box.y1],
-                [box.x0, box.y0]], rtol=0, atol=1e-4)
-            (image,) = region.ContentSequence  # SELECTED FROM the exact image
-            assert image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == uid
+            assert roi.tracking_identifier.startswith(codes.RECTANGLE_TRACKING_PREFIX)
+            assert [img.referenced_sop_instance_uid for img in roi.source_images] == [uid]
             (score,) = roi.get_measurements(name=codes.BOX_SCORE)
             assert score.value == pytest.approx(box.score)
+            check_rectangle(score, uid, (box.x0, box.y0, box.x1, box.y1))
             (box_level,) = roi.get_qualitative_evaluations(name=codes.DECISION_LEVEL)
             assert box_level.value == codes.LEVELS[box.level]
+            (label,) = text_items(roi)
+            assert f"fracture here (box score {box.score:.2f})" in label
+            assert (codes.UNTRAINED_WARNING in label) is (not model.trained)
     (summary,) = [item for item in raw.ContentSequence
                   if item.ValueType == "TEXT" and item.ConceptNameCodeSequence[0].CodeValue
                   == codes.SUMMARY.value]
@@ -308,6 +342,25 @@ def test_dcmtk_shows_present_only_for_a_likely_fracture(
     assert "Fracture of bone" in plain and shown in plain
     for text in hidden:
         assert text not in line
+
+
+def test_sr_says_which_rectangle_the_probability_came_from(tmp_path: Path) -> None:
+    """A cropping bundle analysed the exposed field only: the probability is INFERRED
+    FROM that rectangle (columns left..right, rows top..bottom), not the whole image."""
+    from dataclasses import replace
+
+    from fractured.engine.exposed_field import Field
+
+    (source,) = dx_study(1)
+    field = Field(top=12, bottom=280, left=30, right=200, source="collimator")
+    finding = replace(finding_for(source, 0.8, TRAINED), analysed_field=field)
+    sr = validate(make_sr([finding], [source], series_instance_uid=hd.UID(),
+                          series_number=901, device_uid=hd.UID()), tmp_path / "sr.dcm")
+    report = hd.sr.MeasurementReport.from_sequence(
+        hd.sr.Comprehensive3DSR.from_dataset(sr).content)
+    (group,) = image_groups(report, str(source.SOPInstanceUID))
+    (probability,) = group.get_measurements(name=codes.FRACTURE_PROBABILITY)
+    check_rectangle(probability, str(source.SOPInstanceUID), (30, 12, 200, 280))
 
 
 def test_sr_refuses_what_it_cannot_report() -> None:

@@ -528,6 +528,7 @@ def test_a_cropping_bundle_reports_on_the_whole_source_grid(
         part = image[field.top:field.bottom, field.left:field.right]
         [whole] = cropping.run([(ref, image)], [ds])
         [alone] = plain.run([(ref, part)])
+        assert whole.analysed_field == field and alone.analysed_field is None
         assert whole.probability == pytest.approx(alone.probability, abs=1e-6)
         assert whole.heatmap.shape == image.shape
         inside = whole.heatmap[field.top:field.bottom, field.left:field.right]

@@ -175,6 +175,20 @@ class Storescp:
             self.proc.wait(10)
 
 
+#: Where Debian's Orthanc packages put their plugins.
+ORTHANC_PLUGINS = Path("/usr/share/orthanc/plugins")
+
+
+def plugin(name: str) -> str:
+    """The path of Orthanc plugin `name` (lib<name>.so), or skip naming its package."""
+    path = ORTHANC_PLUGINS / f"lib{name}.so"
+    if not path.exists():
+        package = {"OrthancDicomWeb": "orthanc-dicomweb",
+                   "OrthancWebViewer": "orthanc-webviewer"}.get(name, name)
+        pytest.skip(f"Orthanc plugin {name} is not installed (apt-get install {package})")
+    return str(path)
+
+
 @dataclass
 class Orthanc:
     """Orthanc as the test PACS, with its own config in `folder` (see shared/examples)."""
@@ -182,6 +196,9 @@ class Orthanc:
     folder: Path
     modalities: dict[str, dict[str, Any]]
     lua: str | None = None
+    #: Orthanc plugins to load by library name, e.g. "OrthancDicomWeb" (Debian's
+    #: orthanc-dicomweb); a plugin that is not installed skips the test.
+    plugins: tuple[str, ...] = ()
     ae_title: str = "ORTHANC"
     dicom_port: int = field(default_factory=free_port)
     http_port: int = field(default_factory=free_port)
@@ -192,7 +209,9 @@ class Orthanc:
         cfg: dict[str, Any] = {
             "Name": "test-pacs", "StorageDirectory": str(self.folder / "db"),
             "IndexDirectory": str(self.folder / "db"), "StorageCompression": False,
-            "Plugins": [], "HttpServerEnabled": True, "HttpPort": self.http_port,
+            "Plugins": [plugin(name) for name in self.plugins],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+            "HttpServerEnabled": True, "HttpPort": self.http_port,
             "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
             "DicomServerEnabled": True, "DicomAet": self.ae_title,
             "DicomPort": self.dicom_port, "DicomCheckCalledAet": False,
@@ -251,6 +270,7 @@ class NodeProcess:
     proc: subprocess.Popen[bytes] | None = None
     delivery: dict[str, float] = field(default_factory=lambda: {
         "retry_interval_s": 1.0, "max_retry_interval_s": 2.0, "max_attempts": 3})
+    engine: str = ""  # extra [engine] lines, e.g. 'boxes = "always"'
     results: str = ""  # extra [results] lines, e.g. "summary_image = true"
     sections: str = ""  # more tables, as TOML text: [access], [tls], ...
     #: [access] lines; "" where `sections` holds the node's own [access] table
@@ -279,7 +299,7 @@ class NodeProcess:
             f'spool_dir = "{self.spool_dir}"\n{self.node}\n\n'
             f'[database]\nurl = "{self.database_url}"\n\n'
             f"[study]\nquiet_period_s = {self.quiet_period_s}\n\n"
-            f'[engine]\nbundle = "{self.bundle}"\n\n'
+            f'[engine]\nbundle = "{self.bundle}"\n{self.engine}\n\n'
             f"[worker]\npoll_interval_s = 0.2\n{self.worker}\n\n"
             f"[results]\n{self.results}\n\n"
             "[delivery]\n" + "".join(f"{k} = {v}\n" for k, v in self.delivery.items())

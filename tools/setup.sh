@@ -3,15 +3,18 @@
 # the DICOM peers the tests talk to (DCMTK, Orthanc, dicom3tools; openssl makes their
 # TLS certificates), PostgreSQL's server (the tests start a cluster of their own: no
 # service is needed), systemd (systemd-analyze checks the unit), prometheus (promtool
-# checks the alert rules in docs/monitoring) and a venv in .venv
-# with the package, its training extra (torch) and its test extra.
+# checks the alert rules in docs/monitoring), the viewers the browser tests read results
+# in (Orthanc's DICOMweb and Web Viewer plugins, Chromium and its driver; OHIF's built
+# app by tools/install_ohif.py) and a venv in .venv with the package, its training
+# extra (torch) and its test extra.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # By package, not by command: pynetdicom installs its own `storescu` and `echoscu`
 # into the venv, which would hide a missing DCMTK from an activated shell.
 need_apt=()
-for package in dcmtk orthanc dicom3tools openssl postgresql systemd prometheus; do
+for package in dcmtk orthanc dicom3tools openssl postgresql systemd prometheus \
+               orthanc-dicomweb orthanc-webviewer chromium chromium-driver; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
     || need_apt+=("$package")
 done
@@ -27,6 +30,7 @@ fi
 # torch first and pinned: other versions download gigabytes or break torchvision.
 .venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
 .venv/bin/python -m pip install -q -e '.[train,test]'
+.venv/bin/python tools/install_ohif.py
 
 # The node's default model ships in the repository: engines/fractured-0.8.1, trained on
 # FracAtlas (its MODEL_CARD.md has the data, the metrics and the limits; 0.7.0, the same

@@ -267,7 +267,10 @@ def test_dsr2html_renders_the_summary_first_and_every_verdict(
     assert re.search(r"Image 1: \w+ fracture|Image 1: no fracture found", summary)
     for rectangle in results.rectangles:
         assert rectangle.label in text
-    (tmp_path / "sr.html").write_text(html)
     ARTEFACTS.mkdir(parents=True, exist_ok=True)
-    (ARTEFACTS / "dsr2html.html").write_text(html)
+    page = ARTEFACTS / "dsr2html.html"
+    page.write_text(html)
     print(f"dsr2html: summary first, {len(results.rectangles)} verdicts in words")
+    with chromium(1000, 900) as driver:  # what a text-only SR display looks like
+        driver.get(page.as_uri())
+        _screenshot(driver, "dsr2html.png")

@@ -173,6 +173,12 @@ def test_ohif_shows_every_box_and_verdict_of_the_sr_on_its_image(results: Result
         assert "UNTRAINED" in sr_description
 
         _double_click_series(driver, "AI fracture SR")
+        page_state(driver, "(() => { const sr = window.services.displaySetService"
+                           ".getActiveDisplaySets().find(s => s.Modality === 'SR');"
+                           " return sr.isLoaded && [...window.services.viewportGridService"
+                           ".getState().viewports.values()].some(v => v.displaySetInstanceUIDs"
+                           ".includes(sr.displaySetInstanceUID)); })()",
+                   "the SR loaded in OHIF's SR viewport")
         # OHIF asks before it takes an SR's measurements for tracking: say yes.
         from selenium.webdriver.common.by import By
 
@@ -207,6 +213,11 @@ def test_ohif_shows_every_box_and_verdict_of_the_sr_on_its_image(results: Result
         assert re.search(r"\(probability \d\.\d\d\)", image_label)
         wait_for("the verdict in OHIF's measurement panel",
                  lambda: image_label in driver.find_element(By.TAG_NAME, "body").text, 30)
+        # A possible fracture reads as such: OHIF shows no coded value, so no "Present".
+        assert "Present" not in driver.find_element(By.TAG_NAME, "body").text
+        assert page_state(driver, "window.services.displaySetService.getActiveDisplaySets()"
+                                  ".find(s => s.Modality === 'SR').isHydrated",
+                          "OHIF to mark the SR hydrated")
         time.sleep(1)  # let the annotations' text boxes settle for the picture
         _screenshot(driver, "ohif-sr.png")
 

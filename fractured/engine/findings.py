@@ -44,6 +44,16 @@ class DecisionLevel(enum.StrEnum):
     POSSIBLE = "possible"
     LIKELY = "likely"
 
+    @property
+    def verdict(self) -> str:
+        """The level in the words every result says it with (SR summary and labels,
+        overlay banners), so that no two of them word one decision differently."""
+        return _VERDICTS[self]
+
+
+_VERDICTS = {DecisionLevel.LIKELY: "likely fracture", DecisionLevel.POSSIBLE: "possible fracture",
+             DecisionLevel.NEGATIVE: "no fracture found"}
+
 
 @dataclass(frozen=True)
 class OperatingPoints:
@@ -146,11 +156,9 @@ def study_verdict(findings: Sequence[Finding]) -> str:
     the banners: e.g. "Study: likely fracture (the highest of its 3 analysed images:
     likely on 1, possible on 1)"."""
     levels = [finding.level for finding in findings]
-    words = {DecisionLevel.LIKELY: "likely fracture", DecisionLevel.POSSIBLE:
-             "possible fracture", DecisionLevel.NEGATIVE: "no fracture found"}
     count = len(findings)
     how = ("its one analysed image" if count == 1 else
            f"the highest of its {count} analysed images: likely on "
            f"{levels.count(DecisionLevel.LIKELY)}, possible on "
            f"{levels.count(DecisionLevel.POSSIBLE)}")
-    return f"Study: {words[study_level(findings)]} ({how})"
+    return f"Study: {study_level(findings).verdict} ({how})"

@@ -36,11 +36,6 @@ _RED = (200, 0, 0)
 # Magenta is in neither the grey scale nor the JET map (blue-cyan-green-yellow-red), and
 # a black halo under it keeps it apart from bright bone and from the map's hot reds.
 BOX_COLOUR = (255, 0, 255)
-_VERDICTS = {
-    DecisionLevel.LIKELY: "Likely fracture",
-    DecisionLevel.POSSIBLE: "Possible fracture",
-    DecisionLevel.NEGATIVE: "No fracture",
-}
 BOX_LEGEND = "solid: likely fracture, dashed: possible fracture"
 #: Heatmap colour maps ([results].colormap); jet is what fracture products and papers
 #: show, turbo its smoother successor, the others perceptually uniform.
@@ -333,7 +328,7 @@ def _verdict_text(finding: Finding) -> str:
     shown, decimals = probability_text(finding)
     whose = (f"{finding.operating_region} operating points: "
              if finding.operating_region is not None else "")
-    return (f"{_VERDICTS[finding.level]}: probability {shown} ({whose}possible from "
+    return (f"{finding.level.verdict.capitalize()}: probability {shown} ({whose}possible from "
             f"{points.high_sensitivity:.{decimals}f}, likely from "
             f"{points.high_specificity:.{decimals}f})")
 

@@ -167,7 +167,7 @@ def _measurement_group(
         qualitative_evaluations=evaluations,
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
     )
-    _label(group, f"{_VERDICTS[level]} (probability {finding.probability:.2f})",
+    _label(group, f"{level.verdict} (probability {finding.probability:.2f})",
            finding)
     return group
 
@@ -217,13 +217,8 @@ def _box_group(finding: Finding, box: Box, source: Dataset, number: int,
             hd.sr.QualitativeEvaluation(name=codes.DECISION_LEVEL, value=codes.LEVELS[box.level])],
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
     )
-    _label(group, f"{_VERDICTS[box.level]} here (box score {box.score:.2f})", finding)
+    _label(group, f"{box.level.verdict} here (box score {box.score:.2f})", finding)
     return group
-
-
-#: A decision level in the words of the summary, the labels and the overlay's banner.
-_VERDICTS = {DecisionLevel.LIKELY: "likely fracture", DecisionLevel.POSSIBLE: "possible fracture",
-             DecisionLevel.NEGATIVE: "no fracture found"}
 
 
 def summary_text(findings: Sequence[Finding], not_analysed: Sequence[str] = ()) -> str:
@@ -235,7 +230,7 @@ def summary_text(findings: Sequence[Finding], not_analysed: Sequence[str] = ()) 
         lines.append(f"{codes.UNTRAINED_WARNING}.")
     lines.append(f"{study_verdict(findings)}.")
     for number, finding in enumerate(findings, start=1):
-        verdict = _VERDICTS[finding.level]
+        verdict = finding.level.verdict
         boxes = f", {len(finding.boxes)} box(es)" if finding.boxes else ""
         whose = (f", {finding.operating_region} operating points"
                  if finding.operating_region is not None else "")

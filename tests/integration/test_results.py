@@ -527,13 +527,13 @@ TWO_POINTS = OperatingPoints(0.3, 0.7)
 
 
 @pytest.mark.parametrize(("probability", "spread", "expected"), [
-    (0.1, None, "No fracture: probability 0.10 (possible from 0.30, likely from 0.70)"),
+    (0.1, None, "No fracture found: probability 0.10 (possible from 0.30, likely from 0.70)"),
     (0.3, None, "Possible fracture: probability 0.30 (possible from 0.30, likely from 0.70)"),
     (0.5, 0.0412, "Possible fracture: probability 0.50 \u00b1 0.04 "
                   "(possible from 0.30, likely from 0.70)"),
     (0.91234567, None, "Likely fracture: probability 0.91 (possible from 0.30, likely from 0.70)"),
     # Never a miss shown equal to the point it missed, whichever point that is.
-    (0.29999, None, "No fracture: probability 0.29999 "
+    (0.29999, None, "No fracture found: probability 0.29999 "
                     "(possible from 0.30000, likely from 0.70000)"),
     (0.69999, 0.01, "Possible fracture: probability 0.69999 \u00b1 0.01000 "
                     "(possible from 0.30000, likely from 0.70000)"),

@@ -44,7 +44,9 @@ folds() {  # NAME FOLD...: 5-fold cross-validation runs over the base split's tr
   for f in "$@"; do
     local out="runs/$name-f$f" resume=()
     [ -f "$out/done" ] && continue
-    [ -f "$out/classifier/last.pt" ] && resume=(--resume)
+    if [ -f "$out/classifier/last.pt" ]; then resume=(--resume)
+    else rm -rf "$out"  # stopped before its first epoch: nothing to resume, start again
+    fi
     .venv/bin/fractured train ../shared/data/fracatlas --out "$out" "${common[@]}" \
       "${resume[@]}" --set data.folds=5 --set "data.fold=$f" \
       --set data.base_split=docs/training/fracatlas-resnet18-e50 "${settings[@]}"

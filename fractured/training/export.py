@@ -109,7 +109,11 @@ def check_parity(model: Classifier, onnx_path: Path, input_size: int,
 
     A batch of 2 (the export example had 1) also proves the batch axis is dynamic.
     Image-like input, not noise: a badly scaled model can agree on noise and not on
-    images. Returns the largest absolute differences on logits and on the CAM.
+    images. Returns the largest absolute difference on logits, and on the CAM in units
+    of its largest magnitude where that exceeds 1: the node shows the CAM scaled to its
+    peak (pipeline._heatmap), so its error matters relative to its size, and a trained
+    CAM peaks at several units (a Lite0 one at 8.6, where float16-stored weights moved
+    it by 0.011: 0.13 % of the peak, under 5e-5 on the heatmap shown).
     """
     batch = torch.from_numpy(to_model_input(synthetic_images(input_size, 2, seed=7),
                                             IMAGENET_MEAN, IMAGENET_STD))
@@ -118,10 +122,11 @@ def check_parity(model: Classifier, onnx_path: Path, input_size: int,
         logits, cam = (tensor.numpy() for tensor in model(batch))
     onnx_logits, onnx_cam = OnnxRuntimeClassifier(onnx_path).run(batch.numpy())
     logits_diff = float(np.max(np.abs(onnx_logits - logits)))
-    cam_diff = float(np.max(np.abs(onnx_cam - cam)))
+    cam_diff = float(np.max(np.abs(onnx_cam - cam)) / max(float(np.max(np.abs(cam))), 1.0))
     if not (logits_diff <= tolerance and cam_diff <= tolerance):
         raise BuildError(f"{onnx_path}: ONNX Runtime differs from torch by {logits_diff:.3g} "
-                         f"on logits and {cam_diff:.3g} on the CAM (tolerance {tolerance:g})")
+                         f"on logits and {cam_diff:.3g} on the CAM, relative to its peak "
+                         f"(tolerance {tolerance:g})")
     return logits_diff, cam_diff
 
 
@@ -132,7 +137,7 @@ FLOAT16_MIN_ELEMENTS = 1024
 #: Parity tolerance (logits, CAM, box scores) for graphs with float16-stored weights.
 #: The exporter folds BatchNorm into the convolutions, so those weights are rounded
 #: to float16 after folding, which no rounding of the torch model reproduces: measured
-#: on the shipped ResNet18 classifier, 7.5e-4 on logits and 2.8e-3 on the CAM, i.e.
+#: on the shipped ResNet18 classifier, 7.5e-4 on logits and 2.8e-3 on the CAM (absolute), i.e.
 #: under 2e-4 in probability.
 FLOAT16_PARITY_TOLERANCE = 1e-2
 

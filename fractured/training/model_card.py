@@ -203,7 +203,14 @@ def _training(kind: str, summary: Mapping[str, Any]) -> list[str]:
 
 def _held_out(summary: Mapping[str, Any]) -> list[str]:
     """The `fractured evaluate` scores on images neither training nor calibration saw."""
-    scores = summary.get("classification") or {}
+    if "classification" not in summary:  # a reused detector's boxes only
+        lines = ["## Held-out results", "",
+                 "**The classifier has not been scored on held-out images** in this bundle: "
+                 "it was built without a `fractured evaluate` report (`--evaluation`). The "
+                 "test part is scored once for a bundle about to ship, by the step that "
+                 "makes it (`fractured fuse` or `fractured quantize`), whose card has the "
+                 "figures. The validation figures above chose its epoch and thresholds."]
+        return [*lines, *_detector_held_out(summary), ""]
     lines = ["## Held-out results", "",
              f"On the run's {summary.get('split')} split: {summary.get('images')} images "
              f"({summary.get('fracture')} with fracture; {summary.get('unreadable', 0)} "
@@ -211,7 +218,7 @@ def _held_out(summary: Mapping[str, Any]) -> list[str]:
              "95 % confidence intervals by bootstrap." + _looks(summary), "",
              "| Images | n | Fractures | ROC AUC (95 % CI) | Average precision |",
              "| --- | --- | --- | --- | --- |",
-             _held_out_row("all", scores)]
+             _held_out_row("all", summary["classification"] or {})]
     lines += [_held_out_row(name, part)
               for name, part in (summary.get("subsets") or {}).items()]
     notes = [f"{name}: {part['note']}" for name, part in (summary.get("subsets") or {}).items()
@@ -223,16 +230,22 @@ def _held_out(summary: Mapping[str, Any]) -> list[str]:
     if summary.get("ece_after") is not None:
         lines += ["", f"Expected calibration error of the probabilities: "
                   f"{summary['ece_after']:.3f}."]
-    detection = summary.get("detection")
-    if detection:
-        lines += ["", f"Box detector: AP at IoU 0.5 {_num(detection.get('ap50'))}, AP "
-                  f"0.5:0.95 {_num(detection.get('ap50_95'))}, FROC score "
-                  f"{_num(detection.get('froc_score'))}, lesion sensitivity (any score) "
-                  f"{_num(detection.get('lesion_sensitivity'))} over "
-                  f"{detection.get('gt_boxes')} fracture boxes."]
+    lines += _detector_held_out(summary)
     if summary.get("node"):
         lines += ["", *node_markdown(summary["node"], heading="###")]
     return [*lines, ""]
+
+
+def _detector_held_out(summary: Mapping[str, Any]) -> list[str]:
+    """The box detector's held-out line, where the summary has one."""
+    detection = summary.get("detection")
+    if not detection:
+        return []
+    return ["", f"Box detector: AP at IoU 0.5 {_num(detection.get('ap50'))}, AP "
+            f"0.5:0.95 {_num(detection.get('ap50_95'))}, FROC score "
+            f"{_num(detection.get('froc_score'))}, lesion sensitivity (any score) "
+            f"{_num(detection.get('lesion_sensitivity'))} over "
+            f"{detection.get('gt_boxes')} fracture boxes."]
 
 
 def _looks(summary: Mapping[str, Any]) -> str:

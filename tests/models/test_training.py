@@ -710,6 +710,10 @@ def test_a_new_detector_joins_the_classifier_of_a_shipped_bundle(smoke_run,
     assert newest["files"][CLASSIFIER_FILE] != new["files"][CLASSIFIER_FILE]  # float32 now
     assert newest["training"]["detector"]["from_bundle"] == "fractured-0.2.0"
     assert newest["training"]["held_out"]["detection"] == new["training"]["held_out"]["detection"]
+    # no --evaluation: the card says the classifier was not scored, not "None images"
+    card = (third / "MODEL_CARD.md").read_text()
+    assert "The classifier has not been scored on held-out images" in card
+    assert "None images" not in card and "Box detector: AP at IoU 0.5" in card
     # the reused detector has no torch weights, so neither has the bundle
     assert newest["backends"] == ["onnxruntime"] and CLASSIFIER_WEIGHTS not in newest["files"]
     # (every box, whatever the classifier says: the two classifiers' roundings differ)

@@ -21,6 +21,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
+from fractured import log
 from fractured.engine.bundle import Bundle
 from fractured.engine.pipeline import Pipeline
 from fractured.engine.preprocess import DecodeError
@@ -47,6 +48,7 @@ def evidence(bundle_dir: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def main(bundle_dir: Path) -> None:
+    log.configure("warning")  # the figures below, not every image's exposed field
     labels, rows = evidence(bundle_dir)
     folds = StratifiedKFold(10, shuffle=True, random_state=0)
     fused = cross_val_predict(LogisticRegression(C=1.0), rows, labels, cv=folds,

@@ -38,6 +38,7 @@ def pipeline(request: pytest.FixtureRequest) -> Pipeline:
     return Pipeline(bundle, threads=2)
 
 
+@pytest.mark.slow  # about 40 s: eight films of up to 2,140 x 1,760 px through the bundle
 @pytest.mark.parametrize("path", shared_dicom_files() or [None],
                          ids=lambda path: path.name if path else "absent")
 def test_the_heatmap_peaks_inside_the_exposed_field(pipeline: Pipeline,

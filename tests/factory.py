@@ -27,6 +27,21 @@ DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
 
 
+def shared_dicom_files() -> list[Path | None]:
+    """Every file under ../shared/data/dicom, for parametrize; [None] where it is absent,
+    so that the one test case made of it skips, saying why (`skip_if_absent`)."""
+    return sorted(SHARED_DICOM.rglob("*.dcm")) if SHARED_DICOM.is_dir() else [None]
+
+
+def skip_if_absent(path: Path | None) -> Path:
+    """`path`, or a skip that says ../shared/data/dicom is absent."""
+    if path is None:
+        print(f"skipping: {SHARED_DICOM} is absent (../shared sits beside the development "
+              "checkout)")
+        pytest.skip(f"{SHARED_DICOM} is absent")
+    return path
+
+
 def real_file(name: str) -> Dataset:
     """A real vendor file from ../shared/data/dicom, or a skip that says why."""
     path = SHARED_DICOM / name

@@ -20,15 +20,11 @@ from fractured.engine.bundle import Bundle
 from fractured.engine.exposed_field import exposed_field
 from fractured.engine.pipeline import Pipeline
 from fractured.engine.preprocess import display_pixels
-from tests.factory import SHARED_DICOM
+from tests.factory import shared_dicom_files, skip_if_absent
 from tests.paths import REPO
 
 #: The bundles made for DICOM: the candidate trained with the crop (float16 weights).
 BUNDLES = [REPO / "engines" / "fractured-0.9.0"]
-
-
-def shared_dicom_files() -> list[Path]:
-    return sorted(SHARED_DICOM.rglob("*.dcm")) if SHARED_DICOM.is_dir() else []
 
 
 @pytest.fixture(scope="module", params=BUNDLES, ids=lambda path: path.name)
@@ -39,14 +35,11 @@ def pipeline(request: pytest.FixtureRequest) -> Pipeline:
 
 
 @pytest.mark.slow  # about 40 s: eight films of up to 2,140 x 1,760 px through the bundle
-@pytest.mark.parametrize("path", shared_dicom_files() or [None],
+@pytest.mark.parametrize("path", shared_dicom_files(),
                          ids=lambda path: path.name if path else "absent")
 def test_the_heatmap_peaks_inside_the_exposed_field(pipeline: Pipeline,
                                                     path: Path | None) -> None:
-    if path is None:
-        print(f"skipping: {SHARED_DICOM} is absent (../shared sits beside the development "
-              "checkout)")
-        pytest.skip(f"{SHARED_DICOM} is absent")
+    path = skip_if_absent(path)
     ds = pydicom.dcmread(path)
     image = display_pixels(ds, str(path))
     field = exposed_field(image, ds)

@@ -23,7 +23,7 @@ from fractured.engine.pipeline import Pipeline
 from fractured.engine.preprocess import display_pixels, letterbox
 from fractured.training.data import letterbox_samples, model_boxes
 from fractured.training.datasets.base import BoxLabel, Sample
-from tests.factory import SHARED_DICOM
+from tests.factory import SHARED_DICOM, shared_dicom_files, skip_if_absent
 
 BRIGHT, DARK = 0.96, 0.03  # collimated bands once windowed: unexposed, or blacked out
 
@@ -293,12 +293,6 @@ def test_a_declared_field_too_small_to_believe_falls_back_to_the_next_source() -
 
 # --- real files -----------------------------------------------------------------------
 
-def real_dicom_files() -> list[Path]:
-    if not SHARED_DICOM.is_dir():
-        return []
-    return sorted(SHARED_DICOM.rglob("*.dcm"))
-
-
 def bright_anatomy(image: np.ndarray) -> np.ndarray:
     """Bright, textured pixels: bone. Not simply the brightest quarter of the image,
     because a collimator band (unexposed, so bright) is itself among the brightest
@@ -333,13 +327,10 @@ def kept(found: Field, anatomy: np.ndarray) -> float:
     return float(inside[anatomy].mean())
 
 
-@pytest.mark.parametrize("path", real_dicom_files() or [None],
+@pytest.mark.parametrize("path", shared_dicom_files(),
                          ids=lambda p: p.name if p else "absent")
 def test_every_real_file_keeps_its_anatomy_inside_a_sane_field(path: Path | None) -> None:
-    if path is None:
-        print(f"skipping: {SHARED_DICOM} is absent (../shared sits beside the development "
-              "checkout)")
-        pytest.skip(f"{SHARED_DICOM} is absent")
+    path = skip_if_absent(path)
     ds = pydicom.dcmread(path)
     image = display_pixels(ds, str(path))
     rows, cols = image.shape

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from alembic import command
 from alembic.config import Config
-from alembic.runtime.environment import EnvironmentContext
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
@@ -82,17 +82,14 @@ def prepare(engine: Engine) -> list[str]:
         applied = [script.revision for script in reversed(list(
             scripts.iterate_revisions("head", start or "base")))]
         if applied:
-            _upgrade(conn, scripts)
+            _upgrade(conn)
     return applied
 
 
-def _upgrade(conn: Connection, scripts: ScriptDirectory) -> None:
-    """Run the revisions from the database's to head, inside the caller's transaction."""
-
-    def steps(revision, _context):  # type: ignore[no-untyped-def]
-        return scripts._upgrade_revs("head", revision)
-
-    with EnvironmentContext(_config(), scripts, fn=steps,
-                            destination_rev="head") as environment:
-        environment.configure(connection=conn, transactional_ddl=True)
-        environment.run_migrations()
+def _upgrade(conn: Connection) -> None:
+    """Run the revisions from the database's to head, inside the caller's transaction:
+    Alembic's own upgrade command, whose env.py (here) takes the connection from the
+    config's attributes, as Alembic's cookbook shares one."""
+    config = _config()
+    config.attributes["connection"] = conn
+    command.upgrade(config, "head")

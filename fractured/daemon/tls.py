@@ -128,6 +128,12 @@ class HandshakingServer(ThreadedAssociationServer):
     #: listener's heartbeat for the node's watchdog (daemon.liveness).
     on_turn: Callable[[], None] | None = None
 
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        #: Connections taken whose association has not started yet, by their address.
+        self._pending: dict[object, str] = {}
+        self._pending_lock = threading.Lock()
+
     def service_actions(self) -> None:
         super().service_actions()
         if self.on_turn is not None:
@@ -206,7 +212,6 @@ def start_server(ae: AE, address: tuple[str, int], ssl_context: ssl.SSLContext |
     server.metrics = metrics
     server.max_associations = ae.maximum_associations
     server.max_per_peer = max_per_peer
-    server._pending, server._pending_lock = {}, threading.Lock()
     server.on_turn = on_turn
     ae._servers.append(server)  # as AE.start_server does: server.shutdown() expects it
     stamp = datetime.now().strftime("%Y%m%d%H%M%S")

@@ -55,9 +55,9 @@ def held_out_rows(report: Path = QUANTIZED) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def test_setup_activates_the_shipped_bundle() -> None:
-    setup = (REPO / "tools" / "setup.sh").read_text()
-    assert f"engines activate {SHIPPED.name} " in setup
+def test_setup_and_install_activate_the_shipped_bundle() -> None:
+    assert f"engines activate {SHIPPED.name} " in (REPO / "tools" / "setup.sh").read_text()
+    assert f"DEFAULT_BUNDLE={SHIPPED.name}\n" in (REPO / "deploy" / "install.sh").read_text()
     shipped = manifest = Bundle.load(SHIPPED).manifest  # verifies schema and checksums
     assert manifest.trained and f"{manifest.name}-{manifest.version}" == SHIPPED.name
     assert manifest.detector is not None and manifest.detector.architecture == \

@@ -266,6 +266,14 @@ def test_unit_gives_a_stop_more_time_than_the_shutdown_grace() -> None:
 INSTALL = REPO / "deploy" / "install.sh"
 
 
+def default_bundle() -> str:
+    """The bundle install.sh activates on a first install (its DEFAULT_BUNDLE; which
+    one it must be is tests/artifacts/test_shipped_model's to say)."""
+    (line,) = [line for line in INSTALL.read_text().splitlines()
+               if line.startswith("DEFAULT_BUNDLE=")]
+    return line.partition("=")[2]
+
+
 def install(root: Path) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(["bash", str(INSTALL), "--root", str(root)], capture_output=True,
                           text=True, timeout=900)
@@ -309,11 +317,11 @@ def test_install_stages_the_service_keeps_the_admins_config_and_checks_it(tmp_pa
     # The venv serves without torch and runs the shipped model, active and verified.
     venv = root / "opt/fractured/venv/bin"
     engines = root / "opt/fractured/engines"
-    assert (engines / "ACTIVE").read_text().strip() == "fractured-0.8.1"
+    assert (engines / "ACTIVE").read_text().strip() == default_bundle()
     listing = subprocess.run([str(venv / "fractured"), "engines", "list", "--engines",
                               str(engines)], capture_output=True, text=True, timeout=120)
     assert listing.returncode == 0, listing.stderr
-    assert "fractured-0.8.1" in listing.stdout
+    assert default_bundle() in listing.stdout
     torch = subprocess.run([str(venv / "python"), "-c",
                             "import importlib.util; print(importlib.util.find_spec('torch'))"],
                            capture_output=True, text=True, timeout=120)

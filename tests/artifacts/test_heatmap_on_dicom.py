@@ -23,8 +23,9 @@ from fractured.engine.preprocess import display_pixels
 from tests.factory import shared_dicom_files, skip_if_absent
 from tests.paths import REPO
 
-#: The bundles made for DICOM: the candidate trained with the crop (float16 weights).
-BUNDLES = [REPO / "engines" / "fractured-0.9.0"]
+#: The bundles made for DICOM: the float candidate trained with the crop (float16
+#: weights) and the shipped INT8 bundle made from it.
+BUNDLES = [REPO / "engines" / name for name in ("fractured-0.9.0", "fractured-0.11.0")]
 
 
 @pytest.fixture(scope="module", params=BUNDLES, ids=lambda path: path.name)

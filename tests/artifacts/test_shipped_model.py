@@ -64,6 +64,11 @@ def report_rows(report: Path = QUANTIZED, name: str = "predictions.csv"
         return list(csv.DictReader(fh))
 
 
+def predict_rows(stdout: str) -> list[dict]:
+    """`predict --json`'s one object per file, without the log lines the crop may print."""
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
 def test_setup_and_install_activate_the_shipped_bundle() -> None:
     assert f"engines activate {SHIPPED.name} " in (REPO / "tools" / "setup.sh").read_text()
     assert f"DEFAULT_BUNDLE={SHIPPED.name}\n" in (REPO / "deploy" / "install.sh").read_text()
@@ -198,8 +203,7 @@ def test_predict_on_fracatlas_gives_the_evaluated_probabilities() -> None:
     result = CliRunner().invoke(main, ["predict", *map(str, files), "--bundle", str(SHIPPED),
                                        "--json"])
     assert result.exit_code == 0, result.output
-    found = [json.loads(line) for line in result.stdout.splitlines()
-             if line.startswith("{")]  # not the log lines of the crop, if any
+    found = predict_rows(result.stdout)
     assert [row["file"] for row in found] == list(map(str, files))
     # the node's intended-use check holds back some (hip, shoulder, images the region
     # check does not place); the rest must give the report's probability
@@ -236,8 +240,7 @@ def test_predict_on_fracatlas_gives_the_evaluated_boxes() -> None:
     result = CliRunner().invoke(main, ["predict", *map(str, files), "--bundle", str(ROLLBACK),
                                        "--json", "--boxes", "always"])
     assert result.exit_code == 0, result.output
-    found = [json.loads(line) for line in result.stdout.splitlines()
-             if line.startswith("{")]  # not the log lines of the crop, if any
+    found = predict_rows(result.stdout)
     analysed = [(name, row) for name, row in zip(chosen, found, strict=True) if "boxes" in row]
     assert len(analysed) >= SAMPLED * 2 // 3, [row.get("scope") for row in found]
     for name, row in analysed:

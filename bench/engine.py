@@ -8,7 +8,9 @@ the work done on them are realistic) and both backends time the same inputs in t
 process (in alternating blocks of runs: see `race`). Then:
 
 - the end-to-end `Pipeline.run` over a 4-image study of ~2000x1700 display images
-  (synthetic radiograph-like pixels), classifier and detector, on each backend;
+  (synthetic radiograph-like pixels), classifier and detector, on each backend; for a
+  built bundle twice, with DICOM headers that name the body part (as a PACS sends) and
+  without (a PNG's case: a bundle with a region check runs it on every image);
 - the node's peak memory (peak resident set) with both models loaded and one study run, each
   backend in a fresh subprocess so that imports and allocator arenas are counted;
 - on a CUDA machine, the torch backend on the GPU: its FP16 channels-last classifier
@@ -48,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydicom.dataset import Dataset
 
 from fractured.engine.backends import LoadedModels, open_models
 from fractured.engine.bundle import (
@@ -168,6 +171,17 @@ def synthetic_study(seed: int = 0) -> list[np.ndarray]:
         image += rng.normal(0.0, 0.02, image.shape).astype(np.float32)
         images.append(np.clip(image, 0.0, 1.0))
     return images
+
+
+def study_headers(count: int) -> list[Dataset]:
+    """What the node reads of a PACS's images beside their pixels: an adult's hand DX,
+    body part named, so the intended-use check passes on the header alone."""
+    headers = []
+    for _ in range(count):
+        header = Dataset()
+        header.Modality, header.BodyPartExamined, header.PatientAge = "DX", "HAND", "040Y"
+        headers.append(header)
+    return headers
 
 
 def model_batch(images: Sequence[np.ndarray], size: int, batch: int,
@@ -372,13 +386,19 @@ def bench_bundle(bundle: Bundle, peer: Bundle | None, study: list[np.ndarray],
                    race(runs, batch, repeat, 1))
         pair = (spec.architecture, boxes.architecture)
     images = [(_REF, image) for image in study]
-    pipelines = {f"{label} ORT": Pipeline(bundle, "onnxruntime", threads=threads).run}
+    contenders = {f"{label} ORT": Pipeline(bundle, "onnxruntime", threads=threads)}
     if peer is not None:
-        pipelines = {f"{peer_label} ORT": Pipeline(peer, "onnxruntime", threads=threads).run,
-                     **pipelines}
-    timings = race(pipelines, images, max(3, repeat // 2), len(study))
-    print_race(f"{label} study", spec.input_size, len(study), timings,
-               "times are per study; ms/image is the node's rate")
+        contenders = {f"{peer_label} ORT": Pipeline(peer, "onnxruntime", threads=threads),
+                      **contenders}
+    headers = study_headers(len(study))
+    for step, datasets, note in (
+            ("study", headers, "DICOM headers name the body part (HAND), as a PACS sends"),
+            ("study, no header", None, "a PNG's case: the region check decides the scope")):
+        runs = {name: (lambda argument, p=pipeline, d=datasets: p.run(argument, d))
+                for name, pipeline in contenders.items()}
+        timings = race(runs, images, max(3, repeat // 2), len(study))
+        print_race(f"{label} {step}", spec.input_size, len(study), timings,
+                   f"times are per study; ms/image is the node's rate; {note}")
     bench_memory({pair: bundle}, study, threads, work, backends=("onnxruntime",))
     if peer is not None:
         bench_memory({(peer_label, "(peer)"): peer}, study, threads, work,

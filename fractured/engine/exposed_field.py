@@ -29,6 +29,8 @@ import structlog
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
+from fractured.engine.percentiles import column_percentiles, percentiles
+
 log = structlog.get_logger()
 
 Source = Literal["shutter", "collimator", "image", "whole"]
@@ -311,7 +313,7 @@ def _detected(image: np.ndarray) -> Field:
     none. The debug event names the sides that an edge, not a uniform band, bounds.
     """
     rows, cols = image.shape
-    low, high = np.percentile(image, [0.5, 99.5])
+    low, high = percentiles(image, [0.5, 99.5])
     grey = float(high - low)
     if grey < _MIN_RANGE:
         return Field.whole(rows, cols)
@@ -417,7 +419,7 @@ def _steps(small: np.ndarray, step: float) -> np.ndarray:
     along = cv2.blur(small, (1, _EDGE_SMOOTHING))  # (width, height): down the columns
     differences = np.diff(along, axis=1)
     if differences.size:
-        step = max(step, float(np.percentile(np.abs(differences), 100 * (1 - EDGE_RARITY))))
+        step = max(step, float(percentiles(np.abs(differences), 100 * (1 - EDGE_RARITY))))
     strong = np.stack([differences > step, differences < -step])
     widened = strong.copy()
     widened[..., 1:] |= strong[..., :-1]
@@ -434,7 +436,7 @@ def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
 def _uniform(region: np.ndarray, flat: float) -> np.ndarray:
     """Per column of `region`: whether its values are uniform (spread within `flat`)."""
     step = max(1, math.ceil(region.shape[0] / LINE_SAMPLES))
-    low, high = np.percentile(region[::step], [2, 98], axis=0)
+    low, high = column_percentiles(region[::step], [2, 98])
     return np.asarray((high - low) <= flat)
 
 

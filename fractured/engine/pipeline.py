@@ -10,7 +10,9 @@ of a Finding sees the same interpretation.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,6 +78,10 @@ class Pipeline:
         self.box_levels = BOX_GATES[boxes]
         self.models: LoadedModels = open_models(bundle, backend, threads=threads, device=device)
         self._fracture = bundle.manifest.classifier.labels.index(FRACTURE_LABEL)
+        # Exposed fields are found side by side, one image a thread: the search is numpy
+        # sorts and OpenCV filters, which release the GIL (bench/README.md has the gain).
+        self._field_finders = ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1,
+                                                 thread_name_prefix="exposed-field")
         declared = bundle.manifest.intended_use
         self.intended_use: IntendedUse | None = (
             declared.widened(extra_body_parts) if declared is not None else None)
@@ -180,14 +186,20 @@ class Pipeline:
         """Both models on a batch, and the region check on the images `see` marks."""
         manifest = self.bundle.manifest
         pairs = list(zip(images, datasets, strict=True))
-        fields = [field_for(manifest.crop, image, dataset) for image, dataset in pairs]
+        fields = self._fields(manifest.crop, pairs)
         detector_fields = (fields if manifest.detector_crop == manifest.crop else
-                           [field_for(manifest.detector_crop, image, dataset)
-                            for image, dataset in pairs])
+                           self._fields(manifest.detector_crop, pairs))
         logits, heatmaps, seen = self._classify(images, fields, see)
         boxes, best, detections = self._detect(images, detector_fields)
         return _Outputs(logits=logits, heatmaps=heatmaps, boxes=boxes, best_box=best,
                         detections=detections, seen=seen, fields=fields)
+
+    def _fields(self, crop: str, pairs: list[tuple[np.ndarray, Dataset | None]],
+                ) -> list[Field | None]:
+        """Each image's field for a model trained with `crop` (field_for)."""
+        if len(pairs) < 2:
+            return [field_for(crop, image, dataset) for image, dataset in pairs]
+        return list(self._field_finders.map(lambda pair: field_for(crop, *pair), pairs))
 
     def _probabilities(self, outputs: _Outputs) -> np.ndarray:
         """(n, variants): the calibrated probability of each pass, fused with the image's

@@ -22,6 +22,7 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from fractured.dicom_files import HEADER_LIMIT, InflateLimitExceeded, read_file
 from fractured.engine.exposed_field import Field
+from fractured.engine.percentiles import percentiles
 
 #: The largest image decoded by default, in megapixels (rows x columns x frames x
 #: samples): a 43 x 43 cm detector at 0.1 mm is 18.5. Decoding and windowing take about
@@ -153,7 +154,7 @@ def _stretch(values: np.ndarray, low: float, high: float) -> np.ndarray:
 
 def _is_flat(scaled: np.ndarray) -> bool:
     """True when 98 % of the pixels share one grey level: no usable image left."""
-    low, high = np.percentile(scaled, [1, 99])
+    low, high = percentiles(scaled, [1, 99])
     return float(high - low) < 1e-3
 
 
@@ -165,7 +166,7 @@ def _value_range(values: np.ndarray, ds: Dataset, *, windowed: bool) -> tuple[fl
     range is used with 0.5 % tails clipped, as a viewer's automatic window would.
     """
     if not windowed:
-        return float(np.percentile(values, 0.5)), float(np.percentile(values, 99.5))
+        return float(percentiles(values, 0.5)), float(percentiles(values, 99.5))
     if "VOILUTSequence" in ds:
         bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
         return 0.0, float(2**bits - 1)

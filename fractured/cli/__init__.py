@@ -15,6 +15,7 @@ SECTIONS: tuple[tuple[str, tuple[click.Command, ...]], ...] = (
     ("Train and build models (ML staff)", (models.data, models.train, models.evaluate,
                                            models.cv, models.ensemble, models.build_engine,
                                            models.check_dicom, models.fuse, models.quantize,
+                                           models.region_check,
                                            models.predict)),
 )
 

@@ -377,6 +377,42 @@ def quantize(bundle_dir: Path, split_dir: Path, out_dir: Path, bundle_version: s
     click.echo(f"built {path}")
 
 
+@click.command("region-check")
+@click.argument("bundle_dir", metavar="BUNDLE",
+                type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
+              required=True, help="Bundle directory to create (must not exist).")
+@click.option("--version", "bundle_version", required=True, help="The new bundle's version.")
+@click.option("--name", help="The new bundle's name [default: BUNDLE's].")
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The classifier checkpoint whose train and val parts the check is "
+                   "fitted on [default: the one BUNDLE's manifest names].")
+@click.option("--float16-weights", is_flag=True,
+              help="Store the check's ONNX weights as float16, as build-engine does.")
+def region_check(bundle_dir: Path, out_dir: Path, bundle_version: str, name: str | None,
+                 checkpoint: Path | None, float16_weights: bool) -> None:
+    """Fit BUNDLE's region check again on its classifier's train and val parts, the
+    threshold chosen by cross-validation, and write BUNDLE with it as a new bundle (the
+    models unchanged). The old check's held-out figures are dropped: score the new
+    bundle (quantize or fuse with a report) to have the new one's."""
+    log.configure("INFO", "console")
+    from fractured.training.build import build_refitted_region_check
+
+    refuse_existing(out_dir)
+    try:
+        path, check = build_refitted_region_check(
+            bundle_dir, out_dir, name=name, version=bundle_version, checkpoint=checkpoint,
+            float16_weights=float16_weights)
+    except build_errors() as exc:
+        raise click.ClickException(str(exc)) from None
+    scores = check.validation
+    click.echo(f"threshold {check.threshold:.1f}: accepts {scores['accepted']:.1%} of "
+               f"{scores['images']} images out of fold (folds "
+               + ", ".join(f"{share:.1%}" for share in scores["accepted_by_fold"])
+               + f"); region right on {scores['region_accuracy']:.1%}")
+    click.echo(f"built {path}")
+
+
 @click.group()
 def data() -> None:
     """Look at a training data set before training on it."""

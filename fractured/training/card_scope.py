@@ -132,17 +132,27 @@ def _region_check(check: Mapping[str, Any]) -> list[str]:
     said = (f"its region was the labelled one on {accuracy:.1%} of {val['region_images']} "
             f"images ({per_class})" if accuracy is not None
             else "no validation image had a region label")
+    if "accepted_by_fold" in val:  # chosen by cross-validation (training.region_check)
+        folds = val["accepted_by_fold"]
+        within = (f"a distance that {val['accepted']:.1%} of the {val['images']} train and "
+                  f"val images are within, each measured by a fit without its fold, "
+                  f"{len(folds)} folds from {min(folds):.1%} to {max(folds):.1%}: the "
+                  f"threshold is where the exact 95 % interval of that share stays at or "
+                  f"above {val['accepted_floor']:.0%}")
+        where = "Out of fold"
+    else:
+        within = f"which {val['accepted']:.1%} of the {val['images']} validation images are within"
+        where = "On validation"
     return [f"- **Region check** (where the header cannot say what an image shows: no, "
             f"a generic or a made-up Body Part Examined, or a PNG/JPEG): the image's "
             f"distance to each body-region class of the training images "
             f"({', '.join(check['classes'])}), "
             f"on the pooled features of {check['backbone']}. Farther than "
-            f"{check['threshold']:.0f} from every class, which {val['accepted']:.1%} of the "
-            f"{val['images']} validation images are within, it is unlike the training "
-            f"images (a chest film, an abdomen) and gets no verdict; nearest a region "
-            f"outside the intended use (or \"other\", several regions in one image), no "
-            f"verdict either; else it is analysed with that region's operating points. "
-            f"On validation {said}."]
+            f"{check['threshold']:.0f} from every class ({within}), it is unlike the "
+            f"training images (a chest film, an abdomen) and gets no verdict; nearest a "
+            f"region outside the intended use (or \"other\", several regions in one "
+            f"image), no verdict either; else it is analysed with that region's operating "
+            f"points. {where} {said}."]
 
 
 def _strength(row: Mapping[str, Any]) -> str:

@@ -22,6 +22,7 @@ from fractured.training.build.derived import (
     CardRecord,
     build_fused_bundle,
     build_quantized_bundle,
+    build_refitted_region_check,
 )
 from fractured.training.build.untrained import build_untrained_bundle
 
@@ -30,5 +31,6 @@ __all__ = [
     "build_bundle",
     "build_fused_bundle",
     "build_quantized_bundle",
+    "build_refitted_region_check",
     "build_untrained_bundle",
 ]

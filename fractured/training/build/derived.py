@@ -1,4 +1,5 @@
-"""The bundles `fractured fuse` and `fractured quantize` derive from another.
+"""The bundles `fractured fuse`, `fractured quantize` and `fractured region-check`
+derive from another.
 
 A derived bundle keeps its source's models (fusion: the same files; quantization: INT8
 graphs of them) and its manifest, with the classifier entry, backends and training
@@ -9,6 +10,7 @@ and the shared writer writes it.
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,6 +25,7 @@ from fractured.engine.bundle import (
     flag_rates,
     points_by_region,
 )
+from fractured.engine.region_check import REGION_CHECK_FILE, RegionCheck
 from fractured.training.build.records import held_out_summary, joined_held_out, read_notes
 from fractured.training.build.writer import new_manifest, points, write
 from fractured.training.evaluation.report import jsonable
@@ -155,3 +158,78 @@ def _derived(source: Bundle, out_dir: Path, *, name: str | None, version: str,
     log.info("build.done", bundle=str(out_dir), name=manifest.name, version=version,
              made_from=label, by=kind)
     return Path(out_dir)
+
+
+def build_refitted_region_check(source_dir: Path, out_dir: Path, *, name: str | None,
+                                version: str, checkpoint: Path | None = None,
+                                float16_weights: bool = False) -> tuple[Path, RegionCheck]:
+    """A new bundle of `source_dir`'s files with its intended use's region check fitted
+    again (training.region_check.build_region_check) on the training data of its
+    classifier's checkpoint (`checkpoint`, default the one the manifest names): the
+    models, calibration, fusion and operating points unchanged, `training.region_check`
+    recording the refit, and the figures of the old check on held-out data dropped
+    (the new one has none until a bundle of it is scored: quantize or fuse it with a
+    report).
+
+    BuildError where the source declares no intended use, the checkpoint is not a
+    classifier's or was trained at another input size, crop or normalisation, or the
+    check cannot be fitted (the log says why)."""
+    from fractured.training import checkpoint as checkpoints
+    from fractured.training.data import trained_crop
+    from fractured.training.region_check import build_region_check
+
+    source = Bundle.load(source_dir)
+    old = source.manifest
+    label = f"{old.name}-{old.version}"
+    if old.intended_use is None:
+        raise BuildError(f"{source_dir}: declares no intended use, so has no region check "
+                         "to fit")
+    path = checkpoint or Path(str((old.training.get("classifier") or {}).get("checkpoint")))
+    try:
+        state = checkpoints.load(path, "classifier")
+    except checkpoints.CheckpointError as exc:
+        raise BuildError(str(exc)) from None
+    spec = state["model_spec"]
+    seen = (spec["input_size"], trained_crop(spec), tuple(spec["mean"]), tuple(spec["std"]))
+    wanted = (old.classifier.input_size, old.crop, tuple(old.mean), tuple(old.std))
+    if seen != wanted:
+        raise BuildError(f"{path}: its classifier saw input size, crop, mean and std "
+                         f"{seen}; {label}'s sees {wanted}")
+    with tempfile.TemporaryDirectory(prefix="fractured-region-check-") as scratch:
+        graph = Path(scratch) / REGION_CHECK_FILE
+        check = build_region_check(state, graph, float16_weights=float16_weights)
+        if check is None:
+            raise BuildError(f"the region check could not be fitted on {path}'s data "
+                             "(the log says why)")
+        check = replace(check, validation=jsonable(check.validation))
+        files: dict[str, str | Path] = {key: source.file(key) for key in old.files
+                                        if key not in (MODEL_CARD_FILE, REGION_CHECK_FILE)}
+        files[REGION_CHECK_FILE] = graph
+        training = dict(old.training)
+        training["region_check"] = {"source": label, "checkpoint": str(path),
+                                    "threshold": check.threshold,
+                                    "method": check.validation["method"]}
+        if "held_out" in training:
+            training["held_out"] = _without_region_check(training["held_out"])
+        manifest = new_manifest(name or old.name, version, trained=old.trained,
+                                mean=old.mean, std=old.std, classifier=old.classifier,
+                                detector=old.detector, training=jsonable(training),
+                                backends=old.backends, tensorrt=old.tensorrt, crop=old.crop,
+                                detector_crop=old.detector_crop,
+                                intended_use=replace(old.intended_use, region_check=check))
+        dataset = (training.get("classifier", {}).get("data") or {}).get("dataset")
+        write(out_dir, manifest, files, dataset=Path(dataset) if dataset else None)
+    log.info("build.done", bundle=str(out_dir), name=manifest.name, version=version,
+             made_from=label, by="region_check")
+    return Path(out_dir), check
+
+
+def _without_region_check(held_out: Mapping[str, Any]) -> dict[str, Any]:
+    """A held-out record less what the old region check scored (the node view's)."""
+    node = held_out.get("node")
+    if not isinstance(node, Mapping):
+        return dict(held_out)
+    return {**held_out, "node": {part: ({key: value for key, value in view.items()
+                                         if key != "region_check"}
+                                        if isinstance(view, Mapping) else view)
+                                 for part, view in node.items()}}

@@ -53,7 +53,7 @@ from fractured.training.evaluation.calibration import (
     points_rule,
 )
 from fractured.training.export import BuildError
-from fractured.training.node_assessment import NodeView
+from fractured.training.node_assessment import NodeView, check_fitted_on_val
 
 log = structlog.get_logger()
 
@@ -178,7 +178,8 @@ def fuse(source: Path, split_dir: Path, report_dir: Path, *, dataset: Path | Non
         model={"bundle": str(source), "backend": pipeline.backend_name},
         data={"fitted_on": f"its val split ({len(val.labels)} readable images, "
                            f"{len(val.unreadable)} unreadable)"},
-        node=NodeView(val, val_prob, points_rule(chosen, by_region or None)))
+        node=NodeView(val, val_prob, points_rule(chosen, by_region or None),
+                      check_fitted_on_val=check_fitted_on_val(manifest)))
     log.info("fuse.scored", report=str(report_dir / "report.md"),
              **{f"{part}_auc_{key}": round(comparison[part][key], 4)
                 for part in ("validation", "test") for key in ("before", "after")

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
+from fractured.engine.bundle import Manifest
 from fractured.engine.findings import LEVEL_ORDER, Box, DecisionLevel
 from fractured.engine.pipeline import BOX_GATES
 from fractured.engine.regions import POOLED, REGION_GROUPS, PointsRegion, region_group, region_of
@@ -95,20 +96,35 @@ def _region_check(measured: Measured, groups: np.ndarray) -> dict[str, Any] | No
 @dataclass(frozen=True)
 class NodeView:
     """What `assess` needs beside the test part: the validation part
-    and its probability (for the pooled rows) and the operating points per region."""
+    and its probability (for the pooled rows) and the operating points per region.
+    `check_fitted_on_val`: the bundle's region check was fitted on the validation part
+    too (check_fitted_on_val), so the pooled rows leave it out: on those images it would
+    score its own fit."""
 
     val: Measured
     val_probability: np.ndarray
     points_for: PointsRule
+    check_fitted_on_val: bool = False
 
     def assessed(self, test: Measured, probability: np.ndarray,
                  bootstrap: int) -> dict[str, Any]:
-        both = pooled(self.val, test)
+        both = assess(pooled(self.val, test), np.concatenate([self.val_probability,
+                                                              probability]),
+                      self.points_for, bootstrap=bootstrap)
+        if self.check_fitted_on_val:
+            both["region_check"] = None
         return {"gate": DEFAULT_GATE,
                 "test": assess(test, probability, self.points_for, bootstrap=bootstrap),
-                "validation_and_test": assess(
-                    both, np.concatenate([self.val_probability, probability]),
-                    self.points_for, bootstrap=bootstrap)}
+                "validation_and_test": both}
+
+
+def check_fitted_on_val(manifest: Manifest) -> bool:
+    """Whether a bundle's region check was fitted on its classifier's validation part:
+    one whose threshold was chosen by cross-validation over train and val
+    (training.region_check) was; one thresholded on validation alone was not."""
+    use = manifest.intended_use
+    return bool(use is not None and use.region_check is not None
+                and "accepted_by_fold" in use.region_check.validation)
 
 
 def simulated_studies(labels: np.ndarray, levels: Sequence[DecisionLevel],

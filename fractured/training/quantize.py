@@ -73,7 +73,7 @@ from fractured.training.bundle_scoring import (
 from fractured.training.datasets.base import Sample
 from fractured.training.evaluation import paired_auc_difference
 from fractured.training.export import BuildError, float32_graph, is_quantized
-from fractured.training.node_assessment import NodeView
+from fractured.training.node_assessment import NodeView, check_fitted_on_val
 
 log = structlog.get_logger()
 
@@ -216,7 +216,8 @@ def quantize(source: Path, split_dir: Path, report_dir: Path, scratch: Path, *,
         model={"bundle": str(source), "quantized": ", ".join(summary["models"]),
                "backend": "onnxruntime"},
         data={"calibrated_on": f"{len(chosen)} images of its train split"},
-        node=NodeView(val["int8"], after["validation"], spec.points_for))
+        node=NodeView(val["int8"], after["validation"], spec.points_for,
+                      check_fitted_on_val=check_fitted_on_val(manifest)))
     log.info("quantize.scored", report=str(report_dir / "report.md"),
              test_auc_source=comparison["test"]["before"],
              test_auc_int8=comparison["test"]["after"])

@@ -30,17 +30,20 @@ from fractured.training.export import is_quantized
 from tests import factory
 from tests.paths import REPO
 
-SHIPPED = REPO / "engines" / "fractured-0.11.0"
+SHIPPED = REPO / "engines" / "fractured-0.11.1"
 #: the same bundle in float32 arithmetic (float16-stored weights), kept for rollback
-ROLLBACK = REPO / "engines" / "fractured-0.10.0"
+ROLLBACK = REPO / "engines" / "fractured-0.10.1"
 #: the bundle ROLLBACK was fused from: the classifier as trained, 0.7.0's detector
 CANDIDATE = REPO / "engines" / "fractured-0.9.0"
-#: the bundle shipped before, kept for rollback to the ResNet18 model
+#: the bundle shipped before, the same models with the region check 0.10.1 refitted
+SUPERSEDED = REPO / "engines" / "fractured-0.11.0"
+#: the one before, kept for rollback to the ResNet18 model
 PREVIOUS = REPO / "engines" / "fractured-0.8.1"
 NOTES = REPO / "docs" / "training" / "fracatlas-lite0-dicom"
 #: the shipped bundle's held-out report (`fractured quantize`, ONNX Runtime)
-QUANTIZED = NOTES / "test"
-#: the rollback bundle's (`fractured fuse`, ONNX Runtime)
+QUANTIZED = NOTES / "test-0.11.1"
+#: the fused report (`fractured fuse`, ONNX Runtime) of 0.10.0, whose files ROLLBACK
+#: holds but for the region check, which no probability depends on
 FUSION = NOTES / "fused"
 #: the classifier's PyTorch evaluation of the validation part (its run's eval-val)
 EVALUATION = NOTES / "val"
@@ -98,13 +101,22 @@ def test_setup_and_install_activate_the_shipped_bundle() -> None:
 def test_the_rollback_bundles_are_the_same_model_in_float_and_the_one_before() -> None:
     shipped, rollback = (Bundle.load(path).manifest for path in (SHIPPED, ROLLBACK))
     assert shipped.classifier == rollback.classifier and shipped.detector == rollback.detector
+    assert shipped.intended_use == rollback.intended_use
     assert not any(is_quantized(ROLLBACK / name) for name in ("classifier.onnx",
                                                               "detector.onnx"))
     assert shipped.training["quantization"]["source"] == ROLLBACK.name
     assert rollback.training["fusion"]["source"] == CANDIDATE.name
+    assert rollback.training["region_check"]["source"] == "fractured-0.10.0"
     # 0.9.0's detector is 0.7.0's, byte for byte, and fusing changes no model file
     for name in ("classifier.onnx", "detector.onnx"):
         assert (ROLLBACK / name).read_bytes() == (CANDIDATE / name).read_bytes()
+    # quantizing is deterministic: the bundle shipped before has the same INT8 graphs,
+    # and differs only in its region check, whose threshold was one validation part's
+    for name in ("classifier.onnx", "detector.onnx"):
+        assert (SHIPPED / name).read_bytes() == (SUPERSEDED / name).read_bytes()
+    superseded = Bundle.load(SUPERSEDED).manifest
+    assert shipped.classifier == superseded.classifier
+    assert "accepted_by_fold" not in superseded.intended_use.region_check.validation
     previous = Bundle.load(PREVIOUS).manifest
     assert previous.trained and previous.classifier.architecture.startswith("resnet18")
 
@@ -180,7 +192,15 @@ def test_model_card_holds_what_governance_asks_for() -> None:
                     "### As the node shows it, per body region", "## Stored as DICOM"):
         assert heading in card, heading
     assert "**Test part alone**" in card and "**Validation and test pooled**" in card
-    assert "Pointing game" in card and "Region check, with the body part hidden" in card
+    assert "Pointing game" in card
+    # the region check on the test part alone: its fit holds the validation part, so a
+    # figure pooled over both would score images it was fitted on
+    check = json.loads((QUANTIZED / "metrics.json").read_text())["node"]["test"][
+        "region_check"]["accepted"]
+    assert card.count("Region check, with the body part hidden") == 1
+    assert (f"Region check, with the body part hidden from the node: it accepts "
+            f"{check['rate']:.3f} ({check['k']}/{check['n']};") in card
+    assert "each measured by a fit without its fold" in card
     looks = Bundle.load(SHIPPED).manifest.training["held_out"]["test_looks_before"]
     assert f"had been scored {looks} times before" in card
     ledger = (REPO / "docs" / "training" / "TEST-LEDGER.md").read_text()

@@ -193,3 +193,12 @@ def test_the_region_check_is_scored_with_the_body_part_hidden() -> None:
     assert "Region check, with the body part hidden from the node: it accepts 0.833 (5/6;" \
         in text
     assert len(pooled(checked, checked).seen) == 12
+    # a check fitted on the validation part too (threshold by cross-validation over
+    # train and val) is scored on the test part alone: pooled, it would score its fit
+    for fitted_on_val, pooled_check in ((False, 12), (True, None)):
+        view = NodeView(checked, probability, points_rule(POOLED_POINTS, None),
+                        check_fitted_on_val=fitted_on_val)
+        both = view.assessed(checked, probability, bootstrap=0)
+        assert both["test"]["region_check"]["accepted"]["n"] == 6
+        found = both["validation_and_test"]["region_check"]
+        assert (found["accepted"]["n"] if found else None) == pooled_check

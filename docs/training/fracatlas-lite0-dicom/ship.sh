@@ -17,6 +17,11 @@
 #                      on the test part beside SRC (a look; LOOKS is the ledger's count
 #                      before it) with WHAT-WAS-TRIED.md in its card, and raced against
 #                      0.8.1 in bench/engine.py
+#   ship.sh region-check LOOKS
+#                      issue 27: 0.10.0 with its region check fitted again, the threshold
+#                      by cross-validation over train+val (fractured-0.10.1), then its
+#                      INT8 form as fractured-0.11.1 (the graphs those of 0.11.0), scored
+#                      on the test part (a look: LOOKS as for int8)
 # The cross-validation has to have said the recipe beats 0.8.1 before `fused` or `int8`.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
@@ -51,5 +56,15 @@ case "${1:-}" in
     .venv/bin/python -m bench.engine --variants none --detectors none \
       --bundle engines/fractured-0.11.0 \
       --peer-bundle engines/fractured-0.8.1 | tee "$here/bench-engine.txt" ;;
-  *) echo "usage: ship.sh candidate | fused | int8 SOURCE LOOKS" >&2; exit 2 ;;
+  region-check)
+    looks="${2:?region-check needs the count of earlier test looks}"
+    .venv/bin/fractured region-check engines/fractured-0.10.0 --out engines/fractured-0.10.1 \
+      --version 0.10.1 --float16-weights
+    .venv/bin/fractured quantize engines/fractured-0.10.1 --split "$split" \
+      --out engines/fractured-0.11.1 --version 0.11.1 --report "$here/test-0.11.1" \
+      --subset hardware=0 --dicom-check "$here/dicom-check/dicom-check.json" \
+      --test-looks "$looks" --notes docs/training/WHAT-WAS-TRIED.md \
+      --keep-float onnx::Conv_ --keep-float attention --keep-float head ;;
+  *) echo "usage: ship.sh candidate | fused | int8 SOURCE LOOKS | region-check LOOKS" >&2
+     exit 2 ;;
 esac

@@ -16,7 +16,7 @@ those calls ran is also checked with EXPLAIN QUERY PLAN, and any full table scan
 printed. The start-up spool check (daemon.recovery) reads every recorded path once, by
 design: its time is printed too.
 
-    .venv/bin/python -m bench.queue [--sizes 1000 10000 100000] [--studies 20]
+    .venv/bin/python -m bench.queue_db [--sizes 1000 10000 100000] [--studies 20]
 """
 
 from __future__ import annotations

@@ -103,6 +103,9 @@ class ObjectSizeLimit:
         self.max_bytes = max_bytes * ABORT_FACTOR
         self._metrics = metrics
         self._received: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+        # abort() is asynchronous: PDUs the association had read before it still arrive,
+        # and must neither count again nor abort (and log, and count) a second time
+        self._aborted: weakref.WeakSet[Any] = weakref.WeakSet()
         self._lock = threading.Lock()
 
     def handlers(self) -> list[tuple[evt.NotificationEvent, object, list]]:
@@ -114,6 +117,8 @@ class ObjectSizeLimit:
             return
         assoc = event.assoc
         with self._lock:
+            if assoc in self._aborted:
+                return
             size = self._received.get(assoc, 0)
             for item in pdu.presentation_data_value_items:
                 data = item.data or b""
@@ -125,8 +130,9 @@ class ObjectSizeLimit:
                 if data[0] & _LAST_FRAGMENT:
                     size = 0  # the data set is whole: the next message starts afresh
             self._received[assoc] = size
+            if size > self.max_bytes:
+                self._aborted.add(assoc)
         if size > self.max_bytes:
-            self._received[assoc] = 0  # once: abort() is asynchronous
             self._metrics.instance_rejected("object_too_large")
             _log.warning("association.aborted", reason="object_too_large",
                          received_bytes=size, limit_bytes=self.max_bytes,

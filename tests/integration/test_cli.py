@@ -122,5 +122,5 @@ def test_help_lists_the_commands_by_audience() -> None:
     assert names["operators"] == ["serve", "status", "retry", "purge", "engines"]
     assert set(names["staff"]) == {"data", "train", "evaluate", "cv", "ensemble",
                                    "build-engine", "check-dicom", "fuse", "quantize",
-                                   "predict"}
+                                   "region-check", "predict"}
     assert set(main.commands) == set(names["operators"]) | set(names["staff"])

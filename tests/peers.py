@@ -365,7 +365,7 @@ class NodeProcess:
         return wait_for(f"{studies} studies to be settled", settled, 60)
 
     def status(self) -> dict[str, Any]:
-        proc = subprocess.run([sys.executable, "-m", "fractured", "status", "--json",
+        proc = subprocess.run([sys.executable, "-m", "fractured", "status", "--json", "--all",
                                "--config", str(self.config)], capture_output=True, text=True,
                               check=True, timeout=60)
         return json.loads(proc.stdout)

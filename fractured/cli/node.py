@@ -12,6 +12,10 @@ from fractured import config, log
 from fractured.cli.options import config_option, database_error, load_settings, open_queue
 from fractured.cli.reports import megabytes, week_text
 
+#: Studies `fractured status` lists by default: the latest, not the whole database (a
+#: node keeps [retention]'s 7 days of studies: hundreds to thousands).
+STUDIES_LISTED = 20
+
 
 @click.command()
 @config_option
@@ -89,10 +93,13 @@ def _expected_rates(location: Path) -> dict[str, dict[str, float]] | None:
 @click.command()
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def status(config_path: Path | None, as_json: bool) -> None:
+@click.option("--limit", type=click.IntRange(0), default=STUDIES_LISTED, show_default=True,
+              help="List the studies recorded last, this many.")
+@click.option("--all", "list_all", is_flag=True, help="List every study the database holds.")
+def status(config_path: Path | None, as_json: bool, limit: int, list_all: bool) -> None:
     """The engine in use, studies and deliveries by state (UIDs only: no patient data),
-    and the last 7 days' images: the share flagged per body region against the model's
-    expected share, and the images not analysed by reason."""
+    the studies recorded last, and the last 7 days' images: the share flagged per body
+    region against the model's expected share, and the images not analysed by reason."""
     settings = load_settings(config_path)
     from datetime import timedelta
 
@@ -101,7 +108,7 @@ def status(config_path: Path | None, as_json: bool) -> None:
 
     database = open_queue(settings).engine
     report = {"engine": _engine_status(settings.engine.bundle), **reports.counts(database),
-              "study_list": reports.studies(database),
+              "study_list": reports.studies(database, None if list_all else limit),
               "dead_letters": reports.dead_letters(database),
               "last_7_days": {**reports.outcomes_since(database, utcnow() - timedelta(days=7)),
                               "expected": _expected_rates(settings.engine.bundle)}}
@@ -114,6 +121,10 @@ def status(config_path: Path | None, as_json: bool) -> None:
     for kind in ("studies", "deliveries"):
         counts = ", ".join(f"{k} {v}" for k, v in sorted(report[kind].items())) or "none"
         click.echo(f"{kind}: {counts}")
+    held = sum(report["studies"].values())
+    if len(report["study_list"]) < held:
+        click.echo(f"the {len(report['study_list'])} studies recorded last of {held} "
+                   "(--limit N or --all for more):")
     for row in report["study_list"]:
         click.echo(f"  {row['study_instance_uid']:<64} {row['state']:<10} "
                    f"images {row['instances']:<4} runs {row['runs']:<3} "

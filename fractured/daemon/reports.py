@@ -49,17 +49,18 @@ def outcomes_since(engine: Engine, since: datetime) -> dict[str, Any]:
     return {"since": since.isoformat(), "regions": regions, "not_analysed": outside}
 
 
-def studies(engine: Engine) -> list[dict[str, object]]:
-    """One row per study (no patient data: UIDs and states only), in two queries
-    whatever the number of studies."""
+def studies(engine: Engine, limit: int | None = None) -> list[dict[str, object]]:
+    """One row per study (no patient data: UIDs and states only), oldest first; with
+    `limit`, the `limit` studies recorded last. Two queries whatever the number."""
     with Session(engine) as s:
-        delivered = dict(s.execute(
-            select(Delivery.study_id, func.count())
-            .where(Delivery.state == DeliveryState.DONE)
-            .group_by(Delivery.study_id)).all())
-        rows = s.execute(
-            select(Study, func.count(Instance.id)).outerjoin(Instance)
-            .group_by(Study.id).order_by(Study.id)).all()
+        query = (select(Study, func.count(Instance.id)).outerjoin(Instance)
+                 .group_by(Study.id).order_by(Study.id.desc()))
+        rows = list(reversed(s.execute(query if limit is None else query.limit(limit)).all()))
+        done = (select(Delivery.study_id, func.count())
+                .where(Delivery.state == DeliveryState.DONE).group_by(Delivery.study_id))
+        if limit is not None:  # the listed studies' only (a bounded list of ids)
+            done = done.where(Delivery.study_id.in_([study.id for study, _ in rows]))
+        delivered = dict(s.execute(done).all())
         return [{"study_instance_uid": study.study_instance_uid,
                  "state": str(study.state), "instances": n, "runs": study.runs,
                  "delivered": delivered.get(study.id, 0), "reason": study.reason,

@@ -444,3 +444,21 @@ def test_a_run_that_ends_resets_the_count_of_unfinished_claims(queue: Queue,
         assert queue.claim("w1", 60, max_claims=3) is not None
         clock.advance(61)
     assert queue.claim("w3", 60, max_claims=3) is not None  # two deaths, not four
+
+
+def test_the_study_list_can_be_limited_to_the_studies_recorded_last(queue: Queue) -> None:
+    """`fractured status` lists the latest studies, not a database's whole history:
+    with a limit, the last ones recorded, oldest first, with their own delivery counts."""
+    for n in range(5):
+        queue.intake.record_instance(received(f"9.{n}.1", f"9.{n}"))
+    queue.mark_ready(0)
+    while (claim := queue.claim("w1", 60)) is not None:
+        queue.finish(claim, "w1", [ResultObject(f"{claim.study_instance_uid}.9", "1.2",
+                                                Path("/r/x.dcm"))], ["PACS"])
+    for item in queue.take_due_deliveries("n1", lease_s=60):
+        queue.record_attempt(item, status=0, error=None, retry_in_s=1, max_attempts=3)
+    every = reports.studies(queue.engine)
+    assert [r["study_instance_uid"] for r in every] == [f"9.{n}" for n in range(5)]
+    last = reports.studies(queue.engine, limit=2)
+    assert last == every[-2:] and all(r["delivered"] == 1 for r in last)
+    assert reports.studies(queue.engine, limit=0) == []

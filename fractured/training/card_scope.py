@@ -152,7 +152,16 @@ def _region_check(check: Mapping[str, Any]) -> list[str]:
             f"training images (a chest film, an abdomen) and gets no verdict; nearest a "
             f"region outside the intended use (or \"other\", several regions in one "
             f"image), no verdict either; else it is analysed with that region's operating "
-            f"points. {where} {said}."]
+            f"points. {where} {said}.{_accepted_by_class(val)}"]
+
+
+def _accepted_by_class(val: Mapping[str, Any]) -> str:
+    """" Accepted, by labelled region: ..." where the check recorded it (since
+    2026-12-07): the intended regions' shares are what the node's users meet, as the
+    others get no verdict either way."""
+    shares = [f"{group} {entry['accepted']}/{entry['images']}"
+              for group, entry in (val.get("per_class") or {}).items() if "accepted" in entry]
+    return f" Accepted, by labelled region: {', '.join(shares)}." if shares else ""
 
 
 def _strength(row: Mapping[str, Any]) -> str:

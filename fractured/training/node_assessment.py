@@ -79,18 +79,21 @@ def assess(measured: Measured, probability: np.ndarray, points_for: PointsRule, 
 def _region_check(measured: Measured, groups: np.ndarray) -> dict[str, Any] | None:
     """The region check on images without a header (as these are: the body part hidden
     from the node): the share it accepts as like the training images, and the share
-    whose nearest class is the labelled region, per region group. None where the bundle
-    has none."""
+    whose nearest class is the labelled region, in all and per region group. None where
+    the bundle has none."""
     seen = measured.seen
     if not seen or any(one is None for one in seen):
         return None
     familiar = np.array([one.familiar for one in seen])
     right = np.array([one.group == group for one, group in zip(seen, groups, strict=True)])
+    present = [name for name in REGION_GROUPS if (groups == name).any()]
     return {"accepted": proportion(int(familiar.sum()), len(seen)),
             "region_correct": proportion(int(right.sum()), len(seen)),
             "per_region": {name: proportion(int(right[groups == name].sum()),
-                                            int((groups == name).sum()))
-                           for name in REGION_GROUPS if (groups == name).any()}}
+                                            int((groups == name).sum())) for name in present},
+            "accepted_per_region": {name: proportion(int(familiar[groups == name].sum()),
+                                                     int((groups == name).sum()))
+                                    for name in present}}
 
 
 @dataclass(frozen=True)

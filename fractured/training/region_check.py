@@ -248,19 +248,24 @@ def _statistics(pooled: np.ndarray, groups: np.ndarray,
 
 def _validation(distances: np.ndarray, threshold: float, classes: Sequence[str],
                 parts: Sequence[str]) -> dict[str, Any]:
-    """What the check does on the validation part: the share it accepts, and how often
-    its region is the labelled one (per class, on images of a class it has)."""
+    """What the check does on held-out images: the share it accepts, and per labelled
+    class (of the classes it has) how many it accepts and places in that class. The
+    classes outside an intended use get no verdict whether accepted or not, so the
+    share accepted of the intended ones is what the node's users meet."""
     truth = [region_group(region_of(part)) for part in parts]
     predicted = [classes[int(i)] for i in distances.argmin(axis=1)]
+    accepted = distances.min(axis=1) <= threshold
     per_class = {}
     for group in classes:
-        rows = [p == t for p, t in zip(predicted, truth, strict=True) if t == group]
-        if rows:
-            per_class[group] = {"images": len(rows), "correct": int(sum(rows))}
+        mine = [i for i, t in enumerate(truth) if t == group]
+        if mine:
+            per_class[group] = {"images": len(mine),
+                                "correct": sum(predicted[i] == group for i in mine),
+                                "accepted": int(accepted[mine].sum())}
     correct = sum(entry["correct"] for entry in per_class.values())
     labelled = sum(entry["images"] for entry in per_class.values())
     return {"images": len(parts),
-            "accepted": float((distances.min(axis=1) <= threshold).mean()),
+            "accepted": float(accepted.mean()),
             "region_accuracy": correct / labelled if labelled else None,
             "region_images": labelled, "per_class": per_class}
 

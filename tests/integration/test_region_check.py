@@ -104,8 +104,9 @@ def test_it_accepts_the_fitting_images_out_of_fold_and_knows_their_regions(
     assert check.validation["accepted"] == 1.0
     assert check.validation["accepted_by_fold"] == [1.0] * 5
     assert check.validation["region_accuracy"] == 1.0
-    assert check.validation["per_class"] == {"hand": {"images": 65, "correct": 65},
-                                             "leg": {"images": 65, "correct": 65}}
+    assert check.validation["per_class"] == {
+        "hand": {"images": 65, "correct": 65, "accepted": 65},
+        "leg": {"images": 65, "correct": 65, "accepted": 65}}
     assert check.validation["method"].startswith("5-fold cross-validation")
 
 

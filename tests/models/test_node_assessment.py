@@ -189,9 +189,13 @@ def test_the_region_check_is_scored_with_the_body_part_hidden() -> None:
     # hands: 2 of 3 placed right (the third was seen as a leg); mixed seen as hip: wrong
     assert check["per_region"]["hand"]["k"] == 2 and check["per_region"]["other"]["k"] == 0
     assert check["region_correct"]["k"] == 4
+    # the third hand is refused: the intended regions' acceptance is what users meet
+    assert {name: (p["k"], p["n"]) for name, p in check["accepted_per_region"].items()} == {
+        "hand": (2, 3), "leg": (2, 2), "other": (1, 1)}
     text = "\n".join(node_markdown({"gate": "likely", "test": result}))
     assert "Region check, with the body part hidden from the node: it accepts 0.833 (5/6;" \
         in text
+    assert "Accepted, by labelled region: hand 0.667 (2/3;" in text
     assert len(pooled(checked, checked).seen) == 12
     # a check fitted on the validation part too (threshold by cross-validation over
     # train and val) is scored on the test part alone: pooled, it would score its fit

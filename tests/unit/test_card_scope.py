@@ -89,13 +89,17 @@ def test_the_region_check_says_how_its_threshold_was_chosen() -> None:
     declared["intended_use"] = {"body_parts": ["HAND"], "min_age_years": 18,
                                 "region_check": {**check, "validation": {
                                     **scores, "accepted_by_fold": [0.981, 0.992],
-                                    "accepted_floor": 0.98}}}
+                                    "accepted_floor": 0.98,
+                                    "per_class": {"hand": {"images": 900, "correct": 880,
+                                                           "accepted": 893}}}}}
     text = "\n".join(scope(declared))
     assert ("a distance that 98.6% of the 2700 train and val images are within, each "
             "measured by a fit without its fold, 2 folds from 98.1% to 99.2%: the threshold "
             "is where the exact 95 % interval of that share stays at or above 98%") in text
     assert "Out of fold its region was the labelled one on 95.0% of 2700 images" in text
+    assert "Accepted, by labelled region: hand 893/900." in text
     declared["intended_use"]["region_check"]["validation"] = scores
     text = "\n".join(scope(declared))
     assert "which 98.6% of the 2700 validation images are within" in text
     assert "On validation its region was the labelled one on 95.0%" in text
+    assert "Accepted, by labelled region" not in text  # not recorded before 2026-12-07

@@ -86,10 +86,13 @@ def _localisation(part: Mapping[str, Any]) -> list[str]:
     if check:
         regions = ", ".join(f"{name} {_share(share)}"
                             for name, share in check["per_region"].items())
+        accepted = ", ".join(f"{name} {_share(share)}"
+                             for name, share in check.get("accepted_per_region", {}).items())
         lines.append(
             f"- Region check, with the body part hidden from the node: it accepts "
             f"{_share(check['accepted'])} of images as like the training images, and its "
-            f"region is the labelled one on {_share(check['region_correct'])} ({regions}).")
+            f"region is the labelled one on {_share(check['region_correct'])} ({regions})."
+            + (f" Accepted, by labelled region: {accepted}." if accepted else ""))
     return lines
 
 

@@ -149,6 +149,27 @@ def _double_click_series(driver: Any, description: str) -> None:
     wait_for(f"the series '{description}' in the study browser", double_click, 60, 0.5)
 
 
+def _click_button(driver: Any, text: str, what: str) -> None:
+    """Click the one button labelled `text` once it is there; a button React replaced
+    while it was being read or clicked is looked for again (the full suite on a loaded
+    machine once read a stale one)."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    def click() -> bool:
+        try:
+            buttons = [b for b in driver.find_elements(By.TAG_NAME, "button")
+                       if b.text.strip() == text]
+            if len(buttons) != 1:
+                return False
+            buttons[0].click()
+        except StaleElementReferenceException:
+            return False
+        return True
+
+    wait_for(what, click, 60, 0.5)
+
+
 #: Each measurement OHIF holds: its label, image and corners in image coordinates
 #: (columns, rows; cornerstone's image coordinates put 0, 0 at the top left corner of
 #: the top left pixel, as SR does).
@@ -182,10 +203,7 @@ def test_ohif_shows_every_box_and_verdict_of_the_sr_on_its_image(results: Result
         # OHIF asks before it takes an SR's measurements for tracking: say yes.
         from selenium.webdriver.common.by import By
 
-        (yes,) = wait_for("OHIF's offer to track the SR's measurements", lambda: [
-            b for b in driver.find_elements(By.TAG_NAME, "button")
-            if b.text.strip() == "Yes"], 60)
-        yes.click()
+        _click_button(driver, "Yes", "OHIF's offer to track the SR's measurements")
         shown = page_state(
             driver, f"(() => {{ const m = {_MEASUREMENTS}; "
                     f"return m.length >= {len(results.rectangles)} ? m : null; }})()",

@@ -7,8 +7,13 @@ study the latency from the last image the node received to the last result store
 Orthanc (p50, p95), with the quiet period (a setting, not work) shown separately, and
 Orthanc's own routing delay (its StableAge) for scale.
 
+By default the node runs an untrained B0 bundle with `--detector`; `--bundle` (repeatable)
+runs built bundles instead, the shipped one for the radiologist's real wait, each against
+a fresh Orthanc and node on studies of the same sizes, and prints each one's figures over the
+first's.
+
     .venv/bin/python -m bench.e2e [--studies 10] [--size 2000x1700] [--quiet 2]
-        [--detector mobilenet_v3_large_fpn|none]
+        [--detector mobilenet_v3_large_fpn|none] [--bundle engines/B [--bundle ...]]
 """
 
 from __future__ import annotations
@@ -39,32 +44,50 @@ def main() -> None:
     parser.add_argument("--size", default="2000x1700", help="rows x columns of each image")
     parser.add_argument("--quiet", type=float, default=2.0, help="[study].quiet_period_s")
     parser.add_argument("--detector", default="mobilenet_v3_large_fpn")
+    parser.add_argument("--bundle", action="append", type=Path, default=[],
+                        help="a built bundle to run instead of an untrained one (repeatable)")
     args = parser.parse_args()
     rows, cols = (int(v) for v in args.size.split("x"))
+    figures: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="fractured-e2e-") as scratch:
         root = Path(scratch)
         detector = None if args.detector == "none" else args.detector
-        bundle = build_untrained_bundle(root / "engines" / "bench", detector=detector)
-        node_port = free_port()
-        orthanc = Orthanc(root / "orthanc",
-                          modalities={"fractured": {"AET": "FRACTURED", "Host": "127.0.0.1",
-                                                    "Port": node_port}},
-                          lua=(REPO / "deploy" / "orthanc" / "autoroute.lua").read_text())
-        orthanc.start()
-        node = NodeProcess(root / "node", bundle,
-                           [{"name": "pacs", "ae_title": orthanc.ae_title,
-                             "port": orthanc.dicom_port}], port=node_port,
-                           quiet_period_s=args.quiet)
-        node.start()
-        try:
-            run(args, rows, cols, root, orthanc, node)
-        finally:
-            node.stop()
-            orthanc.stop()
+        bundles = [b.resolve() for b in args.bundle] or [build_untrained_bundle(
+            root / "engines" / "bench", detector=detector)]
+        for index, bundle in enumerate(bundles):
+            label = bundle.name if args.bundle else f"untrained b0 + {args.detector}"
+            print(f"== {label}")
+            figures[label] = one_node(args, rows, cols, root / f"run{index}", bundle)
+    first, *others = figures
+    for label in others:
+        print(f"{label} / {first}: " + ", ".join(
+            f"{key} {figures[label][key] / figures[first][key]:.2f}x"
+            for key in ("studies_per_min", "latency_p50", "work_p50")))
+
+
+def one_node(args: argparse.Namespace, rows: int, cols: int, root: Path,
+             bundle: Path) -> dict[str, float]:
+    """Orthanc and a node running `bundle` under `root`, the studies through them."""
+    node_port = free_port()
+    orthanc = Orthanc(root / "orthanc",
+                      modalities={"fractured": {"AET": "FRACTURED", "Host": "127.0.0.1",
+                                                "Port": node_port}},
+                      lua=(REPO / "deploy" / "orthanc" / "autoroute.lua").read_text())
+    orthanc.start()
+    node = NodeProcess(root / "node", bundle,
+                       [{"name": "pacs", "ae_title": orthanc.ae_title,
+                         "port": orthanc.dicom_port}], port=node_port,
+                       quiet_period_s=args.quiet)
+    node.start()
+    try:
+        return run(args, rows, cols, root, orthanc, node)
+    finally:
+        node.stop()
+        orthanc.stop()
 
 
 def run(args: argparse.Namespace, rows: int, cols: int, root: Path, orthanc: Orthanc,
-        node: NodeProcess) -> None:
+        node: NodeProcess) -> dict[str, float]:
     studies = []
     for index in range(args.studies):
         images = index % 4 + 1
@@ -96,8 +119,8 @@ def run(args: argparse.Namespace, rows: int, cols: int, root: Path, orthanc: Ort
     routing = [received[uids[s]] - uploaded[s] for s in expected]
     work = [value - args.quiet for value in latency]
     images = sum(expected.values())
-    print(f"{len(expected)} studies, {images} images of {rows}x{cols}, detector "
-          f"{args.detector}, quiet period {args.quiet:g} s, poll {POLL_S:g} s")
+    print(f"{len(expected)} studies, {images} images of {rows}x{cols}, quiet period "
+          f"{args.quiet:g} s, poll {POLL_S:g} s")
     print(f"throughput: {60 * len(expected) / wall:.1f} studies/min, "
           f"{60 * images / wall:.1f} images/min ({wall:.1f} s wall)")
     print(f"last image received -> last result in Orthanc: p50 {percentile(latency, .5):.1f} s, "
@@ -107,6 +130,8 @@ def run(args: argparse.Namespace, rows: int, cols: int, root: Path, orthanc: Ort
     print(f"Orthanc upload -> node received (its StableAge and routing): p50 "
           f"{percentile(routing, .5):.1f} s")
     print(f"analysis share of the wait: {statistics.median(work) / statistics.median(latency):.2f}")
+    return {"studies_per_min": 60 * len(expected) / wall,
+            "latency_p50": percentile(latency, .5), "work_p50": percentile(work, .5)}
 
 
 def _complete(orthanc: Orthanc, study_id: str, images: int) -> bool:

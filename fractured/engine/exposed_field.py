@@ -394,17 +394,19 @@ class _Edges:
         runs = _runs(share >= EDGE_LENGTH)
         start, end = across
         inner = (-(-start // self.scale), end // self.scale)
+        # An edge beyond the other side's bound (a band peeled from that side past it)
+        # would leave no field: it is not taken.
         for q0, q1 in reversed(runs):
             column = (q1 - 1) * self.scale
             if column <= EDGE_REACH * self.size and self._quiet(
                     rows, inner[0], q0 - _BAND_MARGIN):
-                start = column if column > start + 2 * self.scale else start
+                start = column if start + 2 * self.scale < column < end else start
                 break
         for q0, q1 in runs:
             column = (q0 + 2) * self.scale
             if column >= (1 - EDGE_REACH) * self.size and self._quiet(
                     rows, q1 + _BAND_MARGIN, inner[1]):
-                end = column if column < end - 2 * self.scale else end
+                end = column if start < column < end - 2 * self.scale else end
                 break
         return start, end
 

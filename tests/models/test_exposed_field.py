@@ -97,6 +97,19 @@ def test_a_field_under_the_minimum_share_is_not_believed() -> None:
     assert [e["source"] for e in logs if e["event"] == "exposed_field.implausible"] == ["image"]
 
 
+@pytest.mark.parametrize(("rows", "cols"), [(2000, 1700), (1700, 2000), (2048, 1680)])
+def test_an_edge_beyond_a_wide_band_does_not_empty_the_field(rows: int, cols: int) -> None:
+    """The test factory's phantom at a detector's size: a uniform band peeled from the
+    right leaves a tenth of the columns, and a collimator-like edge found beyond that
+    bound used to cut the field to nothing (an IndexError, then a ValueError: the study
+    failed; found by bench.e2e with the shipped bundle). The field stays a rectangle and,
+    too narrow to believe, is the whole image."""
+    from tests import factory
+
+    ds = factory.xray("1.2.3", rows=rows, cols=cols)
+    assert exposed_field(display_pixels(ds), ds) == Field.whole(rows, cols)
+
+
 #: Collimator bands that are not uniform along their edge, so no line of them is uniform
 #: and only their edge tells them: level(along, out), both in [0, 1], along the edge
 #: and from the edge out to the border.

@@ -27,9 +27,8 @@ from pathlib import Path
 
 from fractured.training.build import build_untrained_bundle
 from tests.factory import write_study
-from tests.peers import NodeProcess, Orthanc, free_port
+from tests.peers import NodeProcess, Orthanc, routing_pacs_and_node
 
-REPO = Path(__file__).resolve().parent.parent
 POLL_S = 0.2
 
 
@@ -68,16 +67,8 @@ def main() -> None:
 def one_node(args: argparse.Namespace, rows: int, cols: int, root: Path,
              bundle: Path) -> dict[str, float]:
     """Orthanc and a node running `bundle` under `root`, the studies through them."""
-    node_port = free_port()
-    orthanc = Orthanc(root / "orthanc",
-                      modalities={"fractured": {"AET": "FRACTURED", "Host": "127.0.0.1",
-                                                "Port": node_port}},
-                      lua=(REPO / "deploy" / "orthanc" / "autoroute.lua").read_text())
+    orthanc, node = routing_pacs_and_node(root, bundle, quiet_period_s=args.quiet)
     orthanc.start()
-    node = NodeProcess(root / "node", bundle,
-                       [{"name": "pacs", "ae_title": orthanc.ae_title,
-                         "port": orthanc.dicom_port}], port=node_port,
-                       quiet_period_s=args.quiet)
     node.start()
     try:
         return run(args, rows, cols, root, orthanc, node)

@@ -25,6 +25,8 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
+from tests.paths import REPO
+
 # Debian's DCMTK keeps Nagle's algorithm on: ~40 ms lost per object without this.
 PEER_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
@@ -378,6 +380,22 @@ class NodeProcess:
             self.proc.wait(60)
         self.log.close()
         return self.proc.returncode
+
+
+def routing_pacs_and_node(root: Path, bundle: Path, quiet_period_s: float | None = None
+                          ) -> tuple[Orthanc, NodeProcess]:
+    """Orthanc as the PACS, routing what it is sent to a node running `bundle`
+    (deploy/orthanc/autoroute.lua), which sends its results back to it; neither started."""
+    node_port = free_port()
+    orthanc = Orthanc(root / "orthanc",
+                      modalities={"fractured": {"AET": "FRACTURED", "Host": "127.0.0.1",
+                                                "Port": node_port}},
+                      lua=(REPO / "deploy" / "orthanc" / "autoroute.lua").read_text())
+    timing = {} if quiet_period_s is None else {"quiet_period_s": quiet_period_s}
+    node = NodeProcess(root / "node", bundle, [{"name": "pacs", "ae_title": orthanc.ae_title,
+                                                "port": orthanc.dicom_port}],
+                       port=node_port, **timing)
+    return orthanc, node
 
 
 def in_process_node(folder: Path, bundle: Path) -> tuple[Any, int]:

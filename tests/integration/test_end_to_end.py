@@ -13,8 +13,7 @@ import pytest
 
 from fractured.results import codes
 from tests import factory
-from tests.paths import REPO
-from tests.peers import NodeProcess, Orthanc, dciodvfy, free_port, wait_for
+from tests.peers import NodeProcess, Orthanc, dciodvfy, routing_pacs_and_node, wait_for
 
 pytestmark = [pytest.mark.peers, pytest.mark.slow]
 
@@ -22,15 +21,8 @@ pytestmark = [pytest.mark.peers, pytest.mark.slow]
 
 @pytest.fixture
 def pacs_and_node(tmp_path: Path, untrained_bundle: Path):
-    node_port = free_port()
-    orthanc = Orthanc(tmp_path / "orthanc",
-                      modalities={"fractured": {"AET": "FRACTURED", "Host": "127.0.0.1",
-                                                "Port": node_port}},
-                      lua=(REPO / "deploy" / "orthanc" / "autoroute.lua").read_text())
+    orthanc, node = routing_pacs_and_node(tmp_path, untrained_bundle)
     orthanc.start()
-    node = NodeProcess(tmp_path / "node", untrained_bundle,
-                       [{"name": "pacs", "ae_title": orthanc.ae_title,
-                         "port": orthanc.dicom_port}], port=node_port)
     try:
         node.start()
         yield orthanc, node

@@ -166,28 +166,29 @@ def fit(features: nn.Module, images: Sequence[np.ndarray], parts: Sequence[str],
     if dropped:
         log.warning("region_check.classes_dropped", classes=dropped,
                     min_images=MIN_CLASS_IMAGES)
-    fold_of = np.asarray(folds)
-    if len(set(fold_of.tolist())) < 2:
+    fold_ids = np.asarray(folds)
+    distinct = sorted(set(fold_ids.tolist()))
+    if len(distinct) < 2:
         raise ValueError("a region check's threshold needs at least two folds")
     kept = np.isin(groups, classes)
-    smallest = min(int((kept & (fold_of != fold)).sum()) for fold in set(fold_of.tolist()))
+    smallest = min(int((kept & (fold_ids != fold)).sum()) for fold in distinct)
     if smallest < MIN_FIT_IMAGES:
         raise ValueError(f"a region check needs {MIN_FIT_IMAGES} images in each fit, "
                          f"without any one fold too; the smallest has {smallest}")
     pooled = PooledFeatures(features, mean=mean, std=std).eval()
     measured = _measure(pooled, [image for image, k in zip(images, kept, strict=True) if k],
                         mean, std)
-    groups, fold_of = groups[kept], fold_of[kept]
+    groups, fold_ids = groups[kept], fold_ids[kept]
     held_out = np.empty((len(measured), len(classes)))
-    for fold in sorted(set(fold_of.tolist())):
-        inside = fold_of == fold
+    for fold in distinct:
+        inside = fold_ids == fold
         without = RegionCheckNet(pooled, **_statistics(measured[~inside], groups[~inside],
                                                        classes))
         with torch.inference_mode():
             held_out[inside] = without.distances(torch.from_numpy(measured[inside])).numpy()
     net = RegionCheckNet(pooled, **_statistics(measured, groups, classes)).eval()
     return Fitted(net, classes, held_out,
-                  tuple(part for part, k in zip(parts, kept, strict=True) if k), fold_of)
+                  tuple(part for part, k in zip(parts, kept, strict=True) if k), fold_ids)
 
 
 def threshold(fitted: Fitted, *, backbone: str = BACKBONE) -> RegionCheck:

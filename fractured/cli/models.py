@@ -197,17 +197,23 @@ def evaluate(run_dir: Path, out_dir: Path | None, split_name: str, dataset: Path
 
 
 @click.command()
-@click.argument("runs", nargs=-1, required=True, metavar="RUN [RUN ...]",
+@click.argument("runs", nargs=-1, metavar="[RUN ...]",
                 type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--merge", "merge", multiple=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="An earlier `fractured cv` report (its --out) of other folds of the "
+                   "same recipe, pooled with the runs; repeatable.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
               required=True, help="Where cv.json, cv.md and predictions.csv go.")
 @click.option("--bootstrap", type=click.IntRange(0), default=1000, show_default=True,
               help="Bootstrap resamples for the AUCs' 95 % intervals (0 = none).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True)
-def cv(runs: tuple[Path, ...], out_dir: Path, bootstrap: int, device: str) -> None:
+def cv(runs: tuple[Path, ...], merge: tuple[Path, ...], out_dir: Path, bootstrap: int,
+       device: str) -> None:
     """Cross-validation report of the fold runs of one recipe ([data].folds): each run's
-    classifier scored on its own validation fold; per-fold and pooled out-of-fold AUC."""
+    classifier scored on its own validation fold, pooled with the folds of earlier reports
+    (--merge); per-fold and pooled out-of-fold AUC."""
     log.configure("INFO", "console")
     from fractured.training.checkpoint import CheckpointError
     from fractured.training.cv import (
@@ -219,7 +225,8 @@ def cv(runs: tuple[Path, ...], out_dir: Path, bootstrap: int, device: str) -> No
     from fractured.training.datasets import DatasetError
 
     try:
-        record = cross_validate(list(runs), out_dir, bootstrap=bootstrap, device=device)
+        record = cross_validate(list(runs), out_dir, merge=list(merge), bootstrap=bootstrap,
+                                device=device)
     except (config.ConfigError, DatasetError, CheckpointError, CrossValidationError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(headline(record))

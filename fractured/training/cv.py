@@ -14,6 +14,13 @@ K and fold seed, each fold at most once, the same settings except [data].fold an
 (where and how fast it ran), and a test part identical to the base's. Missing folds are
 allowed and said ("3 of 5 folds"). Only validation folds are scored: the test part is
 never read.
+
+Folds trained on different machines (or over several sessions whose run directories do
+not outlive them) are scored where they ran and merged later: `--merge` takes earlier
+reports, whose cv.json records the partition and the recipe and whose predictions.csv
+holds every score (exact digits), checks them like runs, and pools them with
+any runs given. Merging the reports of disjoint folds gives the numbers one `fractured
+cv` over all their runs gives.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import structlog
 
 from fractured.training import checkpoint, config
@@ -54,8 +62,33 @@ _FREE_SECTIONS = {"run"}
 
 
 class CrossValidationError(Exception):
-    """Runs that are not folds of one recipe and one partition; the message names the run
-    and what differs."""
+    """Runs or reports that are not folds of one recipe and one partition; the message
+    names the run or report and what differs."""
+
+
+@dataclass(frozen=True)
+class FoldSource:
+    """What folds of one cross-validation must share, as a fold run or an earlier report
+    gives it: the partition (base split, K, fold seed), the folds it holds and the recipe
+    (its settings as JSON, [data].fold and [run] included: `recipe_differences` leaves
+    them out)."""
+
+    name: str
+    base_csv_sha256: str
+    k: int
+    seed: int
+    folds: tuple[int, ...]
+    recipe: Mapping[str, Mapping[str, Any]]
+
+
+@dataclass(frozen=True)
+class ScoredFold:
+    """One fold's out-of-fold scores and the report's rows for it."""
+
+    scores: FoldScores
+    rows: list[tuple[int, str, str, str, int, float]]
+    unreadable: list[dict[str, Any]]
+    limited: bool
 
 
 @dataclass(frozen=True)
@@ -69,6 +102,17 @@ class FoldRun:
     @property
     def name(self) -> str:
         return str(self.run)
+
+    @property
+    def source(self) -> FoldSource:
+        return FoldSource(self.name, self.record.base_csv_sha256, self.record.k,
+                          self.record.seed, (self.record.fold,), recipe_of(self.settings))
+
+
+def recipe_of(settings: config.TrainSettings) -> dict[str, Any]:
+    """Settings as cv.json records them, so a run and a report compare alike."""
+    recipe: dict[str, Any] = json.loads(json.dumps(jsonable(dataclasses.asdict(settings))))
+    return recipe
 
 
 def read_fold_run(run: Path) -> FoldRun:
@@ -101,29 +145,27 @@ def read_fold_run(run: Path) -> FoldRun:
     return FoldRun(run, record, settings)
 
 
-def check_folds_of_one_recipe(runs: Sequence[FoldRun]) -> None:
-    """Refuse runs of other partitions (base split, K, fold seed), a fold given twice,
-    and runs whose settings differ beyond [data].fold and [run]."""
-    first = runs[0]
-    seen: dict[int, FoldRun] = {}
-    for run in runs:
+def check_folds_of_one_recipe(sources: Sequence[FoldSource]) -> None:
+    """Refuse runs or reports of other partitions (base split, K, fold seed), a fold given
+    twice, and settings that differ beyond [data].fold and [run]."""
+    first = sources[0]
+    seen: dict[int, FoldSource] = {}
+    for source in sources:
         for what, have, wanted in (
-                ("base split (csv_sha256)", run.record.base_csv_sha256,
-                 first.record.base_csv_sha256),
-                ("number of folds ([data].folds)", run.record.k, first.record.k),
-                ("fold seed ([data].split_seed, else [run].seed)", run.record.seed,
-                 first.record.seed)):
+                ("base split (csv_sha256)", source.base_csv_sha256, first.base_csv_sha256),
+                ("number of folds ([data].folds)", source.k, first.k),
+                ("fold seed ([data].split_seed, else [run].seed)", source.seed, first.seed)):
             if have != wanted:
-                raise CrossValidationError(f"{run.name}: {what} {have} but {first.name} has "
-                                           f"{wanted}: not folds of one base split and K")
-        if run.record.fold in seen:
-            raise CrossValidationError(f"{run.name} and {seen[run.record.fold].name} are both "
-                                       f"fold {run.record.fold}: give each fold once")
-        seen[run.record.fold] = run
-        changed = recipe_differences(dataclasses.asdict(first.settings),
-                                     dataclasses.asdict(run.settings))
+                raise CrossValidationError(f"{source.name}: {what} {have} but {first.name} "
+                                           f"has {wanted}: not folds of one base split and K")
+        for fold in source.folds:
+            if fold in seen:
+                raise CrossValidationError(f"{source.name} and {seen[fold].name} are both "
+                                           f"fold {fold}: give each fold once")
+            seen[fold] = source
+        changed = recipe_differences(first.recipe, source.recipe)
         if changed:
-            raise CrossValidationError(f"{run.name}: {', '.join(changed)} differ from "
+            raise CrossValidationError(f"{source.name}: {', '.join(changed)} differ from "
                                        f"{first.name}'s: not one recipe")
 
 
@@ -137,52 +179,105 @@ def recipe_differences(first: Mapping[str, Mapping[str, Any]],
             if (section, key) not in _FREE_KEYS and other[section][key] != value]
 
 
-def cross_validate(runs: Sequence[Path], out_dir: Path, *, bootstrap: int = 1000,
-                   device: str = "auto") -> dict[str, Any]:
-    """Check, score and report the fold runs `runs`; returns cv.json's record."""
+def cross_validate(runs: Sequence[Path], out_dir: Path, *, merge: Sequence[Path] = (),
+                   bootstrap: int = 1000, device: str = "auto") -> dict[str, Any]:
+    """Check and score the fold runs `runs`, pool them with the reports `merge`, and report
+    all (cv.json, cv.md, predictions.csv in `out_dir`); returns cv.json's record."""
+    if not runs and not merge:
+        raise CrossValidationError("no fold runs and no reports to merge")
     folds = [read_fold_run(run) for run in runs]
-    check_folds_of_one_recipe(folds)
-    runner = Device.choose(device, amp=False, channels_last=False)
-    scored: list[FoldScores] = []
-    unreadable: list[dict[str, Any]] = []
-    limited = False
-    rows: list[tuple[int, str, str, str, int, float]] = []
-    for fold in sorted(folds, key=lambda run: run.record.fold):
-        best = fold.run / "classifier" / checkpoint.BEST
-        if not best.is_file():
-            raise CrossValidationError(f"{fold.name}: no classifier/{checkpoint.BEST} (has "
-                                       "the fold been trained?)")
-        state = checkpoint.load(best, "classifier")
-        limited = limited or bool(state.get("limited"))
-        samples, _ = samples_to_score(fold.run, fold.settings, {"classifier": state}, "val",
-                                      None)
-        scores = score_classifier(state, samples, runner)
-        images = scores.images.samples
-        scored.append(FoldScores(fold.record.fold, fold.name, scores.labels, scores.prob,
-                                 [sample.body_part for sample in images]))
-        unreadable += [{"fold": fold.record.fold, "path": path, "reason": reason}
-                       for path, reason in scores.images.unreadable]
-        rows += [(fold.record.fold, fold.name, str(sample.path), sample.body_part, int(label),
-                  float(p)) for sample, label, p in zip(images, scores.labels, scores.prob,
-                                                        strict=True)]
-        log.info("cv.fold_scored", run=fold.name, fold=fold.record.fold, images=len(images))
-    first = folds[0].record
+    reports = [read_report(report) for report in merge]
+    check_folds_of_one_recipe([fold.source for fold in folds]
+                              + [source for source, _ in reports])
+    scored = [scored for _, merged in reports for scored in merged]
+    if folds:
+        runner = Device.choose(device, amp=False, channels_last=False)
+        scored += [score_fold(fold, runner)
+                   for fold in sorted(folds, key=lambda run: run.record.fold)]
+    first = folds[0].source if folds else reports[0][0]
+    scored.sort(key=lambda fold: fold.scores.fold)
+    limited = any(fold.limited for fold in scored)
     record = {
         "title": "Cross-validation" + (" (SMOKE RUNS on a [data].limit subset)"
                                        if limited else ""),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "base_csv_sha256": first.base_csv_sha256, "seed": first.seed, "limited": limited,
-        **cross_validation_metrics(scored, k=first.k, bootstrap=bootstrap),
-        "unreadable": unreadable,
+        "recipe": first.recipe, "merged": [str(report) for report in merge],
+        **cross_validation_metrics([fold.scores for fold in scored], k=first.k,
+                                   bootstrap=bootstrap),
+        "unreadable": [entry for fold in scored for entry in fold.unreadable],
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / CV_JSON).write_text(json.dumps(jsonable(record), indent=2, allow_nan=False)
                                    + "\n", encoding="utf-8")
     (out_dir / CV_MARKDOWN).write_text(markdown(record), encoding="utf-8")
-    _write_predictions(out_dir / PREDICTIONS_FILE, rows)
+    write_predictions(out_dir / PREDICTIONS_FILE, [row for fold in scored for row in fold.rows])
     log.info("cv.done", out=str(out_dir), coverage=record["coverage"],
              pooled_auc=record["pooled"]["roc_auc"])
     return record
+
+
+def score_fold(fold: FoldRun, runner: Device) -> ScoredFold:
+    """The fold run's classifier/best.pt scored on its own validation fold."""
+    best = fold.run / "classifier" / checkpoint.BEST
+    if not best.is_file():
+        raise CrossValidationError(f"{fold.name}: no classifier/{checkpoint.BEST} (has "
+                                   "the fold been trained?)")
+    state = checkpoint.load(best, "classifier")
+    samples, _ = samples_to_score(fold.run, fold.settings, {"classifier": state}, "val", None)
+    scores = score_classifier(state, samples, runner)
+    images = scores.images.samples
+    index = fold.record.fold
+    log.info("cv.fold_scored", run=fold.name, fold=index, images=len(images))
+    return ScoredFold(
+        FoldScores(index, fold.name, scores.labels, scores.prob,
+                   [sample.body_part for sample in images]),
+        [(index, fold.name, str(sample.path), sample.body_part, int(label), float(p))
+         for sample, label, p in zip(images, scores.labels, scores.prob, strict=True)],
+        [{"fold": index, "path": path, "reason": reason}
+         for path, reason in scores.images.unreadable],
+        bool(state.get("limited")))
+
+
+def read_report(report: Path) -> tuple[FoldSource, list[ScoredFold]]:
+    """An earlier `fractured cv` report's partition, recipe and scored folds, refused when
+    it lacks what a merge checks."""
+    try:
+        record = json.loads((report / CV_JSON).read_text(encoding="utf-8"))
+        with open(report / PREDICTIONS_FILE, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    except (OSError, ValueError) as exc:
+        raise CrossValidationError(f"{report}: not a readable `fractured cv` report "
+                                   f"({exc})") from None
+    if "recipe" not in record:
+        raise CrossValidationError(f"{report}: its {CV_JSON} records no recipe (written "
+                                   "before `fractured cv` recorded one): score its runs "
+                                   "again instead")
+    folds = [row["fold"] for row in record["folds"]]
+    by_fold: dict[int, list[dict[str, str]]] = {fold: [] for fold in folds}
+    for row in rows:
+        if int(row["fold"]) not in by_fold:
+            raise CrossValidationError(f"{report}: {PREDICTIONS_FILE} scores fold "
+                                       f"{row['fold']}, which its {CV_JSON} does not list")
+        by_fold[int(row["fold"])].append(row)
+    scored = []
+    for fold, fold_rows in by_fold.items():
+        if len(fold_rows) != next(row["n"] for row in record["folds"] if row["fold"] == fold):
+            raise CrossValidationError(f"{report}: {PREDICTIONS_FILE} and {CV_JSON} count "
+                                       f"fold {fold}'s images differently")
+        labels = np.array([int(row["label"]) for row in fold_rows])
+        prob = np.array([float(row["probability"]) for row in fold_rows])
+        parts = [row["body_part"] for row in fold_rows]
+        source = fold_rows[0]["run"] if fold_rows else str(report)
+        scored.append(ScoredFold(
+            FoldScores(fold, source, labels, prob, parts),
+            [(fold, row["run"], row["image"], row["body_part"], int(row["label"]),
+              float(row["probability"])) for row in fold_rows],
+            [entry for entry in record["unreadable"] if entry["fold"] == fold],
+            bool(record["limited"])))
+    source = FoldSource(str(report), record["base_csv_sha256"], record["k"], record["seed"],
+                        tuple(folds), record["recipe"])
+    return source, scored
 
 
 def headline(record: Mapping[str, Any]) -> str:
@@ -201,6 +296,9 @@ def markdown(record: Mapping[str, Any]) -> str:
              f"Base split `{record['base_csv_sha256'][:12]}`, K = {record['k']}, fold seed "
              f"{record['seed']}. Each fold's classifier/best.pt scored on its own validation "
              "fold (the test part is not read); every number is in `cv.json`.", ""]
+    if record.get("merged"):
+        lines += ["Folds merged from earlier reports (scored where their runs were): "
+                  + ", ".join(f"`{report}`" for report in record["merged"]) + ".", ""]
     if record["missing_folds"]:
         lines += [f"Missing folds: {', '.join(map(str, record['missing_folds']))}.", ""]
     if record["unreadable"]:
@@ -224,13 +322,14 @@ def markdown(record: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_predictions(path: Path, rows: Sequence[tuple[int, str, str, str, int, float]]) -> None:
-    """Every out-of-fold score: fold, run, image, body part, label, probability."""
+def write_predictions(path: Path, rows: Sequence[tuple[int, str, str, str, int, float]]) -> None:
+    """Every out-of-fold score: fold, run, image, body part, label, probability (its
+    shortest exact digits, so that a merge pools the very scores)."""
     with open(path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(["fold", "run", "image", "body_part", "label", "probability"])
         for fold, run, image, part, label, p in rows:
-            writer.writerow([fold, run, image, part, label, f"{p:.6f}"])
+            writer.writerow([fold, run, image, part, label, repr(p)])
 
 
 def _number(value: float | None) -> str:

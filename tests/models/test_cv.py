@@ -16,6 +16,7 @@ from sklearn.metrics import roc_auc_score
 from fractured.cli import main
 from fractured.config import ConfigError
 from fractured.training import checkpoint, config, evaluate
+from fractured.training import cv as cv_module
 from fractured.training.datasets.base import SampleSet
 from fractured.training.evaluation.classification import classification_metrics
 from fractured.training.evaluation.cross_validation import FoldScores, cross_validation_metrics
@@ -194,6 +195,107 @@ def test_cv_refuses_runs_that_are_not_folds_of_one_recipe(data: SampleSet,
     assert not out.exists()
 
 
+# -- `fractured cv --merge`: folds scored where they ran, pooled later --------------------
+
+
+def report(out: Path, folds: list[FoldScores], *, k: int = 5, seed: int = 0,
+           flags: tuple[str, ...] = (), recipe: bool = True) -> Path:
+    """A `fractured cv` report of `folds` as cv.json and predictions.csv hold it."""
+    out.mkdir(parents=True)
+    record = {"base_csv_sha256": "ab" * 32, "seed": seed, "limited": False, "unreadable": [],
+              **cross_validation_metrics(folds, k=k, bootstrap=0)}
+    if recipe:
+        record["recipe"] = cv_module.recipe_of(config.load(None, [f"data.folds={k}",
+                                                                  *flags]))
+    (out / "cv.json").write_text(json.dumps(record))
+    cv_module.write_predictions(out / "predictions.csv", [
+        (fold.fold, fold.source, f"img/{fold.fold}-{i}.jpg", part, int(label), float(p))
+        for fold in folds
+        for i, (label, p, part) in enumerate(zip(fold.labels, fold.prob, fold.body_parts,
+                                                 strict=True))])
+    return out
+
+
+def merge(*reports: Path, out: Path) -> tuple[int, str]:
+    flags = [arg for report in reports for arg in ("--merge", str(report))]
+    result = CliRunner().invoke(main, ["cv", *flags, "--out", str(out), "--bootstrap", "100"])
+    return result.exit_code, result.output
+
+
+def test_merged_reports_pool_as_one_cv_of_all_their_folds(tmp_path: Path) -> None:
+    folds = [fold_scores(fold, 40, 0.6 + 0.2 * fold) for fold in range(5)]
+    first = report(tmp_path / "f02", [folds[0], folds[2]])
+    rest = report(tmp_path / "f134", [folds[1], folds[3], folds[4]])
+    out = tmp_path / "cv"
+    code, output = merge(first, rest, out=out)
+    assert code == 0, output
+    assert "\n5 of 5 folds: fold AUC " in output
+    record = json.loads((out / "cv.json").read_text())
+    whole = cross_validation_metrics(folds, k=5, bootstrap=100)
+    for key in ("folds", "pooled", "body_parts", "fold_auc_mean", "fold_auc_sd", "coverage"):
+        assert record[key] == json.loads(json.dumps(whole[key])), key
+    assert record["merged"] == [str(first), str(rest)]
+    assert record["recipe"] == json.loads((first / "cv.json").read_text())["recipe"]
+    with open(out / "predictions.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(row["fold"]) for row in rows] == sorted(int(row["fold"]) for row in rows)
+    prob = np.array([float(row["probability"]) for row in rows])
+    assert np.array_equal(prob, np.concatenate([fold.prob for fold in folds]))  # exact
+    assert f"`{first}`, `{rest}`" in (out / "cv.md").read_text()
+
+    # the merged report merges again, as the reports of a run of all five would
+    again = tmp_path / "again"
+    code, output = merge(out, out=again)
+    assert code == 0, output
+    assert json.loads((again / "cv.json").read_text())["pooled"] == record["pooled"]
+
+
+def test_merge_refuses_reports_that_are_not_folds_of_one_recipe(data: SampleSet,
+                                                                 tmp_path: Path) -> None:
+    folds = [fold_scores(fold, 20, 1.0) for fold in range(3)]
+    first = report(tmp_path / "first", folds[:2])
+    out = tmp_path / "cv"
+
+    twice = report(tmp_path / "twice", folds[1:])
+    code, output = merge(first, twice, out=out)
+    assert code != 0 and f"{twice} and {first} are both fold 1" in output
+
+    recipe = report(tmp_path / "recipe", folds[2:], flags=("classifier.lr=0.01",))
+    code, output = merge(first, recipe, out=out)
+    assert code != 0 and f"{recipe}: [classifier].lr differ from {first}'s" in output
+
+    four = report(tmp_path / "four", [folds[2]], k=4)
+    code, output = merge(first, four, out=out)
+    assert code != 0 and f"{four}: number of folds ([data].folds) 4 but {first} has 5" in output
+
+    old = report(tmp_path / "old", folds[2:], recipe=False)
+    code, output = merge(first, old, out=out)
+    assert code != 0 and f"{old}: its cv.json records no recipe" in output
+
+    cut = report(tmp_path / "cut", folds[2:])
+    lines = (cut / "predictions.csv").read_text().splitlines(keepends=True)
+    (cut / "predictions.csv").write_text("".join(lines[:-1]))
+    code, output = merge(first, cut, out=out)
+    assert code != 0 and f"{cut}: predictions.csv and cv.json count fold 2's images" in output
+
+    gone = report(tmp_path / "gone", folds[2:])
+    (gone / "predictions.csv").unlink()
+    code, output = merge(first, gone, out=out)
+    assert code != 0 and f"{gone}: not a readable `fractured cv` report" in output
+
+    # a fold run is checked against a report as against another run
+    run = fake_run(tmp_path / "runs" / "f2", make_split(data, hashes=hashes_for()), k=5,
+                   fold=2, flags=("augment.hflip=false",))
+    result = CliRunner().invoke(main, ["cv", str(run), "--merge", str(first), "--out",
+                                       str(out)])
+    assert result.exit_code != 0
+    assert f"{first}: base split (csv_sha256)" in result.output
+
+    result = CliRunner().invoke(main, ["cv", "--out", str(out)])
+    assert result.exit_code != 0 and "no fold runs and no reports to merge" in result.output
+    assert not out.exists()
+
+
 # -- a real 3-fold cross-validation through the CLI -----------------------------------------
 
 
@@ -252,6 +354,21 @@ def test_three_fold_runs_train_and_cv_pools_their_validation_folds(
         assert row["roc_auc"] == pytest.approx(roc_auc_score(labels[mask], prob[mask]),
                                                abs=1e-5)
     assert "| pooled |" in (out / "cv.md").read_text()
+
+    # folds scored apart (as on two machines) and merged give the very same numbers
+    apart = [tmp_path / "cv-0", tmp_path / "cv-12"]
+    for out_dir, fold_runs in zip(apart, (runs[:1], runs[1:]), strict=True):
+        result = runner.invoke(main, ["cv", *map(str, fold_runs), "--out", str(out_dir),
+                                      "--bootstrap", "50", "--device", "cpu"])
+        assert result.exit_code == 0, result.output
+    merged = tmp_path / "cv-merged"
+    result = runner.invoke(main, ["cv", "--merge", str(apart[0]), "--merge", str(apart[1]),
+                                  "--out", str(merged), "--bootstrap", "50"])
+    assert result.exit_code == 0, result.output
+    again = json.loads((merged / "cv.json").read_text())
+    for key in ("folds", "pooled", "body_parts", "fold_auc_mean", "fold_auc_sd", "recipe"):
+        assert again[key] == record[key], key
+    assert (merged / "predictions.csv").read_text() == (out / "predictions.csv").read_text()
 
     # `fractured evaluate --split val` of a fold says the same AUC
     evaluated = runner.invoke(main, ["evaluate", str(runs[1]), "--split", "val",

@@ -6,8 +6,8 @@
 # differ. lite0-dicom then adds the exposed-field crop and the DICOM-look augmentation
 # at its defaults. Each is scored on the validation part and compared, paired, with the
 # shipped models (compare.py). `runs.sh cv NAME FOLD...` runs a recipe's 5-fold
-# cross-validation (resumable fold by fold) and `fractured cv` over the folds done. The
-# test part is not read.
+# cross-validation (resumable fold by fold, each fold's scores kept in cv-NAME/) and
+# `fractured cv --merge` over the five. The test part is not read.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 common=(--task classifier --epochs 15
@@ -37,23 +37,31 @@ recipe() {  # NAME: that recipe's settings, one per line
   esac
 }
 folds() {  # NAME FOLD...: 5-fold cross-validation runs over the base split's train+val
-  # (its test part untouched), each resumed where a session ended and skipped once
-  # done; then `fractured cv` when all five are
+  # (its test part untouched), each resumed where a session ended and skipped once done.
+  # Each fold is scored as soon as it is trained, into docs/.../cv-NAME/fold-F (kept in
+  # the repository: a run directory does not outlive its machine); the five reports are
+  # merged into cv-NAME/ once all exist, whichever machines trained them.
   local name="$1"; shift
+  local reports="docs/training/fracatlas-lite0-256/cv-$name"
   mapfile -t settings < <(recipe "$name")
   for f in "$@"; do
     local out="runs/$name-f$f" resume=()
-    [ -f "$out/done" ] && continue
-    if [ -f "$out/classifier/last.pt" ]; then resume=(--resume)
-    else rm -rf "$out"  # stopped before its first epoch: nothing to resume, start again
+    [ -f "$reports/fold-$f/cv.json" ] && continue
+    if [ ! -f "$out/done" ]; then
+      if [ -f "$out/classifier/last.pt" ]; then resume=(--resume)
+      else rm -rf "$out"  # stopped before its first epoch: nothing to resume, start again
+      fi
+      .venv/bin/fractured train ../shared/data/fracatlas --out "$out" "${common[@]}" \
+        "${resume[@]}" --set data.folds=5 --set "data.fold=$f" \
+        --set data.base_split=docs/training/fracatlas-resnet18-e50 "${settings[@]}"
+      touch "$out/done"
     fi
-    .venv/bin/fractured train ../shared/data/fracatlas --out "$out" "${common[@]}" \
-      "${resume[@]}" --set data.folds=5 --set "data.fold=$f" \
-      --set data.base_split=docs/training/fracatlas-resnet18-e50 "${settings[@]}"
-    touch "$out/done"
+    .venv/bin/fractured cv "$out" --out "$reports/fold-$f"
   done
-  if [ "$(ls runs/"$name"-f?/done 2>/dev/null | wc -l)" -eq 5 ]; then
-    .venv/bin/fractured cv runs/"$name"-f? --out "runs/$name-cv"
+  if [ "$(ls "$reports"/fold-?/cv.json 2>/dev/null | wc -l)" -eq 5 ]; then
+    local merge=()
+    for f in 0 1 2 3 4; do merge+=(--merge "$reports/fold-$f"); done
+    .venv/bin/fractured cv "${merge[@]}" --out "$reports"
   fi
 }
 case "${1:-all}" in

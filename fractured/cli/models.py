@@ -394,10 +394,16 @@ def quantize(bundle_dir: Path, split_dir: Path, out_dir: Path, bundle_version: s
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="The classifier checkpoint whose train and val parts the check is "
                    "fitted on [default: the one BUNDLE's manifest names].")
+@click.option("--split", "split_dir", type=click.Path(exists=True, file_okay=False,
+                                                      path_type=Path),
+              help="Instead of the checkpoint (its run gone): the classifier's split "
+                   "folder, checked against BUNDLE's record; BUNDLE's own preprocessing "
+                   "and data set say the rest.")
 @click.option("--float16-weights", is_flag=True,
               help="Store the check's ONNX weights as float16, as build-engine does.")
 def region_check(bundle_dir: Path, out_dir: Path, bundle_version: str, name: str | None,
-                 checkpoint: Path | None, float16_weights: bool) -> None:
+                 checkpoint: Path | None, split_dir: Path | None,
+                 float16_weights: bool) -> None:
     """Fit BUNDLE's region check again on its classifier's train and val parts, the
     threshold chosen by cross-validation, and write BUNDLE with it as a new bundle (the
     models unchanged). The old check's held-out figures are dropped: score the new
@@ -409,7 +415,7 @@ def region_check(bundle_dir: Path, out_dir: Path, bundle_version: str, name: str
     try:
         path, check = build_refitted_region_check(
             bundle_dir, out_dir, name=name, version=bundle_version, checkpoint=checkpoint,
-            float16_weights=float16_weights)
+            split=split_dir, float16_weights=float16_weights)
     except build_errors() as exc:
         raise click.ClickException(str(exc)) from None
     scores = check.validation

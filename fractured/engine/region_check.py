@@ -8,9 +8,9 @@ classifier's own input batch and returns, per image, a distance to each body-reg
 class of the training data (engine.regions.REGION_GROUPS, "other" for images of several
 regions). The nearest class is the image's region; the nearest distance says how much
 the image looks like any training image at all. An image farther than the threshold,
-chosen so that a stated share of the validation images (at least 98 %) falls within
-it, is unlike everything the model was measured on (a chest film, an abdomen), and gets
-no verdict.
+chosen so that a stated share of images the fit never saw falls within it (the
+manifest's `validation.accepted_floor`), is unlike everything the model was measured on
+(a chest film, an abdomen), and gets no verdict.
 
 The graph runs on ONNX Runtime whatever backend runs the models (it runs only for the
 images whose header cannot decide, one small network pass each); its distances are in

@@ -22,7 +22,8 @@ is fitted on the train and val parts together, and the threshold is chosen by
 cross-validation over them: FOLDS fits, each leaving a fold out (leakage groups whole,
 training.folds), give every image a distance from a fit that never saw it, and the
 threshold is the smallest of those distances that accepts so many that the exact 95 %
-interval of the share accepted stays at or above ACCEPTED (docs/training/region-check.md).
+interval of the share accepted stays at or above ACCEPTED, which is set so that a
+held-out part of a few hundred images shows 98 % (docs/training/region-check.md).
 """
 
 from __future__ import annotations
@@ -56,8 +57,12 @@ COMPONENTS = 64
 #: Weight of the mean variance in the shrunk covariance (Ledoit-Wolf style).
 SHRINKAGE = 0.1
 #: Share of images never fitted on that the threshold accepts, at the lower end of the
-#: exact 95 % interval of the out-of-fold share (issue 27's floor: 98 %).
-ACCEPTED = 0.98
+#: exact 95 % interval of the out-of-fold share. Issue 27 asks that 98 % of a held-out
+#: part of a few hundred images (FracAtlas's test part: 480) be accepted: a sample of
+#: 480 shows 98 % with 95 % probability only where the true share is about 98.9 % or
+#: more (binomial), so the floor is 99 %. At 98 % the chosen check accepted 98.5 % out
+#: of fold and 97.7 % of the test part (docs/training/region-check.md).
+ACCEPTED = 0.99
 #: Folds of the cross-validation that chooses the threshold, and the seed that deals
 #: them (training.folds.fold_of).
 FOLDS = 5
@@ -311,34 +316,71 @@ def check_parity(net: RegionCheckNet, path: Path, images: Sequence[np.ndarray], 
     return gap
 
 
+@dataclass(frozen=True)
+class FittingData:
+    """Where a check's fitting images come from and how its classifier sees them: the
+    classifier's data set, its split (whose train and val parts are fitted on) and its
+    input size, crop and normalisation."""
+
+    dataset: str
+    format: str | None
+    positive: str | None
+    split: Path
+    input_size: int
+    crop: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def of_checkpoint(cls, state: dict[str, Any]) -> FittingData:
+        """As a classifier checkpoint records them; KeyError where it does not."""
+        from fractured.training.data import trained_crop
+
+        provenance, spec = state.get("provenance", {}), state["model_spec"]
+        return cls(provenance["dataset"], provenance.get("format"),
+                   state["settings"]["data"].get("positive") or None,
+                   Path(provenance["split"]), spec["input_size"], trained_crop(spec),
+                   tuple(spec["mean"]), tuple(spec["std"]))
+
+
 def build_region_check(state: dict[str, Any], out: Path, *,
                        float16_weights: bool) -> RegionCheck | None:
     """Fit, export and check the region check of a classifier checkpoint into `out`,
-    on the checkpoint's own training and validation parts (folds dealt over them),
-    letterboxed as its classifier sees them. None, logged with the reason, where it
-    cannot be made: the ImageNet weights are not installed, the data set or split is
-    gone, or fewer than two body regions have enough images."""
+    on the checkpoint's own training and validation parts (fit_region_check). None,
+    logged with the reason, where the checkpoint does not say where its data is."""
+    try:
+        data = FittingData.of_checkpoint(state)
+    except KeyError as exc:
+        log.warning("build.no_region_check", reason=f"the checkpoint records no {exc}")
+        return None
+    return fit_region_check(data, out, float16_weights=float16_weights)
+
+
+def fit_region_check(data: FittingData, out: Path, *,
+                     float16_weights: bool) -> RegionCheck | None:
+    """Fit, export and check a region check into `out`, on `data`'s training and
+    validation parts (folds dealt over them), letterboxed as its classifier sees them.
+    None, logged with the reason, where it cannot be made: the ImageNet weights are not
+    installed, the data set or split is gone, or fewer than two body regions have
+    enough images."""
     from fractured.config import ConfigError
-    from fractured.training.data import letterbox_samples, trained_crop
+    from fractured.training.data import letterbox_samples
     from fractured.training.datasets import DatasetError, open_dataset
     from fractured.training.export import round_to_float16, store_weights_as_float16
     from fractured.training.folds import fold_of
     from fractured.training.splits import load_split, relative_path
 
-    provenance = state.get("provenance", {})
-    spec = state["model_spec"]
     try:
         features = imagenet_features()
-        sample_set = open_dataset(provenance["dataset"], provenance.get("format"),
-                                  positive=state["settings"]["data"].get("positive") or None)
-        split = load_split(provenance["split"], sample_set)
+        sample_set = open_dataset(data.dataset, data.format, positive=data.positive)
+        split = load_split(data.split, sample_set)
         folds = fold_of(split, k=FOLDS, seed=FOLD_SEED)
     except (ConfigError, KeyError, OSError, DatasetError) as exc:
         log.warning("build.no_region_check", reason=str(exc))
         return None
-    size, crop, mean, std = spec["input_size"], trained_crop(spec), spec["mean"], spec["std"]
+    size, mean, std = data.input_size, data.mean, data.std
     seen = letterbox_samples(split.samples(sample_set, "train")
-                             + split.samples(sample_set, "val"), size, crop=crop,
+                             + split.samples(sample_set, "val"), size, crop=data.crop,
                              desc="region check: train and val images")
     try:
         fitted = fit(features, seen.images, [s.body_part for s in seen.samples],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -100,7 +101,7 @@ def test_it_accepts_the_fitting_images_out_of_fold_and_knows_their_regions(
     _, check = fitted
     assert check.classes == ("hand", "leg")  # only classes with training images
     assert check.validation["images"] == 130
-    # 130 images cannot show 98 % at the lower end of an exact interval: all accepted
+    # 130 images cannot show 99 % at the lower end of an exact interval: all accepted
     assert check.validation["accepted"] == 1.0
     assert check.validation["accepted_by_fold"] == [1.0] * 5
     assert check.validation["region_accuracy"] == 1.0
@@ -110,17 +111,25 @@ def test_it_accepts_the_fitting_images_out_of_fold_and_knows_their_regions(
     assert check.validation["method"].startswith("5-fold cross-validation")
 
 
-def test_the_threshold_accepts_98_percent_at_the_lower_end_of_its_interval() -> None:
+def test_the_threshold_accepts_99_percent_at_the_lower_end_of_its_interval() -> None:
     """With enough held-out images the threshold is the fewest accepted whose exact
-    interval stays above the floor: one image fewer would not show it."""
+    interval stays above the floor: one image fewer would not show it. The floor is
+    what makes a held-out part of 480 images show issue 27's 98 % with 95 %
+    probability, which 98 % itself does not."""
     from fractured.training.evaluation.classification import clopper_pearson
+
+    def shows_98_percent(share: float, n: int = 480) -> float:  # P(at most 2 % refused)
+        return sum(math.comb(n, k) * (1 - share) ** k * share ** (n - k)
+                   for k in range(int(0.02 * n) + 1))
+
+    assert shows_98_percent(ACCEPTED) >= 0.95 > shows_98_percent(0.98)
 
     nearest = np.random.default_rng(0).gamma(4.0, 1.0, 2737)
     limit = region_check.chosen_threshold(nearest)
     accepted = int((nearest <= limit).sum())
     assert clopper_pearson(accepted, len(nearest))[0] >= ACCEPTED
     assert clopper_pearson(accepted - 1, len(nearest))[0] < ACCEPTED
-    assert 0.98 < accepted / len(nearest) < 0.99
+    assert 0.99 < accepted / len(nearest) < 0.995
 
 
 def test_it_refuses_what_it_never_saw_and_places_what_it_did(
@@ -421,7 +430,7 @@ def test_region_check_refits_a_bundles_check_and_keeps_its_models(
     check = new.intended_use.region_check
     assert check is not None and check.validation["images"] == 160
     assert len(check.validation["accepted_by_fold"]) == 5
-    # 160 images cannot show 98 % at the lower end of an exact interval: all accepted
+    # 160 images cannot show 99 % at the lower end of an exact interval: all accepted
     assert check.validation["accepted"] == 1.0
     assert check.threshold != old.intended_use.region_check.threshold
     assert new.intended_use.body_parts == old.intended_use.body_parts
@@ -430,6 +439,65 @@ def test_region_check_refits_a_bundles_check_and_keeps_its_models(
         REGION_CHECK_FILE, "MODEL_CARD.md"}
     chest = Pipeline(Bundle.load(out)).run([(ImageRef("", "", "", ""), drawing("chest", 931))])
     assert chest[0].scope.reason is ScopeReason.UNFAMILIAR_IMAGE
+
+
+def with_training_record(bundle: Path, target: Path, data: Path, split: Path,
+                         **recorded: object) -> Path:
+    """A copy of `bundle` whose manifest records its classifier's data as a build does:
+    the data set, and the split's train and val counts (`recorded` over them)."""
+    from fractured.training.splits import read_written
+
+    shutil.copytree(bundle, target)
+    manifest = json.loads((target / MANIFEST_FILE).read_text())
+    entries = read_written(split)[1].values()
+    record: dict[str, object] = {"dataset": str(data), "format": "fracatlas"}
+    for part in ("train", "val"):
+        record[f"{part}_images"] = sum(entry.split == part for entry in entries)
+        record[f"{part}_positive"] = sum(entry.label for entry in entries
+                                         if entry.split == part)
+    manifest.setdefault("training", {})["classifier"] = {"data": record | recorded}
+    (target / MANIFEST_FILE).write_text(json.dumps(manifest))
+    return target
+
+
+@pytest.mark.slow
+def test_region_check_refits_from_the_split_when_the_checkpoint_is_gone(
+        limbs: Path, tmp_path: Path) -> None:
+    """Run directories do not outlive their machines: with the classifier's split folder
+    and the bundle's own record, the refit fits the very check the checkpoint gives."""
+    from fractured.training.datasets import open_dataset
+    from fractured.training.splits import make_split, read_written, write_split
+
+    data = tmp_path / "atlas" / "data"
+    split = drawn_fracatlas(data, 100)
+    state = classifier_state(tmp_path / "best.pt", data, split)
+    recorded = with_training_record(limbs, tmp_path / "recorded", data, split)
+    runner = CliRunner()
+    outs = {way: tmp_path / f"by-{way}" for way in ("checkpoint", "split")}
+    for way, given in (("checkpoint", state), ("split", split)):
+        result = runner.invoke(main, ["region-check", str(recorded), "--out", str(outs[way]),
+                                      "--version", "1.0.1", f"--{way}", str(given)])
+        assert result.exit_code == 0, result.output
+    by_split, by_checkpoint = (Bundle.load(outs[way]).manifest for way in ("split", "checkpoint"))
+    assert by_split.intended_use.region_check == by_checkpoint.intended_use.region_check
+    assert by_split.training["region_check"]["split"] == str(split)
+
+    # refused: a split with other counts, one whose sha256 differs from the recorded
+    # one, both ways at once, and a checkpoint that is gone (naming the way out)
+    other = tmp_path / "other-split"
+    write_split(make_split(open_dataset(data), val=0.3, test=0.1), other)
+    sha = read_written(split)[0]["csv_sha256"]
+    pinned = with_training_record(limbs, tmp_path / "pinned", data, split,
+                                  split_csv_sha256=sha.replace(sha[0], "x"))
+    for bundle, flags, message in (
+            (recorded, ["--split", str(other)], "classifier was trained and calibrated with"),
+            (pinned, ["--split", str(split)], "(csv_sha256 differs)"),
+            (recorded, ["--split", str(split), "--checkpoint", str(state)], "not both"),
+            (recorded, [], "give the classifier's split folder instead")):
+        result = runner.invoke(main, ["region-check", str(bundle), "--out",
+                                      str(tmp_path / "out"), "--version", "1.0.2", *flags])
+        assert result.exit_code != 0 and message in result.output, result.output
+        assert not (tmp_path / "out").exists()
 
 
 def test_region_check_refuses_what_it_cannot_refit(untrained_bundle: Path, limbs: Path,

@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -22,6 +22,7 @@ from fractured.engine.bundle import (
     MODEL_CARD_FILE,
     Bundle,
     ClassifierSpec,
+    Manifest,
     flag_rates,
     points_by_region,
 )
@@ -32,6 +33,9 @@ from fractured.training.evaluation.report import jsonable
 from fractured.training.export import BuildError
 from fractured.training.fusion import FusionResult
 from fractured.training.quantize import QuantizationResult, carried_files
+
+if TYPE_CHECKING:
+    from fractured.training.region_check import FittingData
 
 log = structlog.get_logger()
 
@@ -162,21 +166,23 @@ def _derived(source: Bundle, out_dir: Path, *, name: str | None, version: str,
 
 def build_refitted_region_check(source_dir: Path, out_dir: Path, *, name: str | None,
                                 version: str, checkpoint: Path | None = None,
+                                split: Path | None = None,
                                 float16_weights: bool = False) -> tuple[Path, RegionCheck]:
     """A new bundle of `source_dir`'s files with its intended use's region check fitted
-    again (training.region_check.build_region_check) on the training data of its
+    again (training.region_check.fit_region_check) on the training data of its
     classifier's checkpoint (`checkpoint`, default the one the manifest names): the
     models, calibration, fusion and operating points unchanged, `training.region_check`
     recording the refit, and the figures of the old check on held-out data dropped
     (the new one has none until a bundle of it is scored: quantize or fuse it with a
-    report).
+    report). With `split` instead of a checkpoint (run directories do not outlive their
+    machines), the classifier's split folder, checked against the bundle's record of
+    its data, and the bundle's own preprocessing say what to fit on.
 
     BuildError where the source declares no intended use, the checkpoint is not a
-    classifier's or was trained at another input size, crop or normalisation, or the
-    check cannot be fitted (the log says why)."""
-    from fractured.training import checkpoint as checkpoints
-    from fractured.training.data import trained_crop
-    from fractured.training.region_check import build_region_check
+    classifier's or was trained at another input size, crop or normalisation, the split
+    is not the one the bundle records, or the check cannot be fitted (the log says
+    why)."""
+    from fractured.training.region_check import fit_region_check
 
     source = Bundle.load(source_dir)
     old = source.manifest
@@ -184,30 +190,23 @@ def build_refitted_region_check(source_dir: Path, out_dir: Path, *, name: str | 
     if old.intended_use is None:
         raise BuildError(f"{source_dir}: declares no intended use, so has no region check "
                          "to fit")
-    path = checkpoint or Path(str((old.training.get("classifier") or {}).get("checkpoint")))
-    try:
-        state = checkpoints.load(path, "classifier")
-    except checkpoints.CheckpointError as exc:
-        raise BuildError(str(exc)) from None
-    spec = state["model_spec"]
-    seen = (spec["input_size"], trained_crop(spec), tuple(spec["mean"]), tuple(spec["std"]))
-    wanted = (old.classifier.input_size, old.crop, tuple(old.mean), tuple(old.std))
-    if seen != wanted:
-        raise BuildError(f"{path}: its classifier saw input size, crop, mean and std "
-                         f"{seen}; {label}'s sees {wanted}")
+    if checkpoint and split:
+        raise BuildError("give the classifier's checkpoint or its split, not both")
+    data, fitted_on = (_fitting_data_of_split(source, split) if split
+                       else _fitting_data_of_checkpoint(old, checkpoint))
     with tempfile.TemporaryDirectory(prefix="fractured-region-check-") as scratch:
         graph = Path(scratch) / REGION_CHECK_FILE
-        check = build_region_check(state, graph, float16_weights=float16_weights)
+        check = fit_region_check(data, graph, float16_weights=float16_weights)
         if check is None:
-            raise BuildError(f"the region check could not be fitted on {path}'s data "
+            raise BuildError(f"the region check could not be fitted on {fitted_on}'s data "
                              "(the log says why)")
         check = replace(check, validation=jsonable(check.validation))
         files: dict[str, str | Path] = {key: source.file(key) for key in old.files
                                         if key not in (MODEL_CARD_FILE, REGION_CHECK_FILE)}
         files[REGION_CHECK_FILE] = graph
         training = dict(old.training)
-        training["region_check"] = {"source": label, "checkpoint": str(path),
-                                    "threshold": check.threshold,
+        training["region_check"] = {"source": label, ("split" if split else "checkpoint"):
+                                    str(fitted_on), "threshold": check.threshold,
                                     "method": check.validation["method"]}
         if "held_out" in training:
             training["held_out"] = _without_region_check(training["held_out"])
@@ -222,6 +221,56 @@ def build_refitted_region_check(source_dir: Path, out_dir: Path, *, name: str | 
     log.info("build.done", bundle=str(out_dir), name=manifest.name, version=version,
              made_from=label, by="region_check")
     return Path(out_dir), check
+
+
+def _fitting_data_of_checkpoint(old: Manifest, checkpoint: Path | None,
+                                ) -> tuple[FittingData, Path]:
+    """The fitting data a classifier checkpoint records (default: the one `old` names),
+    refused where its classifier saw other inputs than `old`'s."""
+    from fractured.training import checkpoint as checkpoints
+    from fractured.training.region_check import FittingData
+
+    path = checkpoint or Path(str((old.training.get("classifier") or {}).get("checkpoint")))
+    try:
+        state = checkpoints.load(path, "classifier")
+        data = FittingData.of_checkpoint(state)
+    except checkpoints.CheckpointError as exc:
+        raise BuildError(f"{exc} (its run directory gone? give the classifier's split "
+                         "folder instead)") from None
+    except KeyError as exc:
+        raise BuildError(f"{path}: records no {exc}, so no data to fit on") from None
+    seen = (data.input_size, data.crop, data.mean, data.std)
+    wanted = (old.classifier.input_size, old.crop, tuple(old.mean), tuple(old.std))
+    if seen != wanted:
+        raise BuildError(f"{path}: its classifier saw input size, crop, mean and std "
+                         f"{seen}; {old.name}-{old.version}'s sees {wanted}")
+    return data, path
+
+
+def _fitting_data_of_split(source: Bundle, split: Path) -> tuple[FittingData, Path]:
+    """The fitting data of `source`'s classifier from its split folder and the bundle's
+    own record, refused where the split is not the one the classifier was trained on
+    (bundle_scoring.open_split's check of its parts, and its csv_sha256 where the
+    bundle records one)."""
+    from fractured.training.bundle_scoring import open_split
+    from fractured.training.datasets import DatasetError
+    from fractured.training.region_check import FittingData
+    from fractured.training.splits import read_written
+
+    old = source.manifest
+    recorded = ((old.training.get("classifier") or {}).get("data") or {}).get(
+        "split_csv_sha256")
+    try:
+        parts = open_split(source, split, None)
+        sha = read_written(split)[0]["csv_sha256"]
+    except (DatasetError, OSError) as exc:
+        raise BuildError(str(exc)) from None
+    if recorded not in (None, sha):
+        raise BuildError(f"{split}: not the split {old.name}-{old.version}'s classifier was "
+                         "trained on (csv_sha256 differs)")
+    return FittingData(str(parts.dataset), parts.format, None, split,
+                       old.classifier.input_size, old.crop, tuple(old.mean),
+                       tuple(old.std)), split
 
 
 def _without_region_check(held_out: Mapping[str, Any]) -> dict[str, Any]:

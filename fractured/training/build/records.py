@@ -37,9 +37,22 @@ def training_summary(path: Path, state: dict[str, Any]) -> dict[str, Any]:
         "data": {key: provenance.get(key) for key in (
             "dataset", "format", "images", "train_images", "train_positive",
             "val_images", "val_positive", "body_parts")}
-        | {"unreadable": len(provenance.get("unreadable", ()))},
+        | {"unreadable": len(provenance.get("unreadable", ())),
+           "split_csv_sha256": _split_sha(provenance)},
         "settings": settings,
     }
+
+
+def _split_sha(provenance: dict[str, Any]) -> str | None:
+    """The csv_sha256 of the split a model was trained on, where its folder is still
+    there: what `fractured region-check --split` checks a split against."""
+    from fractured.training.datasets import DatasetError
+    from fractured.training.splits import read_written
+
+    try:
+        return str(read_written(provenance["split"])[0]["csv_sha256"])
+    except (KeyError, OSError, DatasetError, ValueError):
+        return None
 
 
 def evaluation_summary(path: Path, checkpoints: dict[str, Path]) -> dict[str, Any]:

@@ -30,7 +30,7 @@ UNIT=fractured.service
 DROPIN=$UNIT_DIR/$UNIT.d/from-config.conf
 # The bundle made active on a first install (as tools/setup.sh does); later installs
 # keep whatever an administrator activated since.
-DEFAULT_BUNDLE=fractured-0.11.1
+DEFAULT_BUNDLE=fractured-0.11.2
 
 say() { echo "install.sh: $*"; }
 die() { echo "install.sh: $*" >&2; exit 1; }

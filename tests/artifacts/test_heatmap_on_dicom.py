@@ -25,7 +25,7 @@ from tests.paths import REPO
 
 #: The bundles made for DICOM: the float candidate trained with the crop (float16
 #: weights) and the shipped INT8 bundle made from it.
-BUNDLES = [REPO / "engines" / name for name in ("fractured-0.9.0", "fractured-0.11.1")]
+BUNDLES = [REPO / "engines" / name for name in ("fractured-0.9.0", "fractured-0.11.2")]
 
 
 @pytest.fixture(scope="module", params=BUNDLES, ids=lambda path: path.name)

@@ -30,18 +30,18 @@ from fractured.training.export import is_quantized
 from tests import factory
 from tests.paths import REPO
 
-SHIPPED = REPO / "engines" / "fractured-0.11.1"
+SHIPPED = REPO / "engines" / "fractured-0.11.2"
 #: the same bundle in float32 arithmetic (float16-stored weights), kept for rollback
-ROLLBACK = REPO / "engines" / "fractured-0.10.1"
+ROLLBACK = REPO / "engines" / "fractured-0.10.2"
 #: the bundle ROLLBACK was fused from: the classifier as trained, 0.7.0's detector
 CANDIDATE = REPO / "engines" / "fractured-0.9.0"
-#: the bundle shipped before, the same models with the region check 0.10.1 refitted
-SUPERSEDED = REPO / "engines" / "fractured-0.11.0"
+#: the bundle shipped before: the same models, its region check's floor 98 %
+SUPERSEDED = REPO / "engines" / "fractured-0.11.1"
 #: the one before, kept for rollback to the ResNet18 model
 PREVIOUS = REPO / "engines" / "fractured-0.8.1"
 NOTES = REPO / "docs" / "training" / "fracatlas-lite0-dicom"
 #: the shipped bundle's held-out report (`fractured quantize`, ONNX Runtime)
-QUANTIZED = NOTES / "test-0.11.1"
+QUANTIZED = NOTES / "test-0.11.2"
 #: the fused report (`fractured fuse`, ONNX Runtime) of 0.10.0, whose files ROLLBACK
 #: holds but for the region check, which no probability depends on
 FUSION = NOTES / "fused"
@@ -106,17 +106,20 @@ def test_the_rollback_bundles_are_the_same_model_in_float_and_the_one_before() -
                                                               "detector.onnx"))
     assert shipped.training["quantization"]["source"] == ROLLBACK.name
     assert rollback.training["fusion"]["source"] == CANDIDATE.name
-    assert rollback.training["region_check"]["source"] == "fractured-0.10.0"
+    assert rollback.training["region_check"]["source"] == "fractured-0.10.1"
     # 0.9.0's detector is 0.7.0's, byte for byte, and fusing changes no model file
     for name in ("classifier.onnx", "detector.onnx"):
         assert (ROLLBACK / name).read_bytes() == (CANDIDATE / name).read_bytes()
     # quantizing is deterministic: the bundle shipped before has the same INT8 graphs,
-    # and differs only in its region check, whose threshold was one validation part's
+    # and differs only in its region check's floor (98 % held out, now 99 %)
     for name in ("classifier.onnx", "detector.onnx"):
         assert (SHIPPED / name).read_bytes() == (SUPERSEDED / name).read_bytes()
     superseded = Bundle.load(SUPERSEDED).manifest
     assert shipped.classifier == superseded.classifier
-    assert "accepted_by_fold" not in superseded.intended_use.region_check.validation
+    before, now = (bundle.intended_use.region_check for bundle in (superseded, shipped))
+    assert (before.validation["accepted_floor"], now.validation["accepted_floor"]) == \
+        (0.98, 0.99)
+    assert now.threshold > before.threshold and now.classes == before.classes
     previous = Bundle.load(PREVIOUS).manifest
     assert previous.trained and previous.classifier.architecture.startswith("resnet18")
 

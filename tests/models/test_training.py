@@ -51,6 +51,7 @@ from fractured.training.schedule import (
     optimiser,
     step_schedule,
 )
+from fractured.training.splits import read_written
 from fractured.training.transforms import as_box_target, train_transform
 from fractured.training.weights import load_initial_weights, restore_batchnorm
 from tests.paths import REPO
@@ -582,6 +583,9 @@ def test_build_engine_bundles_a_run_that_predicts_as_it_trained(smoke_run,
         detector["calibration"]["operating_points"]["high_specificity"]
     assert manifest.training["classifier"]["data"]["train_images"] == \
         state["provenance"]["train_images"]
+    # what `fractured region-check --split` checks a split against
+    assert manifest.training["classifier"]["data"]["split_csv_sha256"] == \
+        read_written(run / "split")[0]["csv_sha256"]
     card = (out / "MODEL_CARD.md").read_text()
     assert "# Model card: fractured-smoke 0.0.1" in card and "not a diagnosis" in card
     assert "Synthetic images made by the fractured test suite." in card  # the data's credit

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import highdicom as hd
 import numpy as np
@@ -14,6 +15,10 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+if TYPE_CHECKING:
+    from fractured.engine.intended_use import ScopeCheck
+    from fractured.engine.pipeline import Pipeline
 
 #: ../shared beside the checkout, or where FRACTURED_SHARED_DIR points (CI points it at
 #: a folder that does not exist, to prove the suite passes in a user's clone).
@@ -40,6 +45,48 @@ def skip_if_absent(path: Path | None) -> Path:
               "checkout)")
         pytest.skip(f"{SHARED_DICOM} is absent")
     return path
+
+
+#: What each real film of `shared_films` shows, by a reader, by a part of its file name.
+FILMS_SHOW = {"RG2": "hip and pelvis", "RG3": "lower leg", "RG1": "chest", "966_fixed": "chest",
+              "dx_image": "thorax", "NIH_CXR14_nih": "chest", "JPEG2KLossless": "chest"}
+
+
+def shared_films() -> list[Path]:
+    """The vendor CR/DX files of ../shared/data/dicom and pydicom-data's WG04 set (its
+    chest and lower-leg films), each of which FILMS_SHOW describes; a skip that says why
+    where ../shared is absent."""
+    from pydicom.data import get_testdata_file
+
+    files = sorted(skip_if_absent(SHARED_DICOM if SHARED_DICOM.is_dir() else None)
+                   .rglob("*.dcm"))
+    for name in ("RG1_UNCR.dcm", "RG1_J2KR.dcm", "RG3_UNCR.dcm", "RG3_J2KR.dcm"):
+        found = get_testdata_file(name)
+        if found is not None:
+            files.append(Path(str(found)))
+    assert {key for key in FILMS_SHOW if any(key in f.name for f in files)} == \
+        set(FILMS_SHOW), "a film of FILMS_SHOW is missing"
+    return files
+
+
+def film_shows(path: Path) -> str:
+    """What the shared film `path` shows (FILMS_SHOW)."""
+    return next(text for key, text in FILMS_SHOW.items() if key in path.name)
+
+
+def scope_without_body_part(pipeline: Pipeline, path: Path) -> ScopeCheck:
+    """What `pipeline` decides for the film at `path` with its Body Part Examined,
+    Anatomic Region and age removed, so that only the image can say."""
+    from fractured.engine.preprocess import display_pixels, read_dataset
+    from fractured.engine.sources import image_ref
+
+    ds = read_dataset(path)
+    for keyword in ("BodyPartExamined", "AnatomicRegionSequence", "PatientAge",
+                    "PatientBirthDate"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    [finding] = pipeline.run([(image_ref(ds), display_pixels(ds))], [ds])
+    return finding.scope
 
 
 def real_file(name: str) -> Dataset:

@@ -211,6 +211,25 @@ def test_model_card_holds_what_governance_asks_for() -> None:
     assert SHIPPED.name in row and str(QUANTIZED.relative_to(REPO)) in row
 
 
+def test_the_shipped_region_check_decides_the_shared_films_without_a_body_part() -> None:
+    """Issue 27 on the real vendor films, the shipped bundle's own check deciding with
+    Body Part Examined, Anatomic Region and age removed: every chest and the thorax
+    refused as unlike the training images (the floor at 99 % kept them 1.39x or more
+    past the threshold), the lower legs analysed as legs, the hip and pelvis films
+    placed as hip and so given no verdict either."""
+    from fractured.engine.intended_use import ScopeReason
+    from fractured.engine.pipeline import Pipeline
+    from fractured.engine.regions import Region
+
+    pipeline = Pipeline(Bundle.load(SHIPPED))
+    for path in factory.shared_films():
+        scope = factory.scope_without_body_part(pipeline, path)
+        expected = {"lower leg": (ScopeReason.REGION_FROM_IMAGE, Region.LEG),
+                    "hip and pelvis": (ScopeReason.REGION_OUTSIDE, Region.HIP)}.get(
+            factory.film_shows(path), (ScopeReason.UNFAMILIAR_IMAGE, None))
+        assert (scope.reason, scope.region) == expected, (path.name, scope.detail)
+
+
 @pytest.mark.slow
 def test_predict_on_fracatlas_gives_the_evaluated_probabilities() -> None:
     if not (factory.SHARED_FRACATLAS / "images").is_dir():

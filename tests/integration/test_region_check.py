@@ -29,10 +29,8 @@ from fractured.engine.exposed_field import EXPOSED_FIELD
 from fractured.engine.findings import ImageRef
 from fractured.engine.intended_use import IntendedUse, ScopeReason
 from fractured.engine.pipeline import Pipeline
-from fractured.engine.preprocess import display_pixels, read_dataset
 from fractured.engine.region_check import REGION_CHECK_FILE, RegionCheck, RegionSeen
 from fractured.engine.regions import Region
-from fractured.engine.sources import image_ref
 from fractured.training import region_check
 from fractured.training.region_check import (
     ACCEPTED,
@@ -289,30 +287,16 @@ def test_the_node_decides_from_the_image_and_counts_why(limbs: Path, tmp_path: P
         node.stop()
 
 
-def shared_files() -> list[Path]:
-    """The vendor CR/DX files of ../shared/data/dicom and pydicom-data's WG04 set."""
-    from pydicom.data import get_testdata_file
-
-    files = sorted(factory.SHARED_DICOM.rglob("*.dcm"))
-    for name in ("RG1_UNCR.dcm", "RG1_J2KR.dcm", "RG3_UNCR.dcm", "RG3_J2KR.dcm"):
-        found = get_testdata_file(name)
-        if found is not None:
-            files.append(Path(str(found)))
-    return files
-
-
-#: What each real file shows, by a reader: the right decision for it with no body part.
-SHOWN = {"RG2": "hip and pelvis", "RG3": "lower leg", "RG1": "chest", "966_fixed": "chest",
-         "dx_image": "thorax", "NIH_CXR14_nih": "chest", "JPEG2KLossless": "chest"}
-
-
 @pytest.mark.slow
 def test_real_films_without_a_body_part_are_decided_right(tmp_path: Path) -> None:
     """Fitted on 90 FracAtlas images per body part (the shipped build uses all ~2,700),
     cropped to the exposed field as the shipped models are, with the node's pipeline
-    on the vendor files: each one's Body Part Examined, Anatomic
-    Region and age removed, a chest is refused as unlike the training images, the hip
-    and pelvis as several regions or a region outside, the lower legs analysed as legs."""
+    on the vendor files: each one's Body Part Examined, Anatomic Region and age
+    removed, a chest gets no verdict, the hip and pelvis neither, the lower legs are
+    analysed as legs. With 450 images the 99 % floor puts the threshold at about the
+    largest held-out distance, so a chest may be placed as a shoulder rather than
+    refused as unfamiliar: the shipped check's own reasons are tested on the shipped
+    bundle (tests/artifacts/test_shipped_model.py)."""
     from fractured.training.build import build_untrained_bundle
     from fractured.training.data import letterbox_samples
     from fractured.training.datasets import open_dataset
@@ -336,25 +320,14 @@ def test_real_films_without_a_body_part_are_decided_right(tmp_path: Path) -> Non
                         tmp_path / "limbs", graph, check, list(LIMBS.body_parts),
                         crop=EXPOSED_FIELD)
     pipeline = Pipeline(Bundle.load(bundle))
-    files = shared_files()
-    assert {key for key in SHOWN if any(key in f.name for f in files)} == set(SHOWN)
-    for path in files:
-        ds = read_dataset(path)
-        for keyword in ("BodyPartExamined", "AnatomicRegionSequence", "PatientAge",
-                        "PatientBirthDate"):
-            if keyword in ds:
-                delattr(ds, keyword)
-        [finding] = pipeline.run([(image_ref(ds), display_pixels(ds))], [ds])
-        scope = finding.scope
-        shown = next(text for key, text in SHOWN.items() if key in path.name)
-        if shown == "lower leg":
+    for path in factory.shared_films():
+        scope = factory.scope_without_body_part(pipeline, path)
+        if factory.film_shows(path) == "lower leg":
             assert (scope.reason, scope.region) == (ScopeReason.REGION_FROM_IMAGE,
                                                     Region.LEG), path.name
-        elif shown == "hip and pelvis":
-            assert scope.reason in (ScopeReason.REGION_OUTSIDE,
-                                    ScopeReason.UNFAMILIAR_IMAGE), path.name
         else:
-            assert scope.reason is ScopeReason.UNFAMILIAR_IMAGE, (path.name, scope.detail)
+            assert scope.reason in (ScopeReason.REGION_OUTSIDE,
+                                    ScopeReason.UNFAMILIAR_IMAGE), (path.name, scope.detail)
 
 
 @pytest.mark.slow

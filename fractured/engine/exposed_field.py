@@ -134,7 +134,15 @@ def exposed_field(image: np.ndarray, dataset: Dataset | None = None) -> Field:
             declared = _declared(dataset, names, rows, cols)
             if declared is not None and _plausible(declared, rows, cols):
                 return declared
-    found = _detected(image)
+    try:
+        found = _detected(image)
+    except Exception as exc:  # odd pixels must not fail the study
+        # A search that trips on an image unlike any it was made on (an edge case of
+        # its bands once emptied the field and failed every study of a detector size)
+        # falls back to the whole image, as an implausible field does, and says why.
+        log.warning("exposed_field.search_failed", rows=rows, cols=cols,
+                    error=f"{type(exc).__name__}: {exc}")
+        return Field.whole(rows, cols)
     return found if _plausible(found, rows, cols) else Field.whole(rows, cols)
 
 

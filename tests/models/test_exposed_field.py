@@ -110,6 +110,29 @@ def test_an_edge_beyond_a_wide_band_does_not_empty_the_field(rows: int, cols: in
     assert exposed_field(display_pixels(ds), ds) == Field.whole(rows, cols)
 
 
+def test_a_search_that_fails_keeps_the_whole_image_and_says_why(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever trips the search on an image it was never made for, the image is seen
+    whole (as an implausible field is) and the study goes on: a warning names the
+    error. The failure is injected: the one real case found is fixed above."""
+    from fractured.engine import exposed_field as module
+
+    def trips(image: np.ndarray) -> Field:
+        raise IndexError("index 0 is out of bounds for axis 0 with size 0")
+
+    monkeypatch.setattr(module, "_detected", trips)
+    image, _ = collimated(300, 240, {"left": (30, BRIGHT)})
+    with capture_logs() as logs:
+        assert exposed_field(image) == Field.whole(300, 240)
+    [event] = [e for e in logs if e["event"] == "exposed_field.search_failed"]
+    assert event["log_level"] == "warning" and event["error"].startswith("IndexError: index")
+    # a header's declared field needs no search, and still wins
+    ds = header(CollimatorShape="RECTANGULAR", CollimatorLeftVerticalEdge=31,
+                CollimatorRightVerticalEdge=230, CollimatorUpperHorizontalEdge=1,
+                CollimatorLowerHorizontalEdge=300)
+    assert exposed_field(image, ds) == Field(0, 300, 30, 230, "collimator")
+
+
 #: Collimator bands that are not uniform along their edge, so no line of them is uniform
 #: and only their edge tells them: level(along, out), both in [0, 1], along the edge
 #: and from the edge out to the border.

@@ -208,10 +208,11 @@ def cross_validate(runs: Sequence[Path], out_dir: Path, *, merge: Sequence[Path]
         "unreadable": [entry for fold in scored for entry in fold.unreadable],
     }
     out_dir.mkdir(parents=True, exist_ok=True)
+    write_predictions(out_dir / PREDICTIONS_FILE, [row for fold in scored for row in fold.rows])
+    (out_dir / CV_MARKDOWN).write_text(markdown(record), encoding="utf-8")
+    # cv.json last: a report with one is whole (runs.sh skips a fold that has it)
     (out_dir / CV_JSON).write_text(json.dumps(jsonable(record), indent=2, allow_nan=False)
                                    + "\n", encoding="utf-8")
-    (out_dir / CV_MARKDOWN).write_text(markdown(record), encoding="utf-8")
-    write_predictions(out_dir / PREDICTIONS_FILE, [row for fold in scored for row in fold.rows])
     log.info("cv.done", out=str(out_dir), coverage=record["coverage"],
              pooled_auc=record["pooled"]["roc_auc"])
     return record

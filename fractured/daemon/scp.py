@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from io import BytesIO
 from pathlib import Path
 from typing import NamedTuple
@@ -169,23 +170,27 @@ def _store(event: Event, node: NodeSettings, queue: Queue) -> Stored:
     # Copies of one instance sent at once (a PACS retrying on a second association)
     # take turns: else both would write its file and only the first's row be kept,
     # the disk holding the other's bytes.
+    item = ReceivedInstance(
+        study_instance_uid=study_uid, series_instance_uid=series_uid,
+        sop_instance_uid=sop_instance, sop_class_uid=sop_class, modality=modality,
+        path=incoming_path(node.spool_dir, study_uid, sop_instance), size=0,
+        calling_ae=calling_ae)
     with _instance_turns.turn(sop_instance):
-        return _spool_and_record(event, node, queue, ctx, study_uid, series_uid, modality,
-                                 sop_class, sop_instance, calling_ae)
+        return _spool_and_record(event, node, queue, ctx, item)
 
 
 def _spool_and_record(event: Event, node: NodeSettings, queue: Queue, ctx: dict[str, str],
-                      study_uid: str, series_uid: str, modality: str, sop_class: str,
-                      sop_instance: str, calling_ae: str) -> Stored:
-    """Write the object's file and record its row (the instance's turn is held)."""
+                      arrived: ReceivedInstance) -> Stored:
+    """Write the object's file at `arrived.path` and record its row (the instance's turn
+    is held; `arrived.size` is set here, from the file written)."""
     # An instance held in this study has its file at `path`: a stat, not a query, for
     # nearly every image; one held in another study surfaces when its row is inserted.
-    path = incoming_path(node.spool_dir, study_uid, sop_instance)
+    path, study_uid = arrived.path, arrived.study_instance_uid
     existed = path.exists()
     held: HeldInstance | None = None
     if existed:
         try:
-            held = queue.intake.held(sop_instance)
+            held = queue.intake.held(arrived.sop_instance_uid)
         except Exception as exc:
             return _failed("database_error", exc, ctx)
         answer = _kept_first(held, study_uid, node, ctx)
@@ -193,20 +198,17 @@ def _spool_and_record(event: Event, node: NodeSettings, queue: Queue, ctx: dict[
             return answer
 
     try:
-        data = spooled_file(event, calling_ae)
+        data = spooled_file(event, arrived.calling_ae)
         write_durably(path, data)
     except OSError as exc:
         return _failed("spool_unwritable", exc, ctx)
-    item = ReceivedInstance(
-        study_instance_uid=study_uid, series_instance_uid=series_uid,
-        sop_instance_uid=sop_instance, sop_class_uid=sop_class, modality=modality,
-        path=path, size=len(data), calling_ae=calling_ae)
+    item = replace(arrived, size=len(data))
     try:
         try:
             outcome = queue.intake.record_instance(item, unheld=held is None)
         except InstanceHeld:  # in another study, or just recorded by another node
             try:
-                held = queue.intake.held(sop_instance)
+                held = queue.intake.held(item.sop_instance_uid)
             except Exception:
                 if not existed:  # written here for a study that does not hold it
                     _discard(path)
@@ -222,7 +224,7 @@ def _spool_and_record(event: Event, node: NodeSettings, queue: Queue, ctx: dict[
         return _failed("database_error", exc, ctx)
     if held is not None and held.path != path:  # "replace" moved it to another study
         held.path.unlink(missing_ok=True)
-    _log.info("store.accepted", study_instance_uid=study_uid, modality=modality,
+    _log.info("store.accepted", study_instance_uid=study_uid, modality=item.modality,
               bytes=len(data), outcome=outcome, **ctx)
     return Stored(SUCCESS, len(data), outcome)
 

@@ -12,7 +12,14 @@ runs built bundles instead, the shipped one for the radiologist's real wait, eac
 a fresh Orthanc and node on studies of the same sizes, and prints each one's figures over the
 first's.
 
-    .venv/bin/python -m bench.e2e [--studies 10] [--size 2000x1700] [--quiet 2]
+The images are phantoms of `--size` that name their body part (LEG) and fill the whole
+frame: a bundle's region check and exposed-field search have nothing to do. `--films`
+sends copies of real CR films instead, pydicom-data's WG04 lower leg (1760x1760,
+MONOCHROME1, collimated; one uncompressed, one JPEG 2000 lossless), whose Body Part
+Examined says only EXTREMITY: the node decodes JPEG 2000, searches the exposed field and
+runs the region check on every image, the path a PACS's real studies take.
+
+    .venv/bin/python -m bench.e2e [--studies 10] [--size 2000x1700 | --films] [--quiet 2]
         [--detector mobilenet_v3_large_fpn|none] [--bundle engines/B [--bundle ...]]
 """
 
@@ -22,14 +29,20 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections import Counter
 from datetime import datetime
 from pathlib import Path
+
+import pydicom
+from pydicom.uid import generate_uid
 
 from fractured.training.build import build_untrained_bundle
 from tests.factory import write_study
 from tests.peers import NodeProcess, Orthanc, routing_pacs_and_node
 
 POLL_S = 0.2
+#: The real films `--films` sends (pydicom-data, a test dependency): lower legs on CR.
+FILMS = ("RG3_UNCR.dcm", "RG3_J2KR.dcm")
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -41,6 +54,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--studies", type=int, default=10)
     parser.add_argument("--size", default="2000x1700", help="rows x columns of each image")
+    parser.add_argument("--films", action="store_true",
+                        help="real CR films of a lower leg (pydicom-data) instead of phantoms")
     parser.add_argument("--quiet", type=float, default=2.0, help="[study].quiet_period_s")
     parser.add_argument("--detector", default="mobilenet_v3_large_fpn")
     parser.add_argument("--bundle", action="append", type=Path, default=[],
@@ -81,10 +96,9 @@ def run(args: argparse.Namespace, rows: int, cols: int, root: Path, orthanc: Ort
         node: NodeProcess) -> dict[str, float]:
     studies = []
     for index in range(args.studies):
-        images = index % 4 + 1
-        files = write_study(root / f"study{index}", images, rows=rows, cols=cols,
-                            patient_id=f"BENCH-{index:03d}")
-        studies.append(files)
+        images, folder, patient = index % 4 + 1, root / f"study{index}", f"BENCH-{index:03d}"
+        studies.append(film_study(folder, images, patient) if args.films else
+                       write_study(folder, images, rows=rows, cols=cols, patient_id=patient))
     started = time.time()
     uploaded: dict[str, float] = {}
     expected: dict[str, int] = {}
@@ -110,7 +124,8 @@ def run(args: argparse.Namespace, rows: int, cols: int, root: Path, orthanc: Ort
     routing = [received[uids[s]] - uploaded[s] for s in expected]
     work = [value - args.quiet for value in latency]
     images = sum(expected.values())
-    print(f"{len(expected)} studies, {images} images of {rows}x{cols}, quiet period "
+    sizes = "real lower-leg CR films" if args.films else f"{rows}x{cols}"
+    print(f"{len(expected)} studies, {images} images of {sizes}, quiet period "
           f"{args.quiet:g} s, poll {POLL_S:g} s")
     print(f"throughput: {60 * len(expected) / wall:.1f} studies/min, "
           f"{60 * images / wall:.1f} images/min ({wall:.1f} s wall)")
@@ -125,10 +140,32 @@ def run(args: argparse.Namespace, rows: int, cols: int, root: Path, orthanc: Ort
             "latency_p50": percentile(latency, .5), "work_p50": percentile(work, .5)}
 
 
+def film_study(folder: Path, images: int, patient_id: str) -> list[Path]:
+    """A study of `images` copies of the FILMS in turn, each a new instance of one new
+    study and series for `patient_id`."""
+    from pydicom.data import get_testdata_file
+
+    folder.mkdir(parents=True)
+    study, series = generate_uid(), generate_uid()
+    paths = []
+    for number in range(1, images + 1):
+        ds = pydicom.dcmread(get_testdata_file(FILMS[(number - 1) % len(FILMS)]))
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.PatientID, ds.InstanceNumber = patient_id, number
+        paths.append(folder / f"{number}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
+    return paths
+
+
 def _complete(orthanc: Orthanc, study_id: str, images: int) -> bool:
+    """Whether the study's SR and an overlay of each image are in Orthanc."""
     series = orthanc.get(f"/studies/{study_id}/series")
-    counts = sorted((s["MainDicomTags"].get("Modality"), len(s["Instances"])) for s in series)
-    return counts == [("DX", images), ("OT", images), ("SR", 1)]
+    counts: Counter[str] = Counter()
+    for one in series:
+        counts[one["MainDicomTags"].get("Modality", "")] += len(one["Instances"])
+    received = sum(count for modality, count in counts.items() if modality in ("CR", "DX"))
+    return received == images and counts.get("OT") == images and counts.get("SR") == 1
 
 
 def _last_received(node: NodeProcess) -> dict[str, float]:

@@ -20,6 +20,11 @@ from fractured.engine.regions import BODY_PART_REGIONS, Region
 #: are called too few to show anything (the calibration's default for points of its own).
 FEW_FRACTURES = 20
 
+#: The anatomy a format's data lacks (the card says what the node does with it).
+UNSEEN_ANATOMY: Mapping[str, str] = {
+    "fracatlas": "skull, spine, chest, ribs and abdomen were not trained on",
+}
+
 #: What is known of a data set format's source population, from its publication.
 SOURCE_POPULATIONS: Mapping[str, str] = {
     "fracatlas": (
@@ -42,9 +47,6 @@ FAILURE_MODES: Mapping[str, tuple[tuple[str, str], ...]] = {
          "over the bone and may hide or mimic a fracture line."),
         ("Growth plates", "the data's ages are unknown and the intended use is adults: an "
          "open physis can look like a fracture line to the model."),
-        ("Projections and anatomy not in the data", "skull, spine, chest, ribs and "
-         "abdomen were not trained on; the node still scores them, with the pooled "
-         "points, and the number means nothing there."),
         ("Acquisition the data lacks", "trained on 8-bit JPEG exports; the node reads "
          "12-16-bit DICOM with its own windowing, collimation and shutters. The DICOM "
          "check (where this card has one) measures how far that moves the probability."),
@@ -67,8 +69,9 @@ def scope(manifest: Mapping[str, Any]) -> list[str]:
              "- **Radiographs (CR, DX) of the regions below**, in the views the training "
              "data had (frontal, lateral and oblique). The node takes the region from the "
              "image's Body Part Examined, else from the region check where the bundle has "
-             "one; an image it cannot place is scored with the pooled operating points, "
-             "and its result is outside the intended use."]
+             "one; " + ("an image it cannot place gets no verdict." if _checked(manifest)
+                        else "an image it cannot place is scored with the pooled "
+                        "operating points, and its result is outside the intended use.")]
     lines += ["", "| Region | Body Part Examined terms | Fractures / normals behind the "
               "figures | What the figures can show |", "| --- | --- | --- | --- |"]
     intended = set((manifest.get("intended_use") or {}).get("body_parts") or ())
@@ -99,10 +102,34 @@ def scope(manifest: Mapping[str, Any]) -> list[str]:
         lines += ["## Source population", "", SOURCE_POPULATIONS[fmt], ""]
     lines += ["## Known failure modes", ""]
     lines += [f"- **{title}**: {text}" for title, text in FAILURE_MODES.get(fmt, ())]
+    if fmt in UNSEEN_ANATOMY:
+        lines.append(f"- **Projections and anatomy not in the data**: {UNSEEN_ANATOMY[fmt]}; "
+                     f"{_unseen_anatomy_outcome(manifest)}")
     if fmt not in FAILURE_MODES:
         lines.append(f"- None recorded for `{fmt}` data: measure the model on local images "
                      "(`fractured evaluate RUN --dataset LOCAL_DATA`) before relying on it.")
     return [*lines, ""]
+
+
+def _checked(manifest: Mapping[str, Any]) -> bool:
+    """Whether the bundle declares an intended use with a region check."""
+    return bool((manifest.get("intended_use") or {}).get("region_check"))
+
+
+def _unseen_anatomy_outcome(manifest: Mapping[str, Any]) -> str:
+    """What the node does with an image of anatomy its data lacked: what the bundle's
+    intended use (and region check, if any) makes of it."""
+    if not manifest.get("intended_use"):
+        return ("this bundle declares no intended use, so the node still scores them, "
+                "with the pooled points, and the number means nothing there.")
+    if not _checked(manifest):
+        return ("an image whose Body Part Examined names one gets no verdict, but one "
+                "without a usable body part is scored, with the pooled points, and the "
+                "number means nothing there.")
+    return ("an image whose Body Part Examined names one gets no verdict, and one without "
+            "a usable body part gets none where the region check finds it unlike the "
+            "training images or nearest a region outside the intended use; one the check "
+            "mistakes for an intended region is scored, and that number means nothing.")
 
 
 def _declared(use: Mapping[str, Any] | None) -> list[str]:

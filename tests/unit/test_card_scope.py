@@ -103,3 +103,27 @@ def test_the_region_check_says_how_its_threshold_was_chosen() -> None:
     assert "which 98.6% of the 2700 validation images are within" in text
     assert "On validation its region was the labelled one on 95.0%" in text
     assert "Accepted, by labelled region" not in text  # not recorded before 2026-12-07
+
+
+def test_the_card_says_what_the_node_does_with_anatomy_the_data_lacked() -> None:
+    """A chest film gets a score from a bundle that declares nothing, no verdict from
+    one whose header check or region check turns it away: the card says which."""
+    unseen = "- **Projections and anatomy not in the data**: skull, spine, chest, ribs"
+    manifest = _manifest()
+    text = "\n".join(scope(manifest))
+    assert unseen in text and "declares no intended use, so the node still scores them" in text
+    assert "an image it cannot place is scored with the pooled operating points" in text
+    manifest["intended_use"] = {"body_parts": ["HAND"], "min_age_years": 18}
+    text = "\n".join(scope(manifest))
+    assert "names one gets no verdict, but one without a usable body part is scored" in text
+    assert "still scores them" not in text
+    manifest["intended_use"]["region_check"] = {
+        "classes": ["hand", "leg"], "threshold": 3100.0,
+        "backbone": "imagenet:efficientnet-lite0",
+        "validation": {"images": 10, "accepted": 1.0, "region_accuracy": None,
+                       "region_images": 0}}
+    text = "\n".join(scope(manifest))
+    assert "gets none where the region check finds it unlike the training images" in text
+    assert "an image it cannot place gets no verdict." in text
+    assert "is scored, with the pooled points" not in text
+    assert unseen not in "\n".join(scope(_manifest(fmt="csv")))  # nothing known of csv

@@ -4,8 +4,9 @@ The SR is for machines; this image is for the radiologist in a viewer that shows
 It is the X-ray as the viewer shows it (windowed, bone bright), with the heatmap tinted
 over it only where the model looked (cold areas stay plain grey), the detector's boxes
 drawn as fracture products draw them (solid: likely, dashed: possible), under a black
-banner that says what this is: decision support, which model, what it concluded, and,
-loudly, when the model was never trained. The banner sits above the image rather than on
+banner that says what this is: decision support, which model, what it concluded, that
+the colour shows where the model looked and not a fracture's outline, and, loudly, when
+the model was never trained. The banner sits above the image rather than on
 it, so no anatomy is hidden; the X-ray keeps the source's orientation (no flips).
 
 `render_overlay` makes the picture alone (also written as PNG by `fractured predict`);
@@ -37,6 +38,10 @@ _RED = (200, 0, 0)
 # a black halo under it keeps it apart from bright bone and from the map's hot reds.
 BOX_COLOUR = (255, 0, 255)
 BOX_LEGEND = "solid: likely fracture, dashed: possible fracture"
+#: What the colour means, on every overlay: the class activation map shows where the
+#: classifier looked, and its peak lies on a true fracture box on few fractured images
+#: (the pointing game in each bundle's card), so it must not read as an outline.
+HEATMAP_LEGEND = "colour: where the model looked, not an outline of a fracture"
 #: Heatmap colour maps ([results].colormap); jet is what fracture products and papers
 #: show, turbo its smoother successor, the others perceptually uniform.
 COLORMAPS: dict[str, int] = {"jet": cv2.COLORMAP_JET, "turbo": cv2.COLORMAP_TURBO,
@@ -257,13 +262,20 @@ def _banner(finding: Finding, width: int, *, legend: bool,
     The text size follows the image width, so it reads the same in a viewer that fits
     the image to the screen; lines that do not fit are wrapped at spaces.
     """
+    return text_banner(banner_lines(finding, legend=legend, study=study), width)
+
+
+def banner_lines(finding: Finding, *, legend: bool, study: str | None = None) -> list[Line]:
+    """An overlay banner's lines: what this is and which model, the study's verdict
+    where given, the image's, what the colour means, and the box legend when `legend`."""
     lines = header_lines(finding.model)
     if study is not None:
         lines.append((study, _WHITE, _BLACK))
     lines.append((_verdict_text(finding), _WHITE, _BLACK))
+    lines.append((HEATMAP_LEGEND, _WHITE, _BLACK))
     if legend:
         lines.append((BOX_LEGEND, BOX_COLOUR, _BLACK))
-    return text_banner(lines, width)
+    return lines
 
 
 Line = tuple[str, tuple[int, int, int], tuple[int, int, int]]

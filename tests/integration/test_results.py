@@ -46,7 +46,14 @@ from fractured.engine.preprocess import display_pixels
 from fractured.engine.regions import POOLED, PointsRegion, Region
 from fractured.results import codes
 from fractured.results.header import header_repairs
-from fractured.results.overlay import _verdict_text, make_overlay, render_overlay
+from fractured.results.overlay import (
+    BOX_LEGEND,
+    HEATMAP_LEGEND,
+    _verdict_text,
+    banner_lines,
+    make_overlay,
+    render_overlay,
+)
 from fractured.results.sr import make_sr, summary_text
 from tests.factory import SHARED_DICOM, dx_study, real_file
 from tests.paths import REPO
@@ -1004,6 +1011,18 @@ def test_overlay_with_boxes_is_valid_and_says_what_it_drew(tmp_path: Path) -> No
     assert "detected fracture boxes drawn" in back.DerivationDescription
     banner, xray = split_overlay(back.pixel_array, source, 1024)
     assert magenta(xray).any() and magenta(banner).any()  # the boxes and their legend
+
+
+def test_every_overlay_says_its_colour_is_no_fracture_outline() -> None:
+    """The heatmap's peak lies on a true fracture box on few fractured images (the
+    card's pointing game): every banner says what the colour is, before any box legend."""
+    (source,) = dx_study(1)
+    box = Box(20.0, 30.0, 90.0, 120.0, 0.91, DecisionLevel.LIKELY)
+    for boxes in ((), (box,)):
+        finding = finding_for(source, 0.8, TRAINED, points=TWO_POINTS, boxes=boxes)
+        texts = [text for text, _, _ in banner_lines(finding, legend=bool(boxes))]
+        assert texts.index(HEATMAP_LEGEND) == texts.index(_verdict_text(finding)) + 1
+        assert (BOX_LEGEND in texts) == bool(boxes)
 
 
 def test_the_study_verdict_is_its_highest_image_and_says_how(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 from structlog.testing import capture_logs
 
 from fractured.config import Destination, NodeSettings, Settings, WorkerSettings
@@ -17,10 +18,11 @@ from fractured.daemon.connection import make_engine
 from fractured.daemon.leases import Renewal
 from fractured.daemon.metrics import NodeMetrics
 from fractured.daemon.queue import Queue, ResultObject
+from fractured.daemon.schema import Delivery
 from fractured.daemon.sender import deliver_due
 from fractured.daemon.states import StudyState
 from tests.factory import write_study
-from tests.peers import Storescp
+from tests.peers import Storescp, wait_for
 from tests.postgres import PostgresCluster
 from tests.unit.test_queue import received, state
 
@@ -68,7 +70,7 @@ def test_two_nodes_send_each_result_to_a_slow_pacs_once(tmp_path: Path,
                                                         postgres: PostgresCluster) -> None:
     """A PACS that answers each C-STORE after 2 s, four results, a lease of 3 s: the node
     sending them holds them for 8 s by renewing, so the other node, looking every
-    half second, never sends them too."""
+    half second once the first has claimed them, never sends them too."""
     pacs = Storescp(tmp_path / "pacs", options=("--sleep-after", "2")).start()
     url = postgres.new_database()
     settings = Settings(node=NodeSettings(network_timeout_s=30),
@@ -89,6 +91,9 @@ def test_two_nodes_send_each_result_to_a_slow_pacs_once(tmp_path: Path,
     try:
         with capture_logs() as logs:
             sending.start()
+            # which node claims first is a race; the test is of the one that did not
+            wait_for("n1 to claim the deliveries", lambda: claimed_by(sender) == {"n1"},
+                     10, 0.02)
             looked = 0
             while sending.is_alive():
                 looked += 1
@@ -104,3 +109,9 @@ def test_two_nodes_send_each_result_to_a_slow_pacs_once(tmp_path: Path,
         "delivery.sent"] * 4
     sender.close()
     other.close()
+
+
+def claimed_by(queue: Queue) -> set[str | None]:
+    """The workers named on the queue's deliveries."""
+    with queue.engine.connect() as connection:
+        return set(connection.scalars(select(Delivery.claimed_by)))

@@ -73,7 +73,8 @@ def render_overlay(finding: Finding, display: np.ndarray, *, max_size: int = 102
     xray = _blend(grey, heat, COLORMAPS[colormap])
     shown = _shown_boxes(finding)
     _draw_boxes(xray, shown, (size[0] / display.shape[1], size[1] / display.shape[0]))
-    return np.vstack([_banner(finding, size[0], legend=bool(shown), study=study), xray])
+    lines = banner_lines(finding, legend=bool(shown), study=study)
+    return np.vstack([text_banner(lines, size[0]), xray])
 
 
 def make_overlay(
@@ -254,17 +255,6 @@ def _label(xray: np.ndarray, text: str, left: int, top_row: int, clearance: int,
                 _WHITE, 1, cv2.LINE_AA)
 
 
-def _banner(finding: Finding, width: int, *, legend: bool,
-            study: str | None = None) -> np.ndarray:
-    """Black strip with white text (and a red/yellow line when untrained), `width` wide;
-    the box legend, in the boxes' colour, when `legend`.
-
-    The text size follows the image width, so it reads the same in a viewer that fits
-    the image to the screen; lines that do not fit are wrapped at spaces.
-    """
-    return text_banner(banner_lines(finding, legend=legend, study=study), width)
-
-
 def banner_lines(finding: Finding, *, legend: bool, study: str | None = None) -> list[Line]:
     """An overlay banner's lines: what this is and which model, the study's verdict
     where given, the image's, what the colour means, and the box legend when `legend`."""
@@ -291,7 +281,11 @@ def header_lines(model: ModelInfo) -> list[Line]:
 
 
 def text_banner(lines: list[Line], width: int) -> np.ndarray:
-    """(text, colour, band colour) lines on a strip `width` wide, wrapped to fit."""
+    """(text, colour, band colour) lines on a strip `width` wide, wrapped to fit.
+
+    The text size follows the width, so it reads the same in a viewer that fits the
+    image to the screen; lines that do not fit are wrapped at spaces.
+    """
     font_scale = float(np.clip(width / 1100, 0.4, 1.0))
     thickness = max(1, round(font_scale * 2))
     margin = max(4, round(10 * font_scale))
